@@ -1,0 +1,107 @@
+"""Per-request state inside the engine core: token ids in, token ids out.
+
+A request's life::
+
+    WAITING --schedule--> RUNNING --finish--> FINISHED_{STOPPED,LENGTH,ABORTED}
+       ^                     |
+       +----- preempt -------+   (blocks freed; num_computed_tokens reset to 0, recomputed later)
+
+The scheduler's one rule: each step, ``num_computed_tokens`` catches up with
+``num_tokens`` under the step's token budget. Prefill, chunked prefill, prefix
+cache hits and recompute after preemption are all that same rule.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from heron.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
+                        RequestStatus.FINISHED_ABORTED)
+
+
+@dataclass
+class Logprob:
+    """One token's log-probability and its rank among the vocabulary (1 = most likely)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# Per generated token: {token_id: Logprob} holding the sampled token and the top-k alternatives.
+LogprobsDict = dict[int, Logprob]
+
+
+@dataclass(eq=False)
+class Request:
+    """The engine's view of one sequence. ``n > 1`` is fanned out into n Requests upstream."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    max_tokens: int  # resolved: never None inside the engine
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: RequestStatus = RequestStatus.WAITING
+    # prompt + output; the scheduler compares num_computed_tokens with len(token_ids)
+    token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = -1  # prefix-cache hit length at first scheduling; -1 = not yet
+    block_ids: list[int] = field(default_factory=list)
+    num_preemptions: int = 0
+    stop_reason: int | str | None = None  # the stop token id that ended it, if any
+    output_logprobs: list[LogprobsDict] = field(default_factory=list)
+    # Set lazily by the sampler for seeded requests; advances only when this request samples.
+    generator: torch.Generator | None = None
+    # Prompt logprobs (one entry per prompt position; the first is None), when asked.
+    prompt_logprobs: list[LogprobsDict | None] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids):]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    @property
+    def finish_reason(self) -> str | None:
+        """OpenAI's ``finish_reason``: "stop", "length", "abort" or None while running."""
+        return self.status.value if self.status.is_finished else None
+
+    def append_output_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)

@@ -1,0 +1,231 @@
+"""Paged attention: a small backend interface and a torch backend for CPU and CUDA.
+
+KV cache layout, one tensor per layer::
+
+    kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim]
+               |       |          |
+               |       |          +-- token offset inside the block
+               |       +-- block id (the KV cache manager hands these out)
+               +-- 0 = keys, 1 = values
+
+A token's *slot* is ``block_id * block_size + offset``; the runner computes one
+slot per scheduled token (``slot_mapping``) and one block table row per request.
+
+The flat batch holds the scheduled tokens of all requests back to back::
+
+    tokens:  | req0 (chunk of a prompt, 5 tokens) | req1 (decode, 1) | req2 (decode, 1) |
+    query_start_loc: [0, 5, 6, 7]
+
+Decodes (one query token) are attended together in one padded call; each
+prefill chunk is attended on its own, over its cached prefix plus its new tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class PrefillSpan:
+    """One request whose scheduled chunk has more than one token."""
+
+    start: int  # first token of the chunk in the flat batch
+    end: int  # one past its last token
+    seq_len: int  # context length after this step (cached prefix + chunk)
+    block_table: torch.Tensor  # [num_blocks_for_seq] int64
+
+    @property
+    def query_len(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs about one step's batch; built once per step by the runner."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64: where each new K/V is written
+    # Decode group: requests that have exactly one query token this step.
+    decode_token_idx: torch.Tensor  # [num_decodes] int64: their positions in the flat batch
+    decode_seq_lens: torch.Tensor  # [num_decodes] int64: context length including the new token
+    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] int64, padded with 0
+    prefills: list[PrefillSpan]
+    block_size: int
+    _mask_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_decodes(self) -> int:
+        return int(self.decode_token_idx.numel())
+
+    def decode_key_positions(self) -> torch.Tensor:
+        """[max_blocks * block_size] int64: the key position of each padded cache slot."""
+        key = ("decode_pos",)
+        if key not in self._mask_cache:
+            num_slots = self.decode_block_tables.shape[1] * self.block_size
+            self._mask_cache[key] = torch.arange(num_slots, device=self.slot_mapping.device)
+        return self._mask_cache[key]
+
+    def decode_mask(self, sliding_window: int | None) -> torch.Tensor:
+        """[num_decodes, 1, 1, S] bool: which cached keys each decode token may see."""
+        key = ("decode", sliding_window)
+        if key not in self._mask_cache:
+            pos = self.decode_key_positions()[None, :]  # [1, S]
+            seq = self.decode_seq_lens[:, None]  # [B, 1]
+            mask = pos < seq
+            if sliding_window is not None:
+                mask &= pos > seq - 1 - sliding_window
+            self._mask_cache[key] = mask[:, None, None, :]
+        return self._mask_cache[key]
+
+    def prefill_mask(self, i: int, sliding_window: int | None) -> torch.Tensor:
+        """[L, S] bool for prefill span i: causal over the prefix plus the chunk."""
+        key = ("prefill", i, sliding_window)
+        if key not in self._mask_cache:
+            span = self.prefills[i]
+            device = self.slot_mapping.device
+            q_pos = torch.arange(span.seq_len - span.query_len, span.seq_len, device=device)[:, None]
+            k_pos = torch.arange(span.seq_len, device=device)[None, :]
+            mask = k_pos <= q_pos
+            if sliding_window is not None:
+                mask &= k_pos > q_pos - sliding_window
+            self._mask_cache[key] = mask
+        return self._mask_cache[key]
+
+
+@dataclass
+class ForwardContext:
+    """Passed down through a model's forward: this step's metadata and every layer's KV cache."""
+
+    attn_metadata: AttentionMetadata
+    kv_caches: list[torch.Tensor]  # one [2, num_blocks, block_size, num_kv_heads, head_dim] per layer
+
+
+class AttentionBackend:
+    """What a backend implements: write new K/V into the cache, then attend."""
+
+    def forward(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """Reference backend built on ``scaled_dot_product_attention``; runs on CPU and CUDA."""
+
+    def forward(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # q: [T, H, D]   k, v: [T, Hkv, D]   kv_cache: [2, num_blocks, block_size, Hkv, D]
+        key_cache = kv_cache[0].view(-1, layer.num_kv_heads, layer.head_dim)  # [num_slots, Hkv, D]
+        value_cache = kv_cache[1].view(-1, layer.num_kv_heads, layer.head_dim)
+        key_cache[meta.slot_mapping] = k
+        value_cache[meta.slot_mapping] = v
+
+        out = torch.empty_like(q)  # [T, H, D]
+        if meta.num_decodes:
+            out[meta.decode_token_idx] = self._decode(layer, q, kv_cache, meta)
+        for i, span in enumerate(meta.prefills):
+            out[span.start:span.end] = self._prefill(layer, i, span, q, k, v, key_cache, value_cache, meta)
+        return out
+
+    def _decode(self, layer: Attention, q: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        num_decodes, max_blocks = meta.decode_block_tables.shape
+        num_slots = max_blocks * meta.block_size
+        qd = q[meta.decode_token_idx].unsqueeze(2)  # [B, H, 1, D]
+        keys = kv_cache[0][meta.decode_block_tables]  # [B, max_blocks, block_size, Hkv, D]
+        values = kv_cache[1][meta.decode_block_tables]
+        keys = keys.view(num_decodes, num_slots, layer.num_kv_heads, layer.head_dim).transpose(1, 2)
+        values = values.view(num_decodes, num_slots, layer.num_kv_heads, layer.head_dim).transpose(1, 2)
+        mask = meta.decode_mask(layer.sliding_window)  # [B, 1, 1, S]
+        if layer.alibi_slopes is not None:
+            q_pos = (meta.decode_seq_lens - 1)[:, None, None, None]  # [B, 1, 1, 1]
+            k_pos = meta.decode_key_positions()[None, None, None, :]  # [1, 1, 1, S]
+            mask = _alibi_bias(layer.alibi_slopes, k_pos - q_pos, mask)  # [B, H, 1, S]
+        out = _sdpa(qd, keys, values, mask, layer)  # [B, H, 1, D]
+        return out.squeeze(2)
+
+    def _prefill(self, layer: Attention, i: int, span: PrefillSpan, q: torch.Tensor,
+                 k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
+                 value_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        qp = q[span.start:span.end].transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
+        if span.seq_len == span.query_len:
+            # No cached prefix: the chunk's own K/V are the whole context.
+            keys, values = k[span.start:span.end], v[span.start:span.end]  # [L, Hkv, D]
+        else:
+            slots = _slots_of(span, meta.block_size)  # [S]
+            keys, values = key_cache[slots], value_cache[slots]  # [S, Hkv, D]
+        keys = keys.transpose(0, 1).unsqueeze(0)  # [1, Hkv, S, D]
+        values = values.transpose(0, 1).unsqueeze(0)
+        if layer.alibi_slopes is None and layer.sliding_window is None and span.seq_len == span.query_len:
+            out = _sdpa(qp, keys, values, None, layer, is_causal=True)
+        else:
+            mask = meta.prefill_mask(i, layer.sliding_window)  # [L, S]
+            if layer.alibi_slopes is not None:
+                q_pos = torch.arange(span.seq_len - span.query_len, span.seq_len, device=q.device)
+                k_pos = torch.arange(span.seq_len, device=q.device)
+                mask = _alibi_bias(layer.alibi_slopes, k_pos[None, :] - q_pos[:, None], mask)
+            out = _sdpa(qp, keys, values, mask, layer)  # [1, H, L, D]
+        return out.squeeze(0).transpose(0, 1)  # [L, H, D]
+
+
+def _slots_of(span: PrefillSpan, block_size: int) -> torch.Tensor:
+    """[seq_len] int64: the cache slot of every position of a request's context."""
+    offsets = torch.arange(block_size, device=span.block_table.device)
+    slots = (span.block_table[:, None] * block_size + offsets[None, :]).flatten()
+    return slots[:span.seq_len]
+
+
+def _alibi_bias(slopes: torch.Tensor, distance: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Float mask: slope[h] * (k_pos - q_pos) where allowed, -inf elsewhere; gains a head axis."""
+    # distance: [..., Lq, S] (<= 0 where allowed); slopes: [H]
+    bias = slopes.view(-1, 1, 1) * distance.unsqueeze(-3).to(slopes.dtype)  # [..., H, Lq, S]
+    return bias.masked_fill(~mask.unsqueeze(-3) if mask.dim() == distance.dim() else ~mask, float("-inf"))
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+          layer: Attention, is_causal: bool = False) -> torch.Tensor:
+    # q: [B, H, L, D]; k, v: [B, Hkv, S, D]
+    if layer.num_kv_heads != layer.num_heads:
+        group = layer.num_heads // layer.num_kv_heads
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                          scale=layer.scale)
+
+
+class Attention(nn.Module):
+    """One model layer's attention over the paged cache. Owns no weights.
+
+    ``forward(q, k, v, ctx)`` takes flat projections ``q: [T, H * D]``, ``k, v:
+    [T, Hkv * D]`` (rotary already applied) and returns ``[T, H * D]``.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, layer_idx: int,
+                 scale: float | None = None, sliding_window: int | None = None,
+                 alibi_slopes: torch.Tensor | None = None,
+                 backend: AttentionBackend | None = None) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads
+        self.layer_idx = layer_idx
+        self.scale = head_dim ** -0.5 if scale is None else scale
+        self.sliding_window = sliding_window
+        self.register_buffer("alibi_slopes", alibi_slopes, persistent=False)
+        self.backend = backend or TorchAttentionBackend()
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                ctx: ForwardContext) -> torch.Tensor:
+        num_tokens = q.shape[0]
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        kv_cache = ctx.kv_caches[self.layer_idx]
+        out = self.backend.forward(self, q, k, v, kv_cache, ctx.attn_metadata)  # [T, H, D]
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)

@@ -1,0 +1,104 @@
+"""SamplingParams: how one request is decoded. Field names follow vLLM's.
+
+Every value is validated when the object is built; a bad value raises
+``ValueError`` naming the field, the value and the allowed range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+# Hard caps that keep one request from taking the whole engine.
+MAX_LOGPROBS = 20
+MAX_N = 128
+
+_GREEDY_EPS = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    """Decoding parameters for one request (vLLM's field names and meanings).
+
+    ``temperature == 0`` means greedy: an exact argmax, all other sampling knobs
+    (top_k, top_p, min_p, seed) are then irrelevant. ``top_k`` of 0 or -1
+    disables top-k. ``logprobs=k`` returns the sampled token's log-probability
+    plus the ``k`` most likely alternatives at each step.
+    """
+
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None
+    # Filled by the engine: token ids that end generation (EOS and friends).
+    all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        if self.logit_bias is not None:
+            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        self._validate()
+        if self.temperature < _GREEDY_EPS:
+            # Greedy: normalise so that downstream code has one way to see it.
+            self.temperature = 0.0
+            self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
+        if self.top_k == -1:
+            self.top_k = 0
+        self.all_stop_token_ids = set(self.stop_token_ids)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def clone(self, **changes: object) -> SamplingParams:
+        return replace(self, **changes)
+
+    def _validate(self) -> None:
+        _check(isinstance(self.n, int) and 1 <= self.n <= MAX_N, "n", self.n, f"an integer in [1, {MAX_N}]")
+        _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", self.presence_penalty, "in [-2, 2]")
+        _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", self.frequency_penalty, "in [-2, 2]")
+        _check(0.0 < self.repetition_penalty <= 2.0, "repetition_penalty", self.repetition_penalty, "in (0, 2]")
+        _check(0.0 <= self.temperature <= 2.0, "temperature", self.temperature, "in [0, 2]")
+        _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "in (0, 1]")
+        _check(isinstance(self.top_k, int) and self.top_k >= -1, "top_k", self.top_k, "-1, 0 (disabled) or a positive integer")
+        _check(0.0 <= self.min_p <= 1.0, "min_p", self.min_p, "in [0, 1]")
+        _check(self.seed is None or isinstance(self.seed, int), "seed", self.seed, "an integer")
+        _check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+               "max_tokens", self.max_tokens, "a positive integer")
+        _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", self.min_tokens, "a non-negative integer")
+        if self.max_tokens is not None:
+            _check(self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens,
+                   f"at most max_tokens ({self.max_tokens})")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, int) and 0 <= value <= MAX_LOGPROBS),
+                   name, value, f"an integer in [0, {MAX_LOGPROBS}]")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "non-empty strings")
+        _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", self.stop_token_ids, "non-negative token ids")
+        if self.logit_bias:
+            _check(all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()),
+                   "logit_bias", self.logit_bias, "values in [-100, 100]")
+            _check(all(t >= 0 for t in self.logit_bias), "logit_bias", self.logit_bias, "non-negative token ids")
+
+
+def _check(ok: bool, name: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
