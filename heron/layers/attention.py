@@ -178,10 +178,12 @@ def _slots_of(span: PrefillSpan, block_size: int) -> torch.Tensor:
 
 
 def _alibi_bias(slopes: torch.Tensor, distance: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Float mask: slope[h] * (k_pos - q_pos) where allowed, -inf elsewhere; gains a head axis."""
-    # distance: [..., Lq, S] (<= 0 where allowed); slopes: [H]
-    bias = slopes.view(-1, 1, 1) * distance.unsqueeze(-3).to(slopes.dtype)  # [..., H, Lq, S]
-    return bias.masked_fill(~mask.unsqueeze(-3) if mask.dim() == distance.dim() else ~mask, float("-inf"))
+    """Float mask: slope[h] * (k_pos - q_pos) where allowed, -inf elsewhere.
+
+    decode: distance, mask [B, 1, 1, S] -> [B, H, 1, S]; prefill: [L, S] -> [H, L, S].
+    """
+    bias = slopes.view(-1, 1, 1) * distance.to(slopes.dtype)
+    return bias.masked_fill(~mask, float("-inf"))
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -1,0 +1,206 @@
+"""EngineCore: the engine's busy loop body. ``step()`` = schedule -> run -> update.
+
+Token ids in, token ids out: no text, no JSON. The offline ``LLM`` drives it in
+process; the server drives it in its own process through ``engine/client.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+import torch
+
+from heron.config import EngineConfig
+from heron.engine.messages import EngineInfo, EngineOutput, EngineRequest, EngineStats, TokenLogprobs
+from heron.engine.request import LogprobsDict, Request, RequestStatus
+from heron.engine.runner import ModelRunner
+from heron.engine.scheduler import Scheduler
+from heron.loader import load_model
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    """Loads the model, sizes the KV cache, and steps the scheduler and runner."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.model.device)
+        self.dtype = resolve_dtype(config.model.dtype, self.device)
+        torch.manual_seed(config.model.seed)
+        start = time.monotonic()
+        loaded = load_model(config.model, self.device, self.dtype)
+        self.model = loaded.model
+        self.hf_config = loaded.hf_config
+        self.eos_token_ids = _eos_token_ids(loaded.hf_config, loaded.generation_config)
+        num_blocks = self._num_kv_blocks()
+        block_size = config.cache.block_size
+        self.max_model_len = self._max_model_len(num_blocks * block_size)
+        self.runner = ModelRunner(self.model, self.device, self.dtype, num_blocks, block_size,
+                                  seed=config.model.seed)
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.max_model_len)
+        self.info = EngineInfo(
+            max_model_len=self.max_model_len, vocab_size=_vocab_size(self.hf_config),
+            num_kv_blocks=num_blocks, block_size=block_size, device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."), eos_token_ids=sorted(self.eos_token_ids))
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+        logger.info("engine ready in %.1f s: %s on %s, KV cache %d tokens (%d blocks of %d)",
+                    time.monotonic() - start, self.info.dtype, self.device,
+                    num_blocks * block_size, num_blocks, block_size)
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def add_request(self, request: EngineRequest) -> None:
+        """Queue one sequence; raises ValueError if it cannot be served."""
+        params = request.sampling_params
+        prompt = request.prompt_token_ids
+        self._validate_prompt(prompt, params.max_tokens)
+        max_tokens = self.max_model_len - len(prompt)
+        if params.max_tokens is not None:
+            max_tokens = min(max_tokens, params.max_tokens)
+        params.all_stop_token_ids = set(params.stop_token_ids or ())
+        if not params.ignore_eos:
+            params.all_stop_token_ids |= self.eos_token_ids
+        req = Request(request_id=request.request_id, prompt_token_ids=list(prompt),
+                      sampling_params=params, max_tokens=max_tokens)
+        if request.arrival_time:
+            req.arrival_time = request.arrival_time
+        self.scheduler.add_request(req)
+        self._prompt_tokens_total += len(prompt)
+
+    def abort_requests(self, request_ids: Iterable[str]) -> None:
+        self.scheduler.finish_requests(list(request_ids), RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ---- the loop body --------------------------------------------------------------------
+
+    def step(self) -> list[EngineOutput]:
+        """One engine iteration; returns an output for each request that got a token or finished."""
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        sampled, logprobs = self.runner.execute(sched)
+        updated = self.scheduler.update_from_output(sched, sampled, logprobs)
+        self._generation_tokens_total += len(sampled)
+        return [self._output(req, sampled) for req in updated]
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        queries, hits = s.prefix_cache_stats()
+        return EngineStats(
+            num_running=s.num_running, num_waiting=s.num_waiting, kv_cache_usage=s.kv_cache_usage,
+            prefix_cache_queries=queries, prefix_cache_hits=hits, num_preemptions=s.num_preemptions,
+            prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total)
+
+    # ---- helpers --------------------------------------------------------------------------
+
+    def _output(self, req: Request, sampled: dict[str, int]) -> EngineOutput:
+        got_token = req.request_id in sampled
+        new_logprobs = None
+        if got_token and req.sampling_params.logprobs is not None and req.output_logprobs:
+            new_logprobs = [_to_token_logprobs(req.output_logprobs[-1])]
+        prompt_logprobs = None
+        if got_token and req.num_output_tokens == 1 and req.prompt_logprobs is not None:
+            prompt_logprobs = [None if d is None else _to_token_logprobs(d) for d in req.prompt_logprobs]
+        return EngineOutput(
+            request_id=req.request_id,
+            new_token_ids=[req.token_ids[-1]] if got_token else [],
+            new_logprobs=new_logprobs, prompt_logprobs=prompt_logprobs,
+            finish_reason=req.finish_reason, stop_reason=req.stop_reason,
+            num_cached_tokens=max(req.num_cached_tokens, 0))
+
+    def _validate_prompt(self, prompt: list[int], max_tokens: int | None) -> None:
+        if not prompt:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        vocab = self.info.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is out of range for this model's vocabulary (0..{vocab - 1})")
+        wanted = len(prompt) + (max_tokens or 1)
+        if wanted > self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                f"requested {wanted} tokens ({len(prompt)} in the prompt, {max_tokens or 1} for the "
+                f"completion). Please reduce the length of the prompt or max_tokens.")
+
+    def _num_kv_blocks(self) -> int:
+        cache = self.config.cache
+        if cache.num_gpu_blocks_override is not None:
+            return cache.num_gpu_blocks_override
+        per_block = ModelRunner.kv_bytes_per_block(self.model, cache.block_size, self.dtype)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * cache.gpu_memory_utilization)
+        else:
+            budget = cache.kv_cache_memory
+        num_blocks = budget // per_block
+        if num_blocks < 2:
+            raise ValueError(f"the KV cache budget ({budget} bytes) holds fewer than 2 blocks of "
+                             f"{per_block} bytes; raise --kv-cache-memory")
+        return num_blocks
+
+    def _max_model_len(self, cache_tokens: int) -> int:
+        """The configured length, else the model's; never more than the KV cache can hold."""
+        model_len = _model_max_len(self.hf_config)
+        wanted = self.config.model.max_model_len or model_len
+        if wanted > model_len:
+            logger.warning("max_model_len %d exceeds the model's %d", wanted, model_len)
+        if wanted > cache_tokens:
+            logger.warning("max_model_len %d capped to the KV cache size (%d tokens)", wanted, cache_tokens)
+            wanted = cache_tokens
+        return wanted
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto: bfloat16 on CUDA; on CPU float32 (measured faster than bfloat16 on our 2-core boxes)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def _eos_token_ids(hf_config: object, generation_config: dict) -> set[int]:
+    ids: set[int] = set()
+    for value in (getattr(hf_config, "eos_token_id", None), generation_config.get("eos_token_id")):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _text_config(hf_config: object) -> object:
+    get = getattr(hf_config, "get_text_config", None)
+    return get() if callable(get) else hf_config
+
+
+def _vocab_size(hf_config: object) -> int:
+    return int(_text_config(hf_config).vocab_size)
+
+
+def _model_max_len(hf_config: object) -> int:
+    cfg = _text_config(hf_config)
+    for name in ("max_position_embeddings", "max_seq_len", "n_positions", "max_sequence_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def _to_token_logprobs(entry: LogprobsDict) -> TokenLogprobs:
+    ids = list(entry)
+    return TokenLogprobs(token_ids=ids, logprobs=[entry[i].logprob for i in ids],
+                         ranks=[entry[i].rank or 0 for i in ids])

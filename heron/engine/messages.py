@@ -1,0 +1,69 @@
+"""Typed messages between the API side and the engine core (msgspec structs; never pickle).
+
+The same structs are used in-process by the offline ``LLM`` and, encoded with
+msgspec msgpack, over ZMQ by the server's engine client.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from heron.sampling_params import SamplingParams
+
+
+class EngineRequest(msgspec.Struct, kw_only=True):
+    """One sequence to generate. ``n > 1`` is fanned out into n EngineRequests upstream."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_time: float = 0.0
+
+
+class TokenLogprobs(msgspec.Struct, array_like=True):
+    """Log-probabilities for one generated (or prompt) position."""
+
+    token_ids: list[int]  # the chosen token first, then the top-k alternatives
+    logprobs: list[float]
+    ranks: list[int]
+
+
+class EngineOutput(msgspec.Struct, kw_only=True):
+    """What one step produced for one request: new token ids, and the finish reason when done."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # sent once, with the first token
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class EngineStats(msgspec.Struct, kw_only=True):
+    """A snapshot for /metrics and the periodic log line."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+
+
+class EngineInfo(msgspec.Struct, kw_only=True):
+    """Facts the API side needs once at startup."""
+
+    max_model_len: int
+    vocab_size: int
+    num_kv_blocks: int
+    block_size: int
+    device: str
+    dtype: str
+    eos_token_ids: list[int]

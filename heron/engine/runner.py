@@ -1,0 +1,166 @@
+"""The model runner: one flat batch per step, one forward pass, one batched sample.
+
+From the scheduler's list of (request, num_new_tokens) it builds::
+
+    input_ids     [T]  the scheduled tokens of every request, back to back
+    positions     [T]  their positions in their own sequences
+    slot_mapping  [T]  cache slot = block_id * block_size + offset, where each new K/V goes
+    decode group       requests with one new token: token index, context length, block table row
+    prefill spans      requests with a chunk of several tokens: [start, end), context length, blocks
+
+then runs the model once over all T tokens and samples one token for each
+request whose tokens are all computed after this step (its prompt is complete).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from heron.engine.request import Logprob, LogprobsDict, Request
+from heron.engine.scheduler import SchedulerOutput
+from heron.layers.attention import AttentionMetadata, ForwardContext, PrefillSpan
+from heron.layers.sampler import Sampler
+
+
+@dataclass
+class StepBatch:
+    """The flat batch of one step, before it goes to the device."""
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    attn_metadata: AttentionMetadata
+    sample_idx: torch.Tensor  # [num_sampled] int64: last token of each request that samples
+    sample_requests: list[Request]
+    prompt_logprob_rows: list[tuple[Request, int, int, int]]  # (request, flat index, position, length)
+
+
+class ModelRunner:
+    """Owns the model, the KV cache tensors and the sampler."""
+
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype,
+                 num_blocks: int, block_size: int, seed: int = 0) -> None:
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.sampler = Sampler(seed=seed)
+        # One [2, num_blocks, block_size, num_kv_heads, head_dim] tensor per layer.
+        self.kv_caches = [
+            torch.zeros(2, num_blocks, block_size, model.num_kv_heads, model.head_dim,
+                        dtype=dtype, device=device)
+            for _ in range(model.num_layers)
+        ]
+
+    @staticmethod
+    def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
+        """Bytes one block takes across all layers (keys and values)."""
+        per_token = 2 * model.num_layers * model.num_kv_heads * model.head_dim
+        return per_token * block_size * torch.empty((), dtype=dtype).element_size()
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> tuple[dict[str, int], dict[str, LogprobsDict]]:
+        """Run one step; returns the sampled token (and logprobs, when asked) per request id."""
+        batch = self._build_batch(sched)
+        ctx = ForwardContext(attn_metadata=batch.attn_metadata, kv_caches=self.kv_caches)
+        hidden = self.model(batch.input_ids, batch.positions, ctx)  # [T, hidden]
+        if batch.prompt_logprob_rows:
+            self._prompt_logprobs(hidden, batch)
+        if not batch.sample_requests:
+            return {}, {}
+        logits = self.model.compute_logits(hidden[batch.sample_idx])  # [num_sampled, vocab]
+        out = self.sampler(logits, batch.sample_requests)
+        sampled, logprobs = {}, {}
+        for req, token, lp in zip(batch.sample_requests, out.sampled_token_ids, out.logprobs):
+            sampled[req.request_id] = token
+            if lp is not None:
+                logprobs[req.request_id] = lp
+        return sampled, logprobs
+
+    def _build_batch(self, sched: SchedulerOutput) -> StepBatch:
+        input_ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        slots: list[torch.Tensor] = []
+        decode_idx: list[int] = []
+        decode_lens: list[int] = []
+        decode_tables: list[list[int]] = []
+        prefills: list[PrefillSpan] = []
+        sample_idx: list[int] = []
+        sample_requests: list[Request] = []
+        prompt_rows: list[tuple[Request, int, int, int]] = []
+        bs = self.block_size
+        for item in sched.scheduled:
+            req, n = item.request, item.num_new_tokens
+            start, flat = req.num_computed_tokens, len(input_ids)
+            seq_len = start + n
+            input_ids.extend(req.token_ids[start:seq_len])
+            pos = torch.arange(start, seq_len)  # [n]
+            blocks = torch.tensor(req.block_ids[:(seq_len + bs - 1) // bs], dtype=torch.long)
+            positions.append(pos)
+            slots.append(blocks[pos // bs] * bs + pos % bs)
+            if n == 1:
+                decode_idx.append(flat)
+                decode_lens.append(seq_len)
+                decode_tables.append(blocks.tolist())
+            else:
+                prefills.append(PrefillSpan(flat, flat + n, seq_len, blocks.to(self.device)))
+            if seq_len == req.num_tokens:
+                sample_idx.append(flat + n - 1)
+                sample_requests.append(req)
+            if _wants_prompt_logprobs(req, start):
+                prompt_rows.append((req, flat, start, n))
+        max_blocks = max((len(t) for t in decode_tables), default=0)
+        table = [t + [0] * (max_blocks - len(t)) for t in decode_tables]
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.cat(slots).to(dev),
+            decode_token_idx=torch.tensor(decode_idx, dtype=torch.long, device=dev),
+            decode_seq_lens=torch.tensor(decode_lens, dtype=torch.long, device=dev),
+            decode_block_tables=torch.tensor(table, dtype=torch.long, device=dev).view(len(table), max_blocks),
+            prefills=prefills,
+            block_size=bs,
+        )
+        return StepBatch(
+            input_ids=torch.tensor(input_ids, dtype=torch.long, device=dev),
+            positions=torch.cat(positions).to(dev),
+            attn_metadata=meta,
+            sample_idx=torch.tensor(sample_idx, dtype=torch.long, device=dev),
+            sample_requests=sample_requests,
+            prompt_logprob_rows=prompt_rows,
+        )
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, batch: StepBatch) -> None:
+        """Log-probabilities of each prompt token given the ones before it (for echo + logprobs)."""
+        for req, flat, start, n in batch.prompt_logprob_rows:
+            if req.prompt_logprobs is None:
+                req.prompt_logprobs = [None]
+            first = len(req.prompt_logprobs) - 1  # position whose next token is still unscored
+            end = min(req.num_prompt_tokens - 1, start + n)
+            if end <= first:
+                continue
+            rows = hidden[flat + (first - start): flat + (end - start)]  # [m, hidden]
+            logprobs = torch.log_softmax(self.model.compute_logits(rows).float(), dim=-1)  # [m, vocab]
+            targets = torch.tensor(req.prompt_token_ids[first + 1:end + 1], device=logprobs.device)
+            req.prompt_logprobs.extend(
+                _logprobs_dicts(logprobs, targets, req.sampling_params.prompt_logprobs or 0))
+
+
+def _wants_prompt_logprobs(req: Request, start: int) -> bool:
+    return req.sampling_params.prompt_logprobs is not None and start < req.num_prompt_tokens - 1
+
+
+def _logprobs_dicts(logprobs: torch.Tensor, targets: torch.Tensor, k: int) -> list[LogprobsDict]:
+    """logprobs: [m, vocab]; targets: [m] -> one {token: Logprob} per row (target first, then top-k)."""
+    target_lp = logprobs.gather(1, targets[:, None]).squeeze(1)  # [m]
+    ranks = (logprobs > target_lp[:, None]).sum(dim=1) + 1  # [m]
+    top_lp, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
+    out: list[LogprobsDict] = []
+    for i in range(logprobs.shape[0]):
+        entry = {int(targets[i]): Logprob(float(target_lp[i]), int(ranks[i]))}
+        for j in range(k):
+            entry.setdefault(int(top_ids[i, j]), Logprob(float(top_lp[i, j]), j + 1))
+        out.append(entry)
+    return out

@@ -1,0 +1,416 @@
+"""Batched sampling: one call turns a step's logits into one token per request.
+
+Pipeline, applied to the whole ``[B, V]`` batch at once (row ``i`` belongs to ``requests[i]``)::
+
+    raw logits (any float dtype) --float32--> logits
+      |-- log_softmax(raw) ----------------------------> logprobs (rows that asked)
+      v
+    + logit_bias                        (OpenAI: added to the logit)
+    min_tokens: stop ids -> -inf        (while num_output_tokens < min_tokens)
+    repetition_penalty                  (HF/vLLM: prompt+output tokens, x>0: x/p, x<0: x*p)
+    presence / frequency penalties      (OpenAI: x -= f * count + p * (count > 0), output only)
+      |
+      |-- greedy rows ------------------> argmax (exact)
+      v
+    / temperature -> top_k -> top_p -> min_p -> softmax -> exponential race
+
+The exponential race draws ``E ~ Exponential(1)`` per vocabulary entry and picks
+``argmax(probs / E)``, which is an exact sample from ``probs``. Each seeded request
+draws its ``E`` row from its own generator (``Request.generator``), so its tokens do
+not depend on which other requests share the batch or on their order; unseeded rows
+share the sampler's engine-wide generator.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from heron.engine.request import Logprob, LogprobsDict, Request
+
+_SEED_MASK = (1 << 64) - 1  # torch generators take seeds in [0, 2**64)
+
+
+@dataclass
+class SamplerOutput:
+    """What one sampler call returns: one token per row, and logprobs where asked."""
+
+    sampled_token_ids: list[int]
+    logprobs: list[LogprobsDict | None]
+
+
+@dataclass
+class _BatchParams:
+    """Per-row sampling parameters of one call, as tensors on the logits' device."""
+
+    greedy: list[bool]
+    temperature: torch.Tensor  # [B] float32; 1.0 on greedy rows
+    top_k: torch.Tensor  # [B] int64; 0 = disabled (also when >= V)
+    top_p: torch.Tensor  # [B] float32; 1.0 = disabled
+    min_p: torch.Tensor  # [B] float32; 0.0 = disabled
+    use_top_k: bool
+    use_top_p: bool
+    use_min_p: bool
+
+    @classmethod
+    def build(cls, requests: Sequence[Request], vocab_size: int, device: torch.device) -> _BatchParams:
+        params = [r.sampling_params for r in requests]
+        greedy = [p.temperature == 0.0 for p in params]
+        temps = [1.0 if g else p.temperature for g, p in zip(greedy, params)]
+        top_ks = [p.top_k if 0 < p.top_k < vocab_size else 0 for p in params]
+        top_ps = [p.top_p for p in params]
+        min_ps = [p.min_p for p in params]
+        return cls(
+            greedy=greedy,
+            temperature=torch.tensor(temps, dtype=torch.float32, device=device),
+            top_k=torch.tensor(top_ks, dtype=torch.int64, device=device),
+            top_p=torch.tensor(top_ps, dtype=torch.float32, device=device),
+            min_p=torch.tensor(min_ps, dtype=torch.float32, device=device),
+            use_top_k=any(top_ks),
+            use_top_p=any(p < 1.0 for p in top_ps),
+            use_min_p=any(p > 0.0 for p in min_ps),
+        )
+
+    def select(self, rows: torch.Tensor, row_list: list[int]) -> _BatchParams:
+        """The parameters of a subset of rows (``rows`` as a tensor and as a list)."""
+        return _BatchParams(
+            greedy=[self.greedy[i] for i in row_list],
+            temperature=self.temperature[rows],
+            top_k=self.top_k[rows],
+            top_p=self.top_p[rows],
+            min_p=self.min_p[rows],
+            use_top_k=self.use_top_k,
+            use_top_p=self.use_top_p,
+            use_min_p=self.use_min_p,
+        )
+
+
+class Sampler(nn.Module):
+    """Batched sampler: greedy, temperature, top-k/top-p/min-p, penalties, bias, seeds, logprobs.
+
+    ``seed`` seeds the engine-wide generator used by rows without their own
+    ``SamplingParams.seed``; it is seeded once, so a fresh engine with the same
+    seed and the same request stream samples the same tokens.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def forward(self, logits: torch.Tensor, requests: Sequence[Request]) -> SamplerOutput:
+        """Sample one token per row of ``logits`` [B, V]; row ``i`` belongs to ``requests[i]``."""
+        _check_batch(logits, requests)
+        logprobs = _compute_logprobs_inputs(logits, requests)
+        if all(r.sampling_params.greedy for r in requests) and not _needs_processing(requests):
+            token_ids = logits.argmax(dim=-1)  # [B]
+        else:
+            token_ids = self._sample(self.process_logits(logits, requests), requests)
+        sampled = token_ids.tolist()
+        return SamplerOutput(sampled, _build_logprobs(logprobs, token_ids, sampled, len(requests)))
+
+    def process_logits(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+        """float32 copy of ``logits`` [B, V] after logit_bias, min_tokens and the penalties."""
+        out = logits.to(torch.float32, copy=True)  # [B, V]
+        _apply_logit_bias(out, requests)
+        _apply_min_tokens(out, requests)
+        _apply_repetition_penalty(out, requests)
+        _apply_presence_frequency(out, requests)
+        return out
+
+    def compute_probs(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+        """The distribution each row is sampled from, [B, V] float32, rows summing to 1.
+
+        Sampled rows: softmax after processing, temperature and the top-k/top-p/min-p
+        filters (renormalised over the kept tokens). Greedy rows: one-hot at the argmax.
+        """
+        _check_batch(logits, requests)
+        processed = self.process_logits(logits, requests)  # [B, V]
+        params = _BatchParams.build(requests, processed.shape[-1], processed.device)
+        probs = torch.softmax(_filter_logits(processed, params), dim=-1)  # [B, V]
+        greedy_rows = [i for i, g in enumerate(params.greedy) if g]
+        if greedy_rows:
+            rows = torch.tensor(greedy_rows, device=probs.device)
+            onehot = torch.zeros_like(probs[rows])
+            onehot.scatter_(1, processed[rows].argmax(dim=-1, keepdim=True), 1.0)
+            probs[rows] = onehot
+        return probs
+
+    def _sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+        """Processed logits [B, V] -> token ids [B]: argmax on greedy rows, a draw elsewhere."""
+        params = _BatchParams.build(requests, logits.shape[-1], logits.device)
+        row_list = [i for i, g in enumerate(params.greedy) if not g]
+        if len(row_list) == len(requests):
+            return self._draw(logits, params, requests)
+        token_ids = logits.argmax(dim=-1)  # [B]
+        if row_list:
+            rows = torch.tensor(row_list, device=logits.device)
+            sub_requests = [requests[i] for i in row_list]
+            token_ids[rows] = self._draw(logits[rows], params.select(rows, row_list), sub_requests)
+        return token_ids
+
+    def _draw(
+        self, logits: torch.Tensor, params: _BatchParams, requests: Sequence[Request]
+    ) -> torch.Tensor:
+        """Exponential race over the filtered distribution of non-greedy rows [n, V] -> [n]."""
+        probs = torch.softmax(_filter_logits(logits, params), dim=-1)  # [n, V]
+        noise = self._exponential_noise(probs, requests)  # [n, V]
+        return probs.div_(noise).argmax(dim=-1)
+
+    def _exponential_noise(self, probs: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+        """Exponential(1) noise [n, V]: seeded rows from their own generator, others shared."""
+        noise = torch.empty_like(probs)  # [n, V]
+        seeded = [i for i, r in enumerate(requests) if r.sampling_params.seed is not None]
+        if not seeded:
+            noise.exponential_(generator=self._engine_generator(probs.device))
+        else:
+            for i in seeded:
+                noise[i].exponential_(generator=_request_generator(requests[i], probs.device))
+            seeded_set = set(seeded)
+            unseeded = [i for i in range(len(requests)) if i not in seeded_set]
+            if unseeded:
+                draw = torch.empty((len(unseeded), probs.shape[-1]), device=probs.device)
+                draw.exponential_(generator=self._engine_generator(probs.device))
+                noise[torch.tensor(unseeded, device=probs.device)] = draw
+        # A zero draw would turn a filtered-out token (prob 0) into 0/0 = NaN.
+        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+
+    def _engine_generator(self, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed & _SEED_MASK)
+            self._generators[device] = gen
+        return gen
+
+
+def _check_batch(logits: torch.Tensor, requests: Sequence[Request]) -> None:
+    if logits.dim() != 2 or logits.shape[0] != len(requests):
+        raise ValueError(
+            f"logits must be [num_requests, vocab] = [{len(requests)}, V], got {tuple(logits.shape)}"
+        )
+
+
+def _request_generator(request: Request, device: torch.device) -> torch.Generator:
+    """The request's own generator, created on first use from ``sampling_params.seed``."""
+    if request.generator is None:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(request.sampling_params.seed & _SEED_MASK)
+        request.generator = gen
+    return request.generator
+
+
+# ---------------------------------------------------------------------------------------------
+# Logit processing (before temperature). Each step edits the float32 logits [B, V] in place and
+# touches only rows whose parameters ask for it.
+# ---------------------------------------------------------------------------------------------
+
+
+def _needs_processing(requests: Sequence[Request]) -> bool:
+    """Whether any row has bias, an active min_tokens or a penalty."""
+    for r in requests:
+        p = r.sampling_params
+        if p.logit_bias or p.repetition_penalty != 1.0:
+            return True
+        if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
+            return True
+        if p.all_stop_token_ids and r.num_output_tokens < p.min_tokens:
+            return True
+    return False
+
+
+def _add_at(logits: torch.Tensor, rows: list[int], cols: list[int], values: list[float]) -> None:
+    """logits[rows[j], cols[j]] += values[j], skipping ids outside the vocabulary."""
+    vocab = logits.shape[-1]
+    kept = [(r, c, v) for r, c, v in zip(rows, cols, values) if 0 <= c < vocab]
+    if not kept:
+        return
+    r_idx, c_idx, vals = zip(*kept)
+    device = logits.device
+    index = (torch.tensor(r_idx, device=device), torch.tensor(c_idx, device=device))
+    logits.index_put_(index, torch.tensor(vals, dtype=logits.dtype, device=device), accumulate=True)
+
+
+def _apply_logit_bias(logits: torch.Tensor, requests: Sequence[Request]) -> None:
+    rows: list[int] = []
+    cols: list[int] = []
+    values: list[float] = []
+    for i, r in enumerate(requests):
+        for token_id, bias in (r.sampling_params.logit_bias or {}).items():
+            rows.append(i)
+            cols.append(token_id)
+            values.append(bias)
+    _add_at(logits, rows, cols, values)
+
+
+def _apply_min_tokens(logits: torch.Tensor, requests: Sequence[Request]) -> None:
+    """Ban every stop token id while the request has fewer than min_tokens outputs."""
+    rows: list[int] = []
+    cols: list[int] = []
+    for i, r in enumerate(requests):
+        p = r.sampling_params
+        if r.num_output_tokens < p.min_tokens:
+            stop_ids = list(p.all_stop_token_ids)
+            rows.extend([i] * len(stop_ids))
+            cols.extend(stop_ids)
+    _add_at(logits, rows, cols, [-math.inf] * len(rows))
+
+
+def _token_counts(
+    requests: Sequence[Request], rows: list[int], vocab: int, device: torch.device, output_only: bool
+) -> torch.Tensor:
+    """[len(rows), V] float32 occurrence counts of each row's tokens (scatter_add, no loops on V)."""
+    ids: list[int] = []
+    flat_rows: list[int] = []
+    for j, i in enumerate(rows):
+        r = requests[i]
+        tokens = r.output_token_ids if output_only else r.token_ids
+        tokens = [t for t in tokens if 0 <= t < vocab]
+        ids.extend(tokens)
+        flat_rows.extend([j] * len(tokens))
+    counts = torch.zeros(len(rows) * vocab, dtype=torch.float32, device=device)  # [n * V]
+    if ids:
+        flat = torch.tensor(flat_rows, device=device) * vocab + torch.tensor(ids, device=device)
+        counts.scatter_add_(0, flat, torch.ones(len(ids), dtype=torch.float32, device=device))
+    return counts.view(len(rows), vocab)  # [n, V]
+
+
+def _apply_repetition_penalty(logits: torch.Tensor, requests: Sequence[Request]) -> None:
+    """HF/vLLM: for tokens seen in prompt or output, x > 0 -> x / p, x <= 0 -> x * p."""
+    rows = [i for i, r in enumerate(requests) if r.sampling_params.repetition_penalty != 1.0]
+    if not rows:
+        return
+    device = logits.device
+    penalty = torch.tensor(
+        [requests[i].sampling_params.repetition_penalty for i in rows], device=device
+    ).unsqueeze(1)  # [n, 1]
+    seen = _token_counts(requests, rows, logits.shape[-1], device, output_only=False) > 0  # [n, V]
+    index = torch.tensor(rows, device=device)
+    sub = logits[index]  # [n, V]
+    penalised = torch.where(sub > 0, sub / penalty, sub * penalty)
+    logits[index] = torch.where(seen, penalised, sub)
+
+
+def _apply_presence_frequency(logits: torch.Tensor, requests: Sequence[Request]) -> None:
+    """OpenAI: x -= frequency * count + presence * (count > 0), counting output tokens only."""
+    rows = [
+        i
+        for i, r in enumerate(requests)
+        if r.sampling_params.presence_penalty != 0.0 or r.sampling_params.frequency_penalty != 0.0
+    ]
+    if not rows:
+        return
+    device = logits.device
+    params = [requests[i].sampling_params for i in rows]
+    freq = torch.tensor([p.frequency_penalty for p in params], device=device).unsqueeze(1)  # [n, 1]
+    pres = torch.tensor([p.presence_penalty for p in params], device=device).unsqueeze(1)  # [n, 1]
+    counts = _token_counts(requests, rows, logits.shape[-1], device, output_only=True)  # [n, V]
+    index = torch.tensor(rows, device=device)
+    logits[index] -= freq * counts + pres * (counts > 0).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Temperature and truncation (sampled rows only).
+# ---------------------------------------------------------------------------------------------
+
+
+def _filter_logits(logits: torch.Tensor, params: _BatchParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p; removed tokens get -inf. [n, V] -> [n, V]."""
+    out = logits / params.temperature.unsqueeze(1)  # [n, V]
+    if params.use_top_p:
+        out = _top_k_top_p_sorted(out, params.top_k, params.top_p)
+    elif params.use_top_k:
+        out = _top_k_only(out, params.top_k)
+    if params.use_min_p:
+        out = _min_p(out, params.min_p)
+    return out
+
+
+def _top_k_threshold(sorted_desc: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """k-th largest logit per row ([n, 1]), or -inf where top-k is disabled (k == 0)."""
+    index = (top_k - 1).clamp(min=0).unsqueeze(1)  # [n, 1]
+    threshold = sorted_desc.gather(1, index)  # [n, 1]
+    return threshold.masked_fill(top_k.unsqueeze(1) == 0, -math.inf)
+
+
+def _top_k_only(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep logits >= the row's k-th largest (ties at the k-th value are all kept)."""
+    k_max = int(top_k.max())
+    values = logits.topk(k_max, dim=-1).values  # [n, k_max], descending
+    return logits.masked_fill(logits < _top_k_threshold(values, top_k), -math.inf)
+
+
+def _top_k_top_p_sorted(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """top-k (same threshold rule as _top_k_only), then top-p on the renormalised survivors.
+
+    top-p keeps the smallest prefix of the descending order whose cumulative probability
+    reaches top_p: a token survives when the mass strictly before it is < top_p, so the
+    most likely token always survives.
+    """
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # [n, V] each
+    threshold = _top_k_threshold(sorted_logits, top_k)  # [n, 1]
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < threshold, -math.inf)
+    probs = torch.softmax(sorted_logits, dim=-1)  # [n, V]
+    mass_before = probs.cumsum(dim=-1) - probs  # [n, V]
+    drop = (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def _min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Keep tokens with prob >= min_p * max_prob, i.e. logit >= max_logit + log(min_p)."""
+    max_logit = logits.max(dim=-1, keepdim=True).values  # [n, 1]
+    threshold = max_logit + torch.log(min_p).unsqueeze(1)  # [n, 1]; -inf where min_p == 0
+    return logits.masked_fill(logits < threshold, -math.inf)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logprobs: of the raw distribution (before any processing), OpenAI's definition.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _LogprobInputs:
+    rows: list[int]  # batch rows that asked for logprobs
+    num_top: list[int]  # k per such row
+    logprobs: torch.Tensor  # [n, V] float32 log_softmax of the raw logits
+
+
+def _compute_logprobs_inputs(
+    logits: torch.Tensor, requests: Sequence[Request]
+) -> _LogprobInputs | None:
+    rows = [i for i, r in enumerate(requests) if r.sampling_params.logprobs is not None]
+    if not rows:
+        return None
+    index = torch.tensor(rows, device=logits.device)
+    logprobs = torch.log_softmax(logits[index].float(), dim=-1)  # [n, V]
+    num_top = [requests[i].sampling_params.logprobs for i in rows]
+    return _LogprobInputs(rows, num_top, logprobs)
+
+
+def _build_logprobs(
+    inputs: _LogprobInputs | None, token_ids: torch.Tensor, sampled: list[int], batch: int
+) -> list[LogprobsDict | None]:
+    """Per row: {token: Logprob} for the top-k tokens (ranks 1..k) and the sampled token."""
+    result: list[LogprobsDict | None] = [None] * batch
+    if inputs is None:
+        return result
+    lp = inputs.logprobs  # [n, V]
+    index = torch.tensor(inputs.rows, device=lp.device)
+    chosen = token_ids[index].unsqueeze(1)  # [n, 1]
+    chosen_lp = lp.gather(1, chosen)  # [n, 1]
+    chosen_rank = (lp > chosen_lp).sum(dim=-1) + 1  # [n]
+    k_max = max(inputs.num_top)
+    top_lp, top_ids = lp.topk(k_max, dim=-1) if k_max else (lp[:, :0], chosen[:, :0])
+    chosen_lp_l, chosen_rank_l = chosen_lp.squeeze(1).tolist(), chosen_rank.tolist()
+    top_lp_l, top_ids_l = top_lp.tolist(), top_ids.tolist()
+    for j, row in enumerate(inputs.rows):
+        k = inputs.num_top[j]
+        entry = {t: Logprob(v, rank + 1) for rank, (t, v) in enumerate(zip(top_ids_l[j][:k], top_lp_l[j][:k]))}
+        entry[sampled[row]] = Logprob(chosen_lp_l[j], chosen_rank_l[j])
+        result[row] = entry
+    return result
