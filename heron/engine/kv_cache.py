@@ -188,8 +188,6 @@ class KVCacheManager:
             block.block_hash = None
             block.token_ids = None
         self._cached.clear()
-        for state in self._requests.values():
-            state.num_cached_blocks = len(state.block_hashes)  # don't re-publish old blocks
 
     # ------------------------------------------------------------------ internals
 

@@ -57,10 +57,12 @@ class _BatchParams:
     use_min_p: bool
 
     @classmethod
-    def build(cls, requests: Sequence[Request], vocab_size: int, device: torch.device) -> _BatchParams:
+    def build(
+        cls, requests: Sequence[Request], vocab_size: int, device: torch.device
+    ) -> _BatchParams:
         params = [r.sampling_params for r in requests]
         greedy = [p.temperature == 0.0 for p in params]
-        temps = [1.0 if g else p.temperature for g, p in zip(greedy, params)]
+        temps = [1.0 if g else p.temperature for g, p in zip(greedy, params, strict=True)]
         top_ks = [p.top_k if 0 < p.top_k < vocab_size else 0 for p in params]
         top_ps = [p.top_p for p in params]
         min_ps = [p.min_p for p in params]
@@ -191,7 +193,8 @@ class Sampler(nn.Module):
 def _check_batch(logits: torch.Tensor, requests: Sequence[Request]) -> None:
     if logits.dim() != 2 or logits.shape[0] != len(requests):
         raise ValueError(
-            f"logits must be [num_requests, vocab] = [{len(requests)}, V], got {tuple(logits.shape)}"
+            f"logits must be [num_requests, vocab] with {len(requests)} rows, "
+            f"got shape {tuple(logits.shape)}"
         )
 
 
@@ -226,10 +229,10 @@ def _needs_processing(requests: Sequence[Request]) -> bool:
 def _add_at(logits: torch.Tensor, rows: list[int], cols: list[int], values: list[float]) -> None:
     """logits[rows[j], cols[j]] += values[j], skipping ids outside the vocabulary."""
     vocab = logits.shape[-1]
-    kept = [(r, c, v) for r, c, v in zip(rows, cols, values) if 0 <= c < vocab]
+    kept = [(r, c, v) for r, c, v in zip(rows, cols, values, strict=True) if 0 <= c < vocab]
     if not kept:
         return
-    r_idx, c_idx, vals = zip(*kept)
+    r_idx, c_idx, vals = zip(*kept, strict=True)
     device = logits.device
     index = (torch.tensor(r_idx, device=device), torch.tensor(c_idx, device=device))
     logits.index_put_(index, torch.tensor(vals, dtype=logits.dtype, device=device), accumulate=True)
@@ -261,9 +264,13 @@ def _apply_min_tokens(logits: torch.Tensor, requests: Sequence[Request]) -> None
 
 
 def _token_counts(
-    requests: Sequence[Request], rows: list[int], vocab: int, device: torch.device, output_only: bool
+    requests: Sequence[Request],
+    rows: list[int],
+    vocab: int,
+    device: torch.device,
+    output_only: bool,
 ) -> torch.Tensor:
-    """[len(rows), V] float32 occurrence counts of each row's tokens (scatter_add, no loops on V)."""
+    """[len(rows), V] float32 occurrence counts of each row's tokens (one scatter_add)."""
     ids: list[int] = []
     flat_rows: list[int] = []
     for j, i in enumerate(rows):
@@ -344,7 +351,9 @@ def _top_k_only(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(logits < _top_k_threshold(values, top_k), -math.inf)
 
 
-def _top_k_top_p_sorted(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def _top_k_top_p_sorted(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
     """top-k (same threshold rule as _top_k_only), then top-p on the renormalised survivors.
 
     top-p keeps the smallest prefix of the descending order whose cumulative probability
@@ -410,7 +419,8 @@ def _build_logprobs(
     top_lp_l, top_ids_l = top_lp.tolist(), top_ids.tolist()
     for j, row in enumerate(inputs.rows):
         k = inputs.num_top[j]
-        entry = {t: Logprob(v, rank + 1) for rank, (t, v) in enumerate(zip(top_ids_l[j][:k], top_lp_l[j][:k]))}
+        top = zip(top_ids_l[j][:k], top_lp_l[j][:k], strict=True)
+        entry = {t: Logprob(v, rank + 1) for rank, (t, v) in enumerate(top)}
         entry[sampled[row]] = Logprob(chosen_lp_l[j], chosen_rank_l[j])
         result[row] = entry
     return result
