@@ -30,7 +30,7 @@ class _Sequence:
     """One of a request's n sequences while it generates."""
 
     index: int
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | None
     params: SamplingParams
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[LogprobsDict] | None = None
@@ -68,7 +68,7 @@ class LLM:
                  block_size: int = 16, kv_cache_memory: str | int = "2GiB",
                  gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
                  num_gpu_blocks_override: int | None = None, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048) -> None:
+                 max_num_batched_tokens: int = 2048, skip_tokenizer_init: bool = False) -> None:
         self.model_config = ModelConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, device=device,
             max_model_len=max_model_len, seed=seed, load_format=load_format,
@@ -81,11 +81,14 @@ class LLM:
                               num_gpu_blocks_override=num_gpu_blocks_override),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=max_num_batched_tokens))
-        self.tokenizer: Tokenizer = load_tokenizer(self.model_config)
+        # skip_tokenizer_init: token ids in, token ids out (no text), as in vLLM.
+        self.tokenizer: Tokenizer | None = None if skip_tokenizer_init else load_tokenizer(self.model_config)
         self.engine = EngineCore(config)
         self._ids = itertools.count()
 
     def get_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError("this LLM was built with skip_tokenizer_init=True: it has no tokenizer")
         return self.tokenizer
 
     # ---- public API -----------------------------------------------------------------------
@@ -106,24 +109,25 @@ class LLM:
              chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
         """Answer one conversation (a list of messages) or a list of conversations."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        tokenizer = self.get_tokenizer()
         encoded = []
         for conv in conversations:
-            text = self.tokenizer.apply_chat_template(
+            text = tokenizer.apply_chat_template(
                 conv, add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message, tools=tools,
                 **(chat_template_kwargs or {}))
-            encoded.append((text, self.tokenizer.encode(text, add_special_tokens=False)))
+            encoded.append((text, tokenizer.encode(text, add_special_tokens=False)))
         return self._run(encoded, _per_prompt(sampling_params, len(encoded)), use_tqdm)
 
     # ---- the loop -------------------------------------------------------------------------
 
     def _encode(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
         if isinstance(prompt, dict) and "prompt" in prompt:
-            return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str):
+            return prompt, self.get_tokenizer().encode(prompt)
         raise ValueError(f"a prompt must be a string or a dict with 'prompt' or 'prompt_token_ids', "
                          f"got {type(prompt).__name__}")
 
@@ -153,7 +157,8 @@ class LLM:
         for i in range(params.n):
             seed = None if params.seed is None else params.seed + i
             child = params.clone(n=1, seed=seed)
-            sequences.append(_Sequence(i, IncrementalDetokenizer(self.tokenizer, ids, child), child))
+            detok = None if self.tokenizer is None else IncrementalDetokenizer(self.tokenizer, ids, child)
+            sequences.append(_Sequence(i, detok, child))
         pending = _Pending(request_id, text, ids, sequences)
         added = []
         try:
@@ -177,7 +182,7 @@ class LLM:
             for entry in out.new_logprobs:
                 seq.logprobs.append(self._logprobs(entry))
                 seq.cumulative_logprob = (seq.cumulative_logprob or 0.0) + entry.logprobs[0]
-        stop = seq.detokenizer.update(out.new_token_ids)
+        stop = seq.detokenizer.update(out.new_token_ids) if seq.detokenizer else None
         if stop is not None and out.finish_reason is None:
             self.engine.abort_requests([out.request_id])
             seq.finish_reason, seq.stop_reason = "stop", stop
@@ -187,7 +192,8 @@ class LLM:
             seq.finish_reason, seq.stop_reason = out.finish_reason, out.stop_reason
 
     def _logprobs(self, entry: TokenLogprobs) -> LogprobsDict:
-        words = self.tokenizer.token_strings(entry.token_ids)
+        words = (self.tokenizer.token_strings(entry.token_ids) if self.tokenizer
+                 else [None] * len(entry.token_ids))
         return {t: Logprob(lp, rank, word)
                 for t, lp, rank, word in zip(entry.token_ids, entry.logprobs, entry.ranks, words)}
 
@@ -195,9 +201,12 @@ class LLM:
     def _result(req: _Pending) -> RequestOutput:
         outputs = []
         for seq in req.sequences:
-            seq.detokenizer.flush()
+            text = ""
+            if seq.detokenizer is not None:
+                seq.detokenizer.flush()
+                text = seq.detokenizer.output_text
             outputs.append(CompletionOutput(
-                index=seq.index, text=seq.detokenizer.output_text, token_ids=seq.token_ids,
+                index=seq.index, text=text, token_ids=seq.token_ids,
                 cumulative_logprob=seq.cumulative_logprob, logprobs=seq.logprobs,
                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
         return RequestOutput(request_id=req.request_id, prompt=req.prompt,

@@ -6,6 +6,7 @@ Every value is validated when the object is built; a bad value raises
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field, replace
 
 # Hard caps that keep one request from taking the whole engine.
@@ -51,10 +52,12 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        _check(self.stop is None or isinstance(self.stop, (list, tuple)), "stop", self.stop,
+               "a string or a list of strings")
         self.stop = list(self.stop or [])
-        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
-        if self.logit_bias is not None:
-            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        self.stop_token_ids = _as_token_ids(self.stop_token_ids)
+        self.logit_bias = _as_logit_bias(self.logit_bias)
+        self._check_types()
         self._validate()
         if self.temperature < _GREEDY_EPS:
             # Greedy: normalise so that downstream code has one way to see it.
@@ -62,7 +65,8 @@ class SamplingParams:
             self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
         if self.top_k == -1:
             self.top_k = 0
-        self.all_stop_token_ids = set(self.stop_token_ids)
+        # Union, so that clone() keeps the ids the engine added (EOS and friends).
+        self.all_stop_token_ids = set(self.all_stop_token_ids) | set(self.stop_token_ids)
 
     @property
     def greedy(self) -> bool:
@@ -70,6 +74,24 @@ class SamplingParams:
 
     def clone(self, **changes: object) -> SamplingParams:
         return replace(self, **changes)
+
+    def _check_types(self) -> None:
+        """Wrong types (strings, None, bools for numbers) are ValueErrors naming the field.
+
+        Numbers are normalised to Python int/float (numpy scalars are accepted)."""
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty",
+                     "temperature", "top_p", "min_p"):
+            value = getattr(self, name)
+            _check(_is_number(value), name, value, "a number")
+            setattr(self, name, float(value))
+        for name in ("n", "top_k", "min_tokens"):
+            value = getattr(self, name)
+            _check(_is_int(value), name, value, "an integer")
+            setattr(self, name, int(value))
+        for name in ("seed", "max_tokens", "logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _check(value is None or _is_int(value), name, value, "an integer or None")
+            setattr(self, name, None if value is None else int(value))
 
     def _validate(self) -> None:
         _check(isinstance(self.n, int) and 1 <= self.n <= MAX_N, "n", self.n, f"an integer in [1, {MAX_N}]")
@@ -97,6 +119,33 @@ class SamplingParams:
             _check(all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()),
                    "logit_bias", self.logit_bias, "values in [-100, 100]")
             _check(all(t >= 0 for t in self.logit_bias), "logit_bias", self.logit_bias, "non-negative token ids")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _as_token_ids(value: object) -> list[int]:
+    """stop_token_ids as a list of ints (None -> [])."""
+    items = [] if value is None else value
+    _check(isinstance(items, (list, tuple, set)) and all(_is_int(t) for t in items),
+           "stop_token_ids", value, "a list of integer token ids")
+    return [int(t) for t in items]
+
+
+def _as_logit_bias(value: object) -> dict[int, float] | None:
+    """logit_bias as {token id: bias}; keys may be strings of digits (OpenAI sends JSON keys)."""
+    if value is None:
+        return None
+    _check(isinstance(value, dict), "logit_bias", value, "a mapping of token ids to numbers")
+    try:
+        return {int(k): float(v) for k, v in value.items()}  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ValueError(f"logit_bias must map integer token ids to numbers, got {value!r}") from None
 
 
 def _check(ok: bool, name: str, value: object, allowed: str) -> None:

@@ -108,8 +108,11 @@ class Sampler(nn.Module):
         """Sample one token per row of ``logits`` [B, V]; row ``i`` belongs to ``requests[i]``."""
         _check_batch(logits, requests)
         logprobs = _compute_logprobs_inputs(logits, requests)
-        if all(r.sampling_params.greedy for r in requests) and not _needs_processing(requests):
-            token_ids = logits.argmax(dim=-1)  # [B]
+        if not _needs_processing(requests):
+            if all(r.sampling_params.greedy for r in requests):
+                token_ids = logits.argmax(dim=-1)  # [B]; the fast path
+            else:
+                token_ids = self._sample(logits.float(), requests)  # read-only use of logits
         else:
             token_ids = self._sample(self.process_logits(logits, requests), requests)
         sampled = token_ids.tolist()

@@ -1,0 +1,116 @@
+"""The generic weight loader: Hugging Face tensor names in, a model's parameters filled.
+
+A model file declares only a ``WeightMapping`` (as its ``weight_mapping`` attribute): which
+checkpoint modules it fuses (``q_proj``/``k_proj``/``v_proj`` -> shards of ``qkv_proj``) and
+which checkpoint tensors it does not use. Every other tensor name must equal a parameter name.
+
+    checkpoint                                   model
+    model.layers.0.self_attn.q_proj.weight  ->  model.layers.0.self_attn.qkv_proj.weight, shard 0
+    model.layers.0.self_attn.k_proj.weight  ->  model.layers.0.self_attn.qkv_proj.weight, shard 1
+    model.norm.weight                       ->  model.norm.weight
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from heron.layers.linear import MergedLinear
+
+# Never weights: the rotary tables some older checkpoints carry.
+_ALWAYS_IGNORED = (r"\.inv_freq$",)
+
+
+@dataclass(frozen=True)
+class StackedParam:
+    """Checkpoint module ``source`` is shard ``shard`` of the model's fused module ``target``."""
+
+    target: str  # e.g. "qkv_proj"
+    source: str  # e.g. "k_proj"
+    shard: int
+
+
+@dataclass(frozen=True)
+class WeightMapping:
+    """How a model's parameter names differ from its checkpoint's tensor names."""
+
+    stacked: tuple[StackedParam, ...] = ()
+    ignored: tuple[str, ...] = ()  # regexes of checkpoint names to skip (e.g. a tied lm_head)
+
+
+QKV_STACKED = (StackedParam("qkv_proj", "q_proj", 0), StackedParam("qkv_proj", "k_proj", 1),
+               StackedParam("qkv_proj", "v_proj", 2))
+GATE_UP_STACKED = (StackedParam("gate_up_proj", "gate_proj", 0),
+                   StackedParam("gate_up_proj", "up_proj", 1))
+
+
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Copy HF-named tensors into ``model`` (casting dtype and device).
+
+    Raises ValueError on an unexpected name, a shape mismatch, a tensor given twice, or a
+    parameter (or shard of a fused one) that the checkpoint never provided.
+    """
+    mapping: WeightMapping = getattr(model, "weight_mapping", WeightMapping())
+    ignored = re.compile("|".join(_ALWAYS_IGNORED + mapping.ignored))
+    params = dict(model.named_parameters())
+    loaded: set[tuple[str, int | None]] = set()
+    with torch.no_grad():
+        for name, tensor in weights:
+            if ignored.search(name):
+                continue
+            param_name, shard = _resolve(name, mapping)
+            if param_name not in params:
+                raise ValueError(f"unexpected weight {name!r}: {type(model).__name__} has no "
+                                 f"parameter {param_name!r}")
+            if (param_name, shard) in loaded:
+                raise ValueError(f"weight {name!r} given twice")
+            _copy(_target(model, param_name, shard, params), tensor, name)
+            loaded.add((param_name, shard))
+    _check_complete(model, params, loaded)
+
+
+def _resolve(name: str, mapping: WeightMapping) -> tuple[str, int | None]:
+    """Checkpoint name -> (parameter name, shard index or None)."""
+    for rule in mapping.stacked:
+        needle = f".{rule.source}."
+        if needle in name:
+            return name.replace(needle, f".{rule.target}.", 1), rule.shard
+    return name, None
+
+
+def _target(model: nn.Module, param_name: str, shard: int | None,
+            params: dict[str, nn.Parameter]) -> torch.Tensor:
+    if shard is None:
+        return params[param_name].data
+    module_name, _, leaf = param_name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if not isinstance(module, MergedLinear):
+        raise ValueError(f"{module_name!r} is not a fused layer; cannot load shard {shard} into it")
+    return module.shard_view(leaf, shard)
+
+
+def _copy(target: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
+    if tuple(target.shape) != tuple(tensor.shape):
+        raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, "
+                         f"the model expects {tuple(target.shape)}")
+    target.copy_(tensor)
+
+
+def _check_complete(model: nn.Module, params: dict[str, nn.Parameter],
+                    loaded: set[tuple[str, int | None]]) -> None:
+    missing = []
+    for param_name in params:
+        module_name, _, _ = param_name.rpartition(".")
+        module = model.get_submodule(module_name)
+        fused = isinstance(module, MergedLinear) and (param_name, None) not in loaded
+        shards = range(module.num_shards) if fused else [None]
+        missing += [(param_name, s) for s in shards if (param_name, s) not in loaded]
+    if missing:
+        shown = ", ".join(n if s is None else f"{n} (shard {s})" for n, s in missing[:8])
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        raise ValueError(f"checkpoint is missing {len(missing)} weight(s) for "
+                         f"{type(model).__name__}: {shown}{more}")

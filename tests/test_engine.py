@@ -1,0 +1,162 @@
+"""The whole engine on tiny random models: greedy generation equals transformers, and the
+same prompts give the same tokens whatever the batch, budget, cache state or preemption."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import transformers
+
+from heron import LLM, SamplingParams
+from tests.tiny_models import CONFIGS, VOCAB, save_tiny_model
+
+ARCHS = sorted(CONFIGS)
+
+
+def _prompts(count: int, seed: int = 0, low: int = 3, high: int = 40) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, VOCAB) for _ in range(rng.randint(low, high))] for _ in range(count)]
+
+
+def _greedy(llm: LLM, prompts: list[list[int]], max_tokens: int = 32) -> list[list[int]]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def _llm(path: object, **kwargs: object) -> LLM:
+    return LLM(str(path), dtype="float32", skip_tokenizer_init=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> object:
+    return save_tiny_model("llama", tmp_path_factory.mktemp("llama"))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_generation_equals_transformers(arch: str, tmp_path: object) -> None:
+    path = save_tiny_model(arch, tmp_path)
+    prompts = _prompts(3, seed=1, low=5, high=20)
+    ours = _greedy(_llm(path), prompts, max_tokens=32)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for prompt, got in zip(prompts, ours):
+        with torch.inference_mode():
+            out = ref.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32,
+                               do_sample=False, pad_token_id=0)
+        assert got == out[0, len(prompt):].tolist()
+
+
+def test_batch_invariance(llama_dir: object) -> None:
+    prompts = _prompts(16, seed=2, low=3, high=60)
+    solo = _llm(llama_dir, enable_prefix_caching=False)
+    alone = [_greedy(solo, [p])[0] for p in prompts]
+
+    llm = _llm(llama_dir)
+    assert _greedy(llm, prompts) == alone, "a batch of 16 mixed lengths"
+    stats = llm.engine.stats()
+    assert _greedy(llm, prompts) == alone, "with the prefix cache hot"
+    assert llm.engine.stats().prefix_cache_hits > stats.prefix_cache_hits
+
+    chunked = _llm(llama_dir, max_num_batched_tokens=8, max_num_seqs=4)
+    assert _greedy(chunked, prompts) == alone, "tiny token budget: chunked prefill"
+
+    # 12 blocks of 16 tokens cannot hold 16 sequences of up to 92 tokens: preemption must happen.
+    small = _llm(llama_dir, num_gpu_blocks_override=12, enable_prefix_caching=False)
+    assert _greedy(small, prompts) == alone, "after preemption"
+    assert small.engine.stats().num_preemptions > 0
+
+
+def test_outputs_shape_and_lengths(llama_dir: object) -> None:
+    llm = _llm(llama_dir)
+    prompts = _prompts(3, seed=3)
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (1, 7, 20)]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for out, prompt, n in zip(outs, prompts, (1, 7, 20)):
+        assert out.prompt_token_ids == prompt
+        assert out.finished
+        assert len(out.outputs) == 1
+        assert len(out.outputs[0].token_ids) == n
+        assert out.outputs[0].finish_reason == "length"
+
+
+def test_stop_token_ids_end_generation(llama_dir: object) -> None:
+    llm = _llm(llama_dir)
+    prompt = _prompts(1, seed=4)[0]
+    free = _greedy(llm, [prompt], max_tokens=12)[0]
+    stop_at = free[5]
+    first = free.index(stop_at)
+    params = SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop_at])
+    out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == free[:first + 1]
+    assert out.finish_reason == "stop"
+    assert out.stop_reason == stop_at
+
+
+def test_min_tokens_blocks_stop_token(llama_dir: object) -> None:
+    llm = _llm(llama_dir)
+    prompt = _prompts(1, seed=4)[0]
+    first_token = _greedy(llm, [prompt], max_tokens=1)[0][0]
+    params = SamplingParams(max_tokens=6, min_tokens=4, temperature=0, stop_token_ids=[first_token])
+    out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) >= 4
+    assert first_token not in out.token_ids[:4]
+
+
+def test_seeded_sampling_is_reproducible_across_batches(llama_dir: object) -> None:
+    llm = _llm(llama_dir)
+    prompt = _prompts(1, seed=5)[0]
+    seeded = SamplingParams(max_tokens=16, temperature=1.0, seed=1234, ignore_eos=True)
+    alone = llm.generate([{"prompt_token_ids": prompt}], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    others = [{"prompt_token_ids": p} for p in _prompts(5, seed=6)]
+    batch = llm.generate(others[:2] + [{"prompt_token_ids": prompt}] + others[2:],
+                         [SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True)] * 2
+                         + [seeded] + [SamplingParams(max_tokens=16, temperature=0.7)] * 3,
+                         use_tqdm=False)
+    assert batch[2].outputs[0].token_ids == alone
+    other_seed = seeded.clone(seed=99)
+    again = llm.generate([{"prompt_token_ids": prompt}], other_seed, use_tqdm=False)[0].outputs[0].token_ids
+    assert again != alone
+
+
+def test_n_sequences_share_the_prompt(llama_dir: object) -> None:
+    llm = _llm(llama_dir)
+    prompt = _prompts(1, seed=7, low=40, high=40)[0]
+    params = SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=7, ignore_eos=True)
+    out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert all(len(o.token_ids) == 8 for o in out.outputs)
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+
+
+def test_logprobs_match_reference(llama_dir: object) -> None:
+    llm = _llm(llama_dir)
+    prompt = _prompts(1, seed=8)[0]
+    params = SamplingParams(max_tokens=4, temperature=0, logprobs=3, prompt_logprobs=2, ignore_eos=True)
+    out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+    ref = transformers.AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    seq = prompt + out.outputs[0].token_ids
+    with torch.inference_mode():
+        logprobs = torch.log_softmax(ref(torch.tensor([seq])).logits[0].float(), dim=-1)
+    for step, (token, entry) in enumerate(zip(out.outputs[0].token_ids, out.outputs[0].logprobs)):
+        row = logprobs[len(prompt) - 1 + step]
+        assert entry[token].rank == 1
+        assert entry[token].logprob == pytest.approx(float(row[token]), abs=1e-4)
+        assert set(entry) == set(row.topk(3).indices.tolist()) | {token}
+    assert out.prompt_logprobs[0] is None
+    assert len(out.prompt_logprobs) == len(prompt)
+    for pos in range(1, len(prompt)):
+        entry = out.prompt_logprobs[pos]
+        expected = float(logprobs[pos - 1, prompt[pos]])
+        assert entry[prompt[pos]].logprob == pytest.approx(expected, abs=1e-4)
+    total = sum(entry[t].logprob for t, entry in zip(out.outputs[0].token_ids, out.outputs[0].logprobs))
+    assert out.outputs[0].cumulative_logprob == pytest.approx(total)
+
+
+def test_prompt_too_long_is_a_clear_error(llama_dir: object) -> None:
+    llm = _llm(llama_dir, max_model_len=64)
+    with pytest.raises(ValueError, match="maximum context length is 64 tokens"):
+        llm.generate([{"prompt_token_ids": [5] * 60}], SamplingParams(max_tokens=10), use_tqdm=False)
+    # the engine keeps serving afterwards
+    assert len(_greedy(llm, [[5] * 10], max_tokens=3)[0]) == 3
