@@ -145,7 +145,7 @@ def _as_logit_bias(value: object) -> dict[int, float] | None:
     try:
         return {int(k): float(v) for k, v in value.items()}  # type: ignore[union-attr]
     except (TypeError, ValueError):
-        raise ValueError(f"logit_bias must map integer token ids to numbers, got {value!r}") from None
+        raise ValueError(f"logit_bias must be a mapping of token ids to numbers, got {value!r}") from None
 
 
 def _check(ok: bool, name: str, value: object, allowed: str) -> None:

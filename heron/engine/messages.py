@@ -67,3 +67,58 @@ class EngineInfo(msgspec.Struct, kw_only=True):
     device: str
     dtype: str
     eos_token_ids: list[int]
+
+
+# ---- the engine client <-> engine core protocol (msgspec msgpack over ZMQ) ----------------------
+#
+#   API process (EngineClient)            engine core process
+#       PUSH  --- ClientMessage --->      PULL   (add / abort / shutdown)
+#       PULL  <--- CoreMessage ----       PUSH   (ready / failed / outputs / rejected)
+
+
+class AddRequests(msgspec.Struct, tag="add", kw_only=True):
+    """Queue these sequences (the n choices of one API request travel together)."""
+
+    requests: list[EngineRequest]
+
+
+class AbortRequests(msgspec.Struct, tag="abort", kw_only=True):
+    """Stop these sequences now and free their KV blocks (unknown ids are ignored)."""
+
+    request_ids: list[str]
+
+
+class ShutdownCore(msgspec.Struct, tag="shutdown"):
+    """Leave the busy loop and exit."""
+
+
+ClientMessage = AddRequests | AbortRequests | ShutdownCore
+
+
+class CoreReady(msgspec.Struct, tag="ready", kw_only=True):
+    """Sent once, when the model is loaded and the KV cache allocated."""
+
+    info: EngineInfo
+
+
+class CoreFailed(msgspec.Struct, tag="failed", kw_only=True):
+    """The core could not start, or died; ``message`` says why."""
+
+    message: str
+
+
+class CoreOutputs(msgspec.Struct, tag="outputs", kw_only=True):
+    """Outputs of one step, and a fresh stats snapshot when one is due."""
+
+    outputs: list[EngineOutput]
+    stats: EngineStats | None = None
+
+
+class RequestRejected(msgspec.Struct, tag="rejected", kw_only=True):
+    """``EngineCore.add_request`` refused a request (its ValueError message)."""
+
+    request_id: str
+    message: str
+
+
+CoreMessage = CoreReady | CoreFailed | CoreOutputs | RequestRejected

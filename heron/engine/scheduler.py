@@ -233,6 +233,10 @@ class Scheduler:
     def kv_cache_usage(self) -> float:
         return self.kv_cache.usage
 
+    def prefix_cache_stats(self) -> tuple[int, int]:
+        """(queries, hits) in tokens, counted at each admission since start."""
+        return self.kv_cache.stats.queries, self.kv_cache.stats.hits
+
     def reset_prefix_cache(self) -> None:
         self.kv_cache.reset_prefix_cache()
 

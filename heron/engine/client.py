@@ -1,0 +1,441 @@
+"""The async bridge between the HTTP server and an engine core running in its own process.
+
+::
+
+    API process (asyncio)                          engine core process (spawned)
+    ---------------------                          -----------------------------
+    EngineClient.stream(requests) --AddRequests--> drain input -> EngineCore.add_request
+      per-request asyncio queues  <--CoreOutputs-- step() while there is work
+    OutputStream.finish / exit    --AbortRequests> EngineCore.abort_requests
+    EngineClient.shutdown()       --ShutdownCore-> leave the loop, exit
+
+Messages are msgspec structs (``heron.engine.messages``) encoded as msgpack over two
+ZMQ IPC sockets; nothing is ever pickled on a socket. The core process dies with its
+parent: it asks the kernel for SIGTERM when the parent exits and also checks the
+parent's pid whenever it is idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from heron.engine.messages import (
+    AbortRequests,
+    AddRequests,
+    ClientMessage,
+    CoreFailed,
+    CoreMessage,
+    CoreOutputs,
+    CoreReady,
+    EngineInfo,
+    EngineOutput,
+    EngineRequest,
+    EngineStats,
+    RequestRejected,
+    ShutdownCore,
+)
+
+if TYPE_CHECKING:
+    from heron.config import EngineConfig
+    from heron.engine.core import EngineCore
+
+logger = logging.getLogger(__name__)
+
+_STATS_INTERVAL_S = 0.5  # the core sends a stats snapshot at most this often while busy
+_IDLE_POLL_MS = 1000  # idle core: how long to block on the input socket between parent checks
+_PR_SET_PDEATHSIG = 1
+
+
+class EngineError(RuntimeError):
+    """The engine core is gone (crashed, or failed to start)."""
+
+
+class RequestRejectedError(ValueError):
+    """The engine core refused a request (``EngineCore.add_request`` raised ValueError)."""
+
+
+# ==== API side ====================================================================================
+
+
+class EngineClient:
+    """Async handle on an engine core process: submit token ids, receive EngineOutputs.
+
+    Use ``await client.start()`` inside a running event loop, then ``client.stream(...)``
+    per API request, and ``await client.shutdown()`` at the end (also after a failed start).
+    """
+
+    def __init__(self, config: EngineConfig, log_level: int = logging.INFO) -> None:
+        self.config = config
+        self._log_level = log_level
+        self._ipc_dir = tempfile.mkdtemp(prefix="heron-")
+        self._input_addr = f"ipc://{self._ipc_dir}/input"
+        self._output_addr = f"ipc://{self._ipc_dir}/output"
+        self._ctx = zmq.asyncio.Context()
+        self._input: zmq.Socket | None = None
+        self._output: zmq.asyncio.Socket | None = None
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(CoreMessage)
+        self._queues: dict[str, asyncio.Queue[EngineOutput | Exception]] = {}
+        self._dispatch_task: asyncio.Task[None] | None = None
+        self._dead: str | None = None
+        self.info: EngineInfo | None = None
+        self.stats = EngineStats()
+        self.stats_time = 0.0  # time.monotonic() of the last stats snapshot
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def is_alive(self) -> bool:
+        return self._dead is None and self._process is not None and self._process.is_alive()
+
+    @property
+    def dead_reason(self) -> str | None:
+        return self._dead
+
+    async def start(self, timeout_s: float | None = None) -> EngineInfo:
+        """Spawn the core process and wait until it reports ready (or raise EngineError)."""
+        # A plain (sync) PUSH socket: sends never block (unbounded queue, NOBLOCK).
+        self._input = zmq.Context.shadow(self._ctx.underlying).socket(zmq.PUSH)
+        self._input.setsockopt(zmq.LINGER, 0)
+        self._input.setsockopt(zmq.SNDHWM, 0)
+        self._input.bind(self._input_addr)
+        self._output = self._ctx.socket(zmq.PULL)
+        self._output.setsockopt(zmq.LINGER, 0)
+        self._output.bind(self._output_addr)
+        spawn = multiprocessing.get_context("spawn")
+        self._process = spawn.Process(
+            target=run_engine_core, name="heron-engine-core", daemon=True,
+            args=(self.config, self._input_addr, self._output_addr, os.getpid(), self._log_level))
+        self._process.start()
+        logger.info("engine core process started (pid %d); loading the model", self._process.pid)
+        self.info = await self._wait_ready(timeout_s)
+        self._dispatch_task = asyncio.create_task(self._dispatch_loop(), name="heron-engine-outputs")
+        return self.info
+
+    async def _wait_ready(self, timeout_s: float | None) -> EngineInfo:
+        assert self._output is not None and self._process is not None
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while deadline is None or time.monotonic() < deadline:
+            if await self._output.poll(200):
+                message = self._decoder.decode(await self._output.recv())
+                if isinstance(message, CoreReady):
+                    return message.info
+                if isinstance(message, CoreFailed):
+                    raise EngineError(f"the engine core failed to start: {message.message}")
+            elif not self._process.is_alive():
+                raise EngineError(f"the engine core process exited during startup "
+                                  f"(exit code {self._process.exitcode})")
+        raise EngineError(f"the engine core was not ready after {timeout_s} s")
+
+    async def shutdown(self, timeout_s: float = 5.0) -> None:
+        """Ask the core to exit, then make sure it did; fail whatever is still in flight."""
+        if self._dispatch_task is not None:
+            self._dispatch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._dispatch_task
+        self._fail_all(EngineError("the server is shutting down"))
+        if self._process is not None and self._process.pid is not None:
+            if self._process.is_alive():
+                self._send(ShutdownCore())
+            await asyncio.to_thread(_stop_process, self._process, timeout_s)
+        for sock in (self._input, self._output):
+            if sock is not None:
+                sock.close(linger=0)
+        self._ctx.term()
+        for name in ("input", "output"):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self._ipc_dir, name))
+        with contextlib.suppress(OSError):
+            os.rmdir(self._ipc_dir)
+        self._dead = self._dead or "shut down"
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def stream(self, requests: list[EngineRequest]) -> OutputStream:
+        """Submit sequences; iterate the returned stream (``async with``) for their outputs."""
+        if not self.is_alive:
+            raise EngineError(f"the engine core is not running ({self._dead or 'not started'})")
+        queue: asyncio.Queue[EngineOutput | Exception] = asyncio.Queue()
+        ids = [r.request_id for r in requests]
+        for rid in ids:
+            if rid in self._queues:
+                raise ValueError(f"request id {rid!r} is already in flight")
+        for rid in ids:
+            self._queues[rid] = queue
+        self._send(AddRequests(requests=requests))
+        return OutputStream(self, ids, queue)
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Stop these sequences in the core (frees their blocks); later outputs are dropped."""
+        live = [rid for rid in request_ids if self._queues.pop(rid, None) is not None]
+        if live and self.is_alive:
+            self._send(AbortRequests(request_ids=live))
+
+    def _release(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)
+
+    def _send(self, message: ClientMessage) -> None:
+        assert self._input is not None
+        try:
+            self._input.send(self._encoder.encode(message), zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            logger.warning("engine core is not connected; dropped a %s message", type(message).__name__)
+
+    # ---- outputs --------------------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        """Route every message from the core to the queues of the requests it concerns."""
+        assert self._output is not None and self._process is not None
+        while True:
+            if await self._output.poll(_IDLE_POLL_MS):
+                self._handle(self._decoder.decode(await self._output.recv()))
+            elif not self._process.is_alive():
+                self._mark_dead(f"the engine core process exited (exit code {self._process.exitcode})")
+                return
+
+    def _handle(self, message: CoreMessage) -> None:
+        if isinstance(message, CoreOutputs):
+            for out in message.outputs:
+                queue = self._queues.get(out.request_id)
+                if queue is not None:
+                    queue.put_nowait(out)
+            if message.stats is not None:
+                self.stats, self.stats_time = message.stats, time.monotonic()
+        elif isinstance(message, RequestRejected):
+            queue = self._queues.pop(message.request_id, None)
+            if queue is not None:
+                queue.put_nowait(RequestRejectedError(message.message))
+        elif isinstance(message, CoreFailed):
+            self._mark_dead(f"the engine core failed: {message.message}")
+
+    def _mark_dead(self, reason: str) -> None:
+        logger.error("%s", reason)
+        self._dead = reason
+        self._fail_all(EngineError(reason))
+
+    def _fail_all(self, error: Exception) -> None:
+        unique = {id(queue): queue for queue in self._queues.values()}
+        for queue in unique.values():
+            queue.put_nowait(error)
+        self._queues.clear()
+
+
+class OutputStream:
+    """The outputs of a group of sequences (the n choices of one API request), in arrival order.
+
+    Iteration ends once every sequence has finished, in the core or by ``finish()`` (the
+    caller's decision, e.g. a stop string). Leaving the ``async with`` block aborts the
+    sequences still running: a disconnected client frees its KV blocks this way.
+    """
+
+    def __init__(self, client: EngineClient, request_ids: list[str],
+                 queue: asyncio.Queue[EngineOutput | Exception]) -> None:
+        self._client = client
+        self._pending = set(request_ids)
+        self._queue = queue
+
+    async def __aenter__(self) -> OutputStream:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        self.abort_all()
+
+    def __aiter__(self) -> AsyncIterator[EngineOutput]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[EngineOutput]:
+        while self._pending:
+            item = await self._queue.get()
+            if isinstance(item, Exception):
+                self.abort_all()
+                raise item
+            if item.request_id not in self._pending:
+                continue  # a late output for a sequence the caller already finished
+            if item.finished:
+                self._pending.discard(item.request_id)
+                self._client._release(item.request_id)
+            yield item
+
+    def finish(self, request_id: str) -> None:
+        """The caller is done with this sequence: abort it in the core, drop its later outputs."""
+        if request_id in self._pending:
+            self._pending.discard(request_id)
+            self._client.abort([request_id])
+
+    def abort_all(self) -> None:
+        """Abort every sequence still running (idempotent)."""
+        if self._pending:
+            self._client.abort(sorted(self._pending))
+            self._pending.clear()
+
+
+def _stop_process(process: multiprocessing.process.BaseProcess, timeout_s: float) -> None:
+    """Join; escalate to SIGTERM, then SIGKILL. Blocking: run it in a thread."""
+    process.join(timeout_s)
+    if process.is_alive():
+        logger.warning("engine core did not exit in %.0f s; terminating it", timeout_s)
+        process.terminate()
+        process.join(2.0)
+    if process.is_alive():
+        process.kill()
+        process.join(2.0)
+
+
+# ==== engine core process =========================================================================
+
+
+def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, parent_pid: int,
+                    log_level: int = logging.INFO) -> None:
+    """Entry point of the core process: build the EngineCore, report ready, run the busy loop."""
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [core] %(name)s: %(message)s")
+    _die_with_parent(parent_pid)
+    ctx = zmq.Context()
+    inputs = ctx.socket(zmq.PULL)
+    outputs = ctx.socket(zmq.PUSH)
+    for sock, addr in ((inputs, input_addr), (outputs, output_addr)):
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.connect(addr)
+    encoder = msgspec.msgpack.Encoder()
+    try:
+        core = _build_core(config)
+    except BaseException as e:  # noqa: BLE001 - every startup failure is reported to the parent
+        logger.exception("engine core failed to start")
+        outputs.send(encoder.encode(CoreFailed(message=f"{type(e).__name__}: {e}")))
+        _close(ctx, inputs, outputs)
+        return
+    outputs.send(encoder.encode(CoreReady(info=core.info)))
+    try:
+        CoreLoop(core, inputs, outputs, parent_pid).run()
+    except SystemExit:
+        pass
+    except BaseException as e:  # noqa: BLE001
+        logger.exception("engine core crashed")
+        with contextlib.suppress(zmq.ZMQError):
+            outputs.send(encoder.encode(CoreFailed(message=f"{type(e).__name__}: {e}")))
+    _close(ctx, inputs, outputs)
+
+
+def _build_core(config: EngineConfig) -> EngineCore:
+    from heron.engine.core import EngineCore
+
+    return EngineCore(config)
+
+
+def _close(ctx: zmq.Context, *socks: zmq.Socket) -> None:
+    for sock in socks:
+        sock.close()
+    ctx.term()
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """SIGINT belongs to the parent (it orchestrates shutdown); SIGTERM exits; parent death -> SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        raise SystemExit(0)
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+class CoreLoop:
+    """The core process's busy loop: drain inputs, step while there is work, send outputs.
+
+    When idle it sends one final stats snapshot (so /metrics sees the engine drained) and
+    blocks on the input socket, waking every second to check that its parent still lives.
+    """
+
+    def __init__(self, core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket,
+                 parent_pid: int) -> None:
+        self.core = core
+        self.inputs = inputs
+        self.outputs = outputs
+        self.parent_pid = parent_pid
+        self.encoder = msgspec.msgpack.Encoder()
+        self.decoder = msgspec.msgpack.Decoder(ClientMessage)
+        self.stats_dirty = True
+        self.last_stats = 0.0
+
+    def run(self) -> None:
+        while True:
+            if not self.core.has_unfinished_requests():
+                if self.stats_dirty:
+                    self._send(CoreOutputs(outputs=[], stats=self._snapshot()))
+                if not self.inputs.poll(_IDLE_POLL_MS):
+                    if os.getppid() != self.parent_pid:
+                        return
+                    continue
+            if not self._drain_inputs():
+                return
+            if self.core.has_unfinished_requests():
+                self._step()
+
+    def _step(self) -> None:
+        outputs = self.core.step()
+        self.stats_dirty = True
+        stats = None
+        if time.monotonic() - self.last_stats >= _STATS_INTERVAL_S:
+            stats = self._snapshot()
+        if outputs or stats is not None:
+            self._send(CoreOutputs(outputs=outputs, stats=stats))
+
+    def _drain_inputs(self) -> bool:
+        """Apply every queued message; False on shutdown."""
+        while True:
+            try:
+                data = self.inputs.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return True
+            message = self.decoder.decode(data.buffer)
+            self.stats_dirty = True
+            if isinstance(message, ShutdownCore):
+                return False
+            if isinstance(message, AbortRequests):
+                self.core.abort_requests(message.request_ids)
+            else:
+                self._add(message.requests)
+
+    def _add(self, requests: list[EngineRequest]) -> None:
+        for request in requests:
+            try:
+                self.core.add_request(request)
+            except ValueError as e:
+                self._send(RequestRejected(request_id=request.request_id, message=str(e)))
+
+    def _snapshot(self) -> EngineStats:
+        self.stats_dirty = False
+        self.last_stats = time.monotonic()
+        return self.core.stats()
+
+    def _send(self, message: CoreOutputs | RequestRejected) -> None:
+        self.outputs.send(self.encoder.encode(message), copy=False)
+
+
+def new_request_id(prefix: str) -> str:
+    """A unique id such as ``chatcmpl-4f9c...``."""
+    return f"{prefix}-{uuid.uuid4().hex}"

@@ -1,0 +1,172 @@
+"""Gemma 3 text decoder (``Gemma3ForCausalLM``): the default model's architecture.
+
+    x = embed(ids) * sqrt(hidden)
+    per layer:  x += post_attn_norm(attn(input_norm(x)))
+                x += post_ff_norm(mlp(pre_ff_norm(x)))
+    logits = softcap(final_norm(x) @ embed.T)
+
+Norms are Gemma RMSNorms (``x * (1 + w)``); q and k get a per-head norm before RoPE.
+Layers are local (sliding window, RoPE base ``rope_local_base_freq``) or global (full
+attention, ``rope_theta`` plus any scaling), as listed in ``config.layer_types``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from heron.layers.activation import act_and_mul, get_activation
+from heron.layers.attention import Attention, ForwardContext
+from heron.layers.linear import MergedLinear
+from heron.layers.norm import RMSNorm
+from heron.layers.rotary import RotaryEmbedding, rope_parameters
+from heron.loader.weights import GATE_UP_STACKED, QKV_STACKED, WeightMapping
+
+CosSin = tuple[torch.Tensor, torch.Tensor]
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+def gemma3_layer_types(config: Any) -> list[str]:
+    """``config.layer_types``, or the older every-Nth-layer-is-global pattern."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        if len(layer_types) != config.num_hidden_layers:
+            raise ValueError(f"layer_types has {len(layer_types)} entries for "
+                             f"{config.num_hidden_layers} layers")
+        return list(layer_types)
+    pattern = getattr(config, "sliding_window_pattern", None) or 6
+    return [SLIDING if (i + 1) % pattern else FULL for i in range(config.num_hidden_layers)]
+
+
+def _check_supported(config: Any) -> None:
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise ValueError("Gemma 3 with attn_logit_softcapping is not supported")
+    if getattr(config, "use_bidirectional_attention", False):
+        raise ValueError("Gemma 3 with use_bidirectional_attention is not supported")
+
+
+class Gemma3Attention(nn.Module):
+    """Fused q/k/v, per-head q/k Gemma norms, RoPE, paged attention (local or global)."""
+
+    def __init__(self, config: Any, layer_idx: int, sliding_window: int | None) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        bias = bool(getattr(config, "attention_bias", False))
+        self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, unit_offset=True)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, unit_offset=True)
+        self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, layer_idx,
+                              scale=config.query_pre_attn_scalar ** -0.5,
+                              sliding_window=sliding_window)
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cos_sin: CosSin,
+                ctx: ForwardContext) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))  # [T, H*D], [T, Hkv*D], [T, Hkv*D]
+        q = self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim))  # [T, H, D]
+        k = self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim))  # [T, Hkv, D]
+        q, k = rope.apply(q, cos_sin), rope.apply(k, cos_sin)
+        return self.o_proj(self.attn(q.flatten(1), k.flatten(1), v, ctx))  # [T, hidden]
+
+
+class Gemma3MLP(nn.Module):
+    """Gated MLP with tanh-approximated GELU; gate and up fused into one matmul."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        size = config.intermediate_size
+        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=False)
+        self.down_proj = nn.Linear(size, config.hidden_size, bias=False)
+        self.act = get_activation(config.hidden_activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(act_and_mul(self.gate_up_proj(x), self.act))  # [T, hidden]
+
+
+class Gemma3DecoderLayer(nn.Module):
+    """Sandwich-norm block: each sublayer's input and output are normalised."""
+
+    def __init__(self, config: Any, layer_idx: int, layer_type: str) -> None:
+        super().__init__()
+        self.layer_type = layer_type
+        window = config.sliding_window if layer_type == SLIDING else None
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = RMSNorm(hidden, eps, unit_offset=True)
+        self.self_attn = Gemma3Attention(config, layer_idx, window)
+        self.post_attention_layernorm = RMSNorm(hidden, eps, unit_offset=True)
+        self.pre_feedforward_layernorm = RMSNorm(hidden, eps, unit_offset=True)
+        self.mlp = Gemma3MLP(config)
+        self.post_feedforward_layernorm = RMSNorm(hidden, eps, unit_offset=True)
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cos_sin: CosSin,
+                ctx: ForwardContext) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), rope, cos_sin, ctx)
+        x = x + self.post_attention_layernorm(h)
+        h = self.mlp(self.pre_feedforward_layernorm(x))
+        return x + self.post_feedforward_layernorm(h)
+
+
+class Gemma3TextModel(nn.Module):
+    """Scaled embedding, decoder layers, final norm; one RoPE table per layer type."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # HF multiplies by sqrt(hidden) rounded to the model dtype; a buffer follows that dtype.
+        self.register_buffer("embed_scale", torch.tensor(config.hidden_size ** 0.5), persistent=False)
+        self.layer_types = gemma3_layer_types(config)
+        self.layers = nn.ModuleList(Gemma3DecoderLayer(config, i, t)
+                                    for i, t in enumerate(self.layer_types))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, unit_offset=True)
+        max_pos = getattr(config, "max_position_embeddings", None)
+        self.rotary = nn.ModuleDict({
+            t: RotaryEmbedding(config.head_dim, rope_parameters(config, t), max_pos)
+            for t in sorted(set(self.layer_types))})
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                ctx: ForwardContext) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # [T, hidden]
+        x = x * self.embed_scale.to(x.dtype)
+        cos_sin = {t: rope.cos_sin(positions, x.dtype) for t, rope in self.rotary.items()}
+        for layer in self.layers:
+            t = layer.layer_type
+            x = layer(x, self.rotary[t], cos_sin[t], ctx)
+        return self.norm(x)
+
+
+class Gemma3ForCausalLM(nn.Module):
+    """Gemma 3 text-only causal LM; the LM head is tied to the embedding unless the config says not."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        _check_supported(config)
+        self.config = config
+        self.model = Gemma3TextModel(config)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
+        self.lm_head = None if self.tie_word_embeddings else nn.Linear(
+            config.hidden_size, config.vocab_size, bias=False)
+        self.final_logit_softcapping = getattr(config, "final_logit_softcapping", None)
+        self.num_layers = config.num_hidden_layers
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        ignored = (r"^lm_head\.weight$",) if self.tie_word_embeddings else ()
+        self.weight_mapping = WeightMapping(stacked=QKV_STACKED + GATE_UP_STACKED, ignored=ignored)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                ctx: ForwardContext) -> torch.Tensor:
+        return self.model(input_ids, positions, ctx)  # [T, hidden]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(hidden, weight).float()  # [N, vocab]
+        cap = self.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits

@@ -1,0 +1,32 @@
+"""Hugging Face ``architectures`` names -> heron model classes, imported on first use."""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import nn
+
+# architecture name -> (module, class name)
+_MODELS: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("heron.models.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("heron.models.llama", "MistralForCausalLM"),
+    "Qwen2ForCausalLM": ("heron.models.llama", "Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": ("heron.models.llama", "Qwen3ForCausalLM"),
+    "Gemma3ForCausalLM": ("heron.models.gemma3", "Gemma3ForCausalLM"),
+    "MptForCausalLM": ("heron.models.mpt", "MptForCausalLM"),
+}
+
+
+def supported_architectures() -> list[str]:
+    """The HF architecture names heron can run, sorted."""
+    return sorted(_MODELS)
+
+
+def get_model_class(architectures: list[str]) -> type[nn.Module]:
+    """The class for the first supported name in ``architectures`` (a config's field)."""
+    for name in architectures or []:
+        if name in _MODELS:
+            module_name, class_name = _MODELS[name]
+            return getattr(importlib.import_module(module_name), class_name)
+    raise ValueError(f"unsupported model architecture(s) {list(architectures or [])}; "
+                     f"supported: {', '.join(supported_architectures())}")

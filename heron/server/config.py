@@ -1,0 +1,40 @@
+"""ServerConfig: the HTTP layer's settings (the engine's live in heron.config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from heron.sampling_params import MAX_LOGPROBS, MAX_N
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where to listen, who may call, and the per-request caps the API enforces with a 400."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # when set, every endpoint but /health wants "Bearer <key>"
+    served_model_names: tuple[str, ...] = ()  # empty: the model's display name
+    allowed_origins: tuple[str, ...] = ()  # CORS; empty disables CORS headers
+    max_request_bytes: int = 4 << 20
+    max_n: int = 16
+    max_logprobs: int = MAX_LOGPROBS
+    stats_interval_s: float = 5.0  # period of the "running/waiting/KV/tok/s" log line while busy
+    startup_timeout_s: float | None = None  # engine load; None waits as long as it takes
+    graceful_shutdown_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must not be empty (leave it unset to disable auth)")
+        if self.max_request_bytes < 1024:
+            raise ValueError(f"max_request_bytes must be at least 1024, got {self.max_request_bytes}")
+        if not 1 <= self.max_n <= MAX_N:
+            raise ValueError(f"max_n must be in [1, {MAX_N}], got {self.max_n}")
+        if not 0 <= self.max_logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"max_logprobs must be in [0, {MAX_LOGPROBS}], got {self.max_logprobs}")
+        if self.stats_interval_s <= 0:
+            raise ValueError(f"stats_interval_s must be positive, got {self.stats_interval_s}")
+        if any(not name for name in self.served_model_names):
+            raise ValueError("served model names must not be empty")

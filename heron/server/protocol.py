@@ -1,0 +1,440 @@
+"""The OpenAI wire format: pydantic request/response models in OpenAI's field order.
+
+Requests convert themselves into engine terms (``to_sampling_params``). Fields marked
+"vLLM extra" are not OpenAI's but follow vLLM's names and meanings. Unknown fields are
+accepted (OpenAI clients send many) and reported by ``ignored_fields()`` so the server
+can log them; fields that ask for something heron cannot do (tools, JSON mode, audio...)
+are refused by ``unsupported_fields()`` with a 400, never silently dropped.
+
+Errors are values: ``ErrorResponse`` carries its HTTP status and renders as
+``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+
+from heron.sampling_params import SamplingParams
+
+# ==== errors ======================================================================================
+
+def _error_type(status: int) -> str:
+    """OpenAI's convention: every client error is an invalid_request_error."""
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body; ``status_code`` is the HTTP status (not part of the JSON)."""
+
+    error: ErrorInfo
+    status_code: int = Field(default=400, exclude=True)
+
+
+def make_error(status: int, message: str, *, param: str | None = None,
+               code: str | None = None) -> ErrorResponse:
+    return ErrorResponse(
+        error=ErrorInfo(message=message, type=_error_type(status),
+                        param=param, code=code),
+        status_code=status)
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> ErrorResponse:
+    return make_error(400, message, param=param, code=code)
+
+
+def param_of(message: str) -> str | None:
+    """'temperature must be in [0, 2], got 3' -> 'temperature' (SamplingParams' message style)."""
+    head = message.split(" ", 1)[0]
+    return head if head.isidentifier() else None
+
+
+# ==== shared request parts ========================================================================
+
+
+class OpenAIBaseModel(BaseModel):
+    """Unknown fields are kept (``model_extra``) so they can be logged, then ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    # Fields OpenAI clients may send whose non-default values heron cannot honour.
+    UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {}
+
+    def ignored_fields(self) -> list[str]:
+        return sorted(k for k in (self.model_extra or {}) if k not in self.UNSUPPORTED)
+
+    def unsupported_fields(self) -> list[str]:
+        """Extra fields set to something other than a harmless value (None, [], "none"...)."""
+        extra = self.model_extra or {}
+        return sorted(k for k, harmless in self.UNSUPPORTED.items()
+                      if k in extra and extra[k] not in harmless)
+
+
+class StreamOptions(OpenAIBaseModel):
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False  # vLLM extra: usage on every chunk
+
+
+class SamplingFields(OpenAIBaseModel):
+    """The sampling knobs chat and completions share (OpenAI's, then vLLM's extras)."""
+
+    model: str | None = None
+    frequency_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = None
+    max_tokens: int | None = None
+    n: int | None = 1
+    presence_penalty: float | None = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    user: str | None = None
+    # vLLM extras
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = 0
+    ignore_eos: bool | None = False
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = True
+    include_stop_str_in_output: bool | None = False
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def _sampling_kwargs(self) -> dict[str, Any]:
+        """Only the fields the caller set; SamplingParams' defaults fill the rest."""
+        fields = {
+            "n": self.n, "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty,
+            "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+            "min_p": self.min_p, "seed": self.seed, "stop": self.stop,
+            "stop_token_ids": self.stop_token_ids, "ignore_eos": self.ignore_eos,
+            "min_tokens": self.min_tokens, "skip_special_tokens": self.skip_special_tokens,
+            "include_stop_str_in_output": self.include_stop_str_in_output,
+            "logit_bias": self.logit_bias,
+        }
+        return {k: v for k, v in fields.items() if v is not None}
+
+    def check_limits(self, max_n: int, max_logprobs: int, vocab_size: int) -> None:
+        """Server caps and vocabulary bounds; ValueError naming the field."""
+        if self.n is not None and not 1 <= self.n <= max_n:
+            raise ValueError(f"n must be an integer in [1, {max_n}], got {self.n}")
+        if self.seed is not None and not -(1 << 63) <= self.seed < (1 << 64):
+            raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
+        for name, ids in (("logit_bias", [int(k) for k in (self.logit_bias or {}) if _is_int(k)]),
+                          ("stop_token_ids", self.stop_token_ids or [])):
+            bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"{name} names token id {bad}, outside the vocabulary "
+                                 f"[0, {vocab_size - 1}]")
+
+
+def _is_int(text: str) -> bool:
+    return text.lstrip("-").isdigit()
+
+
+# ==== chat completions ============================================================================
+
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+TEXT_PART_TYPES = ("text", "input_text")
+
+
+class ContentPart(OpenAIBaseModel):
+    type: str
+    text: str | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, value: str) -> str:
+        if value not in TEXT_PART_TYPES:
+            raise ValueError(f"content parts of type {value!r} are not supported; "
+                             f"this server takes text only")
+        return value
+
+
+class ChatMessage(OpenAIBaseModel):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, value: str) -> str:
+        if value not in CHAT_ROLES:
+            raise ValueError(f"unknown role {value!r}; use one of {', '.join(CHAT_ROLES)}")
+        return value
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text or "" for part in self.content)
+
+    def to_template_dict(self) -> dict[str, Any]:
+        """The dict a chat template sees: text content; 'developer' is a system message."""
+        out: dict[str, Any] = dict(self.model_extra or {})  # tool_calls, tool_call_id...
+        out["role"] = "system" if self.role == "developer" else self.role
+        out["content"] = self.text()
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+class ChatCompletionRequest(SamplingFields):
+    """POST /v1/chat/completions."""
+
+    UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
+        "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
+        "audio": (None,), "modalities": (None, ["text"]),
+    }
+
+    messages: list[ChatMessage]
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    max_completion_tokens: int | None = None
+    # vLLM extras
+    add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def check_messages(self) -> None:
+        if not self.messages:
+            raise ValueError("messages must hold at least one message")
+        for i, msg in enumerate(self.messages):
+            if msg.content is None and msg.role != "assistant":
+                raise ValueError(f"messages[{i}].content is required for role {msg.role!r}")
+        if self.continue_final_message:
+            if self.add_generation_prompt:
+                raise ValueError("continue_final_message needs add_generation_prompt set to false")
+            if self.messages[-1].role != "assistant":
+                raise ValueError("continue_final_message needs the last message to be an "
+                                 "assistant message")
+
+    def to_sampling_params(self, max_tokens: int | None, max_logprobs: int) -> SamplingParams:
+        """ValueError (naming the field) when a value is out of range."""
+        top = self.top_logprobs
+        if top is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
+        if top is not None and not 0 <= top <= max_logprobs:
+            raise ValueError(f"top_logprobs must be an integer in [0, {max_logprobs}], got {top}")
+        logprobs = (top or 0) if self.logprobs else None
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **self._sampling_kwargs())
+
+
+# ==== completions =================================================================================
+
+PromptInput = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions."""
+
+    UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {"suffix": (None, ""), "best_of": (None, 1)}
+
+    prompt: PromptInput
+    echo: bool | None = False
+    logprobs: int | None = None
+    # vLLM extra
+    add_special_tokens: bool | None = True
+
+    def to_sampling_params(self, max_tokens: int | None, max_logprobs: int) -> SamplingParams:
+        lp = self.logprobs
+        if lp is not None and not 0 <= lp <= max_logprobs:
+            raise ValueError(f"logprobs must be an integer in [0, {max_logprobs}], got {lp}")
+        prompt_logprobs = lp if self.echo else None
+        return SamplingParams(max_tokens=max_tokens, logprobs=lp, prompt_logprobs=prompt_logprobs,
+                              **self._sampling_kwargs())
+
+
+# ==== responses ===================================================================================
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatChoiceLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    refusal: str | None = None
+    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM extra: the stop string or token id that ended it
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(BaseModel):
+    """A streamed message piece; absent fields are left out of the JSON (not null)."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer
+    def _drop_none(self) -> dict[str, Any]:
+        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+
+
+class CompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+# ==== models, tokenize, version ===================================================================
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=_now)
+    owned_by: str = "heron"
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeRequest(OpenAIBaseModel):
+    """POST /tokenize: either ``prompt`` or chat ``messages`` (rendered with the template)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = True
+    add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool | None = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(OpenAIBaseModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str

@@ -1,0 +1,359 @@
+"""The batched sampler on fixed logits (no model): exact tokens, supports, logits and logprobs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from heron.engine.request import Request
+from heron.layers.sampler import Sampler, SamplerOutput
+from heron.sampling_params import SamplingParams
+
+# A fixed distribution with no ties and no cumulative sums on a top-p boundary:
+# cumulative mass 0.40, 0.65, 0.80, 0.90, 0.96, 1.00.
+PROBS = [0.40, 0.25, 0.15, 0.10, 0.06, 0.04]
+# The vocabulary order is shuffled so that filters must scatter back to the right ids.
+PERM = [3, 0, 5, 1, 4, 2]  # token PERM[i] has probability PROBS[i]
+
+
+def make_request(
+    request_id: str = "a",
+    prompt: list[int] | None = None,
+    output: list[int] | None = None,
+    **params: object,
+) -> Request:
+    req = Request(
+        request_id=request_id,
+        prompt_token_ids=list(prompt if prompt is not None else [1, 2]),
+        sampling_params=SamplingParams(**params),  # type: ignore[arg-type]
+        max_tokens=16,
+    )
+    for token_id in output or []:
+        req.append_output_token(token_id)
+    return req
+
+
+def shuffled_logits(rows: int = 1) -> torch.Tensor:
+    """[rows, 6] logits whose softmax puts PROBS[i] on token PERM[i]."""
+    logits = torch.empty(len(PROBS))
+    for p, token_id in zip(PROBS, PERM, strict=True):
+        logits[token_id] = math.log(p) + 3.0  # an offset: softmax is shift invariant
+    return logits.repeat(rows, 1)
+
+
+def tokens_of(ranks: list[int]) -> set[int]:
+    """Token ids of the given probability ranks (0 = most likely)."""
+    return {PERM[r] for r in ranks}
+
+
+def expected_probs(kept_ranks: list[int], temperature: float = 1.0) -> torch.Tensor:
+    """PROBS ** (1/T) restricted to the kept ranks and renormalised, in vocabulary order."""
+    out = torch.zeros(len(PROBS), dtype=torch.float64)
+    for r in kept_ranks:
+        out[PERM[r]] = PROBS[r] ** (1.0 / temperature)
+    return out / out.sum()
+
+
+def empirical_support(params: dict[str, object], draws: int = 3000) -> tuple[set[int], torch.Tensor]:
+    """Sample ``draws`` rows of the shuffled distribution at once; support and frequencies."""
+    reqs = [make_request(f"r{i}", **params) for i in range(draws)]
+    out = Sampler(seed=7)(shuffled_logits(draws), reqs)
+    counts = torch.bincount(torch.tensor(out.sampled_token_ids), minlength=len(PROBS))
+    return set(out.sampled_token_ids), counts.double() / draws
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_greedy_is_exact_argmax(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(8, 1000, generator=gen) * 5).to(dtype)
+    # Row 0: two logits one float32 ulp apart; the larger must win.
+    logits[0] = 0
+    logits[0, 10] = 1.0
+    logits[0, 11] = torch.nextafter(torch.tensor(1.0), torch.tensor(2.0)).to(dtype)
+    reqs = [make_request(str(i), temperature=0.0) for i in range(8)]
+    before = logits.clone()
+    out = Sampler()(logits, reqs)
+    assert isinstance(out, SamplerOutput)
+    assert out.sampled_token_ids == logits.float().argmax(dim=-1).tolist()
+    assert out.logprobs == [None] * 8
+    assert torch.equal(logits, before)  # the sampler never edits its input
+
+
+def test_greedy_rows_in_a_mixed_batch_are_argmax() -> None:
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 300, generator=gen) * 3
+    temps = [0.0, 1.0, 0.0, 0.7, 1.3, 0.0]
+    reqs = [make_request(str(i), temperature=t, top_p=0.9) for i, t in enumerate(temps)]
+    before = logits.clone()
+    out = Sampler()(logits, reqs)
+    argmax = logits.argmax(dim=-1).tolist()
+    for i, t in enumerate(temps):
+        if t == 0.0:
+            assert out.sampled_token_ids[i] == argmax[i]
+    assert torch.equal(logits, before)
+
+
+@pytest.mark.parametrize("seed", [None, 0, 123])
+def test_top_k_1_equals_greedy(seed: int | None) -> None:
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(16, 500, generator=gen)
+    reqs = [make_request(str(i), temperature=1.5, top_k=1, seed=seed) for i in range(16)]
+    for _ in range(3):
+        assert Sampler(seed=5)(logits, reqs).sampled_token_ids == logits.argmax(-1).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Truncation: exact supports and renormalised probabilities
+# ---------------------------------------------------------------------------------------------
+
+FILTER_CASES = [
+    # (params, kept probability ranks)
+    ({"top_k": 3}, [0, 1, 2]),
+    ({"top_k": 100}, [0, 1, 2, 3, 4, 5]),  # k >= V disables top-k
+    ({"top_p": 0.3}, [0]),
+    ({"top_p": 0.6}, [0, 1]),  # mass before rank 1 is 0.40 < 0.6; before rank 2 it is 0.65
+    ({"top_p": 0.7}, [0, 1, 2]),
+    ({"top_p": 0.95}, [0, 1, 2, 3, 4]),
+    # top-p acts on the top-k survivors renormalised: 0.5, 0.3125, 0.1875 -> mass before 0.8125
+    ({"top_k": 3, "top_p": 0.7}, [0, 1]),
+    ({"min_p": 0.3}, [0, 1, 2]),  # keep p >= 0.12
+    ({"min_p": 0.2}, [0, 1, 2, 3]),  # keep p >= 0.08
+    ({"min_p": 0.45}, [0, 1]),  # keep p >= 0.18
+    # min_p after temperature: T=2 flattens to ratios 1, .79, .61, .50, .39, .32
+    ({"min_p": 0.45, "temperature": 2.0}, [0, 1, 2, 3]),
+    ({"top_p": 0.7, "min_p": 0.5}, [0, 1]),  # top-p keeps 3; min_p then drops p < 0.2
+]
+
+
+@pytest.mark.parametrize(("params", "kept"), FILTER_CASES)
+def test_filters_renormalise_exactly(params: dict[str, object], kept: list[int]) -> None:
+    temperature = float(params.get("temperature", 1.0))  # type: ignore[arg-type]
+    probs = Sampler().compute_probs(shuffled_logits(), [make_request(**params)])
+    assert probs.dtype == torch.float32
+    torch.testing.assert_close(probs[0].double(), expected_probs(kept, temperature), atol=1e-6, rtol=0)
+    assert set(torch.nonzero(probs[0]).flatten().tolist()) == tokens_of(kept)
+
+
+@pytest.mark.parametrize(("params", "kept"), FILTER_CASES)
+def test_sampled_support_equals_kept_set(params: dict[str, object], kept: list[int]) -> None:
+    temperature = float(params.get("temperature", 1.0))  # type: ignore[arg-type]
+    support, freqs = empirical_support(params)
+    assert support == tokens_of(kept)
+    # 3000 draws: a binomial standard deviation is at most 0.0092; allow ~4 of them.
+    torch.testing.assert_close(freqs, expected_probs(kept, temperature), atol=0.037, rtol=0)
+
+
+def test_exponential_race_matches_the_distribution() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]]).repeat(20000, 1)
+    reqs = [make_request(str(i), temperature=0.8) for i in range(20000)]
+    out = Sampler(seed=3)(logits, reqs)
+    freqs = torch.bincount(torch.tensor(out.sampled_token_ids), minlength=4).double() / 20000
+    expected = torch.softmax(logits[0].double() / 0.8, dim=-1)
+    torch.testing.assert_close(freqs, expected, atol=0.015, rtol=0)  # sd <= 0.0036
+
+
+def test_compute_probs_greedy_row_is_one_hot() -> None:
+    logits = torch.tensor([[0.1, 3.0, 2.0], [0.1, 3.0, 2.0]])
+    reqs = [make_request("g", temperature=0.0), make_request("s", temperature=1.0)]
+    probs = Sampler().compute_probs(logits, reqs)
+    assert probs[0].tolist() == [0.0, 1.0, 0.0]
+    torch.testing.assert_close(probs[1], torch.softmax(logits[1], dim=-1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Logit processing: bias, min_tokens, penalties
+# ---------------------------------------------------------------------------------------------
+
+
+def test_repetition_presence_frequency_penalties_exact() -> None:
+    logits = torch.tensor([[1.5, -2.0, 0.8, -0.4, 2.2, 0.0, -1.0, 0.3]]).repeat(4, 1)
+    prompt, output = [1, 2, 2], [3, 3, 4, 3]  # seen: 1, 2, 3, 4; output counts: 3 x3, 4 x1
+    reqs = [
+        make_request("rep", prompt, output, repetition_penalty=1.3),
+        make_request("pf", prompt, output, presence_penalty=0.5, frequency_penalty=0.25),
+        make_request("all", prompt, output, repetition_penalty=0.8, presence_penalty=-0.5,
+                     frequency_penalty=1.5),
+        make_request("none", prompt, output),
+    ]
+    got = Sampler().process_logits(logits, reqs)
+
+    def rep(x: float, p: float) -> float:
+        return x / p if x > 0 else x * p
+
+    base = logits[0].tolist()
+    counts = {3: 3, 4: 1}
+    expected_rep = [rep(x, 1.3) if t in (1, 2, 3, 4) else x for t, x in enumerate(base)]
+    expected_pf = [x - 0.25 * counts.get(t, 0) - (0.5 if t in counts else 0.0)
+                   for t, x in enumerate(base)]
+    expected_all = [rep(x, 0.8) if t in (1, 2, 3, 4) else x for t, x in enumerate(base)]
+    expected_all = [x - 1.5 * counts.get(t, 0) + (0.5 if t in counts else 0.0)
+                    for t, x in enumerate(expected_all)]
+    expected = torch.tensor([expected_rep, expected_pf, expected_all, base])
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    assert torch.equal(got[3], logits[3])  # rows without penalties are untouched, bit for bit
+
+
+def test_penalty_changes_the_greedy_token() -> None:
+    logits = torch.tensor([[3.0, 2.9, 0.0]])
+    plain = Sampler()(logits, [make_request(output=[0], temperature=0.0)])
+    penalised = Sampler()(logits, [make_request(output=[0], temperature=0.0, frequency_penalty=0.2)])
+    assert plain.sampled_token_ids == [0]
+    assert penalised.sampled_token_ids == [1]
+
+
+def test_logit_bias_is_added() -> None:
+    logits = torch.zeros(2, 10)
+    logits[:, 3] = 5.0
+    reqs = [
+        make_request("b", temperature=0.0, logit_bias={"7": 6.0, 3: -1.5, 999: 100.0}),
+        make_request("plain", temperature=0.0),
+    ]
+    processed = Sampler().process_logits(logits, reqs)
+    expected = logits.clone()
+    expected[0, 7] += 6.0
+    expected[0, 3] -= 1.5  # id 999 is outside the vocabulary and ignored
+    assert torch.equal(processed, expected)
+    assert Sampler()(logits, reqs).sampled_token_ids == [7, 3]
+
+
+def test_min_tokens_blocks_stop_ids_until_reached() -> None:
+    logits = torch.tensor([[0.0, 1.0, 4.0, 0.5, 0.0, 0.0, 0.0, 5.0]])
+
+    def request(num_outputs: int) -> Request:
+        req = make_request(output=[1] * num_outputs, temperature=0.0, min_tokens=2,
+                           stop_token_ids=[2])
+        req.sampling_params.all_stop_token_ids.add(7)  # the engine adds EOS
+        return req
+
+    processed = Sampler().process_logits(logits, [request(1)])
+    assert processed[0, 2] == -math.inf and processed[0, 7] == -math.inf
+    assert torch.equal(processed[0, :2], logits[0, :2])
+    assert Sampler()(logits, [request(0)]).sampled_token_ids == [1]
+    assert Sampler()(logits, [request(1)]).sampled_token_ids == [1]
+    assert Sampler()(logits, [request(2)]).sampled_token_ids == [7]
+    # A sampled row never draws a blocked id either.
+    reqs = [make_request(str(i), output=[1], min_tokens=2, stop_token_ids=[2, 7]) for i in range(500)]
+    drawn = set(Sampler()(logits.repeat(500, 1), reqs).sampled_token_ids)
+    assert not drawn & {2, 7}
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds
+# ---------------------------------------------------------------------------------------------
+
+
+def _run_steps(batches: list[list[str]], step_logits: dict[str, list[torch.Tensor]],
+               sampler: Sampler, params: dict[str, dict[str, object]]) -> dict[str, list[int]]:
+    """Decode one step per entry of ``batches`` (the row order at that step).
+
+    A request's k-th step always sees ``step_logits[name][k]``, whichever batch it is in.
+    """
+    reqs = {name: make_request(name, **params[name]) for name in params}
+    tokens: dict[str, list[int]] = {name: [] for name in params}
+    for order in batches:
+        logits = torch.stack([step_logits[name][len(tokens[name])] for name in order])
+        out = sampler(logits, [reqs[name] for name in order])
+        for name, token_id in zip(order, out.sampled_token_ids, strict=True):
+            tokens[name].append(token_id)
+            reqs[name].append_output_token(token_id)
+    return tokens
+
+
+def test_seeded_rows_reproducible_across_batches_and_orders() -> None:
+    gen = torch.Generator().manual_seed(4)
+    steps, vocab = 6, 64
+    names = ["A", "B", "U", "G"]
+    step_logits = {n: [torch.randn(vocab, generator=gen) for _ in range(steps)] for n in names}
+    params: dict[str, dict[str, object]] = {
+        "A": {"seed": 1234, "temperature": 1.0, "top_p": 0.95},
+        "B": {"seed": 99, "temperature": 1.2, "top_k": 20},
+        "U": {"temperature": 1.0},
+        "G": {"temperature": 0.0},
+    }
+    alone = _run_steps([["A"]] * steps, step_logits, Sampler(seed=0), {"A": params["A"]})
+    mixed_orders = [["A", "B", "U", "G"], ["G", "U", "B", "A"], ["B", "A"], ["U", "A", "G", "B"],
+                    ["A", "G"], ["G", "B", "A", "U"]]
+    mixed = _run_steps(mixed_orders, step_logits, Sampler(seed=42), params)
+    assert mixed["A"] == alone["A"]
+    assert len(mixed["B"]) == steps - 1  # B sat out one step
+    b_alone = _run_steps([["B"]] * (steps - 1), step_logits, Sampler(seed=1), {"B": params["B"]})
+    assert mixed["B"] == b_alone["B"]
+    other_seed = dict(params["A"], seed=1235)
+    changed = _run_steps([["A"]] * steps, step_logits, Sampler(seed=0), {"A": other_seed})
+    assert changed["A"] != alone["A"]
+
+
+def test_seeded_request_keeps_its_own_generator() -> None:
+    req = make_request(seed=2**70 + 5, temperature=1.0)  # any int works as a seed
+    assert req.generator is None
+    Sampler()(torch.zeros(1, 32), [req])
+    assert req.generator is not None
+    expected = torch.Generator().manual_seed((2**70 + 5) % 2**64)
+    torch.empty(32).exponential_(generator=expected)
+    assert torch.equal(req.generator.get_state(), expected.get_state())
+
+
+def test_engine_generator_seeded_once() -> None:
+    logits = torch.zeros(64, 1000)
+    reqs = [make_request(str(i)) for i in range(64)]
+    first = Sampler(seed=11)(logits, reqs).sampled_token_ids
+    assert Sampler(seed=11)(logits, reqs).sampled_token_ids == first
+    assert Sampler(seed=12)(logits, reqs).sampled_token_ids != first
+    sampler = Sampler(seed=11)
+    sampler(logits, reqs)
+    assert sampler(logits, reqs).sampled_token_ids != first  # the generator advances
+
+
+# ---------------------------------------------------------------------------------------------
+# Logprobs
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprobs_are_raw_log_softmax_with_ranks(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(5)
+    # Distinct values k/16, exact in bfloat16, so that ranks have no ties.
+    logits = torch.stack([torch.randperm(200, generator=gen) - 100 for _ in range(4)]) / 16
+    logits = logits.to(dtype)
+    low = int(logits[0].float().argsort()[20])  # 179 tokens above it: rank 180 of 200
+    reqs = [
+        # Bias forces a low-ranked token; logprobs still come from the raw logits.
+        make_request("biased", temperature=0.0, logprobs=5, logit_bias={low: 100.0}),
+        make_request("none", temperature=1.0),
+        make_request("zero", temperature=0.7, top_k=10, logprobs=0, seed=3),
+        make_request("twenty", temperature=1.0, logprobs=20, repetition_penalty=1.5),
+    ]
+    out = Sampler()(logits, reqs)
+    raw = torch.log_softmax(logits.float(), dim=-1)  # [4, 200]
+    assert out.sampled_token_ids[0] == low
+    assert out.logprobs[1] is None
+    for row, k in ((0, 5), (2, 0), (3, 20)):
+        entry = out.logprobs[row]
+        assert entry is not None
+        sampled = out.sampled_token_ids[row]
+        top = raw[row].topk(k).indices.tolist() if k else []
+        assert set(entry) == set(top) | {sampled}
+        for rank, token_id in enumerate(top, start=1):
+            assert entry[token_id].rank == rank
+        true_rank = int((raw[row] > raw[row, sampled]).sum()) + 1
+        assert entry[sampled].rank == true_rank
+        for token_id, lp in entry.items():
+            assert lp.logprob == pytest.approx(raw[row, token_id].item(), abs=1e-6)
+    assert out.logprobs[0][low].rank == 180
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks
+# ---------------------------------------------------------------------------------------------
+
+
+def test_shape_mismatch_raises() -> None:
+    with pytest.raises(ValueError, match="logits"):
+        Sampler()(torch.zeros(2, 8), [make_request()])
