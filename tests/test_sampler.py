@@ -150,7 +150,43 @@ def test_sampled_support_equals_kept_set(params: dict[str, object], kept: list[i
     torch.testing.assert_close(freqs, expected_probs(kept, temperature), atol=0.037, rtol=0)
 
 
-def test_exponential_race_matches_the_distribution() -> None:
+def _reference_support(row: torch.Tensor, top_k: int, top_p: float, min_p: float) -> set[int]:
+    """Kept token ids by the definitions, with a full float64 sort (no ties in ``row``)."""
+    logits = row.double()
+    order = logits.argsort(descending=True).tolist()
+    if top_k:
+        order = order[:top_k]
+    probs = torch.softmax(logits[order], dim=-1).tolist()
+    kept, mass = [], 0.0
+    for token_id, p in zip(order, probs, strict=True):
+        if mass >= top_p:
+            break
+        kept.append(token_id)
+        mass += p
+    max_logit = logits.max().item()
+    return {t for t in kept if logits[t].item() >= max_logit + math.log(min_p or 1e-300)}
+
+
+@pytest.mark.parametrize("vocab", [3000, 40000])
+def test_large_vocab_filters_match_the_definitions(vocab: int) -> None:
+    # Flat rows make nuclei of thousands of tokens: the candidate search must widen.
+    gen = torch.Generator().manual_seed(8)
+    logits = torch.randn(6, vocab, generator=gen) * torch.tensor([[0.5], [0.5], [4], [2], [1], [3]])
+    settings = [(0, 0.9, 0.0), (0, 0.5, 0.0), (0, 0.95, 0.0), (1500, 0.8, 0.0), (40, 0.99, 0.0),
+                (0, 0.9, 0.01)]
+    reqs = [make_request(str(i), top_k=k, top_p=p, min_p=m) for i, (k, p, m) in enumerate(settings)]
+    probs = Sampler().compute_probs(logits, reqs)
+    for i, (k, p, m) in enumerate(settings):
+        expected = _reference_support(logits[i], k, p, m)
+        assert set(torch.nonzero(probs[i]).flatten().tolist()) == expected
+        ref = torch.softmax(logits[i].double(), dim=-1)
+        mask = torch.zeros(vocab, dtype=torch.bool)
+        mask[list(expected)] = True
+        ref = torch.where(mask, ref, 0.0)
+        torch.testing.assert_close(probs[i].double(), ref / ref.sum(), atol=1e-6, rtol=1e-4)
+
+
+def test_draws_match_the_distribution() -> None:
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]]).repeat(20000, 1)
     reqs = [make_request(str(i), temperature=0.8) for i in range(20000)]
     out = Sampler(seed=3)(logits, reqs)
@@ -296,8 +332,11 @@ def test_seeded_request_keeps_its_own_generator() -> None:
     Sampler()(torch.zeros(1, 32), [req])
     assert req.generator is not None
     expected = torch.Generator().manual_seed((2**70 + 5) % 2**64)
-    torch.empty(32).exponential_(generator=expected)
+    torch.rand(1, generator=expected, dtype=torch.float64)  # one uniform per sampled step
     assert torch.equal(req.generator.get_state(), expected.get_state())
+    greedy = make_request(seed=3, temperature=0.0)
+    Sampler()(torch.zeros(1, 32), [greedy])
+    assert greedy.generator is None  # greedy rows draw nothing
 
 
 def test_engine_generator_seeded_once() -> None:
@@ -357,3 +396,36 @@ def test_logprobs_are_raw_log_softmax_with_ranks(dtype: torch.dtype) -> None:
 def test_shape_mismatch_raises() -> None:
     with pytest.raises(ValueError, match="logits"):
         Sampler()(torch.zeros(2, 8), [make_request()])
+
+
+# ---------------------------------------------------------------------------------------------
+# The inverse-CDF draw itself
+# ---------------------------------------------------------------------------------------------
+
+
+def test_inverse_cdf_picks_the_first_token_above_u() -> None:
+    from heron.layers.sampler import _inverse_cdf
+
+    gen = torch.Generator().manual_seed(6)
+    vocab = 1300  # three blocks of 512, the last one padded
+    probs = torch.rand(5, vocab, generator=gen) ** 8
+    probs[torch.rand(5, vocab, generator=gen) < 0.5] = 0.0  # many zero-probability tokens
+    probs[:, 1299] = 0.0
+    probs[4] = 0.0
+    probs[4, 700] = 1.0  # a single possible token
+    probs /= probs.sum(dim=-1, keepdim=True)
+    cdf = probs.double().cumsum(dim=-1)  # [5, V]
+    for _ in range(200):
+        u = torch.rand(5, generator=gen, dtype=torch.float64)
+        expected = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+        got = _inverse_cdf(probs, u)
+        assert torch.equal(got, expected)
+        assert bool((probs[torch.arange(5), got] > 0).all())
+    # u just below 1 (and a rounding overshoot) lands on the last positive token, not on a zero.
+    last_positive = [int(torch.nonzero(row).max()) for row in probs]
+    top = torch.full((5,), 1.0 - 2.0**-53, dtype=torch.float64)
+    assert _inverse_cdf(probs, top).tolist() == last_positive
+    assert _inverse_cdf(probs, torch.ones(5, dtype=torch.float64)).tolist() == last_positive
+    assert _inverse_cdf(probs, torch.zeros(5, dtype=torch.float64)).tolist() == [
+        int(torch.nonzero(row).min()) for row in probs
+    ]

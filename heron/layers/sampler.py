@@ -12,13 +12,21 @@ Pipeline, applied to the whole ``[B, V]`` batch at once (row ``i`` belongs to ``
       |
       |-- greedy rows ------------------> argmax (exact)
       v
-    / temperature -> top_k -> top_p -> min_p -> softmax -> exponential race
+    / temperature -> top_k -> top_p -> min_p -> softmax -> inverse-CDF draw
 
-The exponential race draws ``E ~ Exponential(1)`` per vocabulary entry and picks
-``argmax(probs / E)``, which is an exact sample from ``probs``. Each seeded request
-draws its ``E`` row from its own generator (``Request.generator``), so its tokens do
-not depend on which other requests share the batch or on their order; unseeded rows
-share the sampler's engine-wide generator.
+Truncation keeps every token whose logit reaches a per-row threshold (the k-th largest
+logit for top-k, the last logit of the nucleus for top-p, ``max + log(min_p)`` for min-p),
+so ties are treated alike whatever else is in the batch. top-p finds its nucleus with a
+partial ``topk`` (1024 candidates, widened only when the nucleus is larger), never a full
+sort of the vocabulary unless it must.
+
+Drawing: each row takes one uniform ``u`` in [0, 1) and picks the first token whose
+cumulative probability (float64) exceeds ``u`` times the row total. A seeded request takes
+its ``u`` from its own generator (``Request.generator``), and every step of the pipeline
+is row-local, so its tokens do not depend on which other requests share the batch or on
+their order; unseeded rows share the sampler's engine-wide generator. One number per row
+instead of one per vocabulary entry: an exponential race over 262144 entries costs ~5 ms
+of random numbers per row on CPU.
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ class _BatchParams:
     use_top_k: bool
     use_top_p: bool
     use_min_p: bool
+    top_p_without_k: bool  # some row has top-p but no top-k: its nucleus size is unbounded
 
     @classmethod
     def build(
@@ -75,6 +84,7 @@ class _BatchParams:
             use_top_k=any(top_ks),
             use_top_p=any(p < 1.0 for p in top_ps),
             use_min_p=any(p > 0.0 for p in min_ps),
+            top_p_without_k=any(p < 1.0 and k == 0 for p, k in zip(top_ps, top_ks, strict=True)),
         )
 
     def select(self, rows: torch.Tensor, row_list: list[int]) -> _BatchParams:
@@ -88,6 +98,7 @@ class _BatchParams:
             use_top_k=self.use_top_k,
             use_top_p=self.use_top_p,
             use_min_p=self.use_min_p,
+            top_p_without_k=self.top_p_without_k,
         )
 
 
@@ -120,7 +131,8 @@ class Sampler(nn.Module):
 
     def process_logits(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
         """float32 copy of ``logits`` [B, V] after logit_bias, min_tokens and the penalties."""
-        out = logits.to(torch.float32, copy=True)  # [B, V]
+        out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)  # [B, V]
+        out.copy_(logits)
         _apply_logit_bias(out, requests)
         _apply_min_tokens(out, requests)
         _apply_repetition_penalty(out, requests)
@@ -161,28 +173,21 @@ class Sampler(nn.Module):
     def _draw(
         self, logits: torch.Tensor, params: _BatchParams, requests: Sequence[Request]
     ) -> torch.Tensor:
-        """Exponential race over the filtered distribution of non-greedy rows [n, V] -> [n]."""
+        """Inverse-CDF draw from the filtered distribution of non-greedy rows [n, V] -> [n]."""
         probs = torch.softmax(_filter_logits(logits, params), dim=-1)  # [n, V]
-        noise = self._exponential_noise(probs, requests)  # [n, V]
-        return probs.div_(noise).argmax(dim=-1)
+        return _inverse_cdf(probs, self._uniforms(requests, logits.device))
 
-    def _exponential_noise(self, probs: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
-        """Exponential(1) noise [n, V]: seeded rows from their own generator, others shared."""
-        noise = torch.empty_like(probs)  # [n, V]
+    def _uniforms(self, requests: Sequence[Request], device: torch.device) -> torch.Tensor:
+        """One float64 uniform in [0, 1) per row: seeded rows from their own generator."""
         seeded = [i for i, r in enumerate(requests) if r.sampling_params.seed is not None]
+        shared = self._engine_generator(device)
         if not seeded:
-            noise.exponential_(generator=self._engine_generator(probs.device))
-        else:
-            for i in seeded:
-                noise[i].exponential_(generator=_request_generator(requests[i], probs.device))
-            seeded_set = set(seeded)
-            unseeded = [i for i in range(len(requests)) if i not in seeded_set]
-            if unseeded:
-                draw = torch.empty((len(unseeded), probs.shape[-1]), device=probs.device)
-                draw.exponential_(generator=self._engine_generator(probs.device))
-                noise[torch.tensor(unseeded, device=probs.device)] = draw
-        # A zero draw would turn a filtered-out token (prob 0) into 0/0 = NaN.
-        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+            return torch.rand(len(requests), generator=shared, dtype=torch.float64, device=device)
+        draws = []
+        for r in requests:
+            gen = shared if r.sampling_params.seed is None else _request_generator(r, device)
+            draws.append(torch.rand(1, generator=gen, dtype=torch.float64, device=device))
+        return torch.cat(draws)  # [n]
 
     def _engine_generator(self, device: torch.device) -> torch.Generator:
         gen = self._generators.get(device)
@@ -208,6 +213,45 @@ def _request_generator(request: Request, device: torch.device) -> torch.Generato
         gen.manual_seed(request.sampling_params.seed & _SEED_MASK)
         request.generator = gen
     return request.generator
+
+
+_CDF_BLOCK = 512  # tokens per block of the two-level inverse CDF
+
+
+def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Token ids [n] drawn from probs [n, V] with one uniform in [0, 1) per row (float64).
+
+    Two levels keep the work to one pass over ``probs`` and keep float32 rounding from
+    distorting rare tokens: block masses pick a block of 512 tokens, then a float64 cumsum
+    over that block picks the token, the residual rescaled to the block's float64 total.
+    The pick is the first entry whose cumulative mass exceeds the target, so a token of
+    probability 0 is never drawn; a rounding overshoot falls back to the last positive one.
+
+        probs  |  b0: p0 .. p511  |  b1: p512 .. p1023  |  ...  |  last block, zero-padded |
+        level 1: block masses -> cumsum -> first above u * total -> block b, fraction f
+        level 2: cumsum(probs of block b) -> first above f * mass(b) -> token b * 512 + j
+    """
+    n, vocab = probs.shape
+    pad = (-vocab) % _CDF_BLOCK
+    padded = torch.nn.functional.pad(probs, (0, pad)) if pad else probs
+    blocks = padded.view(n, -1, _CDF_BLOCK)  # [n, num_blocks, block]
+    block_mass = blocks.sum(dim=-1).double()  # [n, num_blocks]
+    block_cdf = block_mass.cumsum(dim=-1)  # [n, num_blocks]
+    target = (uniforms * block_cdf[:, -1]).unsqueeze(1)  # [n, 1]
+    block = _first_above(block_cdf, target)  # [n, 1]
+    mass = block_mass.gather(1, block)  # [n, 1], > 0
+    fraction = (target - (block_cdf.gather(1, block) - mass)) / mass  # [n, 1], ~[0, 1)
+    rows = torch.arange(n, device=probs.device)
+    inner_cdf = blocks[rows, block.squeeze(1)].cumsum(dim=-1, dtype=torch.float64)  # [n, block]
+    inner = _first_above(inner_cdf, fraction * inner_cdf[:, -1:])  # [n, 1]
+    return (block * _CDF_BLOCK + inner).squeeze(1)
+
+
+def _first_above(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[n, 1]: first index with cdf > target, capped at the first index reaching the total."""
+    first = torch.searchsorted(cdf, target, right=True)  # [n, 1]
+    last_positive = torch.searchsorted(cdf, cdf[:, -1:].contiguous(), right=False)  # [n, 1]
+    return torch.minimum(first, last_positive)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,47 +310,51 @@ def _apply_min_tokens(logits: torch.Tensor, requests: Sequence[Request]) -> None
     _add_at(logits, rows, cols, [-math.inf] * len(rows))
 
 
-def _token_counts(
+def _flat_token_index(
     requests: Sequence[Request],
     rows: list[int],
     vocab: int,
     device: torch.device,
     output_only: bool,
 ) -> torch.Tensor:
-    """[len(rows), V] float32 occurrence counts of each row's tokens (one scatter_add)."""
-    ids: list[int] = []
-    flat_rows: list[int] = []
-    for j, i in enumerate(rows):
+    """Flat positions ``row * V + token`` of each listed row's tokens (duplicates kept)."""
+    flat: list[int] = []
+    for i in rows:
         r = requests[i]
         tokens = r.output_token_ids if output_only else r.token_ids
-        tokens = [t for t in tokens if 0 <= t < vocab]
-        ids.extend(tokens)
-        flat_rows.extend([j] * len(tokens))
-    counts = torch.zeros(len(rows) * vocab, dtype=torch.float32, device=device)  # [n * V]
-    if ids:
-        flat = torch.tensor(flat_rows, device=device) * vocab + torch.tensor(ids, device=device)
-        counts.scatter_add_(0, flat, torch.ones(len(ids), dtype=torch.float32, device=device))
-    return counts.view(len(rows), vocab)  # [n, V]
+        base = i * vocab
+        flat.extend(base + t for t in tokens if 0 <= t < vocab)
+    return torch.tensor(flat, dtype=torch.int64, device=device)
+
+
+def _row_values(values: list[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, requests: Sequence[Request]) -> None:
-    """HF/vLLM: for tokens seen in prompt or output, x > 0 -> x / p, x <= 0 -> x * p."""
+    """HF/vLLM: for tokens seen in prompt or output, x > 0 -> x / p, x <= 0 -> x * p.
+
+    Only the seen positions are read and written (a gather and a scatter, no [B, V] pass);
+    a token seen twice is written twice with the same value.
+    """
     rows = [i for i, r in enumerate(requests) if r.sampling_params.repetition_penalty != 1.0]
     if not rows:
         return
-    device = logits.device
-    penalty = torch.tensor(
-        [requests[i].sampling_params.repetition_penalty for i in rows], device=device
-    ).unsqueeze(1)  # [n, 1]
-    seen = _token_counts(requests, rows, logits.shape[-1], device, output_only=False) > 0  # [n, V]
-    index = torch.tensor(rows, device=device)
-    sub = logits[index]  # [n, V]
-    penalised = torch.where(sub > 0, sub / penalty, sub * penalty)
-    logits[index] = torch.where(seen, penalised, sub)
+    vocab, device = logits.shape[-1], logits.device
+    flat = _flat_token_index(requests, rows, vocab, device, output_only=False)  # [T]
+    penalty = _row_values([r.sampling_params.repetition_penalty for r in requests], device)  # [B]
+    flat_logits = logits.view(-1)  # [B * V]
+    seen = flat_logits[flat]  # [T]
+    p = penalty[flat // vocab]  # [T]
+    flat_logits[flat] = torch.where(seen > 0, seen / p, seen * p)
 
 
 def _apply_presence_frequency(logits: torch.Tensor, requests: Sequence[Request]) -> None:
-    """OpenAI: x -= frequency * count + presence * (count > 0), counting output tokens only."""
+    """OpenAI: x -= frequency * count + presence * (count > 0), counting output tokens only.
+
+    Counts come from one scatter_add into a [B, V] count tensor; only the positions of
+    output tokens are then read and written.
+    """
     rows = [
         i
         for i, r in enumerate(requests)
@@ -314,13 +362,17 @@ def _apply_presence_frequency(logits: torch.Tensor, requests: Sequence[Request])
     ]
     if not rows:
         return
-    device = logits.device
-    params = [requests[i].sampling_params for i in rows]
-    freq = torch.tensor([p.frequency_penalty for p in params], device=device).unsqueeze(1)  # [n, 1]
-    pres = torch.tensor([p.presence_penalty for p in params], device=device).unsqueeze(1)  # [n, 1]
-    counts = _token_counts(requests, rows, logits.shape[-1], device, output_only=True)  # [n, V]
-    index = torch.tensor(rows, device=device)
-    logits[index] -= freq * counts + pres * (counts > 0).float()
+    vocab, device = logits.shape[-1], logits.device
+    flat = _flat_token_index(requests, rows, vocab, device, output_only=True)  # [T]
+    if flat.numel() == 0:
+        return
+    counts = torch.zeros(logits.numel(), dtype=torch.float32, device=device)  # [B * V]
+    counts.scatter_add_(0, flat, torch.ones(flat.shape, dtype=torch.float32, device=device))
+    freq = _row_values([r.sampling_params.frequency_penalty for r in requests], device)  # [B]
+    pres = _row_values([r.sampling_params.presence_penalty for r in requests], device)  # [B]
+    row = flat // vocab  # [T]
+    flat_logits = logits.view(-1)  # [B * V]
+    flat_logits[flat] = flat_logits[flat] - freq[row] * counts[flat] - pres[row]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,11 +380,14 @@ def _apply_presence_frequency(logits: torch.Tensor, requests: Sequence[Request])
 # ---------------------------------------------------------------------------------------------
 
 
+_TOP_P_CANDIDATES = 1024  # first guess at the nucleus size; widened x16 when too small
+
+
 def _filter_logits(logits: torch.Tensor, params: _BatchParams) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p; removed tokens get -inf. [n, V] -> [n, V]."""
     out = logits / params.temperature.unsqueeze(1)  # [n, V]
     if params.use_top_p:
-        out = _top_k_top_p_sorted(out, params.top_k, params.top_p)
+        out = _top_k_top_p(out, params)
     elif params.use_top_k:
         out = _top_k_only(out, params.top_k)
     if params.use_min_p:
@@ -349,28 +404,38 @@ def _top_k_threshold(sorted_desc: torch.Tensor, top_k: torch.Tensor) -> torch.Te
 
 def _top_k_only(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
     """Keep logits >= the row's k-th largest (ties at the k-th value are all kept)."""
-    k_max = int(top_k.max())
-    values = logits.topk(k_max, dim=-1).values  # [n, k_max], descending
+    values = logits.topk(int(top_k.max()), dim=-1).values  # [n, k_max], descending
     return logits.masked_fill(logits < _top_k_threshold(values, top_k), -math.inf)
 
 
-def _top_k_top_p_sorted(
-    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
-) -> torch.Tensor:
-    """top-k (same threshold rule as _top_k_only), then top-p on the renormalised survivors.
+def _top_k_top_p(logits: torch.Tensor, params: _BatchParams) -> torch.Tensor:
+    """top-k, then top-p on the renormalised top-k survivors.
 
-    top-p keeps the smallest prefix of the descending order whose cumulative probability
-    reaches top_p: a token survives when the mass strictly before it is < top_p, so the
-    most likely token always survives.
+    The nucleus is the shortest prefix of the descending order whose mass reaches top_p:
+    a token is in it when the mass strictly before it is < top_p, so the most likely token
+    always is. Its last logit becomes the row's threshold. The prefix is looked for among the
+    top ``cand`` logits, and ``cand`` grows until every row's nucleus ends inside it.
     """
-    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # [n, V] each
-    threshold = _top_k_threshold(sorted_logits, top_k)  # [n, 1]
-    sorted_logits = sorted_logits.masked_fill(sorted_logits < threshold, -math.inf)
-    probs = torch.softmax(sorted_logits, dim=-1)  # [n, V]
-    mass_before = probs.cumsum(dim=-1) - probs  # [n, V]
-    drop = (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
-    sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    vocab = logits.shape[-1]
+    top_k, top_p = params.top_k, params.top_p.unsqueeze(1)  # [n], [n, 1]
+    k_max = int(top_k.max())
+    cand = min(vocab, max(k_max, _TOP_P_CANDIDATES if params.top_p_without_k else 1))
+    values = logits.topk(cand, dim=-1).values  # [n, cand], descending
+    k_threshold = _top_k_threshold(values, top_k)  # [n, 1]
+    kept = logits.masked_fill(logits < k_threshold, -math.inf) if k_max else logits  # [n, V]
+    log_total = kept.logsumexp(dim=-1, keepdim=True)  # [n, 1]
+    while True:
+        probs = (values.masked_fill(values < k_threshold, -math.inf) - log_total).exp()
+        mass = probs.cumsum(dim=-1)  # [n, cand]
+        covered = (mass[:, -1:] >= top_p) | (top_p >= 1.0)  # [n, 1]
+        if cand == vocab or bool(covered.all()):
+            break
+        cand = min(vocab, cand * 16)
+        values = logits.topk(cand, dim=-1).values
+    in_nucleus = (mass - probs < top_p).sum(dim=-1, keepdim=True)  # [n, 1], >= 1
+    p_threshold = values.gather(1, in_nucleus - 1)  # [n, 1]
+    p_threshold = p_threshold.masked_fill(top_p >= 1.0, -math.inf)
+    return kept.masked_fill(kept < p_threshold, -math.inf)
 
 
 def _min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -398,8 +463,9 @@ def _compute_logprobs_inputs(
     rows = [i for i, r in enumerate(requests) if r.sampling_params.logprobs is not None]
     if not rows:
         return None
-    index = torch.tensor(rows, device=logits.device)
-    logprobs = torch.log_softmax(logits[index].float(), dim=-1)  # [n, V]
+    if len(rows) < len(requests):
+        logits = logits[torch.tensor(rows, device=logits.device)]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
     num_top = [requests[i].sampling_params.logprobs for i in rows]
     return _LogprobInputs(rows, num_top, logprobs)
 
@@ -415,7 +481,7 @@ def _build_logprobs(
     index = torch.tensor(inputs.rows, device=lp.device)
     chosen = token_ids[index].unsqueeze(1)  # [n, 1]
     chosen_lp = lp.gather(1, chosen)  # [n, 1]
-    chosen_rank = (lp > chosen_lp).sum(dim=-1) + 1  # [n]
+    chosen_rank = torch.count_nonzero(lp > chosen_lp, dim=-1) + 1  # [n]
     k_max = max(inputs.num_top)
     top_lp, top_ids = lp.topk(k_max, dim=-1) if k_max else (lp[:, :0], chosen[:, :0])
     chosen_lp_l, chosen_rank_l = chosen_lp.squeeze(1).tolist(), chosen_rank.tolist()

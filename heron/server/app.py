@@ -1,0 +1,314 @@
+"""The FastAPI app: thin routes, auth, body limits, CORS, OpenAI's error shape, SSE.
+
+Each route hands its parsed request to a serving function (chat.py, completions.py...)
+and turns the result into HTTP: a model -> JSON, an ``ErrorResponse`` -> its status and
+``{"error": {...}}``, an async iterator of SSE lines -> a streaming response. Every error
+path, including bad JSON, wrong content types, unknown routes and oversized bodies, answers
+in the same error shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import heron
+from heron.server.chat import serve_chat
+from heron.server.completions import serve_completion
+from heron.server.config import ServerConfig
+from heron.server.metrics import StatsLogger
+from heron.server.models import model_card, model_cards
+from heron.server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    VersionResponse,
+    make_error,
+)
+from heron.server.serving import ServingContext
+from heron.server.tokenize import serve_detokenize, serve_tokenize
+
+logger = logging.getLogger(__name__)
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 500, 503)}
+
+router = APIRouter()
+
+
+def build_app(ctx: ServingContext) -> FastAPI:
+    """The ASGI app for one serving context."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(_log_stats(ctx), name="heron-stats-log")
+        try:
+            yield
+        finally:
+            task.cancel()
+
+    app = FastAPI(title="heron", version=heron.__version__, lifespan=lifespan,
+                  description="An OpenAI-compatible LLM server.")
+    app.state.ctx = ctx
+    app.include_router(router)
+    _add_error_handlers(app)
+    # Added innermost first: CORS (outermost) -> auth -> body checks -> routes.
+    app.add_middleware(BodyCheckMiddleware, max_bytes=ctx.config.max_request_bytes)
+    if ctx.config.api_key:
+        app.add_middleware(AuthMiddleware, api_key=ctx.config.api_key)
+    if ctx.config.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(ctx.config.allowed_origins),
+                           allow_credentials=True, allow_methods=["*"], allow_headers=["*"])
+    return app
+
+
+async def _log_stats(ctx: ServingContext) -> None:
+    stats = StatsLogger(ctx.engine)
+    while True:
+        await asyncio.sleep(ctx.config.stats_interval_s)
+        line = stats.tick()
+        if line is not None:
+            logger.info("%s", line)
+
+
+def _ctx(request: Request) -> ServingContext:
+    return request.app.state.ctx
+
+
+# ==== routes ======================================================================================
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    return await respond(request, serve_chat(_ctx(request), body))
+
+
+@router.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
+async def create_completion(body: CompletionRequest, request: Request) -> Response:
+    return await respond(request, serve_completion(_ctx(request), body))
+
+
+@router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+async def list_models(request: Request) -> Response:
+    return to_response(model_cards(_ctx(request)))
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_ERRORS)
+async def retrieve_model(model_id: str, request: Request) -> Response:
+    return to_response(model_card(_ctx(request), model_id))
+
+
+@router.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
+async def tokenize(body: TokenizeRequest, request: Request) -> Response:
+    return to_response(await serve_tokenize(_ctx(request), body))
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS)
+async def detokenize(body: DetokenizeRequest, request: Request) -> Response:
+    return to_response(await serve_detokenize(_ctx(request), body))
+
+
+@router.get("/health", responses=_ERRORS)
+async def health(request: Request) -> Response:
+    """200 while the engine core runs; 503 once it is gone."""
+    engine = _ctx(request).engine
+    if engine.is_alive:
+        return Response(status_code=200)
+    return to_response(make_error(503, f"the engine is not running: {engine.dead_reason}"))
+
+
+@router.get("/version", response_model=VersionResponse)
+async def version() -> VersionResponse:
+    return VersionResponse(version=heron.__version__)
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    return Response(_ctx(request).metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+# ==== results -> HTTP =============================================================================
+
+
+class SSEResponse(StreamingResponse):
+    """A stream of ``data: ...`` lines; closing it (also on disconnect) aborts the generation."""
+
+    media_type = "text/event-stream"
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+def to_response(result: BaseModel | AsyncIterator[str]) -> Response:
+    if isinstance(result, ErrorResponse):
+        return JSONResponse(result.model_dump(mode="json"), status_code=result.status_code)
+    if isinstance(result, BaseModel):
+        return Response(result.model_dump_json(), media_type="application/json")
+    return SSEResponse(result, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def respond(request: Request, work: Awaitable[BaseModel | AsyncIterator[str]]) -> Response:
+    """Run a serving function, cancelling it (which aborts its requests) if the client leaves."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        return Response(status_code=499)  # nobody is listening any more
+    return to_response(task.result())
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# ==== errors ======================================================================================
+
+
+def _error_json(error: ErrorResponse) -> JSONResponse:
+    return JSONResponse(error.model_dump(mode="json"), status_code=error.status_code)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_json(validation_error(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.detail, ErrorResponse):
+            return _error_json(exc.detail)
+        return _error_json(make_error(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s", request.url.path)
+        return _error_json(make_error(500, f"internal error: {type(exc).__name__}"))
+
+
+def validation_error(errors: Any) -> ErrorResponse:
+    """pydantic/FastAPI validation errors -> one 400 naming the first bad field."""
+    first = list(errors)[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        return make_error(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
+                          code="invalid_json")
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if first.get("type") == "missing":
+        message = "field required"
+    return make_error(400, f"{param}: {message}" if param else message, param=param)
+
+
+# ==== middleware ==================================================================================
+
+
+async def _send_error(send: Send, error: ErrorResponse) -> None:
+    body = json.dumps(error.model_dump(mode="json")).encode()
+    await send({"type": "http.response.start", "status": error.status_code,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class AuthMiddleware:
+    """``Authorization: Bearer <key>`` on every path but /health (CORS preflights pass)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/health" or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if not hmac.compare_digest(given, self.expected):
+            reason = "missing" if not given else "wrong"
+            await _send_error(send, make_error(401, f"Unauthorized: the API key is {reason}; send "
+                                                    f"'Authorization: Bearer <key>'.",
+                                               code="invalid_api_key"))
+            return
+        await self.app(scope, receive, send)
+
+
+class BodyCheckMiddleware:
+    """JSON bodies only (415 otherwise) and at most ``max_bytes`` of them (413)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        error = self._check_headers(headers)
+        if error is not None:
+            await _send_error(send, error)
+            return
+        await self.app(scope, self._limited(receive), send)
+
+    def _check_headers(self, headers: dict[bytes, bytes]) -> ErrorResponse | None:
+        ctype = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+        length = headers.get(b"content-length", b"").decode("latin-1")
+        has_body = length != "0" and (length or b"transfer-encoding" in headers)
+        if (ctype or has_body) and ctype != "application/json" and not ctype.endswith("+json"):
+            got = repr(ctype) if ctype else "none"
+            return make_error(415, f"Content-Type must be application/json, got {got}",
+                              code="unsupported_media_type")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return self._too_large()
+        return None
+
+    def _limited(self, receive: Receive) -> Receive:
+        seen = 0
+
+        async def receive_limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise HTTPException(413, detail=self._too_large())
+            return message
+
+        return receive_limited
+
+    def _too_large(self) -> ErrorResponse:
+        return make_error(413, f"the request body exceeds the limit of {self.max_bytes} bytes",
+                          code="request_too_large")

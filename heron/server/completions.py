@@ -1,0 +1,176 @@
+"""POST /v1/completions: tokenize the prompt(s), generate, answer as JSON or SSE."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from heron.engine.client import new_request_id
+from heron.engine.messages import TokenLogprobs
+from heron.server.protocol import (
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+)
+from heron.server.serving import (
+    SSE_DONE,
+    ChoiceDelta,
+    Generation,
+    Prompt,
+    ServingContext,
+    engine_error,
+    sse,
+    top_logprobs,
+    value_error,
+)
+
+CompletionResult = CompletionResponse | ErrorResponse | AsyncIterator[str]
+
+
+async def encode_prompts(ctx: ServingContext, request: CompletionRequest) -> list[Prompt]:
+    """A string, strings, token ids or lists of token ids -> Prompts. ValueError if empty."""
+    raw = request.prompt
+    if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
+        raw = [raw]  # type: ignore[list-item]
+    if not raw:
+        raise ValueError("prompt must not be empty")
+    prompts = []
+    for item in raw:
+        if isinstance(item, str):
+            ids = await ctx.encode(item, add_special_tokens=bool(request.add_special_tokens))
+            prompts.append(Prompt(ids, item))
+        else:
+            ids = [int(t) for t in item]
+            error = ctx.check_token_ids(ids)
+            if error is not None:
+                raise ValueError(error.error.message)
+            prompts.append(Prompt(ids, ctx.tokenizer.decode(ids) if request.echo else ""))
+    return prompts
+
+
+async def serve_completion(ctx: ServingContext, request: CompletionRequest) -> CompletionResult:
+    error = ctx.check_model(request.model) or ctx.check_fields(request)
+    if error is not None:
+        return error
+    try:
+        request.check_limits(ctx.config.max_n, ctx.config.max_logprobs, ctx.info.vocab_size)
+        prompts = await encode_prompts(ctx, request)
+        for prompt in prompts:
+            error = ctx.check_context(len(prompt.token_ids), request.max_tokens)
+            if error is not None:
+                return error
+        params = request.to_sampling_params(request.max_tokens, ctx.config.max_logprobs)
+    except ValueError as e:
+        return value_error(e)
+    gen = Generation(ctx, new_request_id("cmpl"), prompts, params)
+    formatter = _CompletionFormatter(ctx, request, gen)
+    if request.stream:
+        return formatter.stream()
+    return await formatter.full()
+
+
+class _CompletionFormatter:
+    """Turns a Generation's deltas into OpenAI's completion JSON or chunks."""
+
+    def __init__(self, ctx: ServingContext, request: CompletionRequest, gen: Generation) -> None:
+        self.ctx = ctx
+        self.request = request
+        self.gen = gen
+        self.model = request.model or ctx.default_model
+        self.created = int(time.time())
+        self.k = request.logprobs  # None: no logprobs
+        self.offsets = [0] * gen.num_choices  # text_offset of the next token, per choice
+
+    async def full(self) -> CompletionResponse | ErrorResponse:
+        n = self.gen.num_choices
+        texts = [""] * n
+        logprobs = [CompletionLogprobs() for _ in range(n)]
+        finish: list[tuple[str | None, int | str | None]] = [(None, None)] * n
+        try:
+            async for d in self.gen.run():
+                text, lp = self._piece(d)
+                texts[d.index] += text
+                _extend(logprobs[d.index], lp)
+                if d.finish_reason is not None:
+                    finish[d.index] = (d.finish_reason, d.stop_reason)
+        except Exception as e:  # noqa: BLE001 - engine errors become error values
+            return engine_error(e)
+        choices = [CompletionChoice(index=i, text=texts[i],
+                                    logprobs=logprobs[i] if self.k is not None else None,
+                                    finish_reason=finish[i][0], stop_reason=finish[i][1])
+                   for i in range(n)]
+        return CompletionResponse(id=self.gen.request_id, created=self.created, model=self.model,
+                                  choices=choices, usage=self.gen.usage())
+
+    async def stream(self) -> AsyncIterator[str]:
+        try:
+            async for d in self.gen.run():
+                text, lp = self._piece(d)
+                if text or d.finish_reason is not None or (lp and lp.tokens):
+                    yield self._dump(self._chunk([CompletionChoice(
+                        index=d.index, text=text, logprobs=lp, finish_reason=d.finish_reason,
+                        stop_reason=d.stop_reason)]))
+        except Exception as e:  # noqa: BLE001 - an error event, then [DONE]
+            yield sse(engine_error(e).model_dump_json())
+            yield SSE_DONE
+            return
+        if self.request.include_usage:
+            yield self._dump(self._chunk([], usage=True))
+        yield SSE_DONE
+
+    def _chunk(self, choices: list[CompletionChoice], usage: bool = False) -> CompletionChunk:
+        with_usage = usage or self.request.continuous_usage
+        return CompletionChunk(id=self.gen.request_id, created=self.created, model=self.model,
+                               choices=choices, usage=self.gen.usage() if with_usage else None)
+
+    def _dump(self, chunk: CompletionChunk) -> str:
+        exclude = None if self.request.include_usage else {"usage"}
+        return sse(chunk.model_dump_json(exclude=exclude))
+
+    # ---- text and logprobs of one delta ---------------------------------------------------
+
+    def _piece(self, d: ChoiceDelta) -> tuple[str, CompletionLogprobs | None]:
+        """The delta's text (with the echoed prompt first) and its logprobs."""
+        prompt = self.gen.prompts[d.prompt_index]
+        echo = bool(self.request.echo and d.first)
+        text = (prompt.text if echo else "") + d.text
+        if self.k is None:
+            return text, None
+        lp = CompletionLogprobs()
+        if echo:
+            self._add_prompt_logprobs(lp, d)
+        for entry in d.logprobs:
+            self._add(lp, d.index, entry.token_ids[0], entry.logprobs[0], entry)
+        return text, lp
+
+    def _add_prompt_logprobs(self, lp: CompletionLogprobs, d: ChoiceDelta) -> None:
+        prompt = self.gen.prompts[d.prompt_index]
+        entries = self.gen.prompt_logprobs.get(d.prompt_index) or [None] * len(prompt.token_ids)
+        for tid, entry in zip(prompt.token_ids, entries):
+            self._add(lp, d.index, tid, None if entry is None else entry.logprobs[0], entry)
+
+    def _add(self, lp: CompletionLogprobs, index: int, token_id: int, logprob: float | None,
+             entry: TokenLogprobs | None) -> None:
+        word = self.ctx.token_strings([token_id])[0]
+        lp.tokens.append(word)
+        lp.token_logprobs.append(logprob)
+        lp.text_offset.append(self.offsets[index])
+        self.offsets[index] += len(word)
+        if entry is None:
+            lp.top_logprobs.append(None)
+            return
+        top = top_logprobs(entry, self.k or 0)
+        words = self.ctx.token_strings([t for t, _ in top])
+        lp.top_logprobs.append({w: v for w, (_, v) in zip(words, top)})
+
+
+def _extend(into: CompletionLogprobs, more: CompletionLogprobs | None) -> None:
+    if more is None:
+        return
+    into.text_offset += more.text_offset
+    into.token_logprobs += more.token_logprobs
+    into.tokens += more.tokens
+    into.top_logprobs += more.top_logprobs

@@ -1,0 +1,150 @@
+"""Start-up and shut-down of ``heron serve``: engine process, tokenizer, uvicorn, signals.
+
+::
+
+    run_server()
+      |- install SIGINT/SIGTERM handlers (while starting: cancel the start-up)
+      |- EngineClient.start()  (spawns the core; loads the model)   } concurrently
+      |- load_tokenizer()      (in a daemon thread)                 }
+      |- uvicorn.Server.serve()  (uvicorn owns the signals: graceful shutdown)
+      '- EngineClient.shutdown()  (always: the core process never outlives the server)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import uvicorn
+
+from heron.config import EngineConfig
+from heron.engine.client import EngineClient, EngineError
+from heron.server.app import build_app
+from heron.server.config import ServerConfig
+from heron.server.metrics import ServerMetrics
+from heron.server.serving import ServingContext
+
+logger = logging.getLogger("heron.server")
+
+T = TypeVar("T")
+
+
+def run_server(engine_config: EngineConfig, server_config: ServerConfig,
+               log_level: int = logging.INFO, access_log: bool = True) -> int:
+    """Serve until SIGINT/SIGTERM; returns the process exit code."""
+    signals = _StartupSignals()
+    signals.install()
+    try:
+        asyncio.run(_serve(engine_config, server_config, log_level, access_log, signals))
+    except asyncio.CancelledError:
+        logger.info("interrupted during start-up; engine stopped")
+        return 0
+    except EngineError as e:
+        logger.error("%s", e)
+        return 1
+    finally:
+        signals.restore()
+    return 0
+
+
+async def _serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: int,
+                 access_log: bool, signals: _StartupSignals) -> None:
+    signals.attach(asyncio.current_task(), asyncio.get_running_loop())
+    engine = EngineClient(engine_config, log_level=log_level)
+    try:
+        ctx = await _start(engine, engine_config, server_config)
+        server = uvicorn.Server(uvicorn.Config(
+            build_app(ctx), host=server_config.host, port=server_config.port,
+            log_level=logging.getLevelName(log_level).lower(), access_log=access_log,
+            timeout_graceful_shutdown=int(server_config.graceful_shutdown_s) or None))
+        signals.hand_over()  # from here uvicorn handles SIGINT/SIGTERM
+        await server.serve()
+    finally:
+        await engine.shutdown()
+        logger.info("engine core stopped; bye")
+
+
+async def _start(engine: EngineClient, engine_config: EngineConfig,
+                 server_config: ServerConfig) -> ServingContext:
+    from heron.loader import load_tokenizer, model_display_name
+
+    tokenizer_future = _in_daemon_thread(load_tokenizer, engine_config.model)
+    info = await engine.start(server_config.startup_timeout_s)
+    tokenizer = await tokenizer_future
+    display = model_display_name(engine_config.model)
+    names = server_config.served_model_names or (display,)
+    ctx = ServingContext(config=server_config, engine=engine, tokenizer=tokenizer, info=info,
+                         model_names=tuple(names), model_root=engine_config.model.model or display,
+                         metrics=ServerMetrics(engine, names[0]))
+    scheme_host = f"http://{server_config.host}:{server_config.port}"
+    logger.info("serving %s as %s on %s (%s), max_model_len %d, KV cache %d tokens (%d blocks "
+                "of %d); API at %s/v1%s", display, ", ".join(names), info.device, info.dtype,
+                info.max_model_len, info.num_kv_blocks * info.block_size, info.num_kv_blocks,
+                info.block_size, scheme_host, " (API key required)" if server_config.api_key else "")
+    return ctx
+
+
+def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    """Run a blocking call in a daemon thread (a Ctrl-C during start-up need not wait for it)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(setter: Callable[[Any], None], value: Any) -> None:
+        if not future.done():
+            setter(value)
+
+    def work() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
+            loop.call_soon_threadsafe(settle, future.set_exception, e)
+        else:
+            loop.call_soon_threadsafe(settle, future.set_result, result)
+
+    threading.Thread(target=work, name=f"heron-{fn.__name__}", daemon=True).start()
+    return future
+
+
+class _StartupSignals:
+    """SIGINT/SIGTERM while starting cancel the start-up (the engine is then shut down).
+
+    Once uvicorn runs it installs its own handlers and, when it returns, re-raises the
+    signal it caught; by then this handler is passive, so the shutdown proceeds in order.
+    """
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[Any] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.active = True
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def attach(self, task: asyncio.Task[Any] | None, loop: asyncio.AbstractEventLoop) -> None:
+        self.task, self.loop = task, loop
+        if self.received is not None and task is not None:
+            task.cancel()
+
+    def hand_over(self) -> None:
+        self.active = False
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if not self.active or self.received is not None:
+            return
+        self.received = signum
+        logger.info("received %s during start-up; stopping", signal.Signals(signum).name)
+        if self.task is not None and self.loop is not None:
+            self.loop.call_soon_threadsafe(self.task.cancel)

@@ -1,0 +1,21 @@
+"""GET /v1/models and /v1/models/{id}: the names this server answers to."""
+
+from __future__ import annotations
+
+from heron.server.protocol import ErrorResponse, ModelCard, ModelList, make_error
+from heron.server.serving import ServingContext
+
+
+def model_cards(ctx: ServingContext) -> ModelList:
+    return ModelList(data=[_card(ctx, name) for name in ctx.model_names])
+
+
+def model_card(ctx: ServingContext, model_id: str) -> ModelCard | ErrorResponse:
+    if model_id not in ctx.model_names:
+        return make_error(404, f"The model `{model_id}` does not exist.", param="model",
+                          code="model_not_found")
+    return _card(ctx, model_id)
+
+
+def _card(ctx: ServingContext, name: str) -> ModelCard:
+    return ModelCard(id=name, root=ctx.model_root, max_model_len=ctx.info.max_model_len)
