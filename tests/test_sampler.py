@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from heron.engine.request import Request
-from heron.layers.sampler import Sampler, SamplerOutput
+from heron.layers.sampler import Sampler, SamplerOutput, _inverse_cdf
 from heron.sampling_params import SamplingParams
 
 # A fixed distribution with no ties and no cumulative sums on a top-p boundary:
@@ -56,7 +56,9 @@ def expected_probs(kept_ranks: list[int], temperature: float = 1.0) -> torch.Ten
     return out / out.sum()
 
 
-def empirical_support(params: dict[str, object], draws: int = 3000) -> tuple[set[int], torch.Tensor]:
+def empirical_support(
+    params: dict[str, object], draws: int = 3000
+) -> tuple[set[int], torch.Tensor]:
     """Sample ``draws`` rows of the shuffled distribution at once; support and frequencies."""
     reqs = [make_request(f"r{i}", **params) for i in range(draws)]
     out = Sampler(seed=7)(shuffled_logits(draws), reqs)
@@ -137,7 +139,9 @@ def test_filters_renormalise_exactly(params: dict[str, object], kept: list[int])
     temperature = float(params.get("temperature", 1.0))  # type: ignore[arg-type]
     probs = Sampler().compute_probs(shuffled_logits(), [make_request(**params)])
     assert probs.dtype == torch.float32
-    torch.testing.assert_close(probs[0].double(), expected_probs(kept, temperature), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        probs[0].double(), expected_probs(kept, temperature), atol=1e-6, rtol=0
+    )
     assert set(torch.nonzero(probs[0]).flatten().tolist()) == tokens_of(kept)
 
 
@@ -172,8 +176,14 @@ def test_large_vocab_filters_match_the_definitions(vocab: int) -> None:
     # Flat rows make nuclei of thousands of tokens: the candidate search must widen.
     gen = torch.Generator().manual_seed(8)
     logits = torch.randn(6, vocab, generator=gen) * torch.tensor([[0.5], [0.5], [4], [2], [1], [3]])
-    settings = [(0, 0.9, 0.0), (0, 0.5, 0.0), (0, 0.95, 0.0), (1500, 0.8, 0.0), (40, 0.99, 0.0),
-                (0, 0.9, 0.01)]
+    settings = [
+        (0, 0.9, 0.0),
+        (0, 0.5, 0.0),
+        (0, 0.95, 0.0),
+        (1500, 0.8, 0.0),
+        (40, 0.99, 0.0),
+        (0, 0.9, 0.01),
+    ]
     reqs = [make_request(str(i), top_k=k, top_p=p, min_p=m) for i, (k, p, m) in enumerate(settings)]
     probs = Sampler().compute_probs(logits, reqs)
     for i, (k, p, m) in enumerate(settings):
@@ -214,8 +224,14 @@ def test_repetition_presence_frequency_penalties_exact() -> None:
     reqs = [
         make_request("rep", prompt, output, repetition_penalty=1.3),
         make_request("pf", prompt, output, presence_penalty=0.5, frequency_penalty=0.25),
-        make_request("all", prompt, output, repetition_penalty=0.8, presence_penalty=-0.5,
-                     frequency_penalty=1.5),
+        make_request(
+            "all",
+            prompt,
+            output,
+            repetition_penalty=0.8,
+            presence_penalty=-0.5,
+            frequency_penalty=1.5,
+        ),
         make_request("none", prompt, output),
     ]
     got = Sampler().process_logits(logits, reqs)
@@ -226,11 +242,14 @@ def test_repetition_presence_frequency_penalties_exact() -> None:
     base = logits[0].tolist()
     counts = {3: 3, 4: 1}
     expected_rep = [rep(x, 1.3) if t in (1, 2, 3, 4) else x for t, x in enumerate(base)]
-    expected_pf = [x - 0.25 * counts.get(t, 0) - (0.5 if t in counts else 0.0)
-                   for t, x in enumerate(base)]
+    expected_pf = [
+        x - 0.25 * counts.get(t, 0) - (0.5 if t in counts else 0.0) for t, x in enumerate(base)
+    ]
     expected_all = [rep(x, 0.8) if t in (1, 2, 3, 4) else x for t, x in enumerate(base)]
-    expected_all = [x - 1.5 * counts.get(t, 0) + (0.5 if t in counts else 0.0)
-                    for t, x in enumerate(expected_all)]
+    expected_all = [
+        x - 1.5 * counts.get(t, 0) + (0.5 if t in counts else 0.0)
+        for t, x in enumerate(expected_all)
+    ]
     expected = torch.tensor([expected_rep, expected_pf, expected_all, base])
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
     assert torch.equal(got[3], logits[3])  # rows without penalties are untouched, bit for bit
@@ -239,7 +258,9 @@ def test_repetition_presence_frequency_penalties_exact() -> None:
 def test_penalty_changes_the_greedy_token() -> None:
     logits = torch.tensor([[3.0, 2.9, 0.0]])
     plain = Sampler()(logits, [make_request(output=[0], temperature=0.0)])
-    penalised = Sampler()(logits, [make_request(output=[0], temperature=0.0, frequency_penalty=0.2)])
+    penalised = Sampler()(
+        logits, [make_request(output=[0], temperature=0.0, frequency_penalty=0.2)]
+    )
     assert plain.sampled_token_ids == [0]
     assert penalised.sampled_token_ids == [1]
 
@@ -263,8 +284,9 @@ def test_min_tokens_blocks_stop_ids_until_reached() -> None:
     logits = torch.tensor([[0.0, 1.0, 4.0, 0.5, 0.0, 0.0, 0.0, 5.0]])
 
     def request(num_outputs: int) -> Request:
-        req = make_request(output=[1] * num_outputs, temperature=0.0, min_tokens=2,
-                           stop_token_ids=[2])
+        req = make_request(
+            output=[1] * num_outputs, temperature=0.0, min_tokens=2, stop_token_ids=[2]
+        )
         req.sampling_params.all_stop_token_ids.add(7)  # the engine adds EOS
         return req
 
@@ -275,7 +297,9 @@ def test_min_tokens_blocks_stop_ids_until_reached() -> None:
     assert Sampler()(logits, [request(1)]).sampled_token_ids == [1]
     assert Sampler()(logits, [request(2)]).sampled_token_ids == [7]
     # A sampled row never draws a blocked id either.
-    reqs = [make_request(str(i), output=[1], min_tokens=2, stop_token_ids=[2, 7]) for i in range(500)]
+    reqs = [
+        make_request(str(i), output=[1], min_tokens=2, stop_token_ids=[2, 7]) for i in range(500)
+    ]
     drawn = set(Sampler()(logits.repeat(500, 1), reqs).sampled_token_ids)
     assert not drawn & {2, 7}
 
@@ -285,8 +309,12 @@ def test_min_tokens_blocks_stop_ids_until_reached() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _run_steps(batches: list[list[str]], step_logits: dict[str, list[torch.Tensor]],
-               sampler: Sampler, params: dict[str, dict[str, object]]) -> dict[str, list[int]]:
+def _run_steps(
+    batches: list[list[str]],
+    step_logits: dict[str, list[torch.Tensor]],
+    sampler: Sampler,
+    params: dict[str, dict[str, object]],
+) -> dict[str, list[int]]:
     """Decode one step per entry of ``batches`` (the row order at that step).
 
     A request's k-th step always sees ``step_logits[name][k]``, whichever batch it is in.
@@ -314,8 +342,14 @@ def test_seeded_rows_reproducible_across_batches_and_orders() -> None:
         "G": {"temperature": 0.0},
     }
     alone = _run_steps([["A"]] * steps, step_logits, Sampler(seed=0), {"A": params["A"]})
-    mixed_orders = [["A", "B", "U", "G"], ["G", "U", "B", "A"], ["B", "A"], ["U", "A", "G", "B"],
-                    ["A", "G"], ["G", "B", "A", "U"]]
+    mixed_orders = [
+        ["A", "B", "U", "G"],
+        ["G", "U", "B", "A"],
+        ["B", "A"],
+        ["U", "A", "G", "B"],
+        ["A", "G"],
+        ["G", "B", "A", "U"],
+    ]
     mixed = _run_steps(mixed_orders, step_logits, Sampler(seed=42), params)
     assert mixed["A"] == alone["A"]
     assert len(mixed["B"]) == steps - 1  # B sat out one step
@@ -404,8 +438,6 @@ def test_shape_mismatch_raises() -> None:
 
 
 def test_inverse_cdf_picks_the_first_token_above_u() -> None:
-    from heron.layers.sampler import _inverse_cdf
-
     gen = torch.Generator().manual_seed(6)
     vocab = 1300  # three blocks of 512, the last one padded
     probs = torch.rand(5, vocab, generator=gen) ** 8
@@ -429,3 +461,28 @@ def test_inverse_cdf_picks_the_first_token_above_u() -> None:
     assert _inverse_cdf(probs, torch.zeros(5, dtype=torch.float64)).tolist() == [
         int(torch.nonzero(row).min()) for row in probs
     ]
+
+
+def test_non_contiguous_logits_give_the_same_tokens() -> None:
+    gen = torch.Generator().manual_seed(9)
+    strided = torch.randn(700, 3, generator=gen).t()  # [3, 700], not contiguous
+    assert not strided.is_contiguous()
+
+    def batch() -> list[Request]:
+        return [
+            make_request("a", temperature=0.0, presence_penalty=0.5, output=[1]),
+            make_request("b", top_p=0.5, top_k=30, seed=1, logprobs=2),
+            make_request("c", min_p=0.1, seed=2),
+        ]
+
+    got = Sampler()(strided, batch())
+    expected = Sampler()(strided.contiguous(), batch())
+    assert got.sampled_token_ids == expected.sampled_token_ids
+    assert got.logprobs == expected.logprobs
+
+
+def test_nan_logits_give_in_range_ids_not_a_crash() -> None:
+    logits = torch.full((3, 700), math.nan)
+    reqs = [make_request("a"), make_request("b", top_p=0.5, top_k=3), make_request("c", min_p=0.1)]
+    out = Sampler()(logits, reqs)
+    assert all(0 <= t < 700 for t in out.sampled_token_ids)

@@ -90,10 +90,22 @@ def test_min_tokens_above_explicit_max_tokens() -> None:
 
 
 def test_boundaries_are_accepted() -> None:
-    p = SamplingParams(n=MAX_N, presence_penalty=-2.0, frequency_penalty=2.0,
-                       repetition_penalty=2.0, temperature=2.0, top_p=1.0, top_k=1,
-                       min_p=1.0, logprobs=MAX_LOGPROBS, prompt_logprobs=0,
-                       logit_bias={0: -100.0, 5: 100}, max_tokens=1, min_tokens=1, seed=-3)
+    p = SamplingParams(
+        n=MAX_N,
+        presence_penalty=-2.0,
+        frequency_penalty=2.0,
+        repetition_penalty=2.0,
+        temperature=2.0,
+        top_p=1.0,
+        top_k=1,
+        min_p=1.0,
+        logprobs=MAX_LOGPROBS,
+        prompt_logprobs=0,
+        logit_bias={0: -100.0, 5: 100},
+        max_tokens=1,
+        min_tokens=1,
+        seed=-3,
+    )
     assert p.logit_bias == {0: -100.0, 5: 100.0}
     assert p.seed == -3
 

@@ -25,7 +25,7 @@ CONFIGS = {
         **_common(head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
                   layer_types=["sliding_attention", "full_attention"])),
     "mpt": lambda: transformers.MptConfig(vocab_size=VOCAB, d_model=64, n_heads=4, n_layers=2,
-                                          expansion_ratio=2, max_seq_len=1024,
+                                          expansion_ratio=4, max_seq_len=1024,
                                           bos_token_id=1, eos_token_id=2, pad_token_id=0),
 }
 

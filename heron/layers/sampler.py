@@ -21,7 +21,8 @@ partial ``topk`` (1024 candidates, widened only when the nucleus is larger), nev
 sort of the vocabulary unless it must.
 
 Drawing: each row takes one uniform ``u`` in [0, 1) and picks the first token whose
-cumulative probability (float64) exceeds ``u`` times the row total. A seeded request takes
+cumulative probability exceeds ``u`` times the row total (a two-level search with float64
+sums, see ``_inverse_cdf``). A seeded request takes
 its ``u`` from its own generator (``Request.generator``), and every step of the pipeline
 is row-local, so its tokens do not depend on which other requests share the batch or on
 their order; unseeded rows share the sampler's engine-wide generator. One number per row
@@ -118,12 +119,13 @@ class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, requests: Sequence[Request]) -> SamplerOutput:
         """Sample one token per row of ``logits`` [B, V]; row ``i`` belongs to ``requests[i]``."""
         _check_batch(logits, requests)
+        logits = logits.float()  # [B, V]; the input itself if already float32: never written
         logprobs = _compute_logprobs_inputs(logits, requests)
         if not _needs_processing(requests):
             if all(r.sampling_params.greedy for r in requests):
                 token_ids = logits.argmax(dim=-1)  # [B]; the fast path
             else:
-                token_ids = self._sample(logits.float(), requests)  # read-only use of logits
+                token_ids = self._sample(logits, requests)
         else:
             token_ids = self._sample(self.process_logits(logits, requests), requests)
         sampled = token_ids.tolist()
@@ -234,7 +236,7 @@ def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     n, vocab = probs.shape
     pad = (-vocab) % _CDF_BLOCK
     padded = torch.nn.functional.pad(probs, (0, pad)) if pad else probs
-    blocks = padded.view(n, -1, _CDF_BLOCK)  # [n, num_blocks, block]
+    blocks = padded.reshape(n, -1, _CDF_BLOCK)  # [n, num_blocks, block]
     block_mass = blocks.sum(dim=-1).double()  # [n, num_blocks]
     block_cdf = block_mass.cumsum(dim=-1)  # [n, num_blocks]
     target = (uniforms * block_cdf[:, -1]).unsqueeze(1)  # [n, 1]
@@ -244,14 +246,17 @@ def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     rows = torch.arange(n, device=probs.device)
     inner_cdf = blocks[rows, block.squeeze(1)].cumsum(dim=-1, dtype=torch.float64)  # [n, block]
     inner = _first_above(inner_cdf, fraction * inner_cdf[:, -1:])  # [n, 1]
-    return (block * _CDF_BLOCK + inner).squeeze(1)
+    return (block * _CDF_BLOCK + inner).squeeze(1).clamp_(max=vocab - 1)
 
 
 def _first_above(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """[n, 1]: first index with cdf > target, capped at the first index reaching the total."""
+    """[n, 1]: first index with cdf > target, capped at the first index reaching the total.
+
+    The final clamp only matters for NaN rows (a broken model): an index, never a crash.
+    """
     first = torch.searchsorted(cdf, target, right=True)  # [n, 1]
     last_positive = torch.searchsorted(cdf, cdf[:, -1:].contiguous(), right=False)  # [n, 1]
-    return torch.minimum(first, last_positive)
+    return torch.minimum(first, last_positive).clamp_(max=cdf.shape[-1] - 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,6 +400,11 @@ def _filter_logits(logits: torch.Tensor, params: _BatchParams) -> torch.Tensor:
     return out
 
 
+def _drop_below(logits: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """-inf where logits [n, V] < threshold [n, 1] (torch.where: faster than masked_fill)."""
+    return torch.where(logits < threshold, -math.inf, logits)
+
+
 def _top_k_threshold(sorted_desc: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
     """k-th largest logit per row ([n, 1]), or -inf where top-k is disabled (k == 0)."""
     index = (top_k - 1).clamp(min=0).unsqueeze(1)  # [n, 1]
@@ -405,7 +415,7 @@ def _top_k_threshold(sorted_desc: torch.Tensor, top_k: torch.Tensor) -> torch.Te
 def _top_k_only(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
     """Keep logits >= the row's k-th largest (ties at the k-th value are all kept)."""
     values = logits.topk(int(top_k.max()), dim=-1).values  # [n, k_max], descending
-    return logits.masked_fill(logits < _top_k_threshold(values, top_k), -math.inf)
+    return _drop_below(logits, _top_k_threshold(values, top_k))
 
 
 def _top_k_top_p(logits: torch.Tensor, params: _BatchParams) -> torch.Tensor:
@@ -420,29 +430,26 @@ def _top_k_top_p(logits: torch.Tensor, params: _BatchParams) -> torch.Tensor:
     top_k, top_p = params.top_k, params.top_p.unsqueeze(1)  # [n], [n, 1]
     k_max = int(top_k.max())
     cand = min(vocab, max(k_max, _TOP_P_CANDIDATES if params.top_p_without_k else 1))
-    values = logits.topk(cand, dim=-1).values  # [n, cand], descending
-    k_threshold = _top_k_threshold(values, top_k)  # [n, 1]
-    kept = logits.masked_fill(logits < k_threshold, -math.inf) if k_max else logits  # [n, V]
-    log_total = kept.logsumexp(dim=-1, keepdim=True)  # [n, 1]
+    values, index = logits.topk(cand, dim=-1)  # [n, cand] each, descending
+    kept = _drop_below(logits, _top_k_threshold(values, top_k)) if k_max else logits  # [n, V]
+    kept_probs = torch.softmax(kept, dim=-1)  # [n, V]
     while True:
-        probs = (values.masked_fill(values < k_threshold, -math.inf) - log_total).exp()
+        probs = kept_probs.gather(1, index)  # [n, cand]
         mass = probs.cumsum(dim=-1)  # [n, cand]
         covered = (mass[:, -1:] >= top_p) | (top_p >= 1.0)  # [n, 1]
         if cand == vocab or bool(covered.all()):
             break
         cand = min(vocab, cand * 16)
-        values = logits.topk(cand, dim=-1).values
-    in_nucleus = (mass - probs < top_p).sum(dim=-1, keepdim=True)  # [n, 1], >= 1
+        values, index = logits.topk(cand, dim=-1)
+    in_nucleus = (mass - probs < top_p).sum(dim=-1, keepdim=True).clamp_(min=1)  # [n, 1]
     p_threshold = values.gather(1, in_nucleus - 1)  # [n, 1]
-    p_threshold = p_threshold.masked_fill(top_p >= 1.0, -math.inf)
-    return kept.masked_fill(kept < p_threshold, -math.inf)
+    return _drop_below(kept, p_threshold.masked_fill(top_p >= 1.0, -math.inf))
 
 
 def _min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """Keep tokens with prob >= min_p * max_prob, i.e. logit >= max_logit + log(min_p)."""
-    max_logit = logits.max(dim=-1, keepdim=True).values  # [n, 1]
-    threshold = max_logit + torch.log(min_p).unsqueeze(1)  # [n, 1]; -inf where min_p == 0
-    return logits.masked_fill(logits < threshold, -math.inf)
+    max_logit = logits.amax(dim=-1, keepdim=True)  # [n, 1]
+    return _drop_below(logits, max_logit + torch.log(min_p).unsqueeze(1))  # log(0) = -inf
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,12 +467,13 @@ class _LogprobInputs:
 def _compute_logprobs_inputs(
     logits: torch.Tensor, requests: Sequence[Request]
 ) -> _LogprobInputs | None:
+    """log_softmax of the float32 raw logits [B, V], for the rows that asked only."""
     rows = [i for i, r in enumerate(requests) if r.sampling_params.logprobs is not None]
     if not rows:
         return None
     if len(rows) < len(requests):
         logits = logits[torch.tensor(rows, device=logits.device)]
-    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
+    logprobs = torch.log_softmax(logits, dim=-1)  # [n, V]
     num_top = [requests[i].sampling_params.logprobs for i in rows]
     return _LogprobInputs(rows, num_top, logprobs)
 
@@ -481,7 +489,8 @@ def _build_logprobs(
     index = torch.tensor(inputs.rows, device=lp.device)
     chosen = token_ids[index].unsqueeze(1)  # [n, 1]
     chosen_lp = lp.gather(1, chosen)  # [n, 1]
-    chosen_rank = torch.count_nonzero(lp > chosen_lp, dim=-1) + 1  # [n]
+    # A float sum of the mask: exact below 2**24 tokens, and far faster than a bool sum on CPU.
+    chosen_rank = (lp > chosen_lp).float().sum(dim=-1).long() + 1  # [n]
     k_max = max(inputs.num_top)
     top_lp, top_ids = lp.topk(k_max, dim=-1) if k_max else (lp[:, :0], chosen[:, :0])
     chosen_lp_l, chosen_rank_l = chosen_lp.squeeze(1).tolist(), chosen_rank.tolist()

@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ END_OF_TURN_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>",
                       "<|endoftext|>")
 _CONTROL_TOKEN_TYPE = 3  # llama.cpp's token type for control (special) tokens
 _HASH_CHUNK = 1 << 20
+_STALE_AFTER_S = 3600.0  # a temporary this old belongs to a process that died
 # tokenizer_config.json entries that matter once tokenizer.json holds the tokenizer itself.
 _TOKENIZER_SETTINGS = frozenset((
     "bos_token", "eos_token", "unk_token", "pad_token", "mask_token", "sep_token", "cls_token",
@@ -97,6 +99,19 @@ def _atomic_write_dir(path: Path, fill: Callable[[Path], object]) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Delete temporaries that a killed process left behind (old enough to be nobody's)."""
+    if not directory.is_dir():
+        return
+    cutoff = time.time() - _STALE_AFTER_S
+    for entry in directory.glob(".*.tmp"):
+        try:
+            if entry.stat().st_mtime < cutoff:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        except OSError:  # another process cleaned it up first
+            pass
 
 
 # ----------------------------------------------------------------------------- cache keys
@@ -159,6 +174,7 @@ class GGUFModel:
         self.path = path
         root = root or cache_root()
         self.cache = GGUFCache(root / (sha256 or file_sha256(path, root)))
+        _remove_stale_temporaries(self.cache.directory)
 
     def config(self) -> PretrainedConfig:
         """The transformers config transformers derives from the GGUF metadata."""

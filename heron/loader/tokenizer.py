@@ -182,7 +182,11 @@ class IncrementalDetokenizer:
         self._include_stop = params.include_stop_str_in_output
         self._min_tokens = params.min_tokens
         self._max_stop_len = max((len(s) for s in self._stops), default=0)
-        self._ids = [t for t in prompt_token_ids[-CONTEXT_TOKENS:] if self._keeps(t)]
+        # Left context from the prompt; not in the spaced mode, where each run of ordinary ids
+        # is decoded on its own and the output must not open with a separating space.
+        spaced = self._spaces and not self._skip_special
+        context = [] if spaced else prompt_token_ids[-CONTEXT_TOKENS:]
+        self._ids = [t for t in context if self._keeps(t)]
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
         self._text = ""  # all output text decoded so far (cut at the stop string once matched)

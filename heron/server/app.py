@@ -211,7 +211,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if isinstance(exc.detail, ErrorResponse):
             return _error_json(exc.detail)
-        return _error_json(make_error(exc.status_code, str(exc.detail)))
+        message = str(exc.detail)
+        if exc.status_code in (404, 405):
+            message = f"{message}: {request.method} {request.url.path}"
+        return _error_json(make_error(exc.status_code, message))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -220,17 +223,27 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def validation_error(errors: Any) -> ErrorResponse:
-    """pydantic/FastAPI validation errors -> one 400 naming the first bad field."""
-    first = list(errors)[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
+    """pydantic/FastAPI validation errors -> one 400 naming the most telling bad field.
+
+    Our own validators' messages (value errors) win over type mismatches, which for a union
+    field are reported once per member ("not a string", "not a list"...).
+    """
+    errors = list(errors) or [{"loc": (), "msg": "invalid request", "type": ""}]
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
     if first.get("type") == "json_invalid":
-        return make_error(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
-                          code="invalid_json")
+        detail = first.get("ctx", {}).get("error", first.get("msg"))
+        return make_error(400, f"the request body is not valid JSON: {detail}", code="invalid_json")
+    param = ".".join(str(p) for p in first.get("loc", ()) if not _is_union_label(p)) or None
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    if first.get("type") == "missing":
-        message = "field required"
     return make_error(400, f"{param}: {message}" if param else message, param=param)
+
+
+def _is_union_label(part: object) -> bool:
+    """'body' and the union-member tags pydantic puts in a location ('str', 'list[int]'...)."""
+    if not isinstance(part, str):
+        return False
+    return part == "body" or "[" in part or "-" in part or part in (
+        "str", "int", "float", "bool", "list", "dict", "none")
 
 
 # ==== middleware ==================================================================================

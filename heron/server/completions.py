@@ -30,8 +30,8 @@ from heron.server.serving import (
 CompletionResult = CompletionResponse | ErrorResponse | AsyncIterator[str]
 
 
-async def encode_prompts(ctx: ServingContext, request: CompletionRequest) -> list[Prompt]:
-    """A string, strings, token ids or lists of token ids -> Prompts. ValueError if empty."""
+async def encode_prompts(ctx: ServingContext, request: CompletionRequest) -> list[Prompt] | ErrorResponse:
+    """A string, strings, token ids or lists of token ids -> Prompts (ValueError if none)."""
     raw = request.prompt
     if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
         raw = [raw]  # type: ignore[list-item]
@@ -46,7 +46,7 @@ async def encode_prompts(ctx: ServingContext, request: CompletionRequest) -> lis
             ids = [int(t) for t in item]
             error = ctx.check_token_ids(ids)
             if error is not None:
-                raise ValueError(error.error.message)
+                return error
             prompts.append(Prompt(ids, ctx.tokenizer.decode(ids) if request.echo else ""))
     return prompts
 
@@ -58,6 +58,8 @@ async def serve_completion(ctx: ServingContext, request: CompletionRequest) -> C
     try:
         request.check_limits(ctx.config.max_n, ctx.config.max_logprobs, ctx.info.vocab_size)
         prompts = await encode_prompts(ctx, request)
+        if isinstance(prompts, ErrorResponse):
+            return prompts
         for prompt in prompts:
             error = ctx.check_context(len(prompt.token_ids), request.max_tokens)
             if error is not None:

@@ -43,7 +43,7 @@ def run_server(engine_config: EngineConfig, server_config: ServerConfig,
     except asyncio.CancelledError:
         logger.info("interrupted during start-up; engine stopped")
         return 0
-    except EngineError as e:
+    except (EngineError, ValueError, OSError) as e:  # the model or tokenizer could not load
         logger.error("%s", e)
         return 1
     finally:
@@ -73,7 +73,11 @@ async def _start(engine: EngineClient, engine_config: EngineConfig,
     from heron.loader import load_tokenizer, model_display_name
 
     tokenizer_future = _in_daemon_thread(load_tokenizer, engine_config.model)
-    info = await engine.start(server_config.startup_timeout_s)
+    try:
+        info = await engine.start(server_config.startup_timeout_s)
+    except BaseException:
+        tokenizer_future.add_done_callback(_ignore_result)  # the engine's error is the one to report
+        raise
     tokenizer = await tokenizer_future
     display = model_display_name(engine_config.model)
     names = server_config.served_model_names or (display,)
@@ -86,6 +90,11 @@ async def _start(engine: EngineClient, engine_config: EngineConfig,
                 info.max_model_len, info.num_kv_blocks * info.block_size, info.num_kv_blocks,
                 info.block_size, scheme_host, " (API key required)" if server_config.api_key else "")
     return ctx
+
+
+def _ignore_result(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:

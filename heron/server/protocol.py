@@ -156,6 +156,11 @@ def _is_int(text: str) -> bool:
 # ==== chat completions ============================================================================
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+# Template arguments the server sets itself; chat_template_kwargs may not override them.
+RESERVED_TEMPLATE_KWARGS = ("messages", "conversation", "tools", "documents", "chat_template",
+                            "add_generation_prompt", "continue_final_message", "tokenize",
+                            "return_dict", "return_tensors", "return_assistant_tokens_mask",
+                            "padding", "truncation", "max_length")
 TEXT_PART_TYPES = ("text", "input_text")
 
 
@@ -228,6 +233,9 @@ class ChatCompletionRequest(SamplingFields):
         for i, msg in enumerate(self.messages):
             if msg.content is None and msg.role != "assistant":
                 raise ValueError(f"messages[{i}].content is required for role {msg.role!r}")
+        reserved = sorted(set(self.chat_template_kwargs or {}) & set(RESERVED_TEMPLATE_KWARGS))
+        if reserved:
+            raise ValueError(f"chat_template_kwargs may not set {', '.join(reserved)}")
         if self.continue_final_message:
             if self.add_generation_prompt:
                 raise ValueError("continue_final_message needs add_generation_prompt set to false")

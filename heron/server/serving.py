@@ -90,12 +90,12 @@ class ServingContext:
             f"the length of the {what} or max_tokens.", param="max_tokens",
             code="context_length_exceeded")
 
-    def check_token_ids(self, ids: list[int]) -> ErrorResponse | None:
+    def check_token_ids(self, ids: list[int], param: str = "prompt") -> ErrorResponse | None:
         vocab = self.info.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is None:
             return None
-        return bad_request(f"token id {bad} is outside the vocabulary [0, {vocab - 1}]", param="prompt")
+        return bad_request(f"token id {bad} is outside the vocabulary [0, {vocab - 1}]", param=param)
 
     async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         if len(text) > _THREAD_TOKENIZE_CHARS:

@@ -41,7 +41,7 @@ async def serve_tokenize(ctx: ServingContext, request: TokenizeRequest) -> Token
 
 async def serve_detokenize(ctx: ServingContext,
                            request: DetokenizeRequest) -> DetokenizeResponse | ErrorResponse:
-    error = ctx.check_model(request.model) or ctx.check_token_ids(request.tokens)
+    error = ctx.check_model(request.model) or ctx.check_token_ids(request.tokens, "tokens")
     if error is not None:
         return error
     return DetokenizeResponse(prompt=ctx.tokenizer.decode(request.tokens))

@@ -1,0 +1,305 @@
+"""Tokenizer wrapper, chat templates and the incremental detokenizer (stop strings, UTF-8).
+
+Uses the default model's Gemma tokenizer (262k vocab, SentencePiece with byte fallback),
+served from the heron cache (the first run of the suite converts it once, ~30-80 s).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from heron.config import ModelConfig
+from heron.loader import load_tokenizer
+from heron.loader.tokenizer import (
+    CONTEXT_TOKENS,
+    GEMMA_CHAT_TEMPLATE,
+    MAX_PENDING_TOKENS,
+    IncrementalDetokenizer,
+    Tokenizer,
+    read_chat_template,
+)
+from heron.sampling_params import SamplingParams
+
+TEXTS = [
+    "Hello world, this is a test.",
+    "héllo 😀 你好世界 — ünïcödé",
+    "def f(x):\n    return x ** 2  # square\n",
+    "rare chars 𝔘ꙮᚠ between words 𝔘𝔘 end",
+    "  leading and trailing spaces  ",
+]
+PROMPT = "The answer is:"
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return load_tokenizer(ModelConfig())
+
+
+def _ids(tok: Tokenizer, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False)
+
+
+def _stream(tok: Tokenizer, ids: list[int], params: SamplingParams,
+            prompt: list[int] | None = None) -> tuple[IncrementalDetokenizer, list[str], str | None]:
+    """Feed ids one at a time; return the detokenizer, the deltas and the stop string hit."""
+    detok = IncrementalDetokenizer(tok, prompt if prompt is not None else _ids(tok, PROMPT), params)
+    deltas: list[str] = []
+    stop = None
+    for token_id in ids:
+        stop = detok.update([token_id])
+        deltas.append(detok.get_delta())
+        if stop is not None:
+            break
+    if stop is None:
+        deltas.append(detok.flush())
+    return detok, deltas, stop
+
+
+# ---------------------------------------------------------------------------- the wrapper
+
+
+def test_default_tokenizer_metadata(tok: Tokenizer) -> None:
+    assert tok.vocab_size == 262144
+    assert tok.bos_token_id == 2
+    assert tok.eos_token_ids == {1, 106}  # <eos> and <end_of_turn>
+    assert tok.model_max_length == 32768
+    assert tok.encode("Hello world") == [2, 9259, 1902]
+    assert tok.encode("Hello world", add_special_tokens=False) == [9259, 1902]
+
+
+def test_token_strings_keep_special_tokens(tok: Tokenizer) -> None:
+    assert tok.token_strings([2, 9259, 1902, 106]) == ["<bos>", "Hello", " world", "<end_of_turn>"]
+    # a byte-fallback piece of a multi-byte character shows as U+FFFD on its own
+    assert tok.token_strings(_ids(tok, "ꙮ")) == ["\ufffd"] * 3
+
+
+def test_decode_skip_and_spaces_between_special_tokens(tok: Tokenizer) -> None:
+    ids = [105, 2364, 107, 9259, 106]  # <start_of_turn>user\nHello<end_of_turn>
+    assert tok.decode(ids) == "user\nHello"
+    assert tok.decode(ids, skip_special_tokens=False) == "<start_of_turn>user\nHello<end_of_turn>"
+    assert (tok.decode(ids, skip_special_tokens=False, spaces_between_special_tokens=True)
+            == "<start_of_turn> user\nHello <end_of_turn>")
+
+
+# ---------------------------------------------------------------------------- detokenizer
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_stream_equals_full_decode(tok: Tokenizer, text: str) -> None:
+    ids = _ids(tok, text)
+    detok, deltas, stop = _stream(tok, ids, SamplingParams())
+    assert stop is None
+    assert "".join(deltas) == tok.decode(ids) == text
+    assert detok.output_text == text
+    assert all("\ufffd" not in d for d in deltas)  # never half a character
+
+
+def test_multibyte_character_spanning_tokens(tok: Tokenizer) -> None:
+    ids = _ids(tok, "aꙮb")
+    char_ids = _ids(tok, "ꙮ")
+    assert len(char_ids) == 3 and all(i in ids for i in char_ids)  # three byte-fallback tokens
+    detok = IncrementalDetokenizer(tok, _ids(tok, PROMPT), SamplingParams())
+    shown = []
+    for token_id in ids:
+        detok.update([token_id])
+        shown.append(detok.get_delta())
+    assert shown == ["a", "", "", "ꙮ", "b"]
+
+
+def test_incomplete_character_released_by_flush(tok: Tokenizer) -> None:
+    char_ids = _ids(tok, "𝔘")
+    assert len(char_ids) == 4
+    detok = IncrementalDetokenizer(tok, [], SamplingParams())
+    detok.update(char_ids[:2])  # generation ends mid-character (length limit)
+    assert detok.get_delta() == ""
+    assert detok.flush() == tok.decode(char_ids[:2]) == "\ufffd\ufffd"
+
+
+def test_multiple_tokens_per_update(tok: Tokenizer) -> None:
+    ids = _ids(tok, TEXTS[3])
+    detok = IncrementalDetokenizer(tok, [], SamplingParams())
+    pieces = []
+    for start in range(0, len(ids), 3):
+        detok.update(ids[start:start + 3])
+        pieces.append(detok.get_delta())
+    pieces.append(detok.flush())
+    assert "".join(pieces) == TEXTS[3]
+
+
+def test_decodes_a_bounded_window(tok: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = _ids(tok, " ".join(TEXTS) * 4)
+    assert len(ids) > 200
+    expected = tok.decode(ids)
+    sizes: list[int] = []
+    original = Tokenizer._decode
+
+    def spy(self: Tokenizer, ids: list[int], skip: bool) -> str:
+        sizes.append(len(ids))
+        return original(self, ids, skip)
+
+    monkeypatch.setattr(Tokenizer, "_decode", spy)
+    _, deltas, _ = _stream(tok, ids, SamplingParams())
+    assert "".join(deltas) == expected
+    assert max(sizes) <= CONTEXT_TOKENS + MAX_PENDING_TOKENS  # O(1) work per token
+
+
+def test_skip_special_tokens_false_keeps_them(tok: Tokenizer) -> None:
+    ids = [105, 2364, 107, 9259, 106]
+    for spaces in (False, True):
+        params = SamplingParams(skip_special_tokens=False, spaces_between_special_tokens=spaces)
+        _, deltas, _ = _stream(tok, ids, params)
+        assert "".join(deltas) == tok.decode(ids, False, spaces)
+
+
+def test_special_tokens_skipped_by_default(tok: Tokenizer) -> None:
+    ids = [105, 2364, 107, 9259, 106, 1]
+    _, deltas, _ = _stream(tok, ids, SamplingParams())
+    assert "".join(deltas) == "user\nHello"
+
+
+def test_stop_terminated_drops_the_stop_token_text(tok: Tokenizer) -> None:
+    ids = _ids(tok, "Hello world")
+    params = SamplingParams(skip_special_tokens=False)
+    detok = IncrementalDetokenizer(tok, [], params)
+    detok.update(ids + [1], stop_terminated=True)
+    assert detok.flush() == "Hello world"  # not "Hello world<eos>"
+
+
+# ---------------------------------------------------------------------------- stop strings
+
+
+def test_single_stop_string(tok: Tokenizer) -> None:
+    ids = _ids(tok, "Hello world. Goodbye world.")
+    detok, deltas, stop = _stream(tok, ids, SamplingParams(stop="Goodbye"))
+    assert stop == "Goodbye"
+    assert detok.stopped and detok.stop_str == "Goodbye"
+    assert detok.output_text == "Hello world. "
+    assert "".join(deltas) == "Hello world. "
+    assert detok.update(_ids(tok, " more")) is None  # ignored after the stop
+    assert detok.output_text == "Hello world. "
+
+
+def test_earliest_of_multiple_stop_strings_wins(tok: Tokenizer) -> None:
+    ids = _ids(tok, "one two three four")
+    detok, deltas, stop = _stream(tok, ids, SamplingParams(stop=["four", "three", "xyz"]))
+    assert stop == "three"
+    assert detok.output_text == "".join(deltas) == "one two "
+
+
+def test_stop_string_spanning_tokens(tok: Tokenizer) -> None:
+    text = "Hello world, again"
+    ids = _ids(tok, text)
+    assert len(ids) >= 4
+    detok, deltas, stop = _stream(tok, ids, SamplingParams(stop="lo wor"))
+    assert stop == "lo wor"
+    assert detok.output_text == "".join(deltas) == "Hel"
+
+
+def test_stop_string_at_the_very_start(tok: Tokenizer) -> None:
+    ids = _ids(tok, "STOP and more")
+    detok, deltas, stop = _stream(tok, ids, SamplingParams(stop="STOP"))
+    assert stop == "STOP"
+    assert detok.output_text == "" and "".join(deltas) == ""
+
+
+def test_include_stop_str_in_output(tok: Tokenizer) -> None:
+    ids = _ids(tok, "Hello world. Goodbye world.")
+    params = SamplingParams(stop=["Goodbye"], include_stop_str_in_output=True)
+    detok, deltas, stop = _stream(tok, ids, params)
+    assert stop == "Goodbye"
+    assert detok.output_text == "".join(deltas) == "Hello world. Goodbye"
+
+
+def test_stop_prefix_is_held_back_then_flushed(tok: Tokenizer) -> None:
+    ids = _ids(tok, "Hello wor")
+    detok = IncrementalDetokenizer(tok, [], SamplingParams(stop="world"))
+    shown = []
+    for token_id in ids:
+        assert detok.update([token_id]) is None
+        shown.append(detok.get_delta())
+    assert "".join(shown) == "Hello "  # "wor" could still become "world"
+    assert detok.output_text == "Hello wor"
+    assert detok.flush() == "wor"  # generation ended (length): nothing can complete it now
+
+
+def test_held_back_prefix_released_when_it_diverges(tok: Tokenizer) -> None:
+    detok = IncrementalDetokenizer(tok, [], SamplingParams(stop="world"))
+    detok.update(_ids(tok, "Hello wor"))
+    assert detok.get_delta() == "Hello "
+    detok.update(_ids(tok, "k done"))
+    assert detok.get_delta() == "work done"
+
+
+def test_stop_strings_wait_for_min_tokens(tok: Tokenizer) -> None:
+    ids = _ids(tok, "stop here and stop there")
+    assert len(ids) >= 5
+    detok, deltas, stop = _stream(tok, ids, SamplingParams(stop="stop", min_tokens=2, max_tokens=20))
+    assert stop == "stop"
+    assert detok.output_text == "".join(deltas) == "stop here and "
+
+
+def test_stop_matches_final_text_minus_stop(tok: Tokenizer) -> None:
+    text = "rare chars 𝔘ꙮᚠ between words"
+    ids = _ids(tok, text)
+    detok, deltas, stop = _stream(tok, ids, SamplingParams(stop=["between"]))
+    assert stop == "between"
+    assert "".join(deltas) == detok.output_text == tok.decode(ids).split("between")[0]
+
+
+# ---------------------------------------------------------------------------- chat templates
+
+
+MESSAGES = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Hi there "},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": [{"type": "text", "text": "What is 2+2?"}]},
+]
+
+
+def test_builtin_gemma_template_exact(tok: Tokenizer) -> None:
+    assert tok.chat_template == GEMMA_CHAT_TEMPLATE
+    expected = ("<bos><start_of_turn>user\nYou are terse.\n\nHi there<end_of_turn>\n"
+                "<start_of_turn>model\nHello.<end_of_turn>\n"
+                "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n"
+                "<start_of_turn>model\n")
+    assert tok.apply_chat_template(MESSAGES) == expected
+    assert tok.apply_chat_template(MESSAGES, add_generation_prompt=False) == expected.removesuffix(
+        "<start_of_turn>model\n")
+    ids = tok.encode(expected, add_special_tokens=False)
+    assert ids[:3] == [2, 105, 2364] and ids.count(2) == 1  # one <bos>, turns as single tokens
+
+
+def test_continue_final_message(tok: Tokenizer) -> None:
+    messages = [{"role": "user", "content": "Count:"}, {"role": "assistant", "content": "1, 2,"}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True)
+    assert text == "<bos><start_of_turn>user\nCount:<end_of_turn>\n<start_of_turn>model\n1, 2,"
+
+
+def test_chat_template_override(tmp_path: Path) -> None:
+    literal = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    tok = load_tokenizer(ModelConfig(chat_template=literal))
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "[user] hi\n"
+    path = tmp_path / "template.jinja"
+    path.write_text("{{ messages[0]['content'] | upper }}")
+    tok = load_tokenizer(ModelConfig(chat_template=str(path)))
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "HI"
+
+
+def test_chat_template_path_that_does_not_exist() -> None:
+    with pytest.raises(ValueError, match="cannot be read"):
+        read_chat_template("/no/such/template.jinja")
+
+
+def test_missing_chat_template_is_a_clear_error(tok: Tokenizer) -> None:
+    bare = Tokenizer(tok.hf, chat_template=None, name="my-model")
+    with pytest.raises(ValueError, match="'my-model' has no chat template"):
+        bare.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_template_errors_are_value_errors(tok: Tokenizer) -> None:
+    raising = Tokenizer(tok.hf, chat_template="{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(ValueError, match="roles must alternate"):
+        raising.apply_chat_template([{"role": "user", "content": "hi"}])
