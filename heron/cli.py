@@ -14,7 +14,15 @@ import os
 import sys
 from collections.abc import Sequence
 
-from heron.config import DEVICES, DTYPES, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_size
+from heron.config import (
+    DEVICES,
+    DTYPES,
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    parse_size,
+)
 from heron.sampling_params import MAX_LOGPROBS, MAX_N
 from heron.server.config import ServerConfig
 
@@ -42,7 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="heron", description="heron: an OpenAI-compatible LLM inference server.")
+        prog="heron", description="heron: an OpenAI-compatible LLM inference server."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_serve_parser(sub)
     _add_bench_parser(sub)
@@ -54,34 +63,75 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "serve", help="serve a model over an OpenAI-compatible HTTP API",
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve a model over an OpenAI-compatible HTTP API (chat, completions, "
-                    "models, tokenize, metrics).",
-        epilog=_SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
-                   help="a model directory (HF layout) or GGUF file; default: the embedded Gemma 3 270M")
+        "models, tokenize, metrics).",
+        epilog=_SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        metavar="MODEL",
+        help="a model directory (HF layout) or GGUF file; default: the embedded Gemma 3 270M",
+    )
     http = p.add_argument_group("HTTP server")
     http.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     http.add_argument("--port", type=int, default=8000, help="port to bind (default: %(default)s)")
-    http.add_argument("--api-key", default=os.environ.get("HERON_API_KEY") or None,
-                      help="require 'Authorization: Bearer KEY' on every endpoint but /health "
-                           "(default: $HERON_API_KEY, else no auth)")
-    http.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
-                      help="model name(s) clients use; the first is reported in responses "
-                           "(default: the model's own name)")
-    http.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
-                      help="CORS origins to allow, e.g. '*' or http://localhost:3000 (a JSON "
-                           "list also works); default: CORS off")
-    http.add_argument("--max-request-bytes", type=parse_size, default=4 << 20, metavar="SIZE",
-                      help="largest request body, e.g. 4MiB (default: 4MiB); larger ones get a 413")
-    http.add_argument("--max-n", type=int, default=16,
-                      help=f"largest n (choices per request) accepted (default: %(default)s, at most {MAX_N})")
-    http.add_argument("--max-logprobs", type=int, default=MAX_LOGPROBS,
-                      help="largest logprobs / top_logprobs accepted (default: %(default)s)")
-    http.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                      help="log level (default: %(default)s)")
-    http.add_argument("--disable-uvicorn-access-log", action="store_true",
-                      help="do not log one line per HTTP request")
+    http.add_argument(
+        "--api-key",
+        default=os.environ.get("HERON_API_KEY") or None,
+        help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+        "(default: $HERON_API_KEY, else no auth)",
+    )
+    http.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="model name(s) clients use; the first is reported in responses "
+        "(default: the model's own name)",
+    )
+    http.add_argument(
+        "--allowed-origins",
+        nargs="+",
+        default=None,
+        metavar="ORIGIN",
+        help="CORS origins to allow, e.g. '*' or http://localhost:3000 (a JSON "
+        "list also works); default: CORS off",
+    )
+    http.add_argument(
+        "--max-request-bytes",
+        type=parse_size,
+        default=4 << 20,
+        metavar="SIZE",
+        help="largest request body, e.g. 4MiB (default: 4MiB); larger ones get a 413",
+    )
+    http.add_argument(
+        "--max-n",
+        type=int,
+        default=16,
+        help=f"largest n (choices per request) accepted (default: %(default)s, at most {MAX_N})",
+    )
+    http.add_argument(
+        "--max-logprobs",
+        type=int,
+        default=MAX_LOGPROBS,
+        help="largest logprobs / top_logprobs accepted (default: %(default)s)",
+    )
+    http.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log level (default: %(default)s)",
+    )
+    http.add_argument(
+        "--disable-uvicorn-access-log",
+        action="store_true",
+        help="do not log one line per HTTP request",
+    )
     add_engine_args(p)
     p.set_defaults(func=_run_serve)
 
@@ -90,46 +140,96 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Model, cache and scheduler flags (vLLM's names) shared by engine-building commands."""
     g = p.add_argument_group("engine")
     g.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
-    g.add_argument("--chat-template", default=None, metavar="FILE_OR_STRING",
-                   help="a Jinja chat template file, or the template text itself")
-    g.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="weights and activations dtype (default: %(default)s: bfloat16 on CUDA, float32 on CPU)")
+    g.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE_OR_STRING",
+        help="a Jinja chat template file, or the template text itself",
+    )
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPES,
+        help="weights and activations dtype (default: %(default)s: bfloat16 on CUDA, float32 on CPU)",
+    )
     g.add_argument("--device", default="auto", choices=DEVICES, help="(default: %(default)s)")
-    g.add_argument("--max-model-len", type=int, default=None,
-                   help="context length in tokens (default: the model's, capped by the KV cache)")
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="context length in tokens (default: the model's, capped by the KV cache)",
+    )
     g.add_argument("--seed", type=int, default=0, help="engine random seed (default: %(default)s)")
-    g.add_argument("--max-num-seqs", type=int, default=64,
-                   help="most requests in one batch (default: %(default)s)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                   help="token budget of one engine step (default: %(default)s)")
-    g.add_argument("--kv-cache-memory", type=parse_size, default=2 << 30, metavar="SIZE",
-                   help="KV cache size on CPU, e.g. 2GiB (default: 2GiB)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="on CUDA: the fraction of free GPU memory for the KV cache (default: %(default)s)")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)")
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                   help="reuse the KV blocks of shared prompt prefixes (default: on)")
+    g.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=64,
+        help="most requests in one batch (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="token budget of one engine step (default: %(default)s)",
+    )
+    g.add_argument(
+        "--kv-cache-memory",
+        type=parse_size,
+        default=2 << 30,
+        metavar="SIZE",
+        help="KV cache size on CPU, e.g. 2GiB (default: 2GiB)",
+    )
+    g.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="on CUDA: the fraction of free GPU memory for the KV cache (default: %(default)s)",
+    )
+    g.add_argument(
+        "--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)"
+    )
+    g.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV blocks of shared prompt prefixes (default: on)",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """EngineConfig from ``add_engine_args`` flags (ValueError on bad values)."""
-    model = ModelConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype,
-                        device=args.device, max_model_len=args.max_model_len, seed=args.seed,
-                        chat_template=args.chat_template)
-    cache = CacheConfig(block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
-                        gpu_memory_utilization=args.gpu_memory_utilization,
-                        enable_prefix_caching=args.enable_prefix_caching)
-    scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs,
-                                max_num_batched_tokens=args.max_num_batched_tokens)
+    model = ModelConfig(
+        model=args.model,
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        seed=args.seed,
+        chat_template=args.chat_template,
+    )
+    cache = CacheConfig(
+        block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_caching=args.enable_prefix_caching,
+    )
+    scheduler = SchedulerConfig(
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens
+    )
     return EngineConfig(model=model, cache=cache, scheduler=scheduler)
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
-    return ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
-                        served_model_names=tuple(args.served_model_name or ()),
-                        allowed_origins=_origins(args.allowed_origins),
-                        max_request_bytes=args.max_request_bytes, max_n=args.max_n,
-                        max_logprobs=args.max_logprobs)
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        served_model_names=tuple(args.served_model_name or ()),
+        allowed_origins=_origins(args.allowed_origins),
+        max_request_bytes=args.max_request_bytes,
+        max_n=args.max_n,
+        max_logprobs=args.max_logprobs,
+    )
 
 
 def _origins(values: list[str] | None) -> tuple[str, ...]:
@@ -140,7 +240,9 @@ def _origins(values: list[str] | None) -> tuple[str, ...]:
         try:
             parsed = json.loads(values[0])
         except json.JSONDecodeError as e:
-            raise ValueError(f"--allowed-origins: cannot read {values[0]!r} as a JSON list: {e}") from e
+            raise ValueError(
+                f"--allowed-origins: cannot read {values[0]!r} as a JSON list: {e}"
+            ) from e
         return tuple(str(v) for v in parsed)
     return tuple(values)
 
@@ -152,8 +254,12 @@ def _run_serve(args: argparse.Namespace) -> int:
     server_config = server_config_from_args(args)
     from heron.server.launch import run_server
 
-    return run_server(engine_config, server_config, log_level=level,
-                      access_log=not args.disable_uvicorn_access_log)
+    return run_server(
+        engine_config,
+        server_config,
+        log_level=level,
+        access_log=not args.disable_uvicorn_access_log,
+    )
 
 
 # ==== heron bench =================================================================================

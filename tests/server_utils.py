@@ -56,9 +56,15 @@ def pid_exists(pid: int) -> bool:
 class RemoteServer:
     """A `heron serve` subprocess; ready (``/health`` answered 200) once the constructor returns."""
 
-    def __init__(self, args: list[str], *, api_key: str | None = None,
-                 env: dict[str, str] | None = None, startup_timeout_s: float = STARTUP_TIMEOUT_S,
-                 wait_ready: bool = True) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        *,
+        api_key: str | None = None,
+        env: dict[str, str] | None = None,
+        startup_timeout_s: float = STARTUP_TIMEOUT_S,
+        wait_ready: bool = True,
+    ) -> None:
         self.host = "127.0.0.1"
         self.port = free_port()
         self.api_key = api_key
@@ -68,13 +74,29 @@ class RemoteServer:
         self._log = tempfile.NamedTemporaryFile(prefix="heron-serve-", suffix=".log", delete=False)  # noqa: SIM115
         full_env = dict(os.environ)
         full_env["PYTHONPATH"] = os.pathsep.join(
-            [str(REPO_ROOT)] + [p for p in [full_env.get("PYTHONPATH")] if p])
+            [str(REPO_ROOT)] + [p for p in [full_env.get("PYTHONPATH")] if p]
+        )
         full_env.pop("HERON_API_KEY", None)
         full_env.update(env or {})
-        cmd = [sys.executable, "-m", "heron.cli", "serve", *self.args,
-               "--host", self.host, "--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
-                                     cwd=REPO_ROOT, start_new_session=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "heron.cli",
+            "serve",
+            *self.args,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=REPO_ROOT,
+            start_new_session=True,
+        )
         if wait_ready:
             try:
                 self.wait_ready(startup_timeout_s)
@@ -101,14 +123,16 @@ class RemoteServer:
     def client(self, **kwargs: object):  # -> openai.OpenAI
         import openai
 
-        return openai.OpenAI(base_url=self.api_base, api_key=self.api_key or "EMPTY", max_retries=0,
-                             **kwargs)
+        return openai.OpenAI(
+            base_url=self.api_base, api_key=self.api_key or "EMPTY", max_retries=0, **kwargs
+        )
 
     def async_client(self, **kwargs: object):  # -> openai.AsyncOpenAI
         import openai
 
-        return openai.AsyncOpenAI(base_url=self.api_base, api_key=self.api_key or "EMPTY",
-                                  max_retries=0, **kwargs)
+        return openai.AsyncOpenAI(
+            base_url=self.api_base, api_key=self.api_key or "EMPTY", max_retries=0, **kwargs
+        )
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -116,15 +140,19 @@ class RemoteServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"heron serve exited with {self.proc.returncode} during "
-                                   f"start-up; log:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"heron serve exited with {self.proc.returncode} during "
+                    f"start-up; log:\n{self.log_tail()}"
+                )
             try:
                 if httpx.get(self.url("/health"), timeout=2.0).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        raise TimeoutError(f"heron serve was not ready after {timeout_s} s; log:\n{self.log_tail()}")
+        raise TimeoutError(
+            f"heron serve was not ready after {timeout_s} s; log:\n{self.log_tail()}"
+        )
 
     def engine_pid(self) -> int:
         """The engine core process's pid, from the start-up log line."""
@@ -154,8 +182,12 @@ class RemoteServer:
     def __enter__(self) -> RemoteServer:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
         self._log.close()
         os.unlink(self._log.name)

@@ -167,6 +167,9 @@ def test_dummy_weights_need_no_files(hf_dir: Path, tmp_path: Path) -> None:
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="safetensors"):
         load_model(ModelConfig(model=str(tmp_path)), torch.device("cpu"), torch.float32)
+    (tmp_path / "generation_config.json").unlink()  # defaults then come from config.json
+    loaded = load_model(config, torch.device("cpu"), torch.float32)
+    assert loaded.generation_config == {"bos_token_id": 1, "eos_token_id": 2}
 
 
 # ---------------------------------------------------------------------------- a tiny GGUF
@@ -456,3 +459,15 @@ def test_default_tokenizer_equals_transformers_gguf_tokenizer() -> None:
         ids = reference.encode(text)
         assert tok.decode(ids) == reference.decode(ids, skip_special_tokens=True)
     assert tok.vocab_size == len(reference)
+
+
+def test_tokenizer_override_and_missing_tokenizer(hf_dir: Path, tiny_gguf: tuple[Path, object],
+                                                  cache_dir: Path) -> None:
+    with pytest.raises(ValueError, match="no usable tokenizer") as info:
+        load_tokenizer(ModelConfig(model=str(hf_dir)))  # save_pretrained wrote no tokenizer
+    assert "pass one with --tokenizer" in str(info.value)
+    path, _ = tiny_gguf
+    tok = load_tokenizer(ModelConfig(model=str(hf_dir), tokenizer=str(path)))
+    assert tok.eos_token_ids == {2, 7}  # the tokenizer's </s> plus the model's generation_config
+    assert tok.encode("hello world")[0] == 1
+    assert tok.model_max_length == 256

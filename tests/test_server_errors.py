@@ -21,15 +21,17 @@ USER = [{"role": "user", "content": "Hi"}]
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[RemoteServer]:
-    args = ["--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN),
-            "--max-request-bytes", "64KiB", "--max-n", "4", "--max-logprobs", "5",
-            "--kv-cache-memory", "64MiB"]
+    args = (
+        f"--served-model-name {MODEL} --max-model-len {MAX_MODEL_LEN} --max-request-bytes 64KiB "
+        "--max-n 4 --max-logprobs 5 --kv-cache-memory 64MiB --allowed-origins http://example.com"
+    ).split()
     with RemoteServer(args) as srv:
         yield srv
 
 
-def check_error(resp: httpx.Response, status: int, param: str | None = None,
-                code: str | None = None) -> dict[str, Any]:
+def check_error(
+    resp: httpx.Response, status: int, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     assert resp.status_code == status, resp.text
     body = resp.json()
     assert list(body) == ["error"]
@@ -45,8 +47,10 @@ def check_error(resp: httpx.Response, status: int, param: str | None = None,
 
 
 def check_still_serving(server: RemoteServer) -> None:
-    r = httpx.post(server.url("/v1/completions"),
-                   json={"model": MODEL, "prompt": "Hello", "max_tokens": 1, "temperature": 0})
+    r = httpx.post(
+        server.url("/v1/completions"),
+        json={"model": MODEL, "prompt": "Hello", "max_tokens": 1, "temperature": 0},
+    )
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 1
 
@@ -63,8 +67,14 @@ BAD_CHAT = [
     (chat(messages=[{"role": "wizard", "content": "hi"}]), "messages.0.role"),
     (chat(messages=[]), None),
     (chat(messages="hello"), "messages"),
-    (chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
-     "messages.0.content.0.type"),
+    (
+        chat(
+            messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+            ]
+        ),
+        "messages.0.content.0.type",
+    ),
     (chat(messages=[{"role": "user"}]), None),
     (chat(temperature=3.5), "temperature"),
     (chat(temperature="hot"), "temperature"),
@@ -116,26 +126,49 @@ BAD_COMPLETION = [
 ]
 
 
-@pytest.mark.parametrize("body,param", BAD_COMPLETION, ids=[str(i) for i in range(len(BAD_COMPLETION))])
-def test_completion_invalid_fields(server: RemoteServer, body: dict[str, Any], param: str | None) -> None:
+@pytest.mark.parametrize(
+    "body,param", BAD_COMPLETION, ids=[str(i) for i in range(len(BAD_COMPLETION))]
+)
+def test_completion_invalid_fields(
+    server: RemoteServer, body: dict[str, Any], param: str | None
+) -> None:
     check_error(httpx.post(server.url("/v1/completions"), json=body), 400, param)
     check_still_serving(server)
 
 
 def test_context_length_exceeded(server: RemoteServer) -> None:
     long_prompt = "hello " * 300  # over 256 tokens
-    error = check_error(httpx.post(server.url("/v1/completions"), json=completion(prompt=long_prompt)),
-                        400, "max_tokens", "context_length_exceeded")
-    n_prompt = len(httpx.post(server.url("/tokenize"), json={"prompt": long_prompt}).json()["tokens"])
+    error = check_error(
+        httpx.post(server.url("/v1/completions"), json=completion(prompt=long_prompt)),
+        400,
+        "max_tokens",
+        "context_length_exceeded",
+    )
+    n_prompt = len(
+        httpx.post(server.url("/tokenize"), json={"prompt": long_prompt}).json()["tokens"]
+    )
     assert f"maximum context length is {MAX_MODEL_LEN} tokens" in error["message"]
-    assert f"requested {n_prompt + 2} tokens ({n_prompt} in the prompt, 2 in the completion)" in error["message"]
+    assert (
+        f"requested {n_prompt + 2} tokens ({n_prompt} in the prompt, 2 in the completion)"
+        in error["message"]
+    )
     # A short prompt asking for more than fits.
-    error = check_error(httpx.post(server.url("/v1/chat/completions"), json=chat(max_tokens=300)),
-                        400, "max_tokens", "context_length_exceeded")
+    error = check_error(
+        httpx.post(server.url("/v1/chat/completions"), json=chat(max_tokens=300)),
+        400,
+        "max_tokens",
+        "context_length_exceeded",
+    )
     assert "300 in the completion" in error["message"] and str(MAX_MODEL_LEN) in error["message"]
     # max_completion_tokens counts the same way.
-    check_error(httpx.post(server.url("/v1/chat/completions"),
-                           json=chat(max_tokens=None, max_completion_tokens=1000)), 400, "max_tokens")
+    check_error(
+        httpx.post(
+            server.url("/v1/chat/completions"),
+            json=chat(max_tokens=None, max_completion_tokens=1000),
+        ),
+        400,
+        "max_tokens",
+    )
     check_still_serving(server)
 
 
@@ -143,9 +176,11 @@ def test_unset_max_tokens_fills_the_context(server: RemoteServer) -> None:
     """No max_tokens: generation may run to the end of the context, never past it."""
     prompt = "hello " * 240
     n_prompt = len(httpx.post(server.url("/tokenize"), json={"prompt": prompt}).json()["tokens"])
-    r = httpx.post(server.url("/v1/completions"),
-                   json={"model": MODEL, "prompt": prompt, "temperature": 0, "ignore_eos": True},
-                   timeout=120)
+    r = httpx.post(
+        server.url("/v1/completions"),
+        json={"model": MODEL, "prompt": prompt, "temperature": 0, "ignore_eos": True},
+        timeout=120,
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["usage"]["completion_tokens"] == MAX_MODEL_LEN - n_prompt
@@ -153,9 +188,13 @@ def test_unset_max_tokens_fills_the_context(server: RemoteServer) -> None:
 
 
 def test_unknown_model(server: RemoteServer) -> None:
-    for path, body in (("/v1/chat/completions", chat(model="gpt-4")),
-                       ("/v1/completions", completion(model="gpt-4"))):
-        error = check_error(httpx.post(server.url(path), json=body), 404, "model", "model_not_found")
+    for path, body in (
+        ("/v1/chat/completions", chat(model="gpt-4")),
+        ("/v1/completions", completion(model="gpt-4")),
+    ):
+        error = check_error(
+            httpx.post(server.url(path), json=body), 404, "model", "model_not_found"
+        )
         assert "gpt-4" in error["message"]
     check_error(httpx.get(server.url("/v1/models/gpt-4")), 404, "model")
     check_still_serving(server)
@@ -163,22 +202,32 @@ def test_unknown_model(server: RemoteServer) -> None:
 
 def test_unparsable_json(server: RemoteServer) -> None:
     for raw in (b"{not json", b'{"model": "x", ', b"", b"[1, 2]", b"null"):
-        r = httpx.post(server.url("/v1/chat/completions"), content=raw,
-                       headers={"Content-Type": "application/json"})
+        r = httpx.post(
+            server.url("/v1/chat/completions"),
+            content=raw,
+            headers={"Content-Type": "application/json"},
+        )
         check_error(r, 400)
     check_still_serving(server)
 
 
 def test_invalid_utf8(server: RemoteServer) -> None:
-    r = httpx.post(server.url("/v1/completions"), content=b'{"prompt": "\xff\xfe"}',
-                   headers={"Content-Type": "application/json"})
+    r = httpx.post(
+        server.url("/v1/completions"),
+        content=b'{"prompt": "\xff\xfe"}',
+        headers={"Content-Type": "application/json"},
+    )
     check_error(r, 400)
     check_still_serving(server)
 
 
 def test_wrong_content_type(server: RemoteServer) -> None:
     body = b'{"model": "%s", "prompt": "Hi"}' % MODEL.encode()
-    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+    for ctype in (
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+    ):
         r = httpx.post(server.url("/v1/completions"), content=body, headers={"Content-Type": ctype})
         error = check_error(r, 415, code="unsupported_media_type")
         assert "application/json" in error["message"]
@@ -197,8 +246,11 @@ def test_body_too_large(server: RemoteServer) -> None:
             yield b"y" * 8192
         yield b'"}'
 
-    r = httpx.post(server.url("/v1/completions"), content=chunks(),
-                   headers={"Content-Type": "application/json"})
+    r = httpx.post(
+        server.url("/v1/completions"),
+        content=chunks(),
+        headers={"Content-Type": "application/json"},
+    )
     check_error(r, 413, code="request_too_large")
     check_still_serving(server)
 
@@ -212,8 +264,16 @@ def test_unknown_route_and_method(server: RemoteServer) -> None:
 
 
 def test_ignored_fields_are_accepted(server: RemoteServer) -> None:
-    body = chat(store=False, metadata={"a": "b"}, service_tier="auto", parallel_tool_calls=True,
-                tool_choice="none", response_format={"type": "text"}, user="me", temperature=0)
+    body = chat(
+        store=False,
+        metadata={"a": "b"},
+        service_tier="auto",
+        parallel_tool_calls=True,
+        tool_choice="none",
+        response_format={"type": "text"},
+        user="me",
+        temperature=0,
+    )
     r = httpx.post(server.url("/v1/chat/completions"), json=body)
     assert r.status_code == 200, r.text
     assert "ignoring request fields that have no meaning here" in server.log_text()
@@ -231,3 +291,20 @@ def test_error_shape_through_the_sdk(server: RemoteServer) -> None:
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=USER, n=99, stream=True)
     check_still_serving(server)
+
+
+def test_cors(server: RemoteServer) -> None:
+    preflight = httpx.options(
+        server.url("/v1/chat/completions"),
+        headers={
+            "Origin": "http://example.com",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "http://example.com"
+    r = httpx.get(server.url("/v1/models"), headers={"Origin": "http://example.com"})
+    assert r.headers["access-control-allow-origin"] == "http://example.com"
+    other = httpx.get(server.url("/v1/models"), headers={"Origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in other.headers

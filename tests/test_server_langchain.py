@@ -24,15 +24,22 @@ MESSAGES = [SystemMessage(content=SYSTEM), HumanMessage(content=USER)]
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[RemoteServer]:
-    with RemoteServer(["--served-model-name", DEFAULT_MODEL_NAME, "--kv-cache-memory", "256MiB"]) as srv:
+    with RemoteServer(
+        ["--served-model-name", DEFAULT_MODEL_NAME, "--kv-cache-memory", "256MiB"]
+    ) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def chat(server: RemoteServer) -> ChatOpenAI:
     # The user's story, verbatim but for the port.
-    return ChatOpenAI(model="mosaicml/mpt-7b", openai_api_key="EMPTY",
-                      openai_api_base=server.api_base, max_tokens=5, temperature=0)
+    return ChatOpenAI(
+        model="mosaicml/mpt-7b",
+        openai_api_key="EMPTY",
+        openai_api_base=server.api_base,
+        max_tokens=5,
+        temperature=0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +53,9 @@ def answer(chat: ChatOpenAI) -> AIMessage:
 
 
 def test_invoke_usage_and_finish_reason(answer: AIMessage, tokenizer: Tokenizer) -> None:
-    rendered = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM},
-                                              {"role": "user", "content": USER}])
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER}]
+    )
     n_prompt = len(tokenizer.encode(rendered, add_special_tokens=False))
     assert isinstance(answer.content, str) and answer.content
     assert answer.response_metadata["finish_reason"] == "length"
@@ -69,9 +77,14 @@ def test_stream_equals_invoke(chat: ChatOpenAI, answer: AIMessage) -> None:
 
 
 def test_stream_usage(server: RemoteServer, answer: AIMessage) -> None:
-    streaming = ChatOpenAI(model="mosaicml/mpt-7b", openai_api_key="EMPTY",
-                           openai_api_base=server.api_base, max_tokens=5, temperature=0,
-                           stream_usage=True)
+    streaming = ChatOpenAI(
+        model="mosaicml/mpt-7b",
+        openai_api_key="EMPTY",
+        openai_api_base=server.api_base,
+        max_tokens=5,
+        temperature=0,
+        stream_usage=True,
+    )
     merged = None
     for c in streaming.stream(MESSAGES):
         merged = c if merged is None else merged + c
@@ -95,21 +108,41 @@ def test_ainvoke(chat: ChatOpenAI, answer: AIMessage) -> None:
 
 
 def test_prompt_template_chain(chat: ChatOpenAI, answer: AIMessage) -> None:
-    prompt = ChatPromptTemplate.from_messages([
-        ("system", "You are a helpful assistant that translates {input_language} to {output_language}."),
-        ("human", "Translate the following sentence from {input_language} to {output_language}: {text}"),
-    ])
+    prompt = ChatPromptTemplate.from_messages(
+        [
+            (
+                "system",
+                "You are a helpful assistant that translates {input_language} to {output_language}.",
+            ),
+            (
+                "human",
+                "Translate the following sentence from {input_language} to {output_language}: {text}",
+            ),
+        ]
+    )
     chain = prompt | chat | StrOutputParser()
-    out = chain.invoke({"input_language": "English", "output_language": "Italian",
-                        "text": "I love programming."})
+    out = chain.invoke(
+        {"input_language": "English", "output_language": "Italian", "text": "I love programming."}
+    )
     assert out == answer.content
-    streamed = "".join(chain.stream({"input_language": "English", "output_language": "Italian",
-                                     "text": "I love programming."}))
+    streamed = "".join(
+        chain.stream(
+            {
+                "input_language": "English",
+                "output_language": "Italian",
+                "text": "I love programming.",
+            }
+        )
+    )
     assert streamed == answer.content
 
 
 def test_multi_turn_with_assistant_message(chat: ChatOpenAI) -> None:
-    history = [*MESSAGES, AIMessage(content="Amo programmare."), HumanMessage(content="And in French?")]
+    history = [
+        *MESSAGES,
+        AIMessage(content="Amo programmare."),
+        HumanMessage(content="And in French?"),
+    ]
     reply = chat.invoke(history)
     assert reply.response_metadata["finish_reason"] in ("length", "stop")
     assert reply.usage_metadata["output_tokens"] <= 5

@@ -16,8 +16,14 @@ pytestmark = pytest.mark.slow
 
 MODEL = DEFAULT_MODEL_NAME
 MESSAGES = [
-    {"role": "system", "content": "You are a helpful assistant that translates English to Italian."},
-    {"role": "user", "content": "Translate the following sentence from English to Italian: I love programming."},
+    {
+        "role": "system",
+        "content": "You are a helpful assistant that translates English to Italian.",
+    },
+    {
+        "role": "user",
+        "content": "Translate the following sentence from English to Italian: I love programming.",
+    },
 ]
 PROMPT = "The capital of France is"
 
@@ -58,25 +64,41 @@ def test_chat_usage_and_length(client: openai.OpenAI, tokenizer: Tokenizer) -> N
     assert choice.message.content and len(tokenizer.encode(choice.message.content, False)) <= 6
 
 
-def test_chat_equals_completion_of_rendered_prompt(client: openai.OpenAI, tokenizer: Tokenizer) -> None:
+def test_chat_equals_completion_of_rendered_prompt(
+    client: openai.OpenAI, tokenizer: Tokenizer
+) -> None:
     """The chat endpoint is the template plus the completions path: same tokens, same text."""
-    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0)
-    comp = client.completions.create(model=MODEL, prompt=chat_prompt_ids(tokenizer, MESSAGES),
-                                     max_tokens=8, temperature=0)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0
+    )
+    comp = client.completions.create(
+        model=MODEL, prompt=chat_prompt_ids(tokenizer, MESSAGES), max_tokens=8, temperature=0
+    )
     assert chat.choices[0].message.content == comp.choices[0].text
     assert chat.usage.prompt_tokens == comp.usage.prompt_tokens
 
 
 def test_chat_stream_equals_non_stream(client: openai.OpenAI) -> None:
-    full = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0)
-    chunks = list(client.chat.completions.create(
-        model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0, stream=True,
-        stream_options={"include_usage": True}))
+    full = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert all(c.id == chunks[0].id and c.object == "chat.completion.chunk" for c in chunks)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == full.choices[0].message.content
-    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     assert finishes == [full.choices[0].finish_reason]
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.model_dump() == full.usage.model_dump()
@@ -84,15 +106,18 @@ def test_chat_stream_equals_non_stream(client: openai.OpenAI) -> None:
 
 
 def test_chat_n2_greedy_and_streamed(client: openai.OpenAI) -> None:
-    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0, n=2)
+    r = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0, n=2
+    )
     assert [c.index for c in r.choices] == [0, 1]
     assert r.choices[0].message.content == r.choices[1].message.content
     assert r.usage.completion_tokens == 8
     texts = {0: "", 1: ""}
     roles: dict[int, str] = {}
     finish: dict[int, str] = {}
-    for chunk in client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4,
-                                                temperature=0, n=2, stream=True):
+    for chunk in client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0, n=2, stream=True
+    ):
         for c in chunk.choices:
             if c.delta.role:
                 roles[c.index] = c.delta.role
@@ -105,8 +130,9 @@ def test_chat_n2_greedy_and_streamed(client: openai.OpenAI) -> None:
 
 
 def test_chat_logprobs(client: openai.OpenAI) -> None:
-    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5, temperature=0,
-                                       logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=5, temperature=0, logprobs=True, top_logprobs=3
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == 5
     for entry in content:
@@ -121,20 +147,27 @@ def test_chat_logprobs(client: openai.OpenAI) -> None:
 
 
 def test_chat_stop_string(client: openai.OpenAI) -> None:
-    base = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0)
+    base = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0
+    )
     text = base.choices[0].message.content
     words = text.split()
     assert len(words) >= 3, text
     stop = words[2]
-    cut = text[:text.index(stop)]
-    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0,
-                                       stop=[stop])
+    cut = text[: text.index(stop)]
+    r = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0, stop=[stop]
+    )
     assert r.choices[0].message.content == cut
     assert r.choices[0].finish_reason == "stop"
     assert r.usage.completion_tokens < 12
-    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0, stop=stop, stream=True)
-        if c.choices)
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0, stop=stop, stream=True
+        )
+        if c.choices
+    )
     assert streamed == cut
 
 
@@ -152,13 +185,23 @@ def test_chat_seeded_sampling_is_reproducible(client: openai.OpenAI) -> None:
 # ---- completions ----------------------------------------------------------------------------------
 
 
-def test_completion_usage_stream_and_non_stream(client: openai.OpenAI, tokenizer: Tokenizer) -> None:
+def test_completion_usage_stream_and_non_stream(
+    client: openai.OpenAI, tokenizer: Tokenizer
+) -> None:
     r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0)
     assert r.object == "text_completion" and r.id.startswith("cmpl-")
     assert r.usage.prompt_tokens == len(tokenizer.encode(PROMPT))
     assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
-    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0,
-                                            stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
     assert chunks[-1].usage.model_dump() == r.usage.model_dump()
 
@@ -167,9 +210,12 @@ def test_completion_prompt_forms(client: openai.OpenAI, tokenizer: Tokenizer) ->
     ids = tokenizer.encode(PROMPT)
     by_text = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0)
     by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=4, temperature=0)
-    batch = client.completions.create(model=MODEL, prompt=[PROMPT, "1, 2, 3,"], max_tokens=4,
-                                      temperature=0, n=2)
-    id_batch = client.completions.create(model=MODEL, prompt=[ids, ids], max_tokens=4, temperature=0)
+    batch = client.completions.create(
+        model=MODEL, prompt=[PROMPT, "1, 2, 3,"], max_tokens=4, temperature=0, n=2
+    )
+    id_batch = client.completions.create(
+        model=MODEL, prompt=[ids, ids], max_tokens=4, temperature=0
+    )
     assert by_ids.choices[0].text == by_text.choices[0].text
     assert [c.index for c in batch.choices] == [0, 1, 2, 3]
     assert batch.choices[0].text == batch.choices[1].text == by_text.choices[0].text
@@ -180,8 +226,9 @@ def test_completion_prompt_forms(client: openai.OpenAI, tokenizer: Tokenizer) ->
 
 
 def test_completion_echo_and_logprobs(client: openai.OpenAI, tokenizer: Tokenizer) -> None:
-    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0,
-                                  echo=True, logprobs=2)
+    r = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, echo=True, logprobs=2
+    )
     plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0)
     choice = r.choices[0]
     assert choice.text == PROMPT + plain.choices[0].text
@@ -193,18 +240,29 @@ def test_completion_echo_and_logprobs(client: openai.OpenAI, tokenizer: Tokenize
     assert all(len(t) <= 2 for t in lp.top_logprobs[1:])
     assert lp.text_offset == sorted(lp.text_offset)
     # Greedy completion tokens are the most likely ones.
-    for token, value, top in zip(lp.tokens[n_prompt:], lp.token_logprobs[n_prompt:],
-                                 lp.top_logprobs[n_prompt:], strict=True):
-        assert max(top.values()) == pytest.approx(value, abs=1e-5) and top[token] == pytest.approx(value, abs=1e-5)
+    for token, value, top in zip(
+        lp.tokens[n_prompt:], lp.token_logprobs[n_prompt:], lp.top_logprobs[n_prompt:], strict=True
+    ):
+        assert max(top.values()) == pytest.approx(value, abs=1e-5) and top[token] == pytest.approx(
+            value, abs=1e-5
+        )
 
 
-def test_completion_stop_token_ids_and_ignore_eos(client: openai.OpenAI, tokenizer: Tokenizer) -> None:
-    base = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0,
-                                     logprobs=0)
+def test_completion_stop_token_ids_and_ignore_eos(
+    client: openai.OpenAI, tokenizer: Tokenizer
+) -> None:
+    base = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=0
+    )
     tokens = base.choices[0].logprobs.tokens
     stop_id = tokenizer.encode(tokens[2], add_special_tokens=False)[0]
-    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0,
-                                  extra_body={"stop_token_ids": [stop_id]})
+    r = client.completions.create(
+        model=MODEL,
+        prompt=PROMPT,
+        max_tokens=6,
+        temperature=0,
+        extra_body={"stop_token_ids": [stop_id]},
+    )
     assert r.choices[0].finish_reason == "stop"
     assert r.usage.completion_tokens == 3
     assert r.choices[0].text == "".join(tokens[:2])
@@ -237,17 +295,27 @@ def test_health_version_docs(server: RemoteServer) -> None:
     assert httpx.get(server.url("/health")).status_code == 200
     assert httpx.get(server.url("/version")).json() == {"version": __version__}
     spec = httpx.get(server.url("/openapi.json")).json()
-    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize"} <= set(spec["paths"])
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize"} <= set(
+        spec["paths"]
+    )
     assert httpx.get(server.url("/docs")).status_code == 200
 
 
 def test_metrics_names(server: RemoteServer, client: openai.OpenAI) -> None:
     client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, temperature=0)
     text = httpx.get(server.url("/metrics")).text
-    for name in ("heron:num_requests_running", "heron:num_requests_waiting", "heron:kv_cache_usage_perc",
-                 "heron:prefix_cache_queries_total", "heron:prefix_cache_hits_total",
-                 "heron:num_preemptions_total", "heron:prompt_tokens_total",
-                 "heron:generation_tokens_total", "heron:time_to_first_token_seconds_bucket",
-                 "heron:inter_token_latency_seconds_bucket", "heron:e2e_request_latency_seconds_count",
-                 "heron:request_success_total"):
+    for name in (
+        "heron:num_requests_running",
+        "heron:num_requests_waiting",
+        "heron:kv_cache_usage_perc",
+        "heron:prefix_cache_queries_total",
+        "heron:prefix_cache_hits_total",
+        "heron:num_preemptions_total",
+        "heron:prompt_tokens_total",
+        "heron:generation_tokens_total",
+        "heron:time_to_first_token_seconds_bucket",
+        "heron:inter_token_latency_seconds_bucket",
+        "heron:e2e_request_latency_seconds_count",
+        "heron:request_success_total",
+    ):
         assert f"\n{name}{{" in text, name

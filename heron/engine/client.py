@@ -125,12 +125,17 @@ class EngineClient:
         self._output.bind(self._output_addr)
         spawn = multiprocessing.get_context("spawn")
         self._process = spawn.Process(
-            target=run_engine_core, name="heron-engine-core", daemon=True,
-            args=(self.config, self._input_addr, self._output_addr, os.getpid(), self._log_level))
+            target=run_engine_core,
+            name="heron-engine-core",
+            daemon=True,
+            args=(self.config, self._input_addr, self._output_addr, os.getpid(), self._log_level),
+        )
         self._process.start()
         logger.info("engine core process started (pid %d); loading the model", self._process.pid)
         self.info = await self._wait_ready(timeout_s)
-        self._dispatch_task = asyncio.create_task(self._dispatch_loop(), name="heron-engine-outputs")
+        self._dispatch_task = asyncio.create_task(
+            self._dispatch_loop(), name="heron-engine-outputs"
+        )
         return self.info
 
     async def _wait_ready(self, timeout_s: float | None) -> EngineInfo:
@@ -144,8 +149,10 @@ class EngineClient:
                 if isinstance(message, CoreFailed):
                     raise EngineError(f"the engine core failed to start: {message.message}")
             elif not self._process.is_alive():
-                raise EngineError(f"the engine core process exited during startup "
-                                  f"(exit code {self._process.exitcode})")
+                raise EngineError(
+                    f"the engine core process exited during startup "
+                    f"(exit code {self._process.exitcode})"
+                )
         raise EngineError(f"the engine core was not ready after {timeout_s} s")
 
     async def shutdown(self, timeout_s: float = 5.0) -> None:
@@ -200,7 +207,9 @@ class EngineClient:
         try:
             self._input.send(self._encoder.encode(message), zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            logger.warning("engine core is not connected; dropped a %s message", type(message).__name__)
+            logger.warning(
+                "engine core is not connected; dropped a %s message", type(message).__name__
+            )
 
     # ---- outputs --------------------------------------------------------------------------
 
@@ -211,7 +220,9 @@ class EngineClient:
             if await self._output.poll(_IDLE_POLL_MS):
                 self._handle(self._decoder.decode(await self._output.recv()))
             elif not self._process.is_alive():
-                self._mark_dead(f"the engine core process exited (exit code {self._process.exitcode})")
+                self._mark_dead(
+                    f"the engine core process exited (exit code {self._process.exitcode})"
+                )
                 return
 
     def _handle(self, message: CoreMessage) -> None:
@@ -249,8 +260,12 @@ class OutputStream:
     sequences still running: a disconnected client frees its KV blocks this way.
     """
 
-    def __init__(self, client: EngineClient, request_ids: list[str],
-                 queue: asyncio.Queue[EngineOutput | Exception]) -> None:
+    def __init__(
+        self,
+        client: EngineClient,
+        request_ids: list[str],
+        queue: asyncio.Queue[EngineOutput | Exception],
+    ) -> None:
         self._client = client
         self._pending = set(request_ids)
         self._queue = queue
@@ -258,8 +273,12 @@ class OutputStream:
     async def __aenter__(self) -> OutputStream:
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.abort_all()
 
     def __aiter__(self) -> AsyncIterator[EngineOutput]:
@@ -306,10 +325,17 @@ def _stop_process(process: multiprocessing.process.BaseProcess, timeout_s: float
 # ==== engine core process =========================================================================
 
 
-def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, parent_pid: int,
-                    log_level: int = logging.INFO) -> None:
+def run_engine_core(
+    config: EngineConfig,
+    input_addr: str,
+    output_addr: str,
+    parent_pid: int,
+    log_level: int = logging.INFO,
+) -> None:
     """Entry point of the core process: build the EngineCore, report ready, run the busy loop."""
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [core] %(name)s: %(message)s")
+    logging.basicConfig(
+        level=log_level, format="%(asctime)s %(levelname)s [core] %(name)s: %(message)s"
+    )
     _die_with_parent(parent_pid)
     ctx = zmq.Context()
     inputs = ctx.socket(zmq.PULL)
@@ -370,8 +396,9 @@ class CoreLoop:
     blocks on the input socket, waking every second to check that its parent still lives.
     """
 
-    def __init__(self, core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket,
-                 parent_pid: int) -> None:
+    def __init__(
+        self, core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket, parent_pid: int
+    ) -> None:
         self.core = core
         self.inputs = inputs
         self.outputs = outputs

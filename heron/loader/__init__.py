@@ -212,7 +212,11 @@ def load_tokenizer(model_config: ModelConfig) -> Tokenizer:
     if tokenizer_source.is_gguf:
         hf_tokenizer = tokenizer_source.gguf().tokenizer()
     else:
-        hf_tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source.path))
+        try:
+            hf_tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source.path))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"no usable tokenizer in {tokenizer_source.path} ({err}); pass one with "
+                             "--tokenizer") from err
     generation = _generation_config_of(model_source, hf_config)
     return Tokenizer(
         hf_tokenizer,

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoTokenizer,
     PretrainedConfig,
     PreTrainedTokenizerBase,
@@ -180,8 +181,6 @@ class GGUFModel:
         """The transformers config transformers derives from the GGUF metadata."""
         if not self.cache.config_file.is_file():
             self._prepare_metadata()
-        from transformers import AutoConfig
-
         return AutoConfig.from_pretrained(str(self.cache.directory))
 
     def generation_config(self) -> dict[str, Any]:

@@ -28,7 +28,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import heron
 from heron.server.chat import serve_chat
 from heron.server.completions import serve_completion
-from heron.server.config import ServerConfig
 from heron.server.metrics import StatsLogger
 from heron.server.models import model_card, model_cards
 from heron.server.protocol import (
@@ -52,7 +51,8 @@ from heron.server.tokenize import serve_detokenize, serve_tokenize
 logger = logging.getLogger(__name__)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 500, 503)}
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 500, 503)
+}
 
 router = APIRouter()
 
@@ -68,8 +68,12 @@ def build_app(ctx: ServingContext) -> FastAPI:
         finally:
             task.cancel()
 
-    app = FastAPI(title="heron", version=heron.__version__, lifespan=lifespan,
-                  description="An OpenAI-compatible LLM server.")
+    app = FastAPI(
+        title="heron",
+        version=heron.__version__,
+        lifespan=lifespan,
+        description="An OpenAI-compatible LLM server.",
+    )
     app.state.ctx = ctx
     app.include_router(router)
     _add_error_handlers(app)
@@ -78,8 +82,13 @@ def build_app(ctx: ServingContext) -> FastAPI:
     if ctx.config.api_key:
         app.add_middleware(AuthMiddleware, api_key=ctx.config.api_key)
     if ctx.config.allowed_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(ctx.config.allowed_origins),
-                           allow_credentials=True, allow_methods=["*"], allow_headers=["*"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(ctx.config.allowed_origins),
+            allow_credentials=True,
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
     return app
 
 
@@ -242,8 +251,12 @@ def _is_union_label(part: object) -> bool:
     """'body' and the union-member tags pydantic puts in a location ('str', 'list[int]'...)."""
     if not isinstance(part, str):
         return False
-    return part == "body" or "[" in part or "-" in part or part in (
-        "str", "int", "float", "bool", "list", "dict", "none")
+    return (
+        part == "body"
+        or "[" in part
+        or "-" in part
+        or part in ("str", "int", "float", "bool", "list", "dict", "none")
+    )
 
 
 # ==== middleware ==================================================================================
@@ -251,9 +264,16 @@ def _is_union_label(part: object) -> bool:
 
 async def _send_error(send: Send, error: ErrorResponse) -> None:
     body = json.dumps(error.model_dump(mode="json")).encode()
-    await send({"type": "http.response.start", "status": error.status_code,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": error.status_code,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -271,9 +291,14 @@ class AuthMiddleware:
         given = dict(scope["headers"]).get(b"authorization", b"")
         if not hmac.compare_digest(given, self.expected):
             reason = "missing" if not given else "wrong"
-            await _send_error(send, make_error(401, f"Unauthorized: the API key is {reason}; send "
-                                                    f"'Authorization: Bearer <key>'.",
-                                               code="invalid_api_key"))
+            await _send_error(
+                send,
+                make_error(
+                    401,
+                    f"Unauthorized: the API key is {reason}; send 'Authorization: Bearer <key>'.",
+                    code="invalid_api_key",
+                ),
+            )
             return
         await self.app(scope, receive, send)
 
@@ -302,8 +327,11 @@ class BodyCheckMiddleware:
         has_body = length != "0" and (length or b"transfer-encoding" in headers)
         if (ctype or has_body) and ctype != "application/json" and not ctype.endswith("+json"):
             got = repr(ctype) if ctype else "none"
-            return make_error(415, f"Content-Type must be application/json, got {got}",
-                              code="unsupported_media_type")
+            return make_error(
+                415,
+                f"Content-Type must be application/json, got {got}",
+                code="unsupported_media_type",
+            )
         if length.isdigit() and int(length) > self.max_bytes:
             return self._too_large()
         return None
@@ -323,5 +351,8 @@ class BodyCheckMiddleware:
         return receive_limited
 
     def _too_large(self) -> ErrorResponse:
-        return make_error(413, f"the request body exceeds the limit of {self.max_bytes} bytes",
-                          code="request_too_large")
+        return make_error(
+            413,
+            f"the request body exceeds the limit of {self.max_bytes} bytes",
+            code="request_too_large",
+        )

@@ -40,9 +40,11 @@ async def render_chat_prompt(ctx: ServingContext, request: ChatCompletionRequest
     messages = [m.to_template_dict() for m in request.messages]
     try:
         text = ctx.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=bool(request.add_generation_prompt),
+            messages,
+            add_generation_prompt=bool(request.add_generation_prompt),
             continue_final_message=bool(request.continue_final_message),
-            **(request.chat_template_kwargs or {}))
+            **(request.chat_template_kwargs or {}),
+        )
     except ValueError:
         raise
     except Exception as e:  # noqa: BLE001 - jinja raises many kinds; all mean "bad messages"
@@ -76,7 +78,9 @@ async def serve_chat(ctx: ServingContext, request: ChatCompletionRequest) -> Cha
 class _ChatFormatter:
     """Turns a Generation's deltas into OpenAI's chat JSON or chunks."""
 
-    def __init__(self, ctx: ServingContext, request: ChatCompletionRequest, gen: Generation) -> None:
+    def __init__(
+        self, ctx: ServingContext, request: ChatCompletionRequest, gen: Generation
+    ) -> None:
         self.ctx = ctx
         self.request = request
         self.gen = gen
@@ -100,12 +104,23 @@ class _ChatFormatter:
             return engine_error(e)
         choices = [
             ChatCompletionChoice(
-                index=i, message=ChatResponseMessage(content=texts[i]),
-                logprobs=ChatChoiceLogprobs(content=logprobs[i]) if self.top_k is not None else None,
-                finish_reason=finish[i][0], stop_reason=finish[i][1])
-            for i in range(len(texts))]
-        return ChatCompletionResponse(id=self.gen.request_id, created=self.created, model=self.model,
-                                      choices=choices, usage=self.gen.usage())
+                index=i,
+                message=ChatResponseMessage(content=texts[i]),
+                logprobs=ChatChoiceLogprobs(content=logprobs[i])
+                if self.top_k is not None
+                else None,
+                finish_reason=finish[i][0],
+                stop_reason=finish[i][1],
+            )
+            for i in range(len(texts))
+        ]
+        return ChatCompletionResponse(
+            id=self.gen.request_id,
+            created=self.created,
+            model=self.model,
+            choices=choices,
+            usage=self.gen.usage(),
+        )
 
     # ---- SSE ------------------------------------------------------------------------------
 
@@ -125,23 +140,54 @@ class _ChatFormatter:
     def _chunks(self, d: ChoiceDelta) -> list[ChatCompletionChunk]:
         chunks = []
         if d.first:
-            chunks.append(self._chunk([ChatStreamChoice(
-                index=d.index, delta=DeltaMessage(role="assistant", content=""))]))
+            chunks.append(
+                self._chunk(
+                    [
+                        ChatStreamChoice(
+                            index=d.index, delta=DeltaMessage(role="assistant", content="")
+                        )
+                    ]
+                )
+            )
         logprobs = self._logprobs(d.logprobs)
         if d.text or logprobs:
-            chunks.append(self._chunk([ChatStreamChoice(
-                index=d.index, delta=DeltaMessage(content=d.text),
-                logprobs=ChatChoiceLogprobs(content=logprobs) if self.top_k is not None else None)]))
+            chunks.append(
+                self._chunk(
+                    [
+                        ChatStreamChoice(
+                            index=d.index,
+                            delta=DeltaMessage(content=d.text),
+                            logprobs=ChatChoiceLogprobs(content=logprobs)
+                            if self.top_k is not None
+                            else None,
+                        )
+                    ]
+                )
+            )
         if d.finish_reason is not None:
-            chunks.append(self._chunk([ChatStreamChoice(
-                index=d.index, delta=DeltaMessage(), finish_reason=d.finish_reason,
-                stop_reason=d.stop_reason)]))
+            chunks.append(
+                self._chunk(
+                    [
+                        ChatStreamChoice(
+                            index=d.index,
+                            delta=DeltaMessage(),
+                            finish_reason=d.finish_reason,
+                            stop_reason=d.stop_reason,
+                        )
+                    ]
+                )
+            )
         return chunks
 
     def _chunk(self, choices: list[ChatStreamChoice], usage: bool = False) -> ChatCompletionChunk:
         with_usage = usage or self.request.continuous_usage
-        return ChatCompletionChunk(id=self.gen.request_id, created=self.created, model=self.model,
-                                   choices=choices, usage=self.gen.usage() if with_usage else None)
+        return ChatCompletionChunk(
+            id=self.gen.request_id,
+            created=self.created,
+            model=self.model,
+            choices=choices,
+            usage=self.gen.usage() if with_usage else None,
+        )
 
     def _dump(self, chunk: ChatCompletionChunk) -> str:
         exclude = None if self.request.include_usage else {"usage"}
@@ -158,7 +204,11 @@ class _ChatFormatter:
         top = top_logprobs(entry, self.top_k or 0)
         words = self.ctx.token_strings([entry.token_ids[0]] + [t for t, _ in top])
         return ChatTokenLogprob(
-            token=words[0], logprob=entry.logprobs[0], bytes=list(words[0].encode()),
-            top_logprobs=[TopLogprob(token=w, logprob=lp, bytes=list(w.encode()))
-                          for w, (_, lp) in zip(words[1:], top)])
-
+            token=words[0],
+            logprob=entry.logprobs[0],
+            bytes=list(words[0].encode()),
+            top_logprobs=[
+                TopLogprob(token=w, logprob=lp, bytes=list(w.encode()))
+                for w, (_, lp) in zip(words[1:], top, strict=True)
+            ],
+        )

@@ -30,7 +30,9 @@ from heron.server.serving import (
 CompletionResult = CompletionResponse | ErrorResponse | AsyncIterator[str]
 
 
-async def encode_prompts(ctx: ServingContext, request: CompletionRequest) -> list[Prompt] | ErrorResponse:
+async def encode_prompts(
+    ctx: ServingContext, request: CompletionRequest
+) -> list[Prompt] | ErrorResponse:
     """A string, strings, token ids or lists of token ids -> Prompts (ValueError if none)."""
     raw = request.prompt
     if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
@@ -100,21 +102,42 @@ class _CompletionFormatter:
                     finish[d.index] = (d.finish_reason, d.stop_reason)
         except Exception as e:  # noqa: BLE001 - engine errors become error values
             return engine_error(e)
-        choices = [CompletionChoice(index=i, text=texts[i],
-                                    logprobs=logprobs[i] if self.k is not None else None,
-                                    finish_reason=finish[i][0], stop_reason=finish[i][1])
-                   for i in range(n)]
-        return CompletionResponse(id=self.gen.request_id, created=self.created, model=self.model,
-                                  choices=choices, usage=self.gen.usage())
+        choices = [
+            CompletionChoice(
+                index=i,
+                text=texts[i],
+                logprobs=logprobs[i] if self.k is not None else None,
+                finish_reason=finish[i][0],
+                stop_reason=finish[i][1],
+            )
+            for i in range(n)
+        ]
+        return CompletionResponse(
+            id=self.gen.request_id,
+            created=self.created,
+            model=self.model,
+            choices=choices,
+            usage=self.gen.usage(),
+        )
 
     async def stream(self) -> AsyncIterator[str]:
         try:
             async for d in self.gen.run():
                 text, lp = self._piece(d)
                 if text or d.finish_reason is not None or (lp and lp.tokens):
-                    yield self._dump(self._chunk([CompletionChoice(
-                        index=d.index, text=text, logprobs=lp, finish_reason=d.finish_reason,
-                        stop_reason=d.stop_reason)]))
+                    yield self._dump(
+                        self._chunk(
+                            [
+                                CompletionChoice(
+                                    index=d.index,
+                                    text=text,
+                                    logprobs=lp,
+                                    finish_reason=d.finish_reason,
+                                    stop_reason=d.stop_reason,
+                                )
+                            ]
+                        )
+                    )
         except Exception as e:  # noqa: BLE001 - an error event, then [DONE]
             yield sse(engine_error(e).model_dump_json())
             yield SSE_DONE
@@ -125,8 +148,13 @@ class _CompletionFormatter:
 
     def _chunk(self, choices: list[CompletionChoice], usage: bool = False) -> CompletionChunk:
         with_usage = usage or self.request.continuous_usage
-        return CompletionChunk(id=self.gen.request_id, created=self.created, model=self.model,
-                               choices=choices, usage=self.gen.usage() if with_usage else None)
+        return CompletionChunk(
+            id=self.gen.request_id,
+            created=self.created,
+            model=self.model,
+            choices=choices,
+            usage=self.gen.usage() if with_usage else None,
+        )
 
     def _dump(self, chunk: CompletionChunk) -> str:
         exclude = None if self.request.include_usage else {"usage"}
@@ -151,11 +179,17 @@ class _CompletionFormatter:
     def _add_prompt_logprobs(self, lp: CompletionLogprobs, d: ChoiceDelta) -> None:
         prompt = self.gen.prompts[d.prompt_index]
         entries = self.gen.prompt_logprobs.get(d.prompt_index) or [None] * len(prompt.token_ids)
-        for tid, entry in zip(prompt.token_ids, entries):
+        for tid, entry in zip(prompt.token_ids, entries, strict=False):
             self._add(lp, d.index, tid, None if entry is None else entry.logprobs[0], entry)
 
-    def _add(self, lp: CompletionLogprobs, index: int, token_id: int, logprob: float | None,
-             entry: TokenLogprobs | None) -> None:
+    def _add(
+        self,
+        lp: CompletionLogprobs,
+        index: int,
+        token_id: int,
+        logprob: float | None,
+        entry: TokenLogprobs | None,
+    ) -> None:
         word = self.ctx.token_strings([token_id])[0]
         lp.tokens.append(word)
         lp.token_logprobs.append(logprob)
@@ -166,7 +200,7 @@ class _CompletionFormatter:
             return
         top = top_logprobs(entry, self.k or 0)
         words = self.ctx.token_strings([t for t, _ in top])
-        lp.top_logprobs.append({w: v for w, (_, v) in zip(words, top)})
+        lp.top_logprobs.append({w: v for w, (_, v) in zip(words, top, strict=True)})
 
 
 def _extend(into: CompletionLogprobs, more: CompletionLogprobs | None) -> None:

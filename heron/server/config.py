@@ -29,11 +29,15 @@ class ServerConfig:
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty (leave it unset to disable auth)")
         if self.max_request_bytes < 1024:
-            raise ValueError(f"max_request_bytes must be at least 1024, got {self.max_request_bytes}")
+            raise ValueError(
+                f"max_request_bytes must be at least 1024, got {self.max_request_bytes}"
+            )
         if not 1 <= self.max_n <= MAX_N:
             raise ValueError(f"max_n must be in [1, {MAX_N}], got {self.max_n}")
         if not 0 <= self.max_logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"max_logprobs must be in [0, {MAX_LOGPROBS}], got {self.max_logprobs}")
+            raise ValueError(
+                f"max_logprobs must be in [0, {MAX_LOGPROBS}], got {self.max_logprobs}"
+            )
         if self.stats_interval_s <= 0:
             raise ValueError(f"stats_interval_s must be positive, got {self.stats_interval_s}")
         if any(not name for name in self.served_model_names):

@@ -33,8 +33,12 @@ logger = logging.getLogger("heron.server")
 T = TypeVar("T")
 
 
-def run_server(engine_config: EngineConfig, server_config: ServerConfig,
-               log_level: int = logging.INFO, access_log: bool = True) -> int:
+def run_server(
+    engine_config: EngineConfig,
+    server_config: ServerConfig,
+    log_level: int = logging.INFO,
+    access_log: bool = True,
+) -> int:
     """Serve until SIGINT/SIGTERM; returns the process exit code."""
     signals = _StartupSignals()
     signals.install()
@@ -51,16 +55,27 @@ def run_server(engine_config: EngineConfig, server_config: ServerConfig,
     return 0
 
 
-async def _serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: int,
-                 access_log: bool, signals: _StartupSignals) -> None:
+async def _serve(
+    engine_config: EngineConfig,
+    server_config: ServerConfig,
+    log_level: int,
+    access_log: bool,
+    signals: _StartupSignals,
+) -> None:
     signals.attach(asyncio.current_task(), asyncio.get_running_loop())
     engine = EngineClient(engine_config, log_level=log_level)
     try:
         ctx = await _start(engine, engine_config, server_config)
-        server = uvicorn.Server(uvicorn.Config(
-            build_app(ctx), host=server_config.host, port=server_config.port,
-            log_level=logging.getLevelName(log_level).lower(), access_log=access_log,
-            timeout_graceful_shutdown=int(server_config.graceful_shutdown_s) or None))
+        server = uvicorn.Server(
+            uvicorn.Config(
+                build_app(ctx),
+                host=server_config.host,
+                port=server_config.port,
+                log_level=logging.getLevelName(log_level).lower(),
+                access_log=access_log,
+                timeout_graceful_shutdown=int(server_config.graceful_shutdown_s) or None,
+            )
+        )
         signals.hand_over()  # from here uvicorn handles SIGINT/SIGTERM
         await server.serve()
     finally:
@@ -68,27 +83,46 @@ async def _serve(engine_config: EngineConfig, server_config: ServerConfig, log_l
         logger.info("engine core stopped; bye")
 
 
-async def _start(engine: EngineClient, engine_config: EngineConfig,
-                 server_config: ServerConfig) -> ServingContext:
+async def _start(
+    engine: EngineClient, engine_config: EngineConfig, server_config: ServerConfig
+) -> ServingContext:
     from heron.loader import load_tokenizer, model_display_name
 
     tokenizer_future = _in_daemon_thread(load_tokenizer, engine_config.model)
     try:
         info = await engine.start(server_config.startup_timeout_s)
     except BaseException:
-        tokenizer_future.add_done_callback(_ignore_result)  # the engine's error is the one to report
+        tokenizer_future.add_done_callback(
+            _ignore_result
+        )  # the engine's error is the one to report
         raise
     tokenizer = await tokenizer_future
     display = model_display_name(engine_config.model)
     names = server_config.served_model_names or (display,)
-    ctx = ServingContext(config=server_config, engine=engine, tokenizer=tokenizer, info=info,
-                         model_names=tuple(names), model_root=engine_config.model.model or display,
-                         metrics=ServerMetrics(engine, names[0]))
+    ctx = ServingContext(
+        config=server_config,
+        engine=engine,
+        tokenizer=tokenizer,
+        info=info,
+        model_names=tuple(names),
+        model_root=engine_config.model.model or display,
+        metrics=ServerMetrics(engine, names[0]),
+    )
     scheme_host = f"http://{server_config.host}:{server_config.port}"
-    logger.info("serving %s as %s on %s (%s), max_model_len %d, KV cache %d tokens (%d blocks "
-                "of %d); API at %s/v1%s", display, ", ".join(names), info.device, info.dtype,
-                info.max_model_len, info.num_kv_blocks * info.block_size, info.num_kv_blocks,
-                info.block_size, scheme_host, " (API key required)" if server_config.api_key else "")
+    logger.info(
+        "serving %s as %s on %s (%s), max_model_len %d, KV cache %d tokens (%d blocks "
+        "of %d); API at %s/v1%s",
+        display,
+        ", ".join(names),
+        info.device,
+        info.dtype,
+        info.max_model_len,
+        info.num_kv_blocks * info.block_size,
+        info.num_kv_blocks,
+        info.block_size,
+        scheme_host,
+        " (API key required)" if server_config.api_key else "",
+    )
     return ctx
 
 

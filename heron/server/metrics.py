@@ -21,8 +21,28 @@ from heron.engine.messages import EngineStats
 
 logger = logging.getLogger(__name__)
 
-_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
-                    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
+_LATENCY_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+)
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
 
 
@@ -36,18 +56,26 @@ class _EngineStatsCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         s = self.engine.stats
         for name, doc, value in (
-                ("num_requests_running", "Requests in the running batch.", s.num_running),
-                ("num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting),
-                ("kv_cache_usage_perc", "KV cache usage (1 means 100 percent).", s.kv_cache_usage)):
+            ("num_requests_running", "Requests in the running batch.", s.num_running),
+            ("num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting),
+            ("kv_cache_usage_perc", "KV cache usage (1 means 100 percent).", s.kv_cache_usage),
+        ):
             yield self._metric(GaugeMetricFamily, name, doc, value)
         for name, doc, value in (
-                ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                 s.prefix_cache_queries),
-                ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits),
-                ("num_preemptions", "Preemptions (requests evicted to free KV blocks).",
-                 s.num_preemptions),
-                ("prompt_tokens", "Prompt tokens admitted.", s.prompt_tokens_total),
-                ("generation_tokens", "Tokens generated.", s.generation_tokens_total)):
+            (
+                "prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache.",
+                s.prefix_cache_queries,
+            ),
+            ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits),
+            (
+                "num_preemptions",
+                "Preemptions (requests evicted to free KV blocks).",
+                s.num_preemptions,
+            ),
+            ("prompt_tokens", "Prompt tokens admitted.", s.prompt_tokens_total),
+            ("generation_tokens", "Tokens generated.", s.generation_tokens_total),
+        ):
             yield self._metric(CounterMetricFamily, name, doc, value)
 
     def _metric(self, kind: type, name: str, doc: str, value: float) -> Metric:
@@ -65,20 +93,36 @@ class ServerMetrics:
         labels = {"model_name": model_name}
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            h = Histogram(f"heron:{name}", doc, labelnames=["model_name"], buckets=buckets,
-                          registry=self.registry)
+            h = Histogram(
+                f"heron:{name}",
+                doc,
+                labelnames=["model_name"],
+                buckets=buckets,
+                registry=self.registry,
+            )
             return h.labels(**labels)
 
-        self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS)
-        self.itl = histogram("inter_token_latency_seconds", "Time between two output tokens.",
-                             _LATENCY_BUCKETS)
-        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.", _LATENCY_BUCKETS)
-        self.prompt_len = histogram("request_prompt_tokens", "Prompt length per request.",
-                                    _TOKEN_BUCKETS)
-        self.output_len = histogram("request_generation_tokens", "Tokens generated per request.",
-                                    _TOKEN_BUCKETS)
-        self._success = Counter("heron:request_success", "Finished requests by finish reason.",
-                                labelnames=["model_name", "finished_reason"], registry=self.registry)
+        self.ttft = histogram(
+            "time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS
+        )
+        self.itl = histogram(
+            "inter_token_latency_seconds", "Time between two output tokens.", _LATENCY_BUCKETS
+        )
+        self.e2e = histogram(
+            "e2e_request_latency_seconds", "Arrival to last token.", _LATENCY_BUCKETS
+        )
+        self.prompt_len = histogram(
+            "request_prompt_tokens", "Prompt length per request.", _TOKEN_BUCKETS
+        )
+        self.output_len = histogram(
+            "request_generation_tokens", "Tokens generated per request.", _TOKEN_BUCKETS
+        )
+        self._success = Counter(
+            "heron:request_success",
+            "Finished requests by finish reason.",
+            labelnames=["model_name", "finished_reason"],
+            registry=self.registry,
+        )
         self._model_name = model_name
 
     def observe_first_token(self, seconds: float) -> None:
@@ -87,8 +131,9 @@ class ServerMetrics:
     def observe_inter_token(self, seconds: float) -> None:
         self.itl.observe(seconds)
 
-    def observe_finished(self, reason: str, seconds: float, prompt_tokens: int,
-                         output_tokens: int) -> None:
+    def observe_finished(
+        self, reason: str, seconds: float, prompt_tokens: int, output_tokens: int
+    ) -> None:
         self.e2e.observe(seconds)
         self.prompt_len.observe(prompt_tokens)
         self.output_len.observe(output_tokens)
@@ -116,6 +161,8 @@ class StatsLogger:
         self.last, self.last_time = s, now
         if not busy:
             return None
-        return (f"running: {s.num_running}, waiting: {s.num_waiting}, "
-                f"KV cache: {100 * s.kv_cache_usage:.1f}%, prompt: {prompt / elapsed:.1f} tok/s, "
-                f"generation: {gen / elapsed:.1f} tok/s, preemptions: {s.num_preemptions}")
+        return (
+            f"running: {s.num_running}, waiting: {s.num_waiting}, "
+            f"KV cache: {100 * s.kv_cache_usage:.1f}%, prompt: {prompt / elapsed:.1f} tok/s, "
+            f"generation: {gen / elapsed:.1f} tok/s, preemptions: {s.num_preemptions}"
+        )

@@ -12,8 +12,9 @@ def model_cards(ctx: ServingContext) -> ModelList:
 
 def model_card(ctx: ServingContext, model_id: str) -> ModelCard | ErrorResponse:
     if model_id not in ctx.model_names:
-        return make_error(404, f"The model `{model_id}` does not exist.", param="model",
-                          code="model_not_found")
+        return make_error(
+            404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found"
+        )
     return _card(ctx, model_id)
 
 

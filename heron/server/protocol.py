@@ -21,6 +21,7 @@ from heron.sampling_params import SamplingParams
 
 # ==== errors ======================================================================================
 
+
 def _error_type(status: int) -> str:
     """OpenAI's convention: every client error is an invalid_request_error."""
     return "server_error" if status >= 500 else "invalid_request_error"
@@ -40,12 +41,13 @@ class ErrorResponse(BaseModel):
     status_code: int = Field(default=400, exclude=True)
 
 
-def make_error(status: int, message: str, *, param: str | None = None,
-               code: str | None = None) -> ErrorResponse:
+def make_error(
+    status: int, message: str, *, param: str | None = None, code: str | None = None
+) -> ErrorResponse:
     return ErrorResponse(
-        error=ErrorInfo(message=message, type=_error_type(status),
-                        param=param, code=code),
-        status_code=status)
+        error=ErrorInfo(message=message, type=_error_type(status), param=param, code=code),
+        status_code=status,
+    )
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ErrorResponse:
@@ -75,8 +77,9 @@ class OpenAIBaseModel(BaseModel):
     def unsupported_fields(self) -> list[str]:
         """Extra fields set to something other than a harmless value (None, [], "none"...)."""
         extra = self.model_extra or {}
-        return sorted(k for k, harmless in self.UNSUPPORTED.items()
-                      if k in extra and extra[k] not in harmless)
+        return sorted(
+            k for k, harmless in self.UNSUPPORTED.items() if k in extra and extra[k] not in harmless
+        )
 
 
 class StreamOptions(OpenAIBaseModel):
@@ -124,12 +127,20 @@ class SamplingFields(OpenAIBaseModel):
     def _sampling_kwargs(self) -> dict[str, Any]:
         """Only the fields the caller set; SamplingParams' defaults fill the rest."""
         fields = {
-            "n": self.n, "presence_penalty": self.presence_penalty,
-            "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty,
-            "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-            "min_p": self.min_p, "seed": self.seed, "stop": self.stop,
-            "stop_token_ids": self.stop_token_ids, "ignore_eos": self.ignore_eos,
-            "min_tokens": self.min_tokens, "skip_special_tokens": self.skip_special_tokens,
+            "n": self.n,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "seed": self.seed,
+            "stop": self.stop,
+            "stop_token_ids": self.stop_token_ids,
+            "ignore_eos": self.ignore_eos,
+            "min_tokens": self.min_tokens,
+            "skip_special_tokens": self.skip_special_tokens,
             "include_stop_str_in_output": self.include_stop_str_in_output,
             "logit_bias": self.logit_bias,
         }
@@ -141,12 +152,15 @@ class SamplingFields(OpenAIBaseModel):
             raise ValueError(f"n must be an integer in [1, {max_n}], got {self.n}")
         if self.seed is not None and not -(1 << 63) <= self.seed < (1 << 64):
             raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
-        for name, ids in (("logit_bias", [int(k) for k in (self.logit_bias or {}) if _is_int(k)]),
-                          ("stop_token_ids", self.stop_token_ids or [])):
+        for name, ids in (
+            ("logit_bias", [int(k) for k in (self.logit_bias or {}) if _is_int(k)]),
+            ("stop_token_ids", self.stop_token_ids or []),
+        ):
             bad = next((t for t in ids if not 0 <= t < vocab_size), None)
             if bad is not None:
-                raise ValueError(f"{name} names token id {bad}, outside the vocabulary "
-                                 f"[0, {vocab_size - 1}]")
+                raise ValueError(
+                    f"{name} names token id {bad}, outside the vocabulary [0, {vocab_size - 1}]"
+                )
 
 
 def _is_int(text: str) -> bool:
@@ -157,10 +171,22 @@ def _is_int(text: str) -> bool:
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 # Template arguments the server sets itself; chat_template_kwargs may not override them.
-RESERVED_TEMPLATE_KWARGS = ("messages", "conversation", "tools", "documents", "chat_template",
-                            "add_generation_prompt", "continue_final_message", "tokenize",
-                            "return_dict", "return_tensors", "return_assistant_tokens_mask",
-                            "padding", "truncation", "max_length")
+RESERVED_TEMPLATE_KWARGS = (
+    "messages",
+    "conversation",
+    "tools",
+    "documents",
+    "chat_template",
+    "add_generation_prompt",
+    "continue_final_message",
+    "tokenize",
+    "return_dict",
+    "return_tensors",
+    "return_assistant_tokens_mask",
+    "padding",
+    "truncation",
+    "max_length",
+)
 TEXT_PART_TYPES = ("text", "input_text")
 
 
@@ -172,8 +198,9 @@ class ContentPart(OpenAIBaseModel):
     @classmethod
     def _text_only(cls, value: str) -> str:
         if value not in TEXT_PART_TYPES:
-            raise ValueError(f"content parts of type {value!r} are not supported; "
-                             f"this server takes text only")
+            raise ValueError(
+                f"content parts of type {value!r} are not supported; this server takes text only"
+            )
         return value
 
 
@@ -210,9 +237,13 @@ class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
-        "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
-        "audio": (None,), "modalities": (None, ["text"]),
+        "tools": (None, []),
+        "functions": (None, []),
+        "tool_choice": (None, "none", "auto"),
+        "function_call": (None, "none", "auto"),
+        "response_format": (None, {"type": "text"}),
+        "audio": (None,),
+        "modalities": (None, ["text"]),
     }
 
     messages: list[ChatMessage]
@@ -225,7 +256,11 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
 
     def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
+            else self.max_tokens
+        )
 
     def check_messages(self) -> None:
         if not self.messages:
@@ -240,8 +275,9 @@ class ChatCompletionRequest(SamplingFields):
             if self.add_generation_prompt:
                 raise ValueError("continue_final_message needs add_generation_prompt set to false")
             if self.messages[-1].role != "assistant":
-                raise ValueError("continue_final_message needs the last message to be an "
-                                 "assistant message")
+                raise ValueError(
+                    "continue_final_message needs the last message to be an assistant message"
+                )
 
     def to_sampling_params(self, max_tokens: int | None, max_logprobs: int) -> SamplingParams:
         """ValueError (naming the field) when a value is out of range."""
@@ -275,8 +311,12 @@ class CompletionRequest(SamplingFields):
         if lp is not None and not 0 <= lp <= max_logprobs:
             raise ValueError(f"logprobs must be an integer in [0, {max_logprobs}], got {lp}")
         prompt_logprobs = lp if self.echo else None
-        return SamplingParams(max_tokens=max_tokens, logprobs=lp, prompt_logprobs=prompt_logprobs,
-                              **self._sampling_kwargs())
+        return SamplingParams(
+            max_tokens=max_tokens,
+            logprobs=lp,
+            prompt_logprobs=prompt_logprobs,
+            **self._sampling_kwargs(),
+        )
 
 
 # ==== responses ===================================================================================

@@ -59,27 +59,37 @@ class ServingContext:
     def check_model(self, name: str | None) -> ErrorResponse | None:
         if name is None or name in self.model_names:
             return None
-        return make_error(404, f"The model `{name}` does not exist; this server serves "
-                               f"{', '.join(self.model_names)}.", param="model", code="model_not_found")
+        return make_error(
+            404,
+            f"The model `{name}` does not exist; this server serves {', '.join(self.model_names)}.",
+            param="model",
+            code="model_not_found",
+        )
 
     def check_fields(self, request: OpenAIBaseModel) -> ErrorResponse | None:
         """Refuse fields we cannot honour; log (once per name) fields we ignore."""
         unsupported = request.unsupported_fields()
         if unsupported:
-            return bad_request(f"{unsupported[0]} is not supported by this server",
-                               param=unsupported[0], code="unsupported_parameter")
+            return bad_request(
+                f"{unsupported[0]} is not supported by this server",
+                param=unsupported[0],
+                code="unsupported_parameter",
+            )
         fresh = [f for f in request.ignored_fields() if f not in self._logged_fields]
         if fresh:
             self._logged_fields.update(fresh)
             logger.info("ignoring request fields that have no meaning here: %s", ", ".join(fresh))
         return None
 
-    def check_context(self, num_prompt_tokens: int, max_tokens: int | None,
-                      what: str = "prompt") -> ErrorResponse | None:
+    def check_context(
+        self, num_prompt_tokens: int, max_tokens: int | None, what: str = "prompt"
+    ) -> ErrorResponse | None:
         """400 when the prompt plus max_tokens does not fit in the model's context."""
         limit = self.info.max_model_len
         if num_prompt_tokens == 0:
-            return bad_request(f"the {what} is empty: at least one token is needed", code="empty_prompt")
+            return bad_request(
+                f"the {what} is empty: at least one token is needed", code="empty_prompt"
+            )
         wanted = num_prompt_tokens + (max_tokens or 1)
         if wanted <= limit:
             return None
@@ -87,20 +97,25 @@ class ServingContext:
         return bad_request(
             f"This model's maximum context length is {limit} tokens. However, you requested "
             f"{wanted} tokens ({num_prompt_tokens} in the {what}, {completion}). Please reduce "
-            f"the length of the {what} or max_tokens.", param="max_tokens",
-            code="context_length_exceeded")
+            f"the length of the {what} or max_tokens.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
 
     def check_token_ids(self, ids: list[int], param: str = "prompt") -> ErrorResponse | None:
         vocab = self.info.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is None:
             return None
-        return bad_request(f"token id {bad} is outside the vocabulary [0, {vocab - 1}]", param=param)
+        return bad_request(
+            f"token id {bad} is outside the vocabulary [0, {vocab - 1}]", param=param
+        )
 
     async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         if len(text) > _THREAD_TOKENIZE_CHARS:
-            return await asyncio.to_thread(self.tokenizer.encode, text,
-                                           add_special_tokens=add_special_tokens)
+            return await asyncio.to_thread(
+                self.tokenizer.encode, text, add_special_tokens=add_special_tokens
+            )
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def token_strings(self, ids: list[int]) -> list[str]:
@@ -140,10 +155,13 @@ class ChoiceDelta:
 class _Choice:
     """One engine sequence: its detokenizer, counts and timings."""
 
-    def __init__(self, index: int, prompt_index: int, detok: IncrementalDetokenizer) -> None:
+    def __init__(
+        self, index: int, prompt_index: int, detok: IncrementalDetokenizer, params: SamplingParams
+    ) -> None:
         self.index = index
         self.prompt_index = prompt_index
         self.detok = detok
+        self.stop_token_ids = set(params.stop_token_ids or ())
         self.num_tokens = 0
         self.num_cached_tokens = 0
         self.finish_reason: str | None = None
@@ -156,7 +174,8 @@ class _Choice:
         self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
         # An eos / stop token that ended the request adds no text (include_stop_str_in_output aside).
         stop = self.detok.update(ids, stop_terminated=out.finish_reason == "stop") if ids else None
-        stop_reason = out.stop_reason
+        # vLLM's stop_reason: the stop string or the stop_token_ids entry; None for an eos.
+        stop_reason = out.stop_reason if out.stop_reason in self.stop_token_ids else None
         if stop is not None:
             self.finish_reason, stop_reason = "stop", stop
             text = self.detok.get_delta()
@@ -165,9 +184,16 @@ class _Choice:
             text = self.detok.flush()
         else:
             text = self.detok.get_delta()
-        delta = ChoiceDelta(self.index, self.prompt_index, text, ids, list(out.new_logprobs or []),
-                            self.finish_reason, stop_reason if self.finish_reason else None,
-                            first=not self.started)
+        delta = ChoiceDelta(
+            self.index,
+            self.prompt_index,
+            text,
+            ids,
+            list(out.new_logprobs or []),
+            self.finish_reason,
+            stop_reason if self.finish_reason else None,
+            first=not self.started,
+        )
         self.started = True
         return delta
 
@@ -178,8 +204,9 @@ class Generation:
     Choice ``p * n + i`` is the i-th sample of prompt p (OpenAI's numbering).
     """
 
-    def __init__(self, ctx: ServingContext, request_id: str, prompts: list[Prompt],
-                 params: SamplingParams) -> None:
+    def __init__(
+        self, ctx: ServingContext, request_id: str, prompts: list[Prompt], params: SamplingParams
+    ) -> None:
         from heron.loader.tokenizer import IncrementalDetokenizer
 
         self.ctx = ctx
@@ -196,9 +223,15 @@ class Generation:
                 child = params.clone(n=1, seed=seed)
                 rid = f"{request_id}-{p}-{i}"
                 detok = IncrementalDetokenizer(ctx.tokenizer, prompt.token_ids, child)
-                self.choices[rid] = _Choice(p * params.n + i, p, detok)
-                self.requests.append(EngineRequest(request_id=rid, prompt_token_ids=prompt.token_ids,
-                                                   sampling_params=child, arrival_time=self.arrival))
+                self.choices[rid] = _Choice(p * params.n + i, p, detok, child)
+                self.requests.append(
+                    EngineRequest(
+                        request_id=rid,
+                        prompt_token_ids=prompt.token_ids,
+                        sampling_params=child,
+                        arrival_time=self.arrival,
+                    )
+                )
 
     @property
     def num_choices(self) -> int:
@@ -230,9 +263,12 @@ class Generation:
                 metrics.observe_inter_token(now - choice.last_time)
             choice.last_time = now
         if choice.finish_reason is not None:
-            metrics.observe_finished(choice.finish_reason, now - self.arrival,
-                                     len(self.prompts[choice.prompt_index].token_ids),
-                                     choice.num_tokens)
+            metrics.observe_finished(
+                choice.finish_reason,
+                now - self.arrival,
+                len(self.prompts[choice.prompt_index].token_ids),
+                choice.num_tokens,
+            )
 
     def usage(self) -> UsageInfo:
         prompt_tokens = sum(len(p.token_ids) for p in self.prompts)
@@ -240,9 +276,12 @@ class Generation:
         cached: dict[int, int] = {}
         for c in self.choices.values():
             cached[c.prompt_index] = max(cached.get(c.prompt_index, 0), c.num_cached_tokens)
-        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion,
-                         total_tokens=prompt_tokens + completion,
-                         prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(cached.values())))
+        return UsageInfo(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion,
+            total_tokens=prompt_tokens + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(cached.values())),
+        )
 
 
 def engine_error(e: Exception) -> ErrorResponse:
@@ -264,7 +303,7 @@ SSE_DONE = sse("[DONE]")
 
 def top_logprobs(entry: TokenLogprobs, k: int) -> list[tuple[int, float]]:
     """The k most likely (token id, logprob) pairs of one position, best first."""
-    pairs = sorted(zip(entry.token_ids, entry.logprobs), key=lambda p: -p[1])
+    pairs = sorted(zip(entry.token_ids, entry.logprobs, strict=True), key=lambda p: -p[1])
     seen: set[int] = set()
     out = []
     for tid, lp in pairs:
