@@ -160,6 +160,7 @@ def test_chat_stop_string(client: openai.OpenAI) -> None:
     )
     assert r.choices[0].message.content == cut
     assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].model_extra["stop_reason"] == stop  # vLLM's extra field
     assert r.usage.completion_tokens < 12
     streamed = "".join(
         c.choices[0].delta.content or ""
@@ -264,6 +265,7 @@ def test_completion_stop_token_ids_and_ignore_eos(
         extra_body={"stop_token_ids": [stop_id]},
     )
     assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].model_extra["stop_reason"] == stop_id
     assert r.usage.completion_tokens == 3
     assert r.choices[0].text == "".join(tokens[:2])
 

@@ -97,7 +97,6 @@ class EngineClient:
         self._dead: str | None = None
         self.info: EngineInfo | None = None
         self.stats = EngineStats()
-        self.stats_time = 0.0  # time.monotonic() of the last stats snapshot
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -232,7 +231,7 @@ class EngineClient:
                 if queue is not None:
                     queue.put_nowait(out)
             if message.stats is not None:
-                self.stats, self.stats_time = message.stats, time.monotonic()
+                self.stats = message.stats
         elif isinstance(message, RequestRejected):
             queue = self._queues.pop(message.request_id, None)
             if queue is not None:
