@@ -285,7 +285,9 @@ def test_completion_echo_and_logprobs(client: openai.OpenAI, tokenizer: Tokenize
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert all(v is not None and v <= 0.0 for v in lp.token_logprobs[1:])
     assert all(len(t) <= 2 for t in lp.top_logprobs[1:])
-    assert lp.text_offset == sorted(lp.text_offset)
+    assert lp.tokens[0] == "<bos>" and lp.text_offset[:2] == [0, 0]  # bos takes no room in the text
+    for token, offset in zip(lp.tokens[1:], lp.text_offset[1:], strict=True):
+        assert choice.text[offset : offset + len(token)] == token
     # Greedy completion tokens are the most likely ones.
     for token, value, top in zip(
         lp.tokens[n_prompt:], lp.token_logprobs[n_prompt:], lp.top_logprobs[n_prompt:], strict=True

@@ -87,6 +87,11 @@ class _CompletionFormatter:
         self.created = int(time.time())
         self.k = request.logprobs  # None: no logprobs
         self.offsets = [0] * gen.num_choices  # text_offset of the next token, per choice
+        self.hidden_ids: frozenset[int] = (
+            frozenset(getattr(ctx.tokenizer, "special_token_ids", ()))
+            if request.skip_special_tokens is not False
+            else frozenset()
+        )
 
     async def full(self) -> CompletionResponse | ErrorResponse:
         n = self.gen.num_choices
@@ -194,7 +199,8 @@ class _CompletionFormatter:
         lp.tokens.append(word)
         lp.token_logprobs.append(logprob)
         lp.text_offset.append(self.offsets[index])
-        self.offsets[index] += len(word)
+        if token_id not in self.hidden_ids:  # skipped special tokens take no room in the text
+            self.offsets[index] += len(word)
         if entry is None:
             lp.top_logprobs.append(None)
             return
