@@ -21,6 +21,7 @@ from typing import Protocol
 
 DATASETS = ("random", "prefix")
 MAX_ADJUST_ROUNDS = 10
+REPLACEMENT = "\ufffd"  # what a piece of a multi-byte character decodes to
 
 
 class TextTokenizer(Protocol):
@@ -32,6 +33,8 @@ class TextTokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
+
+    def token_strings(self, ids: list[int]) -> list[str]: ...
 
 
 @dataclass(frozen=True)
@@ -103,10 +106,16 @@ def sample_requests(tokenizer: TextTokenizer, spec: DatasetSpec) -> list[SampleR
 
 
 def allowed_token_ids(tokenizer: TextTokenizer) -> list[int]:
-    """Every id below ``vocab_size`` that is not a special token."""
+    """Ids that are not special and decode on their own to whole characters.
+
+    Byte pieces (byte-level BPE, sentencepiece byte fallback) decode alone to a replacement
+    character, which encodes to several tokens again and keeps the length from converging.
+    """
     ids = [i for i in range(tokenizer.vocab_size) if i not in tokenizer.special_token_ids]
+    strings = tokenizer.token_strings(ids)
+    ids = [i for i, text in zip(ids, strings) if text and REPLACEMENT not in text]
     if not ids:
-        raise ValueError("the tokenizer has no non-special tokens to build prompts from")
+        raise ValueError("the tokenizer has no plain text tokens to build prompts from")
     return ids
 
 
@@ -120,20 +129,33 @@ def text_of_length(tokenizer: TextTokenizer, head: str, target: int, rng: random
                    allowed: list[int]) -> tuple[str, int]:
     """``head`` plus random text, adjusted until it encodes to ``target`` tokens.
 
-    Returns the text and its token count (without special tokens), which is ``target`` unless
-    ``MAX_ADJUST_ROUNDS`` rounds did not converge (then it is the closest last attempt) or
-    ``head`` alone is already longer.
+    Each round encodes the random part again and cuts or extends it by the difference.
+    Returns the text and its token count (without special tokens): ``target`` unless
+    ``MAX_ADJUST_ROUNDS`` rounds did not converge (then the closest attempt) or ``head``
+    alone is already longer.
     """
     tail = rng.choices(allowed, k=max(target - _count(tokenizer, head), 0))
-    text, count = _render(tokenizer, head, tail)
+    best = _render(tokenizer, head, tail)
+    text, count = best
     for _ in range(MAX_ADJUST_ROUNDS):
-        excess = count - target
-        if excess == 0 or (excess > 0 and not tail):
+        if count == target or (count > target and not tail):
             break
         tail = tokenizer.encode(tokenizer.decode(tail), add_special_tokens=False) if tail else []
-        tail = tail[:max(len(tail) - excess, 0)] if excess > 0 else tail + rng.choices(allowed, k=-excess)
+        if count > target:
+            tail = _cut(tokenizer, tail, len(tail) - (count - target))
+        else:
+            tail += rng.choices(allowed, k=target - count)
         text, count = _render(tokenizer, head, tail)
-    return text, count
+        best = min(best, (text, count), key=lambda attempt: abs(attempt[1] - target))
+    return best
+
+
+def _cut(tokenizer: TextTokenizer, ids: list[int], keep: int) -> list[int]:
+    """The first ``keep`` ids, fewer if needed so the text does not end inside a character."""
+    ids = ids[:max(keep, 0)]
+    while ids and tokenizer.decode(ids[-8:]).endswith(REPLACEMENT):
+        ids.pop()
+    return ids
 
 
 def _render(tokenizer: TextTokenizer, head: str, tail: list[int]) -> tuple[str, int]:
