@@ -150,9 +150,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         choices=DTYPES,
-        help="weights and activations dtype (default: %(default)s: bfloat16 on CUDA, float32 on CPU)",
+        help="weights and activations dtype (default: %(default)s: bfloat16 on CUDA and on CPUs "
+        "with native bf16 matmuls, else float32)",
     )
-    g.add_argument("--device", default="auto", choices=DEVICES, help="(default: %(default)s)")
+    g.add_argument(
+        "--device",
+        default="auto",
+        choices=DEVICES,
+        help="cuda if available, else cpu (default: auto)",
+    )
     g.add_argument(
         "--max-model-len",
         type=int,

@@ -12,13 +12,40 @@ import pytest
 
 from heron import LLM, SamplingParams
 from tests.server_utils import RemoteServer
-from tests.tiny_models import VOCAB, save_tiny_model
 
 TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<assistant>{% endif %}"
 )
 PROMPTS = ["Hello", "The quick brown fox"]
+VOCAB = 512
+
+
+def save_tiny_llama(path: Path) -> Path:
+    """A random 2-layer Llama (float32), weights spread so greedy choices are far from ties."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.08)
+    model.save_pretrained(path)
+    return path
 
 
 def save_char_tokenizer(path: Path) -> None:
@@ -46,7 +73,7 @@ def save_char_tokenizer(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = save_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))
+    path = save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
     save_char_tokenizer(path)
     return path
 

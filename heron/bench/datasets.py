@@ -65,8 +65,10 @@ class DatasetSpec:
         if self.num_prompts < 1:
             raise ValueError(f"num_prompts must be at least 1, got {self.num_prompts}")
         if self.input_len < 0 or self.output_len < 1:
-            raise ValueError("input_len must be >= 0 and output_len >= 1, got "
-                             f"{self.input_len} and {self.output_len}")
+            raise ValueError(
+                "input_len must be >= 0 and output_len >= 1, got "
+                f"{self.input_len} and {self.output_len}"
+            )
         if not 0.0 <= self.range_ratio < 1.0:
             raise ValueError(f"range_ratio must be in [0, 1), got {self.range_ratio}")
         if self.prefix_len < 0 or self.num_prefixes < 1:
@@ -91,7 +93,9 @@ def sample_requests(tokenizer: TextTokenizer, spec: DatasetSpec) -> list[SampleR
     rng = random.Random(spec.seed)
     allowed = allowed_token_ids(tokenizer)
     num_special = len(tokenizer.encode("", add_special_tokens=True))
-    prefixes = [random_text(tokenizer, spec.prefix_len, rng, allowed) for _ in range(spec.num_prefixes)]
+    prefixes = [
+        random_text(tokenizer, spec.prefix_len, rng, allowed) for _ in range(spec.num_prefixes)
+    ]
     prefixes = prefixes if spec.prefix_len > 0 else [""]
     in_low, in_high = length_bounds(spec.input_len, spec.range_ratio)
     out_low, out_high = length_bounds(spec.output_len, spec.range_ratio, minimum=1)
@@ -119,14 +123,16 @@ def allowed_token_ids(tokenizer: TextTokenizer) -> list[int]:
     return ids
 
 
-def random_text(tokenizer: TextTokenizer, num_tokens: int, rng: random.Random,
-                allowed: list[int]) -> str:
+def random_text(
+    tokenizer: TextTokenizer, num_tokens: int, rng: random.Random, allowed: list[int]
+) -> str:
     """Text of random tokens that encodes (without special tokens) to ``num_tokens`` tokens."""
     return text_of_length(tokenizer, "", num_tokens, rng, allowed)[0]
 
 
-def text_of_length(tokenizer: TextTokenizer, head: str, target: int, rng: random.Random,
-                   allowed: list[int]) -> tuple[str, int]:
+def text_of_length(
+    tokenizer: TextTokenizer, head: str, target: int, rng: random.Random, allowed: list[int]
+) -> tuple[str, int]:
     """``head`` plus random text, adjusted until it encodes to ``target`` tokens.
 
     Each round encodes the random part again and cuts or extends it by the difference.
@@ -152,7 +158,7 @@ def text_of_length(tokenizer: TextTokenizer, head: str, target: int, rng: random
 
 def _cut(tokenizer: TextTokenizer, ids: list[int], keep: int) -> list[int]:
     """The first ``keep`` ids, fewer if needed so the text does not end inside a character."""
-    ids = ids[:max(keep, 0)]
+    ids = ids[: max(keep, 0)]
     while ids and tokenizer.decode(ids[-8:]).endswith(REPLACEMENT):
         ids.pop()
     return ids

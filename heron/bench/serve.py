@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
 import os
@@ -107,8 +108,12 @@ class LatencyStats:
     def of_seconds(cls, values: Sequence[float], percentiles: Sequence[float]) -> LatencyStats:
         """Stats of ``values`` (seconds); all zero when there are none (as vLLM reports)."""
         ms = np.asarray(values, dtype=np.float64) * 1000.0 if len(values) else np.zeros(1)
-        return cls(float(ms.mean()), float(np.median(ms)), float(ms.std()),
-                   {float(p): float(np.percentile(ms, p)) for p in percentiles})
+        return cls(
+            float(ms.mean()),
+            float(np.median(ms)),
+            float(ms.std()),
+            {float(p): float(np.percentile(ms, p)) for p in percentiles},
+        )
 
 
 @dataclass(frozen=True)
@@ -130,8 +135,11 @@ class BenchmarkMetrics:
     def to_dict(self) -> dict[str, float | int]:
         """Flat keys as vLLM writes them (``mean_ttft_ms``, ``p99_itl_ms``, ...)."""
         out: dict[str, float | int] = {
-            "completed": self.completed, "failed": self.failed, "duration": self.duration_s,
-            "total_input_tokens": self.total_input, "total_output_tokens": self.total_output,
+            "completed": self.completed,
+            "failed": self.failed,
+            "duration": self.duration_s,
+            "total_input_tokens": self.total_input,
+            "total_output_tokens": self.total_output,
             "request_throughput": self.request_throughput,
             "output_throughput": self.output_throughput,
             "total_token_throughput": self.total_token_throughput,
@@ -152,8 +160,9 @@ def percentile_label(p: float) -> str:
     return str(int(p)) if float(p).is_integer() else str(p)
 
 
-def compute_metrics(records: Sequence[RequestRecord], duration_s: float,
-                    percentiles: Sequence[float] = (99.0,)) -> BenchmarkMetrics:
+def compute_metrics(
+    records: Sequence[RequestRecord], duration_s: float, percentiles: Sequence[float] = (99.0,)
+) -> BenchmarkMetrics:
     """Metrics of a finished run: failed requests count only in ``failed``."""
     if duration_s <= 0:
         raise ValueError(f"duration must be positive, got {duration_s}")
@@ -168,8 +177,11 @@ def compute_metrics(records: Sequence[RequestRecord], duration_s: float,
     }
     per_second = tokens_per_bucket(ok, 1.0)
     return BenchmarkMetrics(
-        completed=len(ok), failed=len(records) - len(ok), duration_s=duration_s,
-        total_input=total_input, total_output=total_output,
+        completed=len(ok),
+        failed=len(records) - len(ok),
+        duration_s=duration_s,
+        total_input=total_input,
+        total_output=total_output,
         request_throughput=len(ok) / duration_s,
         output_throughput=total_output / duration_s,
         total_token_throughput=(total_input + total_output) / duration_s,
@@ -198,25 +210,28 @@ def tokens_per_bucket(records: Sequence[RequestRecord], bucket_s: float) -> list
     return buckets
 
 
-def in_flight_per_bucket(records: Sequence[RequestRecord], bucket_s: float) -> list[int]:
-    """How many requests were open at some moment of each ``bucket_s`` window."""
+def in_flight_per_bucket(records: Sequence[RequestRecord], bucket_s: float) -> list[float]:
+    """Mean number of requests open during each ``bucket_s`` window (time-weighted)."""
     if not records:
         return []
     origin = min(r.start_time for r in records)
     end = max(r.start_time + r.latency for r in records)
-    counts = [0] * max(math.ceil((end - origin) / bucket_s), 1)
+    means = [0.0] * max(math.ceil((end - origin) / bucket_s), 1)
     for r in records:
-        first = int((r.start_time - origin) / bucket_s)
-        last = min(int((r.start_time + r.latency - origin) / bucket_s), len(counts) - 1)
+        opened, closed = r.start_time - origin, r.start_time + r.latency - origin
+        first = int(opened / bucket_s)
+        last = min(int(closed / bucket_s), len(means) - 1)
         for index in range(first, last + 1):
-            counts[index] += 1
-    return counts
+            low, high = index * bucket_s, (index + 1) * bucket_s
+            means[index] += max(min(closed, high) - max(opened, low), 0.0) / bucket_s
+    return means
 
 
 def peak_concurrency(records: Sequence[RequestRecord]) -> int:
     """Most requests open at once, each open over ``[start, start + latency)``."""
-    events = sorted([(r.start_time, 1) for r in records]
-                    + [(r.start_time + r.latency, -1) for r in records])
+    events = sorted(
+        [(r.start_time, 1) for r in records] + [(r.start_time + r.latency, -1) for r in records]
+    )
     peak = open_now = 0
     for _, delta in events:  # at equal times the -1 sorts first: a close before an open
         open_now += delta
@@ -232,9 +247,9 @@ def arrival_offsets(num: int, request_rate: float, rng: random.Random) -> list[f
         raise ValueError(f"request rate must be positive, got {request_rate}")
     if math.isinf(request_rate) or num == 0:
         return [0.0] * num
-    offsets = list(np.cumsum([rng.expovariate(request_rate) for _ in range(num)]))
+    offsets = list(itertools.accumulate(rng.expovariate(request_rate) for _ in range(num)))
     scale = (num / request_rate) / offsets[-1]
-    return [float(t) * scale for t in offsets]
+    return [t * scale for t in offsets]
 
 
 # ==== the HTTP client ============================================================================
@@ -256,11 +271,15 @@ class ClientConfig:
 
     def __post_init__(self) -> None:
         if self.endpoint not in ENDPOINTS:
-            raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}, got {self.endpoint!r}")
+            raise ValueError(
+                f"endpoint must be one of {', '.join(ENDPOINTS)}, got {self.endpoint!r}"
+            )
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {self.max_concurrency}")
         if not self.request_rate > 0:
-            raise ValueError(f"request_rate must be positive (inf: all at once), got {self.request_rate}")
+            raise ValueError(
+                f"request_rate must be positive (inf: all at once), got {self.request_rate}"
+            )
 
     @property
     def is_chat(self) -> bool:
@@ -275,8 +294,12 @@ class ClientConfig:
 
     def body(self, sample: SampleRequest) -> dict[str, Any]:
         """The streamed request for ``sample``; ``ignore_eos`` is vLLM's (and llama.cpp's) extra."""
-        body: dict[str, Any] = {"model": self.model, "max_tokens": sample.output_len, "stream": True,
-                                "stream_options": {"include_usage": True}}
+        body: dict[str, Any] = {
+            "model": self.model,
+            "max_tokens": sample.output_len,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         if self.is_chat:
             body["messages"] = [{"role": "user", "content": sample.prompt}]
         else:
@@ -298,15 +321,20 @@ class _Stream:
     error: str = ""
 
 
-async def send_request(client: httpx.AsyncClient, config: ClientConfig, sample: SampleRequest,
-                       count_tokens: TokenCounter | None = None) -> RequestRecord:
+async def send_request(
+    client: httpx.AsyncClient,
+    config: ClientConfig,
+    sample: SampleRequest,
+    count_tokens: TokenCounter | None = None,
+) -> RequestRecord:
     """Send one streamed request and time it; any failure is recorded, never raised."""
     record = RequestRecord(prompt_len=sample.prompt_len)
     stream = _Stream()
     record.start_time = time.perf_counter()
     try:
-        async with client.stream("POST", config.api_url, json=config.body(sample),
-                                 headers=config.headers()) as response:
+        async with client.stream(
+            "POST", config.api_url, json=config.body(sample), headers=config.headers()
+        ) as response:
             if response.status_code != 200:
                 record.error = http_error_text(response.status_code, await response.aread())
                 return record
@@ -318,16 +346,15 @@ async def send_request(client: httpx.AsyncClient, config: ClientConfig, sample: 
     return record
 
 
-async def _read_stream(response: httpx.Response, record: RequestRecord, stream: _Stream,
-                       chat: bool) -> None:
+async def _read_stream(
+    response: httpx.Response, record: RequestRecord, stream: _Stream, chat: bool
+) -> None:
     last = record.start_time
     async for now, data in sse_events(response.aiter_lines()):
-        if "error" in data:
+        if data.get("error"):
             stream.error = error_message(data)
             return
-        if usage := data.get("usage"):
-            stream.usage_output_tokens = usage.get("completion_tokens", stream.usage_output_tokens)
-            stream.usage_prompt_tokens = usage.get("prompt_tokens", stream.usage_prompt_tokens)
+        _take_usage(stream, data.get("usage") or {})
         text = chunk_text(data, chat)
         if not text:
             continue
@@ -340,6 +367,13 @@ async def _read_stream(response: httpx.Response, record: RequestRecord, stream: 
     record.latency = last - record.start_time
 
 
+def _take_usage(stream: _Stream, usage: dict[str, Any]) -> None:
+    if (completion := usage.get("completion_tokens")) is not None:
+        stream.usage_output_tokens = int(completion)
+    if (prompt := usage.get("prompt_tokens")) is not None:
+        stream.usage_prompt_tokens = int(prompt)
+
+
 def _finish(record: RequestRecord, stream: _Stream, count_tokens: TokenCounter | None) -> None:
     record.generated_text = "".join(stream.texts)
     if stream.error:
@@ -348,9 +382,9 @@ def _finish(record: RequestRecord, stream: _Stream, count_tokens: TokenCounter |
         record.error = "the stream ended without any generated text"
     record.success = not record.error
     if stream.usage_prompt_tokens is not None:
-        record.prompt_len = int(stream.usage_prompt_tokens)
+        record.prompt_len = stream.usage_prompt_tokens
     if stream.usage_output_tokens is not None:
-        record.output_tokens = int(stream.usage_output_tokens)
+        record.output_tokens = stream.usage_output_tokens
     elif count_tokens is not None:
         record.output_tokens = count_tokens(record.generated_text)
     else:
@@ -363,12 +397,15 @@ async def sse_events(lines: AsyncIterator[str]) -> AsyncIterator[tuple[float, di
         now = time.perf_counter()
         if not line.startswith("data:"):
             continue  # blank separators, ": comments", "event:" lines
-        payload = line[len("data:"):].strip()
+        payload = line[len("data:") :].strip()
         if payload == "[DONE]":
             return
         if payload:
             data = json.loads(payload)
-            yield now, data if isinstance(data, dict) else {"error": f"unexpected event {payload[:80]}"}
+            yield (
+                now,
+                data if isinstance(data, dict) else {"error": f"unexpected event {payload[:80]}"},
+            )
 
 
 def chunk_text(data: dict[str, Any], chat: bool) -> str:
@@ -412,13 +449,15 @@ class BenchmarkRun:
 def make_client(limit: int) -> httpx.AsyncClient:
     import httpx
 
-    return httpx.AsyncClient(timeout=httpx.Timeout(None, connect=30.0),
-                             limits=httpx.Limits(max_connections=limit,
-                                                 max_keepalive_connections=limit))
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(None, connect=30.0),
+        limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit),
+    )
 
 
-async def check_server(client: httpx.AsyncClient, base_url: str,
-                       headers: dict[str, str]) -> list[str]:
+async def check_server(
+    client: httpx.AsyncClient, base_url: str, headers: dict[str, str]
+) -> list[str]:
     """Model ids from ``GET /v1/models`` ([] if it has none but ``/health`` answers 200).
 
     Raises ServerUnreachable with a one-line reason otherwise.
@@ -429,26 +468,37 @@ async def check_server(client: httpx.AsyncClient, base_url: str,
     try:
         response = await client.get(f"{base}/v1/models", headers=headers, timeout=10.0)
         if response.status_code in (401, 403):
-            raise ServerUnreachable(f"{base} refused the API key (HTTP {response.status_code} on "
-                                    "/v1/models); pass the right one with --api-key")
+            raise ServerUnreachable(
+                f"{base} refused the API key (HTTP {response.status_code} on "
+                "/v1/models); pass the right one with --api-key"
+            )
         if response.status_code == 200:
             return [m["id"] for m in response.json().get("data", []) if "id" in m]
         health = await client.get(f"{base}/health", headers=headers, timeout=10.0)
     except httpx.HTTPError as err:
-        raise ServerUnreachable(f"cannot reach the server at {base} ({type(err).__name__}: "
-                                f"{err or 'no answer'}); is it running?") from err
+        raise ServerUnreachable(
+            f"cannot reach the server at {base} ({type(err).__name__}: "
+            f"{str(err) or 'no answer'}); is it running?"
+        ) from err
     except ValueError as err:
         raise ServerUnreachable(f"{base}/v1/models did not answer JSON: {err}") from err
     if health.status_code != 200:
-        raise ServerUnreachable(f"the server at {base} is not ready: /v1/models answered HTTP "
-                                f"{response.status_code}, /health HTTP {health.status_code}")
+        raise ServerUnreachable(
+            f"the server at {base} is not ready: /v1/models answered HTTP "
+            f"{response.status_code}, /health HTTP {health.status_code}"
+        )
     return []
 
 
-async def run_benchmark(client: httpx.AsyncClient, config: ClientConfig,
-                        requests: Sequence[SampleRequest], *,
-                        count_tokens: TokenCounter | None = None, num_warmups: int = 0,
-                        progress: bool = True) -> BenchmarkRun:
+async def run_benchmark(
+    client: httpx.AsyncClient,
+    config: ClientConfig,
+    requests: Sequence[SampleRequest],
+    *,
+    count_tokens: TokenCounter | None = None,
+    num_warmups: int = 0,
+    progress: bool = True,
+) -> BenchmarkRun:
     """Send ``requests`` (Poisson arrivals at ``request_rate``, at most ``max_concurrency`` open)
     and wait for all of them. Warm-up copies of the first request run before the clock starts."""
     from tqdm import tqdm
@@ -527,16 +577,21 @@ def failure_summary(records: Sequence[RequestRecord]) -> str:
     return "\n".join(lines)
 
 
-def result_json(run: BenchmarkRun, metrics: BenchmarkMetrics, config: ClientConfig,
-                spec: DatasetSpec) -> dict[str, Any]:
+def result_json(
+    run: BenchmarkRun, metrics: BenchmarkMetrics, config: ClientConfig, spec: DatasetSpec
+) -> dict[str, Any]:
     """Everything ``--save-result`` writes: settings, metrics (vLLM's key names), per request."""
     origin = min((r.start_time for r in run.records), default=0.0)
     return {
         "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
-        "base_url": config.base_url, "endpoint": config.endpoint, "model_id": config.model,
-        "dataset": asdict(spec), "num_prompts": len(run.records),
+        "base_url": config.base_url,
+        "endpoint": config.endpoint,
+        "model_id": config.model,
+        "dataset": asdict(spec),
+        "num_prompts": len(run.records),
         "request_rate": "inf" if math.isinf(config.request_rate) else config.request_rate,
-        "max_concurrency": config.max_concurrency, "ignore_eos": config.ignore_eos,
+        "max_concurrency": config.max_concurrency,
+        "ignore_eos": config.ignore_eos,
         **metrics.to_dict(),
         "input_lens": [r.prompt_len for r in run.records],
         "output_lens": [r.output_tokens if r.success else 0 for r in run.records],
@@ -563,17 +618,25 @@ def plot_result(path: str, run: BenchmarkRun, config: ClientConfig) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     width = 0.8 / len(PLOT_PERCENTILES)
     for i, p in enumerate(PLOT_PERCENTILES):
-        xs = [j + (i - (len(PLOT_PERCENTILES) - 1) / 2) * width for j in range(len(LATENCY_METRICS))]
-        left.bar(xs, [stats[m].percentiles_ms[p] for m in LATENCY_METRICS], width,
-                 label=f"p{percentile_label(p)}")
+        xs = [
+            j + (i - (len(PLOT_PERCENTILES) - 1) / 2) * width for j in range(len(LATENCY_METRICS))
+        ]
+        left.bar(
+            xs,
+            [stats[m].percentiles_ms[p] for m in LATENCY_METRICS],
+            width,
+            label=f"p{percentile_label(p)}",
+        )
     left.set_xticks(range(len(LATENCY_METRICS)), [m.upper() for m in LATENCY_METRICS])
     left.set_yscale("log")
     left.set_ylabel("ms (log scale)")
     left.set_title("latency percentiles")
     left.legend()
     _plot_over_time(right, ok)
-    fig.suptitle(f"{config.model} at {config.base_url}: {len(ok)} ok, "
-                 f"{len(run.records) - len(ok)} failed, {run.duration_s:.1f} s")
+    fig.suptitle(
+        f"{config.model} at {config.base_url}: {len(ok)} ok, "
+        f"{len(run.records) - len(ok)} failed, {run.duration_s:.1f} s"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -581,52 +644,81 @@ def plot_result(path: str, run: BenchmarkRun, config: ClientConfig) -> None:
 
 def _plot_over_time(axis: Any, records: Sequence[RequestRecord]) -> None:
     tokens = tokens_per_bucket(records, 1.0)
-    axis.plot(range(len(tokens)), tokens, color="tab:blue", drawstyle="steps-post")
+    edges = range(len(tokens) + 1)
+    axis.stairs(tokens, edges, color="tab:blue", linewidth=1.5)
     axis.set_xlabel("seconds since the first request")
     axis.set_ylabel("output tok/s", color="tab:blue")
+    axis.set_ylim(bottom=0)
     axis.set_title("throughput over time")
     twin = axis.twinx()
-    twin.plot(range(len(tokens)), in_flight_per_bucket(records, 1.0), color="tab:orange",
-              drawstyle="steps-post")
-    twin.set_ylabel("requests in flight", color="tab:orange")
+    twin.stairs(in_flight_per_bucket(records, 1.0), edges, color="tab:orange", linewidth=1.5)
+    twin.set_ylabel("requests in flight (mean)", color="tab:orange")
+    twin.set_ylim(bottom=0)
 
 
 # ==== command line ===============================================================================
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("serve", help="serving benchmark against any OpenAI-compatible server",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "serve",
+        help="serving benchmark against any OpenAI-compatible server",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(p)
     p.set_defaults(func=run)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     server = p.add_argument_group("server")
-    server.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root, without /v1")
-    server.add_argument("--model", default=None, help="model name to send (default: the first of /v1/models)")
+    server.add_argument(
+        "--base-url", default="http://127.0.0.1:8000", help="server root, without /v1"
+    )
+    server.add_argument(
+        "--model", default=None, help="model name to send (default: the first of /v1/models)"
+    )
     server.add_argument("--endpoint", default=ENDPOINTS[0], choices=ENDPOINTS)
-    server.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
-                        help="bearer token (default: $OPENAI_API_KEY)")
-    server.add_argument("--tokenizer", default=None,
-                        help="tokenizer to build prompts with: an HF directory or a model path "
-                             "(default: the embedded default model's)")
+    server.add_argument(
+        "--api-key",
+        default=os.environ.get("OPENAI_API_KEY"),
+        help="bearer token (default: $OPENAI_API_KEY)",
+    )
+    server.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer to build prompts with: an HF directory or a model path "
+        "(default: the embedded default model's)",
+    )
     data = p.add_argument_group("dataset")
     data.add_argument("--dataset-name", default="random", choices=DATASETS)
     data.add_argument("--num-prompts", type=int, default=100)
     data.add_argument("--input-len", type=int, default=128, help="prompt tokens (after any prefix)")
     data.add_argument("--output-len", type=int, default=64)
-    data.add_argument("--range-ratio", type=float, default=0.0,
-                      help="lengths uniform in [len*(1-r), len*(1+r)]")
-    data.add_argument("--prefix-len", type=int, default=None,
-                      help="shared prefix tokens (default: 0 for random, 256 for prefix)")
-    data.add_argument("--num-prefixes", type=int, default=1, help="distinct prefixes, used round robin")
+    data.add_argument(
+        "--range-ratio", type=float, default=0.0, help="lengths uniform in [len*(1-r), len*(1+r)]"
+    )
+    data.add_argument(
+        "--prefix-len",
+        type=int,
+        default=None,
+        help="shared prefix tokens (default: 0 for random, 256 for prefix)",
+    )
+    data.add_argument(
+        "--num-prefixes", type=int, default=1, help="distinct prefixes, used round robin"
+    )
     data.add_argument("--seed", type=int, default=0)
     load = p.add_argument_group("load")
     load.add_argument("--max-concurrency", type=int, default=None)
-    load.add_argument("--request-rate", type=float, default=math.inf,
-                      help="requests per second, Poisson arrivals (default inf: all at once)")
-    load.add_argument("--ignore-eos", action="store_true", help="every request produces --output-len tokens")
+    load.add_argument(
+        "--request-rate",
+        type=float,
+        default=math.inf,
+        help="requests per second, Poisson arrivals (default inf: all at once)",
+    )
+    load.add_argument(
+        "--ignore-eos", action="store_true", help="every request produces --output-len tokens"
+    )
     load.add_argument("--temperature", type=float, default=None, help="default: the server's")
     load.add_argument("--num-warmups", type=int, default=0, help="untimed requests before the run")
     out = p.add_argument_group("output")
@@ -637,10 +729,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def dataset_spec(args: argparse.Namespace) -> DatasetSpec:
-    prefix_len = args.prefix_len if args.prefix_len is not None else (
-        256 if args.dataset_name == "prefix" else 0)
-    return DatasetSpec(args.dataset_name, args.num_prompts, args.input_len, args.output_len,
-                       args.range_ratio, prefix_len, args.num_prefixes, args.seed)
+    prefix_len = (
+        args.prefix_len
+        if args.prefix_len is not None
+        else (256 if args.dataset_name == "prefix" else 0)
+    )
+    return DatasetSpec(
+        args.dataset_name,
+        args.num_prompts,
+        args.input_len,
+        args.output_len,
+        args.range_ratio,
+        prefix_len,
+        args.num_prefixes,
+        args.seed,
+    )
 
 
 def parse_percentiles(text: str) -> list[float]:
@@ -662,12 +765,16 @@ def load_bench_tokenizer(path: str | None) -> Tokenizer:
     if path is not None and os.path.isdir(path):
         from transformers import AutoTokenizer
 
-        return Tokenizer(AutoTokenizer.from_pretrained(path))
+        try:
+            return Tokenizer(AutoTokenizer.from_pretrained(path))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"no usable tokenizer in {path}: {err}") from err
     return load_tokenizer(ModelConfig(model=path))
 
 
 def run(args: argparse.Namespace) -> int:
-    """``heron bench serve``: 0 when every request succeeded, 1 when some failed."""
+    """``heron bench serve``; failed requests are part of the result (exit 0), an unreachable
+    server is a one-line error (exit 1), bad flags a ValueError (exit 2 from the CLI)."""
     spec = dataset_spec(args)
     percentiles = parse_percentiles(args.metric_percentiles)
     if args.num_warmups < 0:
@@ -685,18 +792,36 @@ async def _run(args: argparse.Namespace, spec: DatasetSpec, percentiles: list[fl
         models = await check_server(client, args.base_url, headers)
         if args.model is None and not models:
             raise ServerUnreachable(f"{args.base_url} lists no models; pass --model")
-        config = ClientConfig(args.base_url, args.model or models[0], args.endpoint, args.api_key,
-                              args.ignore_eos, args.temperature, args.max_concurrency,
-                              args.request_rate, args.seed)
+        config = ClientConfig(
+            args.base_url,
+            args.model or models[0],
+            args.endpoint,
+            args.api_key,
+            args.ignore_eos,
+            args.temperature,
+            args.max_concurrency,
+            args.request_rate,
+            args.seed,
+        )
         tokenizer = load_bench_tokenizer(args.tokenizer)
         requests = _sample(tokenizer, spec)
-        print(f"{len(requests)} requests to {config.api_url} (model {config.model!r}), "
-              f"request rate {config.request_rate}, max concurrency {config.max_concurrency}")
-        run_ = await run_benchmark(client, config, requests, count_tokens=_counter(tokenizer),
-                                   num_warmups=args.num_warmups, progress=not args.disable_tqdm)
+        print(
+            f"{len(requests)} requests ({sum(r.prompt_len for r in requests)} prompt tokens, "
+            f"{sum(r.output_len for r in requests)} output tokens asked) to {config.api_url} "
+            f"(model {config.model!r}), request rate {config.request_rate}, "
+            f"max concurrency {config.max_concurrency}"
+        )
+        run_ = await run_benchmark(
+            client,
+            config,
+            requests,
+            count_tokens=_counter(tokenizer),
+            num_warmups=args.num_warmups,
+            progress=not args.disable_tqdm,
+        )
     metrics = compute_metrics(run_.records, run_.duration_s, percentiles)
     _report(args, run_, metrics, config, spec)
-    return 0 if metrics.failed == 0 else 1
+    return 0
 
 
 def _sample(tokenizer: Tokenizer, spec: DatasetSpec) -> list[SampleRequest]:
@@ -709,8 +834,13 @@ def _counter(tokenizer: Tokenizer) -> TokenCounter:
     return lambda text: len(tokenizer.encode(text, add_special_tokens=False))
 
 
-def _report(args: argparse.Namespace, run_: BenchmarkRun, metrics: BenchmarkMetrics,
-            config: ClientConfig, spec: DatasetSpec) -> None:
+def _report(
+    args: argparse.Namespace,
+    run_: BenchmarkRun,
+    metrics: BenchmarkMetrics,
+    config: ClientConfig,
+    spec: DatasetSpec,
+) -> None:
     if summary := failure_summary(run_.records):
         print(summary)
     print(format_report(metrics, config))
@@ -725,8 +855,11 @@ def _report(args: argparse.Namespace, run_: BenchmarkRun, metrics: BenchmarkMetr
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m heron.bench.serve ...`` (the same flags as ``heron bench serve``)."""
-    parser = argparse.ArgumentParser(prog="heron bench serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="heron bench serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
