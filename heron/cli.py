@@ -24,7 +24,7 @@ from heron.config import (
     parse_size,
 )
 from heron.sampling_params import MAX_LOGPROBS, MAX_N
-from heron.server.config import ServerConfig
+from heron.server.config import TOOL_CALL_PARSERS, ServerConfig
 
 _SERVE_EPILOG = """\
 examples:
@@ -120,6 +120,18 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=MAX_LOGPROBS,
         help="largest logprobs / top_logprobs accepted (default: %(default)s)",
+    )
+    http.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=TOOL_CALL_PARSERS,
+        help="read tool calls the model writes in its own format (tool_choice auto); default: "
+        "auto constrains the output to text or a hermes-style <tool_call> block",
+    )
+    http.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help="accepted for vLLM compatibility: tool_choice auto is always available",
     )
     http.add_argument(
         "--log-level",
@@ -235,6 +247,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_request_bytes=args.max_request_bytes,
         max_n=args.max_n,
         max_logprobs=args.max_logprobs,
+        tool_call_parser=args.tool_call_parser,
     )
 
 

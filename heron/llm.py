@@ -138,7 +138,10 @@ class LLM:
         bar = tqdm(total=len(pending), desc="Processed prompts", disable=not use_tqdm)
         try:
             while self.engine.has_unfinished_requests():
-                for out in self.engine.step():
+                outputs = self.engine.step()
+                for rejected in self.engine.pop_rejected():
+                    raise ValueError(rejected.message)  # a grammar that failed to compile
+                for out in outputs:
                     req, seq = by_seq[out.request_id]
                     was_done = req.finished
                     self._apply(out, req, seq)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass, field, replace
 
+from heron.structured.params import StructuredOutputsParams
+
 # Hard caps that keep one request from taking the whole engine.
 MAX_LOGPROBS = 20
 MAX_N = 128
@@ -46,6 +48,8 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
+    # Constrain the output to a JSON schema, regex, choice or grammar (heron.structured).
+    structured_outputs: StructuredOutputsParams | None = None
     # Filled by the engine: token ids that end generation (EOS and friends).
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -115,6 +119,9 @@ class SamplingParams:
                    name, value, f"an integer in [0, {MAX_LOGPROBS}]")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "non-empty strings")
         _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", self.stop_token_ids, "non-negative token ids")
+        _check(self.structured_outputs is None
+               or isinstance(self.structured_outputs, StructuredOutputsParams),
+               "structured_outputs", self.structured_outputs, "a StructuredOutputsParams or None")
         if self.logit_bias:
             _check(all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()),
                    "logit_bias", self.logit_bias, "values in [-100, 100]")

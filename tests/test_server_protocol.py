@@ -197,11 +197,12 @@ def test_unsupported_and_ignored_fields() -> None:
     req = ChatCompletionRequest.model_validate(
         {
             "messages": USER,
-            "tools": [{"type": "function"}],
+            "functions": [{"name": "f"}],
+            "function_call": "f",
             "response_format": {"type": "json_object"},
         }
     )
-    assert req.unsupported_fields() == ["response_format", "tools"]
+    assert req.unsupported_fields() == ["function_call", "functions"]
     assert CompletionRequest.model_validate({"prompt": "x", "best_of": 2}).unsupported_fields() == [
         "best_of"
     ]
@@ -325,6 +326,9 @@ class ScriptedCore:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def pop_rejected(self) -> list:
+        return []  # requests refused after add_request (grammars that failed to compile): none
 
     def step(self) -> list[EngineOutput]:
         time.sleep(0.002)

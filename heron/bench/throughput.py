@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> None:
     results = [run_heron(llm, work)]
     hf_model = None
     if not args.skip_hf:
-        hf_model = load_hf_reference(llm, args.model)
+        hf_model = load_hf_reference(llm)
         results.append(run_hf(hf_model, work, args.hf_batch_size, pad_id=0))
     decode = single_decode(llm, hf_model, work.prompts[0][:128], args.decode_tokens)
     print_table(results, decode)
@@ -135,14 +135,15 @@ def run(args: argparse.Namespace) -> None:
                        "single_decode_tok_s": decode, "args": vars(args) | {"func": None}}, f, indent=2)
 
 
-def load_hf_reference(llm: object, model: str | None) -> object:
-    """transformers model in float32 from the same weights heron serves."""
+def load_hf_reference(llm: object) -> object:
+    """transformers model from the same weights heron serves, in the dtype heron runs."""
     from transformers import AutoModelForCausalLM
 
     from heron.loader import hf_reference_path
 
     path = hf_reference_path(llm.model_config)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    dtype = getattr(torch, llm.engine.info.dtype)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
 def print_table(results: list[Result], decode: dict[str, float]) -> None:

@@ -423,6 +423,8 @@ class CoreLoop:
 
     def _step(self) -> None:
         outputs = self.core.step()
+        for rejected in self.core.pop_rejected():
+            self._send(rejected)
         self.stats_dirty = True
         stats = None
         if time.monotonic() - self.last_stats >= _STATS_INTERVAL_S:

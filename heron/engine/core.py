@@ -18,12 +18,14 @@ from heron.engine.messages import (
     EngineOutput,
     EngineRequest,
     EngineStats,
+    RequestRejected,
     TokenLogprobs,
 )
 from heron.engine.request import LogprobsDict, Request, RequestStatus
 from heron.engine.runner import ModelRunner
 from heron.engine.scheduler import Scheduler
-from heron.loader import load_model
+from heron.loader import load_model, load_tokenizer
+from heron.structured.backend import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,10 @@ class EngineCore:
             dtype=str(self.dtype).removeprefix("torch."), eos_token_ids=sorted(self.eos_token_ids))
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
+        # Structured outputs: constrained requests wait here while their grammar compiles.
+        self.structured = StructuredOutputManager(
+            lambda: load_tokenizer(config.model).hf, self.info.vocab_size, self.eos_token_ids)
+        self._rejected: list[RequestRejected] = []
         logger.info("engine ready in %.1f s: %s on %s, KV cache %d tokens (%d blocks of %d)",
                     time.monotonic() - start, self.info.dtype, self.device,
                     num_blocks * block_size, num_blocks, block_size)
@@ -74,19 +80,29 @@ class EngineCore:
                       sampling_params=params, max_tokens=max_tokens)
         if request.arrival_time:
             req.arrival_time = request.arrival_time
-        self.scheduler.add_request(req)
+        if self.structured.prepare(req):
+            self.scheduler.add_request(req)
         self._prompt_tokens_total += len(prompt)
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
-        self.scheduler.finish_requests(list(request_ids), RequestStatus.FINISHED_ABORTED)
+        request_ids = list(request_ids)
+        self.structured.abort(request_ids)
+        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self.structured.num_pending > 0
+
+    def pop_rejected(self) -> list[RequestRejected]:
+        """Requests refused after ``add_request`` returned (their grammar failed to compile)."""
+        rejected, self._rejected = self._rejected, []
+        return rejected
 
     # ---- the loop body --------------------------------------------------------------------
 
     def step(self) -> list[EngineOutput]:
         """One engine iteration; returns an output for each request that got a token or finished."""
+        if self.structured.num_pending:
+            self._admit_compiled()
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             return []
@@ -99,12 +115,21 @@ class EngineCore:
         s = self.scheduler
         queries, hits = s.prefix_cache_stats()
         return EngineStats(
-            num_running=s.num_running, num_waiting=s.num_waiting, kv_cache_usage=s.kv_cache_usage,
+            num_running=s.num_running, num_waiting=s.num_waiting + self.structured.num_pending,
+            kv_cache_usage=s.kv_cache_usage,
             prefix_cache_queries=queries, prefix_cache_hits=hits, num_preemptions=s.num_preemptions,
             prompt_tokens_total=self._prompt_tokens_total,
             generation_tokens_total=self._generation_tokens_total)
 
     # ---- helpers --------------------------------------------------------------------------
+
+    def _admit_compiled(self) -> None:
+        """Requests whose grammar is ready join the scheduler; those whose spec failed are rejected.
+        With nothing else to run, wait briefly for a compile instead of spinning."""
+        ready, failed = self.structured.collect(wait=not self.scheduler.has_unfinished_requests())
+        for req in ready:
+            self.scheduler.add_request(req)
+        self._rejected += [RequestRejected(request_id=r.request_id, message=m) for r, m in failed]
 
     def _output(self, req: Request, sampled: dict[str, int]) -> EngineOutput:
         got_token = req.request_id in sampled

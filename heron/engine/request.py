@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import torch
 
     from heron.sampling_params import SamplingParams
+    from heron.structured.backend import Grammar
 
 
 class RequestStatus(enum.Enum):
@@ -73,6 +74,8 @@ class Request:
     generator: torch.Generator | None = None
     # Prompt logprobs (one entry per prompt position; the first is None), when asked.
     prompt_logprobs: list[LogprobsDict | None] | None = None
+    # Structured outputs: the request's matcher state (masks its logits, advances per token).
+    grammar: Grammar | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -218,6 +218,8 @@ class Scheduler:
         if token in params.all_stop_token_ids and request.num_output_tokens >= params.min_tokens:
             request.status = RequestStatus.FINISHED_STOPPED
             request.stop_reason = token
+        elif request.grammar is not None and request.grammar.advance(token):
+            request.status = RequestStatus.FINISHED_STOPPED  # structured output complete
         elif (request.num_output_tokens >= request.max_tokens
               or request.num_tokens >= self.max_model_len):
             request.status = RequestStatus.FINISHED_LENGTH

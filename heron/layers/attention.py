@@ -44,6 +44,15 @@ class PrefillSpan:
 
 
 @dataclass
+class DecodeView:
+    """What the decode group reads in one layer kind (full, or one sliding window size)."""
+
+    block_table: torch.Tensor  # [B, nb] int64: the blocks gathered for each request
+    key_positions: torch.Tensor  # [B, nb * block_size] int64: position of each gathered slot
+    mask: torch.Tensor  # [B, 1, 1, nb * block_size] bool: which of them the query may see
+
+
+@dataclass
 class AttentionMetadata:
     """Everything attention needs about one step's batch; built once per step by the runner."""
 
@@ -60,25 +69,37 @@ class AttentionMetadata:
     def num_decodes(self) -> int:
         return int(self.decode_token_idx.numel())
 
-    def decode_key_positions(self) -> torch.Tensor:
-        """[max_blocks * block_size] int64: the key position of each padded cache slot."""
-        key = ("decode_pos",)
-        if key not in self._mask_cache:
-            num_slots = self.decode_block_tables.shape[1] * self.block_size
-            self._mask_cache[key] = torch.arange(num_slots, device=self.slot_mapping.device)
-        return self._mask_cache[key]
+    def decode_view(self, sliding_window: int | None) -> DecodeView:
+        """The cache blocks each decode token reads, their key positions and the mask.
 
-    def decode_mask(self, sliding_window: int | None) -> torch.Tensor:
-        """[num_decodes, 1, 1, S] bool: which cached keys each decode token may see."""
+        Full attention reads every block of the request. A sliding window of W reads only the
+        ``(W - 1) // block_size + 2`` blocks that can hold its last W positions, so local layers
+        cost the same at 500 tokens of context as at 50,000::
+
+            blocks of one request:  [0][1][2][3][4][5][6][7]      seq_len in block 7
+            window W (3 blocks):                   [5][6][7]      gathered: first..first+nb
+        """
         key = ("decode", sliding_window)
         if key not in self._mask_cache:
-            pos = self.decode_key_positions()[None, :]  # [1, S]
-            seq = self.decode_seq_lens[:, None]  # [B, 1]
-            mask = pos < seq
-            if sliding_window is not None:
-                mask &= pos > seq - 1 - sliding_window
-            self._mask_cache[key] = mask[:, None, None, :]
+            self._mask_cache[key] = self._build_decode_view(sliding_window)
         return self._mask_cache[key]
+
+    def _build_decode_view(self, sliding_window: int | None) -> DecodeView:
+        table = self.decode_block_tables  # [B, max_blocks]
+        num_decodes, max_blocks = table.shape
+        bs, device = self.block_size, table.device
+        seq = self.decode_seq_lens[:, None]  # [B, 1]
+        cols = torch.arange(max_blocks, device=device)[None, :].expand(num_decodes, -1)  # [B, nb]
+        num_window_blocks = max_blocks if sliding_window is None else (sliding_window - 1) // bs + 2
+        if num_window_blocks < max_blocks:
+            first = ((seq - sliding_window).clamp(min=0) // bs).clamp(max=max_blocks - num_window_blocks)
+            cols = first + torch.arange(num_window_blocks, device=device)[None, :]  # [B, nb]
+            table = table.gather(1, cols)
+        pos = (cols[:, :, None] * bs + torch.arange(bs, device=device)).flatten(1)  # [B, nb * bs]
+        mask = pos < seq
+        if sliding_window is not None:
+            mask &= pos > seq - 1 - sliding_window
+        return DecodeView(block_table=table, key_positions=pos, mask=mask[:, None, None, :])
 
     def prefill_mask(self, i: int, sliding_window: int | None) -> torch.Tensor:
         """[L, S] bool for prefill span i: causal over the prefix plus the chunk."""
@@ -131,17 +152,17 @@ class TorchAttentionBackend(AttentionBackend):
 
     def _decode(self, layer: Attention, q: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        num_decodes, max_blocks = meta.decode_block_tables.shape
-        num_slots = max_blocks * meta.block_size
+        view = meta.decode_view(layer.sliding_window)
+        num_decodes, num_slots = view.key_positions.shape
         qd = q[meta.decode_token_idx].unsqueeze(2)  # [B, H, 1, D]
-        keys = kv_cache[0][meta.decode_block_tables]  # [B, max_blocks, block_size, Hkv, D]
-        values = kv_cache[1][meta.decode_block_tables]
+        keys = kv_cache[0][view.block_table]  # [B, nb, block_size, Hkv, D]
+        values = kv_cache[1][view.block_table]
         keys = keys.view(num_decodes, num_slots, layer.num_kv_heads, layer.head_dim).transpose(1, 2)
         values = values.view(num_decodes, num_slots, layer.num_kv_heads, layer.head_dim).transpose(1, 2)
-        mask = meta.decode_mask(layer.sliding_window)  # [B, 1, 1, S]
+        mask = view.mask  # [B, 1, 1, S]
         if layer.alibi_slopes is not None:
             q_pos = (meta.decode_seq_lens - 1)[:, None, None, None]  # [B, 1, 1, 1]
-            k_pos = meta.decode_key_positions()[None, None, None, :]  # [1, 1, 1, S]
+            k_pos = view.key_positions[:, None, None, :]  # [B, 1, 1, S]
             mask = _alibi_bias(layer.alibi_slopes, k_pos - q_pos, mask)  # [B, H, 1, S]
         out = _sdpa(qd, keys, values, mask, layer)  # [B, H, 1, D]
         return out.squeeze(2)

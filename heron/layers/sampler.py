@@ -9,6 +9,7 @@ Pipeline, applied to the whole ``[B, V]`` batch at once (row ``i`` belongs to ``
     min_tokens: stop ids -> -inf        (while num_output_tokens < min_tokens)
     repetition_penalty                  (HF/vLLM: prompt+output tokens, x>0: x/p, x<0: x*p)
     presence / frequency penalties      (OpenAI: x -= f * count + p * (count > 0), output only)
+    grammar masks -> -inf               (structured outputs: one bitmask for the constrained rows)
       |
       |-- greedy rows ------------------> argmax (exact)
       v
@@ -121,13 +122,13 @@ class Sampler(nn.Module):
         _check_batch(logits, requests)
         logits = logits.float()  # [B, V]; the input itself if already float32: never written
         logprobs = _compute_logprobs_inputs(logits, requests)
-        if not _needs_processing(requests):
-            if all(r.sampling_params.greedy for r in requests):
-                token_ids = logits.argmax(dim=-1)  # [B]; the fast path
-            else:
-                token_ids = self._sample(logits, requests)
+        if _needs_processing(requests):
+            logits = self.process_logits(logits, requests)
+        logits = apply_grammar_masks(logits, requests)  # a masked copy if any row is constrained
+        if all(r.sampling_params.greedy for r in requests):
+            token_ids = logits.argmax(dim=-1)  # [B]; the fast path
         else:
-            token_ids = self._sample(self.process_logits(logits, requests), requests)
+            token_ids = self._sample(logits, requests)
         sampled = token_ids.tolist()
         return SamplerOutput(sampled, _build_logprobs(logprobs, token_ids, sampled, len(requests)))
 
@@ -148,7 +149,7 @@ class Sampler(nn.Module):
         filters (renormalised over the kept tokens). Greedy rows: one-hot at the argmax.
         """
         _check_batch(logits, requests)
-        processed = self.process_logits(logits, requests)  # [B, V]
+        processed = apply_grammar_masks(self.process_logits(logits, requests), requests)  # [B, V]
         params = _BatchParams.build(requests, processed.shape[-1], processed.device)
         probs = torch.softmax(_filter_logits(processed, params), dim=-1)  # [B, V]
         greedy_rows = [i for i, g in enumerate(params.greedy) if g]
@@ -198,6 +199,28 @@ class Sampler(nn.Module):
             gen.manual_seed(self.seed & _SEED_MASK)
             self._generators[device] = gen
         return gen
+
+
+def apply_grammar_masks(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+    """Logits [B, V] with every token a row's grammar forbids at -inf (a new tensor when some
+    row has a grammar; ``logits`` itself, untouched, when none has).
+
+    One bitmask [n, ceil(V/32)] is filled on the CPU for the n constrained rows, moved to the
+    logits' device once, and unpacked there; free rows share the step unchanged.
+    """
+    rows = [i for i, r in enumerate(requests) if r.grammar is not None]
+    if not rows:
+        return logits
+    from heron.structured.backend import fill_bitmask, unpack_bitmask
+
+    vocab = logits.shape[-1]
+    bitmask = fill_bitmask([requests[i].grammar for i in rows], vocab)  # [n, W] int32
+    allowed = unpack_bitmask(bitmask.to(logits.device, non_blocking=True), vocab)  # [n, V]
+    if len(rows) == len(requests):
+        return torch.where(allowed, logits, -math.inf)
+    index = torch.tensor(rows, device=logits.device)
+    masked = torch.where(allowed, logits[index], -math.inf)  # [n, V]
+    return logits.index_copy(0, index, masked)
 
 
 def _check_batch(logits: torch.Tensor, requests: Sequence[Request]) -> None:

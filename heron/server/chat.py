@@ -1,9 +1,16 @@
-"""POST /v1/chat/completions: render the chat template, generate, answer as JSON or SSE."""
+"""POST /v1/chat/completions: render the chat template, generate, answer as JSON or SSE.
+
+With tools, the request's ``ToolPlan`` says how the output is constrained and which parser
+reads tool calls out of it; calls become ``message.tool_calls`` (streamed as OpenAI does:
+a first delta with id, type and name, then argument pieces) and ``finish_reason`` becomes
+"tool_calls" when the model stopped after calling.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from heron.engine.client import new_request_id
 from heron.engine.messages import TokenLogprobs
@@ -16,8 +23,12 @@ from heron.server.protocol import (
     ChatResponseMessage,
     ChatStreamChoice,
     ChatTokenLogprob,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
     ErrorResponse,
+    FunctionCall,
+    ToolCall,
     TopLogprob,
 )
 from heron.server.serving import (
@@ -31,6 +42,10 @@ from heron.server.serving import (
     top_logprobs,
     value_error,
 )
+from heron.structured.tool_parsers import ToolCallDelta, ToolCallStream, ToolParser, new_call_id
+
+if TYPE_CHECKING:
+    from heron.structured.params import StructuredOutputsParams
 
 ChatResult = ChatCompletionResponse | ErrorResponse | AsyncIterator[str]
 
@@ -43,6 +58,7 @@ async def render_chat_prompt(ctx: ServingContext, request: ChatCompletionRequest
             messages,
             add_generation_prompt=bool(request.add_generation_prompt),
             continue_final_message=bool(request.continue_final_message),
+            tools=request.template_tools(),
             **(request.chat_template_kwargs or {}),
         )
     except ValueError:
@@ -65,28 +81,56 @@ async def serve_chat(ctx: ServingContext, request: ChatCompletionRequest) -> Cha
         error = ctx.check_context(len(prompt.token_ids), max_tokens, what="messages")
         if error is not None:
             return error
-        params = request.to_sampling_params(max_tokens, ctx.config.max_logprobs)
+        plan = request.tool_plan(ctx.config.tool_call_parser)
+        error = await _check_constraints(ctx, request, plan.constraint)
+        if error is not None:
+            return error
+        params = request.to_sampling_params(max_tokens, ctx.config.max_logprobs, plan.constraint)
     except ValueError as e:
         return value_error(e)
     gen = Generation(ctx, new_request_id("chatcmpl"), [prompt], params)
-    formatter = _ChatFormatter(ctx, request, gen)
+    formatter = _ChatFormatter(ctx, request, gen, plan.parser)
     if request.stream:
         return formatter.stream()
     return await formatter.full()
+
+
+async def _check_constraints(
+    ctx: ServingContext, request: ChatCompletionRequest, constraint: StructuredOutputsParams | None
+) -> ErrorResponse | None:
+    """400 for a tool whose parameters do not compile, or a constraint that does not."""
+    for tool in request.tool_specs():
+        error = await ctx.check_constraint(tool.parameters_constraint(), "tools")
+        if error is not None:
+            return error
+    source = request.constraint_source()
+    param = source[0] if source is not None and source[1] == constraint else "tools"
+    return await ctx.check_constraint(constraint, param)
+
+
+def tool_finish_reason(finish_reason: str | None, has_calls: bool) -> str | None:
+    """A model that stopped after calling tools finished with "tool_calls" (OpenAI's)."""
+    return "tool_calls" if has_calls and finish_reason == "stop" else finish_reason
 
 
 class _ChatFormatter:
     """Turns a Generation's deltas into OpenAI's chat JSON or chunks."""
 
     def __init__(
-        self, ctx: ServingContext, request: ChatCompletionRequest, gen: Generation
+        self,
+        ctx: ServingContext,
+        request: ChatCompletionRequest,
+        gen: Generation,
+        parser: ToolParser | None = None,
     ) -> None:
         self.ctx = ctx
         self.request = request
         self.gen = gen
+        self.parser = parser
         self.model = request.model or ctx.default_model
         self.created = int(time.time())
         self.top_k = (request.top_logprobs or 0) if request.logprobs else None
+        self.tool_streams: dict[int, ToolCallStream] = {}
 
     # ---- one JSON response ----------------------------------------------------------------
 
@@ -102,18 +146,20 @@ class _ChatFormatter:
                     finish[d.index] = (d.finish_reason, d.stop_reason)
         except Exception as e:  # noqa: BLE001 - engine errors become error values
             return engine_error(e)
-        choices = [
-            ChatCompletionChoice(
-                index=i,
-                message=ChatResponseMessage(content=texts[i]),
-                logprobs=ChatChoiceLogprobs(content=logprobs[i])
-                if self.top_k is not None
-                else None,
-                finish_reason=finish[i][0],
-                stop_reason=finish[i][1],
+        choices = []
+        for i, text in enumerate(texts):
+            message = self._message(text)
+            choices.append(
+                ChatCompletionChoice(
+                    index=i,
+                    message=message,
+                    logprobs=ChatChoiceLogprobs(content=logprobs[i])
+                    if self.top_k is not None
+                    else None,
+                    finish_reason=tool_finish_reason(finish[i][0], bool(message.tool_calls)),
+                    stop_reason=finish[i][1],
+                )
             )
-            for i in range(len(texts))
-        ]
         return ChatCompletionResponse(
             id=self.gen.request_id,
             created=self.created,
@@ -121,6 +167,19 @@ class _ChatFormatter:
             choices=choices,
             usage=self.gen.usage(),
         )
+
+    def _message(self, text: str) -> ChatResponseMessage:
+        """The assistant message: tool calls parsed out of ``text`` when the request has tools."""
+        if self.parser is None:
+            return ChatResponseMessage(content=text)
+        parsed = self.parser.parse(text, final=True)
+        if not parsed.calls:
+            return ChatResponseMessage(content=parsed.content)
+        calls = [
+            ToolCall(id=new_call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
+            for c in parsed.calls
+        ]
+        return ChatResponseMessage(content=parsed.content or None, tool_calls=calls)
 
     # ---- SSE ------------------------------------------------------------------------------
 
@@ -150,13 +209,17 @@ class _ChatFormatter:
                 )
             )
         logprobs = self._logprobs(d.logprobs)
-        if d.text or logprobs:
+        text, calls, has_calls = self._split_tool_calls(d)
+        if text or logprobs or calls:
             chunks.append(
                 self._chunk(
                     [
                         ChatStreamChoice(
                             index=d.index,
-                            delta=DeltaMessage(content=d.text),
+                            delta=DeltaMessage(
+                                content=text if text or not calls else None,
+                                tool_calls=[_delta_tool_call(c) for c in calls] or None,
+                            ),
                             logprobs=ChatChoiceLogprobs(content=logprobs)
                             if self.top_k is not None
                             else None,
@@ -171,13 +234,21 @@ class _ChatFormatter:
                         ChatStreamChoice(
                             index=d.index,
                             delta=DeltaMessage(),
-                            finish_reason=d.finish_reason,
+                            finish_reason=tool_finish_reason(d.finish_reason, has_calls),
                             stop_reason=d.stop_reason,
                         )
                     ]
                 )
             )
         return chunks
+
+    def _split_tool_calls(self, d: ChoiceDelta) -> tuple[str, list[ToolCallDelta], bool]:
+        """(content to send, tool-call pieces to send, whether the choice has calls so far)."""
+        if self.parser is None:
+            return d.text, [], False
+        stream = self.tool_streams.setdefault(d.index, ToolCallStream(self.parser))
+        text, calls = stream.feed(d.text, final=d.finish_reason is not None)
+        return text, calls, bool(stream.call_ids)
 
     def _chunk(self, choices: list[ChatStreamChoice], usage: bool = False) -> ChatCompletionChunk:
         with_usage = usage or self.request.continuous_usage
@@ -212,3 +283,12 @@ class _ChatFormatter:
                 for w, (_, lp) in zip(words[1:], top, strict=True)
             ],
         )
+
+
+def _delta_tool_call(delta: ToolCallDelta) -> DeltaToolCall:
+    return DeltaToolCall(
+        index=delta.index,
+        id=delta.id,
+        type="function" if delta.id is not None else None,
+        function=DeltaFunctionCall(name=delta.name, arguments=delta.arguments),
+    )

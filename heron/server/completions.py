@@ -67,6 +67,9 @@ async def serve_completion(ctx: ServingContext, request: CompletionRequest) -> C
             if error is not None:
                 return error
         params = request.to_sampling_params(request.max_tokens, ctx.config.max_logprobs)
+        error = await ctx.check_request_constraint(request)
+        if error is not None:
+            return error
     except ValueError as e:
         return value_error(e)
     gen = Generation(ctx, new_request_id("cmpl"), prompts, params)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from heron.sampling_params import MAX_LOGPROBS, MAX_N
 
+TOOL_CALL_PARSERS = ("hermes", "llama3_json")
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -22,6 +24,9 @@ class ServerConfig:
     stats_interval_s: float = 5.0  # period of the "running/waiting/KV/tok/s" log line while busy
     startup_timeout_s: float | None = None  # engine load; None waits as long as it takes
     graceful_shutdown_s: float = 5.0
+    # tool_choice "auto": read calls in this format from free text (hermes, llama3_json); None:
+    # constrain the output to "text or a call" in the hermes format (the built-in template's).
+    tool_call_parser: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -42,3 +47,6 @@ class ServerConfig:
             raise ValueError(f"stats_interval_s must be positive, got {self.stats_interval_s}")
         if any(not name for name in self.served_model_names):
             raise ValueError("served model names must not be empty")
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}, "
+                             f"got {self.tool_call_parser!r}")

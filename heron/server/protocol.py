@@ -1,10 +1,11 @@
 """The OpenAI wire format: pydantic request/response models in OpenAI's field order.
 
-Requests convert themselves into engine terms (``to_sampling_params``). Fields marked
-"vLLM extra" are not OpenAI's but follow vLLM's names and meanings. Unknown fields are
-accepted (OpenAI clients send many) and reported by ``ignored_fields()`` so the server
-can log them; fields that ask for something heron cannot do (tools, JSON mode, audio...)
-are refused by ``unsupported_fields()`` with a 400, never silently dropped.
+Requests convert themselves into engine terms (``to_sampling_params``, and for structured
+output ``output_constraint`` / ``tool_plan``). Fields marked "vLLM extra" are not OpenAI's
+but follow vLLM's names and meanings. Unknown fields are accepted (OpenAI clients send many)
+and reported by ``ignored_fields()`` so the server can log them; fields that ask for
+something heron cannot do (legacy ``functions``, audio...) are refused by
+``unsupported_fields()`` with a 400, never silently dropped.
 
 Errors are values: ``ErrorResponse`` carries its HTTP status and renders as
 ``{"error": {"message", "type", "param", "code"}}``.
@@ -12,12 +13,15 @@ Errors are values: ``ErrorResponse`` carries its HTTP status and renders as
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 from heron.sampling_params import SamplingParams
+from heron.structured.params import StructuredOutputsParams
+from heron.structured.tools import ToolPlan, ToolSpec, plan_tool_use
 
 # ==== errors ======================================================================================
 
@@ -87,6 +91,59 @@ class StreamOptions(OpenAIBaseModel):
     continuous_usage_stats: bool | None = False  # vLLM extra: usage on every chunk
 
 
+class JsonSchemaFormat(OpenAIBaseModel):
+    """``response_format.json_schema``: OpenAI's named schema (always enforced, strict or not)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIBaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def to_constraint(self) -> StructuredOutputsParams | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutputsParams.json_object()
+        if self.json_schema is None or self.json_schema.schema_ is None:
+            raise ValueError("response_format of type json_schema needs json_schema.schema")
+        return StructuredOutputsParams.json_schema(self.json_schema.schema_)
+
+
+class StructuredOutputsRequest(BaseModel):
+    """vLLM extra ``structured_outputs``: exactly one of json, regex, choice, grammar, json_object."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    json_: dict[str, Any] | bool | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def to_constraint(self) -> StructuredOutputsParams:
+        given = [name for name in ("json", "regex", "choice", "grammar", "json_object")
+                 if getattr(self, "json_" if name == "json" else name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("structured_outputs must set exactly one of json, regex, choice, "
+                             f"grammar, json_object; got {', '.join(given) or 'none'}")
+        if self.json_ is not None:
+            return StructuredOutputsParams.json_schema(self.json_)
+        if self.regex is not None:
+            return StructuredOutputsParams.regex(self.regex)
+        if self.choice is not None:
+            return StructuredOutputsParams.choice(self.choice)
+        if self.grammar is not None:
+            return StructuredOutputsParams.grammar(self.grammar)
+        return StructuredOutputsParams.json_object()
+
+
 class SamplingFields(OpenAIBaseModel):
     """The sampling knobs chat and completions share (OpenAI's, then vLLM's extras)."""
 
@@ -112,6 +169,14 @@ class SamplingFields(OpenAIBaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
+    # Structured output: OpenAI's response_format; vLLM's structured_outputs and its older
+    # guided_* spellings. At most one of them per request.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: dict[str, Any] | bool | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -123,6 +188,37 @@ class SamplingFields(OpenAIBaseModel):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def output_constraint(self) -> StructuredOutputsParams | None:
+        """The one output constraint the request asks for (ValueError naming the field when it
+        asks for two, or a malformed one), or None."""
+        source = self.constraint_source()
+        return source[1] if source else None
+
+    def constraint_source(self) -> tuple[str, StructuredOutputsParams] | None:
+        """(the field that set it, the constraint); see ``output_constraint``."""
+        found: list[tuple[str, StructuredOutputsParams]] = []
+        candidates: list[tuple[str, Any, Any]] = [
+            ("response_format", self.response_format, lambda v: v.to_constraint()),
+            ("structured_outputs", self.structured_outputs, lambda v: v.to_constraint()),
+            ("guided_json", self.guided_json, StructuredOutputsParams.json_schema),
+            ("guided_regex", self.guided_regex, StructuredOutputsParams.regex),
+            ("guided_choice", self.guided_choice, StructuredOutputsParams.choice),
+            ("guided_grammar", self.guided_grammar, StructuredOutputsParams.grammar),
+        ]
+        for name, value, convert in candidates:
+            if value is None:
+                continue
+            try:
+                constraint = convert(value)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+            if constraint is not None:
+                found.append((name, constraint))
+        if len(found) > 1:
+            raise ValueError(f"{found[1][0]} cannot be combined with {found[0][0]}: "
+                             "a request takes one output constraint")
+        return found[0] if found else None
 
     def _sampling_kwargs(self) -> dict[str, Any]:
         """Only the fields the caller set; SamplingParams' defaults fill the rest."""
@@ -204,10 +300,23 @@ class ContentPart(OpenAIBaseModel):
         return value
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends and returns it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(OpenAIBaseModel):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages
 
     @field_validator("role")
     @classmethod
@@ -225,28 +334,65 @@ class ChatMessage(OpenAIBaseModel):
 
     def to_template_dict(self) -> dict[str, Any]:
         """The dict a chat template sees: text content; 'developer' is a system message."""
-        out: dict[str, Any] = dict(self.model_extra or {})  # tool_calls, tool_call_id...
+        out: dict[str, Any] = dict(self.model_extra or {})
         out["role"] = "system" if self.role == "developer" else self.role
         out["content"] = self.text()
         if self.name is not None:
             out["name"] = self.name
+        if self.tool_calls is not None:
+            out["tool_calls"] = [_template_tool_call(c) for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
         return out
+
+
+def _template_tool_call(call: ToolCall) -> dict[str, Any]:
+    """A call as templates expect it: arguments as a mapping when they are a JSON object."""
+    try:
+        arguments: Any = json.loads(call.function.arguments)
+    except json.JSONDecodeError:
+        arguments = call.function.arguments
+    if not isinstance(arguments, dict):
+        arguments = call.function.arguments
+    return {"id": call.id, "type": call.type,
+            "function": {"name": call.function.name, "arguments": arguments}}
+
+
+class FunctionDefinition(OpenAIBaseModel):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatCompletionTool(OpenAIBaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIBaseModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIBaseModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "tools": (None, []),
         "functions": (None, []),
-        "tool_choice": (None, "none", "auto"),
         "function_call": (None, "none", "auto"),
-        "response_format": (None, {"type": "text"}),
         "audio": (None,),
         "modalities": (None, ["text"]),
     }
 
     messages: list[ChatMessage]
+    tools: list[ChatCompletionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = True
     logprobs: bool | None = False
     top_logprobs: int | None = None
     max_completion_tokens: int | None = None
@@ -279,15 +425,37 @@ class ChatCompletionRequest(SamplingFields):
                     "continue_final_message needs the last message to be an assistant message"
                 )
 
-    def to_sampling_params(self, max_tokens: int | None, max_logprobs: int) -> SamplingParams:
-        """ValueError (naming the field) when a value is out of range."""
+    def tool_specs(self) -> list[ToolSpec]:
+        return [ToolSpec.of(t.function.name, t.function.parameters) for t in self.tools or []]
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools as the chat template sees them (None when there are none)."""
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+
+    def tool_plan(self, tool_call_parser: str | None) -> ToolPlan:
+        """The output constraint (tools, response_format...) and the parser for tool calls.
+        ValueError naming the field when they do not fit together."""
+        named = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+        choice = None if isinstance(self.tool_choice, NamedToolChoice) else self.tool_choice
+        return plan_tool_use(self.tool_specs(), choice, named, self.parallel_tool_calls is not False,
+                             tool_call_parser, self.output_constraint())
+
+    def to_sampling_params(
+        self,
+        max_tokens: int | None,
+        max_logprobs: int,
+        structured_outputs: StructuredOutputsParams | None = None,
+    ) -> SamplingParams:
+        """ValueError (naming the field) when a value is out of range. ``structured_outputs``:
+        the constraint from ``tool_plan``."""
         top = self.top_logprobs
         if top is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
         if top is not None and not 0 <= top <= max_logprobs:
             raise ValueError(f"top_logprobs must be an integer in [0, {max_logprobs}], got {top}")
         logprobs = (top or 0) if self.logprobs else None
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **self._sampling_kwargs())
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs,
+                              structured_outputs=structured_outputs, **self._sampling_kwargs())
 
 
 # ==== completions =================================================================================
@@ -315,6 +483,7 @@ class CompletionRequest(SamplingFields):
             max_tokens=max_tokens,
             logprobs=lp,
             prompt_logprobs=prompt_logprobs,
+            structured_outputs=self.output_constraint(),
             **self._sampling_kwargs(),
         )
 
@@ -356,7 +525,7 @@ class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
-    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatCompletionChoice(BaseModel):
@@ -376,15 +545,47 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer
+    def _drop_none(self) -> dict[str, Any]:
+        return {k: v for k, v in (("name", self.name), ("arguments", self.arguments)) if v is not None}
+
+
+class DeltaToolCall(BaseModel):
+    """A streamed piece of tool call ``index``: the first has id, type and name."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+    @model_serializer
+    def _drop_none(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"index": self.index}
+        if self.id is not None:
+            out["id"], out["type"] = self.id, self.type or "function"
+        out["function"] = self.function.model_dump()
+        return out
+
+
 class DeltaMessage(BaseModel):
     """A streamed message piece; absent fields are left out of the JSON (not null)."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer
     def _drop_none(self) -> dict[str, Any]:
-        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+        out: dict[str, Any] = {
+            k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None
+        }
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        return out
 
 
 class ChatStreamChoice(BaseModel):

@@ -22,17 +22,20 @@ from heron.server.protocol import (
     ErrorResponse,
     OpenAIBaseModel,
     PromptTokensDetails,
+    SamplingFields,
     UsageInfo,
     bad_request,
     make_error,
     param_of,
 )
+from heron.structured.grammar import SpecValidator
 
 if TYPE_CHECKING:
     from heron.loader.tokenizer import IncrementalDetokenizer, Tokenizer
     from heron.sampling_params import SamplingParams
     from heron.server.config import ServerConfig
     from heron.server.metrics import ServerMetrics
+    from heron.structured.params import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ class ServingContext:
     model_names: tuple[str, ...]
     model_root: str
     metrics: ServerMetrics
+    specs: SpecValidator = field(default_factory=SpecValidator)
     _logged_fields: set[str] = field(default_factory=set)
 
     @property
@@ -110,6 +114,24 @@ class ServingContext:
         return bad_request(
             f"token id {bad} is outside the vocabulary [0, {vocab - 1}]", param=param
         )
+
+    async def check_constraint(
+        self, constraint: StructuredOutputsParams | None, param: str
+    ) -> ErrorResponse | None:
+        """400 naming ``param`` when a structured-output spec does not compile (checked on a
+        thread the first time a spec is seen; cached after)."""
+        if constraint is None or self.specs.is_known(constraint):
+            return None
+        try:
+            await asyncio.to_thread(self.specs.check, constraint)
+        except ValueError as e:
+            return bad_request(f"{param}: {e}", param=param, code="invalid_constraint")
+        return None
+
+    async def check_request_constraint(self, request: SamplingFields) -> ErrorResponse | None:
+        """The constraint of response_format / structured_outputs / guided_*, if any."""
+        source = request.constraint_source()
+        return None if source is None else await self.check_constraint(source[1], source[0])
 
     async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         if len(text) > _THREAD_TOKENIZE_CHARS:
@@ -172,8 +194,11 @@ class _Choice:
         ids = list(out.new_token_ids)
         self.num_tokens += len(ids)
         self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
-        # An eos / stop token that ended the request adds no text (include_stop_str_in_output aside).
-        stop = self.detok.update(ids, stop_terminated=out.finish_reason == "stop") if ids else None
+        # An eos / stop token that ended the request adds no text (include_stop_str_in_output
+        # aside). A structured output that completed also stops, with no stop token: its last
+        # token is text.
+        by_token = out.finish_reason == "stop" and out.stop_reason is not None
+        stop = self.detok.update(ids, stop_terminated=by_token) if ids else None
         # vLLM's stop_reason: the stop string or the stop_token_ids entry; None for an eos.
         stop_reason = out.stop_reason if out.stop_reason in self.stop_token_ids else None
         if stop is not None:

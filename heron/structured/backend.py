@@ -1,0 +1,209 @@
+"""The grammar engine (llguidance): specs -> grammars -> per-request matchers -> token bitmasks.
+
+::
+
+    API process                               engine core process
+    -----------                               -------------------
+    SpecValidator.check(spec)                 StructuredOutputManager.prepare(request)
+      builds the grammar without a              cache hit: Grammar(template.deep_copy())
+      tokenizer: a bad spec is a 400            miss: compile on a worker thread; the request
+      (LRU of specs that passed)                waits outside the scheduler until it is ready
+                                              sampler: fill_bitmask(grammars) -> [n, ceil(V/32)]
+                                              scheduler: Grammar.advance(token) after each token
+
+Why llguidance (measured on this project's 2-core CPU, Gemma 3's 262,144-token vocabulary, a
+6-property JSON schema, masks filled for 900 tokens of random walks under the schema): mask
+cost per token 39-43 us median (p99 ~210 us) against xgrammar's 40-60 us (p99 140-260 us), the
+same within noise; compiling the schema 8-26 ms against 48-56 ms; no dependencies (xgrammar
+pulls in triton); and parser limits ("fuel") that bound the work any one grammar can cause.
+Its tokenizer index costs ~4 s and ~280 MB once, so it is built on the first constrained request.
+
+Grammar text comes from ``heron.structured.grammar`` (shared with the API side's validation).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from heron.structured.grammar import describe_kind, grammar_text, short_error
+from heron.structured.params import StructuredOutputsParams
+
+if TYPE_CHECKING:
+    import llguidance
+
+    from heron.engine.request import Request
+
+logger = logging.getLogger(__name__)
+
+_WAIT_S = 0.05  # an idle core waits this long for a compile before looking at its inputs again
+
+
+# ==== engine side: per-request matcher ============================================================
+
+
+class Grammar:
+    """One request's position in its grammar: fills its row of the bitmask, advances by tokens."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, label: str = "") -> None:
+        self.matcher = matcher
+        self.label = label
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        """Set bit ``t`` of ``bitmask[row]`` ([n, ceil(V/32)] int32, CPU) iff token t is allowed."""
+        target = bitmask[row]
+        self.matcher.unsafe_compute_mask_ptr(target.data_ptr(), target.numel() * 4)
+
+    def advance(self, token_id: int) -> bool:
+        """Consume a sampled token; True when the output is complete (nothing but the end can
+        follow) or the token broke the grammar (logged: only a banned-everything row does that)."""
+        if not self.matcher.consume_token(token_id):
+            logger.warning("token %d does not fit the %s grammar: %s", token_id, self.label,
+                           short_error(self.matcher.get_error()))
+            return True
+        return bool(self.matcher.is_stopped())
+
+
+def fill_bitmask(grammars: Sequence[Grammar], vocab_size: int) -> torch.Tensor:
+    """[len(grammars), ceil(vocab_size / 32)] int32 on CPU: bit t of word w allows token 32w+t."""
+    bitmask = torch.empty((len(grammars), (vocab_size + 31) // 32), dtype=torch.int32)
+    for row, grammar in enumerate(grammars):
+        grammar.fill_bitmask(bitmask, row)
+    return bitmask
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[n, W] int32 bitmask -> [n, vocab_size] bool (little-endian bytes: byte b of word w holds
+    tokens 32w + 8b .. 32w + 8b + 7)."""
+    as_bytes = bitmask.contiguous().view(torch.uint8)  # [n, 4W]
+    shifts = torch.arange(8, dtype=torch.uint8, device=bitmask.device)
+    bits = (as_bytes.unsqueeze(-1) >> shifts) & 1  # [n, 4W, 8]
+    return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()
+
+
+# ==== engine side: compilation off the hot loop ===================================================
+
+
+class StructuredOutputManager:
+    """Gives constrained requests their ``Grammar``; compiles on one worker thread.
+
+    Compiled grammars are kept per distinct spec (an LRU of ``cache_size`` unconsumed
+    matchers; a request gets a cheap ``deep_copy``). A request whose spec is not compiled yet
+    waits here, not in the scheduler; ``collect()`` hands it over once its grammar is ready,
+    or reports why the spec failed. The tokenizer index is built on first use.
+    """
+
+    def __init__(self, load_hf_tokenizer: Callable[[], Any], vocab_size: int,
+                 eos_token_ids: Iterable[int], cache_size: int = 64) -> None:
+        if cache_size < 1:
+            raise ValueError(f"cache_size must be positive, got {cache_size}")
+        self._load_hf_tokenizer = load_hf_tokenizer
+        self.vocab_size = vocab_size
+        self.eos_token_ids = sorted(eos_token_ids)
+        self.cache_size = cache_size
+        self._cache: OrderedDict[StructuredOutputsParams, llguidance.LLMatcher] = OrderedDict()
+        self._inflight: dict[StructuredOutputsParams, concurrent.futures.Future] = {}
+        self._pending: dict[str, Request] = {}
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._ll_tokenizer: llguidance.LLTokenizer | None = None
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._pending)
+
+    def prepare(self, request: Request) -> bool:
+        """True when ``request`` can be scheduled now (unconstrained, or its grammar is cached);
+        False when it waits for a compile (see ``collect``)."""
+        params = request.sampling_params.structured_outputs
+        if params is None:
+            return True
+        template = self._cache.get(params)
+        if template is not None:
+            self._cache.move_to_end(params)
+            request.grammar = Grammar(template.deep_copy(), params.kind)
+            return True
+        if params not in self._inflight:
+            self._inflight[params] = self._pool().submit(self._compile, params)
+        self._pending[request.request_id] = request
+        return False
+
+    def collect(self, wait: bool = False) -> tuple[list[Request], list[tuple[Request, str]]]:
+        """(requests whose grammar is ready, (request, error) for specs that failed). ``wait``:
+        block up to 50 ms for a compile to finish (the caller has nothing else to do)."""
+        if wait and self._inflight:
+            concurrent.futures.wait(self._inflight.values(), timeout=_WAIT_S,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+        done = {p: f for p, f in self._inflight.items() if f.done()}
+        for params, future in done.items():
+            del self._inflight[params]
+            if future.exception() is None:
+                self._remember(params, future.result())
+        ready: list[Request] = []
+        failed: list[tuple[Request, str]] = []
+        for request_id, request in list(self._pending.items()):
+            params = request.sampling_params.structured_outputs
+            if params in done:
+                del self._pending[request_id]
+                error = done[params].exception()
+                if error is None:
+                    request.grammar = Grammar(done[params].result().deep_copy(), params.kind)
+                    ready.append(request)
+                else:
+                    failed.append((request, str(error)))
+        return ready, failed
+
+    def abort(self, request_ids: Iterable[str]) -> list[Request]:
+        """Drop waiting requests (ids not waiting here are ignored)."""
+        return [r for rid in request_ids if (r := self._pending.pop(rid, None)) is not None]
+
+    def shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ---- worker thread ------------------------------------------------------------------------
+
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="heron-grammar")
+        return self._executor
+
+    def _compile(self, params: StructuredOutputsParams) -> llguidance.LLMatcher:
+        """Runs on the worker thread (llguidance releases the GIL while it builds)."""
+        from llguidance import LLMatcher
+
+        start = time.perf_counter()
+        matcher = LLMatcher(self._tokenizer(), grammar_text(params))
+        if matcher.is_error():
+            raise ValueError(f"{describe_kind(params.kind)} does not compile: "
+                             f"{short_error(matcher.get_error())}")
+        logger.debug("compiled %s in %.1f ms", params.describe(), (time.perf_counter() - start) * 1e3)
+        return matcher
+
+    def _tokenizer(self) -> llguidance.LLTokenizer:
+        if self._ll_tokenizer is None:
+            import llguidance.hf
+
+            start = time.perf_counter()
+            try:
+                hf_tokenizer = self._load_hf_tokenizer()
+            except Exception as e:  # noqa: BLE001 - any load failure means "no constraints here"
+                raise ValueError(f"structured outputs need the model's tokenizer, which could "
+                                 f"not be loaded: {e}") from e
+            self._ll_tokenizer = llguidance.hf.from_tokenizer(
+                hf_tokenizer, n_vocab=self.vocab_size, eos_token=self.eos_token_ids or None)
+            logger.info("structured outputs: tokenizer index built in %.1f s",
+                        time.perf_counter() - start)
+        return self._ll_tokenizer
+
+    def _remember(self, params: StructuredOutputsParams, matcher: llguidance.LLMatcher) -> None:
+        self._cache[params] = matcher
+        self._cache.move_to_end(params)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)

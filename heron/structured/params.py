@@ -1,0 +1,70 @@
+"""The constraint a request puts on its output: a kind and the spec text, nothing more.
+
+This is what crosses from the API process into the engine core (inside
+``SamplingParams.structured_outputs``, msgspec-encoded): the engine never sees the
+HTTP request, only one of these. Kinds (vLLM's names)::
+
+    json     a JSON schema, as JSON text        {"type": "object", ...}
+    regex    a regular expression (Rust regex syntax, whole output)
+    choice   a JSON list of strings; the output is exactly one of them
+    grammar  a context-free grammar: GBNF/EBNF (llama.cpp style) or Lark (llguidance style)
+
+``json_object`` mode is ``json`` with the schema ``{"type": "object"}``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+KINDS = ("json", "regex", "choice", "grammar")
+JSON_OBJECT_SCHEMA = '{"type": "object"}'
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """One output constraint: ``kind`` (see ``KINDS``) and its ``spec`` text. Hashable: the
+    grammar caches key on it."""
+
+    kind: str
+    spec: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"structured_outputs kind must be one of {', '.join(KINDS)}, "
+                             f"got {self.kind!r}")
+        if not isinstance(self.spec, str) or not self.spec.strip():
+            raise ValueError(f"a {self.kind} constraint needs a non-empty spec, got {self.spec!r}")
+
+    @classmethod
+    def json_schema(cls, schema: dict[str, Any] | bool | str) -> StructuredOutputsParams:
+        """From a schema (a dict, ``true``, or its JSON text)."""
+        if isinstance(schema, str):
+            return cls("json", schema)
+        if not isinstance(schema, (dict, bool)):
+            raise ValueError(f"a JSON schema must be an object, got {type(schema).__name__}")
+        return cls("json", json.dumps(schema))
+
+    @classmethod
+    def json_object(cls) -> StructuredOutputsParams:
+        return cls("json", JSON_OBJECT_SCHEMA)
+
+    @classmethod
+    def regex(cls, pattern: str) -> StructuredOutputsParams:
+        return cls("regex", pattern)
+
+    @classmethod
+    def choice(cls, choices: list[str]) -> StructuredOutputsParams:
+        if not choices or not all(isinstance(c, str) and c for c in choices):
+            raise ValueError(f"choice needs a non-empty list of non-empty strings, got {choices!r}")
+        return cls("choice", json.dumps(list(choices)))
+
+    @classmethod
+    def grammar(cls, text: str) -> StructuredOutputsParams:
+        return cls("grammar", text)
+
+    def describe(self) -> str:
+        """A short label for logs and errors: the kind and the spec's first characters."""
+        spec = self.spec if len(self.spec) <= 60 else self.spec[:57] + "..."
+        return f"{self.kind} {spec!r}"
