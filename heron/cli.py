@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from heron.config import (
     DEVICES,
     DTYPES,
+    LOAD_FORMATS,
     CacheConfig,
     EngineConfig,
     ModelConfig,
@@ -179,6 +180,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--seed", type=int, default=0, help="engine random seed (default: %(default)s)")
     g.add_argument(
+        "--load-format",
+        default="auto",
+        choices=LOAD_FORMATS,
+        help="auto: read the weights; dummy: random weights from the config, for benchmarking "
+        "large shapes without their files (default: %(default)s)",
+    )
+    g.add_argument(
         "--max-num-seqs",
         type=int,
         default=64,
@@ -223,6 +231,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         device=args.device,
         max_model_len=args.max_model_len,
         seed=args.seed,
+        load_format=args.load_format,
         chat_template=args.chat_template,
     )
     cache = CacheConfig(
