@@ -90,7 +90,7 @@ def test_regex_output_full_matches(llm: LLM) -> None:
 
 
 def test_json_schema_output_validates(llm: LLM) -> None:
-    outs = _run(llm, S.json_schema(SCHEMA), range(10))
+    outs = _run(llm, S.json_schema(SCHEMA), range(10), max_tokens=400)  # blanks: 1 token each
     for o in outs:
         assert o.finish_reason == "stop", o.text
         jsonschema.validate(json.loads(o.text), SCHEMA)
@@ -112,7 +112,7 @@ def test_constrained_and_free_requests_share_steps(llm: LLM) -> None:
     alone = [o.outputs[0].token_ids for o in llm.generate(["hello", "world"], free, use_tqdm=False)]
     mixed = llm.generate(
         ["hello", "abc", "world", "bob"],
-        [free, SamplingParams(temperature=0, max_tokens=64, structured_outputs=S.json_schema(SCHEMA)),
+        [free, SamplingParams(temperature=0, max_tokens=300, structured_outputs=S.json_schema(SCHEMA)),
          free, SamplingParams(temperature=0, max_tokens=12, structured_outputs=S.regex("[0-9]+"))],
         use_tqdm=False)
     assert [mixed[0].outputs[0].token_ids, mixed[2].outputs[0].token_ids] == alone
@@ -122,7 +122,7 @@ def test_constrained_and_free_requests_share_steps(llm: LLM) -> None:
 
 def test_grammar_state_survives_preemption(model_dir: Path, llm: LLM) -> None:
     prompts = [("hello world " * (3 + i)) for i in range(8)]
-    params = SamplingParams(temperature=0, max_tokens=48, structured_outputs=S.json_schema(SCHEMA))
+    params = SamplingParams(temperature=0, max_tokens=100, structured_outputs=S.json_schema(SCHEMA))
     expected = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
     small = LLM(str(model_dir), dtype="float32", num_gpu_blocks_override=14,
                 enable_prefix_caching=False)

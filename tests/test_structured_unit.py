@@ -193,8 +193,8 @@ def test_output_constraint_from_each_field(fields: dict, expected: S | None) -> 
     ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice cannot be combined with guided_regex"),
     ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
      "structured_outputs cannot be combined with response_format"),
-    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "exactly one of"),
-    ({"structured_outputs": {}}, "exactly one of"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs: set exactly one of"),
+    ({"structured_outputs": {}}, "exactly one of json, regex, choice, grammar, json_object; got none"),
     ({"response_format": {"type": "json_schema"}}, "needs json_schema.schema"),
 ])
 def test_output_constraint_errors(fields: dict, message: str) -> None:

@@ -60,7 +60,7 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 def param_of(message: str) -> str | None:
     """'temperature must be in [0, 2], got 3' -> 'temperature' (SamplingParams' message style)."""
-    head = message.split(" ", 1)[0]
+    head = message.split(" ", 1)[0].removesuffix(":")  # "tools: ..." names tools too
     return head if head.isidentifier() else None
 
 
@@ -112,7 +112,7 @@ class ResponseFormat(OpenAIBaseModel):
         if self.type == "json_object":
             return StructuredOutputsParams.json_object()
         if self.json_schema is None or self.json_schema.schema_ is None:
-            raise ValueError("response_format of type json_schema needs json_schema.schema")
+            raise ValueError("type json_schema needs json_schema.schema")
         return StructuredOutputsParams.json_schema(self.json_schema.schema_)
 
 
@@ -131,8 +131,8 @@ class StructuredOutputsRequest(BaseModel):
         given = [name for name in ("json", "regex", "choice", "grammar", "json_object")
                  if getattr(self, "json_" if name == "json" else name) not in (None, False)]
         if len(given) != 1:
-            raise ValueError("structured_outputs must set exactly one of json, regex, choice, "
-                             f"grammar, json_object; got {', '.join(given) or 'none'}")
+            raise ValueError("set exactly one of json, regex, choice, grammar, json_object; got "
+                             f"{', '.join(given) or 'none'}")
         if self.json_ is not None:
             return StructuredOutputsParams.json_schema(self.json_)
         if self.regex is not None:
