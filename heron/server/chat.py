@@ -8,7 +8,6 @@ a first delta with id, type and name, then argument pieces) and ``finish_reason`
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -32,13 +31,12 @@ from heron.server.protocol import (
     TopLogprob,
 )
 from heron.server.serving import (
-    SSE_DONE,
     ChoiceDelta,
     Generation,
     Prompt,
     ServingContext,
+    StreamFormatter,
     engine_error,
-    sse,
     top_logprobs,
     value_error,
 )
@@ -113,8 +111,10 @@ def tool_finish_reason(finish_reason: str | None, has_calls: bool) -> str | None
     return "tool_calls" if has_calls and finish_reason == "stop" else finish_reason
 
 
-class _ChatFormatter:
+class _ChatFormatter(StreamFormatter):
     """Turns a Generation's deltas into OpenAI's chat JSON or chunks."""
+
+    chunk_type = ChatCompletionChunk
 
     def __init__(
         self,
@@ -123,12 +123,8 @@ class _ChatFormatter:
         gen: Generation,
         parser: ToolParser | None = None,
     ) -> None:
-        self.ctx = ctx
-        self.request = request
-        self.gen = gen
+        super().__init__(ctx, request, gen)
         self.parser = parser
-        self.model = request.model or ctx.default_model
-        self.created = int(time.time())
         self.top_k = (request.top_logprobs or 0) if request.logprobs else None
         self.tool_streams: dict[int, ToolCallStream] = {}
 
@@ -183,19 +179,6 @@ class _ChatFormatter:
 
     # ---- SSE ------------------------------------------------------------------------------
 
-    async def stream(self) -> AsyncIterator[str]:
-        try:
-            async for d in self.gen.run():
-                for chunk in self._chunks(d):
-                    yield self._dump(chunk)
-        except Exception as e:  # noqa: BLE001 - an error event, then [DONE]
-            yield sse(engine_error(e).model_dump_json())
-            yield SSE_DONE
-            return
-        if self.request.include_usage:
-            yield self._dump(self._chunk([], usage=True))
-        yield SSE_DONE
-
     def _chunks(self, d: ChoiceDelta) -> list[ChatCompletionChunk]:
         chunks = []
         if d.first:
@@ -249,20 +232,6 @@ class _ChatFormatter:
         stream = self.tool_streams.setdefault(d.index, ToolCallStream(self.parser))
         text, calls = stream.feed(d.text, final=d.finish_reason is not None)
         return text, calls, bool(stream.call_ids)
-
-    def _chunk(self, choices: list[ChatStreamChoice], usage: bool = False) -> ChatCompletionChunk:
-        with_usage = usage or self.request.continuous_usage
-        return ChatCompletionChunk(
-            id=self.gen.request_id,
-            created=self.created,
-            model=self.model,
-            choices=choices,
-            usage=self.gen.usage() if with_usage else None,
-        )
-
-    def _dump(self, chunk: ChatCompletionChunk) -> str:
-        exclude = None if self.request.include_usage else {"usage"}
-        return sse(chunk.model_dump_json(exclude=exclude))
 
     # ---- logprobs -------------------------------------------------------------------------
 

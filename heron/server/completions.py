@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 
 from heron.engine.client import new_request_id
@@ -16,13 +15,12 @@ from heron.server.protocol import (
     ErrorResponse,
 )
 from heron.server.serving import (
-    SSE_DONE,
     ChoiceDelta,
     Generation,
     Prompt,
     ServingContext,
+    StreamFormatter,
     engine_error,
-    sse,
     top_logprobs,
     value_error,
 )
@@ -79,15 +77,13 @@ async def serve_completion(ctx: ServingContext, request: CompletionRequest) -> C
     return await formatter.full()
 
 
-class _CompletionFormatter:
+class _CompletionFormatter(StreamFormatter):
     """Turns a Generation's deltas into OpenAI's completion JSON or chunks."""
 
+    chunk_type = CompletionChunk
+
     def __init__(self, ctx: ServingContext, request: CompletionRequest, gen: Generation) -> None:
-        self.ctx = ctx
-        self.request = request
-        self.gen = gen
-        self.model = request.model or ctx.default_model
-        self.created = int(time.time())
+        super().__init__(ctx, request, gen)
         self.k = request.logprobs  # None: no logprobs
         self.offsets = [0] * gen.num_choices  # text_offset of the next token, per choice
         self.hidden_ids: frozenset[int] = (
@@ -128,45 +124,13 @@ class _CompletionFormatter:
             usage=self.gen.usage(),
         )
 
-    async def stream(self) -> AsyncIterator[str]:
-        try:
-            async for d in self.gen.run():
-                text, lp = self._piece(d)
-                if text or d.finish_reason is not None or (lp and lp.tokens):
-                    yield self._dump(
-                        self._chunk(
-                            [
-                                CompletionChoice(
-                                    index=d.index,
-                                    text=text,
-                                    logprobs=lp,
-                                    finish_reason=d.finish_reason,
-                                    stop_reason=d.stop_reason,
-                                )
-                            ]
-                        )
-                    )
-        except Exception as e:  # noqa: BLE001 - an error event, then [DONE]
-            yield sse(engine_error(e).model_dump_json())
-            yield SSE_DONE
-            return
-        if self.request.include_usage:
-            yield self._dump(self._chunk([], usage=True))
-        yield SSE_DONE
-
-    def _chunk(self, choices: list[CompletionChoice], usage: bool = False) -> CompletionChunk:
-        with_usage = usage or self.request.continuous_usage
-        return CompletionChunk(
-            id=self.gen.request_id,
-            created=self.created,
-            model=self.model,
-            choices=choices,
-            usage=self.gen.usage() if with_usage else None,
-        )
-
-    def _dump(self, chunk: CompletionChunk) -> str:
-        exclude = None if self.request.include_usage else {"usage"}
-        return sse(chunk.model_dump_json(exclude=exclude))
+    def _chunks(self, d: ChoiceDelta) -> list[CompletionChunk]:
+        text, lp = self._piece(d)
+        if not (text or d.finish_reason is not None or (lp and lp.tokens)):
+            return []
+        choice = CompletionChoice(index=d.index, text=text, logprobs=lp,
+                                  finish_reason=d.finish_reason, stop_reason=d.stop_reason)
+        return [self._chunk([choice])]
 
     # ---- text and logprobs of one delta ---------------------------------------------------
 

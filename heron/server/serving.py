@@ -326,6 +326,53 @@ def sse(data: str) -> str:
 SSE_DONE = sse("[DONE]")
 
 
+class StreamFormatter:
+    """What chat and completions share when writing a Generation as SSE.
+
+    A subclass sets ``chunk_type`` (its pydantic chunk model) and turns one delta into
+    chunks with ``_chunks``; the loop, the usage chunk, error events and ``[DONE]`` live here.
+    """
+
+    chunk_type: type
+
+    def __init__(self, ctx: ServingContext, request: object, gen: Generation) -> None:
+        self.ctx = ctx
+        self.request = request
+        self.gen = gen
+        self.model = request.model or ctx.default_model
+        self.created = int(time.time())
+
+    def _chunks(self, d: ChoiceDelta) -> list:
+        raise NotImplementedError
+
+    async def stream(self) -> AsyncIterator[str]:
+        try:
+            async for d in self.gen.run():
+                for chunk in self._chunks(d):
+                    yield self._dump(chunk)
+        except Exception as e:  # noqa: BLE001 - an error event, then [DONE]
+            yield sse(engine_error(e).model_dump_json())
+            yield SSE_DONE
+            return
+        if self.request.include_usage:
+            yield self._dump(self._chunk([], usage=True))
+        yield SSE_DONE
+
+    def _chunk(self, choices: list, usage: bool = False) -> object:
+        with_usage = usage or self.request.continuous_usage
+        return self.chunk_type(
+            id=self.gen.request_id,
+            created=self.created,
+            model=self.model,
+            choices=choices,
+            usage=self.gen.usage() if with_usage else None,
+        )
+
+    def _dump(self, chunk: object) -> str:
+        exclude = None if self.request.include_usage else {"usage"}
+        return sse(chunk.model_dump_json(exclude=exclude))
+
+
 def top_logprobs(entry: TokenLogprobs, k: int) -> list[tuple[int, float]]:
     """The k most likely (token id, logprob) pairs of one position, best first."""
     pairs = sorted(zip(entry.token_ids, entry.logprobs, strict=True), key=lambda p: -p[1])
