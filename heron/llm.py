@@ -65,6 +65,7 @@ class LLM:
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None,
                  dtype: str = "auto", device: str = "auto", max_model_len: int | None = None,
                  seed: int = 0, load_format: str = "auto", chat_template: str | None = None,
+                 quantization: str = "auto",
                  block_size: int = 16, kv_cache_memory: str | int = "2GiB",
                  gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
                  num_gpu_blocks_override: int | None = None, max_num_seqs: int = 64,
@@ -72,7 +73,7 @@ class LLM:
         self.model_config = ModelConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, device=device,
             max_model_len=max_model_len, seed=seed, load_format=load_format,
-            chat_template=chat_template)
+            chat_template=chat_template, quantization=quantization)
         config = EngineConfig(
             model=self.model_config,
             cache=CacheConfig(block_size=block_size, kv_cache_memory=parse_size(kv_cache_memory),

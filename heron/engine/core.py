@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import torch
 
-from heron.config import EngineConfig
+from heron.config import EngineConfig, ModelConfig
 from heron.engine.messages import (
     EngineInfo,
     EngineOutput,
@@ -24,6 +24,7 @@ from heron.engine.messages import (
 from heron.engine.request import LogprobsDict, Request, RequestStatus
 from heron.engine.runner import ModelRunner
 from heron.engine.scheduler import Scheduler
+from heron.layers.quant import QUANTIZED_MAX_ROWS, quantize_model
 from heron.loader import load_model, load_tokenizer
 from heron.structured.backend import StructuredOutputManager
 
@@ -41,6 +42,8 @@ class EngineCore:
         start = time.monotonic()
         loaded = load_model(config.model, self.device, self.dtype)
         self.model = loaded.model
+        self.quantization = resolve_quantization(config.model, self.device)
+        quant_bytes = quantize_model(self.model, self.quantization, QUANTIZED_MAX_ROWS)
         self.hf_config = loaded.hf_config
         self.eos_token_ids = _eos_token_ids(loaded.hf_config, loaded.generation_config)
         num_blocks = self._num_kv_blocks()
@@ -59,9 +62,10 @@ class EngineCore:
         self.structured = StructuredOutputManager(
             lambda: load_tokenizer(config.model).hf, self.info.vocab_size, self.eos_token_ids)
         self._rejected: list[RequestRejected] = []
-        logger.info("engine ready in %.1f s: %s on %s, KV cache %d tokens (%d blocks of %d)",
-                    time.monotonic() - start, self.info.dtype, self.device,
-                    num_blocks * block_size, num_blocks, block_size)
+        logger.info("engine ready in %.1f s: %s on %s, KV cache %d tokens (%d blocks of %d), "
+                    "quantization %s (+%.0f MiB)", time.monotonic() - start, self.info.dtype,
+                    self.device, num_blocks * block_size, num_blocks, block_size,
+                    self.quantization, quant_bytes / 2**20)
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -205,6 +209,20 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda" or _cpu_has_fast_bf16():
         return torch.bfloat16
     return torch.float32
+
+
+AUTO_QUANTIZATION = "int8"
+
+
+def resolve_quantization(model: ModelConfig, device: torch.device) -> str:
+    """auto: int8 weight copies for quantized checkpoints (GGUF files, the default model) on CPU;
+    none for float checkpoints, whose users expect float numerics, and on CUDA (no kernels here)."""
+    if model.quantization != "auto":
+        if model.quantization != "none" and device.type != "cpu":
+            raise ValueError(f"--quantization {model.quantization} is implemented for CPU only")
+        return model.quantization
+    from_gguf = model.model is None or str(model.model).endswith(".gguf")
+    return AUTO_QUANTIZATION if from_gguf and device.type == "cpu" else "none"
 
 
 def _cpu_has_fast_bf16() -> bool:

@@ -50,6 +50,7 @@ class DecodeView:
     block_table: torch.Tensor  # [B, nb] int64: the blocks gathered for each request
     key_positions: torch.Tensor  # [B, nb * block_size] int64: position of each gathered slot
     mask: torch.Tensor  # [B, 1, 1, nb * block_size] bool: which of them the query may see
+    hidden: torch.Tensor  # [B, 1, 1, nb * block_size] bool: ~mask, the slots to score -inf
 
 
 @dataclass
@@ -68,6 +69,11 @@ class AttentionMetadata:
     @property
     def num_decodes(self) -> int:
         return int(self.decode_token_idx.numel())
+
+    @property
+    def decode_only(self) -> bool:
+        """Every token of the step is a decode, so the decode group is the whole flat batch, in order."""
+        return not self.prefills
 
     def decode_view(self, sliding_window: int | None) -> DecodeView:
         """The cache blocks each decode token reads, their key positions and the mask.
@@ -99,7 +105,8 @@ class AttentionMetadata:
         mask = pos < seq
         if sliding_window is not None:
             mask &= pos > seq - 1 - sliding_window
-        return DecodeView(block_table=table, key_positions=pos, mask=mask[:, None, None, :])
+        mask = mask[:, None, None, :]
+        return DecodeView(block_table=table, key_positions=pos, mask=mask, hidden=~mask)
 
     def prefill_mask(self, i: int, sliding_window: int | None) -> torch.Tensor:
         """[L, S] bool for prefill span i: causal over the prefix plus the chunk."""
@@ -138,33 +145,32 @@ class TorchAttentionBackend(AttentionBackend):
     def forward(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q: [T, H, D]   k, v: [T, Hkv, D]   kv_cache: [2, num_blocks, block_size, Hkv, D]
-        key_cache = kv_cache[0].view(-1, layer.num_kv_heads, layer.head_dim)  # [num_slots, Hkv, D]
-        value_cache = kv_cache[1].view(-1, layer.num_kv_heads, layer.head_dim)
-        key_cache[meta.slot_mapping] = k
-        value_cache[meta.slot_mapping] = v
-
+        slots = kv_cache.view(2, -1, layer.num_kv_heads, layer.head_dim)  # [2, num_slots, Hkv, D]
+        slots.index_copy_(1, meta.slot_mapping, torch.stack((k, v)))  # keys and values in one write
+        if meta.decode_only:
+            return self._decode(layer, q, kv_cache, meta)
+        key_cache, value_cache = slots[0], slots[1]  # [num_slots, Hkv, D]
         out = torch.empty_like(q)  # [T, H, D]
         if meta.num_decodes:
-            out[meta.decode_token_idx] = self._decode(layer, q, kv_cache, meta)
+            out[meta.decode_token_idx] = self._decode(layer, q[meta.decode_token_idx], kv_cache, meta)
         for i, span in enumerate(meta.prefills):
             out[span.start:span.end] = self._prefill(layer, i, span, q, k, v, key_cache, value_cache, meta)
         return out
 
     def _decode(self, layer: Attention, q: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
+        # q: [B, H, D], one query token per decoding request -> [B, H, D]
         view = meta.decode_view(layer.sliding_window)
         num_decodes, num_slots = view.key_positions.shape
-        qd = q[meta.decode_token_idx].unsqueeze(2)  # [B, H, 1, D]
-        keys = kv_cache[0][view.block_table]  # [B, nb, block_size, Hkv, D]
-        values = kv_cache[1][view.block_table]
-        keys = keys.view(num_decodes, num_slots, layer.num_kv_heads, layer.head_dim).transpose(1, 2)
-        values = values.view(num_decodes, num_slots, layer.num_kv_heads, layer.head_dim).transpose(1, 2)
-        mask = view.mask  # [B, 1, 1, S]
+        kv = kv_cache.index_select(1, view.block_table.flatten())  # [2, B * nb, block_size, Hkv, D]
+        kv = kv.view(2, num_decodes, num_slots, layer.num_kv_heads, layer.head_dim).transpose(2, 3)
+        keys, values = kv[0], kv[1]  # [B, Hkv, S, D]
+        mask = view.hidden  # [B, 1, 1, S] bool
         if layer.alibi_slopes is not None:
             q_pos = (meta.decode_seq_lens - 1)[:, None, None, None]  # [B, 1, 1, 1]
             k_pos = view.key_positions[:, None, None, :]  # [B, 1, 1, S]
-            mask = _alibi_bias(layer.alibi_slopes, k_pos - q_pos, mask)  # [B, H, 1, S]
-        return _decode_attention(qd.squeeze(2), keys, values, mask, layer)  # [B, H, D]
+            mask = _alibi_bias(layer.alibi_slopes, k_pos - q_pos, view.mask)  # [B, H, 1, S]
+        return _decode_attention(q, keys, values, mask, layer)  # [B, H, D]
 
     def _prefill(self, layer: Attention, i: int, span: PrefillSpan, q: torch.Tensor,
                  k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
@@ -214,13 +220,15 @@ def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     (measured: 16 requests x 528 keys, 8.2 ms vs 0.43 ms per layer). The query heads that share
     a K/V head are stacked as rows, so GQA needs no copy of K/V.
     """
-    # q: [B, H, D]; keys, values: [B, Hkv, S, D]; mask: [B, 1, 1, S] bool or [B, H, 1, S] float
+    # q: [B, H, D]; keys, values: [B, Hkv, S, D]
+    # mask: [B, 1, 1, S] bool, True where hidden; or an additive [B, H, 1, S] float bias (ALiBi)
     num_decodes, num_slots = keys.shape[0], keys.shape[2]
     group = layer.num_heads // layer.num_kv_heads
-    q = q.view(num_decodes, layer.num_kv_heads, group, layer.head_dim)  # [B, Hkv, G, D]
-    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * layer.scale  # [B, Hkv, G, S]
+    q = q.reshape(num_decodes, layer.num_kv_heads, group, layer.head_dim)  # [B, Hkv, G, D]
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float()  # [B, Hkv, G, S]
+    scores *= layer.scale
     if mask.dtype == torch.bool:
-        scores.masked_fill_(~mask.view(num_decodes, 1, 1, num_slots), float("-inf"))
+        scores.masked_fill_(mask.view(num_decodes, 1, 1, num_slots), float("-inf"))
     else:
         scores += mask.view(num_decodes, layer.num_kv_heads, group, num_slots)
     probs = scores.softmax(dim=-1).to(values.dtype)  # [B, Hkv, G, S]

@@ -1,4 +1,4 @@
-"""Linear layers that fuse several projections of the same input into one matmul.
+"""Linear layers: fused projections, the LM head, and an optional quantized copy for small batches.
 
 A fused weight is the row-wise concatenation of its shards::
 
@@ -6,18 +6,47 @@ A fused weight is the row-wise concatenation of its shards::
                       |-- shard 0 --|-- 1 --|-- 2 --|
 
 The weight loader fills one shard at a time from the checkpoint's separate tensors.
+
+Every projection goes through ``linear()``: a layer may carry a weight-only quantized copy of
+its weight (``heron.layers.quant``) which serves batches of at most ``max_rows`` rows, where
+decode is bound by memory bandwidth; larger batches (prefill) use the float weight.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+if TYPE_CHECKING:
+    from heron.layers.quant import QuantizedWeight
 
-class MergedLinear(nn.Linear):
-    """One ``nn.Linear`` standing for several (q/k/v, or gate/up) that share an input."""
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           quantized: QuantizedWeight | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias``; x: [M, in] -> [M, out], through ``quantized`` when M is small."""
+    if quantized is not None and x.dim() == 2 and x.shape[0] <= quantized.max_rows:
+        out = quantized.matmul(x)
+        return out if bias is None else out + bias
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that may hold a quantized copy of its weight (set by ``quantize_model``)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.quantized: QuantizedWeight | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.quantized)
+
+
+class MergedLinear(Linear):
+    """One ``Linear`` standing for several (q/k/v, or gate/up) that share an input."""
 
     def __init__(self, in_features: int, output_sizes: Sequence[int], bias: bool = False) -> None:
         super().__init__(in_features, sum(output_sizes), bias=bias)
@@ -37,3 +66,25 @@ class MergedLinear(nn.Linear):
     def split(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Split this layer's output ``[..., sum(sizes)]`` back into per-shard views."""
         return out.split(self.output_sizes, dim=-1)
+
+
+class LMHead(nn.Module):
+    """hidden -> float32 logits over the vocabulary, optionally soft-capped.
+
+    Tied heads share the embedding's weight (the same Parameter, so the loader sees it once, under
+    the embedding's name); untied heads own ``lm_head.weight``.
+    """
+
+    def __init__(self, hidden_size: int, vocab_size: int, tied_to: nn.Embedding | None = None,
+                 softcap: float | None = None) -> None:
+        super().__init__()
+        self.weight = tied_to.weight if tied_to is not None else nn.Parameter(
+            torch.empty(vocab_size, hidden_size))
+        self.softcap = softcap
+        self.quantized: QuantizedWeight | None = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = linear(hidden, self.weight, None, self.quantized).float()  # [N, vocab]
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits

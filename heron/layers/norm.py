@@ -20,13 +20,29 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.unit_offset = unit_offset
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
+        self._scale: tuple[tuple[int, int], torch.Tensor] | None = None
+
+    def scale(self) -> torch.Tensor:
+        """[dim] float32: ``1 + w`` (Gemma) or ``w``; cached until the weight changes."""
+        key = (self.weight.data_ptr(), self.weight._version)
+        if self._scale is None or self._scale[0] != key:
+            w = self.weight.detach().float()
+            self._scale = (key, 1.0 + w if self.unit_offset else w)
+        return self._scale[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., dim]
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         if self.unit_offset:
-            return (normed * (1.0 + self.weight.float())).to(x.dtype)
-        return self.weight * normed.to(x.dtype)
+            return F.rms_norm(x.float(), (x.shape[-1],), self.scale(), self.eps).to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, unit_offset={self.unit_offset}"
+
+
+def rms_norm_heads(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-head RMS norm with a per-head multiplier: x [T, heads, D], scale [heads, D] float32.
+
+    Lets q and k, adjacent in a fused qkv output, be normalised in one call with their own weights.
+    """
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).mul_(scale).to(x.dtype)

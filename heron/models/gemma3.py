@@ -15,13 +15,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from heron.layers.activation import act_and_mul, get_activation
 from heron.layers.attention import Attention, ForwardContext
-from heron.layers.linear import MergedLinear
-from heron.layers.norm import RMSNorm
+from heron.layers.linear import Linear, LMHead, MergedLinear
+from heron.layers.norm import RMSNorm, rms_norm_heads
 from heron.layers.rotary import RotaryEmbedding, rope_parameters
 from heron.loader.weights import GATE_UP_STACKED, QKV_STACKED, WeightMapping
 
@@ -59,21 +58,33 @@ class Gemma3Attention(nn.Module):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         bias = bool(getattr(config, "attention_bias", False))
         self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=bias)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, unit_offset=True)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, unit_offset=True)
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, layer_idx,
                               scale=config.query_pre_attn_scalar ** -0.5,
                               sliding_window=sliding_window)
+        self._qk_scale_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cos_sin: CosSin,
                 ctx: ForwardContext) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))  # [T, H*D], [T, Hkv*D], [T, Hkv*D]
-        q = self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim))  # [T, H, D]
-        k = self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim))  # [T, Hkv, D]
-        q, k = rope.apply(q, cos_sin), rope.apply(k, cos_sin)
+        num_tokens, heads = x.shape[0], self.num_heads + self.num_kv_heads
+        qkv = self.qkv_proj(x)  # [T, (H + 2 Hkv) * D]: q heads, k heads, v heads side by side
+        qk = qkv[:, :heads * self.head_dim].view(num_tokens, heads, self.head_dim)  # [T, H + Hkv, D]
+        v = qkv[:, heads * self.head_dim:]  # [T, Hkv * D]
+        # q and k get their own norm weights but one norm call and one rotation.
+        qk = rope.apply(rms_norm_heads(qk, self._qk_scale(), self.q_norm.eps), cos_sin)
+        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         return self.o_proj(self.attn(q.flatten(1), k.flatten(1), v, ctx))  # [T, hidden]
+
+    def _qk_scale(self) -> torch.Tensor:
+        """[H + Hkv, D] float32: the q norm's multiplier for each q head, then the k norm's."""
+        q_scale, k_scale = self.q_norm.scale(), self.k_norm.scale()
+        cached = self._qk_scale_cache
+        if cached is None or cached[0] is not q_scale or cached[1] is not k_scale:
+            stacked = torch.cat((q_scale.expand(self.num_heads, -1), k_scale.expand(self.num_kv_heads, -1)))
+            self._qk_scale_cache = cached = (q_scale, k_scale, stacked)
+        return cached[2]
 
 
 class Gemma3MLP(nn.Module):
@@ -83,7 +94,7 @@ class Gemma3MLP(nn.Module):
         super().__init__()
         size = config.intermediate_size
         self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=False)
-        self.down_proj = nn.Linear(size, config.hidden_size, bias=False)
+        self.down_proj = Linear(size, config.hidden_size, bias=False)
         self.act = get_activation(config.hidden_activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,9 +161,9 @@ class Gemma3ForCausalLM(nn.Module):
         self.config = config
         self.model = Gemma3TextModel(config)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
-        self.lm_head = None if self.tie_word_embeddings else nn.Linear(
-            config.hidden_size, config.vocab_size, bias=False)
-        self.final_logit_softcapping = getattr(config, "final_logit_softcapping", None)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size,
+                              self.model.embed_tokens if self.tie_word_embeddings else None,
+                              softcap=getattr(config, "final_logit_softcapping", None))
         self.num_layers = config.num_hidden_layers
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -164,9 +175,4 @@ class Gemma3ForCausalLM(nn.Module):
         return self.model(input_ids, positions, ctx)  # [T, hidden]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, weight).float()  # [N, vocab]
-        cap = self.final_logit_softcapping
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return self.lm_head(hidden)  # [N, vocab] float32

@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from heron.layers.activation import act_and_mul, get_activation
 from heron.layers.attention import Attention, ForwardContext
-from heron.layers.linear import MergedLinear
+from heron.layers.linear import Linear, LMHead, MergedLinear
 from heron.layers.norm import RMSNorm
 from heron.layers.rotary import RotaryEmbedding, rope_parameters
 from heron.loader.weights import GATE_UP_STACKED, QKV_STACKED, WeightMapping
@@ -66,7 +65,7 @@ class LlamaAttention(nn.Module):
         bias = bool(getattr(config, "attention_bias", False))
         self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size],
                                      bias=bias or variant.qkv_bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=bias)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if variant.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if variant.qk_norm else None
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, layer_idx,
@@ -93,7 +92,7 @@ class LlamaMLP(nn.Module):
         bias = bool(getattr(config, "mlp_bias", False))
         size = config.intermediate_size
         self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=bias)
-        self.down_proj = nn.Linear(size, config.hidden_size, bias=bias)
+        self.down_proj = Linear(size, config.hidden_size, bias=bias)
         self.act = get_activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,8 +148,8 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config, self.variant)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = None if self.tie_word_embeddings else nn.Linear(
-            config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size,
+                              self.model.embed_tokens if self.tie_word_embeddings else None)
         first = self.model.layers[0].self_attn
         self.num_layers = config.num_hidden_layers
         self.num_kv_heads = first.num_kv_heads
@@ -163,8 +162,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, ctx)  # [T, hidden]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()  # [N, vocab]
+        return self.lm_head(hidden)  # [N, vocab] float32
 
 
 class MistralForCausalLM(LlamaForCausalLM):

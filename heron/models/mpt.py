@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from heron.layers.attention import Attention, ForwardContext
+from heron.layers.linear import Linear, LMHead
 from heron.loader.weights import WeightMapping
 
 
@@ -54,8 +55,8 @@ class MptAttention(nn.Module):
         self.head_dim = hidden // self.num_heads
         attn_config = config.attn_config
         self.clip_qkv = attn_config.clip_qkv
-        self.Wqkv = nn.Linear(hidden, 3 * hidden, bias=False)
-        self.out_proj = nn.Linear(hidden, hidden, bias=False)
+        self.Wqkv = Linear(hidden, 3 * hidden, bias=False)
+        self.out_proj = Linear(hidden, hidden, bias=False)
         slopes = mpt_alibi_slopes(self.num_heads, attn_config.alibi_bias_max)
         self.attn = Attention(self.num_heads, self.head_dim, self.num_heads, layer_idx,
                               scale=attn_config.softmax_scale, alibi_slopes=slopes)
@@ -74,8 +75,8 @@ class MptMLP(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
         inner = config.expansion_ratio * config.d_model
-        self.up_proj = nn.Linear(config.d_model, inner, bias=False)
-        self.down_proj = nn.Linear(inner, config.d_model, bias=False)
+        self.up_proj = Linear(config.d_model, inner, bias=False)
+        self.down_proj = Linear(inner, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.gelu(self.up_proj(x)))
@@ -122,8 +123,8 @@ class MptForCausalLM(nn.Module):
         self.config = config
         self.transformer = MptModel(config)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
-        self.lm_head = None if self.tie_word_embeddings else nn.Linear(
-            config.d_model, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.d_model, config.vocab_size,
+                              self.transformer.wte if self.tie_word_embeddings else None)
         self.num_layers = config.n_layers
         self.num_kv_heads = config.n_heads
         self.head_dim = config.d_model // config.n_heads
@@ -135,5 +136,4 @@ class MptForCausalLM(nn.Module):
         return self.transformer(input_ids, ctx)  # [T, hidden]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()  # [N, vocab]
+        return self.lm_head(hidden)  # [N, vocab] float32
