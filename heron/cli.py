@@ -308,10 +308,11 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     """``heron bench COMMAND``: each benchmark module registers its own subcommand here."""
     p = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
     bench_sub = p.add_subparsers(dest="bench_command", metavar="COMMAND", required=True)
-    from heron.bench import serve, throughput
+    from heron.bench import peers, serve, throughput
 
     serve.add_parser(bench_sub)
     throughput.add_parser(bench_sub)
+    peers.add_parser(bench_sub)
 
 
 if __name__ == "__main__":

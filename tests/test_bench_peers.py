@@ -1,0 +1,39 @@
+"""``heron bench peers``: the summary table's medians and ratios, and the exact commands it runs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from heron.bench.peers import CASES, bench_command, known_peers, summarize
+
+
+def _result(start: float, c1: list[float], c16: list[float], ttft_ms: list[float],
+            failed: list[int]) -> dict:
+    return {"first_answer_s": start, "runs": {
+        "c1": [{"output_throughput": v} for v in c1],
+        "c16": [{"output_throughput": v, "median_ttft_ms": t, "failed": f}
+                for v, t, f in zip(c16, ttft_ms, failed)]}}
+
+
+def test_summary_takes_medians_and_divides_heron_by_each_peer() -> None:
+    table = summarize({
+        "heron": _result(3.0, [40, 44, 41], [200, 150, 210], [900, 1000, 1100], [0, 0, 0]),
+        "llama.cpp": _result(2.0, [30, 33, 36], [100, 90, 80], [3000, 4000, 3500], [0, 6, 7]),
+    })
+    rows = table.splitlines()
+    assert rows[2] == "| heron | 3.0 | 41.0 | 200.0 | 1.00 | 0 | — | — |"
+    # medians 33 and 90; 41 / 33 = 1.24, 200 / 90 = 2.22; the worst run's failures are shown
+    assert rows[3] == "| llama.cpp | 2.0 | 33.0 | 90.0 | 3.50 | 7 | 1.24x | 2.22x |"
+
+
+def test_commands_are_the_anchor_commands_and_one_client_for_all(tmp_path: Path) -> None:
+    peers = known_peers(8400, tmp_path)
+    assert peers["llama.cpp"].command[:3] == [str(tmp_path / "llama-server"), "-m", str(tmp_path / "gemma.gguf")]
+    assert "--served-model-name" in peers["vllm-cpu"].command
+    args = argparse.Namespace(input_len=128, output_len=64, seed=0, tokenizer=None)
+    command = bench_command(args, "http://127.0.0.1:8400", CASES[1], tmp_path / "r.json")
+    assert command[1:5] == ["-m", "heron", "bench", "serve"]
+    flags = dict(zip(command[5::1], command[6::1]))
+    assert flags["--max-concurrency"] == "16" and flags["--num-prompts"] == "32"
+    assert flags["--input-len"] == "128" and flags["--output-len"] == "64" and "--ignore-eos" in command
