@@ -21,7 +21,8 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM(dtype="float32")
+    # float32 weights as loaded (no int8 copies): token-for-token equality with transformers
+    return LLM(dtype="float32", quantization="none")
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ The tiny tests build a random Llama in transformers and save it either with save
 or as a GGUF file written here the way llama.cpp's converter does (q/k rows permuted, some
 tensors Q8_0), then check heron against transformers loading the very same files.
 The ``slow`` tests load the default Gemma 3 270M GGUF and its transformers reference.
+(The default model's tokenizer against transformers' is in test_tokenizer.py.)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import transformers
 
 from heron.config import ModelConfig
+from heron.loader import cache as heron_cache
 from heron.loader import gguf as heron_gguf
 from heron.loader import (
     hf_reference_path,
@@ -28,8 +30,11 @@ from heron.loader import (
     model_display_name,
     resolve_source,
 )
+from heron.loader.cache import CACHE_FORMAT, cache_root, entry_dir, file_sha256
 from heron.loader.default_model import DEFAULT_MODEL_NAME, locate_default_model
-from heron.loader.gguf import GGUFModel, cache_root, file_sha256
+from heron.loader.gguf import GGUFModel
+from heron.loader.gguf_file import GGUFFile, dequantize
+from heron.loader.gguf_tokenizer import build_gguf_tokenizer, derive_merges
 from heron.loader.safetensors import find_safetensors_files, iter_safetensors
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN = 64, 2, 4, 2, 128
@@ -282,8 +287,7 @@ def test_gguf_config_equals_transformers(tiny_gguf: tuple[Path, object], cache_d
 def test_gguf_weights_equal_transformers(tiny_gguf: tuple[Path, transformers.LlamaForCausalLM],
                                          cache_dir: Path) -> None:
     path, original = tiny_gguf
-    source = GGUFModel(path)
-    ours = dict(source.weights(source.config()))
+    ours = dict(GGUFModel(path).weights())
     reference = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32).state_dict()
     assert ours.keys() == reference.keys()
@@ -300,39 +304,104 @@ def test_gguf_weights_equal_transformers(tiny_gguf: tuple[Path, transformers.Lla
     assert not torch.equal(quantized, exact["model.layers.0.mlp.down_proj.weight"])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gguf_weights_in_a_smaller_dtype_are_the_float32_ones_cast(
+        tiny_gguf: tuple[Path, object], cache_dir: Path, dtype: torch.dtype) -> None:
+    path, _ = tiny_gguf
+    threads = torch.get_num_threads()
+    float32 = dict(GGUFModel(path).weights())
+    cast = dict(GGUFModel(path).weights(dtype=dtype))
+    assert cast.keys() == float32.keys()
+    for name, tensor in float32.items():
+        assert cast[name].dtype == dtype and torch.equal(cast[name], tensor.to(dtype)), name
+    assert torch.get_num_threads() == threads  # single-threaded only while loading
+
+
+def test_gguf_weights_only_those_asked_for(tiny_gguf: tuple[Path, object], cache_dir: Path) -> None:
+    path, _ = tiny_gguf
+    wanted = ["model.layers.1.self_attn.k_proj.weight", "model.norm.weight", "not.a.tensor"]
+    assert sorted(name for name, _ in GGUFModel(path).weights(wanted)) == sorted(wanted[:2])
+
+
+def test_gguf_load_model_in_a_stand_in_class(tiny_gguf: tuple[Path, object], cache_dir: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_model asks the GGUF for the model's own parameter names: transformers' class here."""
+    import heron.loader as loader
+
+    path, _ = tiny_gguf
+    monkeypatch.setattr(loader, "_model_class", lambda config: transformers.LlamaForCausalLM)
+    loaded = load_model(ModelConfig(model=str(path)), torch.device("cpu"), torch.float32)
+    expected = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32).state_dict()
+    got = loaded.model.state_dict()
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+
+
+def test_gguf_fused_model_gets_its_shards(tiny_gguf: tuple[Path, object], cache_dir: Path) -> None:
+    """heron's Llama fuses q/k/v and gate/up: the checkpoint names it asks for are split back."""
+    path, _ = tiny_gguf
+    loaded = load_model(ModelConfig(model=str(path)), torch.device("cpu"), torch.float32)
+    reference = dict(GGUFModel(path).weights())
+    params = dict(loaded.model.named_parameters())
+    qkv = torch.cat([reference[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv"])
+    assert torch.equal(params["model.layers.1.self_attn.qkv_proj.weight"], qkv)
+    gate_up = torch.cat([reference[f"model.layers.0.mlp.{p}_proj.weight"] for p in ("gate", "up")])
+    assert torch.equal(params["model.layers.0.mlp.gate_up_proj.weight"], gate_up)
+
+
 def test_gguf_cache_is_filled_then_served(tiny_gguf: tuple[Path, object], cache_dir: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     path, _ = tiny_gguf
     config = ModelConfig(model=str(path))
     first_tok = load_tokenizer(config)
     first = load_model(config, torch.device("cpu"), torch.float32)
-    entry = cache_dir / file_sha256(path, cache_dir)
-    names = {p.name for p in entry.iterdir()}
-    assert names == {"config.json", "generation_config.json", "tokenizer", "model.safetensors"}
+    entry = cache_dir / f"v{CACHE_FORMAT}" / file_sha256(path, cache_dir)
+    assert entry == entry_dir(file_sha256(path, cache_dir), cache_dir)
+    assert {p.name for p in entry.iterdir()} == {"config.json", "generation_config.json", "tokenizer"}
     assert (entry / "tokenizer" / "tokenizer.json").is_file()
     assert not [p for p in entry.rglob("*.tmp")]
 
     def no_conversion(*args: object, **kwargs: object) -> None:
         raise AssertionError("converted again instead of reading the cache")
 
-    import transformers.modeling_gguf_pytorch_utils as gguf_utils
-
-    monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint", no_conversion)
-    monkeypatch.setattr(heron_gguf.AutoTokenizer, "from_pretrained", no_conversion)
+    monkeypatch.setattr(heron_gguf, "build_gguf_tokenizer", no_conversion)
+    monkeypatch.setattr(GGUFModel, "_prepare_metadata", no_conversion)
     second = load_model(config, torch.device("cpu"), torch.float32)
     second_tok = load_tokenizer(config)
     for a, b in zip(first.model.parameters(), second.model.parameters(), strict=True):
         assert torch.equal(a, b)
     assert second.generation_config == first.generation_config
-    text = "hello world, the thing 中!"
-    assert second_tok.encode(text) == first_tok.encode(text)
+    texts = ["hello world, the thing 中!", " <|im_end|>ing\n", "ünï 😀"]
+    for text in texts:  # built (first start) and reloaded (later starts) tokenizers agree
+        assert second_tok.encode(text) == first_tok.encode(text)
+        assert second_tok.decode(first_tok.encode(text)) == first_tok.decode(first_tok.encode(text))
+    assert second_tok.special_token_ids == first_tok.special_token_ids
+    assert second_tok.eos_token_ids == first_tok.eos_token_ids
+    assert second_tok.chat_template == first_tok.chat_template
+
+
+def test_gguf_cache_of_another_format_is_not_trusted(tiny_gguf: tuple[Path, object],
+                                                     cache_dir: Path) -> None:
+    path, _ = tiny_gguf
+    digest = file_sha256(path, cache_dir)
+    legacy = cache_dir / digest  # format 1 kept entries here; a broken one must not be read
+    (legacy / "tokenizer").mkdir(parents=True)
+    (legacy / "config.json").write_text("{not json")
+    (legacy / "tokenizer" / "tokenizer.json").write_text("{")
+    config = load_hf_config(ModelConfig(model=str(path)))
+    assert config.vocab_size == len(_vocab()[0])
+    assert load_tokenizer(ModelConfig(model=str(path))).encode("hello")[0] == 1
+    assert (entry_dir(digest, cache_dir) / "config.json").is_file()
 
 
 def test_gguf_tokenizer_and_generation_config(tiny_gguf: tuple[Path, object], cache_dir: Path) -> None:
     path, _ = tiny_gguf
     tok = load_tokenizer(ModelConfig(model=str(path)))
     reference = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    for text in ("hello world", " the thing", "hello 中 world!", "<|im_end|>x", "ünï 😀"):
+    assert tok.hf.backend_tokenizer.to_str() == reference.backend_tokenizer.to_str()
+    for text in ("hello world", " the thing", "hello 中 world!", "<|im_end|>x", "ünï 😀", "  a\n\nb "):
         assert tok.encode(text) == reference.encode(text), text
         ids = tok.encode(text, add_special_tokens=False)
         assert tok.decode(ids) == reference.decode(ids, skip_special_tokens=True)
@@ -356,6 +425,66 @@ def test_gguf_without_chat_template_raises_at_use(tiny_gguf: tuple[Path, object]
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
 
 
+# ---------------------------------------------------------------------------- GGUF pieces
+
+
+def test_gguf_metadata_equals_gguf_reader(tiny_gguf: tuple[Path, object]) -> None:
+    path, _ = tiny_gguf
+    ours = GGUFFile.read(path)
+    reader = gguf.GGUFReader(str(path))
+    assert list(ours.metadata) == [k for k in reader.fields if not k.startswith("GGUF.")]
+    for key, value in ours.metadata.items():
+        expected = reader.fields[key].contents()
+        assert (value.tolist() if isinstance(value, np.ndarray) else value) == pytest.approx(expected), key
+    assert [(t.name, t.ggml_type, t.nbytes) for t in ours.tensors] == [
+        (t.name, t.tensor_type, int(t.n_bytes)) for t in reader.tensors]
+    for info, tensor in zip(ours.tensors, reader.tensors):
+        expected = np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type))
+        assert torch.equal(ours.dequantized(info), torch.from_numpy(expected).reshape(info.shape))
+
+
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16"])
+def test_dequantize_equals_gguf_py(type_name: str) -> None:
+    """Random blocks (any bytes are valid blocks; some scales are inf/nan) of every common type."""
+    qtype = gguf.GGMLQuantizationType[type_name]
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    rows, cols = 48, 2 * 256
+    raw = np.random.default_rng(0).integers(0, 256, rows * cols // block_size * type_size,
+                                            dtype=np.uint8)
+    with np.errstate(invalid="ignore"):  # inf scale x 0
+        expected = gguf.quants.dequantize(raw.reshape(rows, -1), qtype).reshape(rows, cols)
+        ours = dequantize(raw, qtype, (rows, cols)).numpy()
+    assert ours.dtype == np.float32
+    assert np.array_equal(ours, expected, equal_nan=True)
+
+
+@pytest.mark.parametrize("positions", [True, False])
+def test_derived_merges_equal_transformers(positions: bool) -> None:
+    """Same merges, same order as transformers' generate_merges (many equal scores here)."""
+    from transformers.tokenization_utils_base import generate_merges
+
+    rng = np.random.default_rng(1)
+    letters = list("abcde▁")
+    words = {"".join(rng.choice(letters, size=rng.integers(1, 6))) for _ in range(400)}
+    tokens = letters + sorted(words - set(letters))
+    vocab = {token: index for index, token in enumerate(tokens)}
+    if positions:  # Gemma: the position is the score
+        scores = {token: -float(index) for index, token in enumerate(tokens)}
+    else:  # llama: the file's scores, with ties
+        scores = {token: float(rng.integers(-5, 0)) for token in tokens}
+    assert derive_merges(vocab, scores) == generate_merges(vocab, scores)
+
+
+def test_other_vocabularies_are_left_to_transformers(tiny_gguf: tuple[Path, object]) -> None:
+    path, _ = tiny_gguf
+    parsed = GGUFFile.read(path)
+    for changes in ({"tokenizer.ggml.model": "gpt2"}, {"tokenizer.ggml.model": "t5"},
+                    {"general.architecture": "phi3"}, {"tokenizer.ggml.merges": ["a b"]}):
+        other = GGUFFile(path, {**parsed.metadata, **changes}, parsed.tensors)
+        assert build_gguf_tokenizer(other) is None, changes
+    assert build_gguf_tokenizer(parsed) is not None
+
+
 def test_file_digest_is_remembered(tmp_path: Path) -> None:
     path = tmp_path / "f.gguf"
     path.write_bytes(b"abc")
@@ -376,11 +505,11 @@ def test_atomic_writes_leave_nothing_on_failure(tmp_path: Path) -> None:
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        heron_gguf._atomic_write(target, crash)
+        heron_cache.atomic_write(target, crash)
     with pytest.raises(KeyboardInterrupt):
-        heron_gguf._atomic_write_dir(tmp_path / "entry" / "tokenizer", crash_dir)
+        heron_cache.atomic_write_dir(tmp_path / "entry" / "tokenizer", crash_dir)
     assert list((tmp_path / "entry").iterdir()) == []
-    heron_gguf.atomic_write_text(target, "ok")
+    heron_cache.atomic_write_text(target, "ok")
     assert target.read_text() == "ok"
     assert [p.name for p in (tmp_path / "entry").iterdir()] == ["model.safetensors"]
 
@@ -415,50 +544,59 @@ def test_default_model_weights_equal_transformers(default_reference: transformer
                   if k not in ("dtype", "quantization_config")}  # set by from_pretrained itself
     assert {k: v for k, v in _config_dict(loaded.hf_config).items() if k != "dtype"} == from_model
     assert loaded.generation_config == {"bos_token_id": 2, "eos_token_id": [1, 106], "pad_token_id": 0}
-    ours = dict(GGUFModel(locate_default_model().path, locate_default_model().sha256).weights(
-        loaded.hf_config))
+    default = locate_default_model()
+    ours = dict(GGUFModel(default.path, default.sha256).weights())
     ref = default_reference.state_dict()
-    for name in ("model.embed_tokens.weight",  # Q8_0
-                 "model.norm.weight", "model.layers.0.input_layernorm.weight",  # (1 + w) undone
-                 "model.layers.3.self_attn.q_norm.weight",
-                 "model.layers.0.self_attn.q_proj.weight",  # Q5_0
-                 "model.layers.0.self_attn.o_proj.weight",  # Q4_K
-                 "model.layers.0.mlp.down_proj.weight"):  # Q6_K
-        assert torch.equal(ours[name], ref[name]), name
+    # Every tensor of the file (Q8_0 embedding, Q5_0 / Q4_K / Q6_K projections, F32 norms with
+    # (1 + w) undone); the tied lm_head is the embedding and not in the file.
+    assert ours.keys() == ref.keys() - {"lm_head.weight"}
+    for name, tensor in ours.items():
+        assert torch.equal(tensor, ref[name]), name
     params = dict(loaded.model.named_parameters())
     assert torch.equal(params["model.norm.weight"], ref["model.norm.weight"])
     assert torch.equal(params["model.embed_tokens.weight"], ref["model.embed_tokens.weight"])
+    qkv = torch.cat([ref[f"model.layers.5.self_attn.{p}_proj.weight"] for p in "qkv"])
+    assert torch.equal(params["model.layers.5.self_attn.qkv_proj.weight"], qkv)
+
+
+@pytest.mark.slow
+def test_default_model_cold_start_skips_transformers_conversion(
+        cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With an empty cache, config, tokenizer and weights of the default model are all built by
+    heron: none of transformers' slow GGUF paths (tens of seconds each) runs."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers import tokenization_utils_base
+
+    def slow_path(*args: object, **kwargs: object) -> None:
+        raise AssertionError("transformers' GGUF conversion ran")
+
+    monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint", slow_path)
+    monkeypatch.setattr(tokenization_utils_base, "generate_merges", slow_path)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", slow_path)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", slow_path)
+    start = time.perf_counter()
+    tok = load_tokenizer(ModelConfig())
+    loaded = load_model(ModelConfig(), torch.device("cpu"), torch.bfloat16)
+    elapsed = time.perf_counter() - start
+    assert tok.encode("Hello world") == [2, 9259, 1902]
+    assert loaded.generation_config["eos_token_id"] == [1, 106]
+    assert elapsed < 60  # ~5 s on 2 busy cores; transformers' path took ~80 s
 
 
 @pytest.mark.slow
 def test_default_model_cache_entry() -> None:
     load_tokenizer(ModelConfig())
     load_model(ModelConfig(), torch.device("cpu"), torch.float32)
-    entry = cache_root() / locate_default_model().sha256
-    for name in ("config.json", "generation_config.json", "model.safetensors",
-                 "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"):
+    entry = entry_dir(locate_default_model().sha256)
+    for name in ("config.json", "generation_config.json", "tokenizer/tokenizer.json",
+                 "tokenizer/tokenizer_config.json"):
         assert (entry / name).is_file(), name
     assert json.loads((entry / "config.json").read_text())["architectures"] == ["Gemma3ForCausalLM"]
     start = time.perf_counter()
     load_tokenizer(ModelConfig())
     assert time.perf_counter() - start < 5.0
     assert hf_reference_path(ModelConfig()) == str(entry)
-
-
-@pytest.mark.slow
-def test_default_tokenizer_equals_transformers_gguf_tokenizer() -> None:
-    path = locate_default_model().path
-    reference = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    tok = load_tokenizer(ModelConfig())
-    texts = ["Hello world", "héllo 😀 你好世界 🧌 ꙮ", "def f(x):\n\treturn {'a': [1, 2]}  # ok\n",
-             "  spaces   and\n\nnewlines ", "<start_of_turn>user\nhi<end_of_turn>\n"]
-    for text in texts:
-        assert tok.encode(text) == reference.encode(text), text
-        assert tok.encode(text, add_special_tokens=False) == reference.encode(
-            text, add_special_tokens=False), text
-        ids = reference.encode(text)
-        assert tok.decode(ids) == reference.decode(ids, skip_special_tokens=True)
-    assert tok.vocab_size == len(reference)
+    assert (entry / "model.safetensors").is_file()  # written for transformers on request only
 
 
 def test_tokenizer_override_and_missing_tokenizer(hf_dir: Path, tiny_gguf: tuple[Path, object],

@@ -1,17 +1,21 @@
 """Tokenizer wrapper, chat templates and the incremental detokenizer (stop strings, UTF-8).
 
 Uses the default model's Gemma tokenizer (262k vocab, SentencePiece with byte fallback),
-served from the heron cache (the first run of the suite converts it once, ~30-80 s).
+built from the GGUF by heron (~2 s) and served from the heron cache afterwards. The ``slow``
+tests hold it, freshly built and reloaded from the cache, to transformers' own GGUF tokenizer.
 """
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
+import transformers
 
 from heron.config import ModelConfig
 from heron.loader import load_tokenizer
+from heron.loader.default_model import locate_default_model
 from heron.loader.tokenizer import (
     CONTEXT_TOKENS,
     GEMMA_CHAT_TEMPLATE,
@@ -303,3 +307,99 @@ def test_template_errors_are_value_errors(tok: Tokenizer) -> None:
     raising = Tokenizer(tok.hf, chat_template="{{ raise_exception('roles must alternate') }}")
     with pytest.raises(ValueError, match="roles must alternate"):
         raising.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+# ---------------------------------------------------------------------------- against transformers
+
+
+VARIED_TEXTS = [
+    "Hello world", " Hello world", "  two leading spaces", "trailing spaces   ", " ", "   ", "",
+    "tab\tseparated\tvalues\n", "line one\nline two\n\nline four\r\nwindows\r\n", "\n\n\n\n\n",
+    " \n \n", "a" * 120, " " * 40 + "x", "\n" * 33, "word" + " " * 7 + "word",
+    "héllo 😀 你好世界 🧌 ꙮ", "日本語のテキストです。カタカナとひらがな", "한국어 문장입니다",
+    "Привет, как дела?", "مرحبا بالعالم", "नमस्ते दुनिया", "Ελληνικά κείμενα", "עברית",
+    "👨‍👩‍👧‍👦 family, 🇫🇷 flag, 👍🏽 skin tone", "e\u0301 combining, \u00a0nbsp, zero\u200bwidth",
+    "rare 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ᚠᚢᚦ 𓀀 \ue000 private", "control \x00\x01\x7f chars",
+    "def f(x):\n\treturn {'a': [1, 2]}  # ok\n", "<html><body class=\"x\">&amp; &lt;</body></html>",
+    '{"key": [1, 2.5e-3, null, true], "k2": "v"}', "https://example.com/path?q=1&r=%20#frag",
+    "∑ x² ≤ ∞, ∀ε>0 ∃δ", "1234567890 3.14159 -42 1e10 0x1F",
+    "<bos>literal bos", "x<eos>y", "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n",
+    "<pad><unk><mask>", "<unused0> and <unused6241>", "[multimodal]", "<start_of_image>",
+    "<end_of_turn>\n", "<start_of_turn> user", "text<start_of_turn>", "<start_of_turn",
+]
+
+
+def _random_texts(count: int, seed: int) -> list[str]:
+    """Random strings over a mix of scripts, symbols, spaces and markup-like pieces."""
+    pools = ["abcXYZ ", "     \n\t", "äöüéèçñ", "你好世界中文字", "ひらがなカタカナ", "😀🧌👍🏽🇫🇷",
+             "ꙮ𝔘ᚠ𓀀", "<>{}[]()=+-*/#&%$@!?.,;:'\"", "0123456789", "▁_~^`|\\"]
+    pieces = ["<start_of_turn>", "<end_of_turn>", "<bos>", "\n\n", "  ", "the ", "ing "]
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(count):
+        parts = [rng.choice(pieces) if rng.random() < 0.1 else
+                 "".join(rng.choices(rng.choice(pools), k=rng.randint(1, 8)))
+                 for _ in range(rng.randint(1, 12))]
+        texts.append("".join(parts))
+    return texts
+
+
+@pytest.fixture(scope="module")
+def reference() -> transformers.PreTrainedTokenizerBase:
+    path = locate_default_model().path
+    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+@pytest.fixture(scope="module")
+def built_and_reloaded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Tokenizer]:
+    """The default tokenizer built from the GGUF into an empty cache, then reloaded from it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HERON_CACHE_DIR", str(tmp_path_factory.mktemp("heron-cache")))
+        built = load_tokenizer(ModelConfig())
+        return {"built": built, "reloaded": load_tokenizer(ModelConfig())}
+
+
+@pytest.fixture(params=["built", "reloaded"])
+def fresh(request: pytest.FixtureRequest, built_and_reloaded: dict[str, Tokenizer]) -> Tokenizer:
+    return built_and_reloaded[request.param]
+
+
+@pytest.mark.slow
+def test_same_tokenizer_as_transformers(fresh: Tokenizer, reference: transformers.PreTrainedTokenizerBase) -> None:
+    """The whole backend (vocabulary, 515k merges in order, normalizer, pre-tokenizer, decoder,
+    added tokens, post-processor) serializes identically; specials and settings agree."""
+    assert fresh.hf.backend_tokenizer.to_str() == reference.backend_tokenizer.to_str()
+    assert fresh.vocab_size == len(reference) == 262144
+    assert fresh.hf.special_tokens_map == reference.special_tokens_map
+    assert fresh.special_token_ids == Tokenizer(reference).special_token_ids
+    assert fresh.bos_token_id == reference.bos_token_id == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sample", ["varied", "random"])
+def test_same_ids_and_text_as_transformers(fresh: Tokenizer, reference: transformers.PreTrainedTokenizerBase,
+                                           sample: str) -> None:
+    texts = VARIED_TEXTS if sample == "varied" else _random_texts(300, seed=7)
+    for text in texts:
+        ids = reference.encode(text)
+        assert fresh.encode(text) == ids, text
+        assert fresh.encode(text, add_special_tokens=False) == reference.encode(
+            text, add_special_tokens=False), text
+        for skip in (True, False):
+            assert fresh.decode(ids, skip_special_tokens=skip) == reference.decode(
+                ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False), text
+    rng = random.Random(3)  # arbitrary id runs: byte-fallback pieces, specials, whitespace tokens
+    for _ in range(200):
+        ids = [rng.randrange(262144) if rng.random() < 0.5 else rng.randrange(300)
+               for _ in range(rng.randint(1, 16))]
+        assert fresh.decode(ids, skip_special_tokens=False) == reference.decode(
+            ids, skip_special_tokens=False, clean_up_tokenization_spaces=False), ids
+        assert fresh.token_strings(ids) == [reference.decode([i]) for i in ids]
+
+
+@pytest.mark.slow
+def test_chat_template_tokens_are_single_tokens(fresh: Tokenizer) -> None:
+    prompt = fresh.apply_chat_template([{"role": "user", "content": "  hi\n"}])
+    ids = fresh.encode(prompt, add_special_tokens=False)
+    assert ids[:3] == [2, 105, 2364]  # <bos> <start_of_turn> user
+    assert ids.count(105) == 2 and ids.count(106) == 1  # two turns opened, one closed

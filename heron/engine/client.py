@@ -60,7 +60,7 @@ logger = logging.getLogger(__name__)
 _STATS_INTERVAL_S = 0.5  # the core sends a stats snapshot at most this often while busy
 _IDLE_POLL_MS = 1000  # idle core: how long to block on the input socket between parent checks
 _PR_SET_PDEATHSIG = 1
-ENGINE_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}  # see _engine_environment
+ENGINE_ENV = {"GOMP_SPINCOUNT": "2000"}  # see _engine_environment
 
 
 class EngineError(RuntimeError):
@@ -325,14 +325,20 @@ def _stop_process(process: multiprocessing.process.BaseProcess, timeout_s: float
 
 @contextlib.contextmanager
 def _engine_environment() -> Iterator[None]:
-    """Environment the core process starts with: ``ENGINE_ENV`` where the user set nothing.
+    """Environment the core process starts with: ``ENGINE_ENV`` unless the user chose an OpenMP
+    wait policy (``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``).
 
     The core shares the machine's cores with the API process (HTTP, detokenizing) and often
-    with the client. OpenMP's default is to spin at every barrier; when one of its threads is
-    descheduled the others burn their time slices waiting, and a step can take 3-10x longer
-    (measured under load on 2 cores: 96 vs 45 ms per batch-1 step, p90 1284 vs 192 ms at
-    batch 16). PASSIVE threads sleep at barriers instead.
+    with the client. OpenMP's default is to spin long at every barrier; when one of its threads
+    is descheduled the others burn their time slices waiting, and steps take 3-10x longer.
+    Measured end to end on 2 cores (heron bench serve, 128 in / 64 out, output tok/s at
+    concurrency 1 / 16): default spinning 30.1 / 123 on a quiet box but 7.1 / 27 while another
+    process held a core; PASSIVE (no spinning) 23.3 / 123 quiet, 21.6 / 103 loaded; one thread
+    22.5 / 101; a short spin (GOMP_SPINCOUNT=2000) 30.7 / 156 quiet, 22.2 / 102 loaded.
     """
+    if {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
+        yield
+        return
     added = {k: v for k, v in ENGINE_ENV.items() if k not in os.environ}
     os.environ.update(added)
     try:

@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,9 @@ class ModelSource:
     def is_gguf(self) -> bool:
         return self.path.is_file()
 
+    @cached_property
     def gguf(self) -> GGUFModel:
+        """The GGUF file and its cache entry (one per source: the metadata is read once)."""
         return GGUFModel(self.path, sha256=self.gguf_sha256)
 
 
@@ -109,12 +112,12 @@ def load_hf_config(model_config: ModelConfig) -> PretrainedConfig:
 
 
 def _config_of(source: ModelSource) -> PretrainedConfig:
-    return source.gguf().config() if source.is_gguf else load_dir_config(source.path)
+    return source.gguf.config() if source.is_gguf else load_dir_config(source.path)
 
 
 def _generation_config_of(source: ModelSource, hf_config: PretrainedConfig) -> dict[str, Any]:
     if source.is_gguf:
-        return source.gguf().generation_config()
+        return source.gguf.generation_config()
     return read_generation_config(source.path, hf_config)
 
 
@@ -129,7 +132,7 @@ def load_model(model_config: ModelConfig, device: torch.device, dtype: torch.dty
     if dummy:
         _init_dummy(model, model_config.seed)
     else:
-        _load_weights(model, _iter_weights(source, hf_config))  # raises on missing weights
+        _load_weights(model, _iter_weights(source, model, dtype))  # raises on missing weights
     model.eval()
     return LoadedModel(model=model, hf_config=hf_config,
                        generation_config=_generation_config_of(source, hf_config))
@@ -142,15 +145,29 @@ def hf_reference_path(model_config: ModelConfig) -> str:
     source = resolve_source(model_config.model)
     if not source.is_gguf:
         return str(source.path)
-    gguf = source.gguf()
-    gguf.prepare_weights(gguf.config())
-    return str(gguf.cache.directory)
+    source.gguf.config()  # the entry's config.json
+    source.gguf.prepare_weights()
+    return str(source.gguf.cache.directory)
 
 
-def _iter_weights(source: ModelSource, hf_config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    if source.is_gguf:
-        return source.gguf().weights(hf_config)
+def _iter_weights(source: ModelSource, model: nn.Module,
+                  dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    if source.is_gguf:  # only the tensors the model has a place for, already in its dtype
+        return source.gguf.weights(_checkpoint_names(model), dtype)
     return iter_safetensors(find_safetensors_files(source.path))
+
+
+def _checkpoint_names(model: nn.Module) -> list[str]:
+    """The checkpoint tensor names ``model`` loads: its parameters, fused ones split back
+    into their sources (``qkv_proj`` -> ``q_proj``, ``k_proj``, ``v_proj``)."""
+    from heron.loader.weights import WeightMapping
+
+    mapping: WeightMapping = getattr(model, "weight_mapping", WeightMapping())
+    names = []
+    for name, _ in model.named_parameters():
+        rules = [rule for rule in mapping.stacked if f".{rule.target}." in name]
+        names += [name.replace(f".{rule.target}.", f".{rule.source}.", 1) for rule in rules] or [name]
+    return names
 
 
 def _model_class(hf_config: PretrainedConfig) -> type[nn.Module]:
@@ -210,7 +227,7 @@ def load_tokenizer(model_config: ModelConfig) -> Tokenizer:
     tokenizer_source = (model_source if model_config.tokenizer is None
                         else resolve_source(model_config.tokenizer, download_weights=False))
     if tokenizer_source.is_gguf:
-        hf_tokenizer = tokenizer_source.gguf().tokenizer()
+        hf_tokenizer = tokenizer_source.gguf.tokenizer()
     else:
         try:
             hf_tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source.path))

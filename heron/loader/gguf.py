@@ -1,56 +1,69 @@
-"""GGUF files: config, tokenizer and dequantized weights, with an on-disk cache.
+"""GGUF files: config, generation defaults, tokenizer and float32 weights.
 
-Reading a GGUF the first time is slow (parsing a 262k-token vocabulary alone takes seconds,
-building a fast tokenizer from it tens of seconds, dequantizing more), so every product is
-prepared once and kept under ``<cache root>/<sha256 of the file>/``::
+Everything comes from the file itself, converted the way transformers converts it
+(``AutoConfig`` / ``AutoTokenizer`` / ``AutoModelForCausalLM.from_pretrained(dir,
+gguf_file=...)``; the tests hold heron to equality), but without transformers' slow paths:
 
-    <HERON_CACHE_DIR or ~/.cache/heron>/<sha256>/
+- metadata: read once by ``gguf_file`` (0.1 s for a 262k-token vocabulary);
+- config: ``gguf_arch`` renames the metadata keys the way transformers does;
+- tokenizer: ``gguf_tokenizer`` builds the same fast tokenizer (~2 s instead of ~30 s);
+- weights: dequantized tensor by tensor from the memory-mapped file (~1 s for 270M) under
+  the checkpoint names the model asks for, q/k rows un-permuted and Gemma norms corrected.
+
+Architectures and vocabularies heron does not convert itself go to transformers, as before.
+The small products are cached (see ``cache`` for the root and the format version)::
+
+    <cache root>/v2/<sha256 of the file>/
         config.json             transformers config, ``architectures`` filled in
         generation_config.json  bos / eos / pad ids (eos includes end-of-turn tokens)
-        tokenizer/              ``save_pretrained`` of the converted fast tokenizer
-        model.safetensors       every tensor dequantized to float32, under HF names
+        tokenizer/              ``save_pretrained`` of the fast tokenizer
+        model.safetensors       float32 weights, written only for ``hf_reference_path``
 
-Each entry is written to a temporary name and renamed into place, so a killed process
-never leaves a half-written entry that a later start would trust.
-
-The conversion itself is transformers' own (``load_gguf_checkpoint``): the same name map,
-llama q/k un-permutation and Gemma ``(1 + w)`` norm correction that
-``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)`` applies, so the weights are
-identical to what transformers loads from the same file.
+Weights are not cached for serving: dequantizing from the GGUF (a quarter of the bytes of a
+float32 copy) is about as fast as reading such a copy, and a cold start need not write 1 GB.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import (
     AutoConfig,
-    AutoTokenizer,
     PretrainedConfig,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
 
-from heron.loader.safetensors import iter_safetensors
+from heron.loader.cache import (
+    atomic_write,
+    atomic_write_dir,
+    atomic_write_text,
+    entry_dir,
+    file_sha256,
+    remove_stale_temporaries,
+)
+from heron.loader.gguf_arch import (
+    fix_tensor,
+    fixes_values,
+    gguf_to_hf_names,
+    hf_config_dict,
+    is_fast_arch,
+)
+from heron.loader.gguf_file import GGUFFile, TensorInfo
+from heron.loader.gguf_tokenizer import build_gguf_tokenizer
 
-CACHE_ENV_VAR = "HERON_CACHE_DIR"
 # Token texts that end a turn in common chat formats. llama.cpp stops on these too; a GGUF
 # file names only one eos id, while the HF generation_config of such models lists them all.
 END_OF_TURN_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>",
                       "<|endoftext|>")
 _CONTROL_TOKEN_TYPE = 3  # llama.cpp's token type for control (special) tokens
-_HASH_CHUNK = 1 << 20
-_STALE_AFTER_S = 3600.0  # a temporary this old belongs to a process that died
 # tokenizer_config.json entries that matter once tokenizer.json holds the tokenizer itself.
 _TOKENIZER_SETTINGS = frozenset((
     "bos_token", "eos_token", "unk_token", "pad_token", "mask_token", "sep_token", "cls_token",
@@ -59,86 +72,9 @@ _TOKENIZER_SETTINGS = frozenset((
     "chat_template"))
 
 
-def cache_root() -> Path:
-    """``$HERON_CACHE_DIR``, else ``~/.cache/heron``."""
-    configured = os.environ.get(CACHE_ENV_VAR)
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "heron"
-
-
-# ----------------------------------------------------------------------------- atomic writes
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory + rename."""
-    _atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        tmp.chmod(0o644)  # mkstemp makes it private; the cache is as readable as any download
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _atomic_write_dir(path: Path, fill: Callable[[Path], object]) -> None:
-    """Build a directory under a temporary name, then rename it to ``path`` (first one wins)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        fill(tmp)
-        tmp.chmod(0o755)
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            if not path.is_dir():  # not a lost race with another process: a real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _remove_stale_temporaries(directory: Path) -> None:
-    """Delete temporaries that a killed process left behind (old enough to be nobody's)."""
-    if not directory.is_dir():
-        return
-    cutoff = time.time() - _STALE_AFTER_S
-    for entry in directory.glob(".*.tmp"):
-        try:
-            if entry.stat().st_mtime < cutoff:
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-        except OSError:  # another process cleaned it up first
-            pass
-
-
-# ----------------------------------------------------------------------------- cache keys
-
-
-def file_sha256(path: Path, root: Path | None = None) -> str:
-    """The sha256 of ``path``, remembered on disk per (path, size, mtime) to skip rehashing."""
-    stat = path.stat()
-    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
-    memo = (root or cache_root()) / "digests" / f"{key}.json"
-    if memo.is_file():
-        remembered = json.loads(memo.read_text())
-        if {k: remembered.get(k) for k in stamp} == stamp:
-            return str(remembered["sha256"])
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(_HASH_CHUNK):
-            digest.update(block)
-    atomic_write_text(memo, json.dumps({**stamp, "sha256": digest.hexdigest()}))
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class GGUFCache:
-    """The prepared files of one GGUF file (see the module docstring for the layout)."""
+    """The cached products of one GGUF file (see the module docstring for the layout)."""
 
     directory: Path
 
@@ -159,26 +95,27 @@ class GGUFCache:
         return self.directory / "model.safetensors"
 
 
-# ----------------------------------------------------------------------------- the file
-
-
 class GGUFModel:
     """One GGUF file and its cache: config, generation defaults, tokenizer, weights.
 
-    Every getter serves the cache when the entry exists, else converts with transformers
-    and fills the cache. ``sha256`` may be given when known (the default model's is).
+    Getters serve the cache when the entry exists, else build it from the file and fill the
+    cache. ``sha256`` may be given when known (the default model's is).
     """
 
     def __init__(self, path: Path, sha256: str | None = None, root: Path | None = None) -> None:
         if not path.is_file():
             raise ValueError(f"GGUF file not found: {path}")
         self.path = path
-        root = root or cache_root()
-        self.cache = GGUFCache(root / (sha256 or file_sha256(path, root)))
-        _remove_stale_temporaries(self.cache.directory)
+        self.cache = GGUFCache(entry_dir(sha256 or file_sha256(path, root), root))
+        remove_stale_temporaries(self.cache.directory)
+
+    @cached_property
+    def file(self) -> GGUFFile:
+        """The file's metadata and tensor table (read on first use)."""
+        return GGUFFile.read(self.path)
 
     def config(self) -> PretrainedConfig:
-        """The transformers config transformers derives from the GGUF metadata."""
+        """The transformers config of the file, ``architectures`` filled in (cached)."""
         if not self.cache.config_file.is_file():
             self._prepare_metadata()
         return AutoConfig.from_pretrained(str(self.cache.directory))
@@ -192,37 +129,69 @@ class GGUFModel:
     def tokenizer(self) -> PreTrainedTokenizerBase:
         """The fast tokenizer transformers builds from the GGUF vocabulary (cached)."""
         if not self.cache.tokenizer_dir.is_dir():
-            converted = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
-            _atomic_write_dir(self.cache.tokenizer_dir, converted.save_pretrained)
+            built = build_gguf_tokenizer(self.file)  # None: a vocabulary left to transformers
+            converted = built or self._transformers_tokenizer()
+            atomic_write_dir(self.cache.tokenizer_dir, converted.save_pretrained)
+            if built is not None:
+                return built  # what later starts reload from the cache is the same (tested)
         return load_saved_fast_tokenizer(self.cache.tokenizer_dir)
 
-    def weights(self, hf_config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(hf_name, float32 tensor)`` pairs, read from the cache (filled on first use)."""
-        yield from iter_safetensors([self.prepare_weights(hf_config)])
+    def weights(self, hf_names: Iterable[str] | None = None,
+                dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(checkpoint name, tensor)`` for each tensor of the file that maps to one of
+        ``hf_names`` (default: every parameter of the transformers model), one at a time.
 
-    def prepare_weights(self, hf_config: PretrainedConfig) -> Path:
-        """Dequantize every tensor into the cache's model.safetensors unless already there."""
+        The values are transformers' float32 ones cast to ``dtype``; a model in bfloat16
+        gets them without a float32 copy of each whole tensor. torch runs single-threaded
+        meanwhile (see ``_one_thread``)."""
+        if not is_fast_arch(self.file):
+            yield from ((n, t.to(dtype)) for n, t in self._transformers_weights().items())
+            return
+        config = hf_config_dict(self.file)
+        names = self._transformers_names() if hf_names is None else hf_names
+        mapping = gguf_to_hf_names(self.file, names, int(config["num_hidden_layers"]))
+        with _one_thread():
+            for info in self.file.tensors:
+                if info.name in mapping:
+                    yield mapping[info.name], self._tensor(info, config, dtype)
+
+    def _tensor(self, info: TensorInfo, config: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
+        exact = fixes_values(self.file, info.name)  # such fixes compute in float32
+        tensor = self.file.dequantized(info, torch.float32 if exact else dtype)
+        return fix_tensor(self.file, info.name, tensor, config).to(dtype).contiguous()
+
+    def prepare_weights(self) -> Path:
+        """A float32 model.safetensors of every tensor, for transformers to load (cached)."""
         if not self.cache.weights_file.is_file():
-            tensors = self._dequantize(hf_config)
-            _atomic_write(self.cache.weights_file, lambda tmp: _save_safetensors(tensors, tmp))
+            tensors = dict(self.weights())
+            atomic_write(self.cache.weights_file, lambda tmp: _save_safetensors(tensors, tmp))
         return self.cache.weights_file
 
     def _prepare_metadata(self) -> None:
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-        parsed = load_gguf_checkpoint(str(self.path), return_tensors=False)
-        config = _config_from_gguf_dict(parsed["config"])
-        generation = _generation_config(config, parsed.get("tokenizer", {}))
+        config = self._build_config()
+        generation = _generation_config(config, self.file.metadata)
         atomic_write_text(self.cache.generation_config_file, json.dumps(generation, indent=2))
         atomic_write_text(self.cache.config_file, config.to_json_string())
 
-    def _dequantize(self, hf_config: PretrainedConfig) -> dict[str, torch.Tensor]:
-        from transformers import AutoModelForCausalLM
+    def _build_config(self) -> PretrainedConfig:
+        if is_fast_arch(self.file):
+            return _with_architectures(_config_from_dict(hf_config_dict(self.file)))
+        config = AutoConfig.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        return _with_architectures(config)
+
+    def _transformers_tokenizer(self) -> PreTrainedTokenizerBase:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+
+    def _transformers_names(self) -> list[str]:
+        return list(_transformers_skeleton(self.config()).state_dict())
+
+    def _transformers_weights(self) -> dict[str, torch.Tensor]:
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-        with torch.device("meta"):  # only its parameter names are needed for the name map
-            skeleton = AutoModelForCausalLM.from_config(hf_config)
-        parsed = load_gguf_checkpoint(str(self.path), return_tensors=True, model_to_load=skeleton,
+        parsed = load_gguf_checkpoint(str(self.path), return_tensors=True,
+                                      model_to_load=_transformers_skeleton(self.config()),
                                       torch_dtype=torch.float32)
         return {name: tensor.contiguous() for name, tensor in parsed["tensors"].items()}
 
@@ -242,24 +211,54 @@ def load_saved_fast_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"), **kwargs)
 
 
-def _config_from_gguf_dict(config_dict: dict[str, Any]) -> PretrainedConfig:
-    """What ``AutoConfig.from_pretrained(dir, gguf_file=...)`` builds, plus ``architectures``."""
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch single-threaded for a while (restored after).
+
+    Dequantizing and casting are memory bound; on 2 cores with the other one busy (the API
+    process builds the tokenizer while the engine loads), two intra-op threads made these
+    ops 3-10x slower than one (0.6 s vs 2-7 s for the 270M model's weights).
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _transformers_skeleton(config: PretrainedConfig) -> torch.nn.Module:
+    """transformers' model for ``config`` on the meta device: parameter names, no memory."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _config_from_dict(config_dict: dict[str, Any]) -> PretrainedConfig:
+    """What ``AutoConfig.from_pretrained(dir, gguf_file=...)`` builds from this dict."""
     from transformers import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     model_type = config_dict["model_type"]
     if model_type not in CONFIG_MAPPING:
         raise ValueError(f"GGUF architecture {model_type!r} is not known to transformers")
-    config = CONFIG_MAPPING[model_type].from_dict(dict(config_dict))
+    return CONFIG_MAPPING[model_type].from_dict(dict(config_dict))
+
+
+def _with_architectures(config: PretrainedConfig) -> PretrainedConfig:
+    """Fill ``architectures`` (a GGUF names none) with the causal-LM class of the model type."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     if not getattr(config, "architectures", None):
-        architecture = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+        architecture = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
         if architecture is None:
-            raise ValueError(f"GGUF architecture {model_type!r} has no causal-LM class in transformers")
+            raise ValueError(f"GGUF architecture {config.model_type!r} has no causal-LM class "
+                             "in transformers")
         config.architectures = [architecture]
     return config
 
 
-def _generation_config(config: PretrainedConfig, tokenizer: dict[str, Any]) -> dict[str, Any]:
+def _generation_config(config: PretrainedConfig, metadata: dict[str, Any]) -> dict[str, Any]:
     """Token-id defaults: the file's bos / pad, and eos widened with end-of-turn tokens."""
     generation: dict[str, Any] = {}
     for key in ("bos_token_id", "pad_token_id"):
@@ -267,7 +266,7 @@ def _generation_config(config: PretrainedConfig, tokenizer: dict[str, Any]) -> d
             generation[key] = getattr(config, key)
     eos = getattr(config, "eos_token_id", None)
     eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    for token_id in _end_of_turn_ids(tokenizer):
+    for token_id in _end_of_turn_ids(metadata):
         if token_id not in eos_ids:
             eos_ids.append(token_id)
     if eos_ids:
@@ -275,9 +274,10 @@ def _generation_config(config: PretrainedConfig, tokenizer: dict[str, Any]) -> d
     return generation
 
 
-def _end_of_turn_ids(tokenizer: dict[str, Any]) -> list[int]:
-    tokens: list[str] = list(tokenizer.get("tokens") or [])
-    types: list[int] = list(tokenizer.get("token_type") or [])
+def _end_of_turn_ids(metadata: dict[str, Any]) -> list[int]:
+    tokens: list[str] = metadata.get("tokenizer.ggml.tokens") or []
+    types = metadata.get("tokenizer.ggml.token_type")
+    types = [] if types is None else types.tolist()
     wanted = set(END_OF_TURN_TOKENS)
     return [index for index, token in enumerate(tokens)
             if token in wanted and (not types or types[index] == _CONTROL_TOKEN_TYPE)]

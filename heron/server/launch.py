@@ -17,16 +17,19 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import uvicorn
 
-from heron.config import EngineConfig
+from heron.config import EngineConfig, ModelConfig
 from heron.engine.client import EngineClient, EngineError
 from heron.server.app import build_app
 from heron.server.config import ServerConfig
 from heron.server.metrics import ServerMetrics
 from heron.server.serving import ServingContext
+
+if TYPE_CHECKING:
+    from heron.loader.tokenizer import Tokenizer
 
 logger = logging.getLogger("heron.server")
 
@@ -86,9 +89,7 @@ async def _serve(
 async def _start(
     engine: EngineClient, engine_config: EngineConfig, server_config: ServerConfig
 ) -> ServingContext:
-    from heron.loader import load_tokenizer, model_display_name
-
-    tokenizer_future = _in_daemon_thread(load_tokenizer, engine_config.model)
+    tokenizer_future = _in_daemon_thread(_load_tokenizer, engine_config.model)
     try:
         info = await engine.start(server_config.startup_timeout_s)
     except BaseException:
@@ -97,6 +98,8 @@ async def _start(
         )  # the engine's error is the one to report
         raise
     tokenizer = await tokenizer_future
+    from heron.loader import model_display_name
+
     display = model_display_name(engine_config.model)
     names = server_config.served_model_names or (display,)
     ctx = ServingContext(
@@ -124,6 +127,14 @@ async def _start(
         " (API key required)" if server_config.api_key else "",
     )
     return ctx
+
+
+def _load_tokenizer(model_config: ModelConfig) -> Tokenizer:
+    # heron.loader pulls in torch and transformers (~2 s): imported here, in the tokenizer's
+    # thread, so that the engine process starts without waiting for it.
+    from heron.loader import load_tokenizer
+
+    return load_tokenizer(model_config)
 
 
 def _ignore_result(future: asyncio.Future[Any]) -> None:

@@ -1,0 +1,145 @@
+"""What a GGUF architecture means in Hugging Face terms: config, tensor names, tensor fixes.
+
+This is transformers' legacy GGUF conversion (``load_gguf_checkpoint``) restated for the
+architectures heron runs, over metadata already read by ``gguf_file`` (transformers parses
+every element of the 262k-entry vocabulary arrays in Python just to build a config):
+
+- config: llama.cpp keys renamed through transformers' own ``GGUF_CONFIG_MAPPING`` table,
+  ``tie_word_embeddings`` from the absence of ``output.weight``, ``vocab_size`` from the
+  vocabulary when the file does not state it, ``gemma3`` -> ``gemma3_text``;
+- names: GGUF tensor name -> checkpoint name, through gguf-py's ``TensorNameMap`` applied to
+  the checkpoint names the model expects;
+- fixes: llama.cpp permutes llama's q/k rows (rotary pairs adjacent) and stores Gemma norms
+  as ``1 + w``; both are undone here, in float32, as transformers does.
+
+Other architectures are left to transformers (``is_fast_arch`` is False for them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from heron.loader.gguf_file import GGUFFile
+
+# GGUF architecture -> fix applied to (gguf name, float32 tensor, config dict).
+TensorFix = Callable[[str, torch.Tensor, dict[str, Any]], torch.Tensor]
+_TOKENS_KEY = "tokenizer.ggml.tokens"
+_GGUF_TO_HF_MODEL_TYPE = {"gemma3": "gemma3_text"}  # the file holds the text model only
+
+
+def _unpermute_qk(name: str, tensor: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation (``LlamaTensorProcessor``)."""
+    heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
+    if heads is None or kv_heads is None:
+        return tensor
+    if ".attn_q." in name:
+        return _reverse_permute(tensor, heads)
+    if ".attn_k." in name:
+        return _reverse_permute(tensor, kv_heads)
+    return tensor
+
+
+def _reverse_permute(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    rest = tensor.shape[1:]
+    half_dim = tensor.shape[0] // heads // 2
+    # [heads, half_dim, 2, ...] -> [heads, 2, half_dim, ...]: pairs back to halves
+    return tensor.reshape(heads, half_dim, 2, *rest).transpose(1, 2).reshape(tensor.shape)
+
+
+def _undo_norm_offset(name: str, tensor: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
+    """Gemma norms are stored as ``1 + w`` (``Gemma2TensorProcessor``)."""
+    return tensor - 1 if "norm.weight" in name else tensor
+
+
+def _no_fix(name: str, tensor: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
+    return tensor
+
+
+# The architectures whose conversion transformers does with its generic rules only.
+_TENSOR_FIXES: dict[str, TensorFix] = {
+    "llama": _unpermute_qk,
+    "qwen2": _no_fix,
+    "qwen3": _no_fix,
+    "gemma3": _undo_norm_offset,
+}
+
+
+def is_fast_arch(gguf_file: GGUFFile) -> bool:
+    """Whether heron converts this file itself (else transformers does, slowly)."""
+    arch = gguf_file.architecture
+    return arch in _TENSOR_FIXES and not _renamed_to_mistral(gguf_file)
+
+
+def _renamed_to_mistral(gguf_file: GGUFFile) -> bool:
+    # transformers' test (``"mistral" in [general.name]``): only a name of exactly "mistral"
+    return gguf_file.architecture == "llama" and gguf_file.metadata.get("general.name") == "mistral"
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def hf_config_dict(gguf_file: GGUFFile) -> dict[str, Any]:
+    """The config dict ``load_gguf_checkpoint`` returns for this file (``is_fast_arch`` ones)."""
+    from transformers.integrations import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
+
+    arch = gguf_file.architecture
+    names = {info.name for info in gguf_file.tensors}
+    config: dict[str, Any] = {"tie_word_embeddings": "output.weight" not in names}
+    for key, value in GGUF_CONFIG_DEFAULTS_MAPPING.get(arch, {}).items():
+        config.setdefault(key, value)
+    for key, value in gguf_file.metadata.items():
+        prefix, _, rest = key.partition(".")
+        renamed = GGUF_CONFIG_MAPPING.get(prefix, {}).get(rest)
+        if renamed is not None and renamed != -1:
+            config[renamed] = _config_value(value)
+    config["model_type"] = _GGUF_TO_HF_MODEL_TYPE.get(config["model_type"], config["model_type"])
+    if "vocab_size" not in config and _TOKENS_KEY in gguf_file.metadata:
+        config["vocab_size"] = len(gguf_file.metadata[_TOKENS_KEY])
+    return config
+
+
+def _config_value(value: Any) -> Any:
+    """A metadata value as transformers' parser gives it: arrays as lists, 1-element ones unwrapped."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, list) and len(value) == 1:
+        return value[0]
+    return value
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def gguf_to_hf_names(gguf_file: GGUFFile, hf_names: Iterable[str], num_layers: int) -> dict[str, str]:
+    """``{gguf tensor name: checkpoint name}`` for the checkpoint names the model expects."""
+    arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == gguf_file.architecture)
+    name_map = gguf.get_tensor_name_map(arch, num_layers)
+    mapping = {}
+    for hf_name in hf_names:
+        base, dot, suffix = hf_name.rpartition(".")
+        if suffix not in ("weight", "bias"):
+            base, dot, suffix = hf_name, "", ""
+        gguf_base = name_map.get_name(base)
+        if gguf_base is not None:
+            mapping[gguf_base + dot + suffix] = hf_name
+    return mapping
+
+
+def fix_tensor(gguf_file: GGUFFile, name: str, tensor: torch.Tensor,
+               config: dict[str, Any]) -> torch.Tensor:
+    """Undo what llama.cpp's converter did to tensor ``name`` of this architecture.
+
+    Value fixes (``fixes_values``) must see float32, as transformers computes them; the q/k
+    row permutation commutes with a cast and may be given any dtype.
+    """
+    return _TENSOR_FIXES[gguf_file.architecture](name, tensor, config)
+
+
+def fixes_values(gguf_file: GGUFFile, name: str) -> bool:
+    """Whether ``fix_tensor`` computes on this tensor's values (not just moves them)."""
+    return _TENSOR_FIXES[gguf_file.architecture] is _undo_norm_offset and "norm.weight" in name

@@ -1,0 +1,222 @@
+"""Reading a GGUF file: its metadata, its tensor table, and tensors dequantized to float32.
+
+::
+
+    "GGUF" | version u32 | tensor count u64 | metadata count u64
+    metadata:     key (u64 length + utf-8) | value type u32 | value      (x metadata count)
+    tensor table: name | n_dims u32 | dims u64 x n_dims | ggml type u32 | offset u64  (x tensor count)
+    padding to ``general.alignment`` (32 by default)
+    tensor data:  each tensor at data start + its offset, rows of quantized blocks
+
+``gguf.GGUFReader`` builds a numpy view per array element, which for a 262k-token vocabulary
+(three such arrays) takes seconds; here the header is walked once with ``struct`` over an mmap,
+numeric arrays come out as numpy arrays and string arrays as lists of ``str``.
+
+Dequantization uses gguf-py's own block formulas (``dequantize_rows``: the numbers are exactly
+those of ``gguf.quants.dequantize``), except for Q8_0, the usual type of the embedding, done
+in torch (the same single float32 multiply per element, so the same bits). It runs over
+~256k-element runs of rows, cast one by one into the caller's dtype.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+_VERSIONS = (2, 3)  # v1 (32-bit counts) is long gone from the wild
+_DEFAULT_ALIGNMENT = 32
+_U64 = struct.Struct("<Q")
+_ARRAY_HEADER = struct.Struct("<IQ")  # element type, count
+# GGUF value type -> struct format of one scalar (8 = string and 9 = array are read apart).
+_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q",
+                   11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+_CHUNK_ELEMENTS = 1 << 18  # elements dequantized per step: float32 temporaries stay in cache
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes are and how to read them."""
+
+    name: str  # GGUF name, e.g. "blk.0.attn_q.weight"
+    shape: tuple[int, ...]  # torch order (GGUF lists the fastest-moving dimension first)
+    ggml_type: gguf.GGMLQuantizationType
+    offset: int  # absolute, in bytes from the start of the file
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class GGUFFile:
+    """A GGUF file's metadata and tensor table (tensor data stays on disk until asked for).
+
+    ``metadata`` values: ``int`` / ``float`` / ``bool`` / ``str`` scalars, numeric arrays as
+    numpy arrays, string arrays as ``list[str]``.
+    """
+
+    path: Path
+    metadata: dict[str, Any]
+    tensors: tuple[TensorInfo, ...]
+
+    @classmethod
+    def read(cls, path: Path) -> GGUFFile:
+        with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            if buf[:4] != b"GGUF":
+                raise ValueError(f"{path} is not a GGUF file (no GGUF magic bytes)")
+            version, tensor_count, metadata_count = struct.unpack_from("<IQQ", buf, 4)
+            if version not in _VERSIONS:
+                raise ValueError(f"{path} is GGUF version {version}; heron reads versions 2 and 3")
+            metadata, pos = _read_metadata(buf, 24, metadata_count)
+            table, pos = _read_tensor_table(buf, pos, tensor_count)
+        alignment = int(metadata.get("general.alignment", _DEFAULT_ALIGNMENT))
+        data_start = -(-pos // alignment) * alignment
+        tensors = tuple(_tensor_info(name, dims, type_id, data_start + offset)
+                        for name, dims, type_id, offset in table)
+        return cls(path, metadata, tensors)
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata["general.architecture"])
+
+    def dequantized(self, info: TensorInfo, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The tensor's values (bit for bit those of ``gguf.quants.dequantize``) in ``dtype``."""
+        raw = np.memmap(self.path, dtype=np.uint8, mode="c", offset=info.offset,
+                        shape=(info.nbytes,))
+        return dequantize(raw, info.ggml_type, info.shape, dtype)
+
+
+# ----------------------------------------------------------------------------- header
+
+
+def _read_metadata(buf: mmap.mmap, pos: int, count: int) -> tuple[dict[str, Any], int]:
+    metadata: dict[str, Any] = {}
+    for _ in range(count):
+        key, pos = _read_string(buf, pos)
+        (value_type,) = struct.unpack_from("<I", buf, pos)
+        metadata[key], pos = _read_value(buf, pos + 4, value_type)
+    return metadata, pos
+
+
+def _read_value(buf: mmap.mmap, pos: int, value_type: int) -> tuple[Any, int]:
+    if value_type == _STRING:
+        return _read_string(buf, pos)
+    if value_type == _ARRAY:
+        element_type, count = _ARRAY_HEADER.unpack_from(buf, pos)
+        return _read_array(buf, pos + _ARRAY_HEADER.size, element_type, count)
+    fmt = _scalar_format(value_type)
+    (value,) = struct.unpack_from("<" + fmt, buf, pos)
+    return value, pos + struct.calcsize(fmt)
+
+
+def _read_array(buf: mmap.mmap, pos: int, element_type: int, count: int) -> tuple[Any, int]:
+    if element_type == _STRING:
+        return _read_strings(buf, pos, count)
+    if element_type == _ARRAY:
+        values = []
+        for _ in range(count):  # nested arrays: rare and small
+            element_type_inner, count_inner = _ARRAY_HEADER.unpack_from(buf, pos)
+            value, pos = _read_array(buf, pos + _ARRAY_HEADER.size, element_type_inner, count_inner)
+            values.append(value)
+        return values, pos
+    dtype = np.dtype("<" + _scalar_format(element_type))
+    values = np.frombuffer(buf, dtype=dtype, count=count, offset=pos).copy()
+    return values, pos + count * dtype.itemsize
+
+
+def _read_strings(buf: mmap.mmap, pos: int, count: int) -> tuple[list[str], int]:
+    """``count`` length-prefixed strings: one pass, the hot loop of reading a vocabulary."""
+    unpack = _U64.unpack_from
+    strings = []
+    append = strings.append
+    for _ in range(count):
+        (length,) = unpack(buf, pos)
+        pos += 8
+        append(buf[pos:pos + length].decode("utf-8"))
+        pos += length
+    return strings, pos
+
+
+def _read_string(buf: mmap.mmap, pos: int) -> tuple[str, int]:
+    (length,) = _U64.unpack_from(buf, pos)
+    pos += 8
+    return buf[pos:pos + length].decode("utf-8"), pos + length
+
+
+def _scalar_format(value_type: int) -> str:
+    if value_type not in _SCALAR_FORMATS:
+        raise ValueError(f"unknown GGUF metadata value type {value_type}")
+    return _SCALAR_FORMATS[value_type]
+
+
+def _read_tensor_table(buf: mmap.mmap, pos: int, count: int) -> tuple[list[tuple[str, tuple[int, ...], int, int]], int]:
+    table = []
+    for _ in range(count):
+        name, pos = _read_string(buf, pos)
+        (n_dims,) = struct.unpack_from("<I", buf, pos)
+        dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+        pos += 4 + 8 * n_dims
+        type_id, offset = struct.unpack_from("<IQ", buf, pos)
+        pos += 12
+        table.append((name, dims, type_id, offset))
+    return table, pos
+
+
+def _tensor_info(name: str, dims: tuple[int, ...], type_id: int, offset: int) -> TensorInfo:
+    try:
+        ggml_type = gguf.GGMLQuantizationType(type_id)
+    except ValueError:
+        raise ValueError(f"GGUF tensor {name!r} has unknown ggml type {type_id}") from None
+    block_size, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
+    elements = int(np.prod(dims, dtype=np.int64)) if dims else 1
+    return TensorInfo(name, tuple(int(d) for d in reversed(dims)), ggml_type, offset,
+                      elements // block_size * type_size)
+
+
+# ----------------------------------------------------------------------------- dequantization
+
+
+def dequantize(raw: np.ndarray, ggml_type: gguf.GGMLQuantizationType, shape: tuple[int, ...],
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Raw GGUF bytes (``uint8``) -> tensor of ``shape``: the float32 values of
+    ``gguf.quants.dequantize``, cast to ``dtype``.
+
+    Done a run of rows at a time (float32 run, then cast into the output), so a big tensor
+    wanted in bfloat16 never exists in float32 as a whole.
+    """
+    row_elements = shape[-1] if shape else 1
+    block_size, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
+    rows = raw.reshape(-1, row_elements // block_size * type_size)  # [n_rows, row bytes]
+    out = torch.empty((rows.shape[0], row_elements), dtype=dtype)
+    step = max(1, _CHUNK_ELEMENTS // row_elements)
+    for start in range(0, rows.shape[0], step):
+        out[start:start + step] = _dequantize_rows(rows[start:start + step], ggml_type)
+    return out.view(shape)
+
+
+def _dequantize_rows(rows: np.ndarray, ggml_type: gguf.GGMLQuantizationType) -> torch.Tensor:
+    """``[n, row bytes]`` uint8 -> ``[n, row elements]`` float32."""
+    if ggml_type == gguf.GGMLQuantizationType.F32:
+        return torch.from_numpy(rows.view(np.float32))
+    if ggml_type == gguf.GGMLQuantizationType.F16:
+        return torch.from_numpy(rows.view(np.float16)).to(torch.float32)
+    if ggml_type == gguf.GGMLQuantizationType.Q8_0:
+        return _dequantize_q8_0(rows)
+    quant = getattr(gguf.quants, ggml_type.name, None)
+    if quant is None or not hasattr(quant, "dequantize_rows"):
+        raise ValueError(f"cannot dequantize GGUF tensors of type {ggml_type.name}")
+    quant.init_grid()  # the lattice types (IQ*) need their grids; a no-op for the others
+    return torch.from_numpy(quant.dequantize_rows(rows))
+
+
+def _dequantize_q8_0(rows: np.ndarray) -> torch.Tensor:
+    """Q8_0 blocks: fp16 scale d, then 32 int8 values q; value = q * d (one float32 multiply)."""
+    blocks = torch.from_numpy(rows).view(-1, 34)  # [n_blocks, 2 + 32]
+    scale = blocks[:, :2].contiguous().view(torch.float16).to(torch.float32)  # [n_blocks, 1]
+    values = blocks[:, 2:].view(torch.int8).to(torch.float32)  # [n_blocks, 32]
+    return values.mul_(scale).view(rows.shape[0], -1)
