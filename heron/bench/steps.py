@@ -1,0 +1,105 @@
+"""Where one engine step's time goes: ``python -m heron.bench.steps [--quantization Q]``.
+
+Runs the default model in process, fills a batch of B decoding requests (128-token prompts),
+and times 40 decode steps, reporting the median milliseconds of the step and of its parts:
+``model`` (the forward pass), ``lm_head`` (logits), ``sampler``, ``build_batch`` (the runner's
+flat batch), ``schedule`` and ``update`` (the scheduler). ``--split`` also times the step with
+the projections, then the LM head too, replaced by zeros: what is left is the cost of the
+small ops (norms, RoPE, attention, casts) and of Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch
+
+from heron import LLM, SamplingParams
+from heron.engine.core import EngineCore
+from heron.engine.messages import EngineRequest
+from heron.layers.linear import Linear
+
+
+def instrument(engine: EngineCore, times: dict[str, list[float]]) -> None:
+    """Wrap the step and its parts so that each call appends its duration to ``times``."""
+    parts = {"step": (engine, "step"), "schedule": (engine.scheduler, "schedule"),
+             "update": (engine.scheduler, "update_from_output"),
+             "build_batch": (engine.runner, "_build_batch"), "model": (engine.runner.model, "forward"),
+             "lm_head": (engine.runner.model, "compute_logits"),
+             "sampler": (engine.runner.sampler, "forward")}
+    for name, (owner, attr) in parts.items():
+        setattr(owner, attr, _timed(getattr(owner, attr), times[name]))
+
+
+def _timed(fn: Callable, sink: list[float]) -> Callable:
+    def wrapper(*args: object, **kwargs: object) -> object:
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        sink.append(time.perf_counter() - start)
+        return out
+    return wrapper
+
+
+def fill(engine: EngineCore, batch: int, tag: str) -> None:
+    params = SamplingParams(max_tokens=200, ignore_eos=True, temperature=0)
+    for i in range(batch):
+        prompt = [2] + list(range(1000 + 50 * i, 1127 + 50 * i))
+        engine.add_request(EngineRequest(request_id=f"{tag}-{i}", prompt_token_ids=prompt,
+                                         sampling_params=params))
+    for _ in range(3):  # prefill, then settle
+        engine.step()
+
+
+def _reset(times: dict[str, list[float]]) -> None:
+    for values in times.values():  # in place: the wrappers hold these lists
+        values.clear()
+
+
+def median_ms(values: list[float]) -> float:
+    return statistics.median(values) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quantization", default="auto")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--split", action="store_true")
+    args = parser.parse_args()
+    engine = LLM(quantization=args.quantization).engine
+    times: dict[str, list[float]] = defaultdict(list)
+    instrument(engine, times)
+    for batch in args.batch:
+        fill(engine, batch, f"b{batch}")
+        _reset(times)
+        for _ in range(args.steps):
+            engine.step()
+        parts = sorted(((k, v) for k, v in times.items() if v), key=lambda kv: -sum(kv[1]))
+        print(f"batch {batch}: " + ", ".join(f"{k} {median_ms(v):.1f}" for k, v in parts), flush=True)
+        if args.split:
+            _split(engine, args.steps, times)
+        engine.abort_requests([f"b{batch}-{i}" for i in range(batch)])
+
+
+def _split(engine: EngineCore, steps: int, times: dict[str, list[float]]) -> None:
+    forward, head = Linear.forward, engine.runner.model.lm_head.forward
+    vocab = engine.info.vocab_size
+    try:
+        Linear.forward = lambda self, x: torch.zeros(x.shape[0], self.out_features, dtype=x.dtype)
+        for label in ("without projections", "without projections and LM head"):
+            _reset(times)
+            for _ in range(steps):
+                engine.step()
+            print(f"  {label}: step {median_ms(times['step']):.1f}", flush=True)
+            engine.runner.model.lm_head.forward = lambda h: torch.zeros(h.shape[0], vocab)
+    finally:
+        Linear.forward = forward
+        engine.runner.model.lm_head.forward = head
+
+
+if __name__ == "__main__":
+    main()
