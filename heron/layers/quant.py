@@ -14,7 +14,7 @@ per group::
              w = 16 s (hi - 8) + s lo  =  [x | x] @ [hi-part | lo-part]^T  (one call, K doubled)
                   hi-part: scale 16 s, zero 0        lo-part: scale s, zero 8 s
 
-(PyTorch's int8 kernel has only one scale per row, which on Gemma's weights costs ~3x the
+(PyTorch's int8 kernel has only one scale per row, which on Gemma's weights costs ~2x the
 error of group scales, and runs slower here.) Rounding is to the nearest code, so each weight
 is off by at most half a step; scales are rounded to the activations' dtype first and the
 codes fitted against the rounded scales.
