@@ -15,8 +15,6 @@ import random
 import time
 from dataclasses import asdict, dataclass
 
-import torch
-
 
 @dataclass
 class Workload:
@@ -82,6 +80,8 @@ def run_heron(llm: object, work: Workload) -> Result:
 
 def run_hf(model: object, work: Workload, batch_size: int, pad_id: int) -> Result:
     """transformers batched generate; each batch runs to its longest output, only asked tokens count."""
+    import torch  # here, not at import: `heron serve` builds every subcommand's parser
+
     start = time.perf_counter()
     for i in range(0, len(work.prompts), batch_size):
         prompts = work.prompts[i:i + batch_size]
@@ -105,6 +105,8 @@ def single_decode(llm: object, hf_model: object | None, prompt: list[int], token
     llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
     out["heron"] = tokens / (time.perf_counter() - start)
     if hf_model is not None:
+        import torch
+
         ids = torch.tensor([prompt])
         start = time.perf_counter()
         with torch.inference_mode():
@@ -137,6 +139,7 @@ def run(args: argparse.Namespace) -> None:
 
 def load_hf_reference(llm: object) -> object:
     """transformers model from the same weights heron serves, in the dtype heron runs."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     from heron.loader import hf_reference_path
