@@ -26,12 +26,14 @@ if TYPE_CHECKING:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           quantized: QuantizedWeight | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias``; x: [M, in] -> [M, out], through ``quantized`` when M is small."""
+           quantized: QuantizedWeight | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias``; x: [M, in] -> [M, out] in ``out_dtype`` (default x's), through
+    ``quantized`` when M is small."""
     if quantized is not None and x.dim() == 2 and x.shape[0] <= quantized.max_rows:
-        out = quantized.matmul(x)
+        out = quantized.matmul(x, out_dtype)
         return out if bias is None else out + bias
-    return F.linear(x, weight, bias)
+    out = F.linear(x, weight, bias)
+    return out if out_dtype is None else out.to(out_dtype)
 
 
 class Linear(nn.Linear):
@@ -84,7 +86,7 @@ class LMHead(nn.Module):
         self.quantized: QuantizedWeight | None = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = linear(hidden, self.weight, None, self.quantized).float()  # [N, vocab]
+        logits = linear(hidden, self.weight, None, self.quantized, torch.float32)  # [N, vocab]
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

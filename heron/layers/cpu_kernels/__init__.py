@@ -1,0 +1,119 @@
+"""CPU kernels heron compiles itself, on first use, for the machine it runs on.
+
+A kernel is one C file here. It is built with the system C compiler (``-O3 -march=native
+-fopenmp``) into heron's cache and loaded with ctypes, so no build step at install time and no
+compiler at all where the kernel is not wanted::
+
+    <cache root>/kernels/<name>-<hash of source, compiler and CPU flags>.so
+
+The OpenMP runtime the library links to is the one PyTorch already loaded (same soname), so its
+threads are PyTorch's threads. Where a kernel cannot be had (no compiler, a CPU without the
+instructions, ``HERON_CPU_KERNELS=0``) the loader says why once and returns None; callers keep
+their PyTorch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DISABLE_ENV_VAR = "HERON_CPU_KERNELS"  # "0" turns every compiled kernel off
+_SOURCE_DIR = Path(__file__).parent
+_BUILD_TIMEOUT_S = 120
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _build(name: str, required_flags: set[str]) -> ctypes.CDLL | None:
+    """Compile ``<name>.c`` (once per source, compiler and CPU) and load it."""
+    if os.environ.get(DISABLE_ENV_VAR, "1") == "0":
+        return None
+    missing = required_flags - _cpu_flags()
+    if missing:
+        logger.info("kernel %s not used: the CPU lacks %s", name, ", ".join(sorted(missing)))
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        logger.info("kernel %s not used: no C compiler (cc, gcc or $CC) found", name)
+        return None
+    source = _SOURCE_DIR / f"{name}.c"
+    command = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+    key = hashlib.sha256(source.read_bytes())
+    for part in (*command, _compiler_version(compiler), *sorted(_cpu_flags())):
+        key.update(part.encode())
+    from heron.loader.cache import atomic_write, cache_root
+
+    target = cache_root() / "kernels" / f"{name}-{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        try:
+            atomic_write(target, lambda tmp: subprocess.run(
+                [*command, str(source), "-o", str(tmp)], check=True, capture_output=True,
+                text=True, timeout=_BUILD_TIMEOUT_S))
+        except (subprocess.SubprocessError, OSError) as e:
+            detail = getattr(e, "stderr", "") or str(e)
+            logger.warning("kernel %s not used: build failed: %s", name, detail.strip()[-500:])
+            return None
+    return ctypes.CDLL(str(target))
+
+
+def _compiler_version(compiler: str) -> str:
+    try:
+        return subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                              timeout=30).stdout
+    except (subprocess.SubprocessError, OSError):
+        return ""
+
+
+Q8Gemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor]
+
+
+@functools.cache
+def q8_gemm() -> Q8Gemm | None:
+    """``fn(x, codes, scales, out_dtype)``: bf16 x [M, K] @ (int8 codes [N, K] * fp16 scales
+    [N, K / 32] per group of 32)^T -> [M, N] in float32 or bfloat16; None where unavailable."""
+    lib = _build("q8_gemm", {"avx512f", "avx512bw", "avx512_bf16", "f16c"})
+    if lib is None:
+        return None
+    fn = lib.heron_q8_gemm
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+
+    def q8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+           out_dtype: torch.dtype) -> torch.Tensor:
+        # x: [M, K] bf16, rows contiguous; codes: [N, K] int8; scales: [N, K / 32] fp16
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        (m, k), n = x.shape, codes.shape[0]
+        out = torch.empty(m, n, dtype=out_dtype)  # [M, N]
+        status = fn(x.data_ptr(), x.stride(0), m, k, codes.data_ptr(), scales.data_ptr(), n,
+                    out.data_ptr(), int(out_dtype == torch.bfloat16))
+        if status:
+            raise ValueError(f"q8_gemm: K={k} is not a multiple of 32")
+        return out
+
+    return q8
