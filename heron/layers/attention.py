@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from heron.layers.cpu_kernels import paged_decode_attention
+
 # Decode attention whose gathered K/V (all requests together) has at most this many slots runs
 # in float32: CPU bf16 matmuls of these tiny shapes pay ~50 us of fixed cost (measured, 1 request
 # x 144 keys: q.k 56 us in bf16, 15 us + 7 us conversion in float32; at 16 x 144 bf16 wins).
@@ -165,6 +167,10 @@ class TorchAttentionBackend(AttentionBackend):
     def _decode(self, layer: Attention, q: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         # q: [B, H, D], one query token per decoding request -> [B, H, D]
+        kernel = _cpu_decode_kernel(layer, q, kv_cache)
+        if kernel is not None:  # reads the pages in place: no gather, no mask
+            return kernel(q, kv_cache, meta.decode_block_tables, meta.decode_seq_lens,
+                          layer.scale, layer.sliding_window)
         view = meta.decode_view(layer.sliding_window)
         num_decodes, num_slots = view.key_positions.shape
         dtype = q.dtype
@@ -202,6 +208,15 @@ class TorchAttentionBackend(AttentionBackend):
                 mask = _alibi_bias(layer.alibi_slopes, k_pos[None, :] - q_pos[:, None], mask)
             out = _sdpa(qp, keys, values, mask, layer)  # [1, H, L, D]
         return out.squeeze(0).transpose(0, 1)  # [L, H, D]
+
+
+def _cpu_decode_kernel(layer: Attention, q: torch.Tensor, kv_cache: torch.Tensor):
+    """heron's compiled decode attention where it applies: CPU, bfloat16, no ALiBi, D % 32 == 0."""
+    if (q.device.type != "cpu" or q.dtype != torch.bfloat16 or kv_cache.dtype != torch.bfloat16
+            or layer.alibi_slopes is not None or layer.head_dim % 32
+            or layer.num_heads // layer.num_kv_heads > 16):
+        return None
+    return paged_decode_attention()
 
 
 def _slots_of(span: PrefillSpan, block_size: int) -> torch.Tensor:

@@ -117,3 +117,39 @@ def q8_gemm() -> Q8Gemm | None:
         return out
 
     return q8
+
+
+PagedDecodeAttention = Callable[..., torch.Tensor]
+
+
+@functools.cache
+def paged_decode_attention() -> PagedDecodeAttention | None:
+    """``fn(q, kv_cache, block_tables, seq_lens, num_heads, scale, sliding_window)`` -> [B, H, D]
+    bf16: one query token per sequence attended over its pages of ``kv_cache`` in place
+    (see paged_attention.c); None where unavailable."""
+    lib = _build("paged_attention", {"avx512f", "avx512bw", "avx512_bf16"})
+    if lib is None:
+        return None
+    fn = lib.heron_paged_decode_attention
+    fn.restype = ctypes.c_int
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, i64, ptr, i64, i64, i64,
+                   ctypes.c_float, ptr]
+
+    def attend(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+               seq_lens: torch.Tensor, scale: float, sliding_window: int | None) -> torch.Tensor:
+        # q: [B, H, D] bf16, heads contiguous; kv_cache: [2, num_blocks, block_size, Hkv, D] bf16
+        # block_tables: [B, max_blocks] int64; seq_lens: [B] int64
+        if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
+            q = q.contiguous()
+        block_tables, seq_lens = block_tables.contiguous(), seq_lens.contiguous()
+        (batch, heads, dim), (_, num_blocks, block_size, kv_heads, _) = q.shape, kv_cache.shape
+        out = torch.empty(batch, heads, dim, dtype=torch.bfloat16)
+        status = fn(q.data_ptr(), q.stride(0), kv_cache.data_ptr(), num_blocks, block_size,
+                    kv_heads, dim, block_tables.data_ptr(), block_tables.stride(0),
+                    seq_lens.data_ptr(), batch, heads, sliding_window or 0, scale, out.data_ptr())
+        if status:
+            raise ValueError(f"paged_decode_attention: unsupported shape (status {status})")
+        return out
+
+    return attend

@@ -1,0 +1,96 @@
+"""heron's compiled CPU kernels against plain float32 math: decode attention read in place from
+the paged cache (sliding windows, GQA groups, scattered blocks) and the loader's fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from heron.layers import cpu_kernels
+from heron.layers.attention import Attention, AttentionMetadata, TorchAttentionBackend
+
+ATTENTION_CPU = {"avx512f", "avx512bw", "avx512_bf16"} <= cpu_kernels._cpu_flags()
+needs_kernel = pytest.mark.skipif(not ATTENTION_CPU, reason="the CPU lacks AVX-512 BF16")
+
+
+def _paged_case(seq_lens: list[int], heads: int, kv_heads: int, dim: int, block_size: int, seed: int):
+    """A bf16 cache with each sequence's blocks scattered; returns q, cache, tables, lens, K/V per seq."""
+    g = torch.Generator().manual_seed(seed)
+    max_blocks = max(-(-n // block_size) for n in seq_lens)
+    num_blocks = len(seq_lens) * max_blocks + 3
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, dim, generator=g).to(torch.bfloat16)
+    order = torch.randperm(num_blocks, generator=g)
+    tables = order[:len(seq_lens) * max_blocks].view(len(seq_lens), max_blocks).clone()
+    q = torch.randn(len(seq_lens), heads, dim, generator=g).to(torch.bfloat16)
+    return q, cache, tables, torch.tensor(seq_lens)
+
+
+def _reference(q, cache, tables, seq_lens, scale, window):
+    """float32 softmax attention over each sequence's visible positions, gathered by hand."""
+    heads, kv_heads, block_size = q.shape[1], cache.shape[3], cache.shape[2]
+    out = []
+    for b, n in enumerate(seq_lens.tolist()):
+        first = max(0, n - window) if window else 0
+        pos = torch.arange(first, n)
+        slots = tables[b, pos // block_size] * block_size + pos % block_size
+        k = cache[0].flatten(0, 1)[slots].float().repeat_interleave(heads // kv_heads, dim=1)
+        v = cache[1].flatten(0, 1)[slots].float().repeat_interleave(heads // kv_heads, dim=1)
+        p = torch.einsum("hd,shd->hs", q[b].float(), k).mul(scale).softmax(-1)  # [H, S]
+        out.append(torch.einsum("hs,shd->hd", p, v))
+    return torch.stack(out)
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads,kv_heads,dim,block_size,window", [
+    (4, 1, 256, 16, None),  # Gemma 3 270M's global layers
+    (4, 1, 256, 16, 40),  # ... its local layers (window shorter than the longest context)
+    (8, 2, 64, 4, None),  # GQA groups of 4 over two K/V heads, small blocks
+    (6, 6, 32, 8, 7),  # no GQA, a window shorter than a block
+])
+def test_paged_decode_attention_matches_float32_reference(heads, kv_heads, dim, block_size, window) -> None:
+    q, cache, tables, lens = _paged_case([1, 5, 16, 17, 63, 100], heads, kv_heads, dim, block_size, seed=heads)
+    attend = cpu_kernels.paged_decode_attention()
+    out = attend(q, cache, tables, lens, dim ** -0.5, window)
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), _reference(q, cache, tables, lens, dim ** -0.5, window),
+                               atol=2e-2, rtol=2e-2)
+
+
+@needs_kernel
+def test_backend_uses_the_kernel_and_agrees_with_its_torch_path(monkeypatch) -> None:
+    heads, kv_heads, dim, block_size, window = 4, 1, 256, 16, 40
+    q, cache, tables, lens = _paged_case([3, 33, 70], heads, kv_heads, dim, block_size, seed=7)
+    layer = Attention(heads, dim, kv_heads, layer_idx=0, scale=dim ** -0.5, sliding_window=window)
+    meta = AttentionMetadata(slot_mapping=torch.zeros(3, dtype=torch.int64),
+                             decode_token_idx=torch.arange(3), decode_seq_lens=lens,
+                             decode_block_tables=tables, prefills=[], block_size=block_size)
+    backend = TorchAttentionBackend()
+    calls = []
+    real = cpu_kernels.paged_decode_attention()
+    monkeypatch.setattr("heron.layers.attention.paged_decode_attention",
+                        lambda: lambda *a: calls.append(1) or real(*a))
+    with_kernel = backend._decode(layer, q, cache, meta)
+    assert calls == [1]
+    monkeypatch.setattr("heron.layers.attention.paged_decode_attention", lambda: None)
+    torch_path = backend._decode(layer, q, cache, AttentionMetadata(
+        slot_mapping=meta.slot_mapping, decode_token_idx=meta.decode_token_idx, decode_seq_lens=lens,
+        decode_block_tables=tables, prefills=[], block_size=block_size))
+    torch.testing.assert_close(with_kernel.float(), torch_path.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_missing_cpu_features_and_the_off_switch_give_no_kernel(monkeypatch) -> None:
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: {"sse2"})
+    assert cpu_kernels._build("q8_gemm", {"avx512_bf16"}) is None
+    monkeypatch.setenv(cpu_kernels.DISABLE_ENV_VAR, "0")
+    assert cpu_kernels._build("q8_gemm", set()) is None
+
+
+@needs_kernel
+def test_build_is_cached_per_source_and_rebuilt_into_an_empty_cache(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("HERON_CACHE_DIR", str(tmp_path))
+    assert cpu_kernels._build("paged_attention", set()) is not None
+    built = list((tmp_path / "kernels").glob("paged_attention-*.so"))
+    assert len(built) == 1
+    mtime = built[0].stat().st_mtime_ns
+    assert cpu_kernels._build("paged_attention", set()) is not None
+    assert built[0].stat().st_mtime_ns == mtime  # loaded, not rebuilt
