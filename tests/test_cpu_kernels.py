@@ -94,3 +94,66 @@ def test_build_is_cached_per_source_and_rebuilt_into_an_empty_cache(monkeypatch,
     mtime = built[0].stat().st_mtime_ns
     assert cpu_kernels._build("paged_attention", set()) is not None
     assert built[0].stat().st_mtime_ns == mtime  # loaded, not rebuilt
+
+
+ELEMENTWISE_CPU = ATTENTION_CPU
+
+
+def _bf16(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(torch.bfloat16)
+
+
+def _assert_agree(out: torch.Tensor, expected: torch.Tensor, equal_fraction: float = 0.98) -> None:
+    """Nearly every element bit-equal; the rest one bf16 rounding apart (fp32 sums in another
+    order can move a norm, and everything after it, by one ulp)."""
+    assert out.dtype == expected.dtype == torch.bfloat16 and out.shape == expected.shape
+    assert (out == expected).float().mean() >= equal_fraction
+    torch.testing.assert_close(out.float(), expected.float(), atol=1e-2, rtol=2 ** -6)
+
+
+@pytest.mark.skipif(not ELEMENTWISE_CPU, reason="the CPU lacks AVX-512 BF16")
+@pytest.mark.parametrize("rows,dim", [(1, 640), (9, 100), (33, 64)])
+def test_add_rms_norm_matches_the_torch_ops_it_replaces(rows, dim) -> None:
+    from heron.layers.norm import RMSNorm
+
+    post, pre = RMSNorm(dim, 1e-6, unit_offset=True), RMSNorm(dim, 1e-6, unit_offset=True)
+    with torch.no_grad():
+        post.weight.copy_(torch.randn(dim, generator=torch.Generator().manual_seed(1)))
+        pre.weight.copy_(torch.randn(dim, generator=torch.Generator().manual_seed(2)))
+    x, h = _bf16(rows, dim, seed=3, scale=20.0), _bf16(rows, 2 * dim, seed=4)[:, :dim]  # h strided
+    kernel = cpu_kernels.elementwise()
+    x_out, y_out = kernel.add_rms_norm(x, h, post.scale(), pre.scale(), 1e-6)
+    x_ref = x + post(h)
+    _assert_agree(x_out, x_ref)
+    _assert_agree(y_out, pre(x_ref))
+    x_same, y_only = kernel.add_rms_norm(x, None, None, pre.scale(), 1e-6)
+    assert x_same is x
+    _assert_agree(y_only, pre(x))
+
+
+@pytest.mark.skipif(not ELEMENTWISE_CPU, reason="the CPU lacks AVX-512 BF16")
+@pytest.mark.parametrize("tokens,heads,dim", [(1, 5, 256), (7, 3, 48)])
+def test_qk_norm_rope_matches_norm_then_rotation(tokens, heads, dim) -> None:
+    from heron.layers.norm import rms_norm_heads
+    from heron.layers.rotary import RotaryEmbedding, norm_and_rotate
+
+    rope = RotaryEmbedding(dim, {"rope_type": "default", "rope_theta": 10000.0})
+    cos_sin = rope.cos_sin(torch.tensor([3, 70, 900, 5, 6, 7, 8][:tokens]), torch.bfloat16)
+    qk = _bf16(tokens, heads + 2, dim, seed=5, scale=3.0)[:, 1:heads + 1]  # token stride > heads * D
+    scale = 1 + torch.randn(heads, dim, generator=torch.Generator().manual_seed(6))
+    out = cpu_kernels.elementwise().qk_norm_rope(qk, scale, 1e-6, *cos_sin)
+    expected = rope.apply(rms_norm_heads(qk, scale, 1e-6), cos_sin)
+    _assert_agree(out, expected)
+    torch.testing.assert_close(norm_and_rotate(qk, scale, 1e-6, rope, cos_sin), out, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not ELEMENTWISE_CPU, reason="the CPU lacks AVX-512 BF16")
+@pytest.mark.parametrize("name", ["gelu_pytorch_tanh", "silu"])
+def test_act_and_mul_matches_torch(name) -> None:
+    from heron.layers import activation
+
+    x = _bf16(5, 2 * 200, seed=7, scale=4.0)
+    act = activation.get_activation(name)
+    out = activation.act_and_mul(x, act)  # the kernel
+    expected = act(x[:, :200]) * x[:, 200:]
+    _assert_agree(out, expected)

@@ -8,16 +8,20 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from heron.layers.norm import cpu_kernel_for
+
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
+_gelu_tanh = partial(F.gelu, approximate="tanh")
 _ACTIVATIONS: dict[str, Activation] = {
     "silu": F.silu,
     "swish": F.silu,
     "gelu": F.gelu,
     "relu": F.relu,
-    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
-    "gelu_new": partial(F.gelu, approximate="tanh"),
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_new": _gelu_tanh,
 }
+_KERNEL_NAMES = {F.silu: "silu", _gelu_tanh: "gelu_tanh"}  # the ones heron's CPU kernel computes
 
 
 def get_activation(name: str) -> Activation:
@@ -29,5 +33,8 @@ def get_activation(name: str) -> Activation:
 
 def act_and_mul(x: torch.Tensor, act: Activation) -> torch.Tensor:
     """Gated MLP core: ``act(gate) * up`` for ``x = [gate | up]``. [..., 2 * d] -> [..., d]."""
+    kernel = cpu_kernel_for(x)
+    if kernel is not None and act in _KERNEL_NAMES and x.dim() == 2 and x.stride(1) == 1:
+        return kernel.act_and_mul(x, _KERNEL_NAMES[act])  # one compiled call
     d = x.shape[-1] // 2
     return act(x[..., :d]) * x[..., d:]

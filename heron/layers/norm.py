@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from heron.layers.cpu_kernels import Elementwise, elementwise
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm over the last dim, computed in float32.
@@ -46,3 +48,28 @@ def rms_norm_heads(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Te
     Lets q and k, adjacent in a fused qkv output, be normalised in one call with their own weights.
     """
     return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).mul_(scale).to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, h: torch.Tensor | None, post: RMSNorm | None,
+                 pre: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step between two sandwich-norm sublayers: ``x = x + post(h)``, then ``(x, pre(x))``.
+
+    With ``h`` None only ``pre(x)`` is computed (the first layer's input norm). On CPU in
+    bfloat16 with Gemma norms this is one compiled call instead of ~12 operator calls.
+    x, h: [T, hidden].
+    """
+    kernel = cpu_kernel_for(x)
+    if (kernel is not None and pre.unit_offset and x.dim() == 2 and x.stride(1) == 1
+            and (h is None or (post is not None and post.unit_offset and post.eps == pre.eps
+                               and h.stride(1) == 1))):
+        return kernel.add_rms_norm(x, h, None if h is None else post.scale(), pre.scale(), pre.eps)
+    if h is not None:
+        x = x + post(h)
+    return x, pre(x)
+
+
+def cpu_kernel_for(x: torch.Tensor) -> Elementwise | None:
+    """heron's compiled small ops where they apply to ``x``: a bfloat16 tensor on CPU."""
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16:
+        return None
+    return elementwise()

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from heron.layers.norm import cpu_kernel_for, rms_norm_heads
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -144,3 +146,16 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     # x: [T, H, R]; cos, sin: [T, 1, R / 2]
     x1, x2 = x.chunk(2, dim=-1)  # [T, H, R / 2] each
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def norm_and_rotate(x: torch.Tensor, scale: torch.Tensor, eps: float, rope: RotaryEmbedding,
+                    cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Per-head RMS norm (``rms_norm_heads``), then ``rope.apply``: Gemma's q/k path.
+    x [T, heads, D] -> [T, heads, D]; one compiled call on CPU in bfloat16."""
+    kernel = cpu_kernel_for(x)
+    cos, sin = cos_sin
+    if (kernel is not None and rope.rotary_dim == rope.head_dim == x.shape[-1] and x.stride(2) == 1
+            and x.stride(1) == x.shape[2] and cos.dtype == torch.bfloat16 and cos.is_contiguous()
+            and sin.is_contiguous()):
+        return kernel.qk_norm_rope(x, scale, eps, cos, sin)
+    return rope.apply(rms_norm_heads(x, scale, eps), cos_sin)

@@ -20,8 +20,8 @@ from torch import nn
 from heron.layers.activation import act_and_mul, get_activation
 from heron.layers.attention import Attention, ForwardContext
 from heron.layers.linear import Linear, LMHead, MergedLinear
-from heron.layers.norm import RMSNorm, rms_norm_heads
-from heron.layers.rotary import RotaryEmbedding, rope_parameters
+from heron.layers.norm import RMSNorm, add_rms_norm
+from heron.layers.rotary import RotaryEmbedding, norm_and_rotate, rope_parameters
 from heron.loader.weights import GATE_UP_STACKED, QKV_STACKED, WeightMapping
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
@@ -73,7 +73,7 @@ class Gemma3Attention(nn.Module):
         qk = qkv[:, :heads * self.head_dim].view(num_tokens, heads, self.head_dim)  # [T, H + Hkv, D]
         v = qkv[:, heads * self.head_dim:]  # [T, Hkv * D]
         # q and k get their own norm weights but one norm call and one rotation.
-        qk = rope.apply(rms_norm_heads(qk, self._qk_scale(), self.q_norm.eps), cos_sin)
+        qk = norm_and_rotate(qk, self._qk_scale(), self.q_norm.eps, rope, cos_sin)
         q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         return self.o_proj(self.attn(q.flatten(1), k.flatten(1), v, ctx))  # [T, hidden]
 
@@ -102,7 +102,13 @@ class Gemma3MLP(nn.Module):
 
 
 class Gemma3DecoderLayer(nn.Module):
-    """Sandwich-norm block: each sublayer's input and output are normalised."""
+    """Sandwich-norm block: each sublayer's input and output are normalised.
+
+    The layer takes the residual stream ``x`` and ``input_layernorm(x)`` already computed, and
+    returns its new stream with ``next_norm`` of it (the next layer's input norm, or the final
+    norm): every "add the sublayer's normalised output, normalise again" is one
+    ``add_rms_norm`` call.
+    """
 
     def __init__(self, config: Any, layer_idx: int, layer_type: str) -> None:
         super().__init__()
@@ -116,12 +122,13 @@ class Gemma3DecoderLayer(nn.Module):
         self.mlp = Gemma3MLP(config)
         self.post_feedforward_layernorm = RMSNorm(hidden, eps, unit_offset=True)
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cos_sin: CosSin,
-                ctx: ForwardContext) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), rope, cos_sin, ctx)
-        x = x + self.post_attention_layernorm(h)
-        h = self.mlp(self.pre_feedforward_layernorm(x))
-        return x + self.post_feedforward_layernorm(h)
+    def forward(self, x: torch.Tensor, normed: torch.Tensor, rope: RotaryEmbedding, cos_sin: CosSin,
+                ctx: ForwardContext, next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        # x, normed: [T, hidden]; normed = input_layernorm(x)
+        h = self.self_attn(normed, rope, cos_sin, ctx)
+        x, normed = add_rms_norm(x, h, self.post_attention_layernorm, self.pre_feedforward_layernorm)
+        h = self.mlp(normed)
+        return add_rms_norm(x, h, self.post_feedforward_layernorm, next_norm)
 
 
 class Gemma3TextModel(nn.Module):
@@ -146,10 +153,12 @@ class Gemma3TextModel(nn.Module):
         x = self.embed_tokens(input_ids)  # [T, hidden]
         x = x * self.embed_scale.to(x.dtype)
         cos_sin = {t: rope.cos_sin(positions, x.dtype) for t, rope in self.rotary.items()}
-        for layer in self.layers:
+        x, normed = add_rms_norm(x, None, None, self.layers[0].input_layernorm)
+        next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        for layer, next_norm in zip(self.layers, next_norms):
             t = layer.layer_type
-            x = layer(x, self.rotary[t], cos_sin[t], ctx)
-        return self.norm(x)
+            x, normed = layer(x, normed, self.rotary[t], cos_sin[t], ctx, next_norm)
+        return normed
 
 
 class Gemma3ForCausalLM(nn.Module):

@@ -63,6 +63,8 @@ def _build(name: str, required_flags: set[str]) -> ctypes.CDLL | None:
     source = _SOURCE_DIR / f"{name}.c"
     command = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
     key = hashlib.sha256(source.read_bytes())
+    for header in sorted(_SOURCE_DIR.glob("*.h")):  # included by the sources
+        key.update(header.read_bytes())
     for part in (*command, _compiler_version(compiler), *sorted(_cpu_flags())):
         key.update(part.encode())
     from heron.loader.cache import atomic_write, cache_root
@@ -153,3 +155,63 @@ def paged_decode_attention() -> PagedDecodeAttention | None:
         return out
 
     return attend
+
+
+class Elementwise:
+    """The per-layer small ops of ``elementwise.c``; bf16 tensors on CPU, rows contiguous."""
+
+    ACTIVATIONS = ("gelu_tanh", "silu")
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+        self._add_rms_norm = lib.heron_add_rms_norm
+        self._add_rms_norm.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, ptr, f32, ptr, ptr]
+        self._qk_norm_rope = lib.heron_qk_norm_rope
+        self._qk_norm_rope.argtypes = [ptr, i64, i64, i64, i64, ptr, f32, ptr, ptr, ptr]
+        self._act_and_mul = lib.heron_act_and_mul
+        self._act_and_mul.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ptr]
+        for fn in (self._add_rms_norm, self._qk_norm_rope, self._act_and_mul):
+            fn.restype = ctypes.c_int
+
+    def add_rms_norm(self, x: torch.Tensor, h: torch.Tensor | None, post_scale: torch.Tensor | None,
+                     pre_scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + bf16(norm(h) * post_scale), norm(that) * pre_scale); h None: (x, norm(x) * pre).
+        x, h: [T, dim] bf16; scales: [dim] float32."""
+        rows, dim = x.shape
+        x_out = torch.empty_like(x, memory_format=torch.contiguous_format) if h is not None else x
+        y_out = torch.empty(rows, dim, dtype=torch.bfloat16)
+        _check(self._add_rms_norm(
+            x.data_ptr(), x.stride(0), 0 if h is None else h.data_ptr(), 0 if h is None else h.stride(0),
+            rows, dim, None if post_scale is None else post_scale.data_ptr(), pre_scale.data_ptr(),
+            eps, x_out.data_ptr(), y_out.data_ptr()), "add_rms_norm")
+        return x_out, y_out
+
+    def qk_norm_rope(self, qk: torch.Tensor, scale: torch.Tensor, eps: float, cos: torch.Tensor,
+                     sin: torch.Tensor) -> torch.Tensor:
+        """qk [T, heads, D] (heads contiguous), scale [heads, D] float32, cos/sin [T, 1, D / 2]
+        bf16 -> normalised and rotated [T, heads, D]."""
+        tokens, heads, dim = qk.shape
+        out = torch.empty(tokens, heads, dim, dtype=torch.bfloat16)
+        _check(self._qk_norm_rope(qk.data_ptr(), qk.stride(0), tokens, heads, dim, scale.data_ptr(),
+                                  eps, cos.data_ptr(), sin.data_ptr(), out.data_ptr()), "qk_norm_rope")
+        return out
+
+    def act_and_mul(self, x: torch.Tensor, activation: str) -> torch.Tensor:
+        """x = [gate | up] [T, 2 d] bf16 -> act(gate) * up [T, d]."""
+        rows, d = x.shape[0], x.shape[1] // 2
+        out = torch.empty(rows, d, dtype=torch.bfloat16)
+        _check(self._act_and_mul(x.data_ptr(), x.stride(0), rows, d, self.ACTIVATIONS.index(activation),
+                                 out.data_ptr()), "act_and_mul")
+        return out
+
+
+def _check(status: int, name: str) -> None:
+    if status:
+        raise ValueError(f"{name}: unsupported shape (status {status})")
+
+
+@functools.cache
+def elementwise() -> Elementwise | None:
+    """The small per-layer ops compiled (see elementwise.c); None where unavailable."""
+    lib = _build("elementwise", {"avx512f", "avx512bw", "avx512_bf16"})
+    return None if lib is None else Elementwise(lib)

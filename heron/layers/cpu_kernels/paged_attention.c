@@ -15,37 +15,15 @@
  * the PyTorch path copies every visible K/V block first (at 16 requests x 200 tokens that copy
  * cost more than the attention itself).
  */
-#include <immintrin.h>
-#include <stdint.h>
 #include <stdlib.h>
+
+#include "vector_math.h"
 
 #if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512BF16__)
 #error "paged_attention needs AVX-512 F, BW and BF16 (-march=native on such a CPU)"
 #endif
 
 #define MAX_GROUP 16
-
-static inline __m512 bf16_to_fp32(const uint16_t *p) {  /* 16 bf16 -> 16 fp32 */
-    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
-/* e^x for x <= 0 (scores minus their max): 2^n * p(r), r in [-ln2/2, ln2/2], ~2 ulp. */
-static inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
 
 /* Address of position `pos` of a sequence (keys; values are `value_offset` further). */
 static inline const uint16_t *slot_of(const uint16_t *kv, const int64_t *blocks, int64_t pos,
@@ -82,13 +60,13 @@ static void attend_one(const uint16_t *q, const uint16_t *kv, int64_t value_offs
         __m512 vmax = _mm512_set1_ps(mx), vsum = _mm512_setzero_ps();
         int64_t i = 0;
         for (; i + 16 <= n; i += 16) {
-            __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + i), vmax));
+            __m512 e = exp_fp32(_mm512_sub_ps(_mm512_loadu_ps(s + i), vmax));
             _mm512_storeu_ps(s + i, e);
             vsum = _mm512_add_ps(vsum, e);
         }
         if (i < n) {
             __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
-            __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + i), vmax));
+            __m512 e = exp_fp32(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + i), vmax));
             _mm512_mask_storeu_ps(s + i, m, e);
             vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(m, e));
         }
@@ -100,7 +78,7 @@ static void attend_one(const uint16_t *q, const uint16_t *kv, int64_t value_offs
         for (int g = 0; g < group; g++) acc[g] = _mm512_setzero_ps();
         for (int64_t i = 0; i < n; i++) {
             const uint16_t *v = slot_of(kv, blocks, first + i, block_size, row) + value_offset + head_off + d;
-            __m512 vv = bf16_to_fp32(v);
+            __m512 vv = load_bf16(v);
             for (int g = 0; g < group; g++)
                 acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * n + i]), vv, acc[g]);
         }

@@ -1,0 +1,148 @@
+/*
+ * The small per-layer ops of a decoder as single calls (AVX-512 BF16), built on first use by
+ * heron/layers/cpu_kernels/__init__.py and called through ctypes. In PyTorch each of them is
+ * 5 to 10 operator calls, and at decode batch sizes the calls, not the arithmetic, are the cost.
+ *
+ * Every function rounds to bf16 where the PyTorch code it replaces does (heron/layers/norm.py,
+ * rotary.py, activation.py), so the two paths agree to the last bit but for the order of the
+ * fp32 sums. Rows are split across PyTorch's OpenMP threads when there are enough of them.
+ */
+#include <math.h>
+
+#include "vector_math.h"
+
+#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512BF16__)
+#error "elementwise needs AVX-512 F, BW and BF16 (-march=native on such a CPU)"
+#endif
+
+#define PARALLEL_MIN_ROWS 8
+
+/* 1 / rms of an fp32 row held in buf (dim values). */
+static inline float inv_rms(const float *buf, int64_t dim, float eps) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < dim; i += 16) {
+        __m512 v = _mm512_maskz_loadu_ps(tail_mask(dim - i), buf + i);
+        acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    return 1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)dim + eps);
+}
+
+/* out = bf16(bf16-row * r * scale), from and to fp32 buffers */
+static inline void scale_row(float *buf, int64_t dim, float r, const float *scale) {
+    __m512 vr = _mm512_set1_ps(r);
+    for (int64_t i = 0; i < dim; i += 16) {
+        __mmask16 m = tail_mask(dim - i);
+        __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, buf + i), vr),
+                                 _mm512_maskz_loadu_ps(m, scale + i));
+        _mm512_mask_storeu_ps(buf + i, m, round_to_bf16(v));
+    }
+}
+
+static inline void load_row(float *buf, const uint16_t *src, int64_t dim) {
+    for (int64_t i = 0; i < dim; i += 16) {
+        __mmask16 m = tail_mask(dim - i);
+        _mm512_mask_storeu_ps(buf + i, m, load_bf16_masked(src + i, m));
+    }
+}
+
+static inline void store_row(uint16_t *dst, const float *buf, int64_t dim) {
+    for (int64_t i = 0; i < dim; i += 16) {
+        __mmask16 m = tail_mask(dim - i);
+        store_bf16_masked(dst + i, _mm512_maskz_loadu_ps(m, buf + i), m);
+    }
+}
+
+/*
+ * Gemma's sandwich between two sublayers, per row (post_scale NULL: y = pre(x) alone):
+ *   x_out = bf16(x + bf16(rms_norm(h) * post_scale))
+ *   y_out = bf16(rms_norm(x_out) * pre_scale)
+ * scales are fp32 [dim] (Gemma's 1 + w already added); rows have strides in elements.
+ */
+int heron_add_rms_norm(const uint16_t *x, int64_t x_stride, const uint16_t *h, int64_t h_stride,
+                       int64_t rows, int64_t dim, const float *post_scale,
+                       const float *pre_scale, float eps, uint16_t *x_out, uint16_t *y_out) {
+    if (dim > 16384) return -1;
+#pragma omp parallel for schedule(static) if (rows >= PARALLEL_MIN_ROWS)
+    for (int64_t t = 0; t < rows; t++) {
+        float xs[16384], hs[16384];
+        load_row(xs, x + t * x_stride, dim);
+        if (post_scale) {
+            load_row(hs, h + t * h_stride, dim);
+            scale_row(hs, dim, inv_rms(hs, dim, eps), post_scale);
+            for (int64_t i = 0; i < dim; i += 16) {
+                __mmask16 m = tail_mask(dim - i);
+                __m512 sum = _mm512_add_ps(_mm512_maskz_loadu_ps(m, xs + i), _mm512_maskz_loadu_ps(m, hs + i));
+                _mm512_mask_storeu_ps(xs + i, m, round_to_bf16(sum));
+            }
+            store_row(x_out + t * dim, xs, dim);
+        }
+        scale_row(xs, dim, inv_rms(xs, dim, eps), pre_scale);
+        store_row(y_out + t * dim, xs, dim);
+    }
+    return 0;
+}
+
+/*
+ * Per-head RMS norm then rotary embedding ("rotate half", all of the head rotated):
+ *   n = bf16(rms_norm(v) * scale[head])
+ *   out = [bf16(bf16(n1 cos) - bf16(n2 sin)) | bf16(bf16(n2 cos) + bf16(n1 sin))]
+ * qk [tokens, heads, dim] with token stride qk_stride; scale fp32 [heads, dim];
+ * cos, sin bf16 [tokens, dim / 2]; out contiguous [tokens, heads, dim].
+ */
+int heron_qk_norm_rope(const uint16_t *qk, int64_t qk_stride, int64_t tokens, int64_t heads,
+                       int64_t dim, const float *scale, float eps, const uint16_t *cos,
+                       const uint16_t *sin, uint16_t *out) {
+    if (dim > 1024 || dim % 2) return -1;
+    const int64_t half = dim / 2;
+#pragma omp parallel for schedule(static) if (tokens * heads >= PARALLEL_MIN_ROWS * 4)
+    for (int64_t task = 0; task < tokens * heads; task++) {
+        const int64_t t = task / heads, hd = task % heads;
+        float n[1024];
+        load_row(n, qk + t * qk_stride + hd * dim, dim);
+        scale_row(n, dim, inv_rms(n, dim, eps), scale + hd * dim);
+        uint16_t *o = out + task * dim;
+        for (int64_t i = 0; i < half; i += 16) {
+            __mmask16 m = tail_mask(half - i);
+            __m512 c = load_bf16_masked(cos + t * half + i, m), s = load_bf16_masked(sin + t * half + i, m);
+            __m512 x1 = _mm512_maskz_loadu_ps(m, n + i), x2 = _mm512_maskz_loadu_ps(m, n + half + i);
+            __m512 lo = _mm512_sub_ps(round_to_bf16(_mm512_mul_ps(x1, c)), round_to_bf16(_mm512_mul_ps(x2, s)));
+            __m512 hi = _mm512_add_ps(round_to_bf16(_mm512_mul_ps(x2, c)), round_to_bf16(_mm512_mul_ps(x1, s)));
+            store_bf16_masked(o + i, lo, m);
+            store_bf16_masked(o + half + i, hi, m);
+        }
+    }
+    return 0;
+}
+
+/*
+ * Gated MLP core: out = bf16(bf16(act(gate)) * up) for x = [gate | up] ([rows, 2 d], row
+ * stride x_stride); act 0 = GELU, tanh approximation; 1 = SiLU. out contiguous [rows, d].
+ */
+int heron_act_and_mul(const uint16_t *x, int64_t x_stride, int64_t rows, int64_t d, int act,
+                      uint16_t *out) {
+    if (act != 0 && act != 1) return -1;
+#pragma omp parallel for schedule(static) if (rows * d >= 16384)
+    for (int64_t t = 0; t < rows; t++) {
+        const uint16_t *gate = x + t * x_stride, *up = gate + d;
+        for (int64_t i = 0; i < d; i += 16) {
+            __mmask16 m = tail_mask(d - i);
+            __m512 g = load_bf16_masked(gate + i, m);
+            __m512 a, one = _mm512_set1_ps(1.0f);
+            if (act == 0) {  /* 0.5 g (1 + tanh(u)), u = sqrt(2 / pi) (g + 0.044715 g^3) */
+                __m512 g3 = _mm512_mul_ps(_mm512_mul_ps(g, g), g);
+                __m512 u2 = _mm512_mul_ps(_mm512_fmadd_ps(g3, _mm512_set1_ps(0.044715f), g),
+                                          _mm512_set1_ps(-1.5957691216057308f));  /* -2 u */
+                /* tanh(u) = 2 / (1 + e^-2u) - 1: exactly -1 far left, so the result is -0 there
+                 * as PyTorch's is */
+                __m512 t = _mm512_sub_ps(_mm512_div_ps(_mm512_set1_ps(2.0f),
+                                                       _mm512_add_ps(one, exp_fp32(u2))), one);
+                a = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), g), _mm512_add_ps(one, t));
+            } else {  /* g / (1 + e^-g) */
+                a = _mm512_div_ps(g, _mm512_add_ps(one, exp_fp32(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            }
+            __m512 y = _mm512_mul_ps(round_to_bf16(a), load_bf16_masked(up + i, m));
+            store_bf16_masked(out + t * d + i, y, m);
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,49 @@
+/* Shared AVX-512 helpers of heron's CPU kernels: bf16 <-> fp32 and e^x, 16 lanes at a time. */
+#ifndef HERON_VECTOR_MATH_H
+#define HERON_VECTOR_MATH_H
+
+#include <immintrin.h>
+#include <stdint.h>
+
+static inline __m512 bf16x16_to_fp32(__m256i bits) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+static inline __m512 load_bf16(const uint16_t *p) {  /* 16 bf16 -> 16 fp32 */
+    return bf16x16_to_fp32(_mm256_loadu_si256((const __m256i *)p));
+}
+
+static inline __m512 load_bf16_masked(const uint16_t *p, __mmask16 m) {
+    return bf16x16_to_fp32(_mm256_maskz_loadu_epi16(m, p));
+}
+
+static inline void store_bf16_masked(uint16_t *p, __m512 v, __mmask16 m) {  /* round to nearest even */
+    _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+static inline __m512 round_to_bf16(__m512 v) {  /* what storing to bf16 and reading back gives */
+    return bf16x16_to_fp32((__m256i)_mm512_cvtneps_pbh(v));
+}
+
+static inline __mmask16 tail_mask(int64_t remaining) {
+    return remaining >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1);
+}
+
+/* e^x, x clamped to [-87, 88]: 2^n * p(r), r in [-ln2/2, ln2/2] (Cephes' polynomial), ~2 ulp. */
+static inline __m512 exp_fp32(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+#endif
