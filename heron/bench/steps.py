@@ -44,8 +44,8 @@ def _timed(fn: Callable, sink: list[float]) -> Callable:
     return wrapper
 
 
-def fill(engine: EngineCore, batch: int, tag: str) -> None:
-    params = SamplingParams(max_tokens=200, ignore_eos=True, temperature=0)
+def fill(engine: EngineCore, batch: int, tag: str, temperature: float = 0.0) -> None:
+    params = SamplingParams(max_tokens=200, ignore_eos=True, temperature=temperature)
     for i in range(batch):
         prompt = [2] + list(range(1000 + 50 * i, 1127 + 50 * i))
         engine.add_request(EngineRequest(request_id=f"{tag}-{i}", prompt_token_ids=prompt,
@@ -69,12 +69,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--split", action="store_true")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0: greedy (argmax); 1.0 is what an OpenAI client gets by default")
     args = parser.parse_args()
     engine = LLM(quantization=args.quantization).engine
     times: dict[str, list[float]] = defaultdict(list)
     instrument(engine, times)
     for batch in args.batch:
-        fill(engine, batch, f"b{batch}")
+        fill(engine, batch, f"b{batch}", args.temperature)
         _reset(times)
         for _ in range(args.steps):
             engine.step()
