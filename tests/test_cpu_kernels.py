@@ -9,8 +9,8 @@ import torch
 from heron.layers import cpu_kernels
 from heron.layers.attention import Attention, AttentionMetadata, TorchAttentionBackend
 
-ATTENTION_CPU = {"avx512f", "avx512bw", "avx512_bf16"} <= cpu_kernels._cpu_flags()
-needs_kernel = pytest.mark.skipif(not ATTENTION_CPU, reason="the CPU lacks AVX-512 BF16")
+ATTENTION_CPU = {"avx512f", "avx512bw"} <= cpu_kernels._cpu_flags()
+needs_kernel = pytest.mark.skipif(not ATTENTION_CPU, reason="the CPU lacks AVX-512")
 
 
 def _paged_case(seq_lens: list[int], heads: int, kv_heads: int, dim: int, block_size: int, seed: int):
@@ -80,7 +80,7 @@ def test_backend_uses_the_kernel_and_agrees_with_its_torch_path(monkeypatch) -> 
 
 def test_missing_cpu_features_and_the_off_switch_give_no_kernel(monkeypatch) -> None:
     monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: {"sse2"})
-    assert cpu_kernels._build("q8_gemm", {"avx512_bf16"}) is None
+    assert cpu_kernels._build("q8_gemm", {"avx512f"}) is None
     monkeypatch.setenv(cpu_kernels.DISABLE_ENV_VAR, "0")
     assert cpu_kernels._build("q8_gemm", set()) is None
 
@@ -111,7 +111,7 @@ def _assert_agree(out: torch.Tensor, expected: torch.Tensor, equal_fraction: flo
     torch.testing.assert_close(out.float(), expected.float(), atol=1e-2, rtol=2 ** -6)
 
 
-@pytest.mark.skipif(not ELEMENTWISE_CPU, reason="the CPU lacks AVX-512 BF16")
+@pytest.mark.skipif(not ELEMENTWISE_CPU, reason="the CPU lacks AVX-512")
 @pytest.mark.parametrize("rows,dim", [(1, 640), (9, 100), (33, 64)])
 def test_add_rms_norm_matches_the_torch_ops_it_replaces(rows, dim) -> None:
     from heron.layers.norm import RMSNorm
@@ -131,7 +131,7 @@ def test_add_rms_norm_matches_the_torch_ops_it_replaces(rows, dim) -> None:
     _assert_agree(y_only, pre(x))
 
 
-@pytest.mark.skipif(not ELEMENTWISE_CPU, reason="the CPU lacks AVX-512 BF16")
+@pytest.mark.skipif(not ELEMENTWISE_CPU, reason="the CPU lacks AVX-512")
 @pytest.mark.parametrize("tokens,heads,dim", [(1, 5, 256), (7, 3, 48)])
 def test_qk_norm_rope_matches_norm_then_rotation(tokens, heads, dim) -> None:
     from heron.layers.norm import rms_norm_heads
@@ -147,7 +147,7 @@ def test_qk_norm_rope_matches_norm_then_rotation(tokens, heads, dim) -> None:
     torch.testing.assert_close(norm_and_rotate(qk, scale, 1e-6, rope, cos_sin), out, atol=0, rtol=0)
 
 
-@pytest.mark.skipif(not ELEMENTWISE_CPU, reason="the CPU lacks AVX-512 BF16")
+@pytest.mark.skipif(not ELEMENTWISE_CPU, reason="the CPU lacks AVX-512")
 @pytest.mark.parametrize("name", ["gelu_pytorch_tanh", "silu"])
 def test_act_and_mul_matches_torch(name) -> None:
     from heron.layers import activation

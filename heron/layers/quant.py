@@ -8,7 +8,7 @@ therefore keeps its float weight too and ``linear()`` picks by the number of row
 Every format has one scale per group of 32 inputs of an output row (as GGUF's Q8_0 and Q4_K
 do). Two kernels serve them:
 
-- ``Q8Weight`` (int8, bfloat16 models, CPUs with AVX-512 BF16): GGUF's Q8_0 layout, codes
+- ``Q8Weight`` (int8, bfloat16 models, CPUs with AVX-512): GGUF's Q8_0 layout, codes
   -127..127 and an fp16 scale per group (8.5 bits per weight), through heron's own kernel
   (``heron.layers.cpu_kernels``: one pass over the weights serves every row of the batch).
   Measured on the 2-core box, Gemma's 262,144 x 640 LM head: 7.3 ms at 1 row against 9.7 ms for
@@ -65,7 +65,7 @@ class QuantizedWeight:
 
 @dataclass
 class Q8Weight(QuantizedWeight):
-    """GGUF Q8_0-style codes and fp16 group scales, multiplied by heron's AVX-512 BF16 kernel."""
+    """GGUF Q8_0-style codes and fp16 group scales, multiplied by heron's AVX-512 kernel."""
 
     codes: torch.Tensor  # [N, K] int8, -127..127
     scales: torch.Tensor  # [N, K / 32] float16

@@ -97,7 +97,7 @@ Q8Gemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype], torch
 def q8_gemm() -> Q8Gemm | None:
     """``fn(x, codes, scales, out_dtype)``: bf16 x [M, K] @ (int8 codes [N, K] * fp16 scales
     [N, K / 32] per group of 32)^T -> [M, N] in float32 or bfloat16; None where unavailable."""
-    lib = _build("q8_gemm", {"avx512f", "avx512bw", "avx512_bf16", "f16c"})
+    lib = _build("q8_gemm", {"avx512f", "avx512bw", "f16c"})
     if lib is None:
         return None
     fn = lib.heron_q8_gemm
@@ -114,8 +114,10 @@ def q8_gemm() -> Q8Gemm | None:
         out = torch.empty(m, n, dtype=out_dtype)  # [M, N]
         status = fn(x.data_ptr(), x.stride(0), m, k, codes.data_ptr(), scales.data_ptr(), n,
                     out.data_ptr(), int(out_dtype == torch.bfloat16))
-        if status:
+        if status == -1:
             raise ValueError(f"q8_gemm: K={k} is not a multiple of 32")
+        if status:
+            raise MemoryError("q8_gemm: no memory for its buffers")
         return out
 
     return q8
@@ -129,7 +131,7 @@ def paged_decode_attention() -> PagedDecodeAttention | None:
     """``fn(q, kv_cache, block_tables, seq_lens, num_heads, scale, sliding_window)`` -> [B, H, D]
     bf16: one query token per sequence attended over its pages of ``kv_cache`` in place
     (see paged_attention.c); None where unavailable."""
-    lib = _build("paged_attention", {"avx512f", "avx512bw", "avx512_bf16"})
+    lib = _build("paged_attention", {"avx512f", "avx512bw"})
     if lib is None:
         return None
     fn = lib.heron_paged_decode_attention
@@ -213,5 +215,5 @@ def _check(status: int, name: str) -> None:
 @functools.cache
 def elementwise() -> Elementwise | None:
     """The small per-layer ops compiled (see elementwise.c); None where unavailable."""
-    lib = _build("elementwise", {"avx512f", "avx512bw", "avx512_bf16"})
+    lib = _build("elementwise", {"avx512f", "avx512bw"})
     return None if lib is None else Elementwise(lib)

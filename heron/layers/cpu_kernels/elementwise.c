@@ -1,5 +1,5 @@
 /*
- * The small per-layer ops of a decoder as single calls (AVX-512 BF16), built on first use by
+ * The small per-layer ops of a decoder as single calls (AVX-512), built on first use by
  * heron/layers/cpu_kernels/__init__.py and called through ctypes. In PyTorch each of them is
  * 5 to 10 operator calls, and at decode batch sizes the calls, not the arithmetic, are the cost.
  *
@@ -11,8 +11,8 @@
 
 #include "vector_math.h"
 
-#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512BF16__)
-#error "elementwise needs AVX-512 F, BW and BF16 (-march=native on such a CPU)"
+#if !defined(__AVX512F__) || !defined(__AVX512BW__)
+#error "elementwise needs AVX-512 F and BW (-march=native on such a CPU)"
 #endif
 
 #define PARALLEL_MIN_ROWS 8

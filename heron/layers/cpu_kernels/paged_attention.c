@@ -1,5 +1,5 @@
 /*
- * Decode attention straight from the paged KV cache (AVX-512 BF16), built on first use by
+ * Decode attention straight from the paged KV cache (AVX-512), built on first use by
  * heron/layers/cpu_kernels/__init__.py and called through ctypes.
  *
  *   kv      bf16 [2, num_blocks, block_size, Hkv, D]   0 = keys, 1 = values
@@ -19,8 +19,8 @@
 
 #include "vector_math.h"
 
-#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512BF16__)
-#error "paged_attention needs AVX-512 F, BW and BF16 (-march=native on such a CPU)"
+#if !defined(__AVX512F__) || !defined(__AVX512BW__)
+#error "paged_attention needs AVX-512 F and BW (-march=native on such a CPU)"
 #endif
 
 #define MAX_GROUP 16
@@ -44,9 +44,8 @@ static void attend_one(const uint16_t *q, const uint16_t *kv, int64_t value_offs
             const uint16_t *qg = q + g * dim;
             __m512 acc = _mm512_setzero_ps();
             for (int64_t c = 0; c < chunks; c++) {
-                __m512bh kv16 = (__m512bh)_mm512_loadu_si512((const void *)(k + 32 * c));
-                __m512bh q16 = (__m512bh)_mm512_loadu_si512((const void *)(qg + 32 * c));
-                acc = _mm512_dpbf16_ps(acc, kv16, q16);
+                acc = dot_bf16x32(acc, _mm512_loadu_si512((const void *)(k + 32 * c)),
+                                  _mm512_loadu_si512((const void *)(qg + 32 * c)));
             }
             scores[g * n + i] = _mm512_reduce_add_ps(acc) * scale;
         }
@@ -84,7 +83,7 @@ static void attend_one(const uint16_t *q, const uint16_t *kv, int64_t value_offs
         }
         for (int g = 0; g < group; g++) {
             __m512 o = _mm512_mul_ps(acc[g], _mm512_set1_ps(inv_sum[g]));
-            _mm256_storeu_si256((__m256i *)(out + g * dim + d), (__m256i)_mm512_cvtneps_pbh(o));
+            _mm256_storeu_si256((__m256i *)(out + g * dim + d), fp32_to_bf16x16(o));
         }
     }
 }

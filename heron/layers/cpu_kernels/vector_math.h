@@ -1,4 +1,10 @@
-/* Shared AVX-512 helpers of heron's CPU kernels: bf16 <-> fp32 and e^x, 16 lanes at a time. */
+/*
+ * Shared AVX-512 helpers of heron's CPU kernels: bf16 <-> fp32, bf16 dot products and e^x, 16
+ * lanes at a time. The kernels need AVX-512 F and BW; where the CPU also has AVX-512 BF16
+ * (Cooper Lake, Sapphire Rapids, Zen 4) the two bf16 operations below are single instructions,
+ * elsewhere (Skylake-SP, Cascade Lake) they are done with integer shifts and fp32 FMAs, with
+ * the same rounding (to nearest even) for the conversion.
+ */
 #ifndef HERON_VECTOR_MATH_H
 #define HERON_VECTOR_MATH_H
 
@@ -17,12 +23,38 @@ static inline __m512 load_bf16_masked(const uint16_t *p, __mmask16 m) {
     return bf16x16_to_fp32(_mm256_maskz_loadu_epi16(m, p));
 }
 
+/* 16 fp32 -> 16 bf16, rounded to nearest even (NaN stays a quiet NaN). */
+static inline __m256i fp32_to_bf16x16(__m512 v) {
+#ifdef __AVX512BF16__
+    return (__m256i)_mm512_cvtneps_pbh(v);
+#else
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    return _mm512_cvtepi32_epi16(rounded);
+#endif
+}
+
+/* acc + the pairwise products of 32 bf16 a and b: acc[i] += a[2i] b[2i] + a[2i+1] b[2i+1]. */
+static inline __m512 dot_bf16x32(__m512 acc, __m512i a, __m512i b) {
+#ifdef __AVX512BF16__
+    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+#else
+    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
+    acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(a, 16)),
+                          _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)), acc);
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(a, high)),
+                           _mm512_castsi512_ps(_mm512_and_si512(b, high)), acc);
+#endif
+}
+
 static inline void store_bf16_masked(uint16_t *p, __m512 v, __mmask16 m) {  /* round to nearest even */
-    _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+    _mm256_mask_storeu_epi16(p, m, fp32_to_bf16x16(v));
 }
 
 static inline __m512 round_to_bf16(__m512 v) {  /* what storing to bf16 and reading back gives */
-    return bf16x16_to_fp32((__m256i)_mm512_cvtneps_pbh(v));
+    return bf16x16_to_fp32(fp32_to_bf16x16(v));
 }
 
 static inline __mmask16 tail_mask(int64_t remaining) {
