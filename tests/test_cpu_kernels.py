@@ -9,7 +9,7 @@ import torch
 from heron.layers import cpu_kernels
 from heron.layers.attention import Attention, AttentionMetadata, TorchAttentionBackend
 
-ATTENTION_CPU = {"avx512f", "avx512bw"} <= cpu_kernels._cpu_flags()
+ATTENTION_CPU = {"avx512f", "avx512bw"} <= cpu_kernels.cpu_flags()
 needs_kernel = pytest.mark.skipif(not ATTENTION_CPU, reason="the CPU lacks AVX-512")
 
 
@@ -79,7 +79,7 @@ def test_backend_uses_the_kernel_and_agrees_with_its_torch_path(monkeypatch) -> 
 
 
 def test_missing_cpu_features_and_the_off_switch_give_no_kernel(monkeypatch) -> None:
-    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: {"sse2"})
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"sse2"})
     assert cpu_kernels._build("q8_gemm", {"avx512f"}) is None
     monkeypatch.setenv(cpu_kernels.DISABLE_ENV_VAR, "0")
     assert cpu_kernels._build("q8_gemm", set()) is None

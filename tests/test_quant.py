@@ -19,7 +19,7 @@ from heron.layers.quant import (
 )
 
 # The CPUs heron's own int8 kernel is built for; elsewhere int8 falls back to PyTorch's kernel.
-Q8_CPU = {"avx512f", "avx512bw", "f16c"} <= cpu_kernels._cpu_flags()
+Q8_CPU = {"avx512f", "avx512bw", "avx512_vnni", "f16c"} <= cpu_kernels.cpu_flags()
 
 
 def _weight(n: int = 64, k: int = 96, seed: int = 0) -> torch.Tensor:
@@ -61,29 +61,51 @@ def test_kernel_output_equals_the_dequantized_weight(quantize) -> None:
     torch.testing.assert_close(q.matmul(x).float(), expected, atol=0.02, rtol=0.01)
 
 
-def test_int8_uses_herons_kernel_where_the_cpu_has_avx512() -> None:
+def test_int8_uses_herons_kernel_where_the_cpu_has_avx512_vnni() -> None:
     q = quantize_int8(_weight(), max_rows=8)
     assert isinstance(q, Q8Weight if Q8_CPU else PackedWeight)
-    assert isinstance(quantize_int8(_weight().float(), max_rows=8), PackedWeight)  # float32 model
+    assert isinstance(quantize_int8(_weight().float(), max_rows=8), Q8Weight if Q8_CPU else PackedWeight)
 
 
-@pytest.mark.skipif(not Q8_CPU, reason="the CPU lacks AVX-512")
+@pytest.mark.skipif(not Q8_CPU, reason="the CPU lacks AVX-512 VNNI")
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 16, 21])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_q8_kernel_matches_the_dequantized_weight_for_every_tile_shape(rows, out_dtype) -> None:
-    # N = 50: output chunks of 16 with a remainder; rows cover 1..8-row tiles and their sums.
-    w = _weight(n=50, k=96, seed=3)
+    # N = 48: three blocks of 16 outputs; rows cover 1..8-row tiles and their sums.
+    w = _weight(n=48, k=96, seed=3)
     q = quantize_int8(w, max_rows=32)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(rows, 128, generator=g).to(torch.bfloat16)[:, 16:112]  # strided rows
     out = q.matmul(x, out_dtype)
-    assert out.dtype == out_dtype and out.shape == (rows, 50)
-    expected = x.float() @ q.dequantize().t()
-    # With AVX-512 BF16 the kernel rounds scale x code to bfloat16 before its fp32 dot products.
-    torch.testing.assert_close(out.float(), expected, atol=0.01, rtol=0.01)
-    codes, scales = q.codes.float().view(50, 3, 32), q.scales.float()
-    assert (codes.abs() <= 127).all() and torch.equal(codes.abs().amax(dim=2), torch.full((50, 3), 127.0))
-    assert scales.shape == (50, 3)
+    assert out.dtype == out_dtype and out.shape == (rows, 48)
+    _assert_within_activation_rounding(out, x, q)
+    codes, scales = q.row_codes()
+    codes = codes.float().view(48, 3, 32)
+    assert torch.equal(codes.abs().amax(dim=2), torch.full((48, 3), 127.0))
+    assert scales.shape == (48, 3) and scales.dtype == torch.float16
+
+
+def _assert_within_activation_rounding(out: torch.Tensor, x: torch.Tensor, q: Q8Weight) -> None:
+    """The kernel quantizes x per row and group of 32 (GGUF's Q8_0): each input is off by at most
+    half a step (max |x| / 127 / 2), so each output by at most that times its weights' |sum| per
+    group, plus the output's own rounding."""
+    rows, k = x.shape
+    w = q.dequantize()  # [N, K]
+    half_step = x.float().view(rows, k // 32, 32).abs().amax(dim=2) / 254  # [rows, G]
+    bound = half_step @ w.abs().view(w.shape[0], k // 32, 32).sum(dim=2).t()  # [rows, N]
+    err = (out.float() - x.float() @ w.t()).abs()
+    rounding = 0 if out.dtype == torch.float32 else out.float().abs() * 2 ** -8
+    assert (err <= bound * 1.001 + rounding + 1e-5).all(), (err - bound).max()
+    assert err.max() > 0  # the activations really were quantized
+
+
+@pytest.mark.skipif(not Q8_CPU, reason="the CPU lacks AVX-512 VNNI")
+def test_q8_kernel_takes_float32_activations_and_a_prefill_sized_batch() -> None:
+    q = quantize_int8(_weight(n=64, k=640, seed=5), max_rows=10_000)
+    x = torch.randn(300, 640, generator=torch.Generator().manual_seed(6))
+    out = q.matmul(x)
+    assert out.dtype == torch.float32 and out.shape == (300, 64)
+    _assert_within_activation_rounding(out, x, q)
 
 
 def test_kernels_can_be_turned_off(monkeypatch) -> None:

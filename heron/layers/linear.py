@@ -9,11 +9,14 @@ The weight loader fills one shard at a time from the checkpoint's separate tenso
 
 Every projection goes through ``linear()``: a layer may carry a weight-only quantized copy of
 its weight (``heron.layers.quant``) which serves batches of at most ``max_rows`` rows, where
-decode is bound by memory bandwidth; larger batches (prefill) use the float weight.
+decode is bound by memory bandwidth; larger batches (prefill) use the float weight. On CPUs
+without native bf16 that float weight is kept in float32 under bf16 activations
+(``keep_float32_weights``): there float32 GEMMs are the fast ones.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -32,6 +35,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if quantized is not None and x.dim() == 2 and x.shape[0] <= quantized.max_rows:
         out = quantized.matmul(x, out_dtype)
         return out if bias is None else out + bias
+    if weight.dtype != x.dtype:  # float32 weights under bf16 activations (keep_float32_weights)
+        return F.linear(x.to(weight.dtype), weight, bias).to(out_dtype or x.dtype)
     out = F.linear(x, weight, bias)
     return out if out_dtype is None else out.to(out_dtype)
 
@@ -45,6 +50,23 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.quantized)
+
+
+def keep_float32_weights(model: nn.Module) -> int:
+    """Turn every bf16 projection weight that still serves some batches (not the LM head, which
+    is the embedding when tied) into float32: large batches then run float32 GEMMs, the x casts
+    costing little next to them. For CPUs without native bf16 matmuls; returns the bytes added."""
+    added = 0
+    for module in model.modules():
+        if not isinstance(module, Linear) or module.weight.dtype != torch.bfloat16:
+            continue
+        if module.quantized is not None and module.quantized.max_rows == sys.maxsize:
+            continue  # its quantized copy serves every batch: the float weight is never read
+        added += module.weight.numel() * 2
+        module.weight.data = module.weight.data.float()
+        if module.bias is not None:
+            module.bias.data = module.bias.data.float()
+    return added
 
 
 class MergedLinear(Linear):
