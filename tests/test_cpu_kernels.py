@@ -157,3 +157,22 @@ def test_act_and_mul_matches_torch(name) -> None:
     out = activation.act_and_mul(x, act)  # the kernel
     expected = act(x[:, :200]) * x[:, 200:]
     _assert_agree(out, expected)
+
+
+@pytest.mark.skipif(not ELEMENTWISE_CPU, reason="the CPU lacks AVX-512")
+def test_argmax_rows_matches_torch_with_ties_nans_and_tails() -> None:
+    from heron.layers.sampler import argmax
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(6, 1000 + 7, generator=g)[:, 3:1003]  # strided rows, a 16-lane tail
+    x[1, 40] = x[1, 900] = 50.0  # a tie: the first wins
+    x[2, 997] = 60.0  # the maximum in the tail
+    x[3, 10], x[3, 500] = float("nan"), 70.0  # NaN counts as the largest, as in torch
+    x[4] = float("-inf")  # nothing but -inf: index 0
+    x[5, 0] = 80.0
+    expected = x.argmax(dim=-1)
+    assert expected.tolist() == [expected[0].item(), 40, 997, 10, 0, 0]
+    assert torch.equal(cpu_kernels.elementwise().argmax_rows(x), expected)
+    assert torch.equal(argmax(x), expected)
+    big = torch.randn(16, 262144, generator=g)
+    assert torch.equal(argmax(big), big.argmax(dim=-1))

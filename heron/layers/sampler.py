@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from heron.engine.request import Logprob, LogprobsDict, Request
+from heron.layers.cpu_kernels import elementwise
 
 _SEED_MASK = (1 << 64) - 1  # torch generators take seeds in [0, 2**64)
 
@@ -126,7 +127,7 @@ class Sampler(nn.Module):
             logits = self.process_logits(logits, requests)
         logits = apply_grammar_masks(logits, requests)  # a masked copy if any row is constrained
         if all(r.sampling_params.greedy for r in requests):
-            token_ids = logits.argmax(dim=-1)  # [B]; the fast path
+            token_ids = argmax(logits)  # [B]; the fast path
         else:
             token_ids = self._sample(logits, requests)
         sampled = token_ids.tolist()
@@ -166,7 +167,7 @@ class Sampler(nn.Module):
         row_list = [i for i, g in enumerate(params.greedy) if not g]
         if len(row_list) == len(requests):
             return self._draw(logits, params, requests)
-        token_ids = logits.argmax(dim=-1)  # [B]
+        token_ids = argmax(logits)  # [B]
         if row_list:
             rows = torch.tensor(row_list, device=logits.device)
             sub_requests = [requests[i] for i in row_list]
@@ -199,6 +200,13 @@ class Sampler(nn.Module):
             gen.manual_seed(self.seed & _SEED_MASK)
             self._generators[device] = gen
         return gen
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(dim=-1)`` for [B, V] float32 logits, through heron's compiled kernel on
+    CPU (same ties and NaN rule; PyTorch's is scalar code, ~9 ms for 16 x 262,144)."""
+    kernel = elementwise() if logits.device.type == "cpu" and logits.dtype == torch.float32 else None
+    return logits.argmax(dim=-1) if kernel is None else kernel.argmax_rows(logits)
 
 
 def apply_grammar_masks(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:

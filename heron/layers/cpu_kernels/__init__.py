@@ -182,7 +182,9 @@ class Elementwise:
         self._qk_norm_rope.argtypes = [ptr, i64, i64, i64, i64, ptr, f32, ptr, ptr, ptr]
         self._act_and_mul = lib.heron_act_and_mul
         self._act_and_mul.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ptr]
-        for fn in (self._add_rms_norm, self._qk_norm_rope, self._act_and_mul):
+        self._argmax_rows = lib.heron_argmax_rows
+        self._argmax_rows.argtypes = [ptr, i64, i64, i64, ptr]
+        for fn in (self._add_rms_norm, self._qk_norm_rope, self._act_and_mul, self._argmax_rows):
             fn.restype = ctypes.c_int
 
     def add_rms_norm(self, x: torch.Tensor, h: torch.Tensor | None, post_scale: torch.Tensor | None,
@@ -214,6 +216,16 @@ class Elementwise:
         out = torch.empty(rows, d, dtype=torch.bfloat16)
         _check(self._act_and_mul(x.data_ptr(), x.stride(0), rows, d, self.ACTIVATIONS.index(activation),
                                  out.data_ptr()), "act_and_mul")
+        return out
+
+
+    def argmax_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x [rows, cols] float32 (columns contiguous) -> [rows] int64, as ``x.argmax(dim=-1)``."""
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        rows, cols = x.shape
+        out = torch.empty(rows, dtype=torch.int64)
+        _check(self._argmax_rows(x.data_ptr(), x.stride(0), rows, cols, out.data_ptr()), "argmax_rows")
         return out
 
 

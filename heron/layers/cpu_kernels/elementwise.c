@@ -146,3 +146,40 @@ int heron_act_and_mul(const uint16_t *x, int64_t x_stride, int64_t rows, int64_t
     }
     return 0;
 }
+
+/*
+ * out[r] = the index of the largest value of row r, as torch.argmax gives it: the first one on
+ * ties, the first NaN where the row has one. x fp32 [rows, cols] with row stride `stride`; one
+ * pass for the maximum, one to find where it first is (PyTorch's CPU argmax is scalar code:
+ * 9 ms for 16 rows of Gemma's 262,144 logits, where this takes a fraction of a millisecond).
+ */
+int heron_argmax_rows(const float *x, int64_t stride, int64_t rows, int64_t cols, int64_t *out) {
+#pragma omp parallel for schedule(static) if (rows > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = x + r * stride;
+        const __m512 lowest = _mm512_set1_ps(-INFINITY);
+        __m512 vmax = lowest;
+        __mmask16 nan = 0;
+        for (int64_t i = 0; i < cols; i += 16) {
+            const __m512 v = _mm512_mask_loadu_ps(lowest, tail_mask(cols - i), row + i);
+            nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            vmax = _mm512_max_ps(vmax, v);
+        }
+        int64_t best = 0;
+        if (nan) {
+            while (row[best] == row[best]) best++;
+        } else {
+            const __m512 target = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+            for (int64_t i = 0; i < cols; i += 16) {
+                const __mmask16 m = tail_mask(cols - i);
+                const __mmask16 hit = _mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, row + i), target, _CMP_EQ_OQ);
+                if (hit) {
+                    best = i + __builtin_ctz(hit);
+                    break;
+                }
+            }
+        }
+        out[r] = best;
+    }
+    return 0;
+}
