@@ -34,12 +34,15 @@ static inline const uint16_t *slot_of(const uint16_t *kv, const int64_t *blocks,
 static void attend_one(const uint16_t *q, const uint16_t *kv, int64_t value_offset,
                        const int64_t *blocks, int64_t first, int64_t last, int64_t block_size,
                        int64_t row, int64_t head_off, int group, int64_t dim, float scale,
-                       float *scores, uint16_t *out) {
+                       float *scores, const uint16_t **keys, uint16_t *out) {
     const int64_t n = last - first;
     const int64_t chunks = dim / 32;
+    /* keys[i]: this head's key of position first + i (its value is value_offset further); the
+     * divisions by block_size happen here once, not in the loops below */
+    for (int64_t i = 0; i < n; i++) keys[i] = slot_of(kv, blocks, first + i, block_size, row) + head_off;
     /* scores[g * n + i] = scale * q_g . k_(first + i) */
     for (int64_t i = 0; i < n; i++) {
-        const uint16_t *k = slot_of(kv, blocks, first + i, block_size, row) + head_off;
+        const uint16_t *k = keys[i];
         for (int g = 0; g < group; g++) {
             const uint16_t *qg = q + g * dim;
             __m512 acc = _mm512_setzero_ps();
@@ -76,7 +79,7 @@ static void attend_one(const uint16_t *q, const uint16_t *kv, int64_t value_offs
         __m512 acc[MAX_GROUP];
         for (int g = 0; g < group; g++) acc[g] = _mm512_setzero_ps();
         for (int64_t i = 0; i < n; i++) {
-            const uint16_t *v = slot_of(kv, blocks, first + i, block_size, row) + value_offset + head_off + d;
+            const uint16_t *v = keys[i] + value_offset + d;
             __m512 vv = load_bf16(v);
             for (int g = 0; g < group; g++)
                 acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * n + i]), vv, acc[g]);
@@ -104,11 +107,16 @@ int heron_paged_decode_attention(
         const int64_t len = seq_lens[b];
         const int64_t first = sliding_window > 0 && len > sliding_window ? len - sliding_window : 0;
         float *scores = malloc(sizeof(float) * (size_t)(group * (len - first) + 16));
-        if (!scores) { failed = 1; continue; }
+        const uint16_t **keys = malloc(sizeof(uint16_t *) * (size_t)(len - first + 1));
+        if (!scores || !keys) {
+            free(scores), free(keys);
+            failed = 1;
+            continue;
+        }
         attend_one(q + b * q_stride + h * group * dim, kv, value_offset, table + b * table_stride,
-                   first, len, block_size, row, h * dim, group, dim, scale, scores,
+                   first, len, block_size, row, h * dim, group, dim, scale, scores, keys,
                    out + (b * num_heads + h * group) * dim);
-        free(scores);
+        free(scores), free(keys);
     }
     return failed ? -2 : 0;
 }
