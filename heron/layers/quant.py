@@ -80,8 +80,9 @@ class Q8Weight(QuantizedWeight):
     def matmul(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         kernel = q8_gemm()  # cached; a Q8Weight is only built where it loaded
         out_dtype = out_dtype or x.dtype
-        kernel_out = out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32
-        return kernel(x, self.codes, self.scales, kernel_out).to(out_dtype)
+        if out_dtype in (torch.float32, torch.bfloat16):
+            return kernel(x, self.codes, self.scales, out_dtype)
+        return kernel(x, self.codes, self.scales, torch.float32).to(out_dtype)
 
     def row_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes [N, K] int8, scales [N, K / 32] float16) in plain row order."""

@@ -116,18 +116,19 @@ def q8_gemm() -> Q8Gemm | None:
     def q8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
            out_dtype: torch.dtype) -> torch.Tensor:
         # x: [M, K]; codes: [N / 16, K / 4, 16, 4] uint8; scales: [N / 16, K / 32, 16] fp16
-        if x.dtype not in (torch.bfloat16, torch.float32):
-            x = x.float()
+        x_fp32 = x.dtype == torch.float32
+        if not x_fp32 and x.dtype != torch.bfloat16:
+            x, x_fp32 = x.float(), True
         if x.stride(1) != 1:
             x = x.contiguous()
-        (m, k), n = x.shape, codes.shape[0] * codes.shape[2]
+        m, k = x.shape
+        n = codes.shape[0] * codes.shape[2]
         out = torch.empty(m, n, dtype=out_dtype)  # [M, N]
-        status = fn(x.data_ptr(), x.stride(0), int(x.dtype == torch.float32), m, k, codes.data_ptr(),
-                    scales.data_ptr(), n, out.data_ptr(), int(out_dtype == torch.bfloat16))
-        if status == -1:
-            raise ValueError(f"q8_gemm: K={k} is not a multiple of 32 or N={n} of 16")
+        status = fn(x.data_ptr(), x.stride(0), x_fp32, m, k, codes.data_ptr(), scales.data_ptr(), n,
+                    out.data_ptr(), out_dtype == torch.bfloat16)
         if status:
-            raise MemoryError("q8_gemm: no memory for its buffers")
+            raise ValueError(f"q8_gemm: K={k} is not a multiple of 32 or N={n} of 16" if status == -1
+                             else "q8_gemm: no memory for its buffers")
         return out
 
     return q8

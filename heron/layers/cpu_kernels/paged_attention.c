@@ -101,7 +101,7 @@ int heron_paged_decode_attention(
     const int64_t row = num_kv_heads * dim;  /* elements per cache slot */
     const int64_t value_offset = num_blocks * block_size * row;
     int failed = 0;
-#pragma omp parallel for schedule(dynamic, 1) reduction(| : failed)
+#pragma omp parallel for schedule(dynamic, 1) reduction(| : failed) if (num_seqs * num_kv_heads > 1)
     for (int64_t task = 0; task < num_seqs * num_kv_heads; task++) {
         const int64_t b = task / num_kv_heads, h = task % num_kv_heads;
         const int64_t len = seq_lens[b];
