@@ -205,9 +205,11 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """auto: bfloat16 on CUDA, and on CPUs with native bf16 matmuls (AVX512-BF16 / AMX), where we
-    measured it about 2x faster than float32 for the default model's bandwidth-bound decode
-    (20.9 vs 9.8 tok/s, one request); float32 on other CPUs."""
+    """auto: bfloat16 on CUDA and on CPUs where oneDNN takes bf16 (AVX-512 BW/VL/DQ, or Arm bf16):
+    half the activation and KV-cache bytes, and heron's CPU kernels work in bf16 (with native
+    AVX512-BF16 / AMX or emulated, see ``heron.layers.cpu_kernels``). Measured on a CPU with
+    native bf16: about 2x faster than float32 for the default model's bandwidth-bound decode
+    (20.9 vs 9.8 tok/s, one request). float32 on other CPUs."""
     if dtype != "auto":
         return getattr(torch, dtype)
     if device.type == "cuda" or _cpu_has_fast_bf16():
