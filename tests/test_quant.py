@@ -179,3 +179,24 @@ def test_default_model_int8_decode_is_within_the_stated_tolerance_of_float32() -
     assert int8.engine.quantization == "int8"
     err = _decode_error(int8, reference)
     assert err.mean() < 0.04 and err.max() < 0.3, (err.mean(), err.max())
+
+
+def test_float32_weights_serve_bf16_batches_the_quantized_copy_does_not() -> None:
+    import sys
+
+    from heron.layers.linear import keep_float32_weights
+
+    plain, covered = Linear(64, 32, bias=True).to(torch.bfloat16), Linear(64, 32).to(torch.bfloat16)
+    with torch.no_grad():
+        plain.weight.copy_(_weight(32, 64))
+        covered.weight.copy_(_weight(32, 64))
+    quantize_model(covered, "int8", max_rows=sys.maxsize)
+    before = plain.weight.float().clone()
+    assert keep_float32_weights(torch.nn.Sequential(plain, covered)) == 32 * 64 * 2
+    assert plain.weight.dtype == plain.bias.dtype == torch.float32 and torch.equal(plain.weight, before)
+    assert covered.weight.dtype == torch.bfloat16  # never read: left as it was
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+    out = plain(x)
+    assert out.dtype == torch.bfloat16
+    expected = (x.float() @ before.t() + plain.bias.float()).to(torch.bfloat16)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=2 ** -7)  # float32 math, one bf16 rounding
