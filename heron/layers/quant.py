@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 QUANTIZATION_METHODS = ("none", "int8", "int4")
 GROUP_SIZE = 32
 Q8_BLOCK_OUTPUTS = 16  # Q8Weight keeps outputs in blocks of this many (see q8_gemm.c)
-QUANTIZED_MAX_ROWS = 16  # batches up to this many rows use a PackedWeight (PyTorch's int4 kernel)
+QUANTIZED_MAX_ROWS = 16  # the row limit of a PackedWeight (PyTorch's int4 kernel), and of a Q8Weight on AMX CPUs
 
 
 class QuantizedWeight:
@@ -232,8 +232,10 @@ def quantize_model(model: nn.Module, method: str, max_rows: int | None = None) -
         if not can_quantize(module.weight):
             skipped += 1
             continue
-        module.quantized = quantized = _QUANTIZERS[method](module.weight, max_rows or 0)
-        quantized.max_rows = max_rows if max_rows is not None else default_max_rows(quantized)
+        quantized = _QUANTIZERS[method](module.weight, max_rows or 0)
+        if max_rows is None:  # the default depends on which kind of copy the CPU got
+            quantized.max_rows = default_max_rows(quantized)
+        module.quantized = quantized
         added += module.quantized.nbytes
     if skipped:
         logger.info("%d projections stay float only (shape or device unsupported by %s)", skipped, method)

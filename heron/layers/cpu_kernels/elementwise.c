@@ -1,6 +1,6 @@
 /*
- * The small per-layer ops of a decoder as single calls (AVX-512), built on first use by
- * heron/layers/cpu_kernels/__init__.py and called through ctypes. In PyTorch each of them is
+ * The small per-layer ops of a decoder as single calls, and the sampler's argmax (AVX-512), built
+ * on first use by heron/layers/cpu_kernels/__init__.py and called through ctypes. In PyTorch each of them is
  * 5 to 10 operator calls, and at decode batch sizes the calls, not the arithmetic, are the cost.
  *
  * Every function rounds to bf16 where the PyTorch code it replaces does (heron/layers/norm.py,
