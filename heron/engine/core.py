@@ -24,10 +24,8 @@ from heron.engine.messages import (
 from heron.engine.request import LogprobsDict, Request, RequestStatus
 from heron.engine.runner import ModelRunner
 from heron.engine.scheduler import Scheduler
-from heron.layers.cpu_kernels import has_native_bf16
-from heron.layers.linear import keep_float32_weights
-from heron.layers.quant import quantize_model
-from heron.loader import load_model, load_tokenizer
+from heron.loader import load_tokenizer
+from heron.loader.prepared import load_prepared_model
 from heron.structured.backend import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
@@ -42,12 +40,10 @@ class EngineCore:
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         torch.manual_seed(config.model.seed)
         start = time.monotonic()
-        loaded = load_model(config.model, self.device, self.dtype)
-        self.model = loaded.model
         self.quantization = resolve_quantization(config.model, self.device)
-        quant_bytes = quantize_model(self.model, self.quantization)
-        if self.device.type == "cpu" and self.dtype == torch.bfloat16 and not has_native_bf16():
-            keep_float32_weights(self.model)  # large batches: float32 GEMMs are the fast ones here
+        loaded, quant_bytes = load_prepared_model(config.model, self.device, self.dtype,
+                                                  self.quantization)
+        self.model = loaded.model
         self.hf_config = loaded.hf_config
         self.eos_token_ids = _eos_token_ids(loaded.hf_config, loaded.generation_config)
         num_blocks = self._num_kv_blocks()

@@ -36,7 +36,7 @@ from heron.loader.safetensors import (
 )
 from heron.loader.tokenizer import GEMMA_CHAT_TEMPLATE, Tokenizer, read_chat_template
 
-__all__ = ["LoadedModel", "ModelSource", "hf_reference_path", "load_hf_config", "load_model",
+__all__ = ["LoadedModel", "ModelSource", "build_model", "hf_reference_path", "load_hf_config", "load_model",
            "load_tokenizer", "model_display_name", "resolve_source", "Tokenizer"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -125,14 +125,19 @@ def load_model(model_config: ModelConfig, device: torch.device, dtype: torch.dty
     """Build the model for ``hf_config.architectures`` on ``device`` in ``dtype`` and load it."""
     dummy = model_config.load_format == "dummy"
     source = resolve_source(model_config.model, download_weights=not dummy)
-    hf_config = _config_of(source)
-    model_class = _model_class(hf_config)
-    with _building(device, dtype):
-        model = model_class(hf_config)
+    loaded = build_model(source, device, dtype)
     if dummy:
-        _init_dummy(model, model_config.seed)
-    else:
-        _load_weights(model, _iter_weights(source, model, dtype))  # raises on missing weights
+        _init_dummy(loaded.model, model_config.seed)
+    else:  # raises on missing weights
+        _load_weights(loaded.model, _iter_weights(source, loaded.model, dtype))
+    return loaded
+
+
+def build_model(source: ModelSource, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """The model of ``source`` in eval mode, its parameters allocated but not filled."""
+    hf_config = _config_of(source)
+    with _building(device, dtype):
+        model = _model_class(hf_config)(hf_config)
     model.eval()
     return LoadedModel(model=model, hf_config=hf_config,
                        generation_config=_generation_config_of(source, hf_config))
