@@ -53,6 +53,9 @@ class ModelRunner:
         # One [2, num_blocks, block_size, num_kv_heads, head_dim] tensor per layer.
         shape = (2, num_blocks, block_size, model.num_kv_heads, model.head_dim)
         self.kv_caches = [_zeros(shape, dtype, device) for _ in range(model.num_layers)]
+        prepare = getattr(model, "prepare_decode", None)  # models with a fused decode path
+        if prepare is not None:
+            prepare(self.kv_caches)
 
     @staticmethod
     def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:

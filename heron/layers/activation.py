@@ -31,6 +31,11 @@ def get_activation(name: str) -> Activation:
     return _ACTIVATIONS[name]
 
 
+def kernel_name(act: Activation) -> str | None:
+    """The name heron's CPU kernels know ``act`` by (``Elementwise.ACTIVATIONS``), or None."""
+    return _KERNEL_NAMES.get(act)
+
+
 def act_and_mul(x: torch.Tensor, act: Activation) -> torch.Tensor:
     """Gated MLP core: ``act(gate) * up`` for ``x = [gate | up]``. [..., 2 * d] -> [..., d]."""
     kernel = cpu_kernel_for(x)

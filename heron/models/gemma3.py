@@ -19,6 +19,7 @@ from torch import nn
 
 from heron.layers.activation import act_and_mul, get_activation
 from heron.layers.attention import Attention, ForwardContext
+from heron.layers.fused_decode import FusedDecode
 from heron.layers.linear import Linear, LMHead, MergedLinear
 from heron.layers.norm import RMSNorm, add_rms_norm
 from heron.layers.rotary import RotaryEmbedding, norm_and_rotate, rope_parameters
@@ -147,12 +148,15 @@ class Gemma3TextModel(nn.Module):
         self.rotary = nn.ModuleDict({
             t: RotaryEmbedding(config.head_dim, rope_parameters(config, t), max_pos)
             for t in sorted(set(self.layer_types))})
+        self.fused_decode: FusedDecode | None = None  # set by Gemma3ForCausalLM.prepare_decode
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, hidden]
         x = x * self.embed_scale.to(x.dtype)
         cos_sin = {t: rope.cos_sin(positions, x.dtype) for t, rope in self.rotary.items()}
+        if self.fused_decode is not None and self.fused_decode.applies_to(x, ctx.attn_metadata):
+            return self.fused_decode(x, cos_sin, ctx.attn_metadata)  # the layers below in one call
         x, normed = add_rms_norm(x, None, None, self.layers[0].input_layernorm)
         next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
         for layer, next_norm in zip(self.layers, next_norms):
@@ -185,3 +189,9 @@ class Gemma3ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)  # [N, vocab] float32
+
+    def prepare_decode(self, kv_caches: list[torch.Tensor]) -> bool:
+        """Run decode-only steps over ``kv_caches`` as one compiled call where the CPU kernels
+        allow (``FusedDecode``); the weights must not change afterwards. Returns whether they do."""
+        self.model.fused_decode = FusedDecode.build(self.model, kv_caches)
+        return self.model.fused_decode is not None

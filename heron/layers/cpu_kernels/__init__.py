@@ -55,8 +55,9 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-def _build(name: str, required_flags: set[str]) -> ctypes.CDLL | None:
-    """Compile ``<name>.c`` (once per source, compiler and CPU) and load it."""
+def _build(name: str, required_flags: set[str], with_sources: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """Compile ``<name>.c`` and any ``<with_sources>.c`` it calls into one library (once per
+    source, compiler and CPU) and load it."""
     if os.environ.get(DISABLE_ENV_VAR, "1") == "0":
         return None
     missing = required_flags - cpu_flags()
@@ -67,11 +68,11 @@ def _build(name: str, required_flags: set[str]) -> ctypes.CDLL | None:
     if compiler is None:
         logger.info("kernel %s not used: no C compiler (cc, gcc or $CC) found", name)
         return None
-    source = _SOURCE_DIR / f"{name}.c"
+    sources = [_SOURCE_DIR / f"{source}.c" for source in (name, *with_sources)]
     command = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-    key = hashlib.sha256(source.read_bytes())
-    for header in sorted(_SOURCE_DIR.glob("*.h")):  # included by the sources
-        key.update(header.read_bytes())
+    key = hashlib.sha256()
+    for path in (*sources, *sorted(_SOURCE_DIR.glob("*.h"))):  # headers: included by the sources
+        key.update(path.read_bytes())
     for part in (*command, _compiler_version(compiler), *sorted(cpu_flags())):
         key.update(part.encode())
     from heron.loader.cache import atomic_write, cache_root
@@ -80,7 +81,7 @@ def _build(name: str, required_flags: set[str]) -> ctypes.CDLL | None:
     if not target.exists():
         try:
             atomic_write(target, lambda tmp: subprocess.run(
-                [*command, str(source), "-o", str(tmp)], check=True, capture_output=True,
+                [*command, *map(str, sources), "-o", str(tmp)], check=True, capture_output=True,
                 text=True, timeout=_BUILD_TIMEOUT_S))
         except (subprocess.SubprocessError, OSError) as e:
             detail = getattr(e, "stderr", "") or str(e)
@@ -132,6 +133,20 @@ def q8_gemm() -> Q8Gemm | None:
         return out
 
     return q8
+
+
+@functools.cache
+def fused_decode() -> Callable[..., int] | None:
+    """``fn(model, batch)``: a whole decode step of a Gemma 3 stack (see fused_decode.c and
+    heron/layers/fused_decode.py, which builds the structs); None where unavailable."""
+    lib = _build("fused_decode", {"avx512f", "avx512bw", "avx512_vnni", "f16c"},
+                 with_sources=("q8_gemm", "elementwise", "paged_attention"))
+    if lib is None:
+        return None
+    fn = lib.heron_fused_decode
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    return fn
 
 
 PagedDecodeAttention = Callable[..., torch.Tensor]

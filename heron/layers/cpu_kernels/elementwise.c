@@ -9,6 +9,7 @@
  */
 #include <math.h>
 
+#include "kernels.h"
 #include "vector_math.h"
 
 #if !defined(__AVX512F__) || !defined(__AVX512BW__)

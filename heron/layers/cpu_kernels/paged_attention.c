@@ -17,6 +17,7 @@
  */
 #include <stdlib.h>
 
+#include "kernels.h"
 #include "vector_math.h"
 
 #if !defined(__AVX512F__) || !defined(__AVX512BW__)

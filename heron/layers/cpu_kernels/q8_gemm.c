@@ -21,6 +21,7 @@
  */
 #include <stdlib.h>
 
+#include "kernels.h"
 #include "vector_math.h"
 
 #if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VNNI__) || !defined(__F16C__)

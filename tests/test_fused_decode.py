@@ -1,0 +1,85 @@
+"""The fused decode step (heron/layers/fused_decode.py): the same hidden states and K/V writes, to
+the bit, as the model's modules; and the modules wherever it does not apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from heron.layers.cpu_kernels import fused_decode
+from heron.layers.quant import quantize_model
+from tests.model_harness import PagedSession, load_heron_model, make_hf_model
+
+needs_kernel = pytest.mark.skipif(fused_decode() is None,
+                                  reason="needs a C compiler and a CPU with AVX-512 VNNI")
+
+
+def _gemma3(tmp_path, quantization: str = "int8"):
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}}
+    config = transformers.Gemma3TextConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=6,
+        query_pre_attn_scalar=24, max_position_embeddings=256, rope_parameters=rope,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        final_logit_softcapping=30.0)
+    model = load_heron_model(make_hf_model(config, seed=3), tmp_path).to(torch.bfloat16)
+    quantize_model(model, quantization)
+    return model
+
+
+def _decode_both_ways(model, session: PagedSession, chunks: dict[int, list[int]]):
+    """One decode step with the fused path and once more from the same cache with the modules."""
+    before = [cache.clone() for cache in session.kv_caches]
+    tokens = {req: list(t) for req, t in session.tokens.items()}
+    fused = session.step(chunks)
+    fused_caches = [cache.clone() for cache in session.kv_caches]
+    for cache, saved in zip(session.kv_caches, before):
+        cache.copy_(saved)
+    session.tokens = tokens
+    plan, model.model.fused_decode = model.model.fused_decode, None
+    try:
+        modules = session.step(chunks)
+    finally:
+        model.model.fused_decode = plan
+    return fused, fused_caches, modules
+
+
+@needs_kernel
+def test_fused_decode_equals_the_modules_bit_for_bit(tmp_path) -> None:
+    model = _gemma3(tmp_path)
+    session = PagedSession(model, num_blocks=48, block_size=4, dtype=torch.bfloat16)
+    assert model.prepare_decode(session.kv_caches)
+    gen = torch.Generator().manual_seed(0)
+    prompts = {0: 3, 1: 9, 2: 14}  # past the sliding window (6) and across block boundaries
+    session.step({req: torch.randint(0, 256, (n,), generator=gen).tolist() for req, n in prompts.items()})
+    for _ in range(6):
+        chunks = {req: [int(torch.randint(0, 256, (1,), generator=gen))] for req in prompts}
+        fused, fused_caches, modules = _decode_both_ways(model, session, chunks)
+        for req in prompts:
+            assert torch.equal(fused[req], modules[req])
+        for mine, theirs in zip(fused_caches, session.kv_caches):
+            assert torch.equal(mine, theirs)
+
+
+@needs_kernel
+def test_steps_with_a_prompt_chunk_take_the_modules(tmp_path, monkeypatch) -> None:
+    model = _gemma3(tmp_path)
+    session = PagedSession(model, num_blocks=48, block_size=4, dtype=torch.bfloat16)
+    assert model.prepare_decode(session.kv_caches)
+    session.step({0: [5, 6, 7]})
+    calls = []
+    plan = model.model.fused_decode
+    monkeypatch.setattr(type(plan), "__call__", lambda self, *a: calls.append(1))
+    session.step({0: [8], 1: [1, 2, 3, 4]})  # a decode next to a prefill: not fused
+    assert calls == []
+
+
+def test_no_fused_path_without_int8_copies(tmp_path) -> None:
+    model = _gemma3(tmp_path, quantization="none")
+    session = PagedSession(model, num_blocks=16, block_size=4, dtype=torch.bfloat16)
+    assert not model.prepare_decode(session.kv_caches)
+    assert model.model.fused_decode is None
+    logits = session.step({0: [3, 4, 5]})[0]
+    assert logits.shape == (3, 256) and torch.isfinite(logits).all()
