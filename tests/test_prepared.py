@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +21,7 @@ from heron.config import ModelConfig
 from heron.loader import prepared as prepared_module
 from heron.loader import resolve_source
 from heron.loader.prepared import (
+    PlainConfig,
     load_prepared_model,
     prepared_path,
     weight_recipe,
@@ -181,3 +186,28 @@ def test_old_files_are_removed(tiny_gguf: tuple[Path, object], cache_dir: Path, 
         _load(path, torch.float32, quantization)
     assert not _file(path, torch.float32, "none").exists()
     assert _file(path, torch.float32, "int8").exists() and _file(path, torch.float32, "int4").exists()
+
+
+def test_cached_load_builds_the_model_from_a_plain_config(tiny_gguf: tuple[Path, object],  # noqa: F811
+                                                          cache_dir: Path) -> None:
+    path, _ = tiny_gguf
+    fresh, _ = load_prepared_model(ModelConfig(model=str(path)), CPU, torch.float32, "int8")
+    cached, _ = load_prepared_model(ModelConfig(model=str(path)), CPU, torch.float32, "int8")
+    assert isinstance(cached.hf_config, PlainConfig)
+    assert cached.hf_config.get_text_config() is cached.hf_config
+    for name, value in fresh.hf_config.to_dict().items():
+        assert json.dumps(getattr(cached.hf_config, name)) == json.dumps(value), name
+    assert cached.generation_config == fresh.generation_config
+
+
+def test_cached_start_never_imports_transformers(tiny_gguf: tuple[Path, object],  # noqa: F811
+                                                 cache_dir: Path) -> None:
+    path, _ = tiny_gguf
+    _load(path, torch.bfloat16)
+    script = ("import sys, torch; from heron.config import ModelConfig; "
+              "from heron.loader.prepared import load_prepared_model; "
+              f"load_prepared_model(ModelConfig(model={str(path)!r}), torch.device('cpu'), "
+              "torch.bfloat16, 'int8'); print(sorted(m for m in sys.modules if m.startswith('transformers')))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                          env={**os.environ, "HERON_CACHE_DIR": str(cache_dir)})
+    assert done.stdout.strip() == "[]", done.stderr[-2000:]

@@ -19,11 +19,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
 
 from heron.config import ModelConfig
 from heron.loader.default_model import DEFAULT_MODEL_NAME, locate_default_model
@@ -35,6 +34,9 @@ from heron.loader.safetensors import (
     read_generation_config,
 )
 from heron.loader.tokenizer import GEMMA_CHAT_TEMPLATE, Tokenizer, read_chat_template
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 __all__ = ["LoadedModel", "ModelSource", "build_model", "hf_reference_path", "load_hf_config", "load_model",
            "load_tokenizer", "model_display_name", "resolve_source", "Tokenizer"]
@@ -133,9 +135,11 @@ def load_model(model_config: ModelConfig, device: torch.device, dtype: torch.dty
     return loaded
 
 
-def build_model(source: ModelSource, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """The model of ``source`` in eval mode, its parameters allocated but not filled."""
-    hf_config = _config_of(source)
+def build_model(source: ModelSource, device: torch.device, dtype: torch.dtype,
+                hf_config: PretrainedConfig | None = None) -> LoadedModel:
+    """The model of ``source`` (or of ``hf_config`` when given) in eval mode, its parameters
+    allocated but not filled."""
+    hf_config = _config_of(source) if hf_config is None else hf_config
     with _building(device, dtype):
         model = _model_class(hf_config)(hf_config)
     model.eval()

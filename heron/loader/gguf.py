@@ -31,15 +31,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import (
-    AutoConfig,
-    PretrainedConfig,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-)
 
 from heron.loader.cache import (
     atomic_write,
@@ -57,7 +51,10 @@ from heron.loader.gguf_arch import (
     is_fast_arch,
 )
 from heron.loader.gguf_file import GGUFFile, TensorInfo
-from heron.loader.gguf_tokenizer import build_gguf_tokenizer
+
+if TYPE_CHECKING:  # transformers is imported where it is used: an engine serving prepared
+    # weights (``heron.loader.prepared``) never imports it (~1-2 s)
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 # Token texts that end a turn in common chat formats. llama.cpp stops on these too; a GGUF
 # file names only one eos id, while the HF generation_config of such models lists them all.
@@ -116,6 +113,8 @@ class GGUFModel:
 
     def config(self) -> PretrainedConfig:
         """The transformers config of the file, ``architectures`` filled in (cached)."""
+        from transformers import AutoConfig
+
         if not self.cache.config_file.is_file():
             self._prepare_metadata()
         return AutoConfig.from_pretrained(str(self.cache.directory))
@@ -174,6 +173,8 @@ class GGUFModel:
         atomic_write_text(self.cache.config_file, config.to_json_string())
 
     def _build_config(self) -> PretrainedConfig:
+        from transformers import AutoConfig
+
         if is_fast_arch(self.file):
             return _with_architectures(_config_from_dict(hf_config_dict(self.file)))
         config = AutoConfig.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
@@ -203,12 +204,21 @@ def load_saved_fast_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
     tokenizer.json in Python (~3 s); the generic fast class over the same tokenizer.json and
     special tokens encodes and decodes identically in well under half that.
     """
+    from transformers import PreTrainedTokenizerFast
+
     config = json.loads((directory / "tokenizer_config.json").read_text())
     kwargs = {key: value for key, value in config.items() if key in _TOKENIZER_SETTINGS}
     template_file = directory / "chat_template.jinja"
     if template_file.is_file():
         kwargs["chat_template"] = template_file.read_text()
     return PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"), **kwargs)
+
+
+def build_gguf_tokenizer(gguf_file: GGUFFile) -> PreTrainedTokenizerFast | None:
+    """``gguf_tokenizer.build_gguf_tokenizer``, imported on first use (it needs transformers)."""
+    from heron.loader.gguf_tokenizer import build_gguf_tokenizer as build
+
+    return build(gguf_file)
 
 
 @contextmanager

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, PretrainedConfig
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 INDEX_FILE = "model.safetensors.index.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -27,6 +29,8 @@ def load_dir_config(model_dir: Path) -> PretrainedConfig:
     """The model's ``config.json`` as a transformers config object."""
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"{model_dir} has no config.json, so it is not a Hugging Face model directory")
+    from transformers import AutoConfig
+
     return AutoConfig.from_pretrained(str(model_dir))
 
 
