@@ -359,7 +359,8 @@ def test_gguf_cache_is_filled_then_served(tiny_gguf: tuple[Path, object], cache_
     first = load_model(config, torch.device("cpu"), torch.float32)
     entry = cache_dir / f"v{CACHE_FORMAT}" / file_sha256(path, cache_dir)
     assert entry == entry_dir(file_sha256(path, cache_dir), cache_dir)
-    assert {p.name for p in entry.iterdir()} == {"config.json", "generation_config.json", "tokenizer"}
+    assert {p.name for p in entry.iterdir()} == {"config.json", "generation_config.json",
+                                                 "plain_config.json", "tokenizer"}
     assert (entry / "tokenizer" / "tokenizer.json").is_file()
     assert not [p for p in entry.rglob("*.tmp")]
 

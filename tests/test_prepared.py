@@ -20,8 +20,8 @@ from heron import LLM, SamplingParams
 from heron.config import ModelConfig
 from heron.loader import prepared as prepared_module
 from heron.loader import resolve_source
+from heron.loader.plain_config import PlainConfig
 from heron.loader.prepared import (
-    PlainConfig,
     load_prepared_model,
     prepared_path,
     weight_recipe,

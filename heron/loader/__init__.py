@@ -21,9 +21,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
 from heron.config import ModelConfig
 from heron.loader.default_model import DEFAULT_MODEL_NAME, locate_default_model
 from heron.loader.gguf import GGUFModel
@@ -35,7 +32,9 @@ from heron.loader.safetensors import (
 )
 from heron.loader.tokenizer import GEMMA_CHAT_TEMPLATE, Tokenizer, read_chat_template
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # imported where used: the API process loads the tokenizer without them
+    import torch
+    from torch import nn
     from transformers import PretrainedConfig
 
 __all__ = ["LoadedModel", "ModelSource", "build_model", "hf_reference_path", "load_hf_config", "load_model",
@@ -198,6 +197,9 @@ def _building(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
     Every parameter is overwritten right after (checkpoint or dummy weights), so the default
     random initialisation is wasted time (seconds for a 270M model on CPU).
     """
+    import torch
+    from torch import nn
+
     skipped = {name: fn for name, fn in vars(nn.init).items()
                if callable(fn) and name.endswith("_") and not name.startswith("_")}
     previous_dtype = torch.get_default_dtype()
@@ -217,27 +219,31 @@ def _keep_tensor(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch
     return tensor
 
 
-@torch.no_grad()
 def _init_dummy(model: nn.Module, seed: int) -> None:
     """Small uniform random weights, the same for the same seed (for benchmarks and tests)."""
-    for index, param in enumerate(model.parameters()):
-        generator = torch.Generator(device="cpu").manual_seed(seed + index)
-        values = torch.empty(param.shape, dtype=torch.float32).uniform_(
-            -_DUMMY_RANGE, _DUMMY_RANGE, generator=generator)
-        param.copy_(values)
+    import torch
+
+    with torch.no_grad():
+        for index, param in enumerate(model.parameters()):
+            generator = torch.Generator(device="cpu").manual_seed(seed + index)
+            values = torch.empty(param.shape, dtype=torch.float32).uniform_(
+                -_DUMMY_RANGE, _DUMMY_RANGE, generator=generator)
+            param.copy_(values)
 
 
 def load_tokenizer(model_config: ModelConfig) -> Tokenizer:
-    """The tokenizer of ``--tokenizer`` (else of the model), with eos ids and chat template."""
-    from transformers import AutoTokenizer
-
+    """The tokenizer of ``--tokenizer`` (else of the model), with eos ids and chat template.
+    For a GGUF model seen before, this imports neither torch nor transformers' models (the API
+    process does it while the engine process starts: they share the CPU)."""
     model_source = resolve_source(model_config.model, download_weights=False)
-    hf_config = _config_of(model_source)
+    hf_config = model_source.gguf.light_config() if model_source.is_gguf else _config_of(model_source)
     tokenizer_source = (model_source if model_config.tokenizer is None
                         else resolve_source(model_config.tokenizer, download_weights=False))
     if tokenizer_source.is_gguf:
         hf_tokenizer = tokenizer_source.gguf.tokenizer()
     else:
+        from transformers import AutoTokenizer
+
         try:
             hf_tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source.path))
         except (OSError, ValueError) as err:

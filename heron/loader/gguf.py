@@ -15,12 +15,14 @@ The small products are cached (see ``cache`` for the root and the format version
 
     <cache root>/v2/<sha256 of the file>/
         config.json             transformers config, ``architectures`` filled in
+        plain_config.json       every attribute of that config (``plain_config``: no transformers)
         generation_config.json  bos / eos / pad ids (eos includes end-of-turn tokens)
         tokenizer/              ``save_pretrained`` of the fast tokenizer
         model.safetensors       float32 weights, written only for ``hf_reference_path``
+        prepared/               the model's final tensors per recipe (``prepared``)
 
-Weights are not cached for serving: dequantizing from the GGUF (a quarter of the bytes of a
-float32 copy) is about as fast as reading such a copy, and a cold start need not write 1 GB.
+The weights as served (dequantized, then quantized again for heron's kernels) are cached by
+``prepared``, per dtype and quantization.
 """
 
 from __future__ import annotations
@@ -32,8 +34,6 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import torch
 
 from heron.loader.cache import (
     atomic_write,
@@ -51,9 +51,11 @@ from heron.loader.gguf_arch import (
     is_fast_arch,
 )
 from heron.loader.gguf_file import GGUFFile, TensorInfo
+from heron.loader.plain_config import PlainConfig, snapshot
 
 if TYPE_CHECKING:  # transformers is imported where it is used: an engine serving prepared
     # weights (``heron.loader.prepared``) never imports it (~1-2 s)
+    import torch
     from transformers import PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 # Token texts that end a turn in common chat formats. llama.cpp stops on these too; a GGUF
@@ -88,6 +90,10 @@ class GGUFCache:
         return self.directory / "tokenizer"
 
     @property
+    def plain_config_file(self) -> Path:
+        return self.directory / "plain_config.json"
+
+    @property
     def weights_file(self) -> Path:
         return self.directory / "model.safetensors"
 
@@ -117,7 +123,22 @@ class GGUFModel:
 
         if not self.cache.config_file.is_file():
             self._prepare_metadata()
-        return AutoConfig.from_pretrained(str(self.cache.directory))
+        config = AutoConfig.from_pretrained(str(self.cache.directory))
+        if not self.cache.plain_config_file.is_file():
+            values = snapshot(config)
+            if values is not None:
+                atomic_write_text(self.cache.plain_config_file, json.dumps(values))
+        return config
+
+    def light_config(self) -> PretrainedConfig | PlainConfig:
+        """The config as plain attributes when the entry has their snapshot (no transformers
+        import), else ``config()``, which writes the snapshot."""
+        if self.cache.plain_config_file.is_file():
+            try:
+                return PlainConfig(**json.loads(self.cache.plain_config_file.read_text()))
+            except (OSError, ValueError, TypeError):  # unreadable: use the full config
+                pass
+        return self.config()
 
     def generation_config(self) -> dict[str, Any]:
         """bos / eos / pad ids; eos lists the file's eos plus any end-of-turn control token."""
@@ -136,13 +157,16 @@ class GGUFModel:
         return load_saved_fast_tokenizer(self.cache.tokenizer_dir)
 
     def weights(self, hf_names: Iterable[str] | None = None,
-                dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+                dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """``(checkpoint name, tensor)`` for each tensor of the file that maps to one of
         ``hf_names`` (default: every parameter of the transformers model), one at a time.
 
         The values are transformers' float32 ones cast to ``dtype``; a model in bfloat16
         gets them without a float32 copy of each whole tensor. torch runs single-threaded
-        meanwhile (see ``_one_thread``)."""
+        meanwhile (see ``_one_thread``). ``dtype`` defaults to float32."""
+        import torch
+
+        dtype = dtype or torch.float32
         if not is_fast_arch(self.file):
             yield from ((n, t.to(dtype)) for n, t in self._transformers_weights().items())
             return
@@ -156,7 +180,7 @@ class GGUFModel:
 
     def _tensor(self, info: TensorInfo, config: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
         exact = fixes_values(self.file, info.name)  # such fixes compute in float32
-        tensor = self.file.dequantized(info, torch.float32 if exact else dtype)
+        tensor = self.file.dequantized(info, None if exact else dtype)
         return fix_tensor(self.file, info.name, tensor, config).to(dtype).contiguous()
 
     def prepare_weights(self) -> Path:
@@ -189,6 +213,7 @@ class GGUFModel:
         return list(_transformers_skeleton(self.config()).state_dict())
 
     def _transformers_weights(self) -> dict[str, torch.Tensor]:
+        import torch
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
         parsed = load_gguf_checkpoint(str(self.path), return_tensors=True,
@@ -229,6 +254,8 @@ def _one_thread() -> Iterator[None]:
     process builds the tokenizer while the engine loads), two intra-op threads made these
     ops 3-10x slower than one (0.6 s vs 2-7 s for the 270M model's weights).
     """
+    import torch
+
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -239,6 +266,7 @@ def _one_thread() -> Iterator[None]:
 
 def _transformers_skeleton(config: PretrainedConfig) -> torch.nn.Module:
     """transformers' model for ``config`` on the meta device: parameter names, no memory."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):

@@ -18,16 +18,18 @@ Other architectures are left to transformers (``is_fast_arch`` is False for them
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gguf
 import numpy as np
-import torch
 
 from heron.loader.gguf_file import GGUFFile
 
+if TYPE_CHECKING:  # the fixes only call tensor methods: torch itself is never needed here
+    import torch
+
 # GGUF architecture -> fix applied to (gguf name, float32 tensor, config dict).
-TensorFix = Callable[[str, torch.Tensor, dict[str, Any]], torch.Tensor]
+TensorFix = Callable[[str, "torch.Tensor", dict[str, Any]], "torch.Tensor"]
 _TOKENS_KEY = "tokenizer.ggml.tokens"
 _GGUF_TO_HF_MODEL_TYPE = {"gemma3": "gemma3_text"}  # the file holds the text model only
 

@@ -24,11 +24,13 @@ import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gguf
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # imported where used: the tokenizer's path reads metadata only
+    import torch
 
 _VERSIONS = (2, 3)  # v1 (32-bit counts) is long gone from the wild
 _DEFAULT_ALIGNMENT = 32
@@ -84,8 +86,9 @@ class GGUFFile:
     def architecture(self) -> str:
         return str(self.metadata["general.architecture"])
 
-    def dequantized(self, info: TensorInfo, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The tensor's values (bit for bit those of ``gguf.quants.dequantize``) in ``dtype``."""
+    def dequantized(self, info: TensorInfo, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor's values (bit for bit those of ``gguf.quants.dequantize``) in ``dtype``
+        (default float32)."""
         raw = np.memmap(self.path, dtype=np.uint8, mode="c", offset=info.offset,
                         shape=(info.nbytes,))
         return dequantize(raw, info.ggml_type, info.shape, dtype)
@@ -182,17 +185,19 @@ def _tensor_info(name: str, dims: tuple[int, ...], type_id: int, offset: int) ->
 
 
 def dequantize(raw: np.ndarray, ggml_type: gguf.GGMLQuantizationType, shape: tuple[int, ...],
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+               dtype: torch.dtype | None = None) -> torch.Tensor:
     """Raw GGUF bytes (``uint8``) -> tensor of ``shape``: the float32 values of
-    ``gguf.quants.dequantize``, cast to ``dtype``.
+    ``gguf.quants.dequantize``, cast to ``dtype`` (default float32).
 
     Done a run of rows at a time (float32 run, then cast into the output), so a big tensor
     wanted in bfloat16 never exists in float32 as a whole.
     """
+    import torch
+
     row_elements = shape[-1] if shape else 1
     block_size, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
     rows = raw.reshape(-1, row_elements // block_size * type_size)  # [n_rows, row bytes]
-    out = torch.empty((rows.shape[0], row_elements), dtype=dtype)
+    out = torch.empty((rows.shape[0], row_elements), dtype=dtype or torch.float32)
     step = max(1, _CHUNK_ELEMENTS // row_elements)
     for start in range(0, rows.shape[0], step):
         out[start:start + step] = _dequantize_rows(rows[start:start + step], ggml_type)
@@ -201,6 +206,8 @@ def dequantize(raw: np.ndarray, ggml_type: gguf.GGMLQuantizationType, shape: tup
 
 def _dequantize_rows(rows: np.ndarray, ggml_type: gguf.GGMLQuantizationType) -> torch.Tensor:
     """``[n, row bytes]`` uint8 -> ``[n, row elements]`` float32."""
+    import torch
+
     if ggml_type == gguf.GGMLQuantizationType.F32:
         return torch.from_numpy(rows.view(np.float32))
     if ggml_type == gguf.GGMLQuantizationType.F16:
@@ -216,6 +223,8 @@ def _dequantize_rows(rows: np.ndarray, ggml_type: gguf.GGMLQuantizationType) -> 
 
 def _dequantize_q8_0(rows: np.ndarray) -> torch.Tensor:
     """Q8_0 blocks: fp16 scale d, then 32 int8 values q; value = q * d (one float32 multiply)."""
+    import torch
+
     blocks = torch.from_numpy(rows).view(-1, 34)  # [n_blocks, 2 + 32]
     scale = blocks[:, :2].contiguous().view(torch.float16).to(torch.float32)  # [n_blocks, 1]
     values = blocks[:, 2:].view(torch.int8).to(torch.float32)  # [n_blocks, 32]

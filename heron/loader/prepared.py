@@ -27,11 +27,8 @@ import hashlib
 import json
 import logging
 import os
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 import torch
 from torch import nn
@@ -111,53 +108,13 @@ def load_prepared_model(model_config: ModelConfig, device: torch.device, dtype: 
                            path, type(err).__name__, err)
     loaded = load_model(model_config, device, dtype)
     added = prepare_weights(loaded.model, recipe)
-    _save(loaded.model, loaded.hf_config, recipe, path)
+    _save(loaded.model, recipe, path)
     return loaded, added
 
 
 def prepared_path(source: ModelSource, recipe: WeightRecipe) -> Path:
     """Where the prepared tensors of ``source`` under ``recipe`` live."""
     return source.gguf.cache.directory / "prepared" / f"{recipe.key()}.safetensors"
-
-
-# ----------------------------------------------------------------------------- config
-
-
-class PlainConfig(SimpleNamespace):
-    """A snapshot of a transformers config as plain attributes (see ``_config_snapshot``).
-
-    The model classes and the engine only read attributes of their config, so a start that
-    maps prepared weights builds the model from this and never imports transformers (~1-2 s).
-    """
-
-    def get_text_config(self, *args: object, **kwargs: object) -> PlainConfig:
-        return self
-
-
-def _config_snapshot(config: object) -> dict[str, Any] | None:
-    """Every public or private attribute of ``config`` whose value is JSON (fields, properties,
-    ``attribute_map`` aliases); None for configs with a separate text config (multimodal)."""
-    get_text_config = getattr(config, "get_text_config", None)
-    if get_text_config is not None and get_text_config() is not config:
-        return None
-    names = [n for n in dir(config) if not n.startswith("__")]
-    names += list(getattr(config, "attribute_map", None) or {})
-    snapshot = {}
-    quiet = logging.getLogger("transformers")  # deprecated aliases (torch_dtype) log a warning
-    level = quiet.level
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quiet.setLevel(logging.ERROR)
-        for name in names:
-            try:
-                value = getattr(config, name)
-                if not callable(value):
-                    json.dumps(value)  # tuples come back as lists: read alike by heron
-                    snapshot[name] = value
-            except Exception:  # noqa: BLE001 - a property that does not apply, a value not JSON
-                continue
-        quiet.setLevel(level)
-    return snapshot
 
 
 # ----------------------------------------------------------------------------- reading
@@ -173,8 +130,7 @@ def _load_cached(source: ModelSource, path: Path, recipe: WeightRecipe, device: 
     if json.loads(metadata.get("recipe", "null")) != asdict(recipe):
         raise ValueError("the file was written for another recipe")
     tensors = load_file(str(path))  # memory-mapped: pages are read as the model touches them
-    config = json.loads(metadata.get("config", "null"))
-    loaded = build_model(source, device, dtype, None if config is None else PlainConfig(**config))
+    loaded = build_model(source, device, dtype, source.gguf.light_config())
     _assign_parameters(loaded.model, tensors)
     added = _assign_quantized(loaded.model, json.loads(metadata["quantized"]), tensors)
     if tensors:
@@ -223,7 +179,7 @@ def _quantized(spec: dict, fields: dict[str, torch.Tensor]) -> QuantizedWeight:
 # ----------------------------------------------------------------------------- writing
 
 
-def _save(model: nn.Module, hf_config: object, recipe: WeightRecipe, path: Path) -> None:
+def _save(model: nn.Module, recipe: WeightRecipe, path: Path) -> None:
     """Write the prepared tensors (atomically); a failure costs only the next start's time."""
     from safetensors.torch import save_file
 
@@ -239,9 +195,6 @@ def _save(model: nn.Module, hf_config: object, recipe: WeightRecipe, path: Path)
         tensors.update({f"{module_name}.quantized.{field}": getattr(quantized, field)
                         for field in _FIELDS[kind]})
     metadata = {"recipe": json.dumps(asdict(recipe)), "quantized": json.dumps(specs)}
-    config = _config_snapshot(hf_config)
-    if config is not None:
-        metadata["config"] = json.dumps(config)
     try:
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
         _remove_old(path.parent)

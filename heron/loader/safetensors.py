@@ -12,10 +12,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import safe_open
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PretrainedConfig
 
 INDEX_FILE = "model.safetensors.index.json"
