@@ -40,7 +40,9 @@ GET /v1/models, /v1/models/{id}, /health, /version, /metrics, /docs, /openapi.js
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    words = sys.argv[1:] if argv is None else list(argv)
+    # The benchmarks' modules (httpx, numpy: ~0.4 s) are imported only for `heron bench`.
+    parser = build_parser(with_benchmarks="bench" in words)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
@@ -50,13 +52,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_benchmarks: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="heron", description="heron: an OpenAI-compatible LLM inference server."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_serve_parser(sub)
-    _add_bench_parser(sub)
+    _add_bench_parser(sub, with_benchmarks)
     return parser
 
 
@@ -304,10 +306,13 @@ def _run_serve(args: argparse.Namespace) -> int:
 # ==== heron bench =================================================================================
 
 
-def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    """``heron bench COMMAND``: each benchmark module registers its own subcommand here."""
+def _add_bench_parser(sub: argparse._SubParsersAction, with_benchmarks: bool) -> None:
+    """``heron bench COMMAND``: each benchmark module registers its own subcommand here
+    (``with_benchmarks``; else ``bench`` is only listed)."""
     p = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
     bench_sub = p.add_subparsers(dest="bench_command", metavar="COMMAND", required=True)
+    if not with_benchmarks:
+        return
     from heron.bench import peers, serve, throughput
 
     serve.add_parser(bench_sub)

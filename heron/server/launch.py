@@ -4,8 +4,9 @@
 
     run_server()
       |- install SIGINT/SIGTERM handlers (while starting: cancel the start-up)
-      |- EngineClient.start()  (spawns the core; loads the model)   } concurrently
-      |- load_tokenizer()      (in a daemon thread)                 }
+      |- EngineClient.start()  (spawns the core; loads the model)   }
+      |- load_tokenizer()      (in a daemon thread)                 } concurrently
+      |- import the HTTP layer (fastapi, routes)                    }
       |- uvicorn.Server.serve()  (uvicorn owns the signals: graceful shutdown)
       '- EngineClient.shutdown()  (always: the core process never outlives the server)
 """
@@ -23,13 +24,11 @@ import uvicorn
 
 from heron.config import EngineConfig, ModelConfig
 from heron.engine.client import EngineClient, EngineError
-from heron.server.app import build_app
 from heron.server.config import ServerConfig
-from heron.server.metrics import ServerMetrics
-from heron.server.serving import ServingContext
 
 if TYPE_CHECKING:
     from heron.loader.tokenizer import Tokenizer
+    from heron.server.serving import ServingContext
 
 logger = logging.getLogger("heron.server")
 
@@ -69,6 +68,8 @@ async def _serve(
     engine = EngineClient(engine_config, log_level=log_level)
     try:
         ctx = await _start(engine, engine_config, server_config)
+        from heron.server.app import build_app  # imported during _start
+
         server = uvicorn.Server(
             uvicorn.Config(
                 build_app(ctx),
@@ -89,9 +90,12 @@ async def _serve(
 async def _start(
     engine: EngineClient, engine_config: EngineConfig, server_config: ServerConfig
 ) -> ServingContext:
+    engine_started = asyncio.create_task(engine.start(server_config.startup_timeout_s))
+    await asyncio.sleep(0)  # engine.start runs up to its first wait: the core process is spawned
     tokenizer_future = _in_daemon_thread(_load_tokenizer, engine_config.model)
     try:
-        info = await engine.start(server_config.startup_timeout_s)
+        _import_http_layer()  # while the engine process and the tokenizer thread load
+        info = await engine_started
     except BaseException:
         tokenizer_future.add_done_callback(
             _ignore_result
@@ -99,6 +103,8 @@ async def _start(
         raise
     tokenizer = await tokenizer_future
     from heron.loader import model_display_name
+    from heron.server.metrics import ServerMetrics
+    from heron.server.serving import ServingContext
 
     display = model_display_name(engine_config.model)
     names = server_config.served_model_names or (display,)
@@ -127,6 +133,13 @@ async def _start(
         " (API key required)" if server_config.api_key else "",
     )
     return ctx
+
+
+def _import_http_layer() -> None:
+    """FastAPI, pydantic and the routes (~0.7 s), imported after the engine process was spawned
+    and the tokenizer thread started (whose Rust parts run outside the GIL meanwhile)."""
+    import heron.server.app  # noqa: F401
+    import heron.server.metrics  # noqa: F401
 
 
 def _load_tokenizer(model_config: ModelConfig) -> Tokenizer:
