@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from heron.bench.peers import CASES, bench_command, known_peers, summarize
+from heron.bench.peers import CASES, bench_command, known_peers, merge, schedule, summarize
 
 
 def _result(start: float, c1: list[float], c16: list[float], ttft_ms: list[float],
             failed: list[int]) -> dict:
-    return {"first_answer_s": start, "runs": {
+    return {"first_answer_s": [start], "runs": {
         "c1": [{"output_throughput": v} for v in c1],
         "c16": [{"output_throughput": v, "median_ttft_ms": t, "failed": f}
                 for v, t, f in zip(c16, ttft_ms, failed)]}}
@@ -37,3 +37,19 @@ def test_commands_are_the_anchor_commands_and_one_client_for_all(tmp_path: Path)
     flags = dict(zip(command[5::1], command[6::1]))
     assert flags["--max-concurrency"] == "16" and flags["--num-prompts"] == "32"
     assert flags["--input-len"] == "128" and flags["--output-len"] == "64" and "--ignore-eos" in command
+
+
+def test_interleaving_starts_every_peer_once_per_run_and_merges_them() -> None:
+    names = ["heron", "llama.cpp"]
+    assert schedule(names, 2, interleave=False) == [("heron", range(1, 3)), ("llama.cpp", range(1, 3))]
+    assert schedule(names, 2, interleave=True) == [("heron", range(1, 2)), ("llama.cpp", range(1, 2)),
+                                                   ("heron", range(2, 3)), ("llama.cpp", range(2, 3))]
+    results: dict[str, dict] = {}
+    for start, c1 in ((9.0, 30.0), (4.0, 40.0), (5.0, 35.0)):
+        merge(results, "heron", _result(start, [c1], [100.0], [500.0], [0]))
+    merge(results, "llama.cpp", _result(2.0, [20.0, 25.0, 30.0], [50.0, 40.0, 60.0], [900.0] * 3, [0] * 3))
+    assert results["heron"]["first_answer_s"] == [9.0, 4.0, 5.0]
+    rows = summarize(results).splitlines()
+    # heron: median start 5.0, median c=1 35.0; 35 / 25 = 1.40, 100 / 50 = 2.00
+    assert rows[2] == "| heron | 5.0 | 35.0 | 100.0 | 0.50 | 0 | — | — |"
+    assert rows[3] == "| llama.cpp | 2.0 | 25.0 | 50.0 | 0.90 | 0 | 1.40x | 2.00x |"

@@ -12,6 +12,10 @@ default ``~/.cache/heron-anchors``)::
 then print one markdown table of medians per peer and case, with heron's ratio to each peer.
 Every peer serves the same GGUF-derived model under the name ``gemma``, and every run uses
 the same client, prompts (``--seed``) and tokenizer.
+
+``--interleave`` takes the peers in turn once per run instead (start, one run of each case,
+stop; then the next peer): a slow phase of a noisy host then lands on every peer alike, and
+each peer's start time is a median of ``--runs`` starts (after the first, warm ones).
 """
 
 from __future__ import annotations
@@ -98,10 +102,11 @@ def bench_command(args: argparse.Namespace, base_url: str, case: Case, out: Path
                 ["--tokenizer", args.tokenizer] if args.tokenizer else [])
 
 
-def run_peer(peer: Peer, args: argparse.Namespace, out_dir: Path) -> dict[str, object]:
-    """Start one peer, run every case ``args.runs`` times, stop it; returns what was measured."""
+def run_peer(peer: Peer, args: argparse.Namespace, out_dir: Path, run_numbers: range) -> dict[str, object]:
+    """Start one peer, run every case once per number in ``run_numbers``, stop it; returns
+    what was measured (``first_answer_s``: one start, as a list)."""
     base_url = f"http://127.0.0.1:{args.port}"
-    log = (out_dir / f"{peer.name}-server.log").open("w")
+    log = (out_dir / f"{peer.name}-server.log").open("a")
     print(f"[{peer.name}] {' '.join(peer.command)}", flush=True)
     started = time.monotonic()
     process = subprocess.Popen(peer.command, stdout=log, stderr=subprocess.STDOUT,
@@ -110,17 +115,33 @@ def run_peer(peer: Peer, args: argparse.Namespace, out_dir: Path) -> dict[str, o
         first_answer = wait_first_answer(base_url, process, peer.start_timeout_s)
         print(f"[{peer.name}] first answer {time.monotonic() - started:.1f} s after start", flush=True)
         runs: dict[str, list[dict]] = {}
-        for case in CASES:
-            for i in range(args.runs):
-                out = out_dir / f"{peer.name}-{case.name}-{i + 1}.json"
+        for number in run_numbers:
+            for case in CASES:
+                out = out_dir / f"{peer.name}-{case.name}-{number}.json"
                 command = bench_command(args, base_url, case, out)
                 print(f"[{peer.name}] {' '.join(command)}", flush=True)
                 subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
                 runs.setdefault(case.name, []).append(json.loads(out.read_text()))
-        return {"first_answer_s": first_answer, "runs": runs}
+        return {"first_answer_s": [first_answer], "runs": runs}
     finally:
         _stop(process)
         log.close()
+
+
+def schedule(names: list[str], runs: int, interleave: bool) -> list[tuple[str, range]]:
+    """(peer, run numbers) per server start, in order: each peer once for all its runs, or
+    (interleaved) every peer once per run."""
+    if interleave:
+        return [(name, range(number, number + 1)) for number in range(1, runs + 1) for name in names]
+    return [(name, range(1, runs + 1)) for name in names]
+
+
+def merge(into: dict[str, dict], name: str, result: dict) -> None:
+    """Add one server start's measurements to ``into[name]``."""
+    merged = into.setdefault(name, {"first_answer_s": [], "runs": {}})
+    merged["first_answer_s"].extend(result["first_answer_s"])
+    for case, runs in result["runs"].items():
+        merged["runs"].setdefault(case, []).extend(runs)
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -152,7 +173,7 @@ def summarize(results: dict[str, dict]) -> str:
 def _medians(result: dict) -> dict[str, float]:
     runs = result["runs"]
     return {
-        "start": result["first_answer_s"],
+        "start": statistics.median(result["first_answer_s"]),
         "c1": statistics.median(r["output_throughput"] for r in runs["c1"]),
         "c16": statistics.median(r["output_throughput"] for r in runs["c16"]),
         "ttft16": statistics.median(r["median_ttft_ms"] for r in runs["c16"]) / 1000,
@@ -166,6 +187,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--peers", default="heron,llama.cpp,vllm-cpu",
                    help="comma-separated, in order (default: %(default)s)")
     p.add_argument("--runs", type=int, default=3, help="runs per case (default: %(default)s)")
+    p.add_argument("--interleave", action="store_true",
+                   help="start the peers in turn once per run (fairer on a noisy host)")
     p.add_argument("--port", type=int, default=8400)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
@@ -180,16 +203,17 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     peers = known_peers(args.port, anchors_dir())
-    results: dict[str, dict] = {}
-    for name in args.peers.split(","):
-        peer = peers.get(name)
-        if peer is None:
+    names = args.peers.split(",")
+    for name in names:
+        if name not in peers:
             print(f"unknown peer {name!r}; known: {', '.join(peers)}", file=sys.stderr)
             return 2
-        if not installed(peer):
-            print(f"[{name}] not installed under {anchors_dir()} (see ../shared/anchors); skipped")
-            continue
-        results[name] = run_peer(peer, args, out_dir)
+    for name in [name for name in names if not installed(peers[name])]:
+        print(f"[{name}] not installed under {anchors_dir()} (see ../shared/anchors); skipped")
+        names.remove(name)
+    results: dict[str, dict] = {}
+    for name, run_numbers in schedule(names, args.runs, args.interleave):
+        merge(results, name, run_peer(peers[name], args, out_dir, run_numbers))
     table = summarize(results)
     (out_dir / "summary.md").write_text(table + "\n")
     (out_dir / "summary.json").write_text(json.dumps(
