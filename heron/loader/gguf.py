@@ -28,14 +28,12 @@ The weights as served (dequantized, then quantized again for heron's kernels) ar
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from heron.loader.cache import (
     atomic_write,
@@ -59,8 +57,6 @@ if TYPE_CHECKING:  # transformers is imported where it is used: an engine servin
     # weights (``heron.loader.prepared``) never imports it (~1-2 s)
     import torch
     from transformers import PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
-
-T = TypeVar("T")
 
 # Token texts that end a turn in common chat formats. llama.cpp stops on these too; a GGUF
 # file names only one eos id, while the HF generation_config of such models lists them all.
@@ -232,39 +228,15 @@ def load_saved_fast_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
     ``AutoTokenizer`` would rebuild a model-specific class, which for Gemma re-parses the 33 MB
     tokenizer.json in Python (~3 s); the generic fast class over the same tokenizer.json and
     special tokens encodes and decodes identically in well under half that.
-
-    The tokenizers library parses tokenizer.json (~2 s for Gemma's) outside the GIL, in a
-    thread started first: transformers is imported meanwhile (~1 s).
     """
-    backend = _in_thread(_read_backend, directory / "tokenizer.json")
-    from heron.loader.gguf_tokenizer import wrap_backend
+    from transformers import PreTrainedTokenizerFast
 
     config = json.loads((directory / "tokenizer_config.json").read_text())
     kwargs = {key: value for key, value in config.items() if key in _TOKENIZER_SETTINGS}
     template_file = directory / "chat_template.jinja"
     if template_file.is_file():
         kwargs["chat_template"] = template_file.read_text()
-    return wrap_backend(backend.result(), kwargs)
-
-
-def _read_backend(path: Path) -> Any:
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(path))
-
-
-def _in_thread(fn: Callable[..., T], *args: Any) -> Future[T]:
-    """``fn(*args)`` in a daemon thread; its result (or exception) in the returned future."""
-    future: Future[T] = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(fn(*args))
-        except BaseException as err:  # noqa: BLE001 - handed to whoever waits on the future
-            future.set_exception(err)
-
-    threading.Thread(target=run, name=f"heron-{fn.__name__}", daemon=True).start()
-    return future
+    return PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"), **kwargs)
 
 
 def build_gguf_tokenizer(gguf_file: GGUFFile) -> PreTrainedTokenizerFast | None:

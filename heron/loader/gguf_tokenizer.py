@@ -76,11 +76,6 @@ def build_gguf_tokenizer(gguf_file: GGUFFile) -> PreTrainedTokenizerFast | None:
     family = _GEMMA if arch in _GEMMA_ARCHS else _LLAMA
     backend = _backend(metadata, family)
     settings = _settings(metadata, family)
-    return wrap_backend(backend, settings)
-
-
-def wrap_backend(backend: Tokenizer, settings: dict[str, Any]) -> PreTrainedTokenizerFast:
-    """transformers' fast tokenizer over ``backend`` (taken as is, not copied where possible)."""
     try:
         return _PrebuiltTokenizerFast(backend, **settings)
     except ValueError:  # transformers 4 cannot take a backend as is: it copies it (~1.5 s)

@@ -136,8 +136,8 @@ async def _start(
 
 
 def _import_http_layer() -> None:
-    """FastAPI, pydantic and the routes (~0.7 s), imported after the engine process was spawned
-    and the tokenizer thread started (whose Rust parts run outside the GIL meanwhile)."""
+    """FastAPI, pydantic and the routes (~0.7 s), imported once the engine process is spawned:
+    the engine's imports (torch, ~2 s) run meanwhile on the other core."""
     import heron.server.app  # noqa: F401
     import heron.server.metrics  # noqa: F401
 
