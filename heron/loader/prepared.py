@@ -44,9 +44,10 @@ logger = logging.getLogger(__name__)
 
 PREPARED_VERSION = 1  # bump when the file layout above changes
 _KEEP_FILES = 4  # prepared files kept per GGUF entry (different dtypes, quantizations, heron versions)
-# The code that computes the prepared tensors: a change to any of these files changes the key.
+# The code that computes the prepared tensors or names the parameters they fill (the model
+# files): a change to any of these files changes the key.
 _PRODUCERS = ("loader/gguf.py", "loader/gguf_arch.py", "loader/gguf_file.py", "loader/weights.py",
-              "layers/quant.py", "layers/linear.py")
+              "layers/quant.py", "layers/linear.py", "models/*.py")
 _HERON_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -70,8 +71,9 @@ class WeightRecipe:
 def weight_recipe(dtype: torch.dtype, device: torch.device, quantization: str) -> WeightRecipe:
     """The recipe ``prepare_weights`` follows on this machine."""
     code = hashlib.sha256()
-    for name in _PRODUCERS:
-        code.update((_HERON_DIR / name).read_bytes())
+    for pattern in _PRODUCERS:
+        for path in sorted(_HERON_DIR.glob(pattern)):
+            code.update(path.read_bytes())
     return WeightRecipe(
         dtype=str(dtype).removeprefix("torch."), quantization=quantization,
         keep_float32=device.type == "cpu" and dtype == torch.bfloat16 and not has_native_bf16(),
