@@ -176,3 +176,36 @@ def test_argmax_rows_matches_torch_with_ties_nans_and_tails() -> None:
     assert torch.equal(argmax(x), expected)
     big = torch.randn(16, 262144, generator=g)
     assert torch.equal(argmax(big), big.argmax(dim=-1))
+
+
+@pytest.mark.skipif(not ELEMENTWISE_CPU, reason="the CPU lacks AVX-512")
+@pytest.mark.parametrize("vocab", [37, 1000, 262_144])
+def test_sample_rows_picks_what_the_torch_inverse_cdf_picks(vocab) -> None:
+    """The same two-level search as sampler._inverse_cdf: identical picks but where a uniform
+    falls within rounding of a boundary (at most 1 in 500 draws here)."""
+    from heron.layers.sampler import _inverse_cdf
+
+    gen = torch.Generator().manual_seed(vocab)
+    x = torch.randn(6, vocab, generator=gen) * 3
+    x[2, ::3] = float("-inf")  # filtered tokens
+    temperature = torch.tensor([1.0, 0.6, 1.7, 1.0, 0.3, 2.5])
+    same = total = 0
+    for _ in range(100):
+        u = torch.rand(6, generator=gen, dtype=torch.float64)
+        picks = cpu_kernels.elementwise().sample_rows(x, temperature, u)
+        same += int((picks == _inverse_cdf(torch.softmax(x / temperature[:, None], -1), u)).sum())
+        total += 6
+        assert torch.isfinite(x[2, picks[2]])  # never a removed token
+    assert same >= total - total // 500
+
+
+@pytest.mark.skipif(not ELEMENTWISE_CPU, reason="the CPU lacks AVX-512")
+def test_sample_rows_extreme_uniforms_and_broken_rows() -> None:
+    x = torch.tensor([[0.0, float("-inf"), 0.0, float("-inf")],  # two live tokens
+                      [float("-inf")] * 4,  # nothing finite: argmax, an index
+                      [0.0, float("nan"), 1.0, 2.0]])  # NaN: argmax (the NaN)
+    kernel = cpu_kernels.elementwise()
+    ones = torch.ones(3)
+    low = kernel.sample_rows(x, ones, torch.zeros(3, dtype=torch.float64))
+    high = kernel.sample_rows(x, ones, torch.full((3,), 1 - 2**-53, dtype=torch.float64))
+    assert low.tolist() == [0, 0, 1] and high.tolist() == [2, 0, 1]

@@ -200,7 +200,10 @@ class Elementwise:
         self._act_and_mul.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ptr]
         self._argmax_rows = lib.heron_argmax_rows
         self._argmax_rows.argtypes = [ptr, i64, i64, i64, ptr]
-        for fn in (self._add_rms_norm, self._qk_norm_rope, self._act_and_mul, self._argmax_rows):
+        self._sample_rows = lib.heron_sample_rows
+        self._sample_rows.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr]
+        for fn in (self._add_rms_norm, self._qk_norm_rope, self._act_and_mul, self._argmax_rows,
+                   self._sample_rows):
             fn.restype = ctypes.c_int
 
     def add_rms_norm(self, x: torch.Tensor, h: torch.Tensor | None, post_scale: torch.Tensor | None,
@@ -234,7 +237,6 @@ class Elementwise:
                                  out.data_ptr()), "act_and_mul")
         return out
 
-
     def argmax_rows(self, x: torch.Tensor) -> torch.Tensor:
         """x [rows, cols] float32 (columns contiguous) -> [rows] int64, as ``x.argmax(dim=-1)``."""
         if x.stride(1) != 1:
@@ -242,6 +244,18 @@ class Elementwise:
         rows, cols = x.shape
         out = torch.empty(rows, dtype=torch.int64)
         _check(self._argmax_rows(x.data_ptr(), x.stride(0), rows, cols, out.data_ptr()), "argmax_rows")
+        return out
+
+    def sample_rows(self, x: torch.Tensor, temperature: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+        """One draw per row of x [rows, cols] float32 from softmax(x / temperature) by inverse
+        CDF: temperature [rows] float32, uniforms [rows] float64 in [0, 1) -> [rows] int64."""
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        rows, cols = x.shape
+        temperature, uniforms = temperature.contiguous(), uniforms.contiguous()
+        out = torch.empty(rows, dtype=torch.int64)
+        _check(self._sample_rows(x.data_ptr(), x.stride(0), rows, cols, temperature.data_ptr(),
+                                 uniforms.data_ptr(), out.data_ptr()), "sample_rows")
         return out
 
 
