@@ -157,15 +157,15 @@ def _stop(process: subprocess.Popen) -> None:
 
 def summarize(results: dict[str, dict]) -> str:
     """Markdown: medians per peer and case, and heron's ratio to each peer."""
-    lines = ["| server | start to first answer (s) | c=1 output tok/s | c=16 output tok/s | "
-             "c=16 TTFT p50 (s) | c=16 failed | heron c=1 / this | heron c=16 / this |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| server | start to first answer (s) | c=1 output tok/s | c=1 TPOT p50 (ms) | "
+             "c=16 output tok/s | c=16 TTFT p50 (s) | c=16 failed | heron c=1 / this | heron c=16 / this |",
+             "|---|---|---|---|---|---|---|---|---|"]
     medians = {name: _medians(r) for name, r in results.items()}
     ours = medians.get("heron")
     for name, m in medians.items():
         ratio1 = f"{ours['c1'] / m['c1']:.2f}x" if ours and name != "heron" else "—"
         ratio16 = f"{ours['c16'] / m['c16']:.2f}x" if ours and name != "heron" else "—"
-        lines.append(f"| {name} | {m['start']:.1f} | {m['c1']:.1f} | {m['c16']:.1f} | "
+        lines.append(f"| {name} | {m['start']:.1f} | {m['c1']:.1f} | {m['tpot1']:.1f} | {m['c16']:.1f} | "
                      f"{m['ttft16']:.2f} | {m['failed16']} | {ratio1} | {ratio16} |")
     return "\n".join(lines)
 
@@ -175,6 +175,7 @@ def _medians(result: dict) -> dict[str, float]:
     return {
         "start": statistics.median(result["first_answer_s"]),
         "c1": statistics.median(r["output_throughput"] for r in runs["c1"]),
+        "tpot1": statistics.median(r["median_tpot_ms"] for r in runs["c1"]),
         "c16": statistics.median(r["output_throughput"] for r in runs["c16"]),
         "ttft16": statistics.median(r["median_ttft_ms"] for r in runs["c16"]) / 1000,
         "failed16": max(r["failed"] for r in runs["c16"]),
