@@ -16,10 +16,10 @@ from heron.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from heron.engine.core import EngineCore
 from heron.engine.messages import EngineOutput, EngineRequest, TokenLogprobs
 from heron.engine.request import Logprob, LogprobsDict
-from heron.loader import load_tokenizer
-from heron.loader.tokenizer import IncrementalDetokenizer, Tokenizer
 from heron.outputs import CompletionOutput, RequestOutput
 from heron.sampling_params import SamplingParams
+from heron.tokenizer import load_tokenizer
+from heron.tokenizer.tokenizer import IncrementalDetokenizer, Tokenizer
 
 PromptType = str | dict[str, Any]
 Conversation = list[dict[str, Any]]

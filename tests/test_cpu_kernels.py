@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from heron.layers import cpu_kernels
+from heron.kernels import cpu as cpu_kernels
 from heron.layers.attention import Attention, AttentionMetadata, TorchAttentionBackend
 
 ATTENTION_CPU = {"avx512f", "avx512bw"} <= cpu_kernels.cpu_flags()
@@ -161,7 +161,7 @@ def test_act_and_mul_matches_torch(name) -> None:
 
 @pytest.mark.skipif(not ELEMENTWISE_CPU, reason="the CPU lacks AVX-512")
 def test_argmax_rows_matches_torch_with_ties_nans_and_tails() -> None:
-    from heron.layers.sampler import argmax
+    from heron.engine.sampler import argmax
 
     g = torch.Generator().manual_seed(8)
     x = torch.randn(6, 1000 + 7, generator=g)[:, 3:1003]  # strided rows, a 16-lane tail
@@ -183,7 +183,7 @@ def test_argmax_rows_matches_torch_with_ties_nans_and_tails() -> None:
 def test_sample_rows_picks_what_the_torch_inverse_cdf_picks(vocab) -> None:
     """The same two-level search as sampler._inverse_cdf: identical picks but where a uniform
     falls within rounding of a boundary (at most 1 in 500 draws here)."""
-    from heron.layers.sampler import _inverse_cdf
+    from heron.engine.sampler import _inverse_cdf
 
     gen = torch.Generator().manual_seed(vocab)
     x = torch.randn(6, vocab, generator=gen) * 3

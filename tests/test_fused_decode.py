@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from heron.layers.cpu_kernels import fused_decode
+from heron.kernels.cpu import fused_decode
 from heron.layers.quant import quantize_model
 from tests.model_harness import PagedSession, load_heron_model, make_hf_model
 

@@ -19,23 +19,23 @@ import pytest
 import torch
 import transformers
 
+from heron import cache as heron_cache
+from heron.cache import CACHE_FORMAT, cache_root, entry_dir, file_sha256
 from heron.config import ModelConfig
-from heron.loader import cache as heron_cache
-from heron.loader import gguf as heron_gguf
 from heron.loader import (
     hf_reference_path,
     load_hf_config,
     load_model,
-    load_tokenizer,
     model_display_name,
     resolve_source,
 )
-from heron.loader.cache import CACHE_FORMAT, cache_root, entry_dir, file_sha256
 from heron.loader.default_model import DEFAULT_MODEL_NAME, locate_default_model
 from heron.loader.gguf import GGUFModel
 from heron.loader.gguf_file import GGUFFile, dequantize
-from heron.loader.gguf_tokenizer import build_gguf_tokenizer, derive_merges
 from heron.loader.safetensors import find_safetensors_files, iter_safetensors
+from heron.tokenizer import load as heron_tokenizer_load
+from heron.tokenizer import load_tokenizer
+from heron.tokenizer.gguf_vocab import build_gguf_tokenizer, derive_merges
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN = 64, 2, 4, 2, 128
 CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|im_end|>{% endfor %}"
@@ -367,7 +367,7 @@ def test_gguf_cache_is_filled_then_served(tiny_gguf: tuple[Path, object], cache_
     def no_conversion(*args: object, **kwargs: object) -> None:
         raise AssertionError("converted again instead of reading the cache")
 
-    monkeypatch.setattr(heron_gguf, "build_gguf_tokenizer", no_conversion)
+    monkeypatch.setattr(heron_tokenizer_load, "build_gguf_tokenizer", no_conversion)
     monkeypatch.setattr(GGUFModel, "_prepare_metadata", no_conversion)
     second = load_model(config, torch.device("cpu"), torch.float32)
     second_tok = load_tokenizer(config)

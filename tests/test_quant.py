@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from heron.layers import cpu_kernels
+from heron.kernels import cpu as cpu_kernels
 from heron.layers.linear import Linear, linear
 from heron.layers.quant import (
     GROUP_SIZE,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from heron.engine.request import Request
-from heron.layers.sampler import Sampler, SamplerOutput, _inverse_cdf
+from heron.engine.sampler import Sampler, SamplerOutput, _inverse_cdf
 from heron.sampling_params import SamplingParams
 
 # A fixed distribution with no ties and no cumulative sums on a top-p boundary:

@@ -12,7 +12,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_openai import ChatOpenAI
 
 from heron.config import ModelConfig
-from heron.loader import Tokenizer, load_tokenizer
+from heron.tokenizer import Tokenizer, load_tokenizer
 from tests.server_utils import DEFAULT_MODEL_NAME, RemoteServer
 
 pytestmark = pytest.mark.slow

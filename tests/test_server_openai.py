@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from heron.config import ModelConfig
-from heron.loader import Tokenizer, load_tokenizer
+from heron.tokenizer import Tokenizer, load_tokenizer
 from tests.server_utils import DEFAULT_MODEL_NAME, RemoteServer
 
 pytestmark = pytest.mark.slow

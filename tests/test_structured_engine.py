@@ -16,9 +16,9 @@ from transformers import PreTrainedTokenizerFast
 
 from heron import LLM, SamplingParams
 from heron.engine.request import Request
-from heron.loader.tokenizer import GEMMA_CHAT_TEMPLATE, Tokenizer
+from heron.engine.structured import StructuredOutputManager
 from heron.structured import StructuredOutputsParams as S
-from heron.structured.backend import StructuredOutputManager
+from heron.tokenizer.tokenizer import GEMMA_CHAT_TEMPLATE, Tokenizer
 from tests.tiny_models import VOCAB, save_tiny_model
 
 CORPUS = ['hello world {"name": "bob", "age": 42, "ok": true} yes no maybe null 0123456789 '

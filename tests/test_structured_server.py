@@ -18,7 +18,7 @@ from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, Field
 
 from heron.config import ModelConfig
-from heron.loader import load_tokenizer
+from heron.tokenizer import load_tokenizer
 from tests.server_utils import DEFAULT_MODEL_NAME, RemoteServer
 
 pytestmark = pytest.mark.slow

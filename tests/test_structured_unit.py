@@ -12,11 +12,11 @@ import torch
 
 from heron.engine.messages import AddRequests, ClientMessage, EngineRequest
 from heron.engine.request import Request
-from heron.layers.sampler import Sampler
+from heron.engine.sampler import Sampler
+from heron.engine.structured import unpack_bitmask
 from heron.sampling_params import SamplingParams
 from heron.server.protocol import ChatCompletionRequest, CompletionRequest
 from heron.structured import StructuredOutputsParams as S
-from heron.structured.backend import unpack_bitmask
 from heron.structured.grammar import MAX_SAFE_INTEGER, SpecValidator, tighten_schema
 from heron.structured.tool_parsers import (
     HermesParser,

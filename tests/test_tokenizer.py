@@ -14,9 +14,10 @@ import pytest
 import transformers
 
 from heron.config import ModelConfig
-from heron.loader import load_tokenizer
 from heron.loader.default_model import locate_default_model
-from heron.loader.tokenizer import (
+from heron.sampling_params import SamplingParams
+from heron.tokenizer import load_tokenizer
+from heron.tokenizer.tokenizer import (
     CONTEXT_TOKENS,
     GEMMA_CHAT_TEMPLATE,
     MAX_PENDING_TOKENS,
@@ -24,7 +25,6 @@ from heron.loader.tokenizer import (
     Tokenizer,
     read_chat_template,
 )
-from heron.sampling_params import SamplingParams
 
 TEXTS = [
     "Hello world, this is a test.",

@@ -43,7 +43,7 @@ from heron.bench.datasets import DATASETS, DatasetSpec, SampleRequest
 if TYPE_CHECKING:
     import httpx
 
-    from heron.loader.tokenizer import Tokenizer
+    from heron.tokenizer.tokenizer import Tokenizer
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 LATENCY_METRICS = {
@@ -759,8 +759,8 @@ def parse_percentiles(text: str) -> list[float]:
 def load_bench_tokenizer(path: str | None) -> Tokenizer:
     """``path`` as an HF tokenizer directory, else as a heron model (GGUF file or model dir)."""
     from heron.config import ModelConfig
-    from heron.loader import load_tokenizer
-    from heron.loader.tokenizer import Tokenizer
+    from heron.tokenizer import load_tokenizer
+    from heron.tokenizer.tokenizer import Tokenizer
 
     if path is not None and os.path.isdir(path):
         from transformers import AutoTokenizer

@@ -24,9 +24,9 @@ from heron.engine.messages import (
 from heron.engine.request import LogprobsDict, Request, RequestStatus
 from heron.engine.runner import ModelRunner
 from heron.engine.scheduler import Scheduler
-from heron.loader import load_tokenizer
+from heron.engine.structured import StructuredOutputManager
 from heron.loader.prepared import load_prepared_model
-from heron.structured.backend import StructuredOutputManager
+from heron.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def resolve_device(device: str) -> torch.device:
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """auto: bfloat16 on CUDA and on CPUs where oneDNN takes bf16 (AVX-512 BW/VL/DQ, or Arm bf16):
     half the activation and KV-cache bytes, and heron's CPU kernels work in bf16 (with native
-    AVX512-BF16 / AMX or emulated, see ``heron.layers.cpu_kernels``). Measured on a CPU with
+    AVX512-BF16 / AMX or emulated, see ``heron.kernels.cpu``). Measured on a CPU with
     native bf16: about 2x faster than float32 for the default model's bandwidth-bound decode
     (20.9 vs 9.8 tok/s, one request). float32 on other CPUs."""
     if dtype != "auto":

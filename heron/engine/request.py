@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+    from heron.engine.structured import Grammar
     from heron.sampling_params import SamplingParams
-    from heron.structured.backend import Grammar
 
 
 class RequestStatus(enum.Enum):

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from heron.engine.request import Logprob, LogprobsDict, Request
+from heron.engine.sampler import Sampler
 from heron.engine.scheduler import SchedulerOutput
 from heron.layers.attention import AttentionMetadata, ForwardContext, PrefillSpan
-from heron.layers.sampler import Sampler
 
 
 @dataclass

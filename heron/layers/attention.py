@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from heron.layers.cpu_kernels import paged_decode_attention
+from heron.kernels.cpu import paged_decode_attention
 
 # Decode attention whose gathered K/V (all requests together) has at most this many slots runs
 # in float32: CPU bf16 matmuls of these tiny shapes pay ~50 us of fixed cost (measured, 1 request

@@ -18,14 +18,28 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from heron.layers.quant import QuantizedWeight
+
+class QuantizedWeight:
+    """A quantized copy of an [N, K] weight; serves ``x @ w.T`` for batches of ``max_rows`` or fewer."""
+
+    max_rows: int
+
+    def matmul(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x: [M, K] -> [M, N] in ``out_dtype`` (default: x's dtype)."""
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight the codes stand for as the kernel reads them, [N, K] float32."""
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        raise NotImplementedError
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

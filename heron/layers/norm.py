@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from heron.layers.cpu_kernels import Elementwise, elementwise
+from heron.kernels.cpu import Elementwise, elementwise
 
 
 class RMSNorm(nn.Module):

@@ -39,8 +39,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from heron.layers.cpu_kernels import cpu_flags, q8_gemm
-from heron.layers.linear import Linear, LMHead
+from heron.kernels.cpu import cpu_flags, q8_gemm
+from heron.layers.linear import Linear, LMHead, QuantizedWeight
 
 logger = logging.getLogger(__name__)
 
@@ -48,24 +48,6 @@ QUANTIZATION_METHODS = ("none", "int8", "int4")
 GROUP_SIZE = 32
 Q8_BLOCK_OUTPUTS = 16  # Q8Weight keeps outputs in blocks of this many (see q8_gemm.c)
 QUANTIZED_MAX_ROWS = 16  # the row limit of a PackedWeight (PyTorch's int4 kernel), and of a Q8Weight on AMX CPUs
-
-
-class QuantizedWeight:
-    """A quantized copy of an [N, K] weight; serves ``x @ w.T`` for batches of ``max_rows`` or fewer."""
-
-    max_rows: int
-
-    def matmul(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """x: [M, K] -> [M, N] in ``out_dtype`` (default: x's dtype)."""
-        raise NotImplementedError
-
-    def dequantize(self) -> torch.Tensor:
-        """The weight the codes stand for as the kernel reads them, [N, K] float32."""
-        raise NotImplementedError
-
-    @property
-    def nbytes(self) -> int:
-        raise NotImplementedError
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""From files on disk to a model, its config, its generation defaults and a tokenizer.
+"""From files on disk to a model, its config and its generation defaults (the tokenizer is
+``heron.tokenizer``'s).
 
 ``ModelConfig.model`` names the source:
 
@@ -30,15 +31,14 @@ from heron.loader.safetensors import (
     load_dir_config,
     read_generation_config,
 )
-from heron.loader.tokenizer import GEMMA_CHAT_TEMPLATE, Tokenizer, read_chat_template
 
 if TYPE_CHECKING:  # imported where used: the API process loads the tokenizer without them
     import torch
     from torch import nn
     from transformers import PretrainedConfig
 
-__all__ = ["LoadedModel", "ModelSource", "build_model", "hf_reference_path", "load_hf_config", "load_model",
-           "load_tokenizer", "model_display_name", "resolve_source", "Tokenizer"]
+__all__ = ["LoadedModel", "ModelSource", "build_model", "generation_config_of", "hf_reference_path",
+           "load_hf_config", "load_model", "model_display_name", "resolve_source"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
@@ -109,14 +109,14 @@ def model_display_name(model_config: ModelConfig) -> str:
 
 def load_hf_config(model_config: ModelConfig) -> PretrainedConfig:
     """The model's transformers config, without touching weights (fast once cached)."""
-    return _config_of(resolve_source(model_config.model, download_weights=False))
+    return config_of(resolve_source(model_config.model, download_weights=False))
 
 
-def _config_of(source: ModelSource) -> PretrainedConfig:
+def config_of(source: ModelSource) -> PretrainedConfig:
     return source.gguf.config() if source.is_gguf else load_dir_config(source.path)
 
 
-def _generation_config_of(source: ModelSource, hf_config: PretrainedConfig) -> dict[str, Any]:
+def generation_config_of(source: ModelSource, hf_config: PretrainedConfig) -> dict[str, Any]:
     if source.is_gguf:
         return source.gguf.generation_config()
     return read_generation_config(source.path, hf_config)
@@ -138,12 +138,12 @@ def build_model(source: ModelSource, device: torch.device, dtype: torch.dtype,
                 hf_config: PretrainedConfig | None = None) -> LoadedModel:
     """The model of ``source`` (or of ``hf_config`` when given) in eval mode, its parameters
     allocated but not filled."""
-    hf_config = _config_of(source) if hf_config is None else hf_config
+    hf_config = config_of(source) if hf_config is None else hf_config
     with _building(device, dtype):
         model = _model_class(hf_config)(hf_config)
     model.eval()
     return LoadedModel(model=model, hf_config=hf_config,
-                       generation_config=_generation_config_of(source, hf_config))
+                       generation_config=generation_config_of(source, hf_config))
 
 
 def hf_reference_path(model_config: ModelConfig) -> str:
@@ -229,44 +229,3 @@ def _init_dummy(model: nn.Module, seed: int) -> None:
             values = torch.empty(param.shape, dtype=torch.float32).uniform_(
                 -_DUMMY_RANGE, _DUMMY_RANGE, generator=generator)
             param.copy_(values)
-
-
-def load_tokenizer(model_config: ModelConfig) -> Tokenizer:
-    """The tokenizer of ``--tokenizer`` (else of the model), with eos ids and chat template.
-    For a GGUF model seen before, this imports neither torch nor transformers' models (the API
-    process does it while the engine process starts: they share the CPU)."""
-    model_source = resolve_source(model_config.model, download_weights=False)
-    hf_config = model_source.gguf.light_config() if model_source.is_gguf else _config_of(model_source)
-    tokenizer_source = (model_source if model_config.tokenizer is None
-                        else resolve_source(model_config.tokenizer, download_weights=False))
-    if tokenizer_source.is_gguf:
-        hf_tokenizer = tokenizer_source.gguf.tokenizer()
-    else:
-        from transformers import AutoTokenizer
-
-        try:
-            hf_tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source.path))
-        except (OSError, ValueError) as err:
-            raise ValueError(f"no usable tokenizer in {tokenizer_source.path} ({err}); pass one with "
-                             "--tokenizer") from err
-    generation = _generation_config_of(model_source, hf_config)
-    return Tokenizer(
-        hf_tokenizer,
-        generation_eos=generation.get("eos_token_id"),
-        chat_template=_chat_template(model_config, hf_tokenizer.chat_template, hf_config),
-        model_max_length=getattr(hf_config, "max_position_embeddings", None),
-        name=model_display_name(model_config),
-    )
-
-
-def _chat_template(model_config: ModelConfig, own: str | dict[str, str] | None, hf_config: PretrainedConfig) -> str | None:
-    """``--chat-template`` first, then the model's own, then Gemma's format for Gemma models."""
-    if model_config.chat_template is not None:
-        return read_chat_template(model_config.chat_template)
-    if isinstance(own, dict):  # named templates (older tokenizer_config.json): take the default
-        own = own.get("default") or next(iter(own.values()), None)
-    if own:
-        return str(own)
-    if str(getattr(hf_config, "model_type", "")).startswith("gemma"):
-        return GEMMA_CHAT_TEMPLATE
-    return None

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from heron.loader.cache import file_sha256
+from heron.cache import file_sha256
 
 DEFAULT_MODEL_NAME = "gemma-3-270m"
 

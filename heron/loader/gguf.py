@@ -6,7 +6,7 @@ gguf_file=...)``; the tests hold heron to equality), but without transformers' s
 
 - metadata: read once by ``gguf_file`` (0.1 s for a 262k-token vocabulary);
 - config: ``gguf_arch`` renames the metadata keys the way transformers does;
-- tokenizer: ``gguf_tokenizer`` builds the same fast tokenizer (~2 s instead of ~30 s);
+- tokenizer: built by ``heron.tokenizer`` into this entry's ``tokenizer/`` (~2 s instead of ~30 s);
 - weights: dequantized tensor by tensor from the memory-mapped file (~1 s for 270M) under
   the checkpoint names the model asks for, q/k rows un-permuted and Gemma norms corrected.
 
@@ -35,9 +35,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from heron.loader.cache import (
+from heron.cache import (
     atomic_write,
-    atomic_write_dir,
     atomic_write_text,
     entry_dir,
     file_sha256,
@@ -56,19 +55,13 @@ from heron.loader.plain_config import PlainConfig, snapshot
 if TYPE_CHECKING:  # transformers is imported where it is used: an engine serving prepared
     # weights (``heron.loader.prepared``) never imports it (~1-2 s)
     import torch
-    from transformers import PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+    from transformers import PretrainedConfig
 
 # Token texts that end a turn in common chat formats. llama.cpp stops on these too; a GGUF
 # file names only one eos id, while the HF generation_config of such models lists them all.
 END_OF_TURN_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>",
                       "<|endoftext|>")
 _CONTROL_TOKEN_TYPE = 3  # llama.cpp's token type for control (special) tokens
-# tokenizer_config.json entries that matter once tokenizer.json holds the tokenizer itself.
-_TOKENIZER_SETTINGS = frozenset((
-    "bos_token", "eos_token", "unk_token", "pad_token", "mask_token", "sep_token", "cls_token",
-    "additional_special_tokens", "extra_special_tokens", "model_max_length", "padding_side",
-    "clean_up_tokenization_spaces", "add_bos_token", "add_eos_token", "add_prefix_space",
-    "chat_template"))
 
 
 @dataclass(frozen=True)
@@ -146,16 +139,6 @@ class GGUFModel:
             self._prepare_metadata()
         return json.loads(self.cache.generation_config_file.read_text())
 
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        """The fast tokenizer transformers builds from the GGUF vocabulary (cached)."""
-        if not self.cache.tokenizer_dir.is_dir():
-            built = build_gguf_tokenizer(self.file)  # None: a vocabulary left to transformers
-            converted = built or self._transformers_tokenizer()
-            atomic_write_dir(self.cache.tokenizer_dir, converted.save_pretrained)
-            if built is not None:
-                return built  # what later starts reload from the cache is the same (tested)
-        return load_saved_fast_tokenizer(self.cache.tokenizer_dir)
-
     def weights(self, hf_names: Iterable[str] | None = None,
                 dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """``(checkpoint name, tensor)`` for each tensor of the file that maps to one of
@@ -204,11 +187,6 @@ class GGUFModel:
         config = AutoConfig.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
         return _with_architectures(config)
 
-    def _transformers_tokenizer(self) -> PreTrainedTokenizerBase:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
-
     def _transformers_names(self) -> list[str]:
         return list(_transformers_skeleton(self.config()).state_dict())
 
@@ -220,30 +198,6 @@ class GGUFModel:
                                       model_to_load=_transformers_skeleton(self.config()),
                                       torch_dtype=torch.float32)
         return {name: tensor.contiguous() for name, tensor in parsed["tensors"].items()}
-
-
-def load_saved_fast_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
-    """Reload a ``save_pretrained`` fast tokenizer straight from its tokenizer.json.
-
-    ``AutoTokenizer`` would rebuild a model-specific class, which for Gemma re-parses the 33 MB
-    tokenizer.json in Python (~3 s); the generic fast class over the same tokenizer.json and
-    special tokens encodes and decodes identically in well under half that.
-    """
-    from transformers import PreTrainedTokenizerFast
-
-    config = json.loads((directory / "tokenizer_config.json").read_text())
-    kwargs = {key: value for key, value in config.items() if key in _TOKENIZER_SETTINGS}
-    template_file = directory / "chat_template.jinja"
-    if template_file.is_file():
-        kwargs["chat_template"] = template_file.read_text()
-    return PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"), **kwargs)
-
-
-def build_gguf_tokenizer(gguf_file: GGUFFile) -> PreTrainedTokenizerFast | None:
-    """``gguf_tokenizer.build_gguf_tokenizer``, imported on first use (it needs transformers)."""
-    from heron.loader.gguf_tokenizer import build_gguf_tokenizer as build
-
-    return build(gguf_file)
 
 
 @contextmanager

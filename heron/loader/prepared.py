@@ -33,12 +33,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from heron.cache import atomic_write
 from heron.config import ModelConfig
-from heron.layers.cpu_kernels import cpu_flags, has_native_bf16, q8_gemm
+from heron.kernels.cpu import cpu_flags, has_native_bf16, q8_gemm
 from heron.layers.linear import keep_float32_weights
 from heron.layers.quant import PackedWeight, Q8Weight, QuantizedWeight, quantize_model
 from heron.loader import LoadedModel, ModelSource, build_model, load_model, resolve_source
-from heron.loader.cache import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -14,38 +14,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from heron.layers.linear import MergedLinear
+from heron.models.base import WeightMapping
 
 # Never weights: the rotary tables some older checkpoints carry.
 _ALWAYS_IGNORED = (r"\.inv_freq$",)
-
-
-@dataclass(frozen=True)
-class StackedParam:
-    """Checkpoint module ``source`` is shard ``shard`` of the model's fused module ``target``."""
-
-    target: str  # e.g. "qkv_proj"
-    source: str  # e.g. "k_proj"
-    shard: int
-
-
-@dataclass(frozen=True)
-class WeightMapping:
-    """How a model's parameter names differ from its checkpoint's tensor names."""
-
-    stacked: tuple[StackedParam, ...] = ()
-    ignored: tuple[str, ...] = ()  # regexes of checkpoint names to skip (e.g. a tied lm_head)
-
-
-QKV_STACKED = (StackedParam("qkv_proj", "q_proj", 0), StackedParam("qkv_proj", "k_proj", 1),
-               StackedParam("qkv_proj", "v_proj", 2))
-GATE_UP_STACKED = (StackedParam("gate_up_proj", "gate_proj", 0),
-                   StackedParam("gate_up_proj", "up_proj", 1))
 
 
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

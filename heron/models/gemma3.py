@@ -19,11 +19,11 @@ from torch import nn
 
 from heron.layers.activation import act_and_mul, get_activation
 from heron.layers.attention import Attention, ForwardContext
-from heron.layers.fused_decode import FusedDecode
-from heron.layers.linear import Linear, LMHead, MergedLinear
+from heron.layers.linear import Linear, MergedLinear
 from heron.layers.norm import RMSNorm, add_rms_norm
 from heron.layers.rotary import RotaryEmbedding, norm_and_rotate, rope_parameters
-from heron.loader.weights import GATE_UP_STACKED, QKV_STACKED, WeightMapping
+from heron.models.base import GATE_UP_STACKED, QKV_STACKED, CausalLM, KVShape
+from heron.models.gemma3_fused import FusedDecode
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -165,33 +165,21 @@ class Gemma3TextModel(nn.Module):
         return normed
 
 
-class Gemma3ForCausalLM(nn.Module):
+class Gemma3ForCausalLM(CausalLM):
     """Gemma 3 text-only causal LM; the LM head is tied to the embedding unless the config says not."""
 
     def __init__(self, config: Any) -> None:
-        super().__init__()
         _check_supported(config)
-        self.config = config
-        self.model = Gemma3TextModel(config)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
-        self.lm_head = LMHead(config.hidden_size, config.vocab_size,
-                              self.model.embed_tokens if self.tie_word_embeddings else None,
-                              softcap=getattr(config, "final_logit_softcapping", None))
-        self.num_layers = config.num_hidden_layers
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        ignored = (r"^lm_head\.weight$",) if self.tie_word_embeddings else ()
-        self.weight_mapping = WeightMapping(stacked=QKV_STACKED + GATE_UP_STACKED, ignored=ignored)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                ctx: ForwardContext) -> torch.Tensor:
-        return self.model(input_ids, positions, ctx)  # [T, hidden]
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)  # [N, vocab] float32
+        model = Gemma3TextModel(config)
+        kv = KVShape(config.num_hidden_layers, config.num_key_value_heads, config.head_dim)
+        super().__init__(config, "model", model, model.embed_tokens, kv,
+                         hidden_size=config.hidden_size, tie_default=True,
+                         stacked=QKV_STACKED + GATE_UP_STACKED,
+                         softcap=getattr(config, "final_logit_softcapping", None))
 
     def prepare_decode(self, kv_caches: list[torch.Tensor]) -> bool:
         """Run decode-only steps over ``kv_caches`` as one compiled call where the CPU kernels
         allow (``FusedDecode``); the weights must not change afterwards. Returns whether they do."""
+
         self.model.fused_decode = FusedDecode.build(self.model, kv_caches)
         return self.model.fused_decode is not None

@@ -18,10 +18,10 @@ from torch import nn
 
 from heron.layers.activation import act_and_mul, get_activation
 from heron.layers.attention import Attention, ForwardContext
-from heron.layers.linear import Linear, LMHead, MergedLinear
+from heron.layers.linear import Linear, MergedLinear
 from heron.layers.norm import RMSNorm
 from heron.layers.rotary import RotaryEmbedding, rope_parameters
-from heron.loader.weights import GATE_UP_STACKED, QKV_STACKED, WeightMapping
+from heron.models.base import GATE_UP_STACKED, QKV_STACKED, CausalLM, KVShape
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
 
@@ -138,31 +138,18 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     """Llama 2/3 (incl. llama3 RoPE scaling); the base of the Mistral and Qwen classes below."""
 
     variant = LlamaVariant()
 
     def __init__(self, config: Any) -> None:
-        super().__init__()
-        self.config = config
-        self.model = LlamaModel(config, self.variant)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = LMHead(config.hidden_size, config.vocab_size,
-                              self.model.embed_tokens if self.tie_word_embeddings else None)
-        first = self.model.layers[0].self_attn
-        self.num_layers = config.num_hidden_layers
-        self.num_kv_heads = first.num_kv_heads
-        self.head_dim = first.head_dim
-        ignored = (r"^lm_head\.weight$",) if self.tie_word_embeddings else ()
-        self.weight_mapping = WeightMapping(stacked=QKV_STACKED + GATE_UP_STACKED, ignored=ignored)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                ctx: ForwardContext) -> torch.Tensor:
-        return self.model(input_ids, positions, ctx)  # [T, hidden]
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)  # [N, vocab] float32
+        model = LlamaModel(config, self.variant)
+        first = model.layers[0].self_attn
+        kv = KVShape(config.num_hidden_layers, first.num_kv_heads, first.head_dim)
+        super().__init__(config, "model", model, model.embed_tokens, kv,
+                         hidden_size=config.hidden_size, tie_default=False,
+                         stacked=QKV_STACKED + GATE_UP_STACKED)
 
 
 class MistralForCausalLM(LlamaForCausalLM):

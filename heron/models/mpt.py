@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from heron.layers.attention import Attention, ForwardContext
-from heron.layers.linear import Linear, LMHead
-from heron.loader.weights import WeightMapping
+from heron.layers.linear import Linear
+from heron.models.base import CausalLM, KVShape
 
 
 def mpt_alibi_slopes(num_heads: int, alibi_bias_max: float = 8.0) -> torch.Tensor:
@@ -107,33 +107,20 @@ class MptModel(nn.Module):
         self.blocks = nn.ModuleList(MptBlock(config, i) for i in range(config.n_layers))
         self.norm_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_epsilon, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                ctx: ForwardContext) -> torch.Tensor:
         x = self.wte(input_ids)  # [T, hidden]
         for block in self.blocks:
             x = block(x, ctx)
         return self.norm_f(x)
 
 
-class MptForCausalLM(nn.Module):
+class MptForCausalLM(CausalLM):
     """MPT causal LM. ``positions`` are unused: ALiBi reads positions from the paged metadata."""
 
     def __init__(self, config: Any) -> None:
-        super().__init__()
         _check_supported(config)
-        self.config = config
-        self.transformer = MptModel(config)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
-        self.lm_head = LMHead(config.d_model, config.vocab_size,
-                              self.transformer.wte if self.tie_word_embeddings else None)
-        self.num_layers = config.n_layers
-        self.num_kv_heads = config.n_heads
-        self.head_dim = config.d_model // config.n_heads
-        ignored = (r"^lm_head\.weight$",) if self.tie_word_embeddings else ()
-        self.weight_mapping = WeightMapping(ignored=ignored)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                ctx: ForwardContext) -> torch.Tensor:
-        return self.transformer(input_ids, ctx)  # [T, hidden]
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)  # [N, vocab] float32
+        transformer = MptModel(config)
+        kv = KVShape(config.n_layers, config.n_heads, config.d_model // config.n_heads)
+        super().__init__(config, "transformer", transformer, transformer.wte, kv,
+                         hidden_size=config.d_model, tie_default=True)

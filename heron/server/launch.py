@@ -27,8 +27,8 @@ from heron.engine.client import EngineClient, EngineError
 from heron.server.config import ServerConfig
 
 if TYPE_CHECKING:
-    from heron.loader.tokenizer import Tokenizer
     from heron.server.serving import ServingContext
+    from heron.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger("heron.server")
 
@@ -145,7 +145,7 @@ def _import_http_layer() -> None:
 def _load_tokenizer(model_config: ModelConfig) -> Tokenizer:
     # heron.loader pulls in torch and transformers (~2 s): imported here, in the tokenizer's
     # thread, so that the engine process starts without waiting for it.
-    from heron.loader import load_tokenizer
+    from heron.tokenizer import load_tokenizer
 
     return load_tokenizer(model_config)
 

@@ -31,11 +31,11 @@ from heron.server.protocol import (
 from heron.structured.grammar import SpecValidator
 
 if TYPE_CHECKING:
-    from heron.loader.tokenizer import IncrementalDetokenizer, Tokenizer
     from heron.sampling_params import SamplingParams
     from heron.server.config import ServerConfig
     from heron.server.metrics import ServerMetrics
     from heron.structured.params import StructuredOutputsParams
+    from heron.tokenizer.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class Generation:
     def __init__(
         self, ctx: ServingContext, request_id: str, prompts: list[Prompt], params: SamplingParams
     ) -> None:
-        from heron.loader.tokenizer import IncrementalDetokenizer
+        from heron.tokenizer.tokenizer import IncrementalDetokenizer
 
         self.ctx = ctx
         self.request_id = request_id

@@ -2,7 +2,7 @@
 
 Both processes build grammars from the same function, ``grammar_text``: the API process
 validates a spec (a bad one is a 400, before anything reaches the engine), the engine core
-compiles it against the tokenizer (``heron.structured.backend``). This module does not import
+compiles it against the tokenizer (``heron.engine.structured``). This module does not import
 torch, so the API process stays light.
 
 JSON output has bounded whitespace (``JSON_WHITESPACE``): a model can never loop on blanks

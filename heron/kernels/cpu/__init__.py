@@ -75,7 +75,7 @@ def _build(name: str, required_flags: set[str], with_sources: tuple[str, ...] = 
         key.update(path.read_bytes())
     for part in (*command, _compiler_version(compiler), *sorted(cpu_flags())):
         key.update(part.encode())
-    from heron.loader.cache import atomic_write, cache_root
+    from heron.cache import atomic_write, cache_root
 
     target = cache_root() / "kernels" / f"{name}-{key.hexdigest()[:16]}.so"
     if not target.exists():

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from heron.engine.request import Logprob, LogprobsDict, Request
-from heron.layers.cpu_kernels import Elementwise, elementwise
+from heron.kernels.cpu import Elementwise, elementwise
 
 _SEED_MASK = (1 << 64) - 1  # torch generators take seeds in [0, 2**64)
 
@@ -234,7 +234,7 @@ def apply_grammar_masks(logits: torch.Tensor, requests: Sequence[Request]) -> to
     rows = [i for i, r in enumerate(requests) if r.grammar is not None]
     if not rows:
         return logits
-    from heron.structured.backend import fill_bitmask, unpack_bitmask
+    from heron.engine.structured import fill_bitmask, unpack_bitmask
 
     vocab = logits.shape[-1]
     bitmask = fill_bitmask([requests[i].grammar for i in rows], vocab)  # [n, W] int32

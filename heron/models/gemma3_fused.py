@@ -1,4 +1,4 @@
-"""A decode step of a Gemma 3 stack as one compiled call (``cpu_kernels/fused_decode.c``).
+"""A decode step of a Gemma 3 stack as one compiled call (``heron/kernels/cpu/fused_decode.c``).
 
 When every token of a step is a decode (the common case while requests generate), the model's
 forward hands the embedded tokens to ``FusedDecode`` instead of running its layers as modules.
@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from torch import nn
 
+from heron.kernels.cpu import Elementwise, fused_decode
 from heron.layers.activation import kernel_name
 from heron.layers.attention import AttentionMetadata
-from heron.layers.cpu_kernels import Elementwise, fused_decode
 from heron.layers.quant import Q8Weight
-
-if TYPE_CHECKING:
-    from heron.models.gemma3 import Gemma3TextModel
 
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
@@ -69,7 +67,7 @@ class FusedDecode:
         self._keep_alive = keep_alive  # tensors and structs the pointers above point into
 
     @classmethod
-    def build(cls, model: Gemma3TextModel, kv_caches: Sequence[torch.Tensor]) -> FusedDecode | None:
+    def build(cls, model: nn.Module, kv_caches: Sequence[torch.Tensor]) -> FusedDecode | None:
         """The fused path for ``model`` over ``kv_caches``, or None where it does not apply."""
         if not _applies(model, kv_caches):
             return None
@@ -120,12 +118,12 @@ class FusedDecode:
         return meta.decode_only and x.shape[0] <= self.max_rows and x.is_contiguous()
 
 
-def _projections(model: Gemma3TextModel) -> list[Any]:
+def _projections(model: nn.Module) -> list[Any]:
     return [p for layer in model.layers for p in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                  layer.mlp.gate_up_proj, layer.mlp.down_proj)]
 
 
-def _applies(model: Gemma3TextModel, kv_caches: Sequence[torch.Tensor]) -> bool:
+def _applies(model: nn.Module, kv_caches: Sequence[torch.Tensor]) -> bool:
     """The shapes, dtypes and weights the C kernels take."""
     attn = model.layers[0].self_attn
     norms = [model.norm] + [n for layer in model.layers for n in (

@@ -1,0 +1,182 @@
+"""The engine core process: build an ``EngineCore``, then step it while there is work.
+
+``run_engine_core`` is the process's entry point (spawned by ``heron.engine.client``). It talks
+to the API process over two ZMQ sockets carrying msgspec structs (``heron.engine.messages``),
+never pickle. The core process dies with its parent: it asks the kernel for SIGTERM when the
+parent exits and also checks the parent's pid whenever it is idle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import time
+from typing import TYPE_CHECKING
+
+import msgspec
+import zmq
+
+from heron.engine.messages import (
+    AbortRequests,
+    ClientMessage,
+    CoreFailed,
+    CoreOutputs,
+    CoreReady,
+    EngineRequest,
+    EngineStats,
+    RequestRejected,
+    ShutdownCore,
+)
+
+if TYPE_CHECKING:
+    from heron.config import EngineConfig
+    from heron.engine.core import EngineCore
+
+logger = logging.getLogger(__name__)
+
+_STATS_INTERVAL_S = 0.5  # the core sends a stats snapshot at most this often while busy
+_IDLE_POLL_MS = 1000  # idle core: how long to block on the input socket between parent checks
+_PR_SET_PDEATHSIG = 1
+
+
+def run_engine_core(
+    config: EngineConfig,
+    input_addr: str,
+    output_addr: str,
+    parent_pid: int,
+    log_level: int = logging.INFO,
+) -> None:
+    """Entry point of the core process: build the EngineCore, report ready, run the busy loop."""
+    logging.basicConfig(
+        level=log_level, format="%(asctime)s %(levelname)s [core] %(name)s: %(message)s"
+    )
+    _die_with_parent(parent_pid)
+    ctx = zmq.Context()
+    inputs = ctx.socket(zmq.PULL)
+    outputs = ctx.socket(zmq.PUSH)
+    for sock, addr in ((inputs, input_addr), (outputs, output_addr)):
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.connect(addr)
+    encoder = msgspec.msgpack.Encoder()
+    try:
+        core = _build_core(config)
+    except BaseException as e:  # noqa: BLE001 - every startup failure is reported to the parent
+        logger.exception("engine core failed to start")
+        outputs.send(encoder.encode(CoreFailed(message=f"{type(e).__name__}: {e}")))
+        _close(ctx, inputs, outputs)
+        return
+    outputs.send(encoder.encode(CoreReady(info=core.info)))
+    try:
+        CoreLoop(core, inputs, outputs, parent_pid).run()
+    except SystemExit:
+        pass
+    except BaseException as e:  # noqa: BLE001
+        logger.exception("engine core crashed")
+        with contextlib.suppress(zmq.ZMQError):
+            outputs.send(encoder.encode(CoreFailed(message=f"{type(e).__name__}: {e}")))
+    _close(ctx, inputs, outputs)
+
+
+def _build_core(config: EngineConfig) -> EngineCore:
+    from heron.engine.core import EngineCore
+
+    return EngineCore(config)
+
+
+def _close(ctx: zmq.Context, *socks: zmq.Socket) -> None:
+    for sock in socks:
+        sock.close()
+    ctx.term()
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """SIGINT belongs to the parent (it orchestrates shutdown); SIGTERM exits; parent death -> SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        raise SystemExit(0)
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+class CoreLoop:
+    """The core process's busy loop: drain inputs, step while there is work, send outputs.
+
+    When idle it sends one final stats snapshot (so /metrics sees the engine drained) and
+    blocks on the input socket, waking every second to check that its parent still lives.
+    """
+
+    def __init__(
+        self, core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket, parent_pid: int
+    ) -> None:
+        self.core = core
+        self.inputs = inputs
+        self.outputs = outputs
+        self.parent_pid = parent_pid
+        self.encoder = msgspec.msgpack.Encoder()
+        self.decoder = msgspec.msgpack.Decoder(ClientMessage)
+        self.stats_dirty = True
+        self.last_stats = 0.0
+
+    def run(self) -> None:
+        while True:
+            if not self.core.has_unfinished_requests():
+                if self.stats_dirty:
+                    self._send(CoreOutputs(outputs=[], stats=self._snapshot()))
+                if not self.inputs.poll(_IDLE_POLL_MS):
+                    if os.getppid() != self.parent_pid:
+                        return
+                    continue
+            if not self._drain_inputs():
+                return
+            if self.core.has_unfinished_requests():
+                self._step()
+
+    def _step(self) -> None:
+        outputs = self.core.step()
+        for rejected in self.core.pop_rejected():
+            self._send(rejected)
+        self.stats_dirty = True
+        stats = None
+        if time.monotonic() - self.last_stats >= _STATS_INTERVAL_S:
+            stats = self._snapshot()
+        if outputs or stats is not None:
+            self._send(CoreOutputs(outputs=outputs, stats=stats))
+
+    def _drain_inputs(self) -> bool:
+        """Apply every queued message; False on shutdown."""
+        while True:
+            try:
+                data = self.inputs.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return True
+            message = self.decoder.decode(data.buffer)
+            self.stats_dirty = True
+            if isinstance(message, ShutdownCore):
+                return False
+            if isinstance(message, AbortRequests):
+                self.core.abort_requests(message.request_ids)
+            else:
+                self._add(message.requests)
+
+    def _add(self, requests: list[EngineRequest]) -> None:
+        for request in requests:
+            try:
+                self.core.add_request(request)
+            except ValueError as e:
+                self._send(RequestRejected(request_id=request.request_id, message=str(e)))
+
+    def _snapshot(self) -> EngineStats:
+        self.stats_dirty = False
+        self.last_stats = time.monotonic()
+        return self.core.stats()
+
+    def _send(self, message: CoreOutputs | RequestRejected) -> None:
+        self.outputs.send(self.encoder.encode(message), copy=False)

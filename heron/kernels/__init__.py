@@ -1,0 +1,1 @@
+"""Compiled kernels: a leaf of the tree (imports nothing from heron but heron.cache)."""

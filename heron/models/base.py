@@ -1,0 +1,95 @@
+"""What the runner may call on a model, and the ``*ForCausalLM`` part every family shares.
+
+The contract (``CausalLM``)::
+
+    forward(input_ids [T], positions [T], ctx) -> hidden [T, hidden]
+    compute_logits(hidden [N, hidden])        -> logits [N, vocab] float32
+    num_layers, num_kv_heads, head_dim         the KV cache shape per layer
+    weight_mapping                             checkpoint names -> parameter names (``WeightMapping``)
+    prepare_decode(kv_caches) -> bool          optional one-call decode step (False: none)
+
+A model file holds only its architecture and its ``WeightMapping``; loading is generic
+(``heron.loader.weights``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from heron.layers.attention import ForwardContext
+from heron.layers.linear import LMHead
+
+
+@dataclass(frozen=True)
+class StackedParam:
+    """Checkpoint module ``source`` is shard ``shard`` of the model's fused module ``target``."""
+
+    target: str  # e.g. "qkv_proj"
+    source: str  # e.g. "k_proj"
+    shard: int
+
+
+@dataclass(frozen=True)
+class WeightMapping:
+    """How a model's parameter names differ from its checkpoint's tensor names."""
+
+    stacked: tuple[StackedParam, ...] = ()
+    ignored: tuple[str, ...] = ()  # regexes of checkpoint names to skip (e.g. a tied lm_head)
+
+
+QKV_STACKED = (StackedParam("qkv_proj", "q_proj", 0), StackedParam("qkv_proj", "k_proj", 1),
+               StackedParam("qkv_proj", "v_proj", 2))
+GATE_UP_STACKED = (StackedParam("gate_up_proj", "gate_proj", 0),
+                   StackedParam("gate_up_proj", "up_proj", 1))
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """The KV cache a model needs: ``num_layers`` tensors of ``num_kv_heads`` x ``head_dim``."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+
+class CausalLM(nn.Module):
+    """A decoder stack (``backbone``, registered under the checkpoint's prefix) and an LM head.
+
+    The head is tied to the backbone's ``embedding`` unless the config says otherwise
+    (``tie_word_embeddings``, default ``tie_default``); a tied checkpoint's ``lm_head.weight``
+    is ignored.
+    """
+
+    def __init__(self, config: Any, prefix: str, backbone: nn.Module, embedding: nn.Module,
+                 kv: KVShape, *, hidden_size: int, tie_default: bool,
+                 stacked: tuple[StackedParam, ...] = (), softcap: float | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self._prefix = prefix
+        self.add_module(prefix, backbone)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", tie_default))
+        self.lm_head = LMHead(hidden_size, config.vocab_size,
+                              embedding if self.tie_word_embeddings else None, softcap=softcap)
+        self.num_layers, self.num_kv_heads, self.head_dim = kv.num_layers, kv.num_kv_heads, kv.head_dim
+        ignored = (r"^lm_head\.weight$",) if self.tie_word_embeddings else ()
+        self.weight_mapping = WeightMapping(stacked=stacked, ignored=ignored)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.get_submodule(self._prefix)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                ctx: ForwardContext) -> torch.Tensor:
+        return self.backbone(input_ids, positions, ctx)  # [T, hidden]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)  # [N, vocab] float32
+
+    def prepare_decode(self, kv_caches: list[torch.Tensor]) -> bool:
+        """Set up a one-call decode step over ``kv_caches`` where the model has one; the
+        weights must not change afterwards. Returns whether decode steps use it."""
+        return False
