@@ -1,0 +1,84 @@
+"""Compiling a kernel library for the selected variant, once, and loading it with ctypes.
+
+::
+
+    <cache root>/kernels/<name>-<variant>-<hash of sources, headers, command, compiler, CPU>.so
+
+The command is ``cc -O3 <variant flags> -fopenmp -shared -fPIC`` (see ``isa``); the OpenMP
+runtime the library links to is the one PyTorch already loaded (same soname), so its threads
+are PyTorch's. A compiler without OpenMP (Apple's clang) builds it single-threaded, and says
+so. A failed build is logged once and gives None: callers keep their PyTorch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import subprocess
+from pathlib import Path
+
+from heron.kernels.cpu.isa import (
+    NONE,
+    compiler,
+    compiler_version,
+    cpu_features,
+    selected_variant,
+    variant_flags,
+)
+
+logger = logging.getLogger(__name__)
+
+SOURCE_DIR = Path(__file__).parent
+_BUILD_TIMEOUT_S = 180
+
+
+def load_library(name: str, sources: tuple[str, ...], variant: str | None = None) -> ctypes.CDLL | None:
+    """The library ``name`` built from ``sources`` (C files of this directory, without .c)
+    for ``variant`` (default: the selected one); None where kernels are off or it fails."""
+    variant = variant or selected_variant()
+    if variant == NONE:
+        return None
+    return _load(name, sources, variant)
+
+
+@functools.cache
+def _load(name: str, sources: tuple[str, ...], variant: str) -> ctypes.CDLL | None:
+    cc = compiler()
+    if cc is None:
+        return None
+    paths = [SOURCE_DIR / f"{source}.c" for source in sources]
+    base = [cc, "-O3", *variant_flags(variant), "-shared", "-fPIC"]
+    key = hashlib.sha256()
+    for path in (*paths, *sorted(SOURCE_DIR.glob("*.h"))):  # headers: included by the sources
+        key.update(path.read_bytes())
+    for part in (*base, compiler_version(cc), *sorted(cpu_features())):
+        key.update(part.encode())
+    from heron.loader.cache import cache_root
+
+    target = cache_root() / "kernels" / f"{name}-{variant}-{key.hexdigest()[:16]}.so"
+    if not target.exists() and not _compile(name, base, paths, target):
+        return None
+    return ctypes.CDLL(str(target))
+
+
+def _compile(name: str, base: list[str], paths: list[Path], target: Path) -> bool:
+    """Build with OpenMP, else without it (single-threaded); False when both fail."""
+    from heron.loader.cache import atomic_write
+
+    errors = []
+    for openmp in (["-fopenmp"], []):
+        try:
+            atomic_write(target, lambda tmp: subprocess.run(
+                [*base, *openmp, *map(str, paths), "-o", str(tmp), "-lm"], check=True,
+                capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S))
+        except (subprocess.SubprocessError, OSError) as err:
+            errors.append((getattr(err, "stderr", "") or str(err)).strip()[-800:])
+            continue
+        if not openmp:
+            logger.warning("kernel %s built without OpenMP (the compiler lacks it): one thread",
+                           name)
+        return True
+    logger.warning("kernel %s not used: build failed: %s", name, errors[0])
+    return False

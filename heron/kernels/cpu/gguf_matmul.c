@@ -1,0 +1,386 @@
+/*
+ * out[M, N] = x[M, K] @ W[N, K]^T with W in GGUF's quantized blocks, read in place (the
+ * memory-mapped file). W may be several segments of rows in different formats stacked along
+ * N (a fused q/k/v whose q and v are Q5_0 and Q8_0). Built per variant (avx512, avx2,
+ * portable) by heron/kernels/cpu/build.py; formats and their decoding: gguf_blocks.h.
+ *
+ * Each thread takes a range of W's rows. A row is decoded once per call into codes c, scales
+ * a (per 16) and offsets b (per 32) in a small buffer that stays in L1/L2, then every row of
+ * x is multiplied with it, up to 8 at a time. Two modes:
+ *
+ *   exact (x float32 or bf16): w = a c + b in float32, then float32 dot products: the result
+ *          is x @ dequantize(W)^T up to float rounding (summation order, fused multiply-add).
+ *   int8  x quantized per call per row and group of 32 like GGUF's Q8_0 (xq = round(x / s),
+ *          s = max |x| / 127); integer dot products per 16 elements, then
+ *              out = sum_g16 a_g s_g (sum c xq)  +  sum_g32 b_g (sum x)      (the float sum)
+ *          so the error against the exact result is at most sum_k |w_k| s_k / 2 (plus float
+ *          rounding). AVX-512 VNNI: VPDPBUSD with x + 128 as the unsigned operand, minus
+ *          128 sum c (one more VPDPBUSD per 64 weights, shared by the rows); AVX2 and AVX-512
+ *          without VNNI: VPMADDUBSW on |c| and x with c's sign; portable: plain C.
+ *
+ * Rows of x and of the buffers are padded to a multiple of 64 elements with zeros.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gguf_blocks.h"
+#include "kernels_gguf.h"
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#define PAD 64
+#define MAX_TILE 8
+
+/* The per-call form of x. */
+typedef struct {
+    int64_t K64;      /* K rounded up to PAD */
+    float *xf;        /* exact: [M, K64] */
+    int8_t *xq;       /* int8: [M, K64] codes (+128 as uint8 under VNNI) */
+    float *s16;       /* int8: [M, K64 / 16] scale of each 16 (of its group of 32) */
+    float *sum32;     /* int8: [M, K64 / 32] float sums of x per 32 */
+} xprep;
+
+/* One decoded row of W. */
+typedef struct {
+    int8_t *c;        /* [K64] */
+    float *a;         /* [K64 / 16] */
+    float *b;         /* [K64 / 32] */
+    float *wf;        /* exact: [K64] = a c + b */
+} rowbuf;
+
+static inline float bf16_to_fp32(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t fp32_to_bf16(float f) {  /* round to nearest even; NaN stays quiet */
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((bits >> 16) | 0x40);
+    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+static void load_x_row(const void *x, int x_bf16, int64_t K, int64_t K64, float *dst) {
+    if (x_bf16) {
+        const uint16_t *src = x;
+        for (int64_t k = 0; k < K; k++) dst[k] = bf16_to_fp32(src[k]);
+    } else {
+        memcpy(dst, x, sizeof(float) * (size_t)K);
+    }
+    for (int64_t k = K; k < K64; k++) dst[k] = 0.0f;
+}
+
+/* One row of x in float -> int8 codes, scales per 16, float sums per 32. */
+static void quantize_x_row(const float *v, int64_t K64, int8_t *q, float *s16, float *sum32) {
+    for (int64_t g = 0; g < K64 / 32; g++) {
+        const float *vg = v + 32 * g;
+        float amax = 0.0f, sum = 0.0f;
+        for (int j = 0; j < 32; j++) {
+            const float m = fabsf(vg[j]);
+            amax = m > amax ? m : amax;
+            sum += vg[j];
+        }
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        for (int j = 0; j < 32; j++) {
+            int code = (int)nearbyintf(vg[j] * inv);
+            code = code > 127 ? 127 : (code < -127 ? -127 : code);
+#if defined(__AVX512VNNI__)
+            q[32 * g + j] = (int8_t)(code ^ 0x80);  /* as uint8: code + 128 */
+#else
+            q[32 * g + j] = (int8_t)code;
+#endif
+        }
+        s16[2 * g] = s16[2 * g + 1] = amax / 127.0f;
+        sum32[g] = sum;
+    }
+}
+
+static int prepare_x(const void *x, int64_t ldx, int x_bf16, int64_t M, int64_t K, int exact,
+                     xprep *p) {
+    const int64_t K64 = (K + PAD - 1) / PAD * PAD;
+    p->K64 = K64;
+    p->xf = malloc(sizeof(float) * (size_t)(M * K64));
+    p->xq = exact ? NULL : malloc((size_t)(M * K64));
+    p->s16 = exact ? NULL : malloc(sizeof(float) * (size_t)(M * K64 / 16));
+    p->sum32 = exact ? NULL : malloc(sizeof(float) * (size_t)(M * K64 / 32));
+    if (!p->xf || (!exact && (!p->xq || !p->s16 || !p->sum32))) return -2;
+    const size_t elem = x_bf16 ? 2 : 4;
+#pragma omp parallel for schedule(static) if (M >= 16)
+    for (int64_t m = 0; m < M; m++) {
+        float *row = p->xf + m * K64;
+        load_x_row((const char *)x + (size_t)(m * ldx) * elem, x_bf16, K, K64, row);
+        if (!exact)
+            quantize_x_row(row, K64, p->xq + m * K64, p->s16 + m * (K64 / 16),
+                           p->sum32 + m * (K64 / 32));
+    }
+    return 0;
+}
+
+static void free_x(xprep *p) {
+    free(p->xf), free(p->xq), free(p->s16), free(p->sum32);
+}
+
+/* ------------------------------------------------------------------------- exact mode */
+
+static inline __attribute__((always_inline)) void dot_f32_tile(
+        const float *wf, const float *x, int64_t K64, int R, float *res) {
+    float acc[MAX_TILE][16];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < 16; j++) acc[r][j] = 0.0f;
+    for (int64_t k = 0; k < K64; k += 16) {
+        for (int r = 0; r < R; r++) {
+            const float *xr = x + r * K64 + k;
+            for (int j = 0; j < 16; j++) acc[r][j] += xr[j] * wf[k + j];
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float s = 0.0f;
+        for (int j = 0; j < 16; j++) s += acc[r][j];
+        res[r] = s;
+    }
+}
+
+/* ------------------------------------------------------------------------- int8 mode */
+
+/* sum_g32 b_g sum32_g for the rows of a tile (formats with offsets only). */
+static inline void offsets_tile(const float *b, const float *sum32, int64_t K64, int R, float *res) {
+    const int64_t groups = K64 / 32;
+    for (int r = 0; r < R; r++) {
+        float acc[16] = {0};
+        const float *s = sum32 + r * groups;
+        int64_t g = 0;
+        for (; g + 16 <= groups; g += 16)
+            for (int j = 0; j < 16; j++) acc[j] += b[g + j] * s[g + j];
+        float total = 0.0f;
+        for (int j = 0; j < 16; j++) total += acc[j];
+        for (; g < groups; g++) total += b[g] * s[g];
+        res[r] += total;
+    }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+
+static inline __m512i dot_quads(__m512i acc, __m512i xq, __m512i wc) {
+    /* acc + per lane i: sum_{j<4} c[4i+j] xq[4i+j] (xq + 128 as uint8 under VNNI, where acc
+     * arrives holding -128 sum c) */
+#if defined(__AVX512VNNI__)
+    return _mm512_dpbusd_epi32(acc, xq, wc);
+#else
+    const __m512i signed_x = _mm512_mask_sub_epi8(xq, _mm512_movepi8_mask(wc), _mm512_setzero_si512(), xq);
+    const __m512i pairs = _mm512_maddubs_epi16(_mm512_abs_epi8(wc), signed_x);
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)));
+#endif
+}
+
+static inline __attribute__((always_inline)) void dot_int8_tile(
+        const rowbuf *w, const xprep *p, int64_t m0, int R, float *res) {
+    const int64_t K64 = p->K64;
+    const __m512i lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    __m512 acc[MAX_TILE];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K64; k += 64) {
+        const __m512i wc = _mm512_loadu_si512((const void *)(w->c + k));
+#if defined(__AVX512VNNI__)
+        const __m512i base = _mm512_sub_epi32(_mm512_setzero_si512(),
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8((char)0x80), wc));
+#else
+        const __m512i base = _mm512_setzero_si512();
+#endif
+        const __m128 a4 = _mm_loadu_ps(w->a + k / 16);
+        for (int r = 0; r < R; r++) {
+            const int64_t m = m0 + r;
+            const __m512i s = dot_quads(base, _mm512_loadu_si512((const void *)(p->xq + m * K64 + k)), wc);
+            const __m128 sc = _mm_mul_ps(a4, _mm_loadu_ps(p->s16 + m * (K64 / 16) + k / 16));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s),
+                                     _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(sc)), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) res[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+#elif defined(__AVX2__)
+
+static inline __attribute__((always_inline)) void dot_int8_tile(
+        const rowbuf *w, const xprep *p, int64_t m0, int R, float *res) {
+    const int64_t K64 = p->K64;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[MAX_TILE];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K64; k += 32) {
+        const __m256i wc = _mm256_loadu_si256((const __m256i *)(w->c + k));
+        const __m256i wabs = _mm256_abs_epi8(wc);
+        const __m256 a = _mm256_set_m128(_mm_set1_ps(w->a[k / 16 + 1]), _mm_set1_ps(w->a[k / 16]));
+        for (int r = 0; r < R; r++) {
+            const int64_t m = m0 + r;
+            const __m256i xq = _mm256_loadu_si256((const __m256i *)(p->xq + m * K64 + k));
+            const __m256i pairs = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xq, wc));
+            const __m256i s = _mm256_madd_epi16(pairs, ones);
+            const __m256 sc = _mm256_mul_ps(a, _mm256_broadcast_ss(p->s16 + m * (K64 / 16) + k / 16));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        const __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+        const __m128 h = _mm_add_ps(v, _mm_movehl_ps(v, v));
+        res[r] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+    }
+}
+
+#else  /* portable */
+
+static inline __attribute__((always_inline)) void dot_int8_tile(
+        const rowbuf *w, const xprep *p, int64_t m0, int R, float *res) {
+    const int64_t K64 = p->K64;
+    for (int r = 0; r < R; r++) {
+        const int8_t *xq = p->xq + (m0 + r) * K64;
+        const float *s16 = p->s16 + (m0 + r) * (K64 / 16);
+        float acc = 0.0f;
+        for (int64_t g = 0; g < K64 / 16; g++) {
+            int32_t s = 0;
+            for (int j = 0; j < 16; j++) s += (int32_t)w->c[16 * g + j] * (int32_t)xq[16 * g + j];
+            acc += (w->a[g] * s16[g]) * (float)s;
+        }
+        res[r] = acc;
+    }
+}
+
+#endif
+
+/* ------------------------------------------------------------------------- driver */
+
+static inline void store_out(void *out, int out_bf16, int64_t index, float v) {
+    if (out_bf16) ((uint16_t *)out)[index] = fp32_to_bf16(v);
+    else ((float *)out)[index] = v;
+}
+
+#define TILE_CASE(R) case R: \
+    if (exact) dot_f32_tile(w->wf, p->xf + m0 * p->K64, p->K64, R, res); \
+    else { dot_int8_tile(w, p, m0, R, res); if (offsets) \
+        offsets_tile(w->b, p->sum32 + m0 * (p->K64 / 32), p->K64, R, res); } \
+    break;
+
+/* out[:, n] for every row of x, from W's row decoded into w. */
+static void row_times_x(const rowbuf *w, const xprep *p, int64_t M, int exact, int offsets,
+                        void *out, int64_t ldo, int out_bf16, int64_t n) {
+    for (int64_t m0 = 0; m0 < M; m0 += MAX_TILE) {
+        float res[MAX_TILE];
+        const int R = M - m0 < MAX_TILE ? (int)(M - m0) : MAX_TILE;
+        switch (R) {
+            TILE_CASE(1) TILE_CASE(2) TILE_CASE(3) TILE_CASE(4)
+            TILE_CASE(5) TILE_CASE(6) TILE_CASE(7) TILE_CASE(8)
+        }
+        for (int r = 0; r < R; r++) store_out(out, out_bf16, (m0 + r) * ldo + n, res[r]);
+    }
+}
+
+/* wf = a c + b rounded as gguf.quants.dequantize rounds it: the product, then the sum (no
+ * fused multiply-add: GCC would contract the two statements, Clang contracts only within one). */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
+static void expand_row(const rowbuf *w, int64_t K, int offsets) {
+    for (int64_t k = 0; k < K; k++) {
+        const float product = w->a[k / 16] * (float)w->c[k];
+        w->wf[k] = offsets ? product + w->b[k / 32] : product;
+    }
+}
+
+static void decode_into(const heron_gguf_segment *seg, int64_t row, int64_t K, int exact,
+                        rowbuf *w) {
+    decode_row((int)seg->type, seg->data + row * seg->row_bytes, K, w->c, w->a, w->b);
+    if (exact) expand_row(w, K, gguf_has_offsets((int)seg->type));
+}
+
+static int rowbuf_alloc(rowbuf *w, int64_t K64) {
+    w->c = calloc((size_t)K64, 1);
+    w->a = calloc((size_t)(K64 / 16), sizeof(float));
+    w->b = calloc((size_t)(K64 / 32), sizeof(float));
+    w->wf = calloc((size_t)K64, sizeof(float));
+    return w->c && w->a && w->b && w->wf;
+}
+
+static void rowbuf_free(rowbuf *w) {
+    free(w->c), free(w->a), free(w->b), free(w->wf);
+}
+
+int heron_gguf_check(const heron_gguf_segment *segs, int64_t nsegs, int64_t K) {
+    if (K <= 0 || K % 32) return -1;
+    for (int64_t s = 0; s < nsegs; s++) {
+        const int elems = gguf_block_elems((int)segs[s].type);
+        if (!elems) return -3;
+        if (K % elems || segs[s].row_bytes != K / elems * gguf_block_bytes((int)segs[s].type)) return -1;
+    }
+    return 0;
+}
+
+/*
+ * x: [M, K] float32 (x_bf16 = 0) or bf16, row stride ldx elements; out: [M, N] float32 or
+ * bf16 (out_bf16), row stride ldo; N = the segments' rows together. exact: 1 float32 mode,
+ * 0 int8 mode. Returns 0; -1 for a K the formats do not divide; -2 out of memory; -3 an
+ * unknown format.
+ */
+int heron_gguf_matmul(const void *x, int64_t ldx, int x_bf16, int64_t M, int64_t K,
+                      const heron_gguf_segment *segs, int64_t nsegs, void *out, int64_t ldo,
+                      int out_bf16, int exact) {
+    int status = heron_gguf_check(segs, nsegs, K);
+    if (status) return status;
+    xprep p = {0};
+    if (prepare_x(x, ldx, x_bf16, M, K, exact, &p)) {
+        free_x(&p);
+        return -2;
+    }
+    int64_t N = 0;
+    for (int64_t s = 0; s < nsegs; s++) N += segs[s].rows;
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        rowbuf w;
+        if (!rowbuf_alloc(&w, p.K64)) failed = 1;
+        int64_t seg = 0, first = 0;  /* the segment of the last row seen, and its first row */
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            if (failed) continue;
+            while (n < first) first -= segs[--seg].rows;
+            while (n >= first + segs[seg].rows) first += segs[seg++].rows;
+            decode_into(&segs[seg], n - first, K, exact, &w);
+            row_times_x(&w, &p, M, exact, gguf_has_offsets((int)segs[seg].type), out, ldo, out_bf16, n);
+        }
+        rowbuf_free(&w);
+    }
+    free_x(&p);
+    return failed ? -2 : 0;
+}
+
+/* out[i, :] = the dequantized row ids[i] of one segment (float32 or bf16). */
+int heron_gguf_rows(const heron_gguf_segment *seg, int64_t K, const int64_t *ids, int64_t n,
+                    void *out, int out_bf16) {
+    int status = heron_gguf_check(seg, 1, K);
+    if (status) return status;
+    for (int64_t i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= seg->rows) return -4;
+    const int64_t K64 = (K + PAD - 1) / PAD * PAD;
+    int failed = 0;
+#pragma omp parallel reduction(| : failed) if (n >= 8)
+    {
+        rowbuf w;
+        if (!rowbuf_alloc(&w, K64)) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < n; i++) {
+            if (failed) continue;
+            decode_into(seg, ids[i], K, 1, &w);
+            if (out_bf16) {
+                uint16_t *o = (uint16_t *)out + i * K;
+                for (int64_t k = 0; k < K; k++) o[k] = fp32_to_bf16(w.wf[k]);
+            } else {
+                memcpy((float *)out + i * K, w.wf, sizeof(float) * (size_t)K);
+            }
+        }
+        rowbuf_free(&w);
+    }
+    return failed ? -2 : 0;
+}

@@ -1,0 +1,163 @@
+"""Which variant of heron's C kernels this machine runs, and the compiler flags of each.
+
+Every kernel source compiles into three variants, each with explicit target flags (never
+``-march=native``), so that all three build and run on a CPU that has the most features::
+
+    avx512     -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx2 -mfma -mf16c
+               (+ -mavx512vnni, -mavx512bf16 where the CPU has them: VNNI dot products, bf16)
+    avx2       -mavx2 -mfma -mf16c              (x86 CPUs since 2013-2015: Haswell, Zen 1)
+    portable   no target flags: the compiler vectorizes the plain C for its baseline target
+               (SSE2 on x86-64, NEON on ARM64)
+
+The CPU's features come from a tiny C probe (``probe.c``: CPUID plus XGETBV, so an OS that
+does not save the wide registers is respected), run once per process; not from
+``/proc/cpuinfo``, which macOS lacks (it is read only where no compiler is found). The best
+variant the CPU runs is taken unless ``HERON_CPU_ISA`` names one (``avx512``, ``avx2``,
+``portable``, or ``none`` for no kernels at all: PyTorch paths everywhere); a variant the CPU
+cannot run is refused with a warning. Where no C compiler exists heron says so once and runs
+its PyTorch paths. This module is a leaf: it imports nothing from heron above ``heron.cache``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+ISA_ENV_VAR = "HERON_CPU_ISA"
+DISABLE_ENV_VAR = "HERON_CPU_KERNELS"  # "0": no kernels (the older switch; as HERON_CPU_ISA=none)
+VARIANTS = ("avx512", "avx2", "portable")  # best first
+NONE = "none"
+_SOURCE_DIR = Path(__file__).parent
+_PROBE_TIMEOUT_S = 60
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """A kernel variant: the CPU features it needs and the flags it is compiled with."""
+
+    name: str
+    required: frozenset[str]
+    flags: tuple[str, ...]
+    optional: tuple[tuple[str, str], ...] = ()  # (feature, flag) added where the CPU has it
+
+    def compile_flags(self, features: frozenset[str]) -> tuple[str, ...]:
+        return self.flags + tuple(flag for feature, flag in self.optional if feature in features)
+
+
+SPECS = {
+    "avx512": VariantSpec(
+        "avx512", frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"}),
+        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"),
+        optional=(("avx512_vnni", "-mavx512vnni"), ("avx512_bf16", "-mavx512bf16"))),
+    "avx2": VariantSpec("avx2", frozenset({"avx2", "fma", "f16c"}), ("-mavx2", "-mfma", "-mf16c")),
+    "portable": VariantSpec("portable", frozenset(), ()),
+}
+
+
+def compiler() -> str | None:
+    """``$CC``, else ``cc``, ``gcc`` or ``clang`` on the PATH; None where there is none."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+@functools.cache
+def compiler_version(cc: str) -> str:
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True,
+                              timeout=_PROBE_TIMEOUT_S).stdout
+    except (subprocess.SubprocessError, OSError):
+        return ""
+
+
+@functools.cache
+def cpu_features() -> frozenset[str]:
+    """The CPU features the probe reports (names as in Linux's /proc/cpuinfo, e.g.
+    ``avx512_vnni``); /proc/cpuinfo's flags where the probe cannot be built or run."""
+    probed = _run_probe()
+    return probed if probed is not None else _proc_cpuinfo_flags()
+
+
+def _run_probe() -> frozenset[str] | None:
+    cc = compiler()
+    if cc is None:
+        return None
+    from heron.loader.cache import atomic_write, cache_root
+
+    source = _SOURCE_DIR / "probe.c"
+    key = hashlib.sha256(source.read_bytes() + compiler_version(cc).encode()).hexdigest()[:16]
+    binary = cache_root() / "kernels" / f"probe-{key}"
+    try:
+        if not binary.exists():
+            atomic_write(binary, lambda tmp: subprocess.run(
+                [cc, "-O1", str(source), "-o", str(tmp)], check=True, capture_output=True,
+                timeout=_PROBE_TIMEOUT_S))
+            binary.chmod(0o755)
+        done = subprocess.run([str(binary)], capture_output=True, text=True, check=True,
+                              timeout=_PROBE_TIMEOUT_S)
+    except (subprocess.SubprocessError, OSError) as err:
+        logger.warning("CPU feature probe failed (%s); reading /proc/cpuinfo instead", err)
+        return None
+    return frozenset(done.stdout.split())
+
+
+def _proc_cpuinfo_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def runnable_variants(features: frozenset[str]) -> tuple[str, ...]:
+    """The variants a CPU with ``features`` runs, best first."""
+    return tuple(name for name in VARIANTS if SPECS[name].required <= features)
+
+
+def selected_variant() -> str:
+    """The variant heron's kernels are built as: ``HERON_CPU_ISA`` if given and runnable, else
+    the best one the CPU runs; ``none`` when kernels are off or no compiler exists."""
+    forced = os.environ.get(ISA_ENV_VAR, "").strip().lower()
+    off = os.environ.get(DISABLE_ENV_VAR, "1") == "0"
+    return _select(forced, off, compiler() is not None)
+
+
+@functools.cache
+def _select(forced: str, off: bool, have_compiler: bool) -> str:
+    """Decided once per setting; the reason is logged once."""
+    if forced and forced not in (*VARIANTS, NONE):
+        raise ValueError(f"{ISA_ENV_VAR}={forced!r}: choose one of {', '.join((*VARIANTS, NONE))}")
+    if off or forced == NONE:
+        logger.info("CPU kernels off (%s): PyTorch paths only",
+                    f"{ISA_ENV_VAR}=none" if forced == NONE else f"{DISABLE_ENV_VAR}=0")
+        return NONE
+    if not have_compiler:
+        logger.warning("no C compiler found (cc, gcc, clang or $CC): heron's CPU kernels are off "
+                       "and every layer runs its PyTorch path (slower); install a C compiler")
+        return NONE
+    features = cpu_features()
+    runnable = runnable_variants(features)
+    if forced and forced not in runnable:
+        missing = sorted(SPECS[forced].required - features)
+        logger.warning("%s=%s refused: the CPU lacks %s; using %s", ISA_ENV_VAR, forced,
+                       ", ".join(missing), runnable[0])
+        forced = ""
+    variant = forced or runnable[0]
+    extras = [f for f, _ in SPECS[variant].optional if f in features]
+    logger.info("CPU kernels: %s variant%s%s", variant, f" (+{', '.join(extras)})" if extras else "",
+                f" (forced by {ISA_ENV_VAR})" if forced else "")
+    return variant
+
+
+def variant_flags(variant: str) -> tuple[str, ...]:
+    """The compiler's target flags for ``variant`` on this CPU."""
+    return SPECS[variant].compile_flags(cpu_features())

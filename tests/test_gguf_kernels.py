@@ -1,0 +1,151 @@
+"""heron's GGUF block kernels (heron/kernels/cpu/gguf_matmul.c) against the gguf library's own
+dequantization, for every block format and every kernel variant (all of them run on an
+AVX-512 machine: the variants differ only in the instructions they are compiled for).
+
+Exact mode (float32 activations): out equals x @ dequantize(W)^T up to float32 rounding.
+int8 mode (activations quantized per row and group of 32): the error is at most
+sum_k |W[n, k]| s[m, k] / 2, s the group's scale max |x| / 127, plus float rounding.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from heron.kernels.cpu import isa
+from heron.kernels.cpu.gguf import BLOCK_FORMATS, BlockRows, gguf_kernels, segment_array
+
+VARIANTS = isa.runnable_variants(isa.cpu_features())
+FORMATS = tuple(BLOCK_FORMATS)
+BATCHES = (1, 2, 7, 16, 130)
+
+
+def test_every_variant_runs_here() -> None:
+    """The test machine has the features of all variants: none of the tests below skips."""
+    assert VARIANTS == isa.VARIANTS, f"this CPU runs only {VARIANTS}"
+
+
+def _fp16_field(scale: str, rng: np.random.Generator, n: int) -> np.ndarray:
+    values = {"normal": rng.uniform(1e-3, 2e-2, n), "tiny": rng.uniform(6e-8, 1e-6, n),  # subnormal
+              "large": rng.uniform(1e3, 6e4, n)}[scale] * rng.choice([-1.0, 1.0], n)
+    return values.astype(np.float16).view(np.uint8).reshape(n, 2)
+
+
+def random_blocks(fmt: str, rows: int, k: int, seed: int, scale: str = "normal") -> np.ndarray:
+    """[rows, row bytes] of random blocks: random codes, fp16 scales of the given range."""
+    type_id, elems, nbytes = BLOCK_FORMATS[fmt]
+    rng = np.random.default_rng(seed)
+    n = rows * k // elems
+    blocks = rng.integers(0, 256, size=(n, nbytes), dtype=np.uint8)
+    if fmt in ("Q4_0", "Q5_0", "Q8_0"):
+        blocks[:, 0:2] = _fp16_field(scale, rng, n)
+    elif fmt in ("Q4_K", "Q5_K"):
+        blocks[:, 0:2] = _fp16_field(scale, rng, n)
+        blocks[:, 2:4] = np.abs(_fp16_field(scale, rng, n).view(np.float16)).view(np.uint8)
+    else:  # Q6_K: d last
+        blocks[:, 208:210] = _fp16_field(scale, rng, n)
+    return blocks.reshape(rows, k // elems * nbytes)
+
+
+def dequantized(fmt: str, blocks: np.ndarray) -> torch.Tensor:
+    qtype = gguf.GGMLQuantizationType[fmt]
+    return torch.from_numpy(gguf.quants.dequantize(blocks, qtype).copy())  # [rows, K] float32
+
+
+def _activations(m: int, k: int, seed: int) -> torch.Tensor:
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
+    x[0, 3] = 40.0  # an outlier in one group
+    return x
+
+
+def _check(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, exact: bool) -> None:
+    xd, wd = x.double(), w.double()
+    expected = xd @ wd.T
+    magnitude = xd.abs() @ wd.abs().T
+    slack = 2e-5 * magnitude + 1e-30
+    if not exact:  # the rounding of x to int8, per group of 32
+        s = x.view(x.shape[0], -1, 32).abs().amax(dim=2, keepdim=True) / 127
+        s = s.expand(-1, -1, 32).reshape(x.shape).double()
+        slack = slack + (s / 2) @ wd.abs().T
+    err = (out.double() - expected).abs()
+    worst = (err / slack).max().item()
+    assert worst <= 1.0, f"error {worst:.3g}x the allowed bound"
+    if not exact:
+        assert (err > 2e-5 * magnitude).any() or x.shape[1] == 0  # not silently exact
+
+
+@pytest.mark.parametrize("variant", isa.VARIANTS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "int8"])
+def test_matmul_equals_the_dequantized_weight(variant: str, fmt: str, exact: bool) -> None:
+    kernels = gguf_kernels(variant)
+    assert kernels is not None and kernels.variant == variant
+    elems = BLOCK_FORMATS[fmt][1]
+    k = 3 * elems if elems == 32 else 2 * elems  # 96: not a multiple of 64 (the padded tail)
+    blocks = random_blocks(fmt, rows=37, k=k, seed=1)
+    w = dequantized(fmt, blocks)
+    segments = segment_array([BlockRows(torch.from_numpy(blocks), BLOCK_FORMATS[fmt][0])])
+    for m in BATCHES:
+        x = _activations(m, k, seed=m)
+        out = kernels.matmul(x, segments, 37, exact, torch.float32)
+        assert out.shape == (m, 37) and out.dtype == torch.float32
+        _check(out, x, w, exact)
+
+
+@pytest.mark.parametrize("variant", isa.VARIANTS)
+@pytest.mark.parametrize("scale", ["tiny", "large"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_extreme_scales(variant: str, fmt: str, scale: str) -> None:
+    kernels = gguf_kernels(variant)
+    k = BLOCK_FORMATS[fmt][1] * 2
+    blocks = random_blocks(fmt, rows=9, k=k, seed=2, scale=scale)
+    w = dequantized(fmt, blocks)
+    segments = segment_array([BlockRows(torch.from_numpy(blocks), BLOCK_FORMATS[fmt][0])])
+    x = _activations(3, k, seed=5)
+    for exact in (True, False):
+        _check(kernels.matmul(x, segments, 9, exact, torch.float32), x, w, exact)
+
+
+@pytest.mark.parametrize("variant", isa.VARIANTS)
+def test_mixed_segments_bf16_in_and_out(variant: str) -> None:
+    """A fused q/k/v: three formats stacked along N; bf16 activations and output."""
+    kernels = gguf_kernels(variant)
+    k = 512
+    parts = [("Q5_0", 33), ("Q4_K", 16), ("Q8_0", 7), ("Q6_K", 5)]
+    blocks = [random_blocks(fmt, rows, k, seed=i) for i, (fmt, rows) in enumerate(parts)]
+    w = torch.cat([dequantized(fmt, b) for (fmt, _), b in zip(parts, blocks)])
+    segments = segment_array([BlockRows(torch.from_numpy(b), BLOCK_FORMATS[fmt][0])
+                              for (fmt, _), b in zip(parts, blocks)])
+    x = _activations(19, k, seed=3).to(torch.bfloat16)
+    for exact in (True, False):
+        out = kernels.matmul(x, segments, w.shape[0], exact, torch.bfloat16)
+        assert out.dtype == torch.bfloat16 and out.shape == (19, w.shape[0])
+        full = kernels.matmul(x, segments, w.shape[0], exact, torch.float32)
+        torch.testing.assert_close(out, full.to(torch.bfloat16), atol=0, rtol=0)  # one rounding
+        _check(full, x.float(), w, exact)
+
+
+@pytest.mark.parametrize("variant", isa.VARIANTS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_rows_are_the_dequantized_rows(variant: str, fmt: str) -> None:
+    kernels = gguf_kernels(variant)
+    k = BLOCK_FORMATS[fmt][1] * 2
+    blocks = random_blocks(fmt, rows=50, k=k, seed=4)
+    w = dequantized(fmt, blocks)
+    segment = BlockRows(torch.from_numpy(blocks), BLOCK_FORMATS[fmt][0]).struct()
+    ids = torch.tensor([49, 0, 7, 7, 23])
+    rows = kernels.rows(segment, k, ids, torch.float32)
+    assert torch.equal(rows, w[ids])  # bit for bit: the same float32 operations as gguf's
+    assert torch.equal(kernels.rows(segment, k, ids, torch.bfloat16), rows.to(torch.bfloat16))
+
+
+def test_bad_shapes_are_refused() -> None:
+    kernels = gguf_kernels("portable")
+    blocks = random_blocks("Q4_K", rows=4, k=256, seed=0)
+    segments = segment_array([BlockRows(torch.from_numpy(blocks), BLOCK_FORMATS["Q4_K"][0])])
+    with pytest.raises(ValueError, match="whole number of blocks"):
+        kernels.matmul(torch.randn(1, 128), segments, 4, True, torch.float32)
+    with pytest.raises(ValueError, match="out of range"):
+        kernels.rows(segments[0], 256, torch.tensor([4]), torch.float32)
