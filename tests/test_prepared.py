@@ -156,6 +156,7 @@ def test_key_changes_with_every_input(tiny_gguf: tuple[Path, object], cache_dir:
                 dataclasses.replace(base, keep_float32=not base.keep_float32),
                 dataclasses.replace(base, q8_kernel=not base.q8_kernel),
                 dataclasses.replace(base, amx=not base.amx),
+                dataclasses.replace(base, cpu_isa="avx2"), dataclasses.replace(base, torch_isa="AVX2"),
                 dataclasses.replace(base, torch_version="0.0"), dataclasses.replace(base, code="x")]
     keys = {base.key()} | {v.key() for v in variants}
     assert len(keys) == len(variants) + 1
@@ -211,3 +212,52 @@ def test_cached_start_never_imports_transformers(tiny_gguf: tuple[Path, object],
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                           env={**os.environ, "HERON_CACHE_DIR": str(cache_dir)})
     assert done.stdout.strip() == "[]", done.stderr[-2000:]
+
+
+def test_a_file_of_another_kernel_variant_is_never_read_and_is_rewritten(
+        tiny_gguf: tuple[Path, object], cache_dir: Path,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    path, _ = tiny_gguf
+    monkeypatch.setenv("HERON_CPU_ISA", "avx512")
+    _load(path, torch.bfloat16, "int4")
+    written = _file(path, torch.bfloat16, "int4")
+    assert written.is_file() and weight_recipe(torch.bfloat16, CPU, "int4").cpu_isa == "avx512"
+    reads: list[Path] = []
+    real = prepared_module._load_cached
+    monkeypatch.setattr(prepared_module, "_load_cached",
+                        lambda source, file, *a: reads.append(file) or real(source, file, *a))
+    for variant in ("avx2", "portable"):
+        monkeypatch.setenv("HERON_CPU_ISA", variant)
+        own = _file(path, torch.bfloat16, "int4")
+        assert own != written
+        _load(path, torch.bfloat16, "int4")  # not read: built and written under its own key
+        assert reads == [] and own.is_file()
+        _load(path, torch.bfloat16, "int4")  # its own file is read from then on
+        assert reads == [own]
+        reads.clear()
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
+                    reason="needs a CPU where PyTorch runs its AVX-512 kernels, to compare with AVX2")
+def test_int4_packed_under_another_torch_isa_is_never_read(tiny_gguf: tuple[Path, object],  # noqa: F811
+                                                          cache_dir: Path) -> None:
+    """PyTorch packs int4 codes differently per instruction set: a file written under AVX-512
+    and read under ``ATEN_CPU_CAPABILITY=avx2`` would give wrong outputs without a warning."""
+    path, _ = tiny_gguf
+    _load(path, torch.bfloat16, "int4")
+    written = _file(path, torch.bfloat16, "int4")
+    script = ("import json, torch; from heron.config import ModelConfig; "
+              "from heron.loader import prepared as p, resolve_source; "
+              "reads = []; real = p._load_cached; "
+              "p._load_cached = lambda s, f, *a: reads.append(str(f)) or real(s, f, *a); "
+              f"args = (ModelConfig(model={str(path)!r}), torch.device('cpu'), torch.bfloat16, 'int4'); "
+              "p.load_prepared_model(*args); "
+              "recipe = p.weight_recipe(torch.bfloat16, torch.device('cpu'), 'int4'); "
+              "own = str(p.prepared_path(resolve_source(args[0].model), recipe)); "
+              "print(json.dumps({'isa': recipe.torch_isa, 'reads': reads, 'own': own}))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                          env={**os.environ, "HERON_CACHE_DIR": str(cache_dir),
+                               "ATEN_CPU_CAPABILITY": "avx2"})
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["isa"] == "AVX2" and result["own"] != str(written)
+    assert result["reads"] == [] and Path(result["own"]).is_file() and written.is_file()

@@ -14,9 +14,11 @@ and later starts map it back with safetensors (no pickle), in well under a secon
         metadata "recipe": the WeightRecipe as JSON; "quantized": {module: kind, parts, max_rows}
 
 The recipe key hashes every input that changes a tensor (dtype, quantization, the CPU features
-that pick the kernel layout and row limits, the torch version, the source of the code that
-computes the tensors), so a change to any of them writes a new file instead of trusting an old
-one. Files are written atomically; one that cannot be read or does not fit the model is
+that pick the kernel layout and row limits, the instruction sets of heron's kernel variant and
+of PyTorch's kernels (PyTorch packs int4 weights differently for AVX-512 and AVX2), the torch
+version, the source of the code that computes the tensors), so a change to any of them writes
+a new file instead of trusting an old one: a cache shared between machines, or read under
+``HERON_CPU_ISA`` / ``ATEN_CPU_CAPABILITY`` settings other than the writer's, is never misread. Files are written atomically; one that cannot be read or does not fit the model is
 skipped with a warning and the model loads the slow way (and rewrites it). The newest
 ``_KEEP_FILES`` files of an entry are kept.
 """
@@ -36,6 +38,7 @@ from torch import nn
 from heron.cache import atomic_write
 from heron.config import ModelConfig
 from heron.kernels.cpu import cpu_flags, has_native_bf16, q8_gemm
+from heron.kernels.cpu.isa import selected_variant
 from heron.layers.linear import keep_float32_weights
 from heron.layers.quant import PackedWeight, Q8Weight, QuantizedWeight, quantize_model
 from heron.loader import LoadedModel, ModelSource, build_model, load_model, resolve_source
@@ -60,6 +63,8 @@ class WeightRecipe:
     keep_float32: bool  # projections the quantized copy does not fully serve go float32
     q8_kernel: bool  # int8 copies are Q8Weights (heron's kernel loaded), else PackedWeights
     amx: bool  # decides the default row limit of a Q8Weight
+    cpu_isa: str  # heron's kernel variant (``heron.kernels.cpu.isa``): avx512, avx2, portable, none
+    torch_isa: str  # PyTorch's CPU capability: its int4 pack layout differs per instruction set
     torch_version: str  # PyTorch's int4 pack layout may change between versions
     code: str  # hash of the source files in ``_PRODUCERS``
 
@@ -78,7 +83,8 @@ def weight_recipe(dtype: torch.dtype, device: torch.device, quantization: str) -
         dtype=str(dtype).removeprefix("torch."), quantization=quantization,
         keep_float32=device.type == "cpu" and dtype == torch.bfloat16 and not has_native_bf16(),
         q8_kernel=quantization == "int8" and q8_gemm() is not None,
-        amx="amx_bf16" in cpu_flags(), torch_version=torch.__version__,
+        amx="amx_bf16" in cpu_flags(), cpu_isa=selected_variant(),
+        torch_isa=torch.backends.cpu.get_cpu_capability(), torch_version=torch.__version__,
         code=code.hexdigest()[:16])
 
 

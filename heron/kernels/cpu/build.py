@@ -55,7 +55,7 @@ def _load(name: str, sources: tuple[str, ...], variant: str) -> ctypes.CDLL | No
         key.update(path.read_bytes())
     for part in (*base, compiler_version(cc), *sorted(cpu_features())):
         key.update(part.encode())
-    from heron.loader.cache import cache_root
+    from heron.cache import cache_root
 
     target = cache_root() / "kernels" / f"{name}-{variant}-{key.hexdigest()[:16]}.so"
     if not target.exists() and not _compile(name, base, paths, target):
@@ -65,14 +65,15 @@ def _load(name: str, sources: tuple[str, ...], variant: str) -> ctypes.CDLL | No
 
 def _compile(name: str, base: list[str], paths: list[Path], target: Path) -> bool:
     """Build with OpenMP, else without it (single-threaded); False when both fail."""
-    from heron.loader.cache import atomic_write
+    from heron.cache import atomic_write
 
     errors = []
     for openmp in (["-fopenmp"], []):
+        command = [*base, *openmp, *map(str, paths)]
         try:
-            atomic_write(target, lambda tmp: subprocess.run(
-                [*base, *openmp, *map(str, paths), "-o", str(tmp), "-lm"], check=True,
-                capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S))
+            atomic_write(target, lambda tmp, command=command: subprocess.run(
+                [*command, "-o", str(tmp), "-lm"], check=True, capture_output=True, text=True,
+                timeout=_BUILD_TIMEOUT_S))
         except (subprocess.SubprocessError, OSError) as err:
             errors.append((getattr(err, "stderr", "") or str(err)).strip()[-800:])
             continue

@@ -88,7 +88,7 @@ def _run_probe() -> frozenset[str] | None:
     cc = compiler()
     if cc is None:
         return None
-    from heron.loader.cache import atomic_write, cache_root
+    from heron.cache import atomic_write, cache_root
 
     source = _SOURCE_DIR / "probe.c"
     key = hashlib.sha256(source.read_bytes() + compiler_version(cc).encode()).hexdigest()[:16]
