@@ -73,15 +73,17 @@ class EngineCore:
         """Queue one sequence; raises ValueError if it cannot be served."""
         params = request.sampling_params
         prompt = request.prompt_token_ids
-        self._validate_prompt(prompt, params.max_tokens)
-        max_tokens = self.max_model_len - len(prompt)
-        if params.max_tokens is not None:
+        pooling = request.pooling_params is not None
+        self._validate_prompt(prompt, params.max_tokens, pooling)
+        max_tokens = 0 if pooling else self.max_model_len - len(prompt)
+        if params.max_tokens is not None and not pooling:
             max_tokens = min(max_tokens, params.max_tokens)
         params.all_stop_token_ids = set(params.stop_token_ids or ())
         if not params.ignore_eos:
             params.all_stop_token_ids |= self.eos_token_ids
         req = Request(request_id=request.request_id, prompt_token_ids=list(prompt),
-                      sampling_params=params, max_tokens=max_tokens)
+                      sampling_params=params, max_tokens=max_tokens,
+                      pooling_params=request.pooling_params)
         if request.arrival_time:
             req.arrival_time = request.arrival_time
         if self.structured.prepare(req):
@@ -148,15 +150,21 @@ class EngineCore:
             new_token_ids=[req.token_ids[-1]] if got_token else [],
             new_logprobs=new_logprobs, prompt_logprobs=prompt_logprobs,
             finish_reason=req.finish_reason, stop_reason=req.stop_reason,
-            num_cached_tokens=max(req.num_cached_tokens, 0))
+            num_cached_tokens=max(req.num_cached_tokens, 0), embedding=_embedding(req))
 
-    def _validate_prompt(self, prompt: list[int], max_tokens: int | None) -> None:
+    def _validate_prompt(self, prompt: list[int], max_tokens: int | None, pooling: bool) -> None:
         if not prompt:
             raise ValueError("the prompt is empty: at least one token is needed")
         vocab = self.info.vocab_size
         bad = next((t for t in prompt if not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"token id {bad} is out of range for this model's vocabulary (0..{vocab - 1})")
+        if pooling and len(prompt) > self.max_model_len:
+            raise ValueError(f"This model's maximum context length is {self.max_model_len} "
+                             f"tokens. However, the input has {len(prompt)} tokens. Please "
+                             "reduce the length of the input.")
+        if pooling:
+            return
         wanted = len(prompt) + (max_tokens or 1)
         if wanted > self.max_model_len:
             raise ValueError(
@@ -260,6 +268,13 @@ def _model_max_len(hf_config: object) -> int:
         if isinstance(value, int) and value > 0:
             return value
     return 2048
+
+
+def _embedding(req: Request) -> bytes | None:
+    """A finished pooling request's vector as float32 little-endian bytes."""
+    if req.pooled is None or req.status is not RequestStatus.FINISHED_STOPPED:
+        return None
+    return req.pooled.to(torch.float32).numpy().astype("<f4").tobytes()
 
 
 def _to_token_logprobs(entry: LogprobsDict) -> TokenLogprobs:

@@ -114,8 +114,8 @@ class KVCacheManager:
         Covers whole blocks only and at most ``num_tokens - 1`` tokens. Takes nothing:
         pass the ids to ``allocate_slots`` to claim them.
         """
-        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
-            return [], 0  # prompt logprobs need every prompt position computed
+        if not self.enable_prefix_caching or request.needs_every_position:
+            return [], 0  # prompt logprobs and pooling need every prompt position computed
         max_blocks = (request.num_tokens - 1) // self.block_size
         hashes = self._block_hashes(request, max_blocks)
         hit_ids: list[int] = []
@@ -229,8 +229,9 @@ class KVCacheManager:
         return hashes
 
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
-        """Publish the request's blocks that are full within its first ``num_tokens`` tokens."""
-        if not self.enable_prefix_caching:
+        """Publish the request's blocks that are full within its first ``num_tokens`` tokens
+        (a pooling request's KV is not kept: it publishes nothing)."""
+        if not self.enable_prefix_caching or request.is_pooling:
             return
         state = self._state(request)
         num_full = num_tokens // self.block_size

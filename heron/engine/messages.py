@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import msgspec
 
+from heron.pooling_params import PoolingParams
 from heron.sampling_params import SamplingParams
 
 
 class EngineRequest(msgspec.Struct, kw_only=True):
-    """One sequence to generate. ``n > 1`` is fanned out into n EngineRequests upstream."""
+    """One sequence to generate. ``n > 1`` is fanned out into n EngineRequests upstream.
+
+    With ``pooling_params`` it is a pooling request instead: the prompt is computed like a
+    prefill, nothing is sampled (``sampling_params`` is not used) and the one output carries
+    the pooled vector in ``EngineOutput.embedding``.
+    """
 
     request_id: str
     prompt_token_ids: list[int]
-    sampling_params: SamplingParams
+    sampling_params: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    pooling_params: PoolingParams | None = None
     arrival_time: float = 0.0
 
 
@@ -38,6 +45,8 @@ class EngineOutput(msgspec.Struct, kw_only=True):
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    # Pooling requests: the pooled vector, float32 little-endian bytes (hidden_size of them / 4).
+    embedding: bytes | None = None
 
     @property
     def finished(self) -> bool:

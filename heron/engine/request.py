@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import torch
 
     from heron.engine.structured import Grammar
+    from heron.pooling_params import PoolingParams
     from heron.sampling_params import SamplingParams
 
 
@@ -76,6 +77,10 @@ class Request:
     prompt_logprobs: list[LogprobsDict | None] | None = None
     # Structured outputs: the request's matcher state (masks its logits, advances per token).
     grammar: Grammar | None = None
+    # Pooling requests: how to pool; the runner keeps the running sum (mean) or the last hidden
+    # state in ``pooled`` and leaves the final vector there once the prompt is computed.
+    pooling_params: PoolingParams | None = None
+    pooled: torch.Tensor | None = None  # [hidden] float32
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -100,6 +105,16 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def is_pooling(self) -> bool:
+        return self.pooling_params is not None
+
+    @property
+    def needs_every_position(self) -> bool:
+        """Pooling and prompt logprobs read every prompt position's hidden state: no prefix-cache
+        hits for such a request (and a pooling request publishes none: its KV is not kept)."""
+        return self.is_pooling or self.sampling_params.prompt_logprobs is not None
 
     @property
     def finish_reason(self) -> str | None:

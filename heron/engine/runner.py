@@ -10,6 +10,14 @@ From the scheduler's list of (request, num_new_tokens) it builds::
 
 then runs the model once over all T tokens and samples one token for each
 request whose tokens are all computed after this step (its prompt is complete).
+
+A pooling request's chunk always goes in as a prefill span (even a 1-token one, so that a
+step of pooling requests never takes a model's decode-only path): its hidden states are pooled
+(``Request.pooled``), nothing is sampled. A step with a pooling request has at least
+``POOLING_MIN_ROWS`` tokens, padded with a throw-away span whose K/V go to scratch blocks past
+the pool's end: float32 matmuls of fewer rows take other kernels (MKL: 1-3, 5-7 and 9-11 rows
+give other bits than the same rows among more), and a text's vector must not depend on
+whether it was embedded alone or in a batch.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from heron.engine.request import Logprob, LogprobsDict, Request
@@ -37,6 +46,10 @@ class StepBatch:
     sample_idx: torch.Tensor  # [num_sampled] int64: last token of each request that samples
     sample_requests: list[Request]
     prompt_logprob_rows: list[tuple[Request, int, int, int]]  # (request, flat index, position, length)
+    pool_rows: list[tuple[Request, int, int, int]]  # pooling requests: the same tuple
+
+
+POOLING_MIN_ROWS = 16
 
 
 class ModelRunner:
@@ -50,8 +63,11 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.sampler = Sampler(seed=seed)
-        # One [2, num_blocks, block_size, num_kv_heads, head_dim] tensor per layer.
-        shape = (2, num_blocks, block_size, model.num_kv_heads, model.head_dim)
+        # Scratch blocks past the pool (never handed out) take the K/V of padding tokens.
+        num_scratch = -(-POOLING_MIN_ROWS // block_size)
+        self.scratch_blocks = torch.arange(num_blocks, num_blocks + num_scratch, device=device)
+        # One [2, num_blocks + num_scratch, block_size, num_kv_heads, head_dim] tensor per layer.
+        shape = (2, num_blocks + num_scratch, block_size, model.num_kv_heads, model.head_dim)
         self.kv_caches = [_zeros(shape, dtype, device) for _ in range(model.num_layers)]
         prepare = getattr(model, "prepare_decode", None)  # models with a fused decode path
         if prepare is not None:
@@ -71,6 +87,8 @@ class ModelRunner:
         hidden = self.model(batch.input_ids, batch.positions, ctx)  # [T, hidden]
         if batch.prompt_logprob_rows:
             self._prompt_logprobs(hidden, batch)
+        for req, flat, start, n in batch.pool_rows:
+            _pool(req, hidden[flat:flat + n], start)
         if not batch.sample_requests:
             return {}, {}
         logits = self.model.compute_logits(hidden[batch.sample_idx])  # [num_sampled, vocab]
@@ -93,6 +111,7 @@ class ModelRunner:
         sample_idx: list[int] = []
         sample_requests: list[Request] = []
         prompt_rows: list[tuple[Request, int, int, int]] = []
+        pool_rows: list[tuple[Request, int, int, int]] = []
         bs = self.block_size
         for item in sched.scheduled:
             req, n = item.request, item.num_new_tokens
@@ -103,17 +122,21 @@ class ModelRunner:
             blocks = torch.tensor(req.block_ids[:(seq_len + bs - 1) // bs], dtype=torch.long)
             positions.append(pos)
             slots.append(blocks[pos // bs] * bs + pos % bs)
-            if n == 1:
+            if n == 1 and not req.is_pooling:
                 decode_idx.append(flat)
                 decode_lens.append(seq_len)
                 decode_tables.append(blocks.tolist())
             else:
                 prefills.append(PrefillSpan(flat, flat + n, seq_len, blocks.to(self.device)))
-            if seq_len == req.num_tokens:
+            if req.is_pooling:
+                pool_rows.append((req, flat, start, n))
+            elif seq_len == req.num_tokens:
                 sample_idx.append(flat + n - 1)
                 sample_requests.append(req)
             if _wants_prompt_logprobs(req, start):
                 prompt_rows.append((req, flat, start, n))
+        if pool_rows and len(input_ids) < POOLING_MIN_ROWS:
+            prefills.append(self._padding(input_ids, positions, slots))
         max_blocks = max((len(t) for t in decode_tables), default=0)
         table = [t + [0] * (max_blocks - len(t)) for t in decode_tables]
         dev = self.device
@@ -132,7 +155,20 @@ class ModelRunner:
             sample_idx=torch.tensor(sample_idx, dtype=torch.long, device=dev),
             sample_requests=sample_requests,
             prompt_logprob_rows=prompt_rows,
+            pool_rows=pool_rows,
         )
+
+    def _padding(self, input_ids: list[int], positions: list[torch.Tensor],
+                 slots: list[torch.Tensor]) -> PrefillSpan:
+        """Extend the flat batch to ``POOLING_MIN_ROWS`` tokens with a span of its own over the
+        scratch blocks (token 0 at positions 0..n-1); its outputs are ignored."""
+        flat, n = len(input_ids), POOLING_MIN_ROWS - len(input_ids)
+        input_ids.extend([0] * n)
+        pos = torch.arange(n)  # [n]
+        positions.append(pos)
+        table = self.scratch_blocks.cpu()
+        slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
+        return PrefillSpan(flat, flat + n, n, self.scratch_blocks)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, batch: StepBatch) -> None:
         """Log-probabilities of each prompt token given the ones before it (for echo + logprobs)."""
@@ -159,6 +195,25 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
+def _pool(req: Request, hidden: torch.Tensor, start: int) -> None:
+    """Fold one chunk of a pooling request's final hidden states ([n, hidden], positions
+    ``start..start + n``) into ``req.pooled``; after its last chunk that is the final vector."""
+    params = req.pooling_params  # set: only pooling requests have pool rows
+    rows = hidden.float()  # [n, hidden]
+    if params.pooling == "last":
+        req.pooled = rows[-1].clone()
+    else:  # mean: a running sum in float32, divided at the end
+        part = rows.sum(dim=0)  # [hidden]
+        req.pooled = part if start == 0 or req.pooled is None else req.pooled + part
+    if start + rows.shape[0] < req.num_tokens:
+        return
+    if params.pooling == "mean":
+        req.pooled = req.pooled / req.num_tokens
+    if params.normalize:
+        req.pooled = F.normalize(req.pooled, dim=0)
+    req.pooled = req.pooled.cpu()
 
 
 def _wants_prompt_logprobs(req: Request, start: int) -> bool:

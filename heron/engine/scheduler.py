@@ -160,8 +160,12 @@ class Scheduler:
             request = self.waiting[0]
             hit_blocks, num_hit = self.kv_cache.get_computed_blocks(request)
             num_new = request.num_tokens - num_hit
-            if num_new > budget and not self.config.enable_chunked_prefill and out.scheduled:
-                break  # without chunking, a prompt waits for a step with room for all of it
+            whole = not self.config.enable_chunked_prefill or request.is_pooling
+            if num_new > budget and whole and out.scheduled:
+                # Without chunking, a prompt waits for a step with room for all of it. A pooling
+                # prompt that fits in one step is computed in one piece: its vector then does
+                # not depend on what else ran (chunks would attend through the cache).
+                break
             num_new = min(num_new, budget)
             if not self.kv_cache.allocate_slots(request, num_new, hit_blocks):
                 break  # FIFO: nobody overtakes the head of the queue
@@ -188,7 +192,8 @@ class Scheduler:
                            logprobs: dict[str, LogprobsDict]) -> list[Request]:
         """Advance computed tokens, append sampled tokens, finish requests that hit a stop.
 
-        Returns the requests that got a new token (finished ones included), in batch order.
+        Returns the requests that got a new token (finished ones included) and the pooling
+        requests that finished, in batch order.
         """
         updated = []
         for scheduled in out.scheduled:
@@ -196,6 +201,10 @@ class Scheduler:
             if request.is_finished or request.request_id not in self.requests:
                 continue  # finished from outside since this step was scheduled
             request.num_computed_tokens += scheduled.num_new_tokens
+            if request.is_pooling:
+                if self._finish_pooling(request):
+                    updated.append(request)
+                continue
             token = sampled.get(request.request_id)
             if (token is None) != (request.num_computed_tokens < request.num_tokens):
                 raise ValueError(f"request {request.request_id!r}: a token is sampled exactly when "
@@ -211,6 +220,16 @@ class Scheduler:
                 self._drop(request)
             updated.append(request)
         return updated
+
+    def _finish_pooling(self, request: Request) -> bool:
+        """A pooling request ends when its prompt is computed (the runner pooled it): its blocks
+        are freed at once. True when it ended."""
+        if request.num_computed_tokens < request.num_tokens:
+            return False
+        request.status = RequestStatus.FINISHED_STOPPED
+        self.running.remove(request)
+        self._drop(request)
+        return True
 
     def _check_stop(self, request: Request, token: int) -> bool:
         """Set a finished status if ``token`` ends the request; True when it does."""
