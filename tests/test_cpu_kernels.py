@@ -7,10 +7,21 @@ import pytest
 import torch
 
 from heron.kernels import cpu as cpu_kernels
+from heron.kernels.cpu import build, isa
 from heron.layers.attention import Attention, AttentionMetadata, TorchAttentionBackend
 
-ATTENTION_CPU = {"avx512f", "avx512bw"} <= cpu_kernels.cpu_flags()
-needs_kernel = pytest.mark.skipif(not ATTENTION_CPU, reason="the CPU lacks AVX-512")
+
+@pytest.fixture(params=isa.VARIANTS)
+def variant(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test below runs once per kernel variant (selected through HERON_CPU_ISA, as a user
+    would); a CPU with AVX-512 runs them all."""
+    if request.param not in isa.runnable_variants(isa.cpu_features()):
+        pytest.skip(f"this CPU cannot run the {request.param} variant")
+    monkeypatch.setenv(isa.ISA_ENV_VAR, request.param)
+    return request.param
+
+
+needs_kernel = pytest.mark.usefixtures("variant")
 
 
 def _paged_case(seq_lens: list[int], heads: int, kv_heads: int, dim: int, block_size: int, seed: int):
@@ -78,25 +89,76 @@ def test_backend_uses_the_kernel_and_agrees_with_its_torch_path(monkeypatch) -> 
     torch.testing.assert_close(with_kernel.float(), torch_path.float(), atol=2e-2, rtol=2e-2)
 
 
-def test_missing_cpu_features_and_the_off_switch_give_no_kernel(monkeypatch) -> None:
-    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"sse2"})
-    assert cpu_kernels._build("q8_gemm", {"avx512f"}) is None
-    monkeypatch.setenv(cpu_kernels.DISABLE_ENV_VAR, "0")
-    assert cpu_kernels._build("q8_gemm", set()) is None
+def test_every_variant_runs_here() -> None:
+    """The test machine runs all variants: no kernel test below skips."""
+    assert isa.runnable_variants(isa.cpu_features()) == isa.VARIANTS
 
 
-@needs_kernel
-def test_build_is_cached_per_source_and_rebuilt_into_an_empty_cache(monkeypatch, tmp_path) -> None:
+def test_probe_agrees_with_proc_cpuinfo() -> None:
+    """CPUID as the probe decodes it names the same features Linux lists."""
+    probed = isa._run_probe()
+    assert probed is not None and "x86" in probed
+    assert probed - {"x86"} <= isa._proc_cpuinfo_flags()
+    assert {"avx2", "fma", "f16c"} <= probed
+
+
+@pytest.fixture()
+def fresh_selection(monkeypatch: pytest.MonkeyPatch):
+    isa._select.cache_clear()
+    yield monkeypatch
+    isa._select.cache_clear()
+
+
+def test_a_variant_the_cpu_lacks_is_refused(fresh_selection, caplog) -> None:
+    fresh_selection.setattr(isa, "cpu_features", lambda: frozenset({"avx2", "fma", "f16c"}))
+    fresh_selection.setenv(isa.ISA_ENV_VAR, "avx512")
+    with caplog.at_level("WARNING", logger="heron.kernels.cpu.isa"):
+        assert isa.selected_variant() == "avx2"
+    assert "avx512 refused" in caplog.text and "avx512bw" in caplog.text
+    fresh_selection.delenv(isa.ISA_ENV_VAR)
+    assert isa.selected_variant() == "avx2"  # the best it runs
+    fresh_selection.setattr(isa, "cpu_features", lambda: frozenset({"sse2"}))
+    isa._select.cache_clear()
+    assert isa.selected_variant() == "portable"
+
+
+def test_off_switches_and_no_compiler_give_no_kernel(fresh_selection, caplog) -> None:
+    fresh_selection.setenv(isa.ISA_ENV_VAR, "none")
+    assert isa.selected_variant() == "none" and cpu_kernels.elementwise() is None
+    fresh_selection.delenv(isa.ISA_ENV_VAR)
+    fresh_selection.setenv(isa.DISABLE_ENV_VAR, "0")
+    assert cpu_kernels.q8_gemm() is None
+    fresh_selection.delenv(isa.DISABLE_ENV_VAR)
+    fresh_selection.setattr(isa, "compiler", lambda: None)
+    with caplog.at_level("WARNING", logger="heron.kernels.cpu.isa"):
+        assert isa.selected_variant() == "none" and cpu_kernels.paged_decode_attention() is None
+        assert isa.selected_variant() == "none"
+    assert caplog.text.count("no C compiler found") == 1  # said once
+    fresh_selection.setenv(isa.ISA_ENV_VAR, "sse9")
+    with pytest.raises(ValueError, match="avx512, avx2, portable, none"):
+        isa.selected_variant()
+
+
+def test_variants_build_with_explicit_flags_and_are_cached(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("HERON_CACHE_DIR", str(tmp_path))
-    assert cpu_kernels._build("paged_attention", set()) is not None
-    built = list((tmp_path / "kernels").glob("paged_attention-*.so"))
-    assert len(built) == 1
-    mtime = built[0].stat().st_mtime_ns
-    assert cpu_kernels._build("paged_attention", set()) is not None
-    assert built[0].stat().st_mtime_ns == mtime  # loaded, not rebuilt
-
-
-ELEMENTWISE_CPU = ATTENTION_CPU
+    build._load.cache_clear()
+    try:
+        commands = []
+        real = build.subprocess.run
+        monkeypatch.setattr(build.subprocess, "run", lambda cmd, **kw: commands.append(cmd) or real(cmd, **kw))
+        for variant in isa.VARIANTS:
+            assert build.load_library("paged_attention", ("paged_attention",), variant) is not None
+        assert len(commands) == 3 and not any("-march=native" in c for c in commands)
+        assert "-mavx512f" in commands[0] and "-mavx2" in commands[1]
+        assert not any(flag.startswith("-m") for flag in commands[2])  # portable: no target flags
+        built = sorted((tmp_path / "kernels").glob("paged_attention-*.so"))
+        assert [p.name.split("-")[1] for p in built] == ["avx2", "avx512", "portable"]
+        mtimes = [p.stat().st_mtime_ns for p in built]
+        build._load.cache_clear()
+        assert build.load_library("paged_attention", ("paged_attention",), "avx2") is not None
+        assert len(commands) == 3 and [p.stat().st_mtime_ns for p in built] == mtimes  # not rebuilt
+    finally:
+        build._load.cache_clear()
 
 
 def _bf16(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:
@@ -111,7 +173,7 @@ def _assert_agree(out: torch.Tensor, expected: torch.Tensor, equal_fraction: flo
     torch.testing.assert_close(out.float(), expected.float(), atol=1e-2, rtol=2 ** -6)
 
 
-@pytest.mark.skipif(not ELEMENTWISE_CPU, reason="the CPU lacks AVX-512")
+@needs_kernel
 @pytest.mark.parametrize("rows,dim", [(1, 640), (9, 100), (33, 64)])
 def test_add_rms_norm_matches_the_torch_ops_it_replaces(rows, dim) -> None:
     from heron.layers.norm import RMSNorm
@@ -131,7 +193,7 @@ def test_add_rms_norm_matches_the_torch_ops_it_replaces(rows, dim) -> None:
     _assert_agree(y_only, pre(x))
 
 
-@pytest.mark.skipif(not ELEMENTWISE_CPU, reason="the CPU lacks AVX-512")
+@needs_kernel
 @pytest.mark.parametrize("tokens,heads,dim", [(1, 5, 256), (7, 3, 48)])
 def test_qk_norm_rope_matches_norm_then_rotation(tokens, heads, dim) -> None:
     from heron.layers.norm import rms_norm_heads
@@ -147,7 +209,7 @@ def test_qk_norm_rope_matches_norm_then_rotation(tokens, heads, dim) -> None:
     torch.testing.assert_close(norm_and_rotate(qk, scale, 1e-6, rope, cos_sin), out, atol=0, rtol=0)
 
 
-@pytest.mark.skipif(not ELEMENTWISE_CPU, reason="the CPU lacks AVX-512")
+@needs_kernel
 @pytest.mark.parametrize("name", ["gelu_pytorch_tanh", "silu"])
 def test_act_and_mul_matches_torch(name) -> None:
     from heron.layers import activation
@@ -159,7 +221,7 @@ def test_act_and_mul_matches_torch(name) -> None:
     _assert_agree(out, expected)
 
 
-@pytest.mark.skipif(not ELEMENTWISE_CPU, reason="the CPU lacks AVX-512")
+@needs_kernel
 def test_argmax_rows_matches_torch_with_ties_nans_and_tails() -> None:
     from heron.engine.sampler import argmax
 
@@ -178,7 +240,7 @@ def test_argmax_rows_matches_torch_with_ties_nans_and_tails() -> None:
     assert torch.equal(argmax(big), big.argmax(dim=-1))
 
 
-@pytest.mark.skipif(not ELEMENTWISE_CPU, reason="the CPU lacks AVX-512")
+@needs_kernel
 @pytest.mark.parametrize("vocab", [37, 1000, 262_144])
 def test_sample_rows_picks_what_the_torch_inverse_cdf_picks(vocab) -> None:
     """The same two-level search as sampler._inverse_cdf: identical picks but where a uniform
@@ -199,7 +261,7 @@ def test_sample_rows_picks_what_the_torch_inverse_cdf_picks(vocab) -> None:
     assert same >= total - total // 500
 
 
-@pytest.mark.skipif(not ELEMENTWISE_CPU, reason="the CPU lacks AVX-512")
+@needs_kernel
 def test_sample_rows_extreme_uniforms_and_broken_rows() -> None:
     x = torch.tensor([[0.0, float("-inf"), 0.0, float("-inf")],  # two live tokens
                       [float("-inf")] * 4,  # nothing finite: argmax, an index

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from heron.kernels.cpu import cpu_flags, q8_gemm
+from heron.kernels.cpu.isa import selected_variant
 from heron.layers.linear import Linear, LMHead, QuantizedWeight
 
 logger = logging.getLogger(__name__)
@@ -195,9 +196,16 @@ def default_max_rows(quantized: QuantizedWeight) -> int:
     28.8 ms against 73.6 ms in float32 and 241 ms in bf16) except where AMX tiles do bf16 GEMMs
     (not measured: there large batches go to oneDNN). PyTorch's int4 kernel only wins below
     ``QUANTIZED_MAX_ROWS``."""
-    if isinstance(quantized, Q8Weight) and "amx_bf16" not in cpu_flags():
+    if isinstance(quantized, Q8Weight) and _q8_beats_onednn():
         return sys.maxsize
     return QUANTIZED_MAX_ROWS
+
+
+def _q8_beats_onednn() -> bool:
+    """The AVX-512 VNNI build of the int8 kernel does, but not where AMX tiles do bf16 GEMMs;
+    its AVX2 and portable builds are not measured against oneDNN for large batches."""
+    flags = cpu_flags()
+    return selected_variant() == "avx512" and "avx512_vnni" in flags and "amx_bf16" not in flags
 
 
 def quantize_model(model: nn.Module, method: str, max_rows: int | None = None) -> int:

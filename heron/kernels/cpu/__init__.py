@@ -1,112 +1,49 @@
 """CPU kernels heron compiles itself, on first use, for the machine it runs on.
 
-A kernel is one C file here. It is built with the system C compiler (``-O3 -march=native
--fopenmp``) into heron's cache and loaded with ctypes, so no build step at install time and no
-compiler at all where the kernel is not wanted::
-
-    <cache root>/kernels/<name>-<hash of source, compiler and CPU flags>.so
-
-The OpenMP runtime the library links to is the one PyTorch already loaded (same soname), so its
-threads are PyTorch's threads. Where a kernel cannot be had (no compiler, a CPU without the
-instructions, ``HERON_CPU_KERNELS=0``) the loader says why once and returns None; callers keep
-their PyTorch path.
+A kernel is one C file here (with the portable bodies its variants without AVX-512 include).
+It is built with the system C compiler into heron's cache, once per variant (``isa``: avx512,
+avx2 or portable, picked at run time from what the CPU reports, or forced with
+``HERON_CPU_ISA``), and loaded with ctypes (``build``): no build step at install time and no
+compiler at all where kernels are not wanted. Where a kernel cannot be had (no compiler,
+``HERON_CPU_ISA=none``, ``HERON_CPU_KERNELS=0``, a failed build) the loader says why once and
+returns None; callers keep their PyTorch path.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-logger = logging.getLogger(__name__)
+from heron.kernels.cpu.build import load_library, per_variant
+from heron.kernels.cpu.isa import DISABLE_ENV_VAR, cpu_features
 
-DISABLE_ENV_VAR = "HERON_CPU_KERNELS"  # "0" turns every compiled kernel off
-_SOURCE_DIR = Path(__file__).parent
-_BUILD_TIMEOUT_S = 120
+__all__ = ["DISABLE_ENV_VAR", "Elementwise", "cpu_flags", "elementwise", "fused_decode",
+           "has_native_bf16", "paged_decode_attention", "q8_gemm"]
 
 
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+def cpu_flags() -> frozenset[str]:
+    """The CPU's features as the probe reports them (see ``isa``), e.g. ``avx512_vnni``."""
+    return cpu_features()
 
 
 def has_native_bf16() -> bool:
     """Whether the CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX). Elsewhere heron's
     kernels emulate the bf16 steps, and oneDNN's bf16 GEMM is 3-5x slower than its float32 one
     from ~100 rows up (Cascade Lake, 4096 x 640 at 512 rows: 52.9 ms against 12.3 ms)."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
-
-
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-
-
-def _build(name: str, required_flags: set[str], with_sources: tuple[str, ...] = ()) -> ctypes.CDLL | None:
-    """Compile ``<name>.c`` and any ``<with_sources>.c`` it calls into one library (once per
-    source, compiler and CPU) and load it."""
-    if os.environ.get(DISABLE_ENV_VAR, "1") == "0":
-        return None
-    missing = required_flags - cpu_flags()
-    if missing:
-        logger.info("kernel %s not used: the CPU lacks %s", name, ", ".join(sorted(missing)))
-        return None
-    compiler = _compiler()
-    if compiler is None:
-        logger.info("kernel %s not used: no C compiler (cc, gcc or $CC) found", name)
-        return None
-    sources = [_SOURCE_DIR / f"{source}.c" for source in (name, *with_sources)]
-    command = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-    key = hashlib.sha256()
-    for path in (*sources, *sorted(_SOURCE_DIR.glob("*.h"))):  # headers: included by the sources
-        key.update(path.read_bytes())
-    for part in (*command, _compiler_version(compiler), *sorted(cpu_flags())):
-        key.update(part.encode())
-    from heron.cache import atomic_write, cache_root
-
-    target = cache_root() / "kernels" / f"{name}-{key.hexdigest()[:16]}.so"
-    if not target.exists():
-        try:
-            atomic_write(target, lambda tmp: subprocess.run(
-                [*command, *map(str, sources), "-o", str(tmp)], check=True, capture_output=True,
-                text=True, timeout=_BUILD_TIMEOUT_S))
-        except (subprocess.SubprocessError, OSError) as e:
-            detail = getattr(e, "stderr", "") or str(e)
-            logger.warning("kernel %s not used: build failed: %s", name, detail.strip()[-500:])
-            return None
-    return ctypes.CDLL(str(target))
-
-
-def _compiler_version(compiler: str) -> str:
-    try:
-        return subprocess.run([compiler, "--version"], capture_output=True, text=True,
-                              timeout=30).stdout
-    except (subprocess.SubprocessError, OSError):
-        return ""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_features())
 
 
 Q8Gemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor]
 
 
-@functools.cache
-def q8_gemm() -> Q8Gemm | None:
+@per_variant
+def q8_gemm(variant: str) -> Q8Gemm | None:
     """``fn(x, codes, scales, out_dtype)``: x [M, K] (bf16 or float32) @ W^T -> [M, N] in float32
     or bfloat16, W in the blocked int8 layout of ``q8_gemm.c`` (``heron.layers.quant.Q8Weight``
     builds it); None where unavailable."""
-    lib = _build("q8_gemm", {"avx512f", "avx512bw", "avx512_vnni", "f16c"})
+    lib = load_library("q8_gemm", ("q8_gemm",), variant)
     if lib is None:
         return None
     fn = lib.heron_q8_gemm
@@ -135,12 +72,12 @@ def q8_gemm() -> Q8Gemm | None:
     return q8
 
 
-@functools.cache
-def fused_decode() -> Callable[..., int] | None:
+@per_variant
+def fused_decode(variant: str) -> Callable[..., int] | None:
     """``fn(model, batch)``: a whole decode step of a Gemma 3 stack (see fused_decode.c and
     heron/layers/fused_decode.py, which builds the structs); None where unavailable."""
-    lib = _build("fused_decode", {"avx512f", "avx512bw", "avx512_vnni", "f16c"},
-                 with_sources=("q8_gemm", "elementwise", "paged_attention"))
+    lib = load_library("fused_decode", ("fused_decode", "q8_gemm", "elementwise", "paged_attention"),
+                       variant)
     if lib is None:
         return None
     fn = lib.heron_fused_decode
@@ -152,12 +89,12 @@ def fused_decode() -> Callable[..., int] | None:
 PagedDecodeAttention = Callable[..., torch.Tensor]
 
 
-@functools.cache
-def paged_decode_attention() -> PagedDecodeAttention | None:
+@per_variant
+def paged_decode_attention(variant: str) -> PagedDecodeAttention | None:
     """``fn(q, kv_cache, block_tables, seq_lens, num_heads, scale, sliding_window)`` -> [B, H, D]
     bf16: one query token per sequence attended over its pages of ``kv_cache`` in place
     (see paged_attention.c); None where unavailable."""
-    lib = _build("paged_attention", {"avx512f", "avx512bw"})
+    lib = load_library("paged_attention", ("paged_attention",), variant)
     if lib is None:
         return None
     fn = lib.heron_paged_decode_attention
@@ -264,8 +201,8 @@ def _check(status: int, name: str) -> None:
         raise ValueError(f"{name}: unsupported shape (status {status})")
 
 
-@functools.cache
-def elementwise() -> Elementwise | None:
+@per_variant
+def elementwise(variant: str) -> Elementwise | None:
     """The small per-layer ops compiled (see elementwise.c); None where unavailable."""
-    lib = _build("elementwise", {"avx512f", "avx512bw"})
+    lib = load_library("elementwise", ("elementwise",), variant)
     return None if lib is None else Elementwise(lib)

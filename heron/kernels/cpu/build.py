@@ -17,7 +17,9 @@ import functools
 import hashlib
 import logging
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from heron.kernels.cpu.isa import (
     NONE,
@@ -29,6 +31,7 @@ from heron.kernels.cpu.isa import (
 )
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SOURCE_DIR = Path(__file__).parent
 _BUILD_TIMEOUT_S = 180
@@ -83,3 +86,18 @@ def _compile(name: str, base: list[str], paths: list[Path], target: Path) -> boo
         return True
     logger.warning("kernel %s not used: build failed: %s", name, errors[0])
     return False
+
+
+def per_variant(make: Callable[[str], T | None]) -> Callable[..., T | None]:
+    """``make(variant)`` called once per variant; the function returned takes an optional
+    variant (default: the selected one, which ``HERON_CPU_ISA`` may change) and gives None
+    where kernels are off."""
+    cached = functools.cache(make)
+
+    @functools.wraps(make)
+    def get(variant: str | None = None) -> T | None:
+        variant = variant or selected_variant()
+        return None if variant == NONE else cached(variant)
+
+    get.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
+    return get

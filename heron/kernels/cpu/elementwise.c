@@ -1,6 +1,7 @@
 /*
- * The small per-layer ops of a decoder as single calls, and the sampler's argmax (AVX-512), built
- * on first use by heron/layers/cpu_kernels/__init__.py and called through ctypes. In PyTorch each of them is
+ * The small per-layer ops of a decoder as single calls, and the sampler's argmax (AVX-512; the
+ * other variants compile elementwise_portable.h), built on first use by
+ * heron/kernels/cpu/__init__.py and called through ctypes. In PyTorch each of them is
  * 5 to 10 operator calls, and at decode batch sizes the calls, not the arithmetic, are the cost.
  *
  * Every function rounds to bf16 where the PyTorch code it replaces does (heron/layers/norm.py,
@@ -10,13 +11,13 @@
 #include <math.h>
 
 #include "kernels.h"
-#include "vector_math.h"
-
-#if !defined(__AVX512F__) || !defined(__AVX512BW__)
-#error "elementwise needs AVX-512 F and BW (-march=native on such a CPU)"
-#endif
 
 #define PARALLEL_MIN_ROWS 8
+
+#if !defined(__AVX512F__) || !defined(__AVX512BW__)
+#include "elementwise_portable.h"
+#else
+#include "vector_math.h"
 
 /* 1 / rms of an fp32 row held in buf (dim values). */
 static inline float inv_rms(const float *buf, int64_t dim, float eps) {
@@ -264,3 +265,5 @@ int heron_sample_rows(const float *x, int64_t stride, int64_t rows, int64_t cols
     }
     return 0;
 }
+
+#endif  /* AVX-512 */

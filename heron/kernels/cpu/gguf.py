@@ -8,14 +8,12 @@ each (a view of the memory-mapped file), stacked along the output dimension.
 from __future__ import annotations
 
 import ctypes
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from heron.kernels.cpu.build import load_library
-from heron.kernels.cpu.isa import selected_variant
+from heron.kernels.cpu.build import load_library, per_variant
 
 # ggml types the kernels read (gguf.GGMLQuantizationType values): elements and bytes per block.
 BLOCK_FORMATS = {"Q4_0": (2, 32, 18), "Q5_0": (6, 32, 22), "Q8_0": (8, 32, 34),
@@ -97,12 +95,8 @@ def _raise(status: int, name: str) -> None:
         raise ValueError(f"{name}: {_ERRORS.get(status, f'status {status}')}")
 
 
-def gguf_kernels(variant: str | None = None) -> GGUFKernels | None:
+@per_variant
+def gguf_kernels(variant: str) -> GGUFKernels | None:
     """The kernels of ``variant`` (default: the selected one); None where kernels are off."""
-    return _kernels(variant or selected_variant())
-
-
-@functools.cache
-def _kernels(variant: str) -> GGUFKernels | None:
     lib = load_library("gguf_matmul", ("gguf_matmul",), variant)
     return None if lib is None else GGUFKernels(lib, variant)

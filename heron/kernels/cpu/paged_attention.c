@@ -1,6 +1,7 @@
 /*
- * Decode attention straight from the paged KV cache (AVX-512), built on first use by
- * heron/layers/cpu_kernels/__init__.py and called through ctypes.
+ * Decode attention straight from the paged KV cache (AVX-512; the other variants compile
+ * paged_attention_portable.h), built on first use by heron/kernels/cpu/__init__.py and called
+ * through ctypes.
  *
  *   kv      bf16 [2, num_blocks, block_size, Hkv, D]   0 = keys, 1 = values
  *   q       bf16 [B, H, D]        one query token per sequence, token stride q_stride elements
@@ -18,11 +19,6 @@
 #include <stdlib.h>
 
 #include "kernels.h"
-#include "vector_math.h"
-
-#if !defined(__AVX512F__) || !defined(__AVX512BW__)
-#error "paged_attention needs AVX-512 F and BW (-march=native on such a CPU)"
-#endif
 
 #define MAX_GROUP 16
 
@@ -31,6 +27,11 @@ static inline const uint16_t *slot_of(const uint16_t *kv, const int64_t *blocks,
                                       int64_t block_size, int64_t row) {
     return kv + (blocks[pos / block_size] * block_size + pos % block_size) * row;
 }
+
+#if !defined(__AVX512F__) || !defined(__AVX512BW__)
+#include "paged_attention_portable.h"
+#else
+#include "vector_math.h"
 
 static void attend_one(const uint16_t *q, const uint16_t *kv, int64_t value_offset,
                        const int64_t *blocks, int64_t first, int64_t last, int64_t block_size,
@@ -91,6 +92,8 @@ static void attend_one(const uint16_t *q, const uint16_t *kv, int64_t value_offs
         }
     }
 }
+
+#endif  /* AVX-512 */
 
 int heron_paged_decode_attention(
         const uint16_t *q, int64_t q_stride, const uint16_t *kv, int64_t num_blocks,

@@ -1,6 +1,7 @@
 /*
- * int8 weight x activation matmul for CPU decode and prefill (AVX-512 VNNI), built on first use
- * by heron/layers/cpu_kernels/__init__.py and called through ctypes.
+ * int8 weight x activation matmul for CPU decode and prefill (AVX-512 VNNI; the other variants
+ * compile q8_gemm_portable.h), built on first use by heron/kernels/cpu/__init__.py and called
+ * through ctypes.
  *
  *   out[M, N] = x[M, K] @ W[N, K]^T      W[n, 32 g + j] = scale[n, g] * code[n, 32 g + j]
  *
@@ -22,14 +23,15 @@
 #include <stdlib.h>
 
 #include "kernels.h"
-#include "vector_math.h"
-
-#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VNNI__) || !defined(__F16C__)
-#error "q8_gemm needs AVX-512 F, BW and VNNI plus F16C (-march=native on such a CPU)"
-#endif
 
 #define GROUP 32
 #define OUTS 16          /* outputs per block: one zmm of int32 sums */
+
+#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VNNI__)
+#include "gguf_blocks.h"  /* fp16_to_fp32 */
+#include "q8_gemm_portable.h"
+#else
+#include "vector_math.h"
 #define ROWS_PER_TILE 8  /* rows of x per pass over a block: 8 int32 + 8 fp32 accumulators */
 #define PREFETCH_BLOCKS 2  /* codes are asked for this many blocks ahead of their use */
 
@@ -126,3 +128,5 @@ int heron_q8_gemm(const void *x, int64_t ldx, int x_fp32, int64_t M, int64_t K,
     free(xq), free(xs), free(xsum);
     return 0;
 }
+
+#endif  /* AVX-512 VNNI */

@@ -11,6 +11,8 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#if defined(__AVX512F__)
+
 static inline __m512 bf16x16_to_fp32(__m256i bits) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
@@ -77,5 +79,7 @@ static inline __m512 exp_fp32(__m512 x) {
     p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     return _mm512_scalef_ps(p, n);
 }
+
+#endif  /* __AVX512F__ */
 
 #endif
