@@ -12,7 +12,7 @@ import pytest
 import zmq
 
 from heron.cli import build_parser, engine_config_from_args, server_config_from_args
-from heron.engine.client import CoreLoop
+from heron.engine.core_proc import CoreLoop
 from heron.engine.messages import (
     AbortRequests,
     AddRequests,

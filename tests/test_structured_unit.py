@@ -15,6 +15,8 @@ from heron.engine.request import Request
 from heron.engine.sampler import Sampler
 from heron.engine.structured import unpack_bitmask
 from heron.sampling_params import SamplingParams
+from heron.server.inputs import Limits
+from heron.server.pipeline import plan_tools
 from heron.server.protocol import ChatCompletionRequest, CompletionRequest
 from heron.structured import StructuredOutputsParams as S
 from heron.structured.grammar import MAX_SAFE_INTEGER, SpecValidator, tighten_schema
@@ -31,6 +33,7 @@ USER = [{"role": "user", "content": "hi"}]
 WEATHER = ToolSpec.of("get_weather", {"type": "object", "properties": {"city": {"type": "string"}},
                                       "required": ["city"]})
 TIME = ToolSpec.of("get_time", None)
+LIMITS = Limits(max_n=16, max_logprobs=20, vocab_size=1000)
 
 
 # ---- the spec that crosses into the engine --------------------------------------------------------
@@ -183,10 +186,11 @@ def test_plan_errors(args: tuple, message: str) -> None:
 def test_output_constraint_from_each_field(fields: dict, expected: S | None) -> None:
     chat = ChatCompletionRequest.model_validate({"messages": USER, **fields})
     assert chat.output_constraint() == expected
-    params = chat.to_sampling_params(5, 20, chat.tool_plan(None).constraint)
-    assert params.structured_outputs == expected
-    completion = CompletionRequest.model_validate({"prompt": "x", **fields})
-    assert completion.to_sampling_params(5, 20).structured_outputs == expected
+    prepared = chat.to_spec(LIMITS)
+    assert plan_tools(prepared, None).constraint == expected
+    completion = CompletionRequest.model_validate({"prompt": "x", **fields}).to_spec(LIMITS)
+    assert completion.constraint == (None if expected is None else (next(iter(fields)), expected))
+    assert plan_tools(completion, None).constraint == expected
 
 
 @pytest.mark.parametrize("fields,message", [
@@ -225,8 +229,9 @@ def test_chat_request_tools_and_history() -> None:
     ]
     assert request.template_tools() == [{"type": "function", "function": {
         "name": "get_weather", "parameters": WEATHER.parameters}}]
-    plan = request.tool_plan(None)
+    plan = plan_tools(request.to_spec(LIMITS), None)
     assert plan.constraint == WEATHER.parameters_constraint()
+    assert isinstance(plan.parser, NamedParser)
 
 
 # ---- tool-call parsers ----------------------------------------------------------------------------

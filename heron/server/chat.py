@@ -1,4 +1,4 @@
-"""POST /v1/chat/completions: render the chat template, generate, answer as JSON or SSE.
+"""POST /v1/chat/completions: prepare (``heron.server.pipeline``), generate, answer as JSON or SSE.
 
 With tools, the request's ``ToolPlan`` says how the output is constrained and which parser
 reads tool calls out of it; calls become ``message.tool_calls`` (streamed as OpenAI does:
@@ -9,10 +9,10 @@ a first delta with id, type and name, then argument pieces) and ``finish_reason`
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
 
 from heron.engine.client import new_request_id
 from heron.engine.messages import TokenLogprobs
+from heron.server.pipeline import prepare
 from heron.server.protocol import (
     ChatChoiceLogprobs,
     ChatCompletionChoice,
@@ -33,77 +33,26 @@ from heron.server.protocol import (
 from heron.server.serving import (
     ChoiceDelta,
     Generation,
-    Prompt,
     ServingContext,
     StreamFormatter,
     engine_error,
     top_logprobs,
-    value_error,
 )
 from heron.structured.tool_parsers import ToolCallDelta, ToolCallStream, ToolParser, new_call_id
-
-if TYPE_CHECKING:
-    from heron.structured.params import StructuredOutputsParams
 
 ChatResult = ChatCompletionResponse | ErrorResponse | AsyncIterator[str]
 
 
-async def render_chat_prompt(ctx: ServingContext, request: ChatCompletionRequest) -> Prompt:
-    """The chat template applied to the messages, tokenized. ValueError on a template error."""
-    messages = [m.to_template_dict() for m in request.messages]
-    try:
-        text = ctx.tokenizer.apply_chat_template(
-            messages,
-            add_generation_prompt=bool(request.add_generation_prompt),
-            continue_final_message=bool(request.continue_final_message),
-            tools=request.template_tools(),
-            **(request.chat_template_kwargs or {}),
-        )
-    except ValueError:
-        raise
-    except Exception as e:  # noqa: BLE001 - jinja raises many kinds; all mean "bad messages"
-        raise ValueError(f"the chat template could not render these messages: {e}") from e
-    return Prompt(await ctx.encode(text, add_special_tokens=False), text)
-
-
 async def serve_chat(ctx: ServingContext, request: ChatCompletionRequest) -> ChatResult:
-    """Validate, submit and return the response (or an SSE stream, or an error value)."""
-    error = ctx.check_model(request.model) or ctx.check_fields(request)
-    if error is not None:
-        return error
-    try:
-        request.check_messages()
-        request.check_limits(ctx.config.max_n, ctx.config.max_logprobs, ctx.info.vocab_size)
-        prompt = await render_chat_prompt(ctx, request)
-        max_tokens = request.requested_max_tokens()
-        error = ctx.check_context(len(prompt.token_ids), max_tokens, what="messages")
-        if error is not None:
-            return error
-        plan = request.tool_plan(ctx.config.tool_call_parser)
-        error = await _check_constraints(ctx, request, plan.constraint)
-        if error is not None:
-            return error
-        params = request.to_sampling_params(max_tokens, ctx.config.max_logprobs, plan.constraint)
-    except ValueError as e:
-        return value_error(e)
-    gen = Generation(ctx, new_request_id("chatcmpl"), [prompt], params)
-    formatter = _ChatFormatter(ctx, request, gen, plan.parser)
+    """Prepare, submit and return the response (or an SSE stream, or an error value)."""
+    prepared = await prepare(ctx, request)
+    if isinstance(prepared, ErrorResponse):
+        return prepared
+    gen = Generation(ctx, new_request_id("chatcmpl"), prepared.prompts, prepared.params)
+    formatter = _ChatFormatter(ctx, request, gen, prepared.tool_parser)
     if request.stream:
         return formatter.stream()
     return await formatter.full()
-
-
-async def _check_constraints(
-    ctx: ServingContext, request: ChatCompletionRequest, constraint: StructuredOutputsParams | None
-) -> ErrorResponse | None:
-    """400 for a tool whose parameters do not compile, or a constraint that does not."""
-    for tool in request.tool_specs():
-        error = await ctx.check_constraint(tool.parameters_constraint(), "tools")
-        if error is not None:
-            return error
-    source = request.constraint_source()
-    param = source[0] if source is not None and source[1] == constraint else "tools"
-    return await ctx.check_constraint(constraint, param)
 
 
 def tool_finish_reason(finish_reason: str | None, has_calls: bool) -> str | None:

@@ -1,4 +1,5 @@
-"""POST /v1/completions: tokenize the prompt(s), generate, answer as JSON or SSE."""
+"""POST /v1/completions: prepare the prompt(s) (``heron.server.pipeline``), generate, answer as
+JSON or SSE."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from heron.engine.client import new_request_id
 from heron.engine.messages import TokenLogprobs
+from heron.server.pipeline import prepare
 from heron.server.protocol import (
     CompletionChoice,
     CompletionChunk,
@@ -17,60 +19,21 @@ from heron.server.protocol import (
 from heron.server.serving import (
     ChoiceDelta,
     Generation,
-    Prompt,
     ServingContext,
     StreamFormatter,
     engine_error,
     top_logprobs,
-    value_error,
 )
 
 CompletionResult = CompletionResponse | ErrorResponse | AsyncIterator[str]
 
 
-async def encode_prompts(
-    ctx: ServingContext, request: CompletionRequest
-) -> list[Prompt] | ErrorResponse:
-    """A string, strings, token ids or lists of token ids -> Prompts (ValueError if none)."""
-    raw = request.prompt
-    if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
-        raw = [raw]  # type: ignore[list-item]
-    if not raw:
-        raise ValueError("prompt must not be empty")
-    prompts = []
-    for item in raw:
-        if isinstance(item, str):
-            ids = await ctx.encode(item, add_special_tokens=bool(request.add_special_tokens))
-            prompts.append(Prompt(ids, item))
-        else:
-            ids = [int(t) for t in item]
-            error = ctx.check_token_ids(ids)
-            if error is not None:
-                return error
-            prompts.append(Prompt(ids, ctx.tokenizer.decode(ids) if request.echo else ""))
-    return prompts
-
-
 async def serve_completion(ctx: ServingContext, request: CompletionRequest) -> CompletionResult:
-    error = ctx.check_model(request.model) or ctx.check_fields(request)
-    if error is not None:
-        return error
-    try:
-        request.check_limits(ctx.config.max_n, ctx.config.max_logprobs, ctx.info.vocab_size)
-        prompts = await encode_prompts(ctx, request)
-        if isinstance(prompts, ErrorResponse):
-            return prompts
-        for prompt in prompts:
-            error = ctx.check_context(len(prompt.token_ids), request.max_tokens)
-            if error is not None:
-                return error
-        params = request.to_sampling_params(request.max_tokens, ctx.config.max_logprobs)
-        error = await ctx.check_request_constraint(request)
-        if error is not None:
-            return error
-    except ValueError as e:
-        return value_error(e)
-    gen = Generation(ctx, new_request_id("cmpl"), prompts, params)
+    """Prepare, submit and return the response (or an SSE stream, or an error value)."""
+    prepared = await prepare(ctx, request)
+    if isinstance(prepared, ErrorResponse):
+        return prepared
+    gen = Generation(ctx, new_request_id("cmpl"), prepared.prompts, prepared.params)
     formatter = _CompletionFormatter(ctx, request, gen)
     if request.stream:
         return formatter.stream()

@@ -1,7 +1,8 @@
 """The OpenAI wire format: pydantic request/response models in OpenAI's field order.
 
-Requests convert themselves into engine terms (``to_sampling_params``, and for structured
-output ``output_constraint`` / ``tool_plan``). Fields marked "vLLM extra" are not OpenAI's
+Requests convert themselves: ``to_spec`` gives the request in neutral terms (the input to
+render or tokenize, ``SamplingParams``, tools, output constraint; ``heron.server.inputs``)
+for the preparation pipeline (``heron.server.pipeline``). Fields marked "vLLM extra" are not OpenAI's
 but follow vLLM's names and meanings. Unknown fields are accepted (OpenAI clients send many)
 and reported by ``ignored_fields()`` so the server can log them; fields that ask for
 something heron cannot do (legacy ``functions``, audio...) are refused by
@@ -20,8 +21,9 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 from heron.sampling_params import SamplingParams
+from heron.server.inputs import ChatInput, GenerateSpec, Limits, TextInput, ToolUse
 from heron.structured.params import StructuredOutputsParams
-from heron.structured.tools import ToolPlan, ToolSpec, plan_tool_use
+from heron.structured.tools import ToolSpec
 
 # ==== errors ======================================================================================
 
@@ -346,6 +348,26 @@ class ChatMessage(OpenAIBaseModel):
         return out
 
 
+def check_chat(messages: list[ChatMessage], add_generation_prompt: bool,
+               continue_final_message: bool, template_kwargs: dict[str, Any] | None) -> None:
+    """ValueError naming the field when a conversation cannot be rendered as asked."""
+    if not messages:
+        raise ValueError("messages must hold at least one message")
+    for i, msg in enumerate(messages):
+        if msg.content is None and msg.role != "assistant":
+            raise ValueError(f"messages[{i}].content is required for role {msg.role!r}")
+    reserved = sorted(set(template_kwargs or {}) & set(RESERVED_TEMPLATE_KWARGS))
+    if reserved:
+        raise ValueError(f"chat_template_kwargs may not set {', '.join(reserved)}")
+    if continue_final_message:
+        if add_generation_prompt:
+            raise ValueError("continue_final_message needs add_generation_prompt set to false")
+        if messages[-1].role != "assistant":
+            raise ValueError(
+                "continue_final_message needs the last message to be an assistant message"
+            )
+
+
 def _template_tool_call(call: ToolCall) -> dict[str, Any]:
     """A call as templates expect it: arguments as a mapping when they are a JSON object."""
     try:
@@ -408,22 +430,29 @@ class ChatCompletionRequest(SamplingFields):
             else self.max_tokens
         )
 
+    def to_spec(self, limits: Limits) -> GenerateSpec:
+        """The request in neutral terms; ValueError naming the field when a value is wrong."""
+        self.check_messages()
+        self.check_limits(limits.max_n, limits.max_logprobs, limits.vocab_size)
+        return GenerateSpec(
+            input=self.chat_input(),
+            params=self.to_sampling_params(self.requested_max_tokens(), limits.max_logprobs),
+            tools=self.tool_use(),
+            constraint=self.constraint_source(),
+        )
+
     def check_messages(self) -> None:
-        if not self.messages:
-            raise ValueError("messages must hold at least one message")
-        for i, msg in enumerate(self.messages):
-            if msg.content is None and msg.role != "assistant":
-                raise ValueError(f"messages[{i}].content is required for role {msg.role!r}")
-        reserved = sorted(set(self.chat_template_kwargs or {}) & set(RESERVED_TEMPLATE_KWARGS))
-        if reserved:
-            raise ValueError(f"chat_template_kwargs may not set {', '.join(reserved)}")
-        if self.continue_final_message:
-            if self.add_generation_prompt:
-                raise ValueError("continue_final_message needs add_generation_prompt set to false")
-            if self.messages[-1].role != "assistant":
-                raise ValueError(
-                    "continue_final_message needs the last message to be an assistant message"
-                )
+        check_chat(self.messages, bool(self.add_generation_prompt),
+                   bool(self.continue_final_message), self.chat_template_kwargs)
+
+    def chat_input(self) -> ChatInput:
+        return ChatInput(
+            messages=[m.to_template_dict() for m in self.messages],
+            tools=self.template_tools(),
+            add_generation_prompt=bool(self.add_generation_prompt),
+            continue_final_message=bool(self.continue_final_message),
+            template_kwargs=dict(self.chat_template_kwargs or {}),
+        )
 
     def tool_specs(self) -> list[ToolSpec]:
         return [ToolSpec.of(t.function.name, t.function.parameters) for t in self.tools or []]
@@ -432,13 +461,13 @@ class ChatCompletionRequest(SamplingFields):
         """The tools as the chat template sees them (None when there are none)."""
         return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
 
-    def tool_plan(self, tool_call_parser: str | None) -> ToolPlan:
-        """The output constraint (tools, response_format...) and the parser for tool calls.
-        ValueError naming the field when they do not fit together."""
+    def tool_use(self) -> ToolUse | None:
+        """The tools and tool_choice (None without tools or tool_choice)."""
+        if not self.tools and self.tool_choice is None:
+            return None
         named = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
         choice = None if isinstance(self.tool_choice, NamedToolChoice) else self.tool_choice
-        return plan_tool_use(self.tool_specs(), choice, named, self.parallel_tool_calls is not False,
-                             tool_call_parser, self.output_constraint())
+        return ToolUse(self.tool_specs(), choice, named, self.parallel_tool_calls is not False)
 
     def to_sampling_params(
         self,
@@ -447,7 +476,7 @@ class ChatCompletionRequest(SamplingFields):
         structured_outputs: StructuredOutputsParams | None = None,
     ) -> SamplingParams:
         """ValueError (naming the field) when a value is out of range. ``structured_outputs``:
-        the constraint from ``tool_plan``."""
+        the constraint of the tool plan (``heron.server.pipeline``)."""
         top = self.top_logprobs
         if top is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
@@ -474,7 +503,30 @@ class CompletionRequest(SamplingFields):
     # vLLM extra
     add_special_tokens: bool | None = True
 
-    def to_sampling_params(self, max_tokens: int | None, max_logprobs: int) -> SamplingParams:
+    def to_spec(self, limits: Limits) -> GenerateSpec:
+        """The request in neutral terms; ValueError naming the field when a value is wrong."""
+        self.check_limits(limits.max_n, limits.max_logprobs, limits.vocab_size)
+        raw = self.prompt
+        prompts = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else raw
+        if not prompts:
+            raise ValueError("prompt must not be empty")
+        return GenerateSpec(
+            input=TextInput(
+                prompts=list(prompts),  # type: ignore[arg-type]
+                add_special_tokens=bool(self.add_special_tokens),
+                decode_token_prompts=bool(self.echo),
+            ),
+            params=self.to_sampling_params(self.max_tokens, limits.max_logprobs),
+            constraint=self.constraint_source(),
+        )
+
+    def to_sampling_params(
+        self,
+        max_tokens: int | None,
+        max_logprobs: int,
+        structured_outputs: StructuredOutputsParams | None = None,
+    ) -> SamplingParams:
+        """ValueError (naming the field) when a value is out of range."""
         lp = self.logprobs
         if lp is not None and not 0 <= lp <= max_logprobs:
             raise ValueError(f"logprobs must be an integer in [0, {max_logprobs}], got {lp}")
@@ -483,7 +535,7 @@ class CompletionRequest(SamplingFields):
             max_tokens=max_tokens,
             logprobs=lp,
             prompt_logprobs=prompt_logprobs,
-            structured_outputs=self.output_constraint(),
+            structured_outputs=structured_outputs,
             **self._sampling_kwargs(),
         )
 
@@ -667,6 +719,20 @@ class TokenizeRequest(OpenAIBaseModel):
     continue_final_message: bool | None = False
     chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool | None = False
+
+    def to_input(self) -> ChatInput | TextInput:
+        """What to tokenize (``prompt`` if given, else ``messages``); ValueError naming the
+        field when it cannot be."""
+        if self.messages is None:
+            return TextInput([self.prompt or ""], add_special_tokens=bool(self.add_special_tokens))
+        check_chat(self.messages, bool(self.add_generation_prompt),
+                   bool(self.continue_final_message), self.chat_template_kwargs)
+        return ChatInput(
+            messages=[m.to_template_dict() for m in self.messages],
+            add_generation_prompt=bool(self.add_generation_prompt),
+            continue_final_message=bool(self.continue_final_message),
+            template_kwargs=dict(self.chat_template_kwargs or {}),
+        )
 
 
 class TokenizeResponse(BaseModel):

@@ -1,4 +1,4 @@
-"""What chat and completions share: the serving context, checks, and the generation driver.
+"""What the endpoints share: the serving context, and the generation driver.
 
 ``Generation`` fans one API request out into engine sequences (n choices per prompt,
 seed + i when seeded), feeds their token ids through incremental detokenizers, finishes
@@ -18,11 +18,10 @@ from typing import TYPE_CHECKING
 
 from heron.engine.client import EngineClient, EngineError, RequestRejectedError
 from heron.engine.messages import EngineInfo, EngineOutput, EngineRequest, TokenLogprobs
+from heron.server.inputs import GenerateRequest, Limits
 from heron.server.protocol import (
     ErrorResponse,
-    OpenAIBaseModel,
     PromptTokensDetails,
-    SamplingFields,
     UsageInfo,
     bad_request,
     make_error,
@@ -34,7 +33,6 @@ if TYPE_CHECKING:
     from heron.sampling_params import SamplingParams
     from heron.server.config import ServerConfig
     from heron.server.metrics import ServerMetrics
-    from heron.structured.params import StructuredOutputsParams
     from heron.tokenizer.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -70,7 +68,11 @@ class ServingContext:
             code="model_not_found",
         )
 
-    def check_fields(self, request: OpenAIBaseModel) -> ErrorResponse | None:
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.config.max_n, self.config.max_logprobs, self.info.vocab_size)
+
+    def check_fields(self, request: GenerateRequest) -> ErrorResponse | None:
         """Refuse fields we cannot honour; log (once per name) fields we ignore."""
         unsupported = request.unsupported_fields()
         if unsupported:
@@ -84,54 +86,6 @@ class ServingContext:
             self._logged_fields.update(fresh)
             logger.info("ignoring request fields that have no meaning here: %s", ", ".join(fresh))
         return None
-
-    def check_context(
-        self, num_prompt_tokens: int, max_tokens: int | None, what: str = "prompt"
-    ) -> ErrorResponse | None:
-        """400 when the prompt plus max_tokens does not fit in the model's context."""
-        limit = self.info.max_model_len
-        if num_prompt_tokens == 0:
-            return bad_request(
-                f"the {what} is empty: at least one token is needed", code="empty_prompt"
-            )
-        wanted = num_prompt_tokens + (max_tokens or 1)
-        if wanted <= limit:
-            return None
-        completion = f"{max_tokens} in the completion" if max_tokens else "at least 1 to generate"
-        return bad_request(
-            f"This model's maximum context length is {limit} tokens. However, you requested "
-            f"{wanted} tokens ({num_prompt_tokens} in the {what}, {completion}). Please reduce "
-            f"the length of the {what} or max_tokens.",
-            param="max_tokens",
-            code="context_length_exceeded",
-        )
-
-    def check_token_ids(self, ids: list[int], param: str = "prompt") -> ErrorResponse | None:
-        vocab = self.info.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is None:
-            return None
-        return bad_request(
-            f"token id {bad} is outside the vocabulary [0, {vocab - 1}]", param=param
-        )
-
-    async def check_constraint(
-        self, constraint: StructuredOutputsParams | None, param: str
-    ) -> ErrorResponse | None:
-        """400 naming ``param`` when a structured-output spec does not compile (checked on a
-        thread the first time a spec is seen; cached after)."""
-        if constraint is None or self.specs.is_known(constraint):
-            return None
-        try:
-            await asyncio.to_thread(self.specs.check, constraint)
-        except ValueError as e:
-            return bad_request(f"{param}: {e}", param=param, code="invalid_constraint")
-        return None
-
-    async def check_request_constraint(self, request: SamplingFields) -> ErrorResponse | None:
-        """The constraint of response_format / structured_outputs / guided_*, if any."""
-        source = request.constraint_source()
-        return None if source is None else await self.check_constraint(source[1], source[0])
 
     async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         if len(text) > _THREAD_TOKENIZE_CHARS:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from heron.server.chat import render_chat_prompt
+from heron.server.pipeline import check_token_ids, tokenize
 from heron.server.protocol import (
-    ChatCompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
     ErrorResponse,
@@ -25,17 +24,7 @@ async def serve_tokenize(
     if (request.prompt is None) == (request.messages is None):
         return bad_request("give exactly one of prompt or messages", param="prompt")
     try:
-        if request.messages is not None:
-            chat = ChatCompletionRequest(
-                messages=request.messages,
-                add_generation_prompt=request.add_generation_prompt,
-                continue_final_message=request.continue_final_message,
-                chat_template_kwargs=request.chat_template_kwargs,
-            )
-            chat.check_messages()
-            ids = (await render_chat_prompt(ctx, chat)).token_ids
-        else:
-            ids = await ctx.encode(request.prompt or "", bool(request.add_special_tokens))
+        ids = (await tokenize(ctx, request.to_input()))[0].token_ids
     except ValueError as e:
         return value_error(e)
     strs = ctx.token_strings(ids) if request.return_token_strs else None
@@ -47,7 +36,7 @@ async def serve_tokenize(
 async def serve_detokenize(
     ctx: ServingContext, request: DetokenizeRequest
 ) -> DetokenizeResponse | ErrorResponse:
-    error = ctx.check_model(request.model) or ctx.check_token_ids(request.tokens, "tokens")
+    error = ctx.check_model(request.model) or check_token_ids(ctx, request.tokens, "tokens")
     if error is not None:
         return error
     return DetokenizeResponse(prompt=ctx.tokenizer.decode(request.tokens))

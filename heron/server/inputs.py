@@ -1,0 +1,95 @@
+"""What an endpoint asks for, in neutral terms: the input of the preparation pipeline.
+
+Each protocol model (OpenAI chat and completions today; Responses, Anthropic Messages and
+embeddings alike) converts itself into a ``GenerateSpec``: the input to tokenize (a chat to
+render, or prompts), the ``SamplingParams``, the tools offered and the output constraint it
+asks for. ``heron.server.pipeline.prepare`` takes it from there; nothing below the protocol
+models knows which API a request came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    from heron.sampling_params import SamplingParams
+    from heron.structured.params import StructuredOutputsParams
+    from heron.structured.tools import ToolSpec
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The server's caps and the model's vocabulary, checked while a request converts itself."""
+
+    max_n: int
+    max_logprobs: int
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class ChatInput:
+    """A conversation for the chat template: messages and tools as the template sees them
+    (tools in OpenAI's ``{"type": "function", "function": {...}}`` form)."""
+
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    # How errors name the input ("messages" for OpenAI chat).
+    what: str = "messages"
+
+
+@dataclass(frozen=True)
+class TextInput:
+    """Prompts as text or token ids; one choice group per prompt."""
+
+    prompts: list[str | list[int]]
+    add_special_tokens: bool = True
+    # Decode token-id prompts to text (completions' ``echo`` repeats the prompt).
+    decode_token_prompts: bool = False
+    what: str = "prompt"
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """The functions a request offers and how the model may use them.
+
+    ``choice``: "none", "auto", "required", or None when the request did not say; ``named``:
+    the one function a named choice forces. (The chat template shows the tools from
+    ``ChatInput.tools``.)"""
+
+    specs: list[ToolSpec]
+    choice: Literal["none", "auto", "required"] | None = None
+    named: str | None = None
+    parallel: bool = True
+
+
+@dataclass(frozen=True)
+class GenerateSpec:
+    """One request to generate, in neutral terms.
+
+    ``params``: validated sampling parameters whose ``max_tokens`` is what the request asked
+    for (None: up to the context); the pipeline adds the output constraint. ``constraint``:
+    the response format the request asked for, with the name of the field that set it."""
+
+    input: ChatInput | TextInput
+    params: SamplingParams
+    tools: ToolUse | None = None
+    constraint: tuple[str, StructuredOutputsParams] | None = None
+
+
+class GenerateRequest(Protocol):
+    """What the pipeline needs of a protocol model."""
+
+    @property
+    def model(self) -> str | None: ...
+
+    def unsupported_fields(self) -> list[str]: ...
+
+    def ignored_fields(self) -> list[str]: ...
+
+    def to_spec(self, limits: Limits) -> GenerateSpec:
+        """This request in neutral terms; ValueError naming the field when a value is wrong."""
+        ...

@@ -1,0 +1,190 @@
+"""One preparation path for every generating endpoint, read top to bottom.
+
+::
+
+    protocol model (chat, completions, ...)
+      1. model name and fields     404 for an unknown model, 400 for a field we cannot honour
+      2. to_spec(limits)           the request in neutral terms (GenerateSpec): field checks,
+                                   server caps, SamplingParams           ValueError -> 400
+      3. chat template, tokens     the chat rendered, prompts tokenized (token ids checked)
+      4. context length            each prompt plus max_tokens fits the model's context
+      5. tool plan                 what constrains the output, what reads tool calls out of it
+      6. constraints compile       tools' parameter schemas, then the plan's constraint
+    -> PreparedRequest (prompts, SamplingParams with the constraint, tool-call parser)
+       or ErrorResponse
+
+Endpoints differ only in how their protocol model converts itself (``to_spec``) and how they
+format what the engine generates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from heron.server.inputs import ChatInput, GenerateRequest, GenerateSpec, TextInput
+from heron.server.protocol import ErrorResponse, bad_request
+from heron.server.serving import Prompt, ServingContext, value_error
+from heron.structured.tools import ToolPlan, plan_tool_use
+
+if TYPE_CHECKING:
+    from heron.sampling_params import SamplingParams
+    from heron.structured.params import StructuredOutputsParams
+    from heron.structured.tool_parsers import ToolParser
+
+
+@dataclass
+class PreparedRequest:
+    """A request ready for the engine: its prompts (one choice group each), the sampling
+    parameters every choice starts from, and the parser that reads tool calls (or None)."""
+
+    spec: GenerateSpec
+    prompts: list[Prompt]
+    params: SamplingParams
+    tool_parser: ToolParser | None
+
+
+class RequestError(Exception):
+    """A step refused the request; ``error`` is the answer."""
+
+    def __init__(self, error: ErrorResponse) -> None:
+        super().__init__(error.error.message)
+        self.error = error
+
+
+async def prepare(ctx: ServingContext, request: GenerateRequest) -> PreparedRequest | ErrorResponse:
+    """Run the steps in order; the first that refuses the request answers."""
+    try:
+        return await _prepare(ctx, request)
+    except RequestError as e:
+        return e.error
+    except ValueError as e:
+        return value_error(e)
+
+
+async def _prepare(ctx: ServingContext, request: GenerateRequest) -> PreparedRequest:
+    refuse(ctx.check_model(request.model) or ctx.check_fields(request))
+    spec = request.to_spec(ctx.limits)
+    prompts = await tokenize(ctx, spec.input)
+    for prompt in prompts:
+        refuse(check_context(ctx, len(prompt.token_ids), spec.params.max_tokens, spec.input.what))
+    plan = plan_tools(spec, ctx.config.tool_call_parser)
+    await check_constraints(ctx, spec, plan)
+    params = spec.params.clone(structured_outputs=plan.constraint)
+    return PreparedRequest(spec, prompts, params, plan.parser)
+
+
+def refuse(error: ErrorResponse | None) -> None:
+    if error is not None:
+        raise RequestError(error)
+
+
+# ==== 3. chat template and tokens =================================================================
+
+
+async def tokenize(ctx: ServingContext, source: ChatInput | TextInput) -> list[Prompt]:
+    """The prompts of an input: a chat rendered with the template, or each prompt tokenized.
+    ValueError for a template error; RequestError for a token id outside the vocabulary."""
+    if isinstance(source, ChatInput):
+        return [await render_chat(ctx, source)]
+    prompts = []
+    for item in source.prompts:
+        if isinstance(item, str):
+            prompts.append(Prompt(await ctx.encode(item, source.add_special_tokens), item))
+            continue
+        ids = [int(t) for t in item]
+        refuse(check_token_ids(ctx, ids, source.what))
+        prompts.append(Prompt(ids, ctx.tokenizer.decode(ids) if source.decode_token_prompts else ""))
+    return prompts
+
+
+async def render_chat(ctx: ServingContext, chat: ChatInput) -> Prompt:
+    """The chat template applied to the messages, tokenized. ValueError on a template error."""
+    try:
+        text = ctx.tokenizer.apply_chat_template(
+            chat.messages,
+            add_generation_prompt=chat.add_generation_prompt,
+            continue_final_message=chat.continue_final_message,
+            tools=chat.tools,
+            **chat.template_kwargs,
+        )
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - jinja raises many kinds; all mean "bad messages"
+        raise ValueError(f"the chat template could not render these messages: {e}") from e
+    return Prompt(await ctx.encode(text, add_special_tokens=False), text)
+
+
+def check_token_ids(ctx: ServingContext, ids: list[int], param: str) -> ErrorResponse | None:
+    vocab = ctx.info.vocab_size
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is None:
+        return None
+    return bad_request(f"token id {bad} is outside the vocabulary [0, {vocab - 1}]", param=param)
+
+
+# ==== 4. context length ===========================================================================
+
+
+def check_context(
+    ctx: ServingContext, num_prompt_tokens: int, max_tokens: int | None, what: str
+) -> ErrorResponse | None:
+    """400 when the prompt is empty, or it plus max_tokens does not fit in the context."""
+    limit = ctx.info.max_model_len
+    if num_prompt_tokens == 0:
+        return bad_request(
+            f"the {what} is empty: at least one token is needed", code="empty_prompt"
+        )
+    wanted = num_prompt_tokens + (max_tokens or 1)
+    if wanted <= limit:
+        return None
+    completion = f"{max_tokens} in the completion" if max_tokens else "at least 1 to generate"
+    return bad_request(
+        f"This model's maximum context length is {limit} tokens. However, you requested "
+        f"{wanted} tokens ({num_prompt_tokens} in the {what}, {completion}). Please reduce "
+        f"the length of the {what} or max_tokens.",
+        param="max_tokens",
+        code="context_length_exceeded",
+    )
+
+
+# ==== 5. tool plan ================================================================================
+
+
+def plan_tools(spec: GenerateSpec, tool_call_parser: str | None) -> ToolPlan:
+    """The output constraint and the tool-call parser (ValueError when tools, tool_choice and
+    the response format do not fit together). ``tool_call_parser``: the server's setting."""
+    tools = spec.tools
+    response = spec.constraint[1] if spec.constraint is not None else None
+    if tools is None:
+        return ToolPlan(response, None)
+    return plan_tool_use(tools.specs, tools.choice, tools.named, tools.parallel,
+                         tool_call_parser, response)
+
+
+# ==== 6. constraints compile ======================================================================
+
+
+async def check_constraints(ctx: ServingContext, spec: GenerateSpec, plan: ToolPlan) -> None:
+    """RequestError (400) for a tool whose parameters do not compile, or a constraint that
+    does not; the error names the field that set it."""
+    for tool in spec.tools.specs if spec.tools is not None else []:
+        refuse(await check_constraint(ctx, tool.parameters_constraint(), "tools"))
+    source = spec.constraint
+    param = source[0] if source is not None and source[1] == plan.constraint else "tools"
+    refuse(await check_constraint(ctx, plan.constraint, param))
+
+
+async def check_constraint(
+    ctx: ServingContext, constraint: StructuredOutputsParams | None, param: str
+) -> ErrorResponse | None:
+    """400 naming ``param`` when a structured-output spec does not compile (checked on a
+    thread the first time a spec is seen; cached after)."""
+    if constraint is None or ctx.specs.is_known(constraint):
+        return None
+    try:
+        await asyncio.to_thread(ctx.specs.check, constraint)
+    except ValueError as e:
+        return bad_request(f"{param}: {e}", param=param, code="invalid_constraint")
+    return None
