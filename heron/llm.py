@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from tqdm.auto import tqdm
 
@@ -109,9 +109,10 @@ class LLM:
              continue_final_message: bool = False, tools: list[dict] | None = None,
              chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
         """Answer one conversation (a list of messages) or a list of conversations."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        one = bool(messages) and isinstance(messages[0], dict)
+        conversations = cast(list[Conversation], [messages] if one else list(messages))
         tokenizer = self.get_tokenizer()
-        encoded = []
+        encoded: list[tuple[str | None, list[int]]] = []
         for conv in conversations:
             text = tokenizer.apply_chat_template(
                 conv, add_generation_prompt=add_generation_prompt,

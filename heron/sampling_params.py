@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from heron.structured.params import StructuredOutputsParams
 
@@ -76,7 +77,7 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def clone(self, **changes: object) -> SamplingParams:
+    def clone(self, **changes: Any) -> SamplingParams:
         return replace(self, **changes)
 
     def _check_types(self) -> None:
@@ -117,8 +118,10 @@ class SamplingParams:
             value = getattr(self, name)
             _check(value is None or (isinstance(value, int) and 0 <= value <= MAX_LOGPROBS),
                    name, value, f"an integer in [0, {MAX_LOGPROBS}]")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "non-empty strings")
-        _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", self.stop_token_ids, "non-negative token ids")
+        _check(all(isinstance(s, str) and s for s in self.stop or ()), "stop", self.stop,
+               "non-empty strings")
+        _check(all(t >= 0 for t in self.stop_token_ids or ()), "stop_token_ids",
+               self.stop_token_ids, "non-negative token ids")
         _check(self.structured_outputs is None
                or isinstance(self.structured_outputs, StructuredOutputsParams),
                "structured_outputs", self.structured_outputs, "a StructuredOutputsParams or None")
@@ -139,8 +142,8 @@ def _is_int(value: object) -> bool:
 def _as_token_ids(value: object) -> list[int]:
     """stop_token_ids as a list of ints (None -> [])."""
     items = [] if value is None else value
-    _check(isinstance(items, (list, tuple, set)) and all(_is_int(t) for t in items),
-           "stop_token_ids", value, "a list of integer token ids")
+    if not isinstance(items, (list, tuple, set)) or not all(_is_int(t) for t in items):
+        raise _invalid("stop_token_ids", value, "a list of integer token ids")
     return [int(t) for t in items]
 
 
@@ -148,13 +151,18 @@ def _as_logit_bias(value: object) -> dict[int, float] | None:
     """logit_bias as {token id: bias}; keys may be strings of digits (OpenAI sends JSON keys)."""
     if value is None:
         return None
-    _check(isinstance(value, dict), "logit_bias", value, "a mapping of token ids to numbers")
+    if not isinstance(value, dict):
+        raise _invalid("logit_bias", value, "a mapping of token ids to numbers")
     try:
-        return {int(k): float(v) for k, v in value.items()}  # type: ignore[union-attr]
+        return {int(k): float(v) for k, v in value.items()}
     except (TypeError, ValueError):
         raise ValueError(f"logit_bias must be a mapping of token ids to numbers, got {value!r}") from None
 
 
 def _check(ok: bool, name: str, value: object, allowed: str) -> None:
     if not ok:
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+        raise _invalid(name, value, allowed)
+
+
+def _invalid(name: str, value: object, allowed: str) -> ValueError:
+    return ValueError(f"{name} must be {allowed}, got {value!r}")

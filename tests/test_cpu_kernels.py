@@ -204,7 +204,7 @@ def test_qk_norm_rope_matches_norm_then_rotation(tokens, heads, dim) -> None:
     qk = _bf16(tokens, heads + 2, dim, seed=5, scale=3.0)[:, 1:heads + 1]  # token stride > heads * D
     scale = 1 + torch.randn(heads, dim, generator=torch.Generator().manual_seed(6))
     out = cpu_kernels.elementwise().qk_norm_rope(qk, scale, 1e-6, *cos_sin)
-    expected = rope.apply(rms_norm_heads(qk, scale, 1e-6), cos_sin)
+    expected = rope.rotate(rms_norm_heads(qk, scale, 1e-6), cos_sin)
     _assert_agree(out, expected)
     torch.testing.assert_close(norm_and_rotate(qk, scale, 1e-6, rope, cos_sin), out, atol=0, rtol=0)
 

@@ -16,6 +16,7 @@ import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -89,26 +90,33 @@ def main() -> None:
 
 
 def _split(engine: EngineCore, steps: int, times: dict[str, list[float]]) -> None:
-    forward, head = Linear.forward, engine.runner.model.lm_head.forward
+    lm_head = engine.runner.model.lm_head
+    forward, head = Linear.forward, lm_head.forward
     vocab = engine.info.vocab_size
-    inner = getattr(engine.runner.model, "model", None)
+    inner: Any = getattr(engine.runner.model, "model", None)
     fused = getattr(inner, "fused_decode", None)
     if fused is not None:  # one compiled call: no projection to replace, so split the modules
         print("  (the split runs the model's modules, not its fused decode step)", flush=True)
         inner.fused_decode = None
     try:
-        Linear.forward = lambda self, x: torch.zeros(x.shape[0], self.out_features, dtype=x.dtype)
+        # Patching methods is the point here: the step runs on with parts replaced by zeros.
+        Linear.forward = _zero_projection  # type: ignore[method-assign]
         for label in ("without projections", "without projections and LM head"):
             _reset(times)
             for _ in range(steps):
                 engine.step()
             print(f"  {label}: step {median_ms(times['step']):.1f}", flush=True)
-            engine.runner.model.lm_head.forward = lambda h: torch.zeros(h.shape[0], vocab)
+            lm_head.forward = (  # type: ignore[method-assign]
+                lambda hidden: torch.zeros(hidden.shape[0], vocab))
     finally:
-        Linear.forward = forward
-        engine.runner.model.lm_head.forward = head
+        Linear.forward = forward  # type: ignore[method-assign]
+        lm_head.forward = head  # type: ignore[method-assign]
         if fused is not None:
             inner.fused_decode = fused
+
+
+def _zero_projection(self: Linear, x: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(x.shape[0], self.out_features, dtype=x.dtype)
 
 
 if __name__ == "__main__":

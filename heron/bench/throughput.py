@@ -14,6 +14,10 @@ import json
 import random
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from heron.llm import LLM
 
 
 @dataclass
@@ -64,7 +68,7 @@ def make_workload(vocab_size: int, num: int, input_len: tuple[int, int], output_
     return Workload(prompts, [rng.randint(*output_len) for _ in range(num)])
 
 
-def run_heron(llm: object, work: Workload) -> Result:
+def run_heron(llm: LLM, work: Workload) -> Result:
     from heron import SamplingParams
 
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in work.output_lens]
@@ -78,7 +82,7 @@ def run_heron(llm: object, work: Workload) -> Result:
     return Result("heron", seconds, produced)
 
 
-def run_hf(model: object, work: Workload, batch_size: int, pad_id: int) -> Result:
+def run_hf(model: Any, work: Workload, batch_size: int, pad_id: int) -> Result:
     """transformers batched generate; each batch runs to its longest output, only asked tokens count."""
     import torch  # here, not at import: `heron serve` builds every subcommand's parser
 
@@ -95,7 +99,8 @@ def run_hf(model: object, work: Workload, batch_size: int, pad_id: int) -> Resul
     return Result("transformers", time.perf_counter() - start, work.total_output)
 
 
-def single_decode(llm: object, hf_model: object | None, prompt: list[int], tokens: int) -> dict[str, float]:
+def single_decode(llm: LLM, hf_model: Any | None, prompt: list[int],
+                  tokens: int) -> dict[str, float]:
     from heron import SamplingParams
 
     out: dict[str, float] = {}
@@ -137,7 +142,7 @@ def run(args: argparse.Namespace) -> None:
                        "single_decode_tok_s": decode, "args": vars(args) | {"func": None}}, f, indent=2)
 
 
-def load_hf_reference(llm: object) -> object:
+def load_hf_reference(llm: LLM) -> Any:
     """transformers model from the same weights heron serves, in the dtype heron runs."""
     import torch
     from transformers import AutoModelForCausalLM

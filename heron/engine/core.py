@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -252,16 +253,16 @@ def _eos_token_ids(hf_config: object, generation_config: dict) -> set[int]:
     return ids
 
 
-def _text_config(hf_config: object) -> object:
+def _text_config(hf_config: Any) -> Any:
     get = getattr(hf_config, "get_text_config", None)
     return get() if callable(get) else hf_config
 
 
-def _vocab_size(hf_config: object) -> int:
+def _vocab_size(hf_config: Any) -> int:
     return int(_text_config(hf_config).vocab_size)
 
 
-def _model_max_len(hf_config: object) -> int:
+def _model_max_len(hf_config: Any) -> int:
     cfg = _text_config(hf_config)
     for name in ("max_position_embeddings", "max_seq_len", "n_positions", "max_sequence_length"):
         value = getattr(cfg, name, None)

@@ -28,12 +28,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from heron.engine.request import Logprob, LogprobsDict, Request
 from heron.engine.sampler import Sampler
 from heron.engine.scheduler import SchedulerOutput
 from heron.layers.attention import AttentionMetadata, ForwardContext, PrefillSpan
+from heron.models.base import CausalLM
 
 
 @dataclass
@@ -55,7 +55,7 @@ POOLING_MIN_ROWS = 16
 class ModelRunner:
     """Owns the model, the KV cache tensors and the sampler."""
 
-    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype,
+    def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype,
                  num_blocks: int, block_size: int, seed: int = 0) -> None:
         self.model = model
         self.device = device
@@ -69,12 +69,10 @@ class ModelRunner:
         # One [2, num_blocks + num_scratch, block_size, num_kv_heads, head_dim] tensor per layer.
         shape = (2, num_blocks + num_scratch, block_size, model.num_kv_heads, model.head_dim)
         self.kv_caches = [_zeros(shape, dtype, device) for _ in range(model.num_layers)]
-        prepare = getattr(model, "prepare_decode", None)  # models with a fused decode path
-        if prepare is not None:
-            prepare(self.kv_caches)
+        model.prepare_decode(self.kv_caches)  # models with a fused decode path set it up
 
     @staticmethod
-    def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
+    def kv_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
         """Bytes one block takes across all layers (keys and values)."""
         per_token = 2 * model.num_layers * model.num_kv_heads * model.head_dim
         return per_token * block_size * torch.empty((), dtype=dtype).element_size()
@@ -224,7 +222,7 @@ def _logprobs_dicts(logprobs: torch.Tensor, targets: torch.Tensor, k: int) -> li
     """logprobs: [m, vocab]; targets: [m] -> one {token: Logprob} per row (target first, then top-k)."""
     target_lp = logprobs.gather(1, targets[:, None]).squeeze(1)  # [m]
     ranks = (logprobs > target_lp[:, None]).sum(dim=1) + 1  # [m]
-    top_lp, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
+    top_lp, top_ids = logprobs.topk(k, dim=-1)  # [m, k] each
     out: list[LogprobsDict] = []
     for i in range(logprobs.shape[0]):
         entry = {int(targets[i]): Logprob(float(target_lp[i]), int(ranks[i]))}

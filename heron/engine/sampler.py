@@ -232,12 +232,13 @@ def apply_grammar_masks(logits: torch.Tensor, requests: Sequence[Request]) -> to
     logits' device once, and unpacked there; free rows share the step unchanged.
     """
     rows = [i for i, r in enumerate(requests) if r.grammar is not None]
+    grammars = [g for r in requests if (g := r.grammar) is not None]
     if not rows:
         return logits
     from heron.engine.structured import fill_bitmask, unpack_bitmask
 
     vocab = logits.shape[-1]
-    bitmask = fill_bitmask([requests[i].grammar for i in rows], vocab)  # [n, W] int32
+    bitmask = fill_bitmask(grammars, vocab)  # [n, W] int32
     allowed = unpack_bitmask(bitmask.to(logits.device, non_blocking=True), vocab)  # [n, V]
     if len(rows) == len(requests):
         return torch.where(allowed, logits, -math.inf)
@@ -258,7 +259,7 @@ def _request_generator(request: Request, device: torch.device) -> torch.Generato
     """The request's own generator, created on first use from ``sampling_params.seed``."""
     if request.generator is None:
         gen = torch.Generator(device=device)
-        gen.manual_seed(request.sampling_params.seed & _SEED_MASK)
+        gen.manual_seed((request.sampling_params.seed or 0) & _SEED_MASK)
         request.generator = gen
     return request.generator
 
@@ -520,7 +521,7 @@ def _compute_logprobs_inputs(
     if len(rows) < len(requests):
         logits = logits[torch.tensor(rows, device=logits.device)]
     logprobs = torch.log_softmax(logits, dim=-1)  # [n, V]
-    num_top = [requests[i].sampling_params.logprobs for i in rows]
+    num_top = [requests[i].sampling_params.logprobs or 0 for i in rows]
     return _LogprobInputs(rows, num_top, logprobs)
 
 

@@ -147,12 +147,12 @@ class StructuredOutputManager:
         ready: list[Request] = []
         failed: list[tuple[Request, str]] = []
         for request_id, request in list(self._pending.items()):
-            params = request.sampling_params.structured_outputs
-            if params in done:
+            spec = request.sampling_params.structured_outputs
+            if spec in done:
                 del self._pending[request_id]
-                error = done[params].exception()
+                error = done[spec].exception()
                 if error is None:
-                    request.grammar = Grammar(done[params].result().deep_copy(), params.kind)
+                    request.grammar = Grammar(done[spec].result().deep_copy(), spec.kind)
                     ready.append(request)
                 else:
                     failed.append((request, str(error)))

@@ -104,7 +104,7 @@ class AttentionMetadata:
         seq = self.decode_seq_lens[:, None]  # [B, 1]
         cols = torch.arange(max_blocks, device=device)[None, :].expand(num_decodes, -1)  # [B, nb]
         num_window_blocks = max_blocks if sliding_window is None else (sliding_window - 1) // bs + 2
-        if num_window_blocks < max_blocks:
+        if sliding_window is not None and num_window_blocks < max_blocks:
             first = ((seq - sliding_window).clamp(min=0) // bs).clamp(max=max_blocks - num_window_blocks)
             cols = first + torch.arange(num_window_blocks, device=device)[None, :]  # [B, nb]
             table = table.gather(1, cols)
@@ -276,6 +276,8 @@ class Attention(nn.Module):
     ``forward(q, k, v, ctx)`` takes flat projections ``q: [T, H * D]``, ``k, v:
     [T, Hkv * D]`` (rotary already applied) and returns ``[T, H * D]``.
     """
+
+    alibi_slopes: torch.Tensor | None  # [H] float32 buffer (MPT), None without ALiBi
 
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, layer_idx: int,
                  scale: float | None = None, sliding_window: int | None = None,

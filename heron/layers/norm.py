@@ -62,8 +62,11 @@ def add_rms_norm(x: torch.Tensor, h: torch.Tensor | None, post: RMSNorm | None,
     if (kernel is not None and pre.unit_offset and x.dim() == 2 and x.stride(1) == 1
             and (h is None or (post is not None and post.unit_offset and post.eps == pre.eps
                                and h.stride(1) == 1))):
-        return kernel.add_rms_norm(x, h, None if h is None else post.scale(), pre.scale(), pre.eps)
+        post_scale = None if h is None or post is None else post.scale()
+        return kernel.add_rms_norm(x, h, post_scale, pre.scale(), pre.eps)
     if h is not None:
+        if post is None:
+            raise ValueError("add_rms_norm: a residual h needs its post norm")
         x = x + post(h)
     return x, pre(x)
 

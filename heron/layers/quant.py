@@ -62,6 +62,8 @@ class Q8Weight(QuantizedWeight):
 
     def matmul(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         kernel = q8_gemm()  # cached; a Q8Weight is only built where it loaded
+        if kernel is None:
+            raise RuntimeError("q8_gemm kernel unavailable, yet a Q8Weight was built")
         out_dtype = out_dtype or x.dtype
         if out_dtype in (torch.float32, torch.bfloat16):
             return kernel(x, self.codes, self.scales, out_dtype)

@@ -131,7 +131,7 @@ class RotaryEmbedding(nn.Module):
             cos, sin = cos * self.scaling, sin * self.scaling
         return cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
 
-    def apply(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def rotate(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x [T, num_heads, head_dim] -> rotated copy of the same shape."""
         if self.rotary_dim == self.head_dim:
             return _rotate(x, *cos_sin)
@@ -158,4 +158,4 @@ def norm_and_rotate(x: torch.Tensor, scale: torch.Tensor, eps: float, rope: Rota
             and x.stride(1) == x.shape[2] and cos.dtype == torch.bfloat16 and cos.is_contiguous()
             and sin.is_contiguous()):
         return kernel.qk_norm_rope(x, scale, eps, cos, sin)
-    return rope.apply(rms_norm_heads(x, scale, eps), cos_sin)
+    return rope.rotate(rms_norm_heads(x, scale, eps), cos_sin)

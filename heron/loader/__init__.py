@@ -37,6 +37,10 @@ if TYPE_CHECKING:  # imported where used: the API process loads the tokenizer wi
     from torch import nn
     from transformers import PretrainedConfig
 
+    from heron.loader.plain_config import AnyModelConfig
+    from heron.models.base import CausalLM
+    from heron.models.registry import ModelClass
+
 __all__ = ["LoadedModel", "ModelSource", "build_model", "generation_config_of", "hf_reference_path",
            "load_hf_config", "load_model", "model_display_name", "resolve_source"]
 
@@ -49,8 +53,8 @@ _DUMMY_RANGE = 1e-3  # dummy weights are uniform in [-_DUMMY_RANGE, _DUMMY_RANGE
 class LoadedModel:
     """A model with its weights in place, its HF config and HF generation_config defaults."""
 
-    model: nn.Module
-    hf_config: PretrainedConfig
+    model: CausalLM
+    hf_config: AnyModelConfig
     generation_config: dict[str, Any]
 
 
@@ -116,7 +120,7 @@ def config_of(source: ModelSource) -> PretrainedConfig:
     return source.gguf.config() if source.is_gguf else load_dir_config(source.path)
 
 
-def generation_config_of(source: ModelSource, hf_config: PretrainedConfig) -> dict[str, Any]:
+def generation_config_of(source: ModelSource, hf_config: AnyModelConfig) -> dict[str, Any]:
     if source.is_gguf:
         return source.gguf.generation_config()
     return read_generation_config(source.path, hf_config)
@@ -135,7 +139,7 @@ def load_model(model_config: ModelConfig, device: torch.device, dtype: torch.dty
 
 
 def build_model(source: ModelSource, device: torch.device, dtype: torch.dtype,
-                hf_config: PretrainedConfig | None = None) -> LoadedModel:
+                hf_config: AnyModelConfig | None = None) -> LoadedModel:
     """The model of ``source`` (or of ``hf_config`` when given) in eval mode, its parameters
     allocated but not filled."""
     hf_config = config_of(source) if hf_config is None else hf_config
@@ -178,7 +182,7 @@ def _checkpoint_names(model: nn.Module) -> list[str]:
     return names
 
 
-def _model_class(hf_config: PretrainedConfig) -> type[nn.Module]:
+def _model_class(hf_config: AnyModelConfig) -> ModelClass:
     from heron.models.registry import get_model_class
 
     return get_model_class(list(getattr(hf_config, "architectures", None) or []))

@@ -96,7 +96,8 @@ def hf_config_dict(gguf_file: GGUFFile) -> dict[str, Any]:
         config.setdefault(key, value)
     for key, value in gguf_file.metadata.items():
         prefix, _, rest = key.partition(".")
-        renamed = GGUF_CONFIG_MAPPING.get(prefix, {}).get(rest)
+        names_of_prefix: Any = GGUF_CONFIG_MAPPING.get(prefix, {})  # {gguf key: config name}
+        renamed = names_of_prefix.get(rest)
         if renamed is not None and renamed != -1:
             config[renamed] = _config_value(value)
     config["model_type"] = _GGUF_TO_HF_MODEL_TYPE.get(config["model_type"], config["model_type"])

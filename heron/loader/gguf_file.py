@@ -135,7 +135,7 @@ def _read_array(buf: mmap.mmap, pos: int, element_type: int, count: int) -> tupl
 def _read_strings(buf: mmap.mmap, pos: int, count: int) -> tuple[list[str], int]:
     """``count`` length-prefixed strings: one pass, the hot loop of reading a vocabulary."""
     unpack = _U64.unpack_from
-    strings = []
+    strings: list[str] = []
     append = strings.append
     for _ in range(count):
         (length,) = unpack(buf, pos)

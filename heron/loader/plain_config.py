@@ -12,7 +12,15 @@ import json
 import logging
 import warnings
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from transformers import PretrainedConfig
+
+    # What code that only reads a model config's attributes takes: the real one or its snapshot.
+    AnyModelConfig: TypeAlias = "PretrainedConfig | PlainConfig"
 
 
 class PlainConfig(SimpleNamespace):

@@ -39,7 +39,7 @@ from heron.cache import atomic_write
 from heron.config import ModelConfig
 from heron.kernels.cpu import cpu_flags, has_native_bf16, q8_gemm
 from heron.kernels.cpu.isa import selected_variant
-from heron.layers.linear import keep_float32_weights
+from heron.layers.linear import Linear, LMHead, keep_float32_weights
 from heron.layers.quant import PackedWeight, Q8Weight, QuantizedWeight, quantize_model
 from heron.loader import LoadedModel, ModelSource, build_model, load_model, resolve_source
 
@@ -164,12 +164,13 @@ def _assign_quantized(model: nn.Module, specs: dict[str, dict], tensors: dict[st
     added = 0
     for module_name, spec in specs.items():
         module = model.get_submodule(module_name)
-        if not hasattr(module, "quantized"):
+        if not isinstance(module, (Linear, LMHead)):
             raise ValueError(f"{module_name!r} takes no quantized copy")
         prefix = f"{module_name}.quantized."
-        module.quantized = _quantized(spec, {field: tensors.pop(prefix + field)
-                                             for field in _FIELDS[spec["kind"]]})
-        added += module.quantized.nbytes
+        quantized = _quantized(spec, {field: tensors.pop(prefix + field)
+                                      for field in _FIELDS[spec["kind"]]})
+        module.quantized = quantized
+        added += quantized.nbytes
     return added
 
 

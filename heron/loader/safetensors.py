@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig
 
+    from heron.loader.plain_config import AnyModelConfig
+
 INDEX_FILE = "model.safetensors.index.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 # Token ids a generation_config.json may carry; they are what heron uses from it by default.
@@ -58,7 +60,7 @@ def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]
                 yield name, shard.get_tensor(name)
 
 
-def read_generation_config(model_dir: Path, hf_config: PretrainedConfig) -> dict[str, Any]:
+def read_generation_config(model_dir: Path, hf_config: AnyModelConfig) -> dict[str, Any]:
     """``generation_config.json`` as a dict, or the token ids of ``config.json`` when absent."""
     path = model_dir / GENERATION_CONFIG_FILE
     if path.is_file():
@@ -67,7 +69,7 @@ def read_generation_config(model_dir: Path, hf_config: PretrainedConfig) -> dict
     return generation_config_from_model_config(hf_config)
 
 
-def generation_config_from_model_config(hf_config: PretrainedConfig) -> dict[str, Any]:
+def generation_config_from_model_config(hf_config: AnyModelConfig) -> dict[str, Any]:
     """The bos/eos/pad token ids the model config states (what transformers would derive)."""
     values = {key: getattr(hf_config, key, None) for key in _TOKEN_ID_KEYS}
     return {key: value for key, value in values.items() if value is not None}

@@ -13,7 +13,7 @@ which checkpoint tensors it does not use. Every other tensor name must equal a p
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -83,8 +83,9 @@ def _check_complete(model: nn.Module, params: dict[str, nn.Parameter],
     for param_name in params:
         module_name, _, _ = param_name.rpartition(".")
         module = model.get_submodule(module_name)
-        fused = isinstance(module, MergedLinear) and (param_name, None) not in loaded
-        shards = range(module.num_shards) if fused else [None]
+        shards: Sequence[int | None] = [None]
+        if isinstance(module, MergedLinear) and (param_name, None) not in loaded:
+            shards = range(module.num_shards)  # a fused module loaded shard by shard
         missing += [(param_name, s) for s in shards if (param_name, s) not in loaded]
     if missing:
         shown = ", ".join(n if s is None else f"{n} (shard {s})" for n, s in missing[:8])

@@ -64,7 +64,7 @@ class CausalLM(nn.Module):
     is ignored.
     """
 
-    def __init__(self, config: Any, prefix: str, backbone: nn.Module, embedding: nn.Module,
+    def __init__(self, config: Any, prefix: str, backbone: nn.Module, embedding: nn.Embedding,
                  kv: KVShape, *, hidden_size: int, tie_default: bool,
                  stacked: tuple[StackedParam, ...] = (), softcap: float | None = None) -> None:
         super().__init__()

@@ -12,7 +12,8 @@ attention, ``rope_theta`` plus any scaling), as listed in ``config.layer_types``
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -135,6 +136,8 @@ class Gemma3DecoderLayer(nn.Module):
 class Gemma3TextModel(nn.Module):
     """Scaled embedding, decoder layers, final norm; one RoPE table per layer type."""
 
+    embed_scale: torch.Tensor  # [] buffer in the model dtype
+
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -154,14 +157,16 @@ class Gemma3TextModel(nn.Module):
                 ctx: ForwardContext) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, hidden]
         x = x * self.embed_scale.to(x.dtype)
-        cos_sin = {t: rope.cos_sin(positions, x.dtype) for t, rope in self.rotary.items()}
+        rotary = cast(Mapping[str, RotaryEmbedding], self.rotary)
+        cos_sin = {t: rope.cos_sin(positions, x.dtype) for t, rope in rotary.items()}
         if self.fused_decode is not None and self.fused_decode.applies_to(x, ctx.attn_metadata):
             return self.fused_decode(x, cos_sin, ctx.attn_metadata)  # the layers below in one call
-        x, normed = add_rms_norm(x, None, None, self.layers[0].input_layernorm)
-        next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
-        for layer, next_norm in zip(self.layers, next_norms):
+        layers = cast(Sequence[Gemma3DecoderLayer], self.layers)
+        x, normed = add_rms_norm(x, None, None, layers[0].input_layernorm)
+        next_norms = [layer.input_layernorm for layer in layers[1:]] + [self.norm]
+        for layer, next_norm in zip(layers, next_norms, strict=True):
             t = layer.layer_type
-            x, normed = layer(x, normed, self.rotary[t], cos_sin[t], ctx, next_norm)
+            x, normed = layer(x, normed, rotary[t], cos_sin[t], ctx, next_norm)
         return normed
 
 
@@ -181,5 +186,6 @@ class Gemma3ForCausalLM(CausalLM):
         """Run decode-only steps over ``kv_caches`` as one compiled call where the CPU kernels
         allow (``FusedDecode``); the weights must not change afterwards. Returns whether they do."""
 
-        self.model.fused_decode = FusedDecode.build(self.model, kv_caches)
-        return self.model.fused_decode is not None
+        model = cast(Gemma3TextModel, self.backbone)
+        model.fused_decode = FusedDecode.build(model, kv_caches)
+        return model.fused_decode is not None

@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from heron.kernels.cpu import Elementwise, fused_decode
 from heron.layers.activation import kernel_name
@@ -67,7 +66,7 @@ class FusedDecode:
         self._keep_alive = keep_alive  # tensors and structs the pointers above point into
 
     @classmethod
-    def build(cls, model: nn.Module, kv_caches: Sequence[torch.Tensor]) -> FusedDecode | None:
+    def build(cls, model: Any, kv_caches: Sequence[torch.Tensor]) -> FusedDecode | None:
         """The fused path for ``model`` over ``kv_caches``, or None where it does not apply."""
         if not _applies(model, kv_caches):
             return None
@@ -118,13 +117,14 @@ class FusedDecode:
         return meta.decode_only and x.shape[0] <= self.max_rows and x.is_contiguous()
 
 
-def _projections(model: nn.Module) -> list[Any]:
+def _projections(model: Any) -> list[Any]:
     return [p for layer in model.layers for p in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                  layer.mlp.gate_up_proj, layer.mlp.down_proj)]
 
 
-def _applies(model: nn.Module, kv_caches: Sequence[torch.Tensor]) -> bool:
-    """The shapes, dtypes and weights the C kernels take."""
+def _applies(model: Any, kv_caches: Sequence[torch.Tensor]) -> bool:
+    """The shapes, dtypes and weights the C kernels take (``model``: a Gemma 3 stack, read by
+    attribute name)."""
     attn = model.layers[0].self_attn
     norms = [model.norm] + [n for layer in model.layers for n in (
         layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,

@@ -52,6 +52,10 @@ def head_dim_of(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def kv_heads_of(config: Any) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
 class LlamaAttention(nn.Module):
     """Fused q/k/v projection, optional per-head q/k norm, RoPE, paged attention, output proj."""
 
@@ -59,7 +63,7 @@ class LlamaAttention(nn.Module):
                  sliding_window: int | None) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.num_kv_heads = kv_heads_of(config)
         self.head_dim = head_dim_of(config)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         bias = bool(getattr(config, "attention_bias", False))
@@ -77,9 +81,9 @@ class LlamaAttention(nn.Module):
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))  # [T, H*D], [T, Hkv*D], [T, Hkv*D]
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope.apply(q, cos_sin), rope.apply(k, cos_sin)  # [T, H, D], [T, Hkv, D]
+        q, k = rope.rotate(q, cos_sin), rope.rotate(k, cos_sin)  # [T, H, D], [T, Hkv, D]
         out = self.attn(q.flatten(1), k.flatten(1), v, ctx)  # [T, H*D]
         return self.o_proj(out)
 
@@ -145,8 +149,7 @@ class LlamaForCausalLM(CausalLM):
 
     def __init__(self, config: Any) -> None:
         model = LlamaModel(config, self.variant)
-        first = model.layers[0].self_attn
-        kv = KVShape(config.num_hidden_layers, first.num_kv_heads, first.head_dim)
+        kv = KVShape(config.num_hidden_layers, kv_heads_of(config), head_dim_of(config))
         super().__init__(config, "model", model, model.embed_tokens, kv,
                          hidden_size=config.hidden_size, tie_default=False,
                          stacked=QKV_STACKED + GATE_UP_STACKED)

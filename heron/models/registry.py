@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:
+    from heron.models.base import CausalLM
+
+    # A model class: built from its (transformers or plain) config alone.
+    ModelClass = Callable[[Any], CausalLM]
 
 # architecture name -> (module, class name)
 _MODELS: dict[str, tuple[str, str]] = {
@@ -22,7 +28,7 @@ def supported_architectures() -> list[str]:
     return sorted(_MODELS)
 
 
-def get_model_class(architectures: list[str]) -> type[nn.Module]:
+def get_model_class(architectures: list[str]) -> ModelClass:
     """The class for the first supported name in ``architectures`` (a config's field)."""
     for name in architectures or []:
         if name in _MODELS:

@@ -60,7 +60,7 @@ def tool_finish_reason(finish_reason: str | None, has_calls: bool) -> str | None
     return "tool_calls" if has_calls and finish_reason == "stop" else finish_reason
 
 
-class _ChatFormatter(StreamFormatter):
+class _ChatFormatter(StreamFormatter[ChatCompletionRequest, ChatCompletionChunk]):
     """Turns a Generation's deltas into OpenAI's chat JSON or chunks."""
 
     chunk_type = ChatCompletionChunk

@@ -40,7 +40,7 @@ async def serve_completion(ctx: ServingContext, request: CompletionRequest) -> C
     return await formatter.full()
 
 
-class _CompletionFormatter(StreamFormatter):
+class _CompletionFormatter(StreamFormatter[CompletionRequest, CompletionChunk]):
     """Turns a Generation's deltas into OpenAI's completion JSON or chunks."""
 
     chunk_type = CompletionChunk

@@ -14,7 +14,9 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+from pydantic import BaseModel
 
 from heron.engine.client import EngineClient, EngineError, RequestRejectedError
 from heron.engine.messages import EngineInfo, EngineOutput, EngineRequest, TokenLogprobs
@@ -154,7 +156,8 @@ class _Choice:
         by_token = out.finish_reason == "stop" and out.stop_reason is not None
         stop = self.detok.update(ids, stop_terminated=by_token) if ids else None
         # vLLM's stop_reason: the stop string or the stop_token_ids entry; None for an eos.
-        stop_reason = out.stop_reason if out.stop_reason in self.stop_token_ids else None
+        stop_reason: int | str | None = (
+            out.stop_reason if out.stop_reason in self.stop_token_ids else None)
         if stop is not None:
             self.finish_reason, stop_reason = "stop", stop
             text = self.detok.get_delta()
@@ -280,23 +283,27 @@ def sse(data: str) -> str:
 SSE_DONE = sse("[DONE]")
 
 
-class StreamFormatter:
+RequestT = TypeVar("RequestT", bound=SamplingFields)
+ChunkT = TypeVar("ChunkT", bound=BaseModel)
+
+
+class StreamFormatter(Generic[RequestT, ChunkT]):
     """What chat and completions share when writing a Generation as SSE.
 
     A subclass sets ``chunk_type`` (its pydantic chunk model) and turns one delta into
     chunks with ``_chunks``; the loop, the usage chunk, error events and ``[DONE]`` live here.
     """
 
-    chunk_type: type
+    chunk_type: type[ChunkT]
 
-    def __init__(self, ctx: ServingContext, request: object, gen: Generation) -> None:
+    def __init__(self, ctx: ServingContext, request: RequestT, gen: Generation) -> None:
         self.ctx = ctx
         self.request = request
         self.gen = gen
         self.model = request.model or ctx.default_model
         self.created = int(time.time())
 
-    def _chunks(self, d: ChoiceDelta) -> list:
+    def _chunks(self, d: ChoiceDelta) -> list[ChunkT]:
         raise NotImplementedError
 
     async def stream(self) -> AsyncIterator[str]:
@@ -312,7 +319,7 @@ class StreamFormatter:
             yield self._dump(self._chunk([], usage=True))
         yield SSE_DONE
 
-    def _chunk(self, choices: list, usage: bool = False) -> object:
+    def _chunk(self, choices: list, usage: bool = False) -> ChunkT:
         with_usage = usage or self.request.continuous_usage
         return self.chunk_type(
             id=self.gen.request_id,
@@ -322,7 +329,7 @@ class StreamFormatter:
             usage=self.gen.usage() if with_usage else None,
         )
 
-    def _dump(self, chunk: object) -> str:
+    def _dump(self, chunk: ChunkT) -> str:
         exclude = None if self.request.include_usage else {"usage"}
         return sse(chunk.model_dump_json(exclude=exclude))
 

@@ -14,13 +14,16 @@ from __future__ import annotations
 import json
 import re
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from heron.structured.params import StructuredOutputsParams
 
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
 # Between JSON tokens: nothing, one space, or a newline and up to 16 spaces of indentation.
 JSON_WHITESPACE = r"(?:\n {0,16}| )?"
-_JSON_OPTIONS = {"whitespace_pattern": JSON_WHITESPACE}
+_JSON_OPTIONS: JsonCompileOptions = {"whitespace_pattern": JSON_WHITESPACE}
 _MAX_ERROR_CHARS = 500
 
 
@@ -32,7 +35,9 @@ def grammar_text(params: StructuredOutputsParams) -> str:
     from llguidance import LLMatcher
 
     if params.kind == "json":
-        return LLMatcher.grammar_from_json_schema(load_schema(params.spec), defaults=_JSON_OPTIONS)
+        schema = load_schema(params.spec)
+        text = schema if isinstance(schema, dict) else json.dumps(schema)  # true / false
+        return LLMatcher.grammar_from_json_schema(text, defaults=_JSON_OPTIONS)
     if params.kind == "regex":
         return LLMatcher.grammar_from_regex(params.spec)
     if params.kind == "choice":

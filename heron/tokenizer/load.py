@@ -17,9 +17,10 @@ from heron.loader import config_of, generation_config_of, model_display_name, re
 from heron.tokenizer.tokenizer import GEMMA_CHAT_TEMPLATE, Tokenizer, read_chat_template
 
 if TYPE_CHECKING:
-    from transformers import PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
     from heron.loader.gguf import GGUFModel
+    from heron.loader.plain_config import AnyModelConfig
 
 # tokenizer_config.json entries that matter once tokenizer.json holds the tokenizer itself.
 _TOKENIZER_SETTINGS = frozenset((
@@ -57,7 +58,8 @@ def load_tokenizer(model_config: ModelConfig) -> Tokenizer:
     )
 
 
-def _chat_template(model_config: ModelConfig, own: str | dict[str, str] | None, hf_config: PretrainedConfig) -> str | None:
+def _chat_template(model_config: ModelConfig, own: str | dict[str, str] | None,
+                   hf_config: AnyModelConfig) -> str | None:
     """``--chat-template`` first, then the model's own, then Gemma's format for Gemma models."""
     if model_config.chat_template is not None:
         return read_chat_template(model_config.chat_template)

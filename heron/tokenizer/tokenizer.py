@@ -157,7 +157,7 @@ class Tokenizer:
         """Each id decoded on its own (special tokens kept): the strings logprobs show."""
         if self._backend is not None:
             return list(self._backend.decode_batch([[i] for i in ids], skip_special_tokens=False))
-        return [self.hf.decode([i], skip_special_tokens=False) for i in ids]
+        return [str(self.hf.decode([i], skip_special_tokens=False)) for i in ids]
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             continue_final_message: bool = False, tools: list[dict[str, Any]] | None = None,
@@ -171,7 +171,8 @@ class Tokenizer:
 
         try:
             rendered = self.hf.apply_chat_template(
-                messages, tools=tools, chat_template=self.chat_template, tokenize=False,
+                messages, tools=None if tools is None else list(tools),
+                chat_template=self.chat_template, tokenize=False,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message, **template_kwargs)
         except TemplateError as err:
