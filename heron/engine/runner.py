@@ -198,7 +198,9 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 def _pool(req: Request, hidden: torch.Tensor, start: int) -> None:
     """Fold one chunk of a pooling request's final hidden states ([n, hidden], positions
     ``start..start + n``) into ``req.pooled``; after its last chunk that is the final vector."""
-    params = req.pooling_params  # set: only pooling requests have pool rows
+    params = req.pooling_params
+    if params is None:
+        raise ValueError(f"request {req.request_id!r} has pool rows but no pooling params")
     rows = hidden.float()  # [n, hidden]
     if params.pooling == "last":
         req.pooled = rows[-1].clone()

@@ -24,6 +24,7 @@ from heron.server.inputs import GenerateRequest, Limits
 from heron.server.protocol import (
     ErrorResponse,
     PromptTokensDetails,
+    SamplingFields,
     UsageInfo,
     bad_request,
     make_error,

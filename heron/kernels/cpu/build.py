@@ -74,9 +74,7 @@ def _compile(name: str, base: list[str], paths: list[Path], target: Path) -> boo
     for openmp in (["-fopenmp"], []):
         command = [*base, *openmp, *map(str, paths)]
         try:
-            atomic_write(target, lambda tmp, command=command: subprocess.run(
-                [*command, "-o", str(tmp), "-lm"], check=True, capture_output=True, text=True,
-                timeout=_BUILD_TIMEOUT_S))
+            atomic_write(target, functools.partial(_compile_to, command))
         except (subprocess.SubprocessError, OSError) as err:
             errors.append((getattr(err, "stderr", "") or str(err)).strip()[-800:])
             continue
@@ -86,6 +84,11 @@ def _compile(name: str, base: list[str], paths: list[Path], target: Path) -> boo
         return True
     logger.warning("kernel %s not used: build failed: %s", name, errors[0])
     return False
+
+
+def _compile_to(command: list[str], target: Path) -> None:
+    subprocess.run([*command, "-o", str(target), "-lm"], check=True, capture_output=True,
+                   text=True, timeout=_BUILD_TIMEOUT_S)
 
 
 def per_variant(make: Callable[[str], T | None]) -> Callable[..., T | None]:
