@@ -120,6 +120,14 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         help=f"largest n (choices per request) accepted (default: %(default)s, at most {MAX_N})",
     )
     http.add_argument(
+        "--max-seqs-per-request",
+        type=int,
+        default=256,
+        metavar="N",
+        help="most engine sequences one request may ask for: prompts x n on /v1/completions "
+        "(default: %(default)s)",
+    )
+    http.add_argument(
         "--max-logprobs",
         type=int,
         default=MAX_LOGPROBS,
@@ -268,6 +276,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         allowed_origins=_origins(args.allowed_origins),
         max_request_bytes=args.max_request_bytes,
         max_n=args.max_n,
+        max_seqs_per_request=args.max_seqs_per_request,
         max_logprobs=args.max_logprobs,
         tool_call_parser=args.tool_call_parser,
     )

@@ -15,6 +15,10 @@ from heron.structured.params import StructuredOutputsParams
 # Hard caps that keep one request from taking the whole engine.
 MAX_LOGPROBS = 20
 MAX_N = 128
+# Integers cross to the engine as msgpack int64 (seeds as uint64): every one is checked to fit.
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+_SEED_MASK = (1 << 64) - 1
+MAX_QUOTE_CHARS = 200  # error messages quote at most this much of a value
 
 _GREEDY_EPS = 1e-5
 
@@ -92,11 +96,16 @@ class SamplingParams:
         for name in ("n", "top_k", "min_tokens"):
             value = getattr(self, name)
             _check(_is_int(value), name, value, "an integer")
-            setattr(self, name, int(value))
-        for name in ("seed", "max_tokens", "logprobs", "prompt_logprobs"):
+            setattr(self, name, _int64(name, value))
+        for name in ("max_tokens", "logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             _check(value is None or _is_int(value), name, value, "an integer or None")
-            setattr(self, name, None if value is None else int(value))
+            setattr(self, name, None if value is None else _int64(name, value))
+        _check(self.seed is None or _is_int(self.seed), "seed", self.seed, "an integer or None")
+        if self.seed is not None:  # any integer seeds; the generator takes its low 64 bits
+            self.seed = int(self.seed)
+            if not INT64_MIN <= self.seed <= _SEED_MASK:  # what msgpack carries
+                self.seed &= _SEED_MASK
 
     def _validate(self) -> None:
         _check(isinstance(self.n, int) and 1 <= self.n <= MAX_N, "n", self.n, f"an integer in [1, {MAX_N}]")
@@ -139,12 +148,18 @@ def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _int64(name: str, value: object) -> int:
+    number = int(value)  # type: ignore[call-overload]
+    _check(INT64_MIN <= number <= INT64_MAX, name, value, "a 64-bit integer")
+    return number
+
+
 def _as_token_ids(value: object) -> list[int]:
     """stop_token_ids as a list of ints (None -> [])."""
     items = [] if value is None else value
     if not isinstance(items, (list, tuple, set)) or not all(_is_int(t) for t in items):
         raise _invalid("stop_token_ids", value, "a list of integer token ids")
-    return [int(t) for t in items]
+    return [_int64("stop_token_ids", t) for t in items]
 
 
 def _as_logit_bias(value: object) -> dict[int, float] | None:
@@ -154,9 +169,13 @@ def _as_logit_bias(value: object) -> dict[int, float] | None:
     if not isinstance(value, dict):
         raise _invalid("logit_bias", value, "a mapping of token ids to numbers")
     try:
-        return {int(k): float(v) for k, v in value.items()}
+        bias = {int(k): float(v) for k, v in value.items()}
     except (TypeError, ValueError):
-        raise ValueError(f"logit_bias must be a mapping of token ids to numbers, got {value!r}") from None
+        raise ValueError("logit_bias must be a mapping of token ids to numbers, "
+                         f"got {short_repr(value)}") from None
+    for token in bias:
+        _int64("logit_bias", token)
+    return bias
 
 
 def _check(ok: bool, name: str, value: object, allowed: str) -> None:
@@ -165,4 +184,15 @@ def _check(ok: bool, name: str, value: object, allowed: str) -> None:
 
 
 def _invalid(name: str, value: object, allowed: str) -> ValueError:
-    return ValueError(f"{name} must be {allowed}, got {value!r}")
+    return ValueError(f"{name} must be {allowed}, got {short_repr(value)}")
+
+
+def short_repr(value: object, limit: int = MAX_QUOTE_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters: errors never echo a whole request back.
+    Large containers are cut before they are rendered (a 1 MiB list costs no 1 MiB repr)."""
+    if isinstance(value, (list, tuple, set)) and len(value) > limit:
+        value = list(value)[:limit]
+    elif isinstance(value, dict) and len(value) > limit:
+        value = dict(list(value.items())[:limit])
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

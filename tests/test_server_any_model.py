@@ -3,7 +3,6 @@ character-level tokenizer) answers exactly what the offline LLM computes for tha
 
 from __future__ import annotations
 
-import string
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,11 +11,8 @@ import pytest
 
 from heron import LLM, SamplingParams
 from tests.server_utils import RemoteServer
+from tests.tiny_models import save_char_tokenizer
 
-TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<assistant>{% endif %}"
-)
 PROMPTS = ["Hello", "The quick brown fox"]
 VOCAB = 512
 
@@ -46,29 +42,6 @@ def save_tiny_llama(path: Path) -> Path:
                 param.normal_(0.0, 0.08)
     model.save_pretrained(path)
     return path
-
-
-def save_char_tokenizer(path: Path) -> None:
-    """One token per printable character, filler tokens up to the model's vocabulary."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    vocab.update({c: len(vocab) + i for i, c in enumerate(string.printable)})
-    vocab.update({f"[{i}]": i for i in range(len(vocab), VOCAB)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-    )
-    hf.chat_template = TEMPLATE
-    hf.save_pretrained(path)
 
 
 @pytest.fixture(scope="module")

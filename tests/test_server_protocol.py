@@ -433,6 +433,7 @@ def test_core_loop_serves_aborts_reports_and_stops() -> None:
 class _Engine:
     def __init__(self) -> None:
         self.stats = EngineStats()
+        self.num_in_flight = 0
 
 
 def test_stats_logger_line_only_while_busy() -> None:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 
 import torch
 import transformers
 
 VOCAB = 512
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
 
 
 def save_tiny_model(path: Path, seed: int = 0) -> Path:
@@ -23,4 +28,34 @@ def save_tiny_model(path: Path, seed: int = 0) -> Path:
             if p.dim() == 2:
                 p.normal_(0.0, 0.08)
     model.save_pretrained(path)
+    return path
+
+
+def save_char_tokenizer(path: Path) -> None:
+    """One token per printable character, filler tokens up to the model's vocabulary."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({c: len(vocab) + i for i, c in enumerate(string.printable)})
+    vocab.update({f"[{i}]": i for i in range(len(vocab), VOCAB)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+    )
+    hf.chat_template = CHAT_TEMPLATE
+    hf.save_pretrained(path)
+
+
+def save_tiny_server_model(path: Path) -> Path:
+    """The tiny Llama with its character tokenizer: a directory `heron serve` can serve."""
+    save_tiny_model(path)
+    save_char_tokenizer(path)
     return path

@@ -179,15 +179,21 @@ class EngineClient:
         """Submit sequences; iterate the returned stream (``async with``) for their outputs."""
         if not self.is_alive:
             raise EngineError(f"the engine core is not running ({self._dead or 'not started'})")
-        queue: asyncio.Queue[EngineOutput | Exception] = asyncio.Queue()
         ids = [r.request_id for r in requests]
         for rid in ids:
             if rid in self._queues:
                 raise ValueError(f"request id {rid!r} is already in flight")
+        data = self._encoder.encode(AddRequests(requests=requests))  # raises before registering
+        queue: asyncio.Queue[EngineOutput | Exception] = asyncio.Queue()
         for rid in ids:
             self._queues[rid] = queue
-        self._send(AddRequests(requests=requests))
+        self._send_bytes(data, "AddRequests")
         return OutputStream(self, ids, queue)
+
+    @property
+    def num_in_flight(self) -> int:
+        """Sequences whose outputs this client still routes (each has a queue entry)."""
+        return len(self._queues)
 
     def abort(self, request_ids: list[str]) -> None:
         """Stop these sequences in the core (frees their blocks); later outputs are dropped."""
@@ -199,13 +205,14 @@ class EngineClient:
         self._queues.pop(request_id, None)
 
     def _send(self, message: ClientMessage) -> None:
+        self._send_bytes(self._encoder.encode(message), type(message).__name__)
+
+    def _send_bytes(self, data: bytes, kind: str) -> None:
         assert self._input is not None
         try:
-            self._input.send(self._encoder.encode(message), zmq.NOBLOCK, copy=False)
+            self._input.send(data, zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            logger.warning(
-                "engine core is not connected; dropped a %s message", type(message).__name__
-            )
+            logger.warning("engine core is not connected; dropped a %s message", kind)
 
     # ---- outputs --------------------------------------------------------------------------
 

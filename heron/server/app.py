@@ -31,6 +31,7 @@ from heron.server.completions import serve_completion
 from heron.server.metrics import StatsLogger
 from heron.server.models import model_card, model_cards
 from heron.server.protocol import (
+    FIELD_ERROR,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -238,6 +239,9 @@ def validation_error(errors: Any) -> ErrorResponse:
     field are reported once per member ("not a string", "not a list"...).
     """
     errors = list(errors) or [{"loc": (), "msg": "invalid request", "type": ""}]
+    named = next((e for e in errors if e.get("type") == FIELD_ERROR), None)
+    if named is not None:  # a model-level check that names its field
+        return make_error(400, str(named.get("msg")), param=named["ctx"]["param"])
     first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
     if first.get("type") == "json_invalid":
         detail = first.get("ctx", {}).get("error", first.get("msg"))

@@ -20,6 +20,8 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()  # CORS; empty disables CORS headers
     max_request_bytes: int = 4 << 20
     max_n: int = 16
+    # prompts x n of one request: each is an engine sequence (vLLM's max_num_seqs default)
+    max_seqs_per_request: int = 256
     max_logprobs: int = MAX_LOGPROBS
     stats_interval_s: float = 5.0  # period of the "running/waiting/KV/tok/s" log line while busy
     startup_timeout_s: float | None = None  # engine load; None waits as long as it takes
@@ -39,6 +41,10 @@ class ServerConfig:
             )
         if not 1 <= self.max_n <= MAX_N:
             raise ValueError(f"max_n must be in [1, {MAX_N}], got {self.max_n}")
+        if self.max_seqs_per_request < 1:
+            raise ValueError(
+                f"max_seqs_per_request must be positive, got {self.max_seqs_per_request}"
+            )
         if not 0 <= self.max_logprobs <= MAX_LOGPROBS:
             raise ValueError(
                 f"max_logprobs must be in [0, {MAX_LOGPROBS}], got {self.max_logprobs}"

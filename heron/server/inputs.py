@@ -25,6 +25,7 @@ class Limits:
     max_n: int
     max_logprobs: int
     vocab_size: int
+    max_seqs_per_request: int = 256  # prompts x n: each one engine sequence
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,11 @@ class _EngineStatsCollector(Collector):
             ("num_requests_running", "Requests in the running batch.", s.num_running),
             ("num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting),
             ("kv_cache_usage_perc", "KV cache usage (1 means 100 percent).", s.kv_cache_usage),
+            (
+                "num_sequences_in_flight",
+                "Engine sequences the API process routes outputs for (one queue entry each).",
+                self.engine.num_in_flight,
+            ),
         ):
             yield self._metric(GaugeMetricFamily, name, doc, value)
         for name, doc, value in (

@@ -15,12 +15,22 @@ Errors are values: ``ErrorResponse`` carries its HTTP status and renders as
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
-from heron.sampling_params import SamplingParams
+from heron.sampling_params import SamplingParams, short_repr
+from heron.server.guards import lone_surrogate_path
 from heron.server.inputs import ChatInput, GenerateSpec, Limits, TextInput, ToolUse
 from heron.structured.params import StructuredOutputsParams
 from heron.structured.tools import ToolSpec
@@ -70,9 +80,12 @@ def param_of(message: str) -> str | None:
 
 
 class OpenAIBaseModel(BaseModel):
-    """Unknown fields are kept (``model_extra``) so they can be logged, then ignored."""
+    """Unknown fields are kept (``model_extra``) so they can be logged, then ignored.
 
-    model_config = ConfigDict(extra="allow")
+    Types are strict, as OpenAI's are: ``"4"`` or ``true`` is no integer, ``"yes"`` no bool.
+    """
+
+    model_config = ConfigDict(extra="allow", strict=True)
 
     # Fields OpenAI clients may send whose non-default values heron cannot honour.
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {}
@@ -86,6 +99,33 @@ class OpenAIBaseModel(BaseModel):
         return sorted(
             k for k, harmless in self.UNSUPPORTED.items() if k in extra and extra[k] not in harmless
         )
+
+
+FIELD_ERROR = "heron_field_error"  # a validation error that names its field in ctx["param"]
+
+
+def field_error(param: str, message: str) -> PydanticCustomError:
+    """A validation error for ``param`` raised from a model-level validator (pydantic would
+    otherwise place it at the body, naming no field)."""
+    return PydanticCustomError(FIELD_ERROR, "{param}: {message}",
+                               {"param": param, "message": message})
+
+
+class RequestBody(OpenAIBaseModel):
+    """A whole request body: every string and key in it must be valid Unicode.
+
+    JSON can spell a lone UTF-16 surrogate (``"\\ud800"``); Python keeps it in a str that no
+    tokenizer, log line or UTF-8 response can take. Such a body is a 400 naming the field.
+    """
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode_only(cls, data: Any) -> Any:
+        path = lone_surrogate_path(data)
+        if path is not None:
+            raise field_error(path, "the text holds a lone UTF-16 surrogate (such as \\ud800), "
+                                    "which is not valid Unicode")
+        return data
 
 
 class StreamOptions(OpenAIBaseModel):
@@ -121,7 +161,7 @@ class ResponseFormat(OpenAIBaseModel):
 class StructuredOutputsRequest(BaseModel):
     """vLLM extra ``structured_outputs``: exactly one of json, regex, choice, grammar, json_object."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
 
     json_: dict[str, Any] | bool | str | None = Field(default=None, alias="json")
     regex: str | None = None
@@ -146,7 +186,7 @@ class StructuredOutputsRequest(BaseModel):
         return StructuredOutputsParams.json_object()
 
 
-class SamplingFields(OpenAIBaseModel):
+class SamplingFields(RequestBody):
     """The sampling knobs chat and completions share (OpenAI's, then vLLM's extras)."""
 
     model: str | None = None
@@ -247,11 +287,17 @@ class SamplingFields(OpenAIBaseModel):
     def check_limits(self, max_n: int, max_logprobs: int, vocab_size: int) -> None:
         """Server caps and vocabulary bounds; ValueError naming the field."""
         if self.n is not None and not 1 <= self.n <= max_n:
-            raise ValueError(f"n must be an integer in [1, {max_n}], got {self.n}")
+            raise ValueError(f"n must be an integer in [1, {max_n}], got {short_repr(self.n)}")
         if self.seed is not None and not -(1 << 63) <= self.seed < (1 << 64):
-            raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
+            raise ValueError(f"seed must fit in 64 bits, got {short_repr(self.seed)}")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed when stream is true")
+        bad_key = next((k for k in self.logit_bias or {} if not _TOKEN_ID_KEY.fullmatch(k)), None)
+        if bad_key is not None:
+            raise ValueError("logit_bias keys must be token ids in plain decimal digits, "
+                             f"got {short_repr(bad_key)}")
         for name, ids in (
-            ("logit_bias", [int(k) for k in (self.logit_bias or {}) if _is_int(k)]),
+            ("logit_bias", [int(k) for k in self.logit_bias or {}]),
             ("stop_token_ids", self.stop_token_ids or []),
         ):
             bad = next((t for t in ids if not 0 <= t < vocab_size), None)
@@ -261,8 +307,7 @@ class SamplingFields(OpenAIBaseModel):
                 )
 
 
-def _is_int(text: str) -> bool:
-    return text.lstrip("-").isdigit()
+_TOKEN_ID_KEY = re.compile(r"[0-9]{1,19}")  # ASCII digits only: no sign, blanks, "_" or "١"
 
 
 # ==== chat completions ============================================================================
@@ -297,7 +342,8 @@ class ContentPart(OpenAIBaseModel):
     def _text_only(cls, value: str) -> str:
         if value not in TEXT_PART_TYPES:
             raise ValueError(
-                f"content parts of type {value!r} are not supported; this server takes text only"
+                f"content parts of type {short_repr(value)} are not supported; this server takes "
+                "text only"
             )
         return value
 
@@ -324,7 +370,9 @@ class ChatMessage(OpenAIBaseModel):
     @classmethod
     def _known_role(cls, value: str) -> str:
         if value not in CHAT_ROLES:
-            raise ValueError(f"unknown role {value!r}; use one of {', '.join(CHAT_ROLES)}")
+            raise ValueError(
+                f"unknown role {short_repr(value)}; use one of {', '.join(CHAT_ROLES)}"
+            )
         return value
 
     def text(self) -> str:
@@ -510,6 +558,7 @@ class CompletionRequest(SamplingFields):
         prompts = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else raw
         if not prompts:
             raise ValueError("prompt must not be empty")
+        _check_sequences(len(prompts), self.n or 1, limits.max_seqs_per_request)
         return GenerateSpec(
             input=TextInput(
                 prompts=list(prompts),  # type: ignore[arg-type]
@@ -537,6 +586,16 @@ class CompletionRequest(SamplingFields):
             prompt_logprobs=prompt_logprobs,
             structured_outputs=structured_outputs,
             **self._sampling_kwargs(),
+        )
+
+
+def _check_sequences(num_prompts: int, n: int, limit: int) -> None:
+    """ValueError naming the field when prompts x n engine sequences exceed the server's cap."""
+    if num_prompts * n > limit:
+        raise ValueError(
+            f"{'prompt' if num_prompts > 1 else 'n'}: this request asks for {num_prompts} "
+            f"prompt(s) x n={n} = {num_prompts * n} sequences; this server takes at most {limit} "
+            "per request (--max-seqs-per-request)"
         )
 
 
@@ -708,7 +767,7 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class TokenizeRequest(OpenAIBaseModel):
+class TokenizeRequest(RequestBody):
     """POST /tokenize: either ``prompt`` or chat ``messages`` (rendered with the template)."""
 
     model: str | None = None
@@ -742,7 +801,7 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(OpenAIBaseModel):
+class DetokenizeRequest(RequestBody):
     model: str | None = None
     tokens: list[int]
 

@@ -20,6 +20,8 @@ from pydantic import BaseModel
 
 from heron.engine.client import EngineClient, EngineError, RequestRejectedError
 from heron.engine.messages import EngineInfo, EngineOutput, EngineRequest, TokenLogprobs
+from heron.sampling_params import MAX_QUOTE_CHARS
+from heron.server.guards import FieldNameLog, printable
 from heron.server.inputs import GenerateRequest, Limits
 from heron.server.protocol import (
     ErrorResponse,
@@ -55,7 +57,7 @@ class ServingContext:
     model_root: str
     metrics: ServerMetrics
     specs: SpecValidator = field(default_factory=SpecValidator)
-    _logged_fields: set[str] = field(default_factory=set)
+    ignored_fields: FieldNameLog = field(default_factory=FieldNameLog)
 
     @property
     def default_model(self) -> str:
@@ -66,14 +68,16 @@ class ServingContext:
             return None
         return make_error(
             404,
-            f"The model `{name}` does not exist; this server serves {', '.join(self.model_names)}.",
+            f"The model `{printable(name, MAX_QUOTE_CHARS)}` does not exist; this server serves "
+            f"{', '.join(self.model_names)}.",
             param="model",
             code="model_not_found",
         )
 
     @property
     def limits(self) -> Limits:
-        return Limits(self.config.max_n, self.config.max_logprobs, self.info.vocab_size)
+        return Limits(self.config.max_n, self.config.max_logprobs, self.info.vocab_size,
+                      self.config.max_seqs_per_request)
 
     def check_fields(self, request: GenerateRequest) -> ErrorResponse | None:
         """Refuse fields we cannot honour; log (once per name) fields we ignore."""
@@ -84,10 +88,7 @@ class ServingContext:
                 param=unsupported[0],
                 code="unsupported_parameter",
             )
-        fresh = [f for f in request.ignored_fields() if f not in self._logged_fields]
-        if fresh:
-            self._logged_fields.update(fresh)
-            logger.info("ignoring request fields that have no meaning here: %s", ", ".join(fresh))
+        self.ignored_fields.note(request.ignored_fields())
         return None
 
     async def encode(self, text: str, add_special_tokens: bool) -> list[int]:

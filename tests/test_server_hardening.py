@@ -1,0 +1,217 @@
+"""End to end: what a careless client or an attacker sends is refused cleanly and costs little.
+
+One tiny random model server for the module (output text does not matter here): lone
+surrogates, integers past 64 bits, loose types, unknown field names, request fan-out, and the
+response queues those requests leave behind.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from tests.server_utils import RemoteServer
+from tests.tiny_models import save_tiny_server_model
+
+MAX_SEQS = 8
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteServer]:
+    model = save_tiny_server_model(tmp_path_factory.mktemp("tiny-hardening"))
+    args = [str(model), "--kv-cache-memory", "16MiB", "--max-n", "4",
+            "--max-seqs-per-request", str(MAX_SEQS)]
+    with RemoteServer(args) as srv:
+        yield srv
+
+
+def chat(**fields: Any) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, **fields}
+
+
+def completion(**fields: Any) -> dict[str, Any]:
+    return {"prompt": "Hello", "max_tokens": 1, **fields}
+
+
+def post(server: RemoteServer, path: str, body: dict[str, Any]) -> httpx.Response:
+    """JSON with ASCII escapes: a lone surrogate travels as the six characters \\ud800."""
+    return httpx.post(server.url(path), content=json.dumps(body), timeout=60,
+                      headers={"Content-Type": "application/json"})
+
+
+def check_400(resp: httpx.Response, param: str | None) -> str:
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param, error
+    return str(error["message"])
+
+
+def in_flight(server: RemoteServer) -> float:
+    text = httpx.get(server.url("/metrics")).text
+    match = re.search(r"^heron:num_sequences_in_flight\{[^}]*\} (\S+)$", text, re.MULTILINE)
+    assert match is not None, "heron:num_sequences_in_flight not in /metrics"
+    return float(match.group(1))
+
+
+# ---- item 6: lone surrogates ----------------------------------------------------------------------
+
+SURROGATES = [
+    ("/v1/chat/completions", chat(messages=[{"role": "user", "content": "a\ud800"}]),
+     "messages.0.content"),
+    ("/v1/chat/completions", chat(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "\udfff"}]}]), "messages.0.content.0.text"),
+    ("/v1/completions", completion(prompt="x\ud800y"), "prompt"),
+    ("/v1/completions", completion(prompt=["ok", "\ud800"]), "prompt.1"),
+    ("/tokenize", {"prompt": "\ud800"}, "prompt"),
+    ("/v1/completions", completion(model="m\ud800"), "model"),
+    ("/v1/chat/completions", chat(stop=["fine", "\udc00"]), "stop.1"),
+    ("/v1/completions", completion(**{"odd\ud800key": 1}), "odd\\ud800key"),
+]
+
+
+@pytest.mark.parametrize("path,body,param", SURROGATES, ids=[s[2] for s in SURROGATES])
+def test_lone_surrogate_is_a_400_naming_the_field(
+    server: RemoteServer, path: str, body: dict[str, Any], param: str
+) -> None:
+    message = check_400(post(server, path, body), param)
+    assert "surrogate" in message
+
+
+# ---- item 5: integers past 64 bits, and the queues they leaked ------------------------------------
+
+BIG = [
+    ("/v1/chat/completions", chat(top_k=2**64), "top_k"),
+    ("/v1/chat/completions", chat(top_k=2**63), "top_k"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                              "min_tokens": 2**64}, "min_tokens"),
+    ("/v1/completions", {"prompt": "Hi", "min_tokens": 2**70}, "min_tokens"),
+    ("/v1/completions", completion(max_tokens=2**64), "max_tokens"),
+    ("/v1/completions", completion(logprobs=2**64), "logprobs"),
+    ("/v1/chat/completions", chat(n=2**64), "n"),
+    ("/v1/chat/completions", chat(seed=2**64), "seed"),
+    ("/v1/chat/completions", chat(stop_token_ids=[2**64]), "stop_token_ids"),
+    ("/v1/chat/completions", chat(logit_bias={str(2**64): 1}), "logit_bias"),
+    ("/v1/completions", completion(prompt=[1, 2**64]), "prompt"),
+    ("/detokenize", {"tokens": [2**64]}, "tokens"),
+]
+
+
+@pytest.mark.parametrize("path,body,param", BIG, ids=[f"{b[2]}-{i}" for i, b in enumerate(BIG)])
+def test_integer_past_64_bits_is_a_400_naming_the_field(
+    server: RemoteServer, path: str, body: dict[str, Any], param: str
+) -> None:
+    check_400(post(server, path, body), param)
+
+
+def test_largest_seed_with_n_is_served_and_no_queue_is_left(server: RemoteServer) -> None:
+    for _ in range(3):  # each failed before: 2^64 - 1 + i does not fit the message
+        r = post(server, "/v1/chat/completions", chat(seed=2**64 - 1, n=2, max_tokens=2))
+        assert r.status_code == 200, r.text
+        assert len(r.json()["choices"]) == 2
+    for path, body, _ in BIG[:4]:
+        post(server, path, body)
+    assert in_flight(server) == 0
+
+
+# ---- item 11: strict types and bounded quoting ----------------------------------------------------
+
+LOOSE = [
+    (chat(max_tokens=True), "max_tokens"),
+    (chat(max_tokens="4"), "max_tokens"),
+    (chat(max_tokens=4.0), "max_tokens"),
+    (chat(stream="yes"), "stream"),
+    (chat(n="2"), "n"),
+    (chat(stream_options={"include_usage": True}), "stream_options"),
+    (chat(stream=False, stream_options={"include_usage": True}), "stream_options"),
+    (chat(logit_bias={"+5": 1}), "logit_bias"),
+    (chat(logit_bias={" 5": 1}), "logit_bias"),
+    (chat(logit_bias={"5_0": 1}), "logit_bias"),
+    (chat(logit_bias={"\u0661": 1}), "logit_bias"),  # ARABIC-INDIC DIGIT ONE: int() reads it
+    (chat(logit_bias={"-1": 1}), "logit_bias"),
+    (chat(logprobs="true"), "logprobs"),
+]
+
+
+@pytest.mark.parametrize("body,param", LOOSE, ids=[str(i) for i in range(len(LOOSE))])
+def test_loose_types_are_400s(server: RemoteServer, body: dict[str, Any], param: str) -> None:
+    check_400(post(server, "/v1/chat/completions", body), param)
+
+
+def test_strict_values_still_pass(server: RemoteServer) -> None:
+    ok = chat(max_tokens=2, logit_bias={"5": 1.0, "007": -1}, temperature=1, top_p=1,
+              stream=True, stream_options={"include_usage": True})
+    with httpx.stream("POST", server.url("/v1/chat/completions"), json=ok, timeout=60) as r:
+        assert r.status_code == 200
+        assert [line for line in r.iter_lines() if line][-1] == "data: [DONE]"
+
+
+@pytest.mark.parametrize("body,param", [
+    (chat(model="m" * 100_000), "model"),
+    (chat(messages=[{"role": "r" * 100_000, "content": "x"}]), "messages.0.role"),
+    (chat(temperature=[0.5] * 50_000), "temperature"),
+    (chat(stop=["ok"] * 30_000 + [""]), "stop"),
+    (chat(logit_bias={"9" * 5000: 1}), "logit_bias"),
+    (completion(prompt=[[1] * 10, [5] * 50_000 + [10**9]]), "prompt"),
+])
+def test_error_messages_quote_little_of_the_input(
+    server: RemoteServer, body: dict[str, Any], param: str
+) -> None:
+    r = post(server, "/v1/completions" if "prompt" in body else "/v1/chat/completions", body)
+    assert r.status_code in (400, 404), r.text
+    assert r.json()["error"]["param"] == param
+    assert len(r.json()["error"]["message"]) < 400, r.json()["error"]["message"][:500]
+
+
+# ---- item 7: unknown field names ------------------------------------------------------------------
+
+
+def test_unknown_field_names_are_escaped_cut_and_bounded(server: RemoteServer) -> None:
+    forged = "evil\n2099-01-01 00:00:00 INFO heron: forged line " + "x" * 200_000
+    r = post(server, "/v1/completions", completion(**{forged: 1}))
+    assert r.status_code == 200, r.text
+    many = {f"field_{i:04d}_" + "y" * 1000: i for i in range(300)}  # past the 256 remembered
+    assert post(server, "/v1/completions", completion(**many)).status_code == 200
+    later = {f"later_{i}": i for i in range(10)}
+    assert post(server, "/v1/completions", completion(**later)).status_code == 200
+    log = server.log_text()
+    assert "evil\\n2099-01-01" in log
+    assert not any(line.startswith("2099-01-01") for line in log.splitlines())
+    assert max(len(line) for line in log.splitlines()) < 64 * 300
+    assert "further ones are ignored silently" in log
+    assert "later_0" not in log
+
+
+def test_unknown_field_names_cost_no_memory(server: RemoteServer) -> None:
+    api = psutil.Process(server.proc.pid)
+    body = completion(**{"n" + "z" * (1 << 20): 1})  # a 1 MiB field name
+    post(server, "/v1/completions", body)  # allocator warm-up
+    before = api.memory_info().rss
+    for i in range(40):
+        name = f"{i}" + "z" * (1 << 20)
+        assert post(server, "/v1/completions", completion(**{name: 1})).status_code == 200
+    grown = api.memory_info().rss - before
+    assert grown < 24 << 20, f"the API process grew by {grown >> 20} MiB"
+
+
+# ---- item 8: sequences per request ----------------------------------------------------------------
+
+
+def test_prompts_times_n_is_capped(server: RemoteServer) -> None:
+    message = check_400(post(server, "/v1/completions", completion(prompt=["a"] * 5, n=2)),
+                        "prompt")
+    assert "10 sequences" in message and "--max-seqs-per-request" in message
+    check_400(post(server, "/v1/completions", completion(prompt=["a"] * (MAX_SEQS + 1))),
+              "prompt")
+    r = post(server, "/v1/completions", completion(prompt=["a"] * 4, n=2))
+    assert r.status_code == 200 and len(r.json()["choices"]) == MAX_SEQS
+
+
+def test_no_response_queue_outlives_its_request(server: RemoteServer) -> None:
+    assert in_flight(server) == 0
