@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
-from heron.engine.request import Request
-from heron.engine.sampler import Sampler, SamplerOutput, _inverse_cdf
+from heron.engine.sampler import Sampler, SamplerOutput, _inverse_cdf, process_logits
+from heron.engine.sampling_batch import SamplingBatch, SamplingRow, seeded_generator
 from heron.sampling_params import SamplingParams
+
+CPU = torch.device("cpu")
 
 # A fixed distribution with no ties and no cumulative sums on a top-p boundary:
 # cumulative mass 0.40, 0.65, 0.80, 0.90, 0.96, 1.00.
@@ -18,21 +21,33 @@ PROBS = [0.40, 0.25, 0.15, 0.10, 0.06, 0.04]
 PERM = [3, 0, 5, 1, 4, 2]  # token PERM[i] has probability PROBS[i]
 
 
-def make_request(
-    request_id: str = "a",
-    prompt: list[int] | None = None,
-    output: list[int] | None = None,
-    **params: object,
-) -> Request:
-    req = Request(
-        request_id=request_id,
-        prompt_token_ids=list(prompt if prompt is not None else [1, 2]),
-        sampling_params=SamplingParams(**params),  # type: ignore[arg-type]
-        max_tokens=16,
-    )
-    for token_id in output or []:
-        req.append_output_token(token_id)
-    return req
+def make_row(prompt: list[int] | None = None, output: list[int] | None = None,
+             **params: object) -> SamplingRow:
+    """One row as the runner describes it; a seeded sampled row gets its own generator."""
+    sampling = SamplingParams(**params)  # type: ignore[arg-type]
+    prompt = [1, 2] if prompt is None else prompt
+    generator = None
+    if sampling.seed is not None and not sampling.greedy:
+        generator = seeded_generator(sampling.seed, CPU)
+    return SamplingRow(sampling, [*prompt, *(output or [])], len(prompt), generator)
+
+
+def batch_of(rows: list[SamplingRow], vocab: int) -> SamplingBatch:
+    return SamplingBatch.build(rows, vocab, CPU)
+
+
+def sample(sampler: Sampler, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+    return sampler(logits, batch_of(rows, logits.shape[-1]))
+
+
+def probs_of(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    return Sampler().compute_probs(logits, batch_of(rows, logits.shape[-1]))
+
+
+def processed(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    penalties = batch_of(rows, logits.shape[-1]).penalties
+    assert penalties is not None
+    return process_logits(logits, penalties)
 
 
 def shuffled_logits(rows: int = 1) -> torch.Tensor:
@@ -60,8 +75,8 @@ def empirical_support(
     params: dict[str, object], draws: int = 3000
 ) -> tuple[set[int], torch.Tensor]:
     """Sample ``draws`` rows of the shuffled distribution at once; support and frequencies."""
-    reqs = [make_request(f"r{i}", **params) for i in range(draws)]
-    out = Sampler(seed=7)(shuffled_logits(draws), reqs)
+    reqs = [make_row(**params) for i in range(draws)]
+    out = sample(Sampler(seed=7), shuffled_logits(draws), reqs)
     counts = torch.bincount(torch.tensor(out.sampled_token_ids), minlength=len(PROBS))
     return set(out.sampled_token_ids), counts.double() / draws
 
@@ -79,9 +94,9 @@ def test_greedy_is_exact_argmax(dtype: torch.dtype) -> None:
     logits[0] = 0
     logits[0, 10] = 1.0
     logits[0, 11] = torch.nextafter(torch.tensor(1.0), torch.tensor(2.0)).to(dtype)
-    reqs = [make_request(str(i), temperature=0.0) for i in range(8)]
+    reqs = [make_row(temperature=0.0) for i in range(8)]
     before = logits.clone()
-    out = Sampler()(logits, reqs)
+    out = sample(Sampler(), logits, reqs)
     assert isinstance(out, SamplerOutput)
     assert out.sampled_token_ids == logits.float().argmax(dim=-1).tolist()
     assert out.logprobs == [None] * 8
@@ -92,9 +107,9 @@ def test_greedy_rows_in_a_mixed_batch_are_argmax() -> None:
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(6, 300, generator=gen) * 3
     temps = [0.0, 1.0, 0.0, 0.7, 1.3, 0.0]
-    reqs = [make_request(str(i), temperature=t, top_p=0.9) for i, t in enumerate(temps)]
+    reqs = [make_row(temperature=t, top_p=0.9) for i, t in enumerate(temps)]
     before = logits.clone()
-    out = Sampler()(logits, reqs)
+    out = sample(Sampler(), logits, reqs)
     argmax = logits.argmax(dim=-1).tolist()
     for i, t in enumerate(temps):
         if t == 0.0:
@@ -106,9 +121,9 @@ def test_greedy_rows_in_a_mixed_batch_are_argmax() -> None:
 def test_top_k_1_equals_greedy(seed: int | None) -> None:
     gen = torch.Generator().manual_seed(2)
     logits = torch.randn(16, 500, generator=gen)
-    reqs = [make_request(str(i), temperature=1.5, top_k=1, seed=seed) for i in range(16)]
+    reqs = [make_row(temperature=1.5, top_k=1, seed=seed) for i in range(16)]
     for _ in range(3):
-        assert Sampler(seed=5)(logits, reqs).sampled_token_ids == logits.argmax(-1).tolist()
+        assert sample(Sampler(seed=5), logits, reqs).sampled_token_ids == logits.argmax(-1).tolist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,7 +152,7 @@ FILTER_CASES = [
 @pytest.mark.parametrize(("params", "kept"), FILTER_CASES)
 def test_filters_renormalise_exactly(params: dict[str, object], kept: list[int]) -> None:
     temperature = float(params.get("temperature", 1.0))  # type: ignore[arg-type]
-    probs = Sampler().compute_probs(shuffled_logits(), [make_request(**params)])
+    probs = probs_of(shuffled_logits(), [make_row(**params)])
     assert probs.dtype == torch.float32
     torch.testing.assert_close(
         probs[0].double(), expected_probs(kept, temperature), atol=1e-6, rtol=0
@@ -184,8 +199,8 @@ def test_large_vocab_filters_match_the_definitions(vocab: int) -> None:
         (40, 0.99, 0.0),
         (0, 0.9, 0.01),
     ]
-    reqs = [make_request(str(i), top_k=k, top_p=p, min_p=m) for i, (k, p, m) in enumerate(settings)]
-    probs = Sampler().compute_probs(logits, reqs)
+    reqs = [make_row(top_k=k, top_p=p, min_p=m) for i, (k, p, m) in enumerate(settings)]
+    probs = probs_of(logits, reqs)
     for i, (k, p, m) in enumerate(settings):
         expected = _reference_support(logits[i], k, p, m)
         assert set(torch.nonzero(probs[i]).flatten().tolist()) == expected
@@ -198,8 +213,8 @@ def test_large_vocab_filters_match_the_definitions(vocab: int) -> None:
 
 def test_draws_match_the_distribution() -> None:
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]]).repeat(20000, 1)
-    reqs = [make_request(str(i), temperature=0.8) for i in range(20000)]
-    out = Sampler(seed=3)(logits, reqs)
+    reqs = [make_row(temperature=0.8) for i in range(20000)]
+    out = sample(Sampler(seed=3), logits, reqs)
     freqs = torch.bincount(torch.tensor(out.sampled_token_ids), minlength=4).double() / 20000
     expected = torch.softmax(logits[0].double() / 0.8, dim=-1)
     torch.testing.assert_close(freqs, expected, atol=0.015, rtol=0)  # sd <= 0.0036
@@ -207,8 +222,8 @@ def test_draws_match_the_distribution() -> None:
 
 def test_compute_probs_greedy_row_is_one_hot() -> None:
     logits = torch.tensor([[0.1, 3.0, 2.0], [0.1, 3.0, 2.0]])
-    reqs = [make_request("g", temperature=0.0), make_request("s", temperature=1.0)]
-    probs = Sampler().compute_probs(logits, reqs)
+    reqs = [make_row(temperature=0.0), make_row(temperature=1.0)]
+    probs = probs_of(logits, reqs)
     assert probs[0].tolist() == [0.0, 1.0, 0.0]
     torch.testing.assert_close(probs[1], torch.softmax(logits[1], dim=-1))
 
@@ -222,19 +237,13 @@ def test_repetition_presence_frequency_penalties_exact() -> None:
     logits = torch.tensor([[1.5, -2.0, 0.8, -0.4, 2.2, 0.0, -1.0, 0.3]]).repeat(4, 1)
     prompt, output = [1, 2, 2], [3, 3, 4, 3]  # seen: 1, 2, 3, 4; output counts: 3 x3, 4 x1
     reqs = [
-        make_request("rep", prompt, output, repetition_penalty=1.3),
-        make_request("pf", prompt, output, presence_penalty=0.5, frequency_penalty=0.25),
-        make_request(
-            "all",
-            prompt,
-            output,
-            repetition_penalty=0.8,
-            presence_penalty=-0.5,
-            frequency_penalty=1.5,
-        ),
-        make_request("none", prompt, output),
+        make_row(prompt, output, repetition_penalty=1.3),
+        make_row(prompt, output, presence_penalty=0.5, frequency_penalty=0.25),
+        make_row(prompt, output, repetition_penalty=0.8, presence_penalty=-0.5,
+                 frequency_penalty=1.5),
+        make_row(prompt, output),
     ]
-    got = Sampler().process_logits(logits, reqs)
+    got = processed(logits, reqs)
 
     def rep(x: float, p: float) -> float:
         return x / p if x > 0 else x * p
@@ -257,9 +266,9 @@ def test_repetition_presence_frequency_penalties_exact() -> None:
 
 def test_penalty_changes_the_greedy_token() -> None:
     logits = torch.tensor([[3.0, 2.9, 0.0]])
-    plain = Sampler()(logits, [make_request(output=[0], temperature=0.0)])
-    penalised = Sampler()(
-        logits, [make_request(output=[0], temperature=0.0, frequency_penalty=0.2)]
+    plain = sample(Sampler(), logits, [make_row(output=[0], temperature=0.0)])
+    penalised = sample(
+        Sampler(), logits, [make_row(output=[0], temperature=0.0, frequency_penalty=0.2)]
     )
     assert plain.sampled_token_ids == [0]
     assert penalised.sampled_token_ids == [1]
@@ -269,38 +278,38 @@ def test_logit_bias_is_added() -> None:
     logits = torch.zeros(2, 10)
     logits[:, 3] = 5.0
     reqs = [
-        make_request("b", temperature=0.0, logit_bias={"7": 6.0, 3: -1.5, 999: 100.0}),
-        make_request("plain", temperature=0.0),
+        make_row(temperature=0.0, logit_bias={"7": 6.0, 3: -1.5, 999: 100.0}),
+        make_row(temperature=0.0),
     ]
-    processed = Sampler().process_logits(logits, reqs)
+    got = processed(logits, reqs)
     expected = logits.clone()
     expected[0, 7] += 6.0
     expected[0, 3] -= 1.5  # id 999 is outside the vocabulary and ignored
-    assert torch.equal(processed, expected)
-    assert Sampler()(logits, reqs).sampled_token_ids == [7, 3]
+    assert torch.equal(got, expected)
+    assert sample(Sampler(), logits, reqs).sampled_token_ids == [7, 3]
 
 
 def test_min_tokens_blocks_stop_ids_until_reached() -> None:
     logits = torch.tensor([[0.0, 1.0, 4.0, 0.5, 0.0, 0.0, 0.0, 5.0]])
 
-    def request(num_outputs: int) -> Request:
-        req = make_request(
+    def request(num_outputs: int) -> SamplingRow:
+        row = make_row(
             output=[1] * num_outputs, temperature=0.0, min_tokens=2, stop_token_ids=[2]
         )
-        req.sampling_params.all_stop_token_ids.add(7)  # the engine adds EOS
-        return req
+        row.params.all_stop_token_ids.add(7)  # the engine adds EOS
+        return row
 
-    processed = Sampler().process_logits(logits, [request(1)])
-    assert processed[0, 2] == -math.inf and processed[0, 7] == -math.inf
-    assert torch.equal(processed[0, :2], logits[0, :2])
-    assert Sampler()(logits, [request(0)]).sampled_token_ids == [1]
-    assert Sampler()(logits, [request(1)]).sampled_token_ids == [1]
-    assert Sampler()(logits, [request(2)]).sampled_token_ids == [7]
+    got = processed(logits, [request(1)])
+    assert got[0, 2] == -math.inf and got[0, 7] == -math.inf
+    assert torch.equal(got[0, :2], logits[0, :2])
+    assert sample(Sampler(), logits, [request(0)]).sampled_token_ids == [1]
+    assert sample(Sampler(), logits, [request(1)]).sampled_token_ids == [1]
+    assert sample(Sampler(), logits, [request(2)]).sampled_token_ids == [7]
     # A sampled row never draws a blocked id either.
     reqs = [
-        make_request(str(i), output=[1], min_tokens=2, stop_token_ids=[2, 7]) for i in range(500)
+        make_row(output=[1], min_tokens=2, stop_token_ids=[2, 7]) for i in range(500)
     ]
-    drawn = set(Sampler()(logits.repeat(500, 1), reqs).sampled_token_ids)
+    drawn = set(sample(Sampler(), logits.repeat(500, 1), reqs).sampled_token_ids)
     assert not drawn & {2, 7}
 
 
@@ -317,16 +326,17 @@ def _run_steps(
 ) -> dict[str, list[int]]:
     """Decode one step per entry of ``batches`` (the row order at that step).
 
-    A request's k-th step always sees ``step_logits[name][k]``, whichever batch it is in.
+    A sequence's k-th step always sees ``step_logits[name][k]``, whichever batch it is in; its
+    row keeps its generator from step to step, as the runner keeps a request's.
     """
-    reqs = {name: make_request(name, **params[name]) for name in params}
+    first = {name: make_row(**params[name]) for name in params}
     tokens: dict[str, list[int]] = {name: [] for name in params}
     for order in batches:
         logits = torch.stack([step_logits[name][len(tokens[name])] for name in order])
-        out = sampler(logits, [reqs[name] for name in order])
+        rows = [replace(first[name], token_ids=[1, 2, *tokens[name]]) for name in order]
+        out = sample(sampler, logits, rows)
         for name, token_id in zip(order, out.sampled_token_ids, strict=True):
             tokens[name].append(token_id)
-            reqs[name].append_output_token(token_id)
     return tokens
 
 
@@ -360,28 +370,31 @@ def test_seeded_rows_reproducible_across_batches_and_orders() -> None:
     assert changed["A"] != alone["A"]
 
 
-def test_seeded_request_keeps_its_own_generator() -> None:
-    req = make_request(seed=2**70 + 5, temperature=1.0)  # any int works as a seed
-    assert req.generator is None
-    Sampler()(torch.zeros(1, 32), [req])
-    assert req.generator is not None
+def test_a_seeded_row_draws_one_uniform_from_its_own_generator() -> None:
+    row = make_row(seed=2**70 + 5, temperature=1.0)  # any int works as a seed
+    assert row.generator is not None
     expected = torch.Generator().manual_seed((2**70 + 5) % 2**64)
+    assert torch.equal(row.generator.get_state(), expected.get_state())
+    sample(Sampler(), torch.zeros(1, 32), [row])
     torch.rand(1, generator=expected, dtype=torch.float64)  # one uniform per sampled step
-    assert torch.equal(req.generator.get_state(), expected.get_state())
-    greedy = make_request(seed=3, temperature=0.0)
-    Sampler()(torch.zeros(1, 32), [greedy])
-    assert greedy.generator is None  # greedy rows draw nothing
+    assert torch.equal(row.generator.get_state(), expected.get_state())
+    # A greedy row draws nothing, even from a generator it was given.
+    own = seeded_generator(3, CPU)
+    before = own.get_state()
+    greedy = SamplingRow(SamplingParams(temperature=0.0, seed=3), [1, 2], 2, own)
+    assert sample(Sampler(), torch.arange(32.0).unsqueeze(0), [greedy]).sampled_token_ids == [31]
+    assert torch.equal(own.get_state(), before)
 
 
 def test_engine_generator_seeded_once() -> None:
     logits = torch.zeros(64, 1000)
-    reqs = [make_request(str(i)) for i in range(64)]
-    first = Sampler(seed=11)(logits, reqs).sampled_token_ids
-    assert Sampler(seed=11)(logits, reqs).sampled_token_ids == first
-    assert Sampler(seed=12)(logits, reqs).sampled_token_ids != first
+    reqs = [make_row() for _ in range(64)]
+    first = sample(Sampler(seed=11), logits, reqs).sampled_token_ids
+    assert sample(Sampler(seed=11), logits, reqs).sampled_token_ids == first
+    assert sample(Sampler(seed=12), logits, reqs).sampled_token_ids != first
     sampler = Sampler(seed=11)
-    sampler(logits, reqs)
-    assert sampler(logits, reqs).sampled_token_ids != first  # the generator advances
+    sample(sampler, logits, reqs)
+    assert sample(sampler, logits, reqs).sampled_token_ids != first  # the generator advances
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,12 +411,12 @@ def test_logprobs_are_raw_log_softmax_with_ranks(dtype: torch.dtype) -> None:
     low = int(logits[0].float().argsort()[20])  # 179 tokens above it: rank 180 of 200
     reqs = [
         # Bias forces a low-ranked token; logprobs still come from the raw logits.
-        make_request("biased", temperature=0.0, logprobs=5, logit_bias={low: 100.0}),
-        make_request("none", temperature=1.0),
-        make_request("zero", temperature=0.7, top_k=10, logprobs=0, seed=3),
-        make_request("twenty", temperature=1.0, logprobs=20, repetition_penalty=1.5),
+        make_row(temperature=0.0, logprobs=5, logit_bias={low: 100.0}),
+        make_row(temperature=1.0),
+        make_row(temperature=0.7, top_k=10, logprobs=0, seed=3),
+        make_row(temperature=1.0, logprobs=20, repetition_penalty=1.5),
     ]
-    out = Sampler()(logits, reqs)
+    out = sample(Sampler(), logits, reqs)
     raw = torch.log_softmax(logits.float(), dim=-1)  # [4, 200]
     assert out.sampled_token_ids[0] == low
     assert out.logprobs[1] is None
@@ -412,7 +425,7 @@ def test_logprobs_are_raw_log_softmax_with_ranks(dtype: torch.dtype) -> None:
         assert entry is not None
         sampled = out.sampled_token_ids[row]
         top = raw[row].topk(k).indices.tolist() if k else []
-        assert set(entry) == set(top) | {sampled}
+        assert list(entry) == [sampled] + [t for t in top if t != sampled]
         for rank, token_id in enumerate(top, start=1):
             assert entry[token_id].rank == rank
         true_rank = int((raw[row] > raw[row, sampled]).sum()) + 1
@@ -422,6 +435,26 @@ def test_logprobs_are_raw_log_softmax_with_ranks(dtype: torch.dtype) -> None:
     assert out.logprobs[0][low].rank == 180
 
 
+def test_logprobs_list_the_sampled_token_first() -> None:
+    """At temperature 2 most draws are not the argmax: the entry still starts with the token
+    the text shows, then the top alternatives (once each)."""
+    gen = torch.Generator().manual_seed(10)
+    logits = torch.randn(64, 50, generator=gen)
+    rows = [make_row(temperature=2.0, logprobs=3, seed=i) for i in range(64)]
+    out = sample(Sampler(), logits, rows)
+    raw = torch.log_softmax(logits, dim=-1)  # [64, 50]
+    not_argmax = 0
+    for i, entry in enumerate(out.logprobs):
+        assert entry is not None
+        token = out.sampled_token_ids[i]
+        top = raw[i].topk(3).indices.tolist()
+        assert list(entry) == [token] + [t for t in top if t != token]
+        assert entry[token].logprob == pytest.approx(raw[i, token].item(), abs=1e-6)
+        assert entry[token].rank == int((raw[i] > raw[i, token]).sum()) + 1
+        not_argmax += token != top[0]
+    assert not_argmax > 32, "most draws at temperature 2 are not the argmax"
+
+
 # ---------------------------------------------------------------------------------------------
 # Input checks
 # ---------------------------------------------------------------------------------------------
@@ -429,7 +462,7 @@ def test_logprobs_are_raw_log_softmax_with_ranks(dtype: torch.dtype) -> None:
 
 def test_shape_mismatch_raises() -> None:
     with pytest.raises(ValueError, match="logits"):
-        Sampler()(torch.zeros(2, 8), [make_request()])
+        sample(Sampler(), torch.zeros(2, 8), [make_row()])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,21 +501,21 @@ def test_non_contiguous_logits_give_the_same_tokens() -> None:
     strided = torch.randn(700, 3, generator=gen).t()  # [3, 700], not contiguous
     assert not strided.is_contiguous()
 
-    def batch() -> list[Request]:
+    def batch() -> list[SamplingRow]:
         return [
-            make_request("a", temperature=0.0, presence_penalty=0.5, output=[1]),
-            make_request("b", top_p=0.5, top_k=30, seed=1, logprobs=2),
-            make_request("c", min_p=0.1, seed=2),
+            make_row(temperature=0.0, presence_penalty=0.5, output=[1]),
+            make_row(top_p=0.5, top_k=30, seed=1, logprobs=2),
+            make_row(min_p=0.1, seed=2),
         ]
 
-    got = Sampler()(strided, batch())
-    expected = Sampler()(strided.contiguous(), batch())
+    got = sample(Sampler(), strided, batch())
+    expected = sample(Sampler(), strided.contiguous(), batch())
     assert got.sampled_token_ids == expected.sampled_token_ids
     assert got.logprobs == expected.logprobs
 
 
 def test_nan_logits_give_in_range_ids_not_a_crash() -> None:
     logits = torch.full((3, 700), math.nan)
-    reqs = [make_request("a"), make_request("b", top_p=0.5, top_k=3), make_request("c", min_p=0.1)]
-    out = Sampler()(logits, reqs)
+    reqs = [make_row(), make_row(top_p=0.5, top_k=3), make_row(min_p=0.1)]
+    out = sample(Sampler(), logits, reqs)
     assert all(0 <= t < 700 for t in out.sampled_token_ids)

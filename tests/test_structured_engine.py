@@ -82,6 +82,26 @@ def test_choice_finishes_on_the_grammar_without_a_stop_token(llm: LLM) -> None:
         assert tokenizer.decode(o.token_ids) == o.text, "no eos token was needed or added"
 
 
+def test_logprobs_report_the_sampled_tokens(llm: LLM) -> None:
+    """Each position's logprobs start with the token in the output (its own logprob and rank in
+    the raw distribution), then the alternatives: at temperature 2, and where a choice forces
+    tokens the raw distribution would rarely pick."""
+    free = _run(llm, None, range(4), temperature=2.0, logprobs=2, max_tokens=12, ignore_eos=True)
+    forced = _run(llm, S.choice(["zebra"]), range(2), logprobs=2)
+    ranks = []
+    for out in free + forced:
+        assert out.logprobs is not None and len(out.logprobs) == len(out.token_ids)
+        for token, entry in zip(out.token_ids, out.logprobs, strict=True):
+            first, chosen = next(iter(entry.items()))
+            assert first == token and chosen.rank is not None
+            ranks.append(chosen.rank)
+            assert len(entry) == 3 if chosen.rank > 2 else len(entry) == 2
+    for out in forced:  # ASCII: each token's own string is its piece of the text
+        words = [next(iter(entry.values())).decoded_token for entry in out.logprobs or []]
+        assert "".join(w or "" for w in words) == out.text == "zebra"
+    assert sum(r > 1 for r in ranks) > len(ranks) // 2, "most tokens here are not the argmax"
+
+
 def test_regex_output_full_matches(llm: LLM) -> None:
     pattern = r"[a-c]{2,4}-[0-9]{2}"
     for o in _run(llm, S.regex(pattern), range(10)):

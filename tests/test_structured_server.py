@@ -167,6 +167,28 @@ def test_completions_and_streaming_structured_output(client: openai.OpenAI) -> N
     assert parts == whole(full)
 
 
+def test_logprobs_report_the_tokens_of_the_text(client: openai.OpenAI) -> None:
+    """The reported token and logprob are those of the sampled token, which a choice forces here
+    (the most likely token of the raw distribution is something else): the tokens spell the text.
+    """
+    ask = [{"role": "user", "content": "Name an animal."}]
+    answer = client.chat.completions.create(
+        model=MODEL, messages=ask, max_tokens=10, temperature=2.0, seed=1, logprobs=True,
+        top_logprobs=2, extra_body={"guided_choice": ["zebra"]})
+    content = answer.choices[0].logprobs.content
+    assert "".join(e.token for e in content) == answer.choices[0].message.content == "zebra"
+    for entry in content:
+        assert len(entry.top_logprobs) == 2
+        same = [t.logprob for t in entry.top_logprobs if t.token == entry.token]
+        assert all(lp == pytest.approx(entry.logprob, abs=1e-5) for lp in same)
+    done = client.completions.create(model=MODEL, prompt="My favourite animal is the",
+                                     max_tokens=10, temperature=2.0, seed=1, logprobs=2,
+                                     extra_body={"guided_choice": ["zebra"]})
+    lp = done.choices[0].logprobs
+    assert "".join(lp.tokens) == done.choices[0].text == "zebra"
+    assert all(len(top) >= 2 for top in lp.top_logprobs)
+
+
 def test_a_length_cut_reports_length(client: openai.OpenAI) -> None:
     answer = chat(client, ASK_PERSON, max_tokens=4, response_format={"type": "json_object"})
     assert answer.choices[0].finish_reason == "length"

@@ -13,7 +13,8 @@ import torch
 from heron.engine.messages import AddRequests, ClientMessage, EngineRequest
 from heron.engine.request import Request
 from heron.engine.sampler import Sampler
-from heron.engine.structured import unpack_bitmask
+from heron.engine.sampling_batch import GrammarMask, SamplingBatch, SamplingRow, unpack_bitmask
+from heron.engine.structured import fill_bitmask
 from heron.sampling_params import SamplingParams
 from heron.server.inputs import Limits
 from heron.server.pipeline import plan_tools
@@ -303,7 +304,7 @@ def _int32(word: int) -> int:
 
 
 class FixedGrammar:
-    """Allows a fixed set of token ids (the sampler only calls fill_bitmask)."""
+    """Allows a fixed set of token ids (filling the bitmask only calls fill_bitmask)."""
 
     def __init__(self, allowed: set[int]) -> None:
         self.allowed = allowed
@@ -315,10 +316,15 @@ class FixedGrammar:
         bitmask[row] = torch.tensor([_int32(w) for w in words], dtype=torch.int32)
 
 
-def _request(rid: str, allowed: set[int] | None, **params: object) -> Request:
-    req = Request(rid, [1, 2], SamplingParams(**params), max_tokens=8)  # type: ignore[arg-type]
-    req.grammar = None if allowed is None else FixedGrammar(allowed)  # type: ignore[assignment]
-    return req
+def _batch(rows: list[tuple[set[int] | None, dict[str, object]]], vocab: int) -> SamplingBatch:
+    """Rows of (allowed tokens or None, sampling params), as the runner builds them: the
+    constrained rows' bitmask filled by their grammars."""
+    sampling = [SamplingRow(SamplingParams(**p), [1, 2], 2)  # type: ignore[arg-type]
+                for _, p in rows]
+    constrained = [i for i, (allowed, _) in enumerate(rows) if allowed is not None]
+    grammars = [FixedGrammar(allowed) for allowed, _ in rows if allowed is not None]
+    mask = GrammarMask(fill_bitmask(grammars, vocab), constrained)  # type: ignore[arg-type]
+    return SamplingBatch.build(sampling, vocab, torch.device("cpu"), mask)
 
 
 def test_unpack_bitmask_bit_order() -> None:
@@ -331,12 +337,9 @@ def test_unpack_bitmask_bit_order() -> None:
 def test_sampler_masks_constrained_rows_only() -> None:
     vocab = 70
     logits = torch.arange(vocab, dtype=torch.float32).repeat(3, 1)  # the best token is the last
-    requests = [
-        _request("free", None, temperature=0),
-        _request("constrained", {3, 40, 65}, temperature=0),
-        _request("one", {5}, temperature=0, logprobs=1),
-    ]
-    out = Sampler()(logits.clone(), requests)
+    batch = _batch([(None, {"temperature": 0}), ({3, 40, 65}, {"temperature": 0}),
+                    ({5}, {"temperature": 0, "logprobs": 1})], vocab)
+    out = Sampler()(logits.clone(), batch)
     assert out.sampled_token_ids == [69, 65, 5], "greedy: argmax among the allowed tokens"
     # Logprobs are those of the raw distribution (OpenAI's definition), not of the masked one.
     expected = torch.log_softmax(logits[2], dim=-1)[5].item()
@@ -349,18 +352,18 @@ def test_sampled_rows_never_draw_masked_tokens() -> None:
     torch.manual_seed(0)
     logits = torch.randn(4, vocab) * 3
     allowed = [{7, 8, 250}, set(range(100, 140)), {299}, None]
-    requests = [_request(str(i), a, temperature=1.5, top_p=0.95, seed=i, presence_penalty=0.5)
-                for i, a in enumerate(allowed)]
+    params: dict[str, object] = {"temperature": 1.5, "top_p": 0.95, "presence_penalty": 0.5}
+    batch = _batch([(a, params) for a in allowed], vocab)
     sampler = Sampler(seed=1)
-    seen: list[set[int]] = [set() for _ in requests]
+    seen: list[set[int]] = [set() for _ in allowed]
     for _ in range(200):
-        for i, token in enumerate(sampler(logits, requests).sampled_token_ids):
+        for i, token in enumerate(sampler(logits, batch).sampled_token_ids):
             seen[i].add(token)
     assert seen[0] == {7, 8, 250} or (seen[0] < {7, 8, 250} and len(seen[0]) == 2)
     assert seen[1] <= set(range(100, 140)) and len(seen[1]) > 5
     assert seen[2] == {299}
     assert len(seen[3] - set(range(100, 140)) - {7, 8, 250, 299}) > 10, "the free row is free"
-    probs = sampler.compute_probs(logits, requests)
+    probs = sampler.compute_probs(logits, batch)
     for i, a in enumerate(allowed[:3]):
         outside = torch.ones(vocab, dtype=torch.bool)
         outside[list(a)] = False  # type: ignore[arg-type]

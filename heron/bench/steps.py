@@ -3,7 +3,8 @@
 Runs the default model in process, fills a batch of B decoding requests (128-token prompts),
 and times 40 decode steps, reporting the median milliseconds of the step and of its parts:
 ``model`` (the forward pass), ``lm_head`` (logits), ``sampler``, ``build_batch`` (the runner's
-flat batch), ``schedule`` and ``update`` (the scheduler). ``--split`` also times the step with
+flat batch), ``sampling_batch`` (the sampler's input), ``schedule`` and ``update`` (the
+scheduler). ``--split`` also times the step with
 the projections, then the LM head too, replaced by zeros: what is left is the cost of the
 small ops (norms, RoPE, attention, casts) and of Python. It runs the model's modules (a fused
 decode step, ``heron.models.gemma3_fused``, has no projection calls to replace).
@@ -32,7 +33,8 @@ def instrument(engine: EngineCore, times: dict[str, list[float]]) -> None:
              "update": (engine.scheduler, "update_from_output"),
              "build_batch": (engine.runner, "_build_batch"), "model": (engine.runner.model, "forward"),
              "lm_head": (engine.runner.model, "compute_logits"),
-             "sampler": (engine.runner.sampler, "forward")}
+             "sampler": (engine.runner.sampler, "forward"),
+             "sampling_batch": (engine.runner, "sampling_batch")}
     for name, (owner, attr) in parts.items():
         setattr(owner, attr, _timed(getattr(owner, attr), times[name]))
 

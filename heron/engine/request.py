@@ -71,7 +71,7 @@ class Request:
     num_preemptions: int = 0
     stop_reason: int | str | None = None  # the stop token id that ended it, if any
     output_logprobs: list[LogprobsDict] = field(default_factory=list)
-    # Set lazily by the sampler for seeded requests; advances only when this request samples.
+    # Made by the runner on a seeded request's first draw; advances only when this request draws.
     generator: torch.Generator | None = None
     # Prompt logprobs (one entry per prompt position; the first is None), when asked.
     prompt_logprobs: list[LogprobsDict | None] | None = None

@@ -31,7 +31,9 @@ import torch.nn.functional as F
 
 from heron.engine.request import Logprob, LogprobsDict, Request
 from heron.engine.sampler import Sampler
+from heron.engine.sampling_batch import GrammarMask, SamplingBatch, SamplingRow, seeded_generator
 from heron.engine.scheduler import SchedulerOutput
+from heron.engine.structured import fill_bitmask
 from heron.layers.attention import AttentionMetadata, ForwardContext, PrefillSpan
 from heron.models.base import CausalLM
 
@@ -45,7 +47,8 @@ class StepBatch:
     attn_metadata: AttentionMetadata
     sample_idx: torch.Tensor  # [num_sampled] int64: last token of each request that samples
     sample_requests: list[Request]
-    prompt_logprob_rows: list[tuple[Request, int, int, int]]  # (request, flat index, position, length)
+    # (request, flat index, position, length) of each request that wants prompt logprobs
+    prompt_logprob_rows: list[tuple[Request, int, int, int]]
     pool_rows: list[tuple[Request, int, int, int]]  # pooling requests: the same tuple
 
 
@@ -90,13 +93,32 @@ class ModelRunner:
         if not batch.sample_requests:
             return {}, {}
         logits = self.model.compute_logits(hidden[batch.sample_idx])  # [num_sampled, vocab]
-        out = self.sampler(logits, batch.sample_requests)
+        sampling = self.sampling_batch(batch.sample_requests, logits.shape[-1])
+        out = self.sampler(logits, sampling)
         sampled, logprobs = {}, {}
         for req, token, lp in zip(batch.sample_requests, out.sampled_token_ids, out.logprobs):
             sampled[req.request_id] = token
             if lp is not None:
                 logprobs[req.request_id] = lp
         return sampled, logprobs
+
+    def sampling_batch(self, requests: list[Request], vocab_size: int) -> SamplingBatch:
+        """The sampler's input for the rows of ``requests``: their parameters and tokens, the
+        generator of each seeded request (made on its first draw), its grammar's allowed tokens."""
+        rows = [SamplingRow(r.sampling_params, r.token_ids, r.num_prompt_tokens,
+                            self._generator(r)) for r in requests]
+        grammar = _grammar_mask(requests, vocab_size)
+        return SamplingBatch.build(rows, vocab_size, self.device, grammar)
+
+    def _generator(self, request: Request) -> torch.Generator | None:
+        """A seeded, sampled request's own generator; None for the rest (greedy rows draw
+        nothing; unseeded rows use the sampler's engine-wide generator)."""
+        seed = request.sampling_params.seed
+        if seed is None or request.sampling_params.greedy:
+            return None
+        if request.generator is None:
+            request.generator = seeded_generator(seed, self.device)
+        return request.generator
 
     def _build_batch(self, sched: SchedulerOutput) -> StepBatch:
         input_ids: list[int] = []
@@ -142,7 +164,8 @@ class ModelRunner:
             slot_mapping=torch.cat(slots).to(dev),
             decode_token_idx=torch.tensor(decode_idx, dtype=torch.long, device=dev),
             decode_seq_lens=torch.tensor(decode_lens, dtype=torch.long, device=dev),
-            decode_block_tables=torch.tensor(table, dtype=torch.long, device=dev).view(len(table), max_blocks),
+            decode_block_tables=torch.tensor(table, dtype=torch.long, device=dev).view(
+                len(table), max_blocks),
             prefills=prefills,
             block_size=bs,
         )
@@ -178,7 +201,8 @@ class ModelRunner:
             if end <= first:
                 continue
             rows = hidden[flat + (first - start): flat + (end - start)]  # [m, hidden]
-            logprobs = torch.log_softmax(self.model.compute_logits(rows).float(), dim=-1)  # [m, vocab]
+            logits = self.model.compute_logits(rows).float()  # [m, vocab]
+            logprobs = torch.log_softmax(logits, dim=-1)  # [m, vocab]
             targets = torch.tensor(req.prompt_token_ids[first + 1:end + 1], device=logprobs.device)
             req.prompt_logprobs.extend(
                 _logprobs_dicts(logprobs, targets, req.sampling_params.prompt_logprobs or 0))
@@ -216,12 +240,22 @@ def _pool(req: Request, hidden: torch.Tensor, start: int) -> None:
     req.pooled = req.pooled.cpu()
 
 
+def _grammar_mask(requests: list[Request], vocab_size: int) -> GrammarMask | None:
+    """The bitmask of the constrained rows, filled by their grammars (on the CPU)."""
+    rows = [i for i, r in enumerate(requests) if r.grammar is not None]
+    if not rows:
+        return None
+    grammars = [g for r in requests if (g := r.grammar) is not None]
+    return GrammarMask(fill_bitmask(grammars, vocab_size), rows)
+
+
 def _wants_prompt_logprobs(req: Request, start: int) -> bool:
     return req.sampling_params.prompt_logprobs is not None and start < req.num_prompt_tokens - 1
 
 
 def _logprobs_dicts(logprobs: torch.Tensor, targets: torch.Tensor, k: int) -> list[LogprobsDict]:
-    """logprobs: [m, vocab]; targets: [m] -> one {token: Logprob} per row (target first, then top-k)."""
+    """logprobs: [m, vocab]; targets: [m] -> one {token: Logprob} per row (target first, then
+    the top-k)."""
     target_lp = logprobs.gather(1, targets[:, None]).squeeze(1)  # [m]
     ranks = (logprobs > target_lp[:, None]).sum(dim=1) + 1  # [m]
     top_lp, top_ids = logprobs.topk(k, dim=-1)  # [m, k] each

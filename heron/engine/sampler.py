@@ -1,15 +1,16 @@
-"""Batched sampling: one call turns a step's logits into one token per request.
+"""Batched sampling: one call turns a step's logits into one token per row.
 
-Pipeline, applied to the whole ``[B, V]`` batch at once (row ``i`` belongs to ``requests[i]``)::
+The input is a ``SamplingBatch`` (``heron.engine.sampling_batch``): tensors the runner builds
+once per step, row ``i`` for row ``i`` of the logits. Pipeline, on the whole ``[B, V]`` batch::
 
     raw logits (any float dtype) --float32--> logits
       |-- log_softmax(raw) ----------------------------> logprobs (rows that asked)
       v
     + logit_bias                        (OpenAI: added to the logit)
-    min_tokens: stop ids -> -inf        (while num_output_tokens < min_tokens)
+    min_tokens: stop ids -> -inf        (while the row has fewer than min_tokens outputs)
     repetition_penalty                  (HF/vLLM: prompt+output tokens, x>0: x/p, x<0: x*p)
     presence / frequency penalties      (OpenAI: x -= f * count + p * (count > 0), output only)
-    grammar masks -> -inf               (structured outputs: one bitmask for the constrained rows)
+    grammar mask -> -inf                (structured outputs: the runner's bitmask, unpacked here)
       |
       |-- greedy rows ------------------> argmax (exact)
       v
@@ -24,28 +25,35 @@ sort of the vocabulary unless it must.
 Drawing: each row takes one uniform ``u`` in [0, 1) and picks the first token whose
 cumulative probability exceeds ``u`` times the row total (a two-level search with float64
 sums, see ``_inverse_cdf``; on CPU one compiled call does the softmax and the search,
-``heron_sample_rows`` in ``cpu_kernels/elementwise.c``: 0.25 ms for 262,144 logits where the
-PyTorch operators take 0.7 ms warm and ~1.5 ms in an engine step). A seeded request takes
-its ``u`` from its own generator (``Request.generator``), and every step of the pipeline
-is row-local, so its tokens do not depend on which other requests share the batch or on
-their order; unseeded rows share the sampler's engine-wide generator. One number per row
-instead of one per vocabulary entry: an exponential race over 262144 entries costs ~5 ms
-of random numbers per row on CPU.
+``heron_sample_rows`` in ``kernels/cpu/elementwise.c``, faster than the PyTorch operators).
+A seeded row takes its ``u`` from its own generator (``SamplingRow.generator``), and every
+step of the pipeline is row-local, so its tokens do not depend on which other rows share the
+batch or on their order; unseeded rows share the sampler's engine-wide generator. One random
+number per row instead of one per vocabulary entry: an exponential race would cost a random
+number for each of the (up to 262,144) entries of every row.
+
+Logprobs are those of the raw distribution (OpenAI's definition); each row's entry lists the
+sampled token first (it is what the text shows), then the top-k alternatives.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from heron.engine.request import Logprob, LogprobsDict, Request
+from heron.engine.request import Logprob, LogprobsDict
+from heron.engine.sampling_batch import (
+    DrawParams,
+    GrammarMask,
+    LogprobRows,
+    Penalties,
+    SamplingBatch,
+    unpack_bitmask,
+)
 from heron.kernels.cpu import Elementwise, elementwise
-
-_SEED_MASK = (1 << 64) - 1  # torch generators take seeds in [0, 2**64)
 
 
 @dataclass
@@ -56,63 +64,12 @@ class SamplerOutput:
     logprobs: list[LogprobsDict | None]
 
 
-@dataclass
-class _BatchParams:
-    """Per-row sampling parameters of one call, as tensors on the logits' device."""
-
-    greedy: list[bool]
-    temperature: torch.Tensor  # [B] float32; 1.0 on greedy rows
-    top_k: torch.Tensor  # [B] int64; 0 = disabled (also when >= V)
-    top_p: torch.Tensor  # [B] float32; 1.0 = disabled
-    min_p: torch.Tensor  # [B] float32; 0.0 = disabled
-    use_top_k: bool
-    use_top_p: bool
-    use_min_p: bool
-    top_p_without_k: bool  # some row has top-p but no top-k: its nucleus size is unbounded
-
-    @classmethod
-    def build(
-        cls, requests: Sequence[Request], vocab_size: int, device: torch.device
-    ) -> _BatchParams:
-        params = [r.sampling_params for r in requests]
-        greedy = [p.temperature == 0.0 for p in params]
-        temps = [1.0 if g else p.temperature for g, p in zip(greedy, params, strict=True)]
-        top_ks = [p.top_k if 0 < p.top_k < vocab_size else 0 for p in params]
-        top_ps = [p.top_p for p in params]
-        min_ps = [p.min_p for p in params]
-        return cls(
-            greedy=greedy,
-            temperature=torch.tensor(temps, dtype=torch.float32, device=device),
-            top_k=torch.tensor(top_ks, dtype=torch.int64, device=device),
-            top_p=torch.tensor(top_ps, dtype=torch.float32, device=device),
-            min_p=torch.tensor(min_ps, dtype=torch.float32, device=device),
-            use_top_k=any(top_ks),
-            use_top_p=any(p < 1.0 for p in top_ps),
-            use_min_p=any(p > 0.0 for p in min_ps),
-            top_p_without_k=any(p < 1.0 and k == 0 for p, k in zip(top_ps, top_ks, strict=True)),
-        )
-
-    def select(self, rows: torch.Tensor, row_list: list[int]) -> _BatchParams:
-        """The parameters of a subset of rows (``rows`` as a tensor and as a list)."""
-        return _BatchParams(
-            greedy=[self.greedy[i] for i in row_list],
-            temperature=self.temperature[rows],
-            top_k=self.top_k[rows],
-            top_p=self.top_p[rows],
-            min_p=self.min_p[rows],
-            use_top_k=self.use_top_k,
-            use_top_p=self.use_top_p,
-            use_min_p=self.use_min_p,
-            top_p_without_k=self.top_p_without_k,
-        )
-
-
 class Sampler(nn.Module):
     """Batched sampler: greedy, temperature, top-k/top-p/min-p, penalties, bias, seeds, logprobs.
 
-    ``seed`` seeds the engine-wide generator used by rows without their own
-    ``SamplingParams.seed``; it is seeded once, so a fresh engine with the same
-    seed and the same request stream samples the same tokens.
+    ``seed`` seeds the engine-wide generator used by rows without a generator of their own;
+    it is seeded once, so a fresh engine with the same seed and the same request stream
+    samples the same tokens.
     """
 
     def __init__(self, seed: int = 0) -> None:
@@ -120,101 +77,82 @@ class Sampler(nn.Module):
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def forward(self, logits: torch.Tensor, requests: Sequence[Request]) -> SamplerOutput:
-        """Sample one token per row of ``logits`` [B, V]; row ``i`` belongs to ``requests[i]``."""
-        _check_batch(logits, requests)
+    def forward(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        """Sample one token per row of ``logits`` [B, V], described by row of ``batch``."""
+        _check_batch(logits, batch)
         logits = logits.float()  # [B, V]; the input itself if already float32: never written
-        logprobs = _compute_logprobs_inputs(logits, requests)
-        if _needs_processing(requests):
-            logits = self.process_logits(logits, requests)
-        logits = apply_grammar_masks(logits, requests)  # a masked copy if any row is constrained
-        if all(r.sampling_params.greedy for r in requests):
-            token_ids = argmax(logits)  # [B]; the fast path
+        logprobs = _logprobs_of(logits, batch.logprobs)
+        if batch.penalties is not None:
+            logits = process_logits(logits, batch.penalties)
+        logits = apply_grammar_mask(logits, batch.grammar)  # a masked copy if a row is constrained
+        if batch.draw is None:
+            token_ids = argmax(logits)  # [B]; all greedy: the fast path
         else:
-            token_ids = self._sample(logits, requests)
+            token_ids = self._sample(logits, batch.draw)
         sampled = token_ids.tolist()
-        return SamplerOutput(sampled, _build_logprobs(logprobs, token_ids, sampled, len(requests)))
+        return SamplerOutput(sampled, _build_logprobs(logprobs, batch.logprobs, token_ids, sampled))
 
-    def process_logits(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
-        """float32 copy of ``logits`` [B, V] after logit_bias, min_tokens and the penalties."""
-        out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)  # [B, V]
-        out.copy_(logits)
-        _apply_logit_bias(out, requests)
-        _apply_min_tokens(out, requests)
-        _apply_repetition_penalty(out, requests)
-        _apply_presence_frequency(out, requests)
-        return out
-
-    def compute_probs(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+    def compute_probs(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """The distribution each row is sampled from, [B, V] float32, rows summing to 1.
 
-        Sampled rows: softmax after processing, temperature and the top-k/top-p/min-p
+        Drawing rows: softmax after processing, temperature and the top-k/top-p/min-p
         filters (renormalised over the kept tokens). Greedy rows: one-hot at the argmax.
         """
-        _check_batch(logits, requests)
-        processed = apply_grammar_masks(self.process_logits(logits, requests), requests)  # [B, V]
-        params = _BatchParams.build(requests, processed.shape[-1], processed.device)
-        probs = torch.softmax(_filter_logits(processed, params), dim=-1)  # [B, V]
-        greedy_rows = [i for i, g in enumerate(params.greedy) if g]
-        if greedy_rows:
-            rows = torch.tensor(greedy_rows, device=probs.device)
-            onehot = torch.zeros_like(probs[rows])
-            onehot.scatter_(1, processed[rows].argmax(dim=-1, keepdim=True), 1.0)
-            probs[rows] = onehot
+        _check_batch(logits, batch)
+        processed = logits.float()
+        if batch.penalties is not None:
+            processed = process_logits(processed, batch.penalties)
+        processed = apply_grammar_mask(processed, batch.grammar)  # [B, V]
+        probs = torch.zeros_like(processed).scatter_(1, argmax(processed).unsqueeze(1), 1.0)
+        if batch.draw is not None:
+            rows = torch.tensor(batch.draw.rows, device=probs.device)
+            probs[rows] = torch.softmax(_filter_logits(processed[rows], batch.draw), dim=-1)
         return probs
 
-    def _sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, draw: DrawParams) -> torch.Tensor:
         """Processed logits [B, V] -> token ids [B]: argmax on greedy rows, a draw elsewhere."""
-        params = _BatchParams.build(requests, logits.shape[-1], logits.device)
-        row_list = [i for i, g in enumerate(params.greedy) if not g]
-        if len(row_list) == len(requests):
-            return self._draw(logits, params, requests)
+        if len(draw.rows) == logits.shape[0]:
+            return self._draw(logits, draw)
         token_ids = argmax(logits)  # [B]
-        if row_list:
-            rows = torch.tensor(row_list, device=logits.device)
-            sub_requests = [requests[i] for i in row_list]
-            token_ids[rows] = self._draw(logits[rows], params.select(rows, row_list), sub_requests)
+        rows = torch.tensor(draw.rows, device=logits.device)
+        token_ids[rows] = self._draw(logits[rows], draw)
         return token_ids
 
-    def _draw(
-        self, logits: torch.Tensor, params: _BatchParams, requests: Sequence[Request]
-    ) -> torch.Tensor:
-        """Inverse-CDF draw from the filtered distribution of non-greedy rows [n, V] -> [n];
+    def _draw(self, logits: torch.Tensor, draw: DrawParams) -> torch.Tensor:
+        """Inverse-CDF draw from the filtered distribution of the drawing rows [n, V] -> [n];
         in one compiled call on CPU (``sample_rows``: the same two-level search)."""
-        uniforms = self._uniforms(requests, logits.device)  # [n] float64
+        uniforms = self._uniforms(draw.generators, logits.device)  # [n] float64
         kernel = _float32_cpu_kernel(logits)
         if kernel is None:
-            probs = torch.softmax(_filter_logits(logits, params), dim=-1)  # [n, V]
+            probs = torch.softmax(_filter_logits(logits, draw), dim=-1)  # [n, V]
             return _inverse_cdf(probs, uniforms)
-        if params.use_top_k or params.use_top_p or params.use_min_p:
-            filtered = _filter_logits(logits, params)  # temperature already applied
-            return kernel.sample_rows(filtered, torch.ones(len(requests)), uniforms)
-        return kernel.sample_rows(logits, params.temperature, uniforms)
+        if draw.use_top_k or draw.use_top_p or draw.use_min_p:
+            filtered = _filter_logits(logits, draw)  # temperature already applied
+            return kernel.sample_rows(filtered, torch.ones(len(draw.rows)), uniforms)
+        return kernel.sample_rows(logits, draw.temperature, uniforms)
 
-    def _uniforms(self, requests: Sequence[Request], device: torch.device) -> torch.Tensor:
+    def _uniforms(self, generators: list[torch.Generator | None],
+                  device: torch.device) -> torch.Tensor:
         """One float64 uniform in [0, 1) per row: seeded rows from their own generator."""
-        seeded = [i for i, r in enumerate(requests) if r.sampling_params.seed is not None]
         shared = self._engine_generator(device)
-        if not seeded:
-            return torch.rand(len(requests), generator=shared, dtype=torch.float64, device=device)
-        draws = []
-        for r in requests:
-            gen = shared if r.sampling_params.seed is None else _request_generator(r, device)
-            draws.append(torch.rand(1, generator=gen, dtype=torch.float64, device=device))
+        if all(g is None for g in generators):
+            return torch.rand(len(generators), generator=shared, dtype=torch.float64, device=device)
+        draws = [torch.rand(1, generator=shared if g is None else g, dtype=torch.float64,
+                            device=device) for g in generators]
         return torch.cat(draws)  # [n]
 
     def _engine_generator(self, device: torch.device) -> torch.Generator:
         gen = self._generators.get(device)
         if gen is None:
             gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed & _SEED_MASK)
+            gen.manual_seed(self.seed & ((1 << 64) - 1))
             self._generators[device] = gen
         return gen
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """``logits.argmax(dim=-1)`` for [B, V] float32 logits, through heron's compiled kernel on
-    CPU (same ties and NaN rule; PyTorch's is scalar code, ~9 ms for 16 x 262,144)."""
+    CPU (same ties and NaN rule; PyTorch's CPU argmax is scalar code)."""
     kernel = _float32_cpu_kernel(logits)
     return logits.argmax(dim=-1) if kernel is None else kernel.argmax_rows(logits)
 
@@ -224,44 +162,31 @@ def _float32_cpu_kernel(logits: torch.Tensor) -> Elementwise | None:
     return elementwise() if logits.device.type == "cpu" and logits.dtype == torch.float32 else None
 
 
-def apply_grammar_masks(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+def apply_grammar_mask(logits: torch.Tensor, grammar: GrammarMask | None) -> torch.Tensor:
     """Logits [B, V] with every token a row's grammar forbids at -inf (a new tensor when some
-    row has a grammar; ``logits`` itself, untouched, when none has).
+    row is constrained; ``logits`` itself, untouched, when none is).
 
-    One bitmask [n, ceil(V/32)] is filled on the CPU for the n constrained rows, moved to the
-    logits' device once, and unpacked there; free rows share the step unchanged.
+    The bitmask [n, ceil(V/32)] of the n constrained rows moves to the logits' device once and
+    is unpacked there; free rows pass unchanged.
     """
-    rows = [i for i, r in enumerate(requests) if r.grammar is not None]
-    grammars = [g for r in requests if (g := r.grammar) is not None]
-    if not rows:
+    if grammar is None:
         return logits
-    from heron.engine.structured import fill_bitmask, unpack_bitmask
-
     vocab = logits.shape[-1]
-    bitmask = fill_bitmask(grammars, vocab)  # [n, W] int32
-    allowed = unpack_bitmask(bitmask.to(logits.device, non_blocking=True), vocab)  # [n, V]
-    if len(rows) == len(requests):
+    bitmask = grammar.bitmask.to(logits.device, non_blocking=True)  # [n, W] int32
+    allowed = unpack_bitmask(bitmask, vocab)  # [n, V]
+    if len(grammar.rows) == logits.shape[0]:
         return torch.where(allowed, logits, -math.inf)
-    index = torch.tensor(rows, device=logits.device)
+    index = torch.tensor(grammar.rows, device=logits.device)
     masked = torch.where(allowed, logits[index], -math.inf)  # [n, V]
     return logits.index_copy(0, index, masked)
 
 
-def _check_batch(logits: torch.Tensor, requests: Sequence[Request]) -> None:
-    if logits.dim() != 2 or logits.shape[0] != len(requests):
+def _check_batch(logits: torch.Tensor, batch: SamplingBatch) -> None:
+    if logits.dim() != 2 or logits.shape[0] != batch.num_rows:
         raise ValueError(
-            f"logits must be [num_requests, vocab] with {len(requests)} rows, "
+            f"logits must be [num_rows, vocab] with {batch.num_rows} rows, "
             f"got shape {tuple(logits.shape)}"
         )
-
-
-def _request_generator(request: Request, device: torch.device) -> torch.Generator:
-    """The request's own generator, created on first use from ``sampling_params.seed``."""
-    if request.generator is None:
-        gen = torch.Generator(device=device)
-        gen.manual_seed((request.sampling_params.seed or 0) & _SEED_MASK)
-        request.generator = gen
-    return request.generator
 
 
 _CDF_BLOCK = 512  # tokens per block of the two-level inverse CDF
@@ -312,119 +237,46 @@ def _first_above(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _needs_processing(requests: Sequence[Request]) -> bool:
-    """Whether any row has bias, an active min_tokens or a penalty."""
-    for r in requests:
-        p = r.sampling_params
-        if p.logit_bias or p.repetition_penalty != 1.0:
-            return True
-        if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
-            return True
-        if p.all_stop_token_ids and r.num_output_tokens < p.min_tokens:
-            return True
-    return False
-
-
-def _add_at(logits: torch.Tensor, rows: list[int], cols: list[int], values: list[float]) -> None:
-    """logits[rows[j], cols[j]] += values[j], skipping ids outside the vocabulary."""
+def process_logits(logits: torch.Tensor, penalties: Penalties) -> torch.Tensor:
+    """float32 copy of ``logits`` [B, V] after logit_bias, min_tokens and the penalties."""
+    out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)  # [B, V]
+    out.copy_(logits)
+    flat = out.view(-1)  # [B * V]
     vocab = logits.shape[-1]
-    kept = [(r, c, v) for r, c, v in zip(rows, cols, values, strict=True) if 0 <= c < vocab]
-    if not kept:
-        return
-    r_idx, c_idx, vals = zip(*kept, strict=True)
-    device = logits.device
-    index = (torch.tensor(r_idx, device=device), torch.tensor(c_idx, device=device))
-    logits.index_put_(index, torch.tensor(vals, dtype=logits.dtype, device=device), accumulate=True)
+    flat.index_put_((penalties.bias_index,), penalties.bias_values, accumulate=True)
+    flat.index_fill_(0, penalties.banned_index, -math.inf)  # min_tokens: stop ids banned
+    if penalties.has_repetition:
+        _apply_repetition_penalty(flat, penalties.seen_index, penalties.repetition, vocab)
+    if penalties.has_presence_frequency:
+        _apply_presence_frequency(flat, penalties, vocab)
+    return out
 
 
-def _apply_logit_bias(logits: torch.Tensor, requests: Sequence[Request]) -> None:
-    rows: list[int] = []
-    cols: list[int] = []
-    values: list[float] = []
-    for i, r in enumerate(requests):
-        for token_id, bias in (r.sampling_params.logit_bias or {}).items():
-            rows.append(i)
-            cols.append(token_id)
-            values.append(bias)
-    _add_at(logits, rows, cols, values)
-
-
-def _apply_min_tokens(logits: torch.Tensor, requests: Sequence[Request]) -> None:
-    """Ban every stop token id while the request has fewer than min_tokens outputs."""
-    rows: list[int] = []
-    cols: list[int] = []
-    for i, r in enumerate(requests):
-        p = r.sampling_params
-        if r.num_output_tokens < p.min_tokens:
-            stop_ids = list(p.all_stop_token_ids)
-            rows.extend([i] * len(stop_ids))
-            cols.extend(stop_ids)
-    _add_at(logits, rows, cols, [-math.inf] * len(rows))
-
-
-def _flat_token_index(
-    requests: Sequence[Request],
-    rows: list[int],
-    vocab: int,
-    device: torch.device,
-    output_only: bool,
-) -> torch.Tensor:
-    """Flat positions ``row * V + token`` of each listed row's tokens (duplicates kept)."""
-    flat: list[int] = []
-    for i in rows:
-        r = requests[i]
-        tokens = r.output_token_ids if output_only else r.token_ids
-        base = i * vocab
-        flat.extend(base + t for t in tokens if 0 <= t < vocab)
-    return torch.tensor(flat, dtype=torch.int64, device=device)
-
-
-def _row_values(values: list[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device)
-
-
-def _apply_repetition_penalty(logits: torch.Tensor, requests: Sequence[Request]) -> None:
+def _apply_repetition_penalty(flat_logits: torch.Tensor, seen: torch.Tensor,
+                              penalty: torch.Tensor, vocab: int) -> None:
     """HF/vLLM: for tokens seen in prompt or output, x > 0 -> x / p, x <= 0 -> x * p.
 
     Only the seen positions are read and written (a gather and a scatter, no [B, V] pass);
     a token seen twice is written twice with the same value.
     """
-    rows = [i for i, r in enumerate(requests) if r.sampling_params.repetition_penalty != 1.0]
-    if not rows:
-        return
-    vocab, device = logits.shape[-1], logits.device
-    flat = _flat_token_index(requests, rows, vocab, device, output_only=False)  # [T]
-    penalty = _row_values([r.sampling_params.repetition_penalty for r in requests], device)  # [B]
-    flat_logits = logits.view(-1)  # [B * V]
-    seen = flat_logits[flat]  # [T]
-    p = penalty[flat // vocab]  # [T]
-    flat_logits[flat] = torch.where(seen > 0, seen / p, seen * p)
+    values = flat_logits[seen]  # [S]
+    p = penalty[seen // vocab]  # [S]
+    flat_logits[seen] = torch.where(values > 0, values / p, values * p)
 
 
-def _apply_presence_frequency(logits: torch.Tensor, requests: Sequence[Request]) -> None:
+def _apply_presence_frequency(flat_logits: torch.Tensor, penalties: Penalties, vocab: int) -> None:
     """OpenAI: x -= frequency * count + presence * (count > 0), counting output tokens only.
 
-    Counts come from one scatter_add into a [B, V] count tensor; only the positions of
+    Counts come from one scatter_add into a [B * V] count tensor; only the positions of
     output tokens are then read and written.
     """
-    rows = [
-        i
-        for i, r in enumerate(requests)
-        if r.sampling_params.presence_penalty != 0.0 or r.sampling_params.frequency_penalty != 0.0
-    ]
-    if not rows:
-        return
-    vocab, device = logits.shape[-1], logits.device
-    flat = _flat_token_index(requests, rows, vocab, device, output_only=True)  # [T]
-    if flat.numel() == 0:
-        return
-    counts = torch.zeros(logits.numel(), dtype=torch.float32, device=device)  # [B * V]
-    counts.scatter_add_(0, flat, torch.ones(flat.shape, dtype=torch.float32, device=device))
-    freq = _row_values([r.sampling_params.frequency_penalty for r in requests], device)  # [B]
-    pres = _row_values([r.sampling_params.presence_penalty for r in requests], device)  # [B]
-    row = flat // vocab  # [T]
-    flat_logits = logits.view(-1)  # [B * V]
-    flat_logits[flat] = flat_logits[flat] - freq[row] * counts[flat] - pres[row]
+    index = penalties.output_index  # [O]
+    counts = torch.zeros(flat_logits.shape, dtype=torch.float32, device=flat_logits.device)
+    counts.scatter_add_(0, index, torch.ones(index.shape, dtype=torch.float32,
+                                             device=index.device))
+    row = index // vocab  # [O]
+    flat_logits[index] = (flat_logits[index] - penalties.frequency[row] * counts[index]
+                          - penalties.presence[row])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,7 +287,7 @@ def _apply_presence_frequency(logits: torch.Tensor, requests: Sequence[Request])
 _TOP_P_CANDIDATES = 1024  # first guess at the nucleus size; widened x16 when too small
 
 
-def _filter_logits(logits: torch.Tensor, params: _BatchParams) -> torch.Tensor:
+def _filter_logits(logits: torch.Tensor, params: DrawParams) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p; removed tokens get -inf. [n, V] -> [n, V]."""
     out = logits / params.temperature.unsqueeze(1)  # [n, V]
     if params.use_top_p:
@@ -465,7 +317,7 @@ def _top_k_only(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
     return _drop_below(logits, _top_k_threshold(values, top_k))
 
 
-def _top_k_top_p(logits: torch.Tensor, params: _BatchParams) -> torch.Tensor:
+def _top_k_top_p(logits: torch.Tensor, params: DrawParams) -> torch.Tensor:
     """top-k, then top-p on the renormalised top-k survivors.
 
     The nucleus is the shortest prefix of the descending order whose mass reaches top_p:
@@ -504,48 +356,34 @@ def _min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _LogprobInputs:
-    rows: list[int]  # batch rows that asked for logprobs
-    num_top: list[int]  # k per such row
-    logprobs: torch.Tensor  # [n, V] float32 log_softmax of the raw logits
-
-
-def _compute_logprobs_inputs(
-    logits: torch.Tensor, requests: Sequence[Request]
-) -> _LogprobInputs | None:
-    """log_softmax of the float32 raw logits [B, V], for the rows that asked only."""
-    rows = [i for i, r in enumerate(requests) if r.sampling_params.logprobs is not None]
-    if not rows:
+def _logprobs_of(logits: torch.Tensor, asked: LogprobRows | None) -> torch.Tensor | None:
+    """log_softmax [n, V] of the float32 raw logits [B, V], for the rows that asked only."""
+    if asked is None:
         return None
-    if len(rows) < len(requests):
-        logits = logits[torch.tensor(rows, device=logits.device)]
-    logprobs = torch.log_softmax(logits, dim=-1)  # [n, V]
-    num_top = [requests[i].sampling_params.logprobs or 0 for i in rows]
-    return _LogprobInputs(rows, num_top, logprobs)
+    if len(asked.rows) < logits.shape[0]:
+        logits = logits[torch.tensor(asked.rows, device=logits.device)]
+    return torch.log_softmax(logits, dim=-1)  # [n, V]
 
 
-def _build_logprobs(
-    inputs: _LogprobInputs | None, token_ids: torch.Tensor, sampled: list[int], batch: int
-) -> list[LogprobsDict | None]:
-    """Per row: {token: Logprob} for the top-k tokens (ranks 1..k) and the sampled token."""
-    result: list[LogprobsDict | None] = [None] * batch
-    if inputs is None:
+def _build_logprobs(lp: torch.Tensor | None, asked: LogprobRows | None, token_ids: torch.Tensor,
+                    sampled: list[int]) -> list[LogprobsDict | None]:
+    """Per row that asked: {token: Logprob}, the sampled token first (with its rank in the raw
+    distribution), then the top-k tokens (ranks 1..k) it is not among."""
+    result: list[LogprobsDict | None] = [None] * len(sampled)
+    if lp is None or asked is None:
         return result
-    lp = inputs.logprobs  # [n, V]
-    index = torch.tensor(inputs.rows, device=lp.device)
+    index = torch.tensor(asked.rows, device=lp.device)
     chosen = token_ids[index].unsqueeze(1)  # [n, 1]
     chosen_lp = lp.gather(1, chosen)  # [n, 1]
     # A float sum of the mask: exact below 2**24 tokens, and far faster than a bool sum on CPU.
     chosen_rank = (lp > chosen_lp).float().sum(dim=-1).long() + 1  # [n]
-    k_max = max(inputs.num_top)
-    top_lp, top_ids = lp.topk(k_max, dim=-1) if k_max else (lp[:, :0], chosen[:, :0])
+    top_lp, top_ids = lp.topk(max(asked.num_top), dim=-1)  # [n, k_max] each
     chosen_lp_l, chosen_rank_l = chosen_lp.squeeze(1).tolist(), chosen_rank.tolist()
     top_lp_l, top_ids_l = top_lp.tolist(), top_ids.tolist()
-    for j, row in enumerate(inputs.rows):
-        k = inputs.num_top[j]
-        top = zip(top_ids_l[j][:k], top_lp_l[j][:k], strict=True)
-        entry = {t: Logprob(v, rank + 1) for rank, (t, v) in enumerate(top)}
-        entry[sampled[row]] = Logprob(chosen_lp_l[j], chosen_rank_l[j])
+    for j, row in enumerate(asked.rows):
+        entry = {sampled[row]: Logprob(chosen_lp_l[j], chosen_rank_l[j])}
+        k = asked.num_top[j]
+        for rank, (t, v) in enumerate(zip(top_ids_l[j][:k], top_lp_l[j][:k], strict=True), 1):
+            entry.setdefault(t, Logprob(v, rank))
         result[row] = entry
     return result

@@ -8,7 +8,7 @@
       builds the grammar without a              cache hit: Grammar(template.deep_copy())
       tokenizer: a bad spec is a 400            miss: compile on a worker thread; the request
       (LRU of specs that passed)                waits outside the scheduler until it is ready
-                                              sampler: fill_bitmask(grammars) -> [n, ceil(V/32)]
+                                              runner: fill_bitmask(grammars) -> [n, ceil(V/32)]
                                               scheduler: Grammar.advance(token) after each token
 
 Why llguidance (measured on this project's 2-core CPU, Gemma 3's 262,144-token vocabulary, a
@@ -76,15 +76,6 @@ def fill_bitmask(grammars: Sequence[Grammar], vocab_size: int) -> torch.Tensor:
     for row, grammar in enumerate(grammars):
         grammar.fill_bitmask(bitmask, row)
     return bitmask
-
-
-def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[n, W] int32 bitmask -> [n, vocab_size] bool (little-endian bytes: byte b of word w holds
-    tokens 32w + 8b .. 32w + 8b + 7)."""
-    as_bytes = bitmask.contiguous().view(torch.uint8)  # [n, 4W]
-    shifts = torch.arange(8, dtype=torch.uint8, device=bitmask.device)
-    bits = (as_bytes.unsqueeze(-1) >> shifts) & 1  # [n, 4W, 8]
-    return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()
 
 
 # ==== engine side: compilation off the hot loop ===================================================
