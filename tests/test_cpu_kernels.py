@@ -11,7 +11,13 @@ from heron.kernels.cpu import build, isa
 from heron.layers.attention import Attention, AttentionMetadata, TorchAttentionBackend
 
 
-@pytest.fixture(params=isa.VARIANTS)
+def _variant(name: str) -> object:
+    """A variant as a fixture parameter, marked with the CPU features it needs: it may skip only
+    where the CPU lacks one (tests/conftest.py)."""
+    return pytest.param(name, marks=pytest.mark.cpu_features(*sorted(isa.SPECS[name].required)))
+
+
+@pytest.fixture(params=[_variant(name) for name in isa.VARIANTS])
 def variant(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Each test below runs once per kernel variant (selected through HERON_CPU_ISA, as a user
     would); a CPU with AVX-512 runs them all."""

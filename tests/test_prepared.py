@@ -237,6 +237,7 @@ def test_a_file_of_another_kernel_variant_is_never_read_and_is_rewritten(
         reads.clear()
 
 
+@pytest.mark.cpu_features("avx512f", "avx512bw", "avx512vl", "avx512dq")
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
                     reason="needs a CPU where PyTorch runs its AVX-512 kernels, to compare with AVX2")
 def test_int4_packed_under_another_torch_isa_is_never_read(tiny_gguf: tuple[Path, object],  # noqa: F811

@@ -68,6 +68,7 @@ def test_int8_uses_herons_kernel_where_it_builds() -> None:
     assert isinstance(quantize_int8(_weight().float(), max_rows=8), Q8Weight if Q8_CPU else PackedWeight)
 
 
+@pytest.mark.cpu_features()  # a skip with a C compiler at hand fails (tests/conftest.py)
 @pytest.mark.skipif(not Q8_CPU, reason="no C compiler: heron's int8 kernel cannot be built")
 @pytest.mark.parametrize("variant", cpu_kernels.isa.VARIANTS)
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 16, 21])
@@ -103,6 +104,7 @@ def _assert_within_activation_rounding(out: torch.Tensor, x: torch.Tensor, q: Q8
     assert err.max() > 0  # the activations really were quantized
 
 
+@pytest.mark.cpu_features()
 @pytest.mark.skipif(not Q8_CPU, reason="no C compiler: heron's int8 kernel cannot be built")
 def test_q8_kernel_takes_float32_activations_and_a_prefill_sized_batch() -> None:
     q = quantize_int8(_weight(n=64, k=640, seed=5), max_rows=10_000)
