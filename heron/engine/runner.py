@@ -210,8 +210,8 @@ class ModelRunner:
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A zeroed tensor. On CPU it comes from calloc (numpy), whose large blocks are fresh zero
-    pages that the OS maps on first touch: a 2 GiB KV pool costs no start-up time (torch.zeros
-    wrote it all, 0.58 s) and no memory until requests use it. Zeros, not garbage, because decode
+    pages that the OS maps on first touch: a large KV pool costs no start-up time (torch.zeros
+    writes all of it) and no memory until requests use it. Zeros, not garbage, because decode
     attention reads the padding slots of a block (masked, but 0 * NaN would still be NaN)."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)

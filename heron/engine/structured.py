@@ -11,12 +11,10 @@
                                               runner: fill_bitmask(grammars) -> [n, ceil(V/32)]
                                               scheduler: Grammar.advance(token) after each token
 
-Why llguidance (measured on this project's 2-core CPU, Gemma 3's 262,144-token vocabulary, a
-6-property JSON schema, masks filled for 900 tokens of random walks under the schema): mask
-cost per token 39-43 us median (p99 ~210 us) against xgrammar's 40-60 us (p99 140-260 us), the
-same within noise; compiling the schema 8-26 ms against 48-56 ms; no dependencies (xgrammar
-pulls in triton); and parser limits ("fuel") that bound the work any one grammar can cause.
-Its tokenizer index costs ~4 s and ~280 MB once, so it is built on the first constrained request.
+Why llguidance: its masks cost what xgrammar's do, it compiles schemas faster, it has no
+dependencies (xgrammar pulls in triton), and its parser limits ("fuel") bound the work any one
+grammar can cause (the measurements are in the README). Its tokenizer index takes seconds and
+hundreds of MB to build, once, so it is built on the first constrained request.
 
 Grammar text comes from ``heron.structured.grammar`` (shared with the API side's validation).
 """
