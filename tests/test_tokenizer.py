@@ -282,6 +282,18 @@ def test_continue_final_message(tok: Tokenizer) -> None:
     assert text == "<bos><start_of_turn>user\nCount:<end_of_turn>\n<start_of_turn>model\n1, 2,"
 
 
+def test_developer_is_system_even_where_the_template_rejects_it(tok: Tokenizer) -> None:
+    developer = [{**MESSAGES[0], "role": "developer"}] + MESSAGES[1:]
+    assert tok.apply_chat_template(developer) == tok.apply_chat_template(MESSAGES)
+    strict = Tokenizer(tok.hf, chat_template=(
+        "{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+        "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
+        "[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"))
+    text = strict.apply_chat_template([{"role": "developer", "content": "Be terse."},
+                                       {"role": "user", "content": "hi"}])
+    assert text == "[system] Be terse.\n[user] hi\n"
+
+
 def test_chat_template_override(tmp_path: Path) -> None:
     literal = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
     tok = load_tokenizer(ModelConfig(chat_template=literal))

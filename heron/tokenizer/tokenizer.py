@@ -163,7 +163,9 @@ class Tokenizer:
                             continue_final_message: bool = False, tools: list[dict[str, Any]] | None = None,
                             **template_kwargs: Any) -> str:
         """Render ``messages`` to the prompt text (encode it with ``add_special_tokens=False``:
-        templates write the bos token themselves)."""
+        templates write the bos token themselves). A ``developer`` message is a ``system``
+        message (OpenAI's newer name; most templates know only the older one)."""
+        messages = [_developer_as_system(m) for m in messages]
         if self.chat_template is None:
             raise ValueError(f"model {self.name!r} has no chat template; pass one with --chat-template "
                              "(a file path or the Jinja text), or use the completions API")
@@ -184,6 +186,12 @@ class Tokenizer:
             return str(self._backend.decode(ids, skip_special_tokens=skip_special_tokens))
         return str(self.hf.decode(ids, skip_special_tokens=skip_special_tokens,
                                   clean_up_tokenization_spaces=False))
+
+
+def _developer_as_system(message: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(message, dict) and message.get("role") == "developer":
+        return {**message, "role": "system"}
+    return message
 
 
 def _eos_ids(tokenizer_eos: int | None, generation_eos: int | list[int] | None) -> set[int]:
