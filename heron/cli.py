@@ -25,6 +25,7 @@ from heron.config import (
     SchedulerConfig,
     parse_size,
 )
+from heron.pooling_params import POOLING_TYPES
 from heron.sampling_params import MAX_LOGPROBS, MAX_N
 from heron.server.config import TOOL_CALL_PARSERS, ServerConfig
 
@@ -139,6 +140,13 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         choices=TOOL_CALL_PARSERS,
         help="read tool calls the model writes in its own format (tool_choice auto); default: "
         "auto constrains the output to text or a hermes-style <tool_call> block",
+    )
+    http.add_argument(
+        "--pooling",
+        default="mean",
+        choices=POOLING_TYPES,
+        help="/v1/embeddings: pool the final hidden states by their mean or take the last "
+        "token's (default: %(default)s); vectors are L2-normalised",
     )
     http.add_argument(
         "--enable-auto-tool-choice",
@@ -279,6 +287,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_seqs_per_request=args.max_seqs_per_request,
         max_logprobs=args.max_logprobs,
         tool_call_parser=args.tool_call_parser,
+        pooling=args.pooling,
     )
 
 

@@ -73,6 +73,9 @@ SURROGATES = [
     ("/v1/completions", completion(model="m\ud800"), "model"),
     ("/v1/chat/completions", chat(stop=["fine", "\udc00"]), "stop.1"),
     ("/v1/completions", completion(**{"odd\ud800key": 1}), "odd\\ud800key"),
+    ("/v1/responses", {"input": [{"role": "user", "content": "a\ud800"}]}, "input.0.content"),
+    ("/v1/responses", {"input": "x", "instructions": "\udfff"}, "instructions"),
+    ("/v1/embeddings", {"input": ["ok", "\ud800"]}, "input.1"),
 ]
 
 
@@ -100,6 +103,10 @@ BIG = [
     ("/v1/chat/completions", chat(logit_bias={str(2**64): 1}), "logit_bias"),
     ("/v1/completions", completion(prompt=[1, 2**64]), "prompt"),
     ("/detokenize", {"tokens": [2**64]}, "tokens"),
+    ("/v1/responses", {"input": "Hi", "max_output_tokens": 2**64}, "max_output_tokens"),
+    ("/v1/responses", {"input": "Hi", "temperature": 2**64}, "temperature"),
+    ("/v1/embeddings", {"input": [1, 2**64]}, "input"),
+    ("/v1/embeddings", {"input": "Hi", "dimensions": 2**64}, "dimensions"),
 ]
 
 

@@ -71,6 +71,8 @@ def wait_gone(pid: int, timeout_s: float = 10.0) -> bool:
 ENDPOINTS = [
     ("POST", "/v1/chat/completions", CHAT),
     ("POST", "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 1}),
+    ("POST", "/v1/responses", {"model": MODEL, "input": "Hi", "max_output_tokens": 16}),
+    ("POST", "/v1/embeddings", {"model": MODEL, "input": "Hi"}),
     ("GET", "/v1/models", None),
     ("GET", f"/v1/models/{MODEL}", None),
     ("POST", "/tokenize", {"prompt": "Hi"}),

@@ -88,10 +88,16 @@ def test_chat_request_to_sampling_params_maps_every_field() -> None:
 
 
 def test_chat_defaults_and_max_completion_tokens() -> None:
-    req = ChatCompletionRequest.model_validate(
+    req = ChatCompletionRequest.model_validate({"messages": USER, "max_completion_tokens": 7})
+    assert req.requested_max_tokens() == 7
+    older = ChatCompletionRequest.model_validate({"messages": USER, "max_tokens": 5})
+    assert older.requested_max_tokens() == 5
+    both = ChatCompletionRequest.model_validate(
         {"messages": USER, "max_tokens": 5, "max_completion_tokens": 7}
     )
-    assert req.requested_max_tokens() == 7
+    with pytest.raises(ValueError, match="^max_tokens: setting 'max_tokens' and "
+                                         "'max_completion_tokens' at the same time"):
+        both.requested_max_tokens()
     params = req.to_sampling_params(None, 20)
     assert params.max_tokens is None and params.n == 1 and params.temperature == 1.0
     assert params.logprobs is None and params.stop == []
@@ -561,6 +567,11 @@ def test_serve_defaults() -> None:
         16,
     )
     assert engine_config_from_args(args).model.model is None
+    assert server.pooling == "mean"
+    last = build_parser().parse_args(["serve", "--pooling", "last"])
+    assert server_config_from_args(last).pooling == "last"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--pooling", "cls"])
 
 
 def test_serve_help_lists_the_vllm_flags(capsys: pytest.CaptureFixture[str]) -> None:
@@ -599,6 +610,7 @@ def test_serve_help_lists_the_vllm_flags(capsys: pytest.CaptureFixture[str]) -> 
         ({"max_n": 0}, "max_n"),
         ({"max_logprobs": 21}, "max_logprobs"),
         ({"max_request_bytes": 10}, "max_request_bytes"),
+        ({"pooling": "cls"}, "pooling"),
     ],
 )
 def test_server_config_validation(fields: dict, match: str) -> None:

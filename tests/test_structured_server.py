@@ -203,6 +203,10 @@ def test_required_calls_a_tool(client: openai.OpenAI) -> None:
     answer = chat(client, ASK_WEATHER, tools=TOOLS, tool_choice="required", max_tokens=60)
     calls = check_calls(answer.choices[0].message, answer.choices[0].finish_reason)
     assert calls[0][0] == "get_weather" and calls[0][1]["city"] == "Rome"
+    # A forced call is the whole turn: a response format (for a later turn) does not change it.
+    formatted = chat(client, ASK_WEATHER, tools=TOOLS, tool_choice="required", max_tokens=60,
+                     response_format={"type": "json_object"})
+    assert check_calls(formatted.choices[0].message, formatted.choices[0].finish_reason) == calls
 
 
 def test_named_tool_choice(client: openai.OpenAI) -> None:
@@ -282,8 +286,6 @@ BAD = [
     ({"tool_choice": "required"}, "tool_choice", "needs tools"),
     ({"tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice", "needs tools"),
     ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice", "Input should be"),
-    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
-     "tool_choice", "cannot be combined"),
     ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools", "function names"),
 ]
 

@@ -160,8 +160,11 @@ def test_plan_errors(args: tuple, message: str) -> None:
     tools, choice, named = args
     with pytest.raises(ValueError, match=message):
         plan_tool_use(tools, choice, named, True, None, None)
-    with pytest.raises(ValueError, match="cannot be combined"):
-        plan_tool_use([WEATHER], "required", None, True, None, S.json_object())
+    # A forced call is the turn's whole output: the response format waits for a later turn.
+    forced = plan_tool_use([WEATHER], "required", None, True, None, S.json_object())
+    assert forced.constraint == plan_tool_use([WEATHER], "required", None, True, None, None).constraint
+    named = plan_tool_use([WEATHER], None, "get_weather", True, None, S.json_object())
+    assert named.constraint == WEATHER.parameters_constraint()
     with pytest.raises(ValueError, match="function names"):
         ToolSpec.of("bad name!", None)
 

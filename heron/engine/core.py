@@ -56,7 +56,8 @@ class EngineCore:
         self.info = EngineInfo(
             max_model_len=self.max_model_len, vocab_size=_vocab_size(self.hf_config),
             num_kv_blocks=num_blocks, block_size=block_size, device=str(self.device),
-            dtype=str(self.dtype).removeprefix("torch."), eos_token_ids=sorted(self.eos_token_ids))
+            dtype=str(self.dtype).removeprefix("torch."), eos_token_ids=sorted(self.eos_token_ids),
+            hidden_size=int(_text_config(self.hf_config).hidden_size))
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         # Structured outputs: constrained requests wait here while their grammar compiles.

@@ -76,6 +76,7 @@ class EngineInfo(msgspec.Struct, kw_only=True):
     device: str
     dtype: str
     eos_token_ids: list[int]
+    hidden_size: int = 0  # the length of a pooled vector
 
 
 # ---- the engine client <-> engine core protocol (msgspec msgpack over ZMQ) ----------------------

@@ -28,7 +28,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import heron
 from heron.server.chat import serve_chat
 from heron.server.completions import serve_completion
-from heron.server.metrics import StatsLogger
+from heron.server.embeddings import serve_embeddings
+from heron.server.messages import AnthropicErrorMiddleware, serve_count_tokens, serve_messages
+from heron.server.metrics import HTTPCountMiddleware, StatsLogger
 from heron.server.models import model_card, model_cards
 from heron.server.protocol import (
     FIELD_ERROR,
@@ -46,6 +48,15 @@ from heron.server.protocol import (
     VersionResponse,
     make_error,
 )
+from heron.server.protocol_anthropic import (
+    AnthropicResponse,
+    CountTokensRequest,
+    MessagesRequest,
+    TokenCount,
+)
+from heron.server.protocol_embeddings import EmbeddingRequest, EmbeddingResponse
+from heron.server.protocol_responses import DeletedResponse, ResponseObject, ResponsesRequest
+from heron.server.responses import delete_response, retrieve_response, serve_responses
 from heron.server.serving import ServingContext
 from heron.server.tokenize import serve_detokenize, serve_tokenize
 
@@ -78,10 +89,13 @@ def build_app(ctx: ServingContext) -> FastAPI:
     app.state.ctx = ctx
     app.include_router(router)
     _add_error_handlers(app)
-    # Added innermost first: CORS (outermost) -> auth -> body checks -> routes.
+    # Added innermost first: CORS (outermost) -> Anthropic error shape -> auth -> body checks
+    # -> counting -> routes.
+    app.add_middleware(HTTPCountMiddleware, metrics=ctx.metrics)
     app.add_middleware(BodyCheckMiddleware, max_bytes=ctx.config.max_request_bytes)
     if ctx.config.api_key:
         app.add_middleware(AuthMiddleware, api_key=ctx.config.api_key)
+    app.add_middleware(AnthropicErrorMiddleware)
     if ctx.config.allowed_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -117,6 +131,36 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     return await respond(request, serve_completion(_ctx(request), body))
+
+
+@router.post("/v1/responses", response_model=ResponseObject, responses=_ERRORS)
+async def create_response(body: ResponsesRequest, request: Request) -> Response:
+    return await respond(request, serve_responses(_ctx(request), body))
+
+
+@router.get("/v1/responses/{response_id}", response_model=ResponseObject, responses=_ERRORS)
+async def get_response(response_id: str, request: Request) -> Response:
+    return to_response(retrieve_response(_ctx(request), response_id))
+
+
+@router.delete("/v1/responses/{response_id}", response_model=DeletedResponse, responses=_ERRORS)
+async def remove_response(response_id: str, request: Request) -> Response:
+    return to_response(delete_response(_ctx(request), response_id))
+
+
+@router.post("/v1/messages", response_model=AnthropicResponse, responses=_ERRORS)
+async def create_message(body: MessagesRequest, request: Request) -> Response:
+    return await respond(request, serve_messages(_ctx(request), body))
+
+
+@router.post("/v1/messages/count_tokens", response_model=TokenCount, responses=_ERRORS)
+async def count_message_tokens(body: CountTokensRequest, request: Request) -> Response:
+    return await respond(request, serve_count_tokens(_ctx(request), body))
+
+
+@router.post("/v1/embeddings", response_model=EmbeddingResponse, responses=_ERRORS)
+async def create_embedding(body: EmbeddingRequest, request: Request) -> Response:
+    return await respond(request, serve_embeddings(_ctx(request), body))
 
 
 @router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
@@ -282,24 +326,32 @@ async def _send_error(send: Send, error: ErrorResponse) -> None:
 
 
 class AuthMiddleware:
-    """``Authorization: Bearer <key>`` on every path but /health (CORS preflights pass)."""
+    """``Authorization: Bearer <key>`` (or Anthropic's ``x-api-key: <key>``) on every path but
+    /health (CORS preflights pass)."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
+        self.key = api_key.encode()
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] == "/health" or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)
             return
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if not hmac.compare_digest(given, self.expected):
-            reason = "missing" if not given else "wrong"
+        headers = dict(scope["headers"])
+        given = headers.get(b"authorization", b"")
+        x_api_key = headers.get(b"x-api-key")
+        valid = hmac.compare_digest(given, self.expected) or (
+            x_api_key is not None and hmac.compare_digest(x_api_key, self.key)
+        )
+        if not valid:
+            reason = "missing" if not given and x_api_key is None else "wrong"
             await _send_error(
                 send,
                 make_error(
                     401,
-                    f"Unauthorized: the API key is {reason}; send 'Authorization: Bearer <key>'.",
+                    f"Unauthorized: the API key is {reason}; send 'Authorization: Bearer <key>' "
+                    "or 'x-api-key: <key>'.",
                     code="invalid_api_key",
                 ),
             )

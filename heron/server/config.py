@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from heron.pooling_params import POOLING_TYPES
 from heron.sampling_params import MAX_LOGPROBS, MAX_N
 
 TOOL_CALL_PARSERS = ("hermes", "llama3_json")
@@ -29,6 +30,8 @@ class ServerConfig:
     # tool_choice "auto": read calls in this format from free text (hermes, llama3_json); None:
     # constrain the output to "text or a call" in the hermes format (the built-in template's).
     tool_call_parser: str | None = None
+    # /v1/embeddings: how the final hidden states become one vector (mean or last token).
+    pooling: str = "mean"
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -53,6 +56,9 @@ class ServerConfig:
             raise ValueError(f"stats_interval_s must be positive, got {self.stats_interval_s}")
         if any(not name for name in self.served_model_names):
             raise ValueError("served model names must not be empty")
+        if self.pooling not in POOLING_TYPES:
+            raise ValueError(f"pooling must be one of {', '.join(POOLING_TYPES)}, "
+                             f"got {self.pooling!r}")
         if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
             raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}, "
                              f"got {self.tool_call_parser!r}")

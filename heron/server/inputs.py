@@ -81,8 +81,8 @@ class GenerateSpec:
     constraint: tuple[str, StructuredOutputsParams] | None = None
 
 
-class GenerateRequest(Protocol):
-    """What the pipeline needs of a protocol model."""
+class RequestFields(Protocol):
+    """What every endpoint checks first: the model name and the fields sent."""
 
     @property
     def model(self) -> str | None: ...
@@ -90,6 +90,10 @@ class GenerateRequest(Protocol):
     def unsupported_fields(self) -> list[str]: ...
 
     def ignored_fields(self) -> list[str]: ...
+
+
+class GenerateRequest(RequestFields, Protocol):
+    """What the pipeline needs of a protocol model."""
 
     def to_spec(self, limits: Limits) -> GenerateSpec:
         """This request in neutral terms; ValueError naming the field when a value is wrong."""

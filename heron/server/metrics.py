@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from heron.engine.client import EngineClient
 from heron.engine.messages import EngineStats
@@ -128,7 +129,16 @@ class ServerMetrics:
             labelnames=["model_name", "finished_reason"],
             registry=self.registry,
         )
+        self._http = Counter(
+            "heron:http_requests",
+            "HTTP requests by route and status (499: the client left before the answer).",
+            labelnames=["model_name", "route", "status"],
+            registry=self.registry,
+        )
         self._model_name = model_name
+
+    def observe_http(self, route: str, status: int) -> None:
+        self._http.labels(model_name=self._model_name, route=route, status=str(status)).inc()
 
     def observe_first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
@@ -146,6 +156,28 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class HTTPCountMiddleware:
+    """Counts every HTTP response by route template (``/v1/responses/{response_id}``, not the
+    id) and status; requests that match no route count as ``other``."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                route = getattr(scope.get("route"), "path", None) or "other"
+                self.metrics.observe_http(route, int(message["status"]))
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
 
 
 class StatsLogger:

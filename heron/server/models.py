@@ -18,5 +18,17 @@ def model_card(ctx: ServingContext, model_id: str) -> ModelCard | ErrorResponse:
     return _card(ctx, model_id)
 
 
+CHAT_ENDPOINTS = ("/v1/chat/completions", "/v1/responses", "/v1/messages",
+                  "/v1/messages/count_tokens")
+TEXT_ENDPOINTS = ("/v1/completions", "/v1/embeddings", "/tokenize", "/detokenize")
+
+
+def served_endpoints(ctx: ServingContext) -> list[str]:
+    """Every route that can serve the model: those that render chats need its chat template."""
+    chat = CHAT_ENDPOINTS if ctx.tokenizer.chat_template is not None else ()
+    return sorted(chat + TEXT_ENDPOINTS)
+
+
 def _card(ctx: ServingContext, name: str) -> ModelCard:
-    return ModelCard(id=name, root=ctx.model_root, max_model_len=ctx.info.max_model_len)
+    return ModelCard(id=name, root=ctx.model_root, max_model_len=ctx.info.max_model_len,
+                     endpoints=served_endpoints(ctx))

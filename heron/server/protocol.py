@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import re
 import time
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationError,
     field_validator,
     model_serializer,
     model_validator,
@@ -34,6 +35,8 @@ from heron.server.guards import lone_surrogate_path
 from heron.server.inputs import ChatInput, GenerateSpec, Limits, TextInput, ToolUse
 from heron.structured.params import StructuredOutputsParams
 from heron.structured.tools import ToolSpec
+
+BaseModelT = TypeVar("BaseModelT", bound=BaseModel)
 
 # ==== errors ======================================================================================
 
@@ -74,6 +77,18 @@ def param_of(message: str) -> str | None:
     """'temperature must be in [0, 2], got 3' -> 'temperature' (SamplingParams' message style)."""
     head = message.split(" ", 1)[0].removesuffix(":")  # "tools: ..." names tools too
     return head if head.isidentifier() else None
+
+
+def parse_part(model: type[BaseModelT], raw: Any, where: str) -> BaseModelT:
+    """Validate one part of a request (an input item, a content block) as ``model``; a bad
+    part is a ValueError naming where it is: ``input[2].call_id: Field required``."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise ValueError(f"{where}.{field}: {first['msg']}" if field else
+                         f"{where}: {first['msg']}") from None
 
 
 # ==== shared request parts ========================================================================
@@ -472,6 +487,10 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
 
     def requested_max_tokens(self) -> int | None:
+        """``max_completion_tokens``, or the older ``max_tokens``; OpenAI refuses both at once."""
+        if self.max_completion_tokens is not None and self.max_tokens is not None:
+            raise ValueError("max_tokens: setting 'max_tokens' and 'max_completion_tokens' at the "
+                             "same time is not supported")
         return (
             self.max_completion_tokens
             if self.max_completion_tokens is not None
@@ -760,6 +779,8 @@ class ModelCard(BaseModel):
     root: str | None = None
     parent: str | None = None
     max_model_len: int | None = None
+    # heron extra: the routes that serve this model (the chat ones need a chat template)
+    endpoints: list[str] = Field(default_factory=list)
 
 
 class ModelList(BaseModel):

@@ -22,7 +22,7 @@ from heron.engine.client import EngineClient, EngineError, RequestRejectedError
 from heron.engine.messages import EngineInfo, EngineOutput, EngineRequest, TokenLogprobs
 from heron.sampling_params import MAX_QUOTE_CHARS
 from heron.server.guards import FieldNameLog, printable
-from heron.server.inputs import GenerateRequest, Limits
+from heron.server.inputs import Limits, RequestFields
 from heron.server.protocol import (
     ErrorResponse,
     PromptTokensDetails,
@@ -32,6 +32,7 @@ from heron.server.protocol import (
     make_error,
     param_of,
 )
+from heron.server.response_store import ResponseStore
 from heron.structured.grammar import SpecValidator
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ class ServingContext:
     metrics: ServerMetrics
     specs: SpecValidator = field(default_factory=SpecValidator)
     ignored_fields: FieldNameLog = field(default_factory=FieldNameLog)
+    responses: ResponseStore = field(default_factory=ResponseStore)  # /v1/responses state
 
     @property
     def default_model(self) -> str:
@@ -79,7 +81,7 @@ class ServingContext:
         return Limits(self.config.max_n, self.config.max_logprobs, self.info.vocab_size,
                       self.config.max_seqs_per_request)
 
-    def check_fields(self, request: GenerateRequest) -> ErrorResponse | None:
+    def check_fields(self, request: RequestFields) -> ErrorResponse | None:
         """Refuse fields we cannot honour; log (once per name) fields we ignore."""
         unsupported = request.unsupported_fields()
         if unsupported:

@@ -9,7 +9,7 @@
                     none (the model writes its own format)             own format)
                   otherwise: text | calls                            the format's parser
                     (a JSON response format: document | calls)
-    required      calls                                              the format's parser
+    required      calls (a response format waits for a later turn)   the format's parser
     named         the function's parameter schema (json)            NamedParser
 
 ``calls`` are one call, or several when ``parallel_tool_calls``, in a ``ToolCallFormat``:
@@ -114,9 +114,8 @@ def plan_tool_use(tools: list[ToolSpec], tool_choice: str | None, named: str | N
     _check_choice(tools, tool_choice, named)
     if not tools or tool_choice == "none":
         return ToolPlan(response, None)
-    if response is not None and (named is not None or tool_choice == "required"):
-        raise ValueError("tool_choice that forces a call cannot be combined with response_format "
-                         "or another output constraint")
+    # A forced call is the whole output: a response format governs messages, and this turn
+    # writes none (agents ask for both: the format applies on the turn after the call).
     if named is not None:
         tool = next(t for t in tools if t.name == named)
         return ToolPlan(tool.parameters_constraint(), NamedParser(tool.name))

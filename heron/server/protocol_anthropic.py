@@ -1,0 +1,330 @@
+"""Anthropic's Messages API (``POST /v1/messages``, ``/v1/messages/count_tokens``): the request,
+the message it answers with, stream events and Anthropic's error shape.
+
+The request converts itself into chat terms (``to_spec``): ``system`` is a system message,
+``text`` blocks are content, an assistant's ``tool_use`` blocks are its tool calls (arguments
+as JSON text), a user's ``tool_result`` blocks are tool messages; custom tools (``input_schema``)
+become functions. ``tool_choice`` maps as auto -> auto, any -> required, tool -> named,
+none -> none. The preparation pipeline then renders, tokenizes and checks it like chat.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, Field
+
+from heron.sampling_params import SamplingParams
+from heron.server.inputs import ChatInput, GenerateSpec, Limits, ToolUse
+from heron.server.protocol import (
+    ChatCompletionTool,
+    ChatMessage,
+    ErrorResponse,
+    FunctionCall,
+    FunctionDefinition,
+    OpenAIBaseModel,
+    RequestBody,
+    ToolCall,
+    check_chat,
+    parse_part,
+)
+from heron.structured.params import StructuredOutputsParams
+from heron.structured.tools import ToolSpec
+
+# HTTP status -> Anthropic's error type.
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}
+
+
+def new_message_id() -> str:
+    return f"msg_{uuid.uuid4().hex[:24]}"
+
+
+def new_tool_use_id() -> str:
+    return f"toolu_{uuid.uuid4().hex[:24]}"
+
+
+# ==== errors ======================================================================================
+
+
+def anthropic_error(error: ErrorResponse) -> dict[str, Any]:
+    """An error value in Anthropic's shape: ``{"type": "error", "error": {"type", "message"}}``."""
+    kind = _ERROR_TYPES.get(error.status_code, "api_error" if error.status_code >= 500
+                            else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": error.error.message}}
+
+
+# ==== the request =================================================================================
+
+
+class TextBlock(OpenAIBaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ToolUseBlock(OpenAIBaseModel):
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+class ToolResultBlock(OpenAIBaseModel):
+    type: Literal["tool_result"]
+    tool_use_id: str
+    content: str | list[TextBlock] | None = None
+    is_error: bool | None = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        return "".join(block.text for block in self.content)
+
+
+class AnthropicMessage(OpenAIBaseModel):
+    role: Literal["user", "assistant"]
+    content: str | list[dict[str, Any]]
+
+
+class CustomTool(OpenAIBaseModel):
+    type: Literal["custom"] | None = None
+    name: str
+    description: str | None = None
+    input_schema: dict[str, Any]
+
+
+class ToolChoice(OpenAIBaseModel):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = None
+
+
+class Thinking(OpenAIBaseModel):
+    type: str
+    budget_tokens: int | None = None
+
+
+class CountTokensRequest(RequestBody):
+    """POST /v1/messages/count_tokens: what the prompt of a Messages request would hold."""
+
+    UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "mcp_servers": (None, []),
+        "container": (None,),
+    }
+
+    model: str
+    messages: list[AnthropicMessage]
+    system: str | list[TextBlock] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: ToolChoice | None = None
+    thinking: Thinking | None = None
+
+    def to_spec(self, limits: Limits) -> GenerateSpec:
+        """The request in neutral terms; ValueError naming the field."""
+        if self.thinking is not None and self.thinking.type != "disabled":
+            raise ValueError("thinking: extended thinking is not supported by this model")
+        messages = self.chat_messages()
+        check_chat(messages, True, False, None)
+        tools = self.custom_tools()
+        template_tools = [_chat_tool(t) for t in tools] or None
+        return GenerateSpec(
+            input=ChatInput(messages=[m.to_template_dict() for m in messages],
+                            tools=template_tools, what="messages"),
+            params=self.to_sampling_params(),
+            tools=self.tool_use(tools),
+            constraint=self.constraint_source(),
+        )
+
+    def constraint_source(self) -> tuple[str, StructuredOutputsParams] | None:
+        return None
+
+    def to_sampling_params(self) -> SamplingParams:
+        return SamplingParams(max_tokens=None)
+
+    def chat_messages(self) -> list[ChatMessage]:
+        if not self.messages:
+            raise ValueError("messages: at least one message is required")
+        out = []
+        system = self.system_text()
+        if system:
+            out.append(ChatMessage(role="system", content=system))
+        for i, message in enumerate(self.messages):
+            out += _convert_message(message, f"messages.{i}")
+        return out
+
+    def system_text(self) -> str:
+        if self.system is None or isinstance(self.system, str):
+            return self.system or ""
+        return "\n".join(block.text for block in self.system)
+
+    def custom_tools(self) -> list[CustomTool]:
+        tools = []
+        for i, raw in enumerate(self.tools or []):
+            kind = raw.get("type")
+            if kind not in (None, "custom"):
+                raise ValueError(f"tools.{i}.type: {kind!r} is not supported: this server offers "
+                                 "custom tools (name, description, input_schema) only")
+            tools.append(parse_part(CustomTool, raw, f"tools.{i}"))
+        return tools
+
+    def tool_use(self, tools: list[CustomTool]) -> ToolUse | None:
+        if not tools and self.tool_choice is None:
+            return None
+        choice: Literal["none", "auto", "required"] | None = None
+        named, parallel = None, True
+        if self.tool_choice is not None:
+            tc = self.tool_choice
+            if tc.type == "tool" and not tc.name:
+                raise ValueError("tool_choice.name: required when tool_choice.type is 'tool'")
+            named = tc.name if tc.type == "tool" else None
+            choice = _TOOL_CHOICES.get(tc.type)
+            parallel = not tc.disable_parallel_tool_use
+        if choice == "auto" and not tools:
+            choice = None  # Anthropic accepts auto without tools: it means no tools
+        specs = [ToolSpec.of(t.name, t.input_schema) for t in tools]
+        return ToolUse(specs, choice, named, parallel)
+
+
+class OutputFormat(OpenAIBaseModel):
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class OutputConfig(OpenAIBaseModel):
+    """``output_config``: ``format`` constrains the text to a JSON schema (enforced); ``effort``
+    means nothing to a model that does not reason and is ignored."""
+
+    format: OutputFormat | None = None
+    effort: str | None = None
+
+
+class MessagesRequest(CountTokensRequest):
+    """POST /v1/messages."""
+
+    max_tokens: int
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stop_sequences: list[str] | None = None
+    stream: bool | None = False
+    metadata: dict[str, Any] | None = None
+    output_config: OutputConfig | None = None
+
+    def constraint_source(self) -> tuple[str, StructuredOutputsParams] | None:
+        fmt = self.output_config.format if self.output_config is not None else None
+        if fmt is None:
+            return None
+        return "output_config.format", StructuredOutputsParams.json_schema(fmt.schema_)
+
+    def to_sampling_params(self) -> SamplingParams:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens: must be at least 1, got {self.max_tokens}")
+        if self.temperature is not None and not 0.0 <= self.temperature <= 1.0:
+            raise ValueError(f"temperature: must be in [0, 1], got {self.temperature}")
+        fields: dict[str, Any] = {"temperature": self.temperature, "top_p": self.top_p,
+                                  "top_k": self.top_k,
+                  "stop": self.stop_sequences}
+        return SamplingParams(max_tokens=self.max_tokens,
+                              **{k: v for k, v in fields.items() if v is not None})
+
+
+_TOOL_CHOICES: dict[str, Literal["none", "auto", "required"]] = {
+    "auto": "auto", "any": "required", "none": "none"}
+
+
+def _convert_message(message: AnthropicMessage, where: str) -> list[ChatMessage]:
+    """One Anthropic turn as chat messages: a user turn's tool results become tool messages
+    (in order, around its text); an assistant turn's tool_use blocks become its tool calls."""
+    if isinstance(message.content, str):
+        return [ChatMessage(role=message.role, content=message.content)]
+    out: list[ChatMessage] = []
+    texts: list[str] = []
+    calls: list[ToolCall] = []
+    for j, raw in enumerate(message.content):
+        kind = raw.get("type") if isinstance(raw, dict) else None
+        at = f"{where}.content.{j}"
+        if kind == "text":
+            texts.append(parse_part(TextBlock, raw, at).text)
+        elif kind == "tool_use" and message.role == "assistant":
+            use = parse_part(ToolUseBlock, raw, at)
+            calls.append(ToolCall(id=use.id, function=FunctionCall(
+                name=use.name, arguments=json.dumps(use.input, ensure_ascii=False))))
+        elif kind == "tool_result" and message.role == "user":
+            if texts:
+                out.append(ChatMessage(role="user", content="".join(texts)))
+                texts = []
+            result = parse_part(ToolResultBlock, raw, at)
+            out.append(ChatMessage(role="tool", tool_call_id=result.tool_use_id,
+                                   content=result.text()))
+        else:
+            raise ValueError(f"{at}.type: {kind!r} blocks are not supported in {message.role} "
+                             "messages; this server takes text, tool_use (assistant) and "
+                             "tool_result (user) blocks")
+    if texts or calls or not out:
+        out.append(ChatMessage(role=message.role, content="".join(texts),
+                               tool_calls=calls or None))
+    return out
+
+
+def _chat_tool(tool: CustomTool) -> dict[str, Any]:
+    function = FunctionDefinition(name=tool.name, description=tool.description,
+                                  parameters=tool.input_schema)
+    return ChatCompletionTool(function=function).model_dump(exclude_none=True)
+
+
+# ==== the answer ==================================================================================
+
+
+class TextContent(BaseModel):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ToolUseContent(BaseModel):
+    type: Literal["tool_use"] = "tool_use"
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+class AnthropicUsage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+
+
+class AnthropicResponse(BaseModel):
+    id: str
+    type: Literal["message"] = "message"
+    role: Literal["assistant"] = "assistant"
+    model: str
+    content: list[TextContent | ToolUseContent] = Field(default_factory=list)
+    stop_reason: Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"] | None = None
+    stop_sequence: str | None = None
+    usage: AnthropicUsage
+
+
+class TokenCount(BaseModel):
+    input_tokens: int
+
+
+def stop_reason_of(finish_reason: str | None, stop_reason: int | str | None,
+                   has_calls: bool) -> tuple[str | None, str | None]:
+    """(Anthropic's stop_reason, stop_sequence) for a finished choice."""
+    if has_calls and finish_reason == "stop":
+        return "tool_use", None
+    if finish_reason == "length":
+        return "max_tokens", None
+    if finish_reason == "stop" and isinstance(stop_reason, str):
+        return "stop_sequence", stop_reason
+    return ("end_turn", None) if finish_reason is not None else (None, None)
+
+
+def event(event_type: str, **fields: Any) -> str:
+    """One stream event as SSE: ``event:`` names it, ``data:`` holds it with its type."""
+    body: dict[str, Any] = {"type": event_type}
+    for key, value in fields.items():
+        body[key] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+    return f"event: {event_type}\ndata: {json.dumps(body, ensure_ascii=False)}\n\n"
