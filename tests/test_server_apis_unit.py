@@ -130,7 +130,7 @@ def test_response_builder_text_then_call() -> None:
     final = events[-1]["response"]
     assert final["status"] == "completed"
     assert [i["type"] for i in final["output"]] == ["message", "function_call"]
-    assert final["output"][0]["content"][0]["text"] == "Let me check."
+    assert final["output"][0]["content"][0]["text"] == final["output_text"] == "Let me check."
     assert final["output"][1] == {"type": "function_call", "id": events[9]["item"]["id"],
                                   "call_id": "call_1", "name": "get_weather",
                                   "arguments": '{"city": "Paris"}', "status": "completed"}
@@ -263,12 +263,23 @@ def test_message_builder_text_then_tool_use() -> None:
 def test_response_store_is_bounded() -> None:
     store = ResponseStore(max_entries=2)
     for i in range(3):
-        store.put(f"r{i}", StoredResponse(response=i, conversation=[]))
+        assert store.put(f"r{i}", StoredResponse(response=i, conversation=[]))
     assert len(store) == 2 and store.get("r0") is None and store.get("r2").response == 2
     assert store.delete("r1") and not store.delete("r1") and len(store) == 1
     off = ResponseStore(max_entries=0)
-    off.put("r", StoredResponse(response=0, conversation=[]))
+    assert not off.put("r", StoredResponse(response=0, conversation=[]))
     assert off.get("r") is None
+
+
+def test_response_store_bounds_bytes() -> None:
+    store = ResponseStore(max_entries=10, max_bytes=100)
+    for i in range(4):
+        assert store.put(f"r{i}", StoredResponse(response=i, conversation=[], size=40))
+    assert [k for k in ("r0", "r1", "r2", "r3") if store.get(k)] == ["r2", "r3"]
+    assert store.num_bytes == 80
+    assert not store.put("big", StoredResponse(response=0, conversation=[], size=101))
+    assert store.get("big") is None and store.num_bytes == 80
+    assert store.delete("r2") and store.num_bytes == 40
 
 
 def test_encode_vector() -> None:

@@ -18,7 +18,7 @@ import time
 import uuid
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, PrivateAttr
+from pydantic import BaseModel, Field, PrivateAttr, computed_field
 
 from heron.sampling_params import INT64_MAX, SamplingParams, short_repr
 from heron.server.inputs import ChatInput, GenerateSpec, Limits, ToolUse
@@ -358,8 +358,10 @@ class ResponseObject(BaseModel):
             tool_choice=choice.model_dump() if isinstance(choice, BaseModel) else choice or "auto",
             tools=list(request.tools or []), user=request.user, metadata=request.metadata or {})
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def output_text(self) -> str:
+        """The text of every message item, joined (the SDKs' convenience, also in the JSON)."""
         return "".join(part.text for item in self.output if isinstance(item, OutputMessage)
                        for part in item.content)
 

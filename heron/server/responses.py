@@ -18,6 +18,7 @@ in-memory ``ResponseStore`` for ``previous_response_id`` and GET/DELETE.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -40,6 +41,8 @@ from heron.server.protocol_responses import (
 from heron.server.response_store import StoredResponse
 from heron.server.serving import ChoiceDelta, Generation, ServingContext, engine_error
 from heron.structured.tool_parsers import ToolCallDelta, ToolCallStream, ToolParser
+
+logger = logging.getLogger(__name__)
 
 ResponsesResult = ResponseObject | ErrorResponse | AsyncIterator[str]
 
@@ -241,4 +244,7 @@ class _ResponseRun:
             output_tokens=usage.completion_tokens, total_tokens=usage.total_tokens)
         if self.request.store is not False:
             turns = self.history + self.request.input_messages() + output_as_messages(response.output)
-            self.ctx.responses.put(response.id, StoredResponse(response, turns))
+            size = len(response.model_dump_json()) + sum(len(m.model_dump_json()) for m in turns)
+            if not self.ctx.responses.put(response.id, StoredResponse(response, turns, size)):
+                logger.warning("response %s not stored: its conversation (%d bytes) exceeds the "
+                               "store's %d bytes", response.id, size, self.ctx.responses.max_bytes)
