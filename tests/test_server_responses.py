@@ -286,6 +286,8 @@ def test_unknown_model_and_context_length(server: RemoteServer) -> None:
     huge = {"model": MODEL, "input": "word " * 20000}
     r = httpx.post(server.url("/v1/responses"), json=huge)
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert r.json()["error"]["param"] == "max_output_tokens"
+    assert r.json()["error"]["message"].endswith("the length of the input or max_output_tokens.")
 
 
 def _metric(text: str, name: str, **labels: str) -> float:

@@ -73,12 +73,14 @@ class GenerateSpec:
 
     ``params``: validated sampling parameters whose ``max_tokens`` is what the request asked
     for (None: up to the context); the pipeline adds the output constraint. ``constraint``:
-    the response format the request asked for, with the name of the field that set it."""
+    the response format the request asked for, with the name of the field that set it.
+    ``max_tokens_field``: the request's name for ``params.max_tokens`` (errors name it)."""
 
     input: ChatInput | TextInput
     params: SamplingParams
     tools: ToolUse | None = None
     constraint: tuple[str, StructuredOutputsParams] | None = None
+    max_tokens_field: str = "max_tokens"
 
 
 class RequestFields(Protocol):

@@ -68,7 +68,8 @@ async def _prepare(ctx: ServingContext, request: GenerateRequest) -> PreparedReq
     spec = request.to_spec(ctx.limits)
     prompts = await tokenize(ctx, spec.input)
     for prompt in prompts:
-        refuse(check_context(ctx, len(prompt.token_ids), spec.params.max_tokens, spec.input.what))
+        refuse(check_context(ctx, len(prompt.token_ids), spec.params.max_tokens, spec.input.what,
+                             spec.max_tokens_field))
     plan = plan_tools(spec, ctx.config.tool_call_parser)
     await check_constraints(ctx, spec, plan)
     params = spec.params.clone(structured_outputs=plan.constraint)
@@ -128,9 +129,11 @@ def check_token_ids(ctx: ServingContext, ids: list[int], param: str) -> ErrorRes
 
 
 def check_context(
-    ctx: ServingContext, num_prompt_tokens: int, max_tokens: int | None, what: str
+    ctx: ServingContext, num_prompt_tokens: int, max_tokens: int | None, what: str,
+    max_tokens_field: str = "max_tokens",
 ) -> ErrorResponse | None:
-    """400 when the prompt is empty, or it plus max_tokens does not fit in the context."""
+    """400 when the prompt is empty, or it plus max_tokens (the request's ``max_tokens_field``)
+    does not fit in the context."""
     limit = ctx.info.max_model_len
     if num_prompt_tokens == 0:
         return bad_request(
@@ -143,8 +146,8 @@ def check_context(
     return bad_request(
         f"This model's maximum context length is {limit} tokens. However, you requested "
         f"{wanted} tokens ({num_prompt_tokens} in the {what}, {completion}). Please reduce "
-        f"the length of the {what} or max_tokens.",
-        param="max_tokens",
+        f"the length of the {what} or {max_tokens_field}.",
+        param=max_tokens_field,
         code="context_length_exceeded",
     )
 

@@ -160,6 +160,7 @@ class ResponsesRequest(RequestBody):
             params=self.to_sampling_params(),
             tools=self.tool_use(tools),
             constraint=self.constraint_source(),
+            max_tokens_field="max_output_tokens",
         )
 
     def _check_fields(self) -> None:
