@@ -215,6 +215,13 @@ def test_messages_bad_requests_name_the_field(body: dict, message: str) -> None:
     assert message in str(err.value)
 
 
+def test_messages_thinking_left_to_the_model_is_accepted() -> None:
+    for kind in ("disabled", "adaptive"):
+        MessagesRequest.model_validate({"model": "m", "max_tokens": 5, "thinking": {"type": kind},
+                                        "messages": [{"role": "user", "content": "x"}]}
+                                       ).to_spec(LIMITS)
+
+
 def test_anthropic_error_shape() -> None:
     kinds = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
              413: "request_too_large", 415: "invalid_request_error", 500: "api_error",

@@ -124,7 +124,8 @@ class CountTokensRequest(RequestBody):
 
     def to_spec(self, limits: Limits) -> GenerateSpec:
         """The request in neutral terms; ValueError naming the field."""
-        if self.thinking is not None and self.thinking.type != "disabled":
+        # "adaptive" leaves thinking to the model: this one never does, which honours it.
+        if self.thinking is not None and self.thinking.type not in ("disabled", "adaptive"):
             raise ValueError("thinking: extended thinking is not supported by this model")
         messages = self.chat_messages()
         check_chat(messages, True, False, None)
