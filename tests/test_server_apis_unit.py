@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import base64
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from heron.server.inputs import ChatInput, Limits
 from heron.server.messages import _MessageBuilder
+from heron.server.models import served_endpoints
 from heron.server.protocol import ChatMessage, make_error
 from heron.server.protocol_anthropic import (
     AnthropicResponse,
@@ -306,3 +308,13 @@ def test_embedding_inputs() -> None:
     assert bare.to_input().add_special_tokens is False
     with pytest.raises(ValueError, match="dimensions must be in"):
         EmbeddingRequest.model_validate({"input": "a", "dimensions": 641}).check_dimensions(640)
+
+
+def test_models_list_the_routes_that_serve_them() -> None:
+    def ctx(template: str | None) -> object:
+        return SimpleNamespace(tokenizer=SimpleNamespace(chat_template=template))
+
+    text_only = ["/detokenize", "/tokenize", "/v1/completions", "/v1/embeddings"]
+    assert served_endpoints(ctx(None)) == text_only  # type: ignore[arg-type]
+    assert served_endpoints(ctx("{{ messages }}")) == sorted(text_only + [  # type: ignore[arg-type]
+        "/v1/chat/completions", "/v1/messages", "/v1/messages/count_tokens", "/v1/responses"])
