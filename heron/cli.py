@@ -108,6 +108,15 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "list also works); default: CORS off",
     )
     http.add_argument(
+        "--allowed-hosts",
+        nargs="+",
+        default=None,
+        metavar="HOST",
+        help="Host header names to serve besides loopback ones, or '*' for any; default: when "
+        "bound to a loopback address only localhost, *.localhost, 127.x.x.x and [::1] (DNS "
+        "rebinding guard), else any",
+    )
+    http.add_argument(
         "--max-request-bytes",
         type=parse_size,
         default=4 << 20,
@@ -282,6 +291,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         api_key=args.api_key,
         served_model_names=tuple(args.served_model_name or ()),
         allowed_origins=_origins(args.allowed_origins),
+        allowed_hosts=tuple(args.allowed_hosts or ()),
         max_request_bytes=args.max_request_bytes,
         max_n=args.max_n,
         max_seqs_per_request=args.max_seqs_per_request,

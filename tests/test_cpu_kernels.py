@@ -3,6 +3,8 @@ the paged cache (sliding windows, GQA groups, scattered blocks) and the loader's
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -163,6 +165,36 @@ def test_variants_build_with_explicit_flags_and_are_cached(monkeypatch, tmp_path
         build._load.cache_clear()
         assert build.load_library("paged_attention", ("paged_attention",), "avx2") is not None
         assert len(commands) == 3 and [p.stat().st_mtime_ns for p in built] == mtimes  # not rebuilt
+    finally:
+        build._load.cache_clear()
+
+
+def test_kernel_cache_is_private_and_a_changed_library_is_rebuilt(
+    monkeypatch, tmp_path, caplog
+) -> None:
+    monkeypatch.setenv("HERON_CACHE_DIR", str(tmp_path))
+    build._load.cache_clear()
+    try:
+        assert build.load_library("paged_attention", ("paged_attention",), "portable") is not None
+        kernels = tmp_path / "kernels"
+        assert kernels.stat().st_mode & 0o777 == 0o700
+        [lib] = kernels.glob("paged_attention-portable-*.so")
+        built = lib.read_bytes()
+        assert isa.matches_record(lib)
+        changed = lib.with_name("changed.tmp")  # a new file: the loaded one stays mapped intact
+        changed.write_bytes(built[:-64] + b"\0" * 64)
+        os.replace(changed, lib)
+        assert not isa.matches_record(lib)
+        build._load.cache_clear()
+        with caplog.at_level("WARNING", logger="heron.kernels.cpu.build"):
+            assert build.load_library("paged_attention", ("paged_attention",), "portable")
+        assert "does not match the sha256 recorded" in caplog.text
+        assert isa.matches_record(lib) and lib.read_bytes()[-64:] != b"\0" * 64  # rebuilt
+        lib.with_name(lib.name + ".sha256").unlink()  # no record: not trusted either
+        build._load.cache_clear()
+        mtime = lib.stat().st_mtime_ns
+        assert build.load_library("paged_attention", ("paged_attention",), "portable")
+        assert isa.matches_record(lib) and lib.stat().st_mtime_ns != mtime
     finally:
         build._load.cache_clear()
 

@@ -309,3 +309,5 @@ def test_cors(server: RemoteServer) -> None:
     assert r.headers["access-control-allow-origin"] == "http://example.com"
     other = httpx.get(server.url("/v1/models"), headers={"Origin": "http://evil.example"})
     assert "access-control-allow-origin" not in other.headers
+    null = httpx.get(server.url("/v1/models"), headers={"Origin": "null"})
+    assert not any(h.startswith("access-control-") for h in null.headers)

@@ -1,8 +1,8 @@
 """End to end: what a careless client or an attacker sends is refused cleanly and costs little.
 
 One tiny random model server for the module (output text does not matter here): lone
-surrogates, integers past 64 bits, loose types, unknown field names, request fan-out, and the
-response queues those requests leave behind.
+surrogates, integers past 64 bits, loose types, unknown field names, request fan-out, the
+response queues those requests leave behind, Host and CORS rules, and /health's contract.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import httpx
 import psutil
 import pytest
 
+from heron.server.security import HostCheck
 from tests.server_utils import RemoteServer
 from tests.tiny_models import save_tiny_server_model
 
@@ -26,7 +27,7 @@ MAX_SEQS = 8
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteServer]:
     model = save_tiny_server_model(tmp_path_factory.mktemp("tiny-hardening"))
     args = [str(model), "--kv-cache-memory", "16MiB", "--max-n", "4",
-            "--max-seqs-per-request", str(MAX_SEQS)]
+            "--max-seqs-per-request", str(MAX_SEQS), "--allowed-origins", "*"]
     with RemoteServer(args) as srv:
         yield srv
 
@@ -176,6 +177,29 @@ def test_error_messages_quote_little_of_the_input(
     assert len(r.json()["error"]["message"]) < 400, r.json()["error"]["message"][:500]
 
 
+# ---- items 4 and 11: constraints that cannot be met are refused up front -----------------------
+
+UNMEETABLE = [
+    ("guided_regex", r"[^\s\S]", "accepts no output at all"),
+    ("guided_json", {"$ref": "#"}, "accepts no output at all"),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "$ref": "#"}}}, "accepts no output at all"),
+    ("guided_grammar", 'start: "a" start', "cannot be enforced"),
+    ("guided_grammar", "start: " + " | ".join(f'"w{i}"' for i in range(20_000)),
+     "cannot be enforced"),
+]
+
+
+@pytest.mark.parametrize("field,value,message", UNMEETABLE,
+                         ids=[f"{u[0]}-{i}" for i, u in enumerate(UNMEETABLE)])
+def test_a_constraint_that_cannot_be_met_is_a_400_up_front(
+    server: RemoteServer, field: str, value: object, message: str
+) -> None:
+    r = post(server, "/v1/chat/completions", chat(**{field: value}))
+    assert message in check_400(r, field)
+    assert r.json()["error"]["code"] == "invalid_constraint"
+
+
 # ---- item 7: unknown field names ------------------------------------------------------------------
 
 
@@ -222,3 +246,64 @@ def test_prompts_times_n_is_capped(server: RemoteServer) -> None:
 
 def test_no_response_queue_outlives_its_request(server: RemoteServer) -> None:
     assert in_flight(server) == 0
+
+
+# ---- item 10: Host and CORS -----------------------------------------------------------------------
+
+
+def test_a_foreign_host_name_is_refused_on_loopback(server: RemoteServer) -> None:
+    """DNS rebinding: a page on evil.example resolving to 127.0.0.1 is not answered."""
+    for path in ("/v1/models", "/health", "/v1/completions"):
+        r = httpx.get(server.url(path), headers={"Host": f"evil.example:{server.port}"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host", r.text
+    for host in (f"localhost:{server.port}", f"127.0.0.1:{server.port}", "app.localhost"):
+        assert httpx.get(server.url("/v1/models"), headers={"Host": host}).status_code == 200
+
+
+def test_host_rules() -> None:
+    loopback = HostCheck("127.0.0.1", ())
+    assert [loopback.allows(h) for h in ("localhost:8000", "[::1]:8000", "127.1.2.3", None)] == [
+        True, True, True, True]
+    assert not any(loopback.allows(h) for h in ("evil.example", "localhost.evil.example",
+                                                "0.0.0.0:8000", "10.0.0.5"))
+    named = HostCheck("::1", ["api.internal"])
+    assert named.allows("API.internal:443") and named.allows("localhost")
+    assert not named.allows("evil.example")
+    assert HostCheck("127.0.0.1", ["*"]).allows("evil.example")
+    assert HostCheck("0.0.0.0", ()).allows("evil.example")  # not loopback: no default check
+    assert not HostCheck("0.0.0.0", ["api.internal"]).allows("evil.example")
+
+
+def test_wildcard_cors_sends_no_credentials_and_never_allows_null(server: RemoteServer) -> None:
+    r = httpx.get(server.url("/v1/models"), headers={"Origin": "http://any.example"})
+    assert r.headers["access-control-allow-origin"] == "*"
+    assert "access-control-allow-credentials" not in r.headers
+    preflight = httpx.options(server.url("/v1/chat/completions"), headers={
+        "Origin": "http://any.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "*"
+    assert "access-control-allow-credentials" not in preflight.headers
+    null = httpx.get(server.url("/v1/models"), headers={"Origin": "null", "Cookie": "a=b"})
+    assert null.status_code == 200
+    assert not any(h.startswith("access-control-") for h in null.headers)
+    null_preflight = httpx.options(server.url("/v1/models"), headers={
+        "Origin": "null", "Access-Control-Request-Method": "GET"})
+    assert null_preflight.status_code == 400
+    assert not any(h.startswith("access-control-") for h in null_preflight.headers)
+
+
+# ---- item 12: /health's contract ------------------------------------------------------------------
+
+
+def test_health_answers_head_and_its_openapi_entry_matches(server: RemoteServer) -> None:
+    get, head = httpx.get(server.url("/health")), httpx.head(server.url("/health"))
+    assert (get.status_code, get.content, head.status_code, head.content) == (200, b"", 200, b"")
+    entry = httpx.get(server.url("/openapi.json")).json()["paths"]["/health"]
+    assert set(entry) == {"get", "head"}
+    for operation in entry.values():
+        responses = operation["responses"]
+        assert set(responses) == {"200", "503"}
+        assert "content" not in responses["200"]  # an empty body, as served
+        schema = responses["503"]["content"]["application/json"]["schema"]
+        assert schema == {"$ref": "#/components/schemas/ErrorResponse"}

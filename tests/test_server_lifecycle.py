@@ -9,13 +9,16 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from heron.engine.client import remove_stale_ipc_dirs
 from tests.server_utils import DEFAULT_MODEL_NAME, REPO_ROOT, RemoteServer, pid_exists
 
 pytestmark = pytest.mark.slow
@@ -98,8 +101,34 @@ def test_auth_on_every_endpoint(
     assert r.status_code == 200, r.text
 
 
+def test_options_without_a_key_reveals_no_route(server: RemoteServer) -> None:
+    for path in ("/v1/chat/completions", "/v1/models", "/no/such/route", "/openapi.json"):
+        r = httpx.options(server.url(path))
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
+
+
 def test_health_needs_no_key(server: RemoteServer) -> None:
     assert httpx.get(server.url("/health")).status_code == 200
+    head = httpx.head(server.url("/health"))
+    assert head.status_code == 200 and head.content == b""
+
+
+def test_health_reflects_a_stopped_engine(server: RemoteServer) -> None:
+    """SIGSTOP: no heartbeat, /health says 503 within seconds; SIGCONT: 200, requests flow."""
+    engine = server.engine_pid()
+    with httpx.Client(headers=server.headers(), timeout=60) as client:
+        os.kill(engine, signal.SIGSTOP)
+        try:
+            stopped = time.monotonic()
+            assert wait_for(lambda: client.get(server.url("/health")).status_code == 503, 8.0)
+            assert time.monotonic() - stopped < 6.0
+            error = client.get(server.url("/health")).json()["error"]
+            assert "not answered" in error["message"] and error["type"] == "server_error"
+        finally:
+            os.kill(engine, signal.SIGCONT)
+        assert wait_for(lambda: client.get(server.url("/health")).status_code == 200, 5.0)
+        r = client.post(server.url("/v1/chat/completions"), json=CHAT)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 
 def test_sdk_with_wrong_and_right_key(server: RemoteServer) -> None:
@@ -242,29 +271,41 @@ def test_signal_during_startup_stops_engine() -> None:
 def test_engine_dies_with_killed_server() -> None:
     with RemoteServer(ARGS) as srv:
         engine = srv.engine_pid()
+        sockets = Path(tempfile.gettempdir()).glob(f"heron-{srv.proc.pid}-*")
         os.kill(srv.proc.pid, signal.SIGKILL)  # no chance to clean up: the kernel tells the engine
         srv.proc.wait(10)
         assert wait_gone(engine), "engine core orphaned by a killed server"
+    [left] = list(sockets)  # its socket folder stays behind; the next start removes it
+    assert str(left) in remove_stale_ipc_dirs() and not left.exists()
 
 
-def test_engine_death_is_an_error_event_then_503() -> None:
+def test_engine_death_fails_requests_then_the_server_exits_3() -> None:
+    """kill -9 of the core: what is in flight gets an error at once, then the API process
+    shuts down with exit status 3 for its supervisor (it does not serve 503s forever)."""
     with RemoteServer(ARGS) as srv, httpx.Client(timeout=60) as client:
+        waiting = asyncio.new_event_loop()
+        pending = waiting.run_in_executor(
+            None, lambda: client.post(srv.url("/v1/chat/completions"), json=long_request(False))
+        )
         with client.stream(
             "POST", srv.url("/v1/chat/completions"), json=long_request(True)
         ) as response:
             lines = response.iter_lines()
             assert next(lines).startswith("data: ")
             os.kill(srv.engine_pid(), signal.SIGKILL)
+            killed = time.monotonic()
             rest = [line for line in lines if line]
+        assert time.monotonic() - killed < 5.0
         assert rest[-1] == "data: [DONE]"
         error = json.loads(rest[-2].removeprefix("data: "))
         assert set(error["error"]) == {"message", "type", "param", "code"}
         assert error["error"]["type"] == "server_error"
-        health = client.get(srv.url("/health"))
-        assert health.status_code == 503 and "engine" in health.json()["error"]["message"]
-        r = client.post(srv.url("/v1/completions"), json={"model": MODEL, "prompt": "Hi"})
+        r = waiting.run_until_complete(pending)
+        waiting.close()
         assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
-        assert srv.stop(signal.SIGINT, timeout_s=30) == 0
+        srv.proc.wait(30)
+        assert srv.proc.returncode == 3
+        assert "shutting down with exit status 3" in srv.log_text()
 
 
 def test_bad_model_path_fails_fast() -> None:

@@ -160,6 +160,24 @@ def test_a_spec_that_does_not_compile_is_refused(llm: LLM) -> None:
     assert _run(llm, S.choice(["ok"]), range(1))[0].text == "ok", "served right after"
 
 
+def test_a_grammar_that_fails_mid_output_ends_with_an_error_not_a_stop(llm: LLM) -> None:
+    """The offline LLM skips the API's up-front probe: the engine itself must not report the
+    unconstrained text that follows a parser limit as a success."""
+    for out in _run(llm, S.grammar('start: "a" start'), range(2), max_tokens=200):
+        assert out.finish_reason == "error", (out.text, out.finish_reason)
+        assert "cannot be enforced" in str(out.stop_reason)
+        assert set(out.text) <= {"a"}
+    for out in _run(llm, S.regex(r"[^\s\S]"), range(2)):
+        assert out.finish_reason == "error" and out.text == ""
+
+
+def test_thousands_of_choices_give_one_of_them(llm: LLM) -> None:
+    choices = [f"w{i}x{i * 31 % 977}" for i in range(5000)]
+    outs = _run(llm, S.choice(choices), range(6))
+    assert all(o.text in set(choices) and o.finish_reason == "stop" for o in outs), [
+        (o.text, o.finish_reason) for o in outs]
+
+
 def test_manager_compiles_once_waits_and_evicts() -> None:
     manager = StructuredOutputManager(hf_tokenizer, VOCAB, [2], cache_size=1)
 

@@ -102,6 +102,36 @@ def test_spec_validator_names_the_problem(spec: S, message: str) -> None:
         SpecValidator().check(spec)
 
 
+@pytest.mark.parametrize("spec,message", [
+    (S.regex(r"[^\s\S]"), "the regex accepts no output at all"),
+    (S.json_schema({"$ref": "#"}), "the JSON schema accepts no output at all"),
+    (S.grammar('start: "a" start'), "the grammar cannot be enforced: .*Too many items"),
+    (S.grammar("start: " + " | ".join(f'"w{i}"' for i in range(3000))),
+     "the grammar cannot be enforced: .*max is 2000"),
+])
+def test_spec_validator_refuses_what_cannot_be_enforced(spec: S, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as info:
+        SpecValidator().check(spec)
+    assert "<state>" not in str(info.value) and len(str(info.value)) <= 560
+
+
+def test_large_choice_lists_are_one_lexeme_and_exact() -> None:
+    from llguidance import LLMatcher
+
+    from heron.structured.grammar import _byte_tokenizer, grammar_text
+
+    choices = [f"w{i}x{i * 31 % 977}" for i in range(20_000)] + ["a|b", "(x)*", "\\d", "ünï\n"]
+    spec = S.choice(choices)
+    SpecValidator().check(spec)  # 2,000 rule alternatives overflow the parser; a lexeme does not
+    text = grammar_text(spec)
+    for choice in ("w19999x", "a|b", "(x)*", "\\d", "ünï\n", "w1x31"):
+        matcher = LLMatcher(_byte_tokenizer(), text)
+        fits = all(matcher.consume_token(b) for b in choice.encode())
+        assert fits and matcher.is_accepting() == (choice in choices), choice
+    matcher = LLMatcher(_byte_tokenizer(), text)
+    assert not matcher.consume_token(ord("d")), "regex operators are literal"
+
+
 def test_spec_validator_accepts_and_remembers() -> None:
     validator = SpecValidator(capacity=2)
     good = [S.json_object(), S.regex("[a-z]+"), S.choice(["x", "y"]),
@@ -384,6 +414,7 @@ def test_scheduler_finishes_a_complete_grammar() -> None:
         def __init__(self, left: int) -> None:
             self.left = left
             self.seen: list[int] = []
+            self.error: str | None = None
 
         def advance(self, token: int) -> bool:
             self.seen.append(token)
@@ -400,6 +431,37 @@ def test_scheduler_finishes_a_complete_grammar() -> None:
         scheduler.update_from_output(out, {"r": token}, {})
     assert req.status == RequestStatus.FINISHED_STOPPED and req.stop_reason is None
     assert grammar.seen == [11, 12] and req.output_token_ids == [11, 12]
+    assert not scheduler.has_unfinished_requests()
+
+
+def test_a_failed_grammar_finishes_with_an_error_even_on_an_end_token() -> None:
+    from heron.config import CacheConfig, SchedulerConfig
+    from heron.engine.request import RequestStatus
+    from heron.engine.scheduler import Scheduler
+
+    class Broken:
+        """Fails on its second token (as a parser limit would)."""
+
+        def __init__(self) -> None:
+            self.error: str | None = None
+            self.count = 0
+
+        def advance(self, token: int) -> bool:
+            self.count += 1
+            if self.count == 2:
+                self.error = "the grammar constraint cannot be enforced: too many items"
+                return True
+            return False
+
+    scheduler = Scheduler(SchedulerConfig(), CacheConfig(block_size=4), 16, 32)
+    req = Request("r", [1, 2, 3], SamplingParams(), max_tokens=10)
+    req.sampling_params.all_stop_token_ids = {2}
+    req.grammar = Broken()  # type: ignore[assignment]
+    scheduler.add_request(req)
+    for token in (11, 2):  # the end token that a broken mask let through
+        scheduler.update_from_output(scheduler.schedule(), {"r": token}, {})
+    assert req.status == RequestStatus.FINISHED_ERROR and req.finish_reason == "error"
+    assert req.stop_reason == "the grammar constraint cannot be enforced: too many items"
     assert not scheduler.has_unfinished_requests()
 
 

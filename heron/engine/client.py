@@ -21,6 +21,9 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import re
+import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -45,6 +48,7 @@ from heron.engine.messages import (
     EngineOutput,
     EngineRequest,
     EngineStats,
+    Heartbeat,
     RequestRejected,
     ShutdownCore,
 )
@@ -55,6 +59,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _IDLE_POLL_MS = 1000  # how long the output reader blocks between liveness checks
+HEARTBEAT_TIMEOUT_S = 3.0  # core silent this long (beats come every 0.5 s): stopped or hung
+STEP_TIMEOUT_S = 60.0  # core busy without finishing a step this long: stuck
 ENGINE_ENV = {"GOMP_SPINCOUNT": "2000"}  # see _engine_environment
 
 
@@ -64,6 +70,11 @@ class EngineError(RuntimeError):
 
 class RequestRejectedError(ValueError):
     """The engine core refused a request (``EngineCore.add_request`` raised ValueError)."""
+
+
+class ConstraintFailedError(RuntimeError):
+    """A sequence ended with finish reason "error": its output constraint could not be
+    enforced (a parser limit met mid-output). Never reported as a successful "stop"."""
 
 
 # ==== API side ====================================================================================
@@ -76,10 +87,17 @@ class EngineClient:
     per API request, and ``await client.shutdown()`` at the end (also after a failed start).
     """
 
-    def __init__(self, config: EngineConfig, log_level: int = logging.INFO) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        log_level: int = logging.INFO,
+        heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
+        step_timeout_s: float = STEP_TIMEOUT_S,
+    ) -> None:
         self.config = config
         self._log_level = log_level
-        self._ipc_dir = tempfile.mkdtemp(prefix="heron-")
+        remove_stale_ipc_dirs()
+        self._ipc_dir = tempfile.mkdtemp(prefix=f"heron-{os.getpid()}-")
         self._input_addr = f"ipc://{self._ipc_dir}/input"
         self._output_addr = f"ipc://{self._ipc_dir}/output"
         self._ctx = zmq.asyncio.Context()
@@ -91,6 +109,8 @@ class EngineClient:
         self._queues: dict[str, asyncio.Queue[EngineOutput | Exception]] = {}
         self._dispatch_task: asyncio.Task[None] | None = None
         self._dead: str | None = None
+        self._died = asyncio.Event()
+        self.liveness = Liveness(heartbeat_timeout_s, step_timeout_s)
         self.info: EngineInfo | None = None
         self.stats = EngineStats()
 
@@ -107,6 +127,20 @@ class EngineClient:
     @property
     def dead_reason(self) -> str | None:
         return self._dead
+
+    def health(self) -> str | None:
+        """Why the engine cannot serve now (gone, stopped, stuck), or None when it is alive and
+        stepping. A stopped or stuck core may recover; a dead one does not."""
+        if self._dead is not None or self.info is None:
+            return self._dead or "the engine core has not started"
+        if not self.is_alive:
+            return "the engine core process exited"
+        return self.liveness.problem()
+
+    async def wait_dead(self) -> str:
+        """Wait until the core process is found dead (crashed, killed); returns why."""
+        await self._died.wait()
+        return self._dead or "the engine core is gone"
 
     async def start(self, timeout_s: float | None = None) -> EngineInfo:
         """Spawn the core process and wait until it reports ready (or raise EngineError)."""
@@ -129,6 +163,7 @@ class EngineClient:
             self._process.start()
         logger.info("engine core process started (pid %d); loading the model", self._process.pid)
         self.info = await self._wait_ready(timeout_s)
+        self.liveness.heard()
         self._dispatch_task = asyncio.create_task(
             self._dispatch_loop(), name="heron-engine-outputs"
         )
@@ -229,7 +264,10 @@ class EngineClient:
                 return
 
     def _handle(self, message: CoreMessage) -> None:
-        if isinstance(message, CoreOutputs):
+        self.liveness.heard()
+        if isinstance(message, Heartbeat):
+            self.liveness.beat(message)
+        elif isinstance(message, CoreOutputs):
             for out in message.outputs:
                 queue = self._queues.get(out.request_id)
                 if queue is not None:
@@ -247,12 +285,50 @@ class EngineClient:
         logger.error("%s", reason)
         self._dead = reason
         self._fail_all(EngineError(reason))
+        # Nothing runs or waits in a dead core: /metrics must not keep its last snapshot.
+        self.stats = msgspec.structs.replace(
+            self.stats, num_running=0, num_waiting=0, kv_cache_usage=0.0
+        )
+        self._died.set()
 
     def _fail_all(self, error: Exception) -> None:
         unique = {id(queue): queue for queue in self._queues.values()}
         for queue in unique.values():
             queue.put_nowait(error)
         self._queues.clear()
+
+
+class Liveness:
+    """What the core's messages say about it: when it was last heard from, and whether its
+    loop still finishes steps while it has work (``Heartbeat``)."""
+
+    def __init__(self, heartbeat_timeout_s: float, step_timeout_s: float) -> None:
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.step_timeout_s = step_timeout_s
+        self.last_heard = time.monotonic()
+        self.steps = 0
+        self.busy = False
+        self.stepped_at = self.last_heard  # when ``steps`` last moved (or the core was idle)
+
+    def heard(self, now: float | None = None) -> None:
+        self.last_heard = time.monotonic() if now is None else now
+
+    def beat(self, beat: Heartbeat, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self.heard(now)
+        if beat.steps != self.steps or not beat.busy:
+            self.stepped_at = now
+        self.steps, self.busy = beat.steps, beat.busy
+
+    def problem(self, now: float | None = None) -> str | None:
+        now = time.monotonic() if now is None else now
+        silent = now - self.last_heard
+        if silent > self.heartbeat_timeout_s:
+            return f"the engine core has not answered for {silent:.1f} s (stopped or hung)"
+        stuck = now - self.stepped_at
+        if self.busy and stuck > self.step_timeout_s:
+            return f"the engine core has finished no step for {stuck:.0f} s (stuck)"
+        return None
 
 
 class OutputStream:
@@ -298,6 +374,9 @@ class OutputStream:
             if item.finished:
                 self._pending.discard(item.request_id)
                 self._client._release(item.request_id)
+            if item.finish_reason == "error":
+                self.abort_all()
+                raise ConstraintFailedError(str(item.stop_reason or "the output constraint failed"))
             yield item
 
     def finish(self, request_id: str) -> None:
@@ -348,6 +427,68 @@ def _engine_environment() -> Iterator[None]:
     finally:
         for key in added:
             os.environ.pop(key, None)
+
+
+_IPC_DIR_NAME = re.compile(r"heron-(?:(?P<pid>\d+)-)?[A-Za-z0-9_]{8}")
+_IPC_SOCKETS = {"input", "output"}
+_EMPTY_STALE_S = 600.0  # an old-style folder without sockets this old was never used
+
+
+def remove_stale_ipc_dirs(root: str | None = None) -> list[str]:
+    """Delete the socket folders (``heron-<pid>-*`` in the temp directory) that API processes
+    killed without cleaning up left behind; returns the paths removed.
+
+    Stale: its pid is gone, or (older ``heron-*`` names without a pid) its sockets refuse
+    connections. A folder holding anything but the two sockets, or another user's, is kept.
+    """
+    root = root or tempfile.gettempdir()
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(root):
+            match = _IPC_DIR_NAME.fullmatch(entry.name)
+            if match is not None and _is_stale_ipc_dir(entry, match.group("pid")):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(entry.path)
+    if removed:
+        logger.info("removed %d stale socket folder(s) of dead heron processes", len(removed))
+    return removed
+
+
+def _is_stale_ipc_dir(entry: os.DirEntry[str], pid: str | None) -> bool:
+    try:
+        if not entry.is_dir(follow_symlinks=False) or entry.stat().st_uid != os.getuid():
+            return False
+        names = set(os.listdir(entry.path))
+    except OSError:
+        return False
+    if not names <= _IPC_SOCKETS:
+        return False
+    if pid is not None:
+        return not _pid_alive(int(pid))
+    if not names:
+        return time.time() - entry.stat().st_mtime > _EMPTY_STALE_S
+    return not any(_socket_listens(os.path.join(entry.path, name)) for name in names)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _socket_listens(path: str) -> bool:
+    """Whether a process still accepts connections on this Unix socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
 
 
 def new_request_id(prefix: str) -> str:

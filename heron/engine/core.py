@@ -28,6 +28,7 @@ from heron.engine.scheduler import Scheduler
 from heron.engine.structured import StructuredOutputManager
 from heron.loader.prepared import load_prepared_model
 from heron.tokenizer import load_tokenizer
+from heron.tokenizer.load import tokenizer_json_path
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,8 @@ class EngineCore:
         self._generation_tokens_total = 0
         # Structured outputs: constrained requests wait here while their grammar compiles.
         self.structured = StructuredOutputManager(
-            lambda: load_tokenizer(config.model).hf, self.info.vocab_size, self.eos_token_ids)
+            lambda: load_tokenizer(config.model).hf, self.info.vocab_size, self.eos_token_ids,
+            tokenizer_json=lambda: tokenizer_json_path(config.model))
         self._rejected: list[RequestRejected] = []
         logger.info("engine ready in %.1f s: %s on %s, KV cache %d tokens (%d blocks of %d), "
                     "quantization %s (+%.0f MiB)", time.monotonic() - start, self.info.dtype,

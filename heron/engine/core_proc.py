@@ -13,6 +13,7 @@ import ctypes
 import logging
 import os
 import signal
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ from heron.engine.messages import (
     CoreReady,
     EngineRequest,
     EngineStats,
+    Heartbeat,
     RequestRejected,
     ShutdownCore,
 )
@@ -39,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 _STATS_INTERVAL_S = 0.5  # the core sends a stats snapshot at most this often while busy
 _IDLE_POLL_MS = 1000  # idle core: how long to block on the input socket between parent checks
+_HEARTBEAT_INTERVAL_S = 0.5
 _PR_SET_PDEATHSIG = 1
 
 
@@ -63,21 +66,33 @@ def run_engine_core(
     encoder = msgspec.msgpack.Encoder()
     try:
         core = _build_core(config)
+        _build_grammar_index(core)
     except BaseException as e:  # noqa: BLE001 - every startup failure is reported to the parent
         logger.exception("engine core failed to start")
         outputs.send(encoder.encode(CoreFailed(message=f"{type(e).__name__}: {e}")))
         _close(ctx, inputs, outputs)
         return
     outputs.send(encoder.encode(CoreReady(info=core.info)))
+    loop = CoreLoop(core, inputs, outputs, parent_pid)
+    heartbeat = HeartbeatThread(ctx, output_addr, loop)
     try:
-        CoreLoop(core, inputs, outputs, parent_pid).run()
+        heartbeat.start()
+        loop.run()
     except SystemExit:
         pass
     except BaseException as e:  # noqa: BLE001
         logger.exception("engine core crashed")
         with contextlib.suppress(zmq.ZMQError):
             outputs.send(encoder.encode(CoreFailed(message=f"{type(e).__name__}: {e}")))
+    heartbeat.stop()
     _close(ctx, inputs, outputs)
+
+
+def _build_grammar_index(core: EngineCore) -> None:
+    """Structured outputs need an index of the tokenizer, which takes seconds and holds the GIL
+    all along: in a thread of a serving core it would stall every running stream (built on the
+    first constrained request, it did). So the core builds it before it reports ready."""
+    core.structured.build_index()
 
 
 def _build_core(config: EngineConfig) -> EngineCore:
@@ -106,6 +121,46 @@ def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
+class HeartbeatThread:
+    """Sends ``Heartbeat`` every 0.5 s on its own socket while the core process runs.
+
+    A thread, so that a long step does not read as a hang; the step count it reports tells a
+    stuck loop apart from a busy one. A stopped process (SIGSTOP) sends nothing at all.
+    """
+
+    def __init__(self, ctx: zmq.Context, address: str, loop: CoreLoop) -> None:
+        self.ctx = ctx
+        self.address = address
+        self.loop = loop
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heron-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2.0)
+
+    def _run(self) -> None:
+        sock = self.ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.address)
+        encoder = msgspec.msgpack.Encoder()
+        try:
+            while True:
+                beat = Heartbeat(steps=self.loop.steps, busy=self.loop.busy)
+                with contextlib.suppress(zmq.Again):  # the API side is not reading: skip one
+                    sock.send(encoder.encode(beat), zmq.NOBLOCK)
+                if self._stop.wait(_HEARTBEAT_INTERVAL_S):
+                    return
+        except zmq.ZMQError:
+            return
+        finally:
+            sock.close()
+
+
 class CoreLoop:
     """The core process's busy loop: drain inputs, step while there is work, send outputs.
 
@@ -124,10 +179,13 @@ class CoreLoop:
         self.decoder = msgspec.msgpack.Decoder(ClientMessage)
         self.stats_dirty = True
         self.last_stats = 0.0
+        self.steps = 0  # steps finished (read by the heartbeat thread)
+        self.busy = False  # unfinished requests at the top of the last iteration
 
     def run(self) -> None:
         while True:
-            if not self.core.has_unfinished_requests():
+            self.busy = self.core.has_unfinished_requests()
+            if not self.busy:
                 if self.stats_dirty:
                     self._send(CoreOutputs(outputs=[], stats=self._snapshot()))
                 if not self.inputs.poll(_IDLE_POLL_MS):
@@ -141,6 +199,7 @@ class CoreLoop:
 
     def _step(self) -> None:
         outputs = self.core.step()
+        self.steps += 1
         for rejected in self.core.pop_rejected():
             self._send(rejected)
         self.stats_dirty = True

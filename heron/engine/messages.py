@@ -84,6 +84,7 @@ class EngineInfo(msgspec.Struct, kw_only=True):
 #   API process (EngineClient)            engine core process
 #       PUSH  --- ClientMessage --->      PULL   (add / abort / shutdown)
 #       PULL  <--- CoreMessage ----       PUSH   (ready / failed / outputs / rejected)
+#                                         PUSH   (heartbeat, from its own thread and socket)
 
 
 class AddRequests(msgspec.Struct, tag="add", kw_only=True):
@@ -131,4 +132,15 @@ class RequestRejected(msgspec.Struct, tag="rejected", kw_only=True):
     message: str
 
 
-CoreMessage = CoreReady | CoreFailed | CoreOutputs | RequestRejected
+class Heartbeat(msgspec.Struct, tag="heartbeat", kw_only=True):
+    """The core process is alive: sent every ~0.5 s by its heartbeat thread.
+
+    ``steps`` counts the steps its loop finished and ``busy`` says whether it has work, so the
+    API side can tell a live, stepping engine from a stopped (SIGSTOP) or stuck one.
+    """
+
+    steps: int
+    busy: bool
+
+
+CoreMessage = CoreReady | CoreFailed | CoreOutputs | RequestRejected | Heartbeat

@@ -33,11 +33,12 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"  # its output constraint failed: stop_reason says why
 
     @property
     def is_finished(self) -> bool:
         return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
-                        RequestStatus.FINISHED_ABORTED)
+                        RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR)
 
 
 @dataclass
@@ -118,7 +119,8 @@ class Request:
 
     @property
     def finish_reason(self) -> str | None:
-        """OpenAI's ``finish_reason``: "stop", "length", "abort" or None while running."""
+        """OpenAI's ``finish_reason``: "stop", "length", "abort" ("error" when its output
+        constraint failed) or None while running."""
         return self.status.value if self.status.is_finished else None
 
     def append_output_token(self, token_id: int) -> None:

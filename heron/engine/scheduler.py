@@ -232,12 +232,19 @@ class Scheduler:
         return True
 
     def _check_stop(self, request: Request, token: int) -> bool:
-        """Set a finished status if ``token`` ends the request; True when it does."""
+        """Set a finished status if ``token`` ends the request; True when it does.
+
+        The grammar sees every token first: a constrained output whose grammar failed ends with
+        an error, never as a "stop" (not even on an end token its broken mask let through)."""
         params = request.sampling_params
-        if token in params.all_stop_token_ids and request.num_output_tokens >= params.min_tokens:
+        complete = request.grammar is not None and request.grammar.advance(token)
+        if request.grammar is not None and request.grammar.error is not None:
+            request.status = RequestStatus.FINISHED_ERROR
+            request.stop_reason = request.grammar.error
+        elif token in params.all_stop_token_ids and request.num_output_tokens >= params.min_tokens:
             request.status = RequestStatus.FINISHED_STOPPED
             request.stop_reason = token
-        elif request.grammar is not None and request.grammar.advance(token):
+        elif complete:
             request.status = RequestStatus.FINISHED_STOPPED  # structured output complete
         elif (request.num_output_tokens >= request.max_tokens
               or request.num_tokens >= self.max_model_len):

@@ -14,7 +14,8 @@
 Why llguidance: its masks cost what xgrammar's do, it compiles schemas faster, it has no
 dependencies (xgrammar pulls in triton), and its parser limits ("fuel") bound the work any one
 grammar can cause (the measurements are in the README). Its tokenizer index takes seconds and
-hundreds of MB to build, once, so it is built on the first constrained request.
+hundreds of MB to build, once, holding the GIL: the core process builds it before it serves
+(``heron.engine.core_proc``), so that no running stream stalls behind it.
 
 Grammar text comes from ``heron.structured.grammar`` (shared with the API side's validation).
 """
@@ -26,6 +27,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -52,6 +54,7 @@ class Grammar:
     def __init__(self, matcher: llguidance.LLMatcher, label: str = "") -> None:
         self.matcher = matcher
         self.label = label
+        self.error: str | None = None  # set when the output can no longer be constrained
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         """Set bit ``t`` of ``bitmask[row]`` ([n, ceil(V/32)] int32, CPU) iff token t is allowed."""
@@ -60,12 +63,31 @@ class Grammar:
 
     def advance(self, token_id: int) -> bool:
         """Consume a sampled token; True when the output is complete (nothing but the end can
-        follow) or the token broke the grammar (logged: only a banned-everything row does that)."""
-        if not self.matcher.consume_token(token_id):
-            logger.warning("token %d does not fit the %s grammar: %s", token_id, self.label,
-                           short_error(self.matcher.get_error()))
+        follow) or the grammar failed: then ``error`` says why (a parser limit hit on the way,
+        an empty language: the sampled token came from a mask that allowed nothing valid)."""
+        if not self.matcher.consume_token(token_id) or self.matcher.is_error():
+            reason = short_error(self.matcher.get_error()) or f"token {token_id} does not fit"
+            self.error = f"the {self.label} constraint cannot be enforced: {reason}"
+            logger.warning("%s", self.error)
             return True
         return bool(self.matcher.is_stopped())
+
+
+def _index_tokenizer(hf_tokenizer: Any, vocab_size: int,
+                     eos_token_ids: list[int]) -> llguidance.LLTokenizer:
+    """llguidance's index of a fast HF tokenizer. ``llguidance.hf.from_tokenizer`` first copies
+    the Rust tokenizer to switch padding and truncation off (~1.4 s for Gemma's 262k tokens,
+    holding the GIL); heron's tokenizers have neither, so their JSON is read directly."""
+    import llguidance
+    import llguidance.hf
+
+    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+    eos = eos_token_ids or None
+    if backend is None or backend.padding is not None or backend.truncation is not None:
+        return llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab_size, eos_token=eos)
+    if eos is None:
+        eos = hf_tokenizer.eos_token_id
+    return llguidance.LLTokenizer(backend.to_str(), n_vocab=vocab_size, eos_token=eos)
 
 
 def fill_bitmask(grammars: Sequence[Grammar], vocab_size: int) -> torch.Tensor:
@@ -85,14 +107,17 @@ class StructuredOutputManager:
     Compiled grammars are kept per distinct spec (an LRU of ``cache_size`` unconsumed
     matchers; a request gets a cheap ``deep_copy``). A request whose spec is not compiled yet
     waits here, not in the scheduler; ``collect()`` hands it over once its grammar is ready,
-    or reports why the spec failed. The tokenizer index is built on first use.
+    or reports why the spec failed. The tokenizer index is built by ``build_index`` (the core
+    process calls it before serving), else on first use.
     """
 
     def __init__(self, load_hf_tokenizer: Callable[[], Any], vocab_size: int,
-                 eos_token_ids: Iterable[int], cache_size: int = 64) -> None:
+                 eos_token_ids: Iterable[int], cache_size: int = 64,
+                 tokenizer_json: Callable[[], Path | None] | None = None) -> None:
         if cache_size < 1:
             raise ValueError(f"cache_size must be positive, got {cache_size}")
         self._load_hf_tokenizer = load_hf_tokenizer
+        self._tokenizer_json = tokenizer_json
         self.vocab_size = vocab_size
         self.eos_token_ids = sorted(eos_token_ids)
         self.cache_size = cache_size
@@ -151,6 +176,15 @@ class StructuredOutputManager:
         """Drop waiting requests (ids not waiting here are ignored)."""
         return [r for rid in request_ids if (r := self._pending.pop(rid, None)) is not None]
 
+    def build_index(self) -> None:
+        """Build the tokenizer index now rather than on the first constrained request (the core
+        process does it before it serves). A tokenizer that cannot be loaded is logged here;
+        constrained requests then fail with that reason."""
+        try:
+            self._tokenizer()
+        except ValueError as e:
+            logger.warning("structured outputs are unavailable: %s", e)
+
     def shutdown(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
@@ -177,19 +211,33 @@ class StructuredOutputManager:
 
     def _tokenizer(self) -> llguidance.LLTokenizer:
         if self._ll_tokenizer is None:
-            import llguidance.hf
-
             start = time.perf_counter()
-            try:
-                hf_tokenizer = self._load_hf_tokenizer()
-            except Exception as e:  # noqa: BLE001 - any load failure means "no constraints here"
-                raise ValueError(f"structured outputs need the model's tokenizer, which could "
-                                 f"not be loaded: {e}") from e
-            self._ll_tokenizer = llguidance.hf.from_tokenizer(
-                hf_tokenizer, n_vocab=self.vocab_size, eos_token=self.eos_token_ids or None)
+            self._ll_tokenizer = self._index_from_json() or self._index_from_hf()
             logger.info("structured outputs: tokenizer index built in %.1f s",
                         time.perf_counter() - start)
         return self._ll_tokenizer
+
+    def _index_from_json(self) -> llguidance.LLTokenizer | None:
+        """From the tokenizer.json on disk, without building the HF tokenizer (~2.5 s less)."""
+        path = self._tokenizer_json() if self._tokenizer_json is not None else None
+        if path is None:
+            return None
+        import llguidance
+
+        try:
+            return llguidance.LLTokenizer(path.read_text(), n_vocab=self.vocab_size,
+                                          eos_token=self.eos_token_ids or None)
+        except Exception as e:  # noqa: BLE001 - any failure: the HF tokenizer's way
+            logger.debug("indexing %s directly failed (%s); loading the tokenizer", path, e)
+            return None
+
+    def _index_from_hf(self) -> llguidance.LLTokenizer:
+        try:
+            hf_tokenizer = self._load_hf_tokenizer()
+        except Exception as e:  # noqa: BLE001 - any load failure means "no constraints here"
+            raise ValueError(f"structured outputs need the model's tokenizer, which could "
+                             f"not be loaded: {e}") from e
+        return _index_tokenizer(hf_tokenizer, self.vocab_size, self.eos_token_ids)
 
     def _remember(self, params: StructuredOutputsParams, matcher: llguidance.LLMatcher) -> None:
         self._cache[params] = matcher

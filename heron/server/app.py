@@ -12,14 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -57,6 +55,12 @@ from heron.server.protocol_anthropic import (
 from heron.server.protocol_embeddings import EmbeddingRequest, EmbeddingResponse
 from heron.server.protocol_responses import DeletedResponse, ResponseObject, ResponsesRequest
 from heron.server.responses import delete_response, retrieve_response, serve_responses
+from heron.server.security import (
+    HostCheck,
+    HostCheckMiddleware,
+    StrictCORSMiddleware,
+    send_error,
+)
 from heron.server.serving import ServingContext
 from heron.server.tokenize import serve_detokenize, serve_tokenize
 
@@ -89,21 +93,18 @@ def build_app(ctx: ServingContext) -> FastAPI:
     app.state.ctx = ctx
     app.include_router(router)
     _add_error_handlers(app)
-    # Added innermost first: CORS (outermost) -> Anthropic error shape -> auth -> body checks
-    # -> counting -> routes.
+    # Added innermost first: Host (outermost) -> CORS -> Anthropic error shape -> auth -> body
+    # checks -> counting -> routes.
     app.add_middleware(HTTPCountMiddleware, metrics=ctx.metrics)
     app.add_middleware(BodyCheckMiddleware, max_bytes=ctx.config.max_request_bytes)
     if ctx.config.api_key:
         app.add_middleware(AuthMiddleware, api_key=ctx.config.api_key)
     app.add_middleware(AnthropicErrorMiddleware)
     if ctx.config.allowed_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=list(ctx.config.allowed_origins),
-            allow_credentials=True,
-            allow_methods=["*"],
-            allow_headers=["*"],
-        )
+        app.add_middleware(StrictCORSMiddleware, allowed_origins=ctx.config.allowed_origins)
+    app.add_middleware(
+        HostCheckMiddleware, check=HostCheck(ctx.config.host, ctx.config.allowed_hosts)
+    )
     return app
 
 
@@ -183,13 +184,26 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> Response:
     return to_response(await serve_detokenize(_ctx(request), body))
 
 
-@router.get("/health", responses=_ERRORS)
+_HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The engine core is alive and stepping (empty body).", "content": None},
+    503: {"model": ErrorResponse, "description": "The engine core is gone, stopped or stuck."},
+}
+
+
+@router.get("/health", response_class=Response, responses=_HEALTH_RESPONSES)
 async def health(request: Request) -> Response:
-    """200 while the engine core runs; 503 once it is gone."""
-    engine = _ctx(request).engine
-    if engine.is_alive:
+    """200 while the engine core is alive and stepping (its heartbeat arrives, its loop
+    finishes steps); 503 within seconds of it stopping, hanging or dying."""
+    problem = _ctx(request).engine.health()
+    if problem is None:
         return Response(status_code=200)
-    return to_response(make_error(503, f"the engine is not running: {engine.dead_reason}"))
+    return to_response(make_error(503, f"the engine is not serving: {problem}"))
+
+
+@router.head("/health", response_class=Response, responses=_HEALTH_RESPONSES)
+async def health_head(request: Request) -> Response:
+    """``/health`` for probes that send HEAD: the same status, no body."""
+    return await health(request)
 
 
 @router.get("/version", response_model=VersionResponse)
@@ -310,24 +324,10 @@ def _is_union_label(part: object) -> bool:
 # ==== middleware ==================================================================================
 
 
-async def _send_error(send: Send, error: ErrorResponse) -> None:
-    body = json.dumps(error.model_dump(mode="json")).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": error.status_code,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
 class AuthMiddleware:
     """``Authorization: Bearer <key>`` (or Anthropic's ``x-api-key: <key>``) on every path but
-    /health (CORS preflights pass)."""
+    /health, every method included: an OPTIONS request without the key learns nothing (CORS
+    preflights are answered before this, by the CORS middleware, for every path alike)."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
@@ -335,7 +335,7 @@ class AuthMiddleware:
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] == "/health" or scope["method"] == "OPTIONS":
+        if scope["type"] != "http" or scope["path"] == "/health":
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
@@ -346,7 +346,7 @@ class AuthMiddleware:
         )
         if not valid:
             reason = "missing" if not given and x_api_key is None else "wrong"
-            await _send_error(
+            await send_error(
                 send,
                 make_error(
                     401,
@@ -373,7 +373,7 @@ class BodyCheckMiddleware:
         headers = dict(scope["headers"])
         error = self._check_headers(headers)
         if error is not None:
-            await _send_error(send, error)
+            await send_error(send, error)
             return
         await self.app(scope, self._limited(receive), send)
 

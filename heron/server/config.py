@@ -19,6 +19,8 @@ class ServerConfig:
     api_key: str | None = None  # when set, every endpoint but /health wants "Bearer <key>"
     served_model_names: tuple[str, ...] = ()  # empty: the model's display name
     allowed_origins: tuple[str, ...] = ()  # CORS; empty disables CORS headers
+    # Host names served besides loopback ones ("*": any); see heron.server.security
+    allowed_hosts: tuple[str, ...] = ()
     max_request_bytes: int = 4 << 20
     max_n: int = 16
     # prompts x n of one request: each is an engine sequence (vLLM's max_num_seqs default)

@@ -8,7 +8,13 @@
       |- load_tokenizer()      (in a daemon thread)                 } concurrently
       |- import the HTTP layer (fastapi, routes)                    }
       |- uvicorn.Server.serve()  (uvicorn owns the signals: graceful shutdown)
+      |    '- the engine core dies -> in-flight requests fail, graceful shutdown, exit status 3
       '- EngineClient.shutdown()  (always: the core process never outlives the server)
+
+When the engine core dies (crash, OOM kill, kill -9) heron does not restart it: the API
+process answers what was in flight with an error, stops, and exits with status 3, so that
+its supervisor (systemd, Kubernetes, docker --restart) starts a fresh server. An API that
+outlived its engine would answer 503 forever.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ logger = logging.getLogger("heron.server")
 
 T = TypeVar("T")
 
+ENGINE_DIED_EXIT_CODE = 3
+
 
 def run_server(
     engine_config: EngineConfig,
@@ -45,7 +53,7 @@ def run_server(
     signals = _StartupSignals()
     signals.install()
     try:
-        asyncio.run(_serve(engine_config, server_config, log_level, access_log, signals))
+        return asyncio.run(_serve(engine_config, server_config, log_level, access_log, signals))
     except asyncio.CancelledError:
         logger.info("interrupted during start-up; engine stopped")
         return 0
@@ -54,7 +62,6 @@ def run_server(
         return 1
     finally:
         signals.restore()
-    return 0
 
 
 async def _serve(
@@ -63,7 +70,7 @@ async def _serve(
     log_level: int,
     access_log: bool,
     signals: _StartupSignals,
-) -> None:
+) -> int:
     signals.attach(asyncio.current_task(), asyncio.get_running_loop())
     engine = EngineClient(engine_config, log_level=log_level)
     try:
@@ -81,10 +88,31 @@ async def _serve(
             )
         )
         signals.hand_over()  # from here uvicorn handles SIGINT/SIGTERM
-        await server.serve()
+        watcher = asyncio.create_task(_exit_when_engine_dies(engine, server))
+        try:
+            await server.serve()
+        finally:
+            watcher.cancel()
+        died = watcher.done() and not watcher.cancelled() and watcher.result()
+        return ENGINE_DIED_EXIT_CODE if died else 0
     finally:
         await engine.shutdown()
         logger.info("engine core stopped; bye")
+
+
+async def _exit_when_engine_dies(engine: EngineClient, server: uvicorn.Server) -> bool:
+    """Stop the server when the engine core dies; True when that is why it stopped."""
+    reason = await engine.wait_dead()
+    if server.should_exit:
+        return False  # shutting down already: the signal reached the engine too
+    logger.error(
+        "the engine core is gone (%s); shutting down with exit status %d so that a "
+        "supervisor can start a fresh server",
+        reason,
+        ENGINE_DIED_EXIT_CODE,
+    )
+    server.should_exit = True
+    return True
 
 
 async def _start(

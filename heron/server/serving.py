@@ -18,7 +18,12 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 from pydantic import BaseModel
 
-from heron.engine.client import EngineClient, EngineError, RequestRejectedError
+from heron.engine.client import (
+    ConstraintFailedError,
+    EngineClient,
+    EngineError,
+    RequestRejectedError,
+)
 from heron.engine.messages import EngineInfo, EngineOutput, EngineRequest, TokenLogprobs
 from heron.sampling_params import MAX_QUOTE_CHARS
 from heron.server.guards import FieldNameLog, printable
@@ -274,6 +279,8 @@ def engine_error(e: Exception) -> ErrorResponse:
     """An exception from the engine side turned into an error value."""
     if isinstance(e, RequestRejectedError):
         return value_error(e)
+    if isinstance(e, ConstraintFailedError):
+        return bad_request(str(e), code="constraint_failed")
     if isinstance(e, EngineError):
         return make_error(503, f"the engine is unavailable: {e}", code="engine_unavailable")
     logger.exception("unexpected error while generating")

@@ -1,4 +1,4 @@
-"""Constraint specs -> llguidance grammar text; validation without a tokenizer (API side).
+r"""Constraint specs -> llguidance grammar text; validation without a tokenizer (API side).
 
 Both processes build grammars from the same function, ``grammar_text``: the API process
 validates a spec (a bad one is a 400, before anything reaches the engine), the engine core
@@ -7,6 +7,12 @@ torch, so the API process stays light.
 
 JSON output has bounded whitespace (``JSON_WHITESPACE``): a model can never loop on blanks
 between tokens, only write a document (or be cut by max_tokens).
+
+A choice list is one regex lexeme, not a grammar rule per choice: the lexer's automaton takes
+20,000 choices in a quarter second, where 2,000 alternatives already overflow the parser's
+row limit. ``SpecValidator`` also walks each new grammar a few dozen bytes with a byte-level
+tokenizer, so that an empty language (``[^\s\S]``, ``{"$ref": "#"}``) or a grammar past the
+parser's limits (``start: "a" start``, 20,000 alternatives) is a 400 before any generation.
 """
 
 from __future__ import annotations
@@ -41,9 +47,20 @@ def grammar_text(params: StructuredOutputsParams) -> str:
     if params.kind == "regex":
         return LLMatcher.grammar_from_regex(params.spec)
     if params.kind == "choice":
-        choices = json.loads(params.spec)
-        return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
+        return LLMatcher.grammar_from_regex(choice_regex(json.loads(params.spec)))
     return LLMatcher.grammar_from_lark(lark_of(params.spec))
+
+
+def choice_regex(choices: list[str]) -> str:
+    """A regex matching exactly the given strings: ASCII letters and digits as themselves,
+    other ASCII as ``\\x{..}`` escapes, other characters literal (none is a regex operator)."""
+    return "(" + "|".join("".join(map(_regex_char, c)) for c in dict.fromkeys(choices)) + ")"
+
+
+def _regex_char(char: str) -> str:
+    if char.isascii() and not char.isalnum():
+        return f"\\x{{{ord(char):02x}}}"
+    return char
 
 
 def lark_of(grammar: str) -> str:
@@ -118,8 +135,9 @@ def describe_kind(kind: str) -> str:
 
 
 def short_error(message: str) -> str:
-    """llguidance errors can quote whole grammars: one line, capped."""
-    text = re.sub(r"\s+", " ", message).strip()
+    """llguidance errors can quote whole grammars and dump the parser state: one line, without
+    the state dump, capped."""
+    text = re.sub(r"\s+", " ", message.split("<state>", 1)[0]).strip()
     return text if len(text) <= _MAX_ERROR_CHARS else text[:_MAX_ERROR_CHARS - 3] + "..."
 
 
@@ -127,8 +145,9 @@ def short_error(message: str) -> str:
 
 
 class SpecValidator:
-    """Checks that specs compile (grammar built without a tokenizer, ~0.2-1 ms); remembers the
-    last ``capacity`` specs that did, so repeated schemas cost a dict lookup."""
+    """Checks that specs compile (grammar built without a tokenizer, ~0.2-1 ms) and can be
+    enforced (``probe``); remembers the last ``capacity`` specs that passed, so repeated
+    schemas cost a dict lookup."""
 
     def __init__(self, capacity: int = 256) -> None:
         self.capacity = capacity
@@ -154,6 +173,73 @@ class SpecValidator:
             error = str(e)
         if error:
             raise ValueError(f"{describe_kind(params.kind)} does not compile: {short_error(error)}")
+        problem = probe(grammar_text(params))
+        if problem is not None:
+            raise ValueError(f"{describe_kind(params.kind)} {problem}")
         self._ok[params] = None
         if len(self._ok) > self.capacity:
             self._ok.popitem(last=False)
+
+
+# ==== enforceability, with a byte-level tokenizer =================================================
+
+PROBE_STEPS = 64  # bytes a new grammar is walked before it is accepted
+_BYTE_EOS = 256
+
+
+def probe(grammar: str, steps: int = PROBE_STEPS) -> str | None:
+    """Walk ``grammar`` with a tokenizer whose tokens are the 256 bytes, always taking the first
+    byte it allows; the problem found ("accepts no output...", "cannot be enforced: ..."), or
+    None. An error here is the one a model would meet at that point of its output."""
+    from llguidance import LLMatcher
+
+    matcher = LLMatcher(_byte_tokenizer(), grammar)
+    if matcher.is_error():
+        return None  # tokens this vocabulary lacks (special tokens): the engine decides
+    mask = bytearray(((_BYTE_EOS + 1) + 31) // 32 * 4)
+    for step in range(steps):
+        allowed = _allowed_bytes(matcher, mask)
+        if matcher.is_error() or (not allowed and not matcher.is_accepting()):
+            if step == 0:
+                return "accepts no output at all (its language is empty)"
+            return f"cannot be enforced: {short_error(matcher.get_error() or 'a dead end')}"
+        if not allowed:
+            return None  # a complete output
+        if not matcher.consume_token(allowed[0]):
+            return f"cannot be enforced: {short_error(matcher.get_error())}"
+    return None
+
+
+def _allowed_bytes(matcher: Any, mask: bytearray) -> list[int]:
+    import ctypes
+
+    buffer = (ctypes.c_char * len(mask)).from_buffer(mask)
+    matcher.unsafe_compute_mask_ptr(ctypes.addressof(buffer), len(mask))
+    return [b for b in range(_BYTE_EOS) if mask[b // 8] >> (b % 8) & 1]
+
+
+_BYTE_TOKENIZER: Any = None
+
+
+def _byte_tokenizer() -> Any:
+    """An llguidance tokenizer of 256 one-byte tokens and an end token (built once, ~3 ms)."""
+    global _BYTE_TOKENIZER
+    if _BYTE_TOKENIZER is None:
+        from llguidance import LLTokenizer
+        from llguidance._tokenizer import TokenizerWrapper
+
+        _BYTE_TOKENIZER = LLTokenizer(TokenizerWrapper(_ByteVocabulary()), n_vocab=_BYTE_EOS + 1,
+                                      eos_token=_BYTE_EOS)
+    return _BYTE_TOKENIZER
+
+
+class _ByteVocabulary:
+    """What llguidance's ``TokenizerWrapper`` reads: token bytes, the end token, an encoder."""
+
+    eos_token_id = _BYTE_EOS
+    bos_token_id = None
+    tokens = [bytes([b]) for b in range(256)] + [b"</s>"]
+    special_token_ids = [_BYTE_EOS]
+
+    def __call__(self, text: str | bytes) -> list[int]:
+        return list(text.encode() if isinstance(text, str) else text)

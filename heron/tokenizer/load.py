@@ -58,6 +58,17 @@ def load_tokenizer(model_config: ModelConfig) -> Tokenizer:
     )
 
 
+def tokenizer_json_path(model_config: ModelConfig) -> Path | None:
+    """The ``tokenizer.json`` that ``load_tokenizer`` reads, where one is on disk already (a
+    GGUF model's converted tokenizer is written by its first start), else None. The engine
+    indexes it for structured outputs without building the tokenizer (or importing
+    transformers)."""
+    source = resolve_source(model_config.tokenizer or model_config.model, download_weights=False)
+    directory = source.gguf.cache.tokenizer_dir if source.is_gguf else source.path
+    path = directory / "tokenizer.json"
+    return path if path.is_file() else None
+
+
 def _chat_template(model_config: ModelConfig, own: str | dict[str, str] | None,
                    hf_config: AnyModelConfig) -> str | None:
     """``--chat-template`` first, then the model's own, then Gemma's format for Gemma models."""

@@ -3,6 +3,10 @@
 ::
 
     <cache root>/kernels/<name>-<variant>-<hash of sources, headers, command, compiler, CPU>.so
+    <cache root>/kernels/<same>.so.sha256    the library's own sha256, recorded when built
+
+The folder is private (0700). A library whose file no longer matches its recorded sha256
+(changed, truncated, or built before records were kept) is rebuilt, never loaded.
 
 The command is ``cc -O3 <variant flags> -fopenmp -shared -fPIC`` (see ``isa``); the OpenMP
 runtime the library links to is the one PyTorch already loaded (same soname), so its threads
@@ -26,6 +30,9 @@ from heron.kernels.cpu.isa import (
     compiler,
     compiler_version,
     cpu_features,
+    kernel_cache_dir,
+    matches_record,
+    record_digest,
     selected_variant,
     variant_flags,
 )
@@ -58,11 +65,13 @@ def _load(name: str, sources: tuple[str, ...], variant: str) -> ctypes.CDLL | No
         key.update(path.read_bytes())
     for part in (*base, compiler_version(cc), *sorted(cpu_features())):
         key.update(part.encode())
-    from heron.cache import cache_root
-
-    target = cache_root() / "kernels" / f"{name}-{variant}-{key.hexdigest()[:16]}.so"
-    if not target.exists() and not _compile(name, base, paths, target):
-        return None
+    target = kernel_cache_dir() / f"{name}-{variant}-{key.hexdigest()[:16]}.so"
+    if not matches_record(target):
+        if target.exists():
+            logger.warning("kernel %s: %s does not match the sha256 recorded when it was built; "
+                           "rebuilding it", name, target.name)
+        if not _compile(name, base, paths, target):
+            return None
     return ctypes.CDLL(str(target))
 
 
@@ -78,6 +87,7 @@ def _compile(name: str, base: list[str], paths: list[Path], target: Path) -> boo
         except (subprocess.SubprocessError, OSError) as err:
             errors.append((getattr(err, "stderr", "") or str(err)).strip()[-800:])
             continue
+        record_digest(target)
         if not openmp:
             logger.warning("kernel %s built without OpenMP (the compiler lacks it): one thread",
                            name)

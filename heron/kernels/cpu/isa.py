@@ -84,21 +84,50 @@ def cpu_features() -> frozenset[str]:
     return probed if probed is not None else _proc_cpuinfo_flags()
 
 
+def kernel_cache_dir() -> Path:
+    """``<cache root>/kernels``, private to its user (0700): heron loads and runs its files."""
+    from heron.cache import cache_root
+
+    directory = cache_root() / "kernels"
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if directory.stat().st_mode & 0o077:
+        directory.chmod(0o700)
+    return directory
+
+
+def matches_record(path: Path) -> bool:
+    """Whether ``path`` is the file heron built: its sha256 equals the one recorded beside it
+    (``<name>.sha256``) right after the build. A changed, truncated or unrecorded file is not."""
+    try:
+        recorded = path.with_name(path.name + ".sha256").read_text().strip()
+        return recorded == hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return False
+
+
+def record_digest(path: Path) -> None:
+    from heron.cache import atomic_write_text
+
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    atomic_write_text(path.with_name(path.name + ".sha256"), digest)
+
+
 def _run_probe() -> frozenset[str] | None:
     cc = compiler()
     if cc is None:
         return None
-    from heron.cache import atomic_write, cache_root
+    from heron.cache import atomic_write
 
     source = _SOURCE_DIR / "probe.c"
     key = hashlib.sha256(source.read_bytes() + compiler_version(cc).encode()).hexdigest()[:16]
-    binary = cache_root() / "kernels" / f"probe-{key}"
+    binary = kernel_cache_dir() / f"probe-{key}"
     try:
-        if not binary.exists():
+        if not matches_record(binary):
             atomic_write(binary, lambda tmp: subprocess.run(
                 [cc, "-O1", str(source), "-o", str(tmp)], check=True, capture_output=True,
                 timeout=_PROBE_TIMEOUT_S))
             binary.chmod(0o755)
+            record_digest(binary)
         done = subprocess.run([str(binary)], capture_output=True, text=True, check=True,
                               timeout=_PROBE_TIMEOUT_S)
     except (subprocess.SubprocessError, OSError) as err:
