@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
-from heron.sampling_params import SamplingParams
+from heron.sampling_params import SamplingParams, short_repr
 from heron.server.inputs import ChatInput, GenerateSpec, Limits, ToolUse
 from heron.server.protocol import (
     ChatCompletionTool,
@@ -166,7 +166,7 @@ class CountTokensRequest(RequestBody):
         for i, raw in enumerate(self.tools or []):
             kind = raw.get("type")
             if kind not in (None, "custom"):
-                raise ValueError(f"tools.{i}.type: {kind!r} is not supported: this server offers "
+                raise ValueError(f"tools.{i}.type: {short_repr(kind)} is not supported: this server offers "
                                  "custom tools (name, description, input_schema) only")
             tools.append(parse_part(CustomTool, raw, f"tools.{i}"))
         return tools
@@ -261,7 +261,7 @@ def _convert_message(message: AnthropicMessage, where: str) -> list[ChatMessage]
             out.append(ChatMessage(role="tool", tool_call_id=result.tool_use_id,
                                    content=result.text()))
         else:
-            raise ValueError(f"{at}.type: {kind!r} blocks are not supported in {message.role} "
+            raise ValueError(f"{at}.type: {short_repr(kind)} blocks are not supported in {message.role} "
                              "messages; this server takes text, tool_use (assistant) and "
                              "tool_result (user) blocks")
     if texts or calls or not out:

@@ -174,7 +174,7 @@ class ResponsesRequest(RequestBody):
             raise ValueError("reasoning is not supported: this model does not reason")
         unknown = sorted(set(self.include or []) - {"reasoning.encrypted_content"})
         if unknown:
-            raise ValueError(f"include: {unknown[0]!r} is not supported by this server")
+            raise ValueError(f"include: {short_repr(unknown[0])} is not supported by this server")
 
     def to_sampling_params(self) -> SamplingParams:
         fields: dict[str, Any] = {"temperature": self.temperature, "top_p": self.top_p}
@@ -200,7 +200,7 @@ class ResponsesRequest(RequestBody):
         for i, raw in enumerate(self.tools or []):
             kind = raw.get("type")
             if kind != "function":
-                raise ValueError(f"tools[{i}].type {kind!r} is not supported: this server "
+                raise ValueError(f"tools[{i}].type {short_repr(kind)} is not supported: this server "
                                  "offers function tools only")
             tools.append(parse_part(FunctionTool, raw, f"tools[{i}]"))
         return tools
@@ -240,7 +240,7 @@ def _append_item(messages: list[ChatMessage], raw: dict[str, Any], where: str) -
         messages.append(ChatMessage(role="tool", tool_call_id=out.call_id,
                                     content=_text_of(out.output, f"{where}.output")))
     else:
-        raise ValueError(f"{where}.type {kind!r} is not supported: this server takes message, "
+        raise ValueError(f"{where}.type {short_repr(kind)} is not supported: this server takes message, "
                          "function_call and function_call_output items")
 
 
@@ -251,7 +251,7 @@ def _text_of(content: str | list[dict[str, Any]], where: str) -> str:
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind not in _TEXT_PARTS or not isinstance(part.get("text"), str):
-            raise ValueError(f"{where}[{j}]: content parts of type {kind!r} are not supported; "
+            raise ValueError(f"{where}[{j}]: content parts of type {short_repr(kind)} are not supported; "
                              "this server takes text only")
         texts.append(part["text"])
     return "".join(texts)
