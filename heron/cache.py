@@ -26,7 +26,9 @@ from pathlib import Path
 CACHE_ENV_VAR = "HERON_CACHE_DIR"
 # 2: weights no longer cached for serving (dequantized from the GGUF at load), tokenizer and
 # config built by heron from the GGUF metadata.
-CACHE_FORMAT = 2
+# 3: config with the file's RoPE scaling, byte-level BPE tokenizers built by heron, SentencePiece
+# space prefix as llama.cpp, eos ids with <|end_of_text|> and the file's EOT / EOM ids.
+CACHE_FORMAT = 3
 _HASH_CHUNK = 1 << 20
 _STALE_AFTER_S = 3600.0  # a temporary this old belongs to a process that died
 

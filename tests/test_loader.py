@@ -397,15 +397,25 @@ def test_gguf_cache_of_another_format_is_not_trusted(tiny_gguf: tuple[Path, obje
     assert (entry_dir(digest, cache_dir) / "config.json").is_file()
 
 
-def test_gguf_tokenizer_and_generation_config(tiny_gguf: tuple[Path, object], cache_dir: Path) -> None:
+def test_gguf_tokenizer_and_generation_config(tiny_gguf: tuple[Path, object],
+                                              cache_dir: Path) -> None:
     path, _ = tiny_gguf
     tok = load_tokenizer(ModelConfig(model=str(path)))
     reference = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    assert tok.hf.backend_tokenizer.to_str() == reference.backend_tokenizer.to_str()
-    for text in ("hello world", " the thing", "hello 中 world!", "<|im_end|>x", "ünï 😀", "  a\n\nb "):
+    ours, theirs = (json.loads(t.backend_tokenizer.to_str()) for t in (tok.hf, reference))
+    assert ours["model"] == theirs["model"]  # vocabulary and the merges derived from it
+    assert ours["added_tokens"] == theirs["added_tokens"]
+    for text in ("hello world", "hello 中 world!", "ünï 😀", "a\n\nb "):
         assert tok.encode(text) == reference.encode(text), text
         ids = tok.encode(text, add_special_tokens=False)
-        assert tok.decode(ids) == reference.decode(ids, skip_special_tokens=True)
+        assert tok.decode(ids) == reference.decode(ids, skip_special_tokens=True) == text
+    # a space goes before the text and after each special token (sentencepiece, llama.cpp),
+    # also where the text starts with one (transformers' GGUF path then adds none)
+    tokens = _vocab()[0]
+    space, the = tokens.index("\u2581"), tokens.index("\u2581the")
+    assert tok.encode(" the", add_special_tokens=False) == [space, the]
+    assert tok.encode("the<|im_end|>the") == [1, the, 3, the]
+    assert tok.decode([space, the]) == " the"
     assert tok.encode("中", add_special_tokens=False)[-3:] == [4 + 0xE4, 4 + 0xB8, 4 + 0xAD]
     assert tok.chat_template == CHAT_TEMPLATE
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "<|user|>hi<|im_end|>"

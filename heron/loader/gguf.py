@@ -13,7 +13,7 @@ gguf_file=...)``; the tests hold heron to equality), but without transformers' s
 Architectures and vocabularies heron does not convert itself go to transformers, as before.
 The small products are cached (see ``cache`` for the root and the format version)::
 
-    <cache root>/v2/<sha256 of the file>/
+    <cache root>/v<CACHE_FORMAT>/<sha256 of the file>/
         config.json             transformers config, ``architectures`` filled in
         plain_config.json       every attribute of that config (``plain_config``: no transformers)
         generation_config.json  bos / eos / pad ids (eos includes end-of-turn tokens)
@@ -57,10 +57,13 @@ if TYPE_CHECKING:  # transformers is imported where it is used: an engine servin
     import torch
     from transformers import PretrainedConfig
 
-# Token texts that end a turn in common chat formats. llama.cpp stops on these too; a GGUF
-# file names only one eos id, while the HF generation_config of such models lists them all.
+# Token texts that end a turn or a text in common formats. llama.cpp stops on these too; a GGUF
+# file names one eos id, while the HF generation_config of such models lists them all (Llama
+# 3.x Instruct: <|end_of_text|>, <|eom_id|>, <|eot_id|>).
 END_OF_TURN_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>",
-                      "<|endoftext|>")
+                      "<|endoftext|>", "<|end_of_text|>")
+# Keys naming more ids that end generation (llama.cpp's EOT / EOM tokens).
+_END_ID_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
 _CONTROL_TOKEN_TYPE = 3  # llama.cpp's token type for control (special) tokens
 
 
@@ -267,12 +270,14 @@ def _generation_config(config: PretrainedConfig, metadata: dict[str, Any]) -> di
 
 
 def _end_of_turn_ids(metadata: dict[str, Any]) -> list[int]:
+    """The EOT / EOM ids the file names, then every control token of ``END_OF_TURN_TOKENS``."""
     tokens: list[str] = metadata.get("tokenizer.ggml.tokens") or []
     types = metadata.get("tokenizer.ggml.token_type")
     types = [] if types is None else types.tolist()
     wanted = set(END_OF_TURN_TOKENS)
-    return [index for index, token in enumerate(tokens)
-            if token in wanted and (not types or types[index] == _CONTROL_TOKEN_TYPE)]
+    named = [int(metadata[key]) for key in _END_ID_KEYS if key in metadata]
+    return named + [index for index, token in enumerate(tokens)
+                    if token in wanted and (not types or types[index] == _CONTROL_TOKEN_TYPE)]
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -6,7 +6,8 @@ every element of the 262k-entry vocabulary arrays in Python just to build a conf
 
 - config: llama.cpp keys renamed through transformers' own ``GGUF_CONFIG_MAPPING`` table,
   ``tie_word_embeddings`` from the absence of ``output.weight``, ``vocab_size`` from the
-  vocabulary when the file does not state it, ``gemma3`` -> ``gemma3_text``;
+  vocabulary when the file does not state it, ``gemma3`` -> ``gemma3_text``; plus the RoPE
+  scaling (``gguf_rope``), which transformers drops;
 - names: GGUF tensor name -> checkpoint name, through gguf-py's ``TensorNameMap`` applied to
   the checkpoint names the model expects;
 - fixes: llama.cpp permutes llama's q/k rows (rotary pairs adjacent) and stores Gemma norms
@@ -24,6 +25,7 @@ import gguf
 import numpy as np
 
 from heron.loader.gguf_file import GGUFFile
+from heron.loader.gguf_rope import rope_config
 
 if TYPE_CHECKING:  # the fixes only call tensor methods: torch itself is never needed here
     import torch
@@ -32,6 +34,7 @@ if TYPE_CHECKING:  # the fixes only call tensor methods: torch itself is never n
 TensorFix = Callable[[str, "torch.Tensor", dict[str, Any]], "torch.Tensor"]
 _TOKENS_KEY = "tokenizer.ggml.tokens"
 _GGUF_TO_HF_MODEL_TYPE = {"gemma3": "gemma3_text"}  # the file holds the text model only
+_GEMMA3_27B_LAYERS = 62  # llama.cpp tells Gemma 3 27B by its layer count
 
 
 def _unpermute_qk(name: str, tensor: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
@@ -86,7 +89,8 @@ def _renamed_to_mistral(gguf_file: GGUFFile) -> bool:
 
 
 def hf_config_dict(gguf_file: GGUFFile) -> dict[str, Any]:
-    """The config dict ``load_gguf_checkpoint`` returns for this file (``is_fast_arch`` ones)."""
+    """The config dict ``load_gguf_checkpoint`` returns for this file (``is_fast_arch`` ones),
+    with the RoPE scaling it leaves out."""
     from transformers.integrations import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
 
     arch = gguf_file.architecture
@@ -103,11 +107,33 @@ def hf_config_dict(gguf_file: GGUFFile) -> dict[str, Any]:
     config["model_type"] = _GGUF_TO_HF_MODEL_TYPE.get(config["model_type"], config["model_type"])
     if "vocab_size" not in config and _TOKENS_KEY in gguf_file.metadata:
         config["vocab_size"] = len(gguf_file.metadata[_TOKENS_KEY])
+    config.update(_llama_cpp_config(gguf_file, config))
+    config.update(rope_config(gguf_file, config))
     return config
 
 
+def _llama_cpp_config(gguf_file: GGUFFile, config: dict[str, Any]) -> dict[str, Any]:
+    """What llama.cpp reads from (or derives for) the file that transformers' table leaves out:
+    the head size of any architecture, Gemma 3's query scale and final logit softcap."""
+    arch, metadata = gguf_file.architecture, gguf_file.metadata
+    out: dict[str, Any] = {}
+    key_length = metadata.get(f"{arch}.attention.key_length")
+    if key_length is not None and "head_dim" not in config:
+        out["head_dim"] = int(key_length)
+    if arch == "gemma3":  # queries scaled by 1/sqrt(head size), by 1/sqrt(hidden / heads) in 27B
+        head_dim = out.get("head_dim", config.get("head_dim"))
+        if config.get("num_hidden_layers") == _GEMMA3_27B_LAYERS or head_dim is None:
+            head_dim = config["hidden_size"] // config["num_attention_heads"]
+        out["query_pre_attn_scalar"] = head_dim
+        softcap = metadata.get(f"{arch}.final_logit_softcapping")
+        if softcap:
+            out["final_logit_softcapping"] = float(softcap)
+    return out
+
+
 def _config_value(value: Any) -> Any:
-    """A metadata value as transformers' parser gives it: arrays as lists, 1-element ones unwrapped."""
+    """A metadata value as transformers' parser gives it: arrays as lists, 1-element ones
+    unwrapped."""
     if isinstance(value, np.ndarray):
         value = value.tolist()
     if isinstance(value, list) and len(value) == 1:
@@ -118,7 +144,8 @@ def _config_value(value: Any) -> Any:
 # ----------------------------------------------------------------------------- tensors
 
 
-def gguf_to_hf_names(gguf_file: GGUFFile, hf_names: Iterable[str], num_layers: int) -> dict[str, str]:
+def gguf_to_hf_names(gguf_file: GGUFFile, hf_names: Iterable[str],
+                     num_layers: int) -> dict[str, str]:
     """``{gguf tensor name: checkpoint name}`` for the checkpoint names the model expects."""
     arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == gguf_file.architecture)
     name_map = gguf.get_tensor_name_map(arch, num_layers)

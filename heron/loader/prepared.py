@@ -7,7 +7,7 @@ For the default model that is ~4 s of a ~10 s start. The result depends only on 
 on a few settings (``WeightRecipe``), so the first start saves it in the file's cache entry
 and later starts map it back with safetensors (no pickle), in well under a second::
 
-    <cache root>/v2/<sha256 of the GGUF>/prepared/<recipe key>.safetensors
+    <cache root>/v<CACHE_FORMAT>/<sha256 of the GGUF>/prepared/<recipe key>.safetensors
         <parameter name>                       every parameter once (tied ones under the first name)
         <module>.quantized.codes / .scales     a Q8Weight
         <module>.quantized.packed / .scales_and_zeros   a PackedWeight

@@ -1,20 +1,28 @@
-"""The fast tokenizer of a GGUF SentencePiece vocabulary, built straight from the metadata.
+"""The fast tokenizer of a GGUF vocabulary, built straight from the metadata.
 
-A GGUF file with ``tokenizer.ggml.model == "llama"`` carries a SentencePiece vocabulary
-(tokens, scores, token types) and, usually, no merges. transformers (5.x) turns it into a
-BPE tokenizer with byte fallback whose merges it derives from the vocabulary; this module
-builds the very same ``tokenizers`` object (same vocabulary, merges in the same order, same
-normalizer / pre-tokenizer / decoder / added tokens / post-processor; the tests compare the
-serialized JSON with the installed transformers') in ~2 s instead of ~30 s:
+Two kinds of vocabulary are built here (others go to transformers):
+
+- byte-level BPE (``tokenizer.ggml.model == "gpt2"``: Llama 3, Qwen2/2.5/3): see ``gguf_bpe``;
+- SentencePiece BPE (``"llama"``: Llama 2, Mistral, Gemma), described below.
+
+A SentencePiece vocabulary (tokens, scores, token types) usually comes without merges.
+transformers (5.x) turns it into a BPE tokenizer with byte fallback whose merges it derives from
+the vocabulary; this module builds the same vocabulary and merges (the tests compare them with
+transformers') in ~2 s instead of ~30 s:
 
 - merges: every split ``left + right`` of a token where both halves are tokens, ordered best
   first by (token score, len(left), len(right)), ties kept in vocabulary order. That is the
   order of transformers' ``generate_merges``; its per-token pre-sort never decides anything,
   since two splits of one token always differ in ``len(left)``;
 - Gemma files: tokens made only of whitespace with a space in them are spelled with "▁", and
-  the score is the token's position (Gemma's stored scores do not follow its merge order).
+  the score is the token's position (Gemma's stored scores do not follow its merge order);
+- Llama / Mistral files: a space is put before the text and before the text after each
+  special token, as sentencepiece's ``add_dummy_prefix``, llama.cpp and the original
+  ``tokenizer.json`` files do (``" ("`` is ``["▁", "▁("]``); unless the file says
+  ``tokenizer.ggml.add_space_prefix = false``. (transformers' GGUF path prepends only when the
+  text does not start with a space, and only at its start.)
 
-Other vocabularies (byte-level BPE, Unigram, ...) return None: transformers builds those.
+Only tokens of the file are added: a vocabulary never grows past the model's embedding.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 from transformers import PreTrainedTokenizerFast
 
 from heron.loader.gguf_file import GGUFFile
+from heron.tokenizer.gguf_bpe import byte_level_backend, byte_level_pre_tokenizer
 
 _SPACE = "\u2581"  # SentencePiece's visible space
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
@@ -65,17 +74,22 @@ class _PrebuiltTokenizerFast(PreTrainedTokenizerFast):
 
 
 def build_gguf_tokenizer(gguf_file: GGUFFile) -> PreTrainedTokenizerFast | None:
-    """The file's tokenizer as transformers builds it, or None if this is not a SentencePiece
-    BPE vocabulary heron builds itself (then use transformers)."""
+    """The file's tokenizer, or None if this is not a vocabulary heron builds itself (then use
+    transformers)."""
     metadata = gguf_file.metadata
+    pre = byte_level_pre_tokenizer(metadata)
+    if pre is not None:
+        return _wrap(byte_level_backend(metadata, pre), _settings(metadata, (), pre.add_bos))
     if metadata.get("tokenizer.ggml.model") != "llama" or "tokenizer.ggml.merges" in metadata:
         return None
     arch = gguf_file.architecture
     if arch == "phi3":  # transformers gives phi3 a normalizer of its own
         return None
     family = _GEMMA if arch in _GEMMA_ARCHS else _LLAMA
-    backend = _backend(metadata, family)
-    settings = _settings(metadata, family)
+    return _wrap(_backend(metadata, family), _settings(metadata, family.extra_settings, True))
+
+
+def _wrap(backend: Tokenizer, settings: dict[str, Any]) -> PreTrainedTokenizerFast:
     try:
         return _PrebuiltTokenizerFast(backend, **settings)
     except ValueError:  # transformers 4 cannot take a backend as is: it copies it (~1.5 s)
@@ -94,7 +108,7 @@ def _backend(metadata: dict[str, Any], family: _Family) -> Tokenizer:
                      byte_fallback=True, dropout=None,
                      unk_token="<unk>" if family.gemma else None)
     backend = Tokenizer(bpe)
-    _shape(backend, family)
+    _shape(backend, family, bool(metadata.get("tokenizer.ggml.add_space_prefix", True)))
     _add_tokens(backend, metadata, family, vocab)
     return backend
 
@@ -120,16 +134,18 @@ def derive_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple
     return [(lefts[i], rights[i]) for i in order.tolist()]
 
 
-def _shape(backend: Tokenizer, family: _Family) -> None:
-    """Normalizer, pre-tokenizer and decoder of GemmaTokenizer / LlamaTokenizer."""
+def _shape(backend: Tokenizer, family: _Family, space_prefix: bool) -> None:
+    """Normalizer, pre-tokenizer and decoder (see the module docstring)."""
     pieces = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     if family.gemma:
         backend.normalizer = normalizers.Replace(" ", _SPACE)
         backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
-    else:
-        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme="first",
-                                                         split=False)
+    elif space_prefix:
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend(_SPACE),
+                                                   normalizers.Replace(" ", _SPACE)])
         pieces.append(decoders.Strip(" ", 1, 0))
+    else:
+        backend.normalizer = normalizers.Replace(" ", _SPACE)
     backend.decoder = decoders.Sequence(pieces)
 
 
@@ -141,9 +157,10 @@ def _add_tokens(backend: Tokenizer, metadata: dict[str, Any], family: _Family,
     types = metadata.get("tokenizer.ggml.token_type")
     types = types.tolist() if types is not None else []
     control = [t for t, kind in zip(tokens, types) if kind == _CONTROL]
-    backend.add_special_tokens([_added(t, special=True) for t in family.default_specials])
+    defaults = [t for t in family.default_specials if t in vocab]
+    backend.add_special_tokens([_added(t, special=True) for t in defaults])
     backend.add_special_tokens([_added(t, special=True) for t in control])
-    known = vocab.keys() | set(family.default_specials) | set(control)  # backend.get_vocab()
+    known = vocab.keys()  # every added token is one of the file's
     user = [t for t, kind in zip(tokens, types) if kind == _USER_DEFINED and t in known]
     backend.add_tokens([_added(t, special=False) for t in user])
 
@@ -152,14 +169,16 @@ def _added(content: str, special: bool) -> AddedToken:
     return AddedToken(content, normalized=False, special=special)
 
 
-def _settings(metadata: dict[str, Any], family: _Family) -> dict[str, Any]:
-    """Keyword arguments of the tokenizer wrapper, as transformers passes them for a GGUF."""
+def _settings(metadata: dict[str, Any], extra: tuple[tuple[str, str], ...],
+              add_bos: bool) -> dict[str, Any]:
+    """Keyword arguments of the tokenizer wrapper: the special tokens the file names, whether
+    BOS / EOS are added (``add_bos`` unless the file says), the chat template."""
     tokens: list[str] = metadata["tokenizer.ggml.tokens"]
-    settings: dict[str, Any] = dict(family.extra_settings)
+    settings: dict[str, Any] = dict(extra)
     for name, key in _SPECIAL_TOKEN_IDS.items():
         token_id = metadata.get(key)
         settings[name] = tokens[int(token_id)] if token_id is not None else None
-    settings["add_bos_token"] = bool(metadata.get("tokenizer.ggml.add_bos_token", True))
+    settings["add_bos_token"] = bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos))
     if "tokenizer.ggml.add_eos_token" in metadata:
         settings["add_eos_token"] = bool(metadata["tokenizer.ggml.add_eos_token"])
     if "tokenizer.chat_template" in metadata:
