@@ -230,6 +230,16 @@ def test_gguf_eos_ids(name: str, eos: set[int]) -> None:
     assert set(generation_eos if isinstance(generation_eos, list) else [generation_eos]) == eos
 
 
+def test_gguf_eot_and_eom_ids_end_generation(tmp_path: Path) -> None:
+    """Ids the file names under tokenizer.ggml.eot_token_id / eom_token_id end generation,
+    whatever their text (llama.cpp's EOT / EOM tokens)."""
+    hf = make_hf_model(transformers.LlamaConfig(**SMALL, max_position_embeddings=64), seed=0)
+    plain = synthetic_vocab(hf.config.vocab_size).renamed({3: "<|custom_end|>"})
+    for keys, eos in (({}, 2), ({"eot_token_id": 3}, [2, 3]), ({"eom_token_id": 3}, [2, 3])):
+        path = write_gguf(tmp_path / f"{sorted(keys)}.gguf", hf, plain.renamed({}, **keys))
+        assert GGUFModel(path).generation_config()["eos_token_id"] == eos, keys
+
+
 # ---------------------------------------------------------------------------- Llama 3.2, end to end
 
 # The Llama 3 split regex, as in the original tokenizer.json (written out here, independently
