@@ -16,12 +16,15 @@ from collections.abc import Sequence
 
 from heron.config import (
     DEVICES,
+    DP_BACKENDS,
     DTYPES,
     LOAD_FORMATS,
     QUANTIZATIONS,
+    ROUTERS,
     CacheConfig,
     EngineConfig,
     ModelConfig,
+    ParallelConfig,
     SchedulerConfig,
     parse_size,
 )
@@ -34,6 +37,8 @@ examples:
   heron serve                                        # the embedded default model (Gemma 3 270M)
   heron serve --served-model-name mosaicml/mpt-7b    # answer to the name your clients use
   heron serve ./my-model --port 8080 --api-key sk-local --max-model-len 4096
+  heron serve ./my-model --data-parallel-size 2      # two engines, one per half of the CPUs
+  heron serve ./my-model -dp 2 --data-parallel-backend ray   # on a running Ray cluster
 
 endpoints: POST /v1/chat/completions, /v1/completions, /tokenize, /detokenize;
 GET /v1/models, /v1/models/{id}, /health, /version, /metrics, /docs, /openapi.json
@@ -174,7 +179,66 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         help="do not log one line per HTTP request",
     )
     add_engine_args(p)
+    add_parallel_args(p)
     p.set_defaults(func=_run_serve)
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    """Data parallelism: N engine cores behind one endpoint (vLLM's flag names)."""
+    g = p.add_argument_group("data parallelism")
+    g.add_argument(
+        "-dp",
+        "--data-parallel-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="engine cores behind this endpoint, each with its own KV cache (default: 1)",
+    )
+    g.add_argument(
+        "--data-parallel-backend",
+        default="mp",
+        choices=DP_BACKENDS,
+        help="mp: processes on this machine; ray: Ray actors on the cluster at --ray-address "
+        "(pip install 'heron[ray]') (default: %(default)s)",
+    )
+    g.add_argument(
+        "--cpus-per-engine",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPUs (and threads) per engine; mp: pinned with affinity, default an even split "
+        "of this machine; ray: the actor's CPUs, default all of the smallest node's",
+    )
+    g.add_argument(
+        "--ray-address",
+        default="auto",
+        help="the Ray cluster to join (default: %(default)s, the one `ray start` runs here)",
+    )
+    g.add_argument(
+        "--router",
+        default="prefix",
+        choices=ROUTERS,
+        help="how requests pick an engine: prefix (where their prefix is likely cached, "
+        "within a bounded imbalance) or round-robin (default: %(default)s)",
+    )
+    g.add_argument(
+        "--data-parallel-max-restarts",
+        type=int,
+        default=3,
+        metavar="N",
+        help="ray: how many times Ray restarts an engine that died (default: %(default)s)",
+    )
+
+
+def parallel_config_from_args(args: argparse.Namespace) -> ParallelConfig:
+    return ParallelConfig(
+        data_parallel_size=args.data_parallel_size,
+        backend=args.data_parallel_backend,
+        cpus_per_engine=args.cpus_per_engine,
+        ray_address=args.ray_address,
+        router=args.router,
+        max_restarts=args.data_parallel_max_restarts,
+    )
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -321,6 +385,11 @@ def _run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine_config = engine_config_from_args(args)
     server_config = server_config_from_args(args)
+    parallel_config = parallel_config_from_args(args)
+    if parallel_config.backend == "ray":
+        from heron.engine.dp_ray import require_ray
+
+        require_ray()  # a clear error now, not after loading anything
     from heron.server.launch import run_server
 
     return run_server(
@@ -328,6 +397,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         server_config,
         log_level=level,
         access_log=not args.disable_uvicorn_access_log,
+        parallel_config=parallel_config,
     )
 
 

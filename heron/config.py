@@ -96,3 +96,36 @@ class EngineConfig:
     model: ModelConfig
     cache: CacheConfig
     scheduler: SchedulerConfig
+
+
+DP_BACKENDS = ("mp", "ray")
+ROUTERS = ("prefix", "round-robin")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Data parallelism: ``data_parallel_size`` engine cores behind one endpoint, each with its
+    own KV cache. ``mp``: processes on this machine, ``cpus_per_engine`` CPUs each (None: an even
+    split) pinned with affinity; ``ray``: Ray actors placed on the cluster at ``ray_address``
+    (``cpus_per_engine`` None: as many CPUs as the smallest node has), restarted by Ray at most
+    ``max_restarts`` times. ``router`` picks an engine per request (heron.server.router)."""
+
+    data_parallel_size: int = 1
+    backend: str = "mp"
+    cpus_per_engine: int | None = None
+    ray_address: str = "auto"
+    router: str = "prefix"
+    max_restarts: int = 3
+
+    def __post_init__(self) -> None:
+        if self.data_parallel_size < 1:
+            raise ValueError(f"data_parallel_size must be positive, got {self.data_parallel_size}")
+        if self.backend not in DP_BACKENDS:
+            raise ValueError(f"data_parallel_backend must be one of {', '.join(DP_BACKENDS)}, "
+                             f"got {self.backend!r}")
+        if self.cpus_per_engine is not None and self.cpus_per_engine < 1:
+            raise ValueError(f"cpus_per_engine must be positive, got {self.cpus_per_engine}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be non-negative, got {self.max_restarts}")

@@ -8,11 +8,18 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from tqdm.auto import tqdm
 
-from heron.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_size
+from heron.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    parse_size,
+)
 from heron.engine.core import EngineCore
 from heron.engine.messages import EngineOutput, EngineRequest, TokenLogprobs
 from heron.engine.request import Logprob, LogprobsDict
@@ -20,6 +27,9 @@ from heron.outputs import CompletionOutput, RequestOutput
 from heron.sampling_params import SamplingParams
 from heron.tokenizer import load_tokenizer
 from heron.tokenizer.tokenizer import IncrementalDetokenizer, Tokenizer
+
+if TYPE_CHECKING:
+    from heron.llm_dp import DataParallelEngine
 
 PromptType = str | dict[str, Any]
 Conversation = list[dict[str, Any]]
@@ -59,7 +69,9 @@ class LLM:
     """An engine plus a tokenizer, driven synchronously. Keyword arguments mirror the CLI flags.
 
     ``LLM()`` serves the embedded default model (Gemma 3 270M); ``LLM("/path/to/hf_dir")`` or
-    ``LLM("/path/to/model.gguf")`` a local model.
+    ``LLM("/path/to/model.gguf")`` a local model. ``data_parallel_size=N`` spreads ``generate``
+    over N engine cores in their own processes (``data_parallel_backend="ray"``: Ray actors),
+    routed as the server routes; ``close()`` stops them.
     """
 
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None,
@@ -69,7 +81,10 @@ class LLM:
                  block_size: int = 16, kv_cache_memory: str | int = "2GiB",
                  gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
                  num_gpu_blocks_override: int | None = None, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048, skip_tokenizer_init: bool = False) -> None:
+                 max_num_batched_tokens: int = 2048, skip_tokenizer_init: bool = False,
+                 data_parallel_size: int = 1, data_parallel_backend: str = "mp",
+                 cpus_per_engine: int | None = None, ray_address: str = "auto",
+                 router: str = "prefix") -> None:
         self.model_config = ModelConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, device=device,
             max_model_len=max_model_len, seed=seed, load_format=load_format,
@@ -84,8 +99,17 @@ class LLM:
                                       max_num_batched_tokens=max_num_batched_tokens))
         # skip_tokenizer_init: token ids in, token ids out (no text), as in vLLM.
         self.tokenizer: Tokenizer | None = None if skip_tokenizer_init else load_tokenizer(self.model_config)
-        self.engine = EngineCore(config)
+        parallel = ParallelConfig(data_parallel_size=data_parallel_size,
+                                  backend=data_parallel_backend, cpus_per_engine=cpus_per_engine,
+                                  ray_address=ray_address, router=router)
+        self.engine = _make_engine(config, parallel)
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """Stop the engine processes of a data-parallel LLM (nothing to do for one engine)."""
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
 
     def get_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -218,6 +242,15 @@ class LLM:
                              prompt_token_ids=req.prompt_token_ids, prompt_logprobs=req.prompt_logprobs,
                              outputs=outputs, finished=req.finished,
                              num_cached_tokens=req.num_cached_tokens)
+
+
+def _make_engine(config: EngineConfig, parallel: ParallelConfig) -> EngineCore | DataParallelEngine:
+    """One EngineCore in this process, or N engine cores in their own (heron.llm_dp)."""
+    if parallel.data_parallel_size == 1 and parallel.backend == "mp":
+        return EngineCore(config)
+    from heron.llm_dp import DataParallelEngine
+
+    return DataParallelEngine(config, parallel)
 
 
 def _per_prompt(params: SamplingParams | Sequence[SamplingParams] | None, count: int) -> list[SamplingParams]:

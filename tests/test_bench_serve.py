@@ -131,6 +131,24 @@ def test_flat_result_keys_and_report_table() -> None:
     assert any(line.split(":")[0] == "P99.9 ITL (ms)" for line in lines)
 
 
+def test_prefix_cache_hit_rate_from_usage() -> None:
+    stream = serve._Stream(texts=["a"])
+    serve._take_usage(stream, {"prompt_tokens": 40, "prompt_tokens_details": {"cached_tokens": 32}})
+    record = RequestRecord(prompt_len=40)
+    serve._finish(record, stream, None)
+    assert (record.prompt_len, record.cached_tokens) == (40, 32)
+    other = RequestRecord(True, "", 60, 1, cached_tokens=0, latency=0.1)
+    m = compute_metrics([record, other], 1.0)
+    assert (m.total_cached, m.prefix_cache_hit_rate) == (32, pytest.approx(0.32))
+    assert m.to_dict()["prefix_cache_hit_rate"] == pytest.approx(0.32)
+    report = serve.format_report(m, ClientConfig("http://x", "m")).splitlines()
+    assert "Prefix cache hit rate (%):               32.00" in report
+    silent = compute_metrics(scripted_records(), 2.0)  # no server said cached_tokens
+    assert silent.prefix_cache_hit_rate is None and "prefix_cache_hit_rate" not in silent.to_dict()
+    assert not any("Prefix cache" in line for line in serve.format_report(
+        silent, ClientConfig("http://x", "m")).splitlines())
+
+
 def test_arrival_offsets() -> None:
     assert arrival_offsets(5, math.inf, random.Random(0)) == [0.0] * 5
     offsets = arrival_offsets(2000, 4.0, random.Random(1))

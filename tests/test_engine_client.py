@@ -57,7 +57,7 @@ class _Socket:
 def _client() -> EngineClient:
     config = EngineConfig(ModelConfig(), CacheConfig(), SchedulerConfig())
     client = EngineClient(config)
-    client._process = _Process()  # type: ignore[assignment]
+    client._launcher._process = _Process()  # type: ignore[assignment]
     client._input = _Socket()  # type: ignore[assignment]
     return client
 
@@ -79,7 +79,7 @@ def test_a_request_that_cannot_be_sent_leaves_no_queue() -> None:
         assert client.num_in_flight == 2
         stream.abort_all()
         assert client.num_in_flight == 0
-        client._process = None
+        client._launcher._process = None
         await client.shutdown()
 
     asyncio.run(run())
@@ -101,7 +101,7 @@ def test_a_dead_core_leaves_no_load_in_the_metrics() -> None:
         with pytest.raises(Exception, match="exit code -9"):
             async for _ in stream:
                 pass
-        client._process = None
+        client._launcher._process = None
         await client.shutdown()
 
     asyncio.run(run())

@@ -10,7 +10,9 @@ definitions of vLLM's ``vllm bench serve``:
 - E2EL: from sending a request to its last chunk with text;
 - output tokens: the server's ``usage.completion_tokens`` when it sends usage, else the
   tokenizer's count of the generated text;
-- throughput: totals of the successful requests over the wall time of the whole run.
+- throughput: totals of the successful requests over the wall time of the whole run;
+- prefix cache hit rate: the servers' ``usage.prompt_tokens_details.cached_tokens`` over the
+  prompt tokens (heron sends it; shown only when the server does).
 
 Chunks without text (the chat role chunk, a finish-only chunk, the usage chunk) do not count
 as tokens, so servers that send them are not flattered by near-zero gaps.
@@ -19,6 +21,8 @@ examples:
   heron bench serve --base-url http://127.0.0.1:8000 --input-len 128 --output-len 64 \\
       --num-prompts 32 --max-concurrency 16 --ignore-eos
   heron bench serve --dataset-name prefix --prefix-len 512 --input-len 32 --plot run.png
+  heron bench serve --dataset-name prefix --prefix-len 1024 --num-prefixes 8 --input-len 64 \\
+      --output-len 32 --num-prompts 128 --max-concurrency 8 --ignore-eos
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ class RequestRecord:
     latency: float = 0.0
     start_time: float = 0.0
     generated_text: str = ""
+    cached_tokens: int | None = None  # prompt tokens the server found in its prefix cache
 
     @property
     def tpot(self) -> float | None:
@@ -131,6 +136,14 @@ class BenchmarkMetrics:
     max_output_tokens_per_s: float
     max_concurrent_requests: int
     latencies: dict[str, LatencyStats]
+    total_cached: int | None = None  # None: the server reported no cached_tokens
+
+    @property
+    def prefix_cache_hit_rate(self) -> float | None:
+        """Cached prompt tokens over prompt tokens (None when the server does not say)."""
+        if self.total_cached is None or self.total_input == 0:
+            return None
+        return self.total_cached / self.total_input
 
     def to_dict(self) -> dict[str, float | int]:
         """Flat keys as vLLM writes them (``mean_ttft_ms``, ``p99_itl_ms``, ...)."""
@@ -146,6 +159,9 @@ class BenchmarkMetrics:
             "max_output_tokens_per_s": self.max_output_tokens_per_s,
             "max_concurrent_requests": self.max_concurrent_requests,
         }
+        if self.total_cached is not None:
+            out["total_cached_tokens"] = self.total_cached
+            out["prefix_cache_hit_rate"] = self.prefix_cache_hit_rate or 0.0
         for name, stats in self.latencies.items():
             out[f"mean_{name}_ms"] = stats.mean_ms
             out[f"median_{name}_ms"] = stats.median_ms
@@ -176,6 +192,7 @@ def compute_metrics(
         "e2el": [r.latency for r in ok],
     }
     per_second = tokens_per_bucket(ok, 1.0)
+    cached = [r.cached_tokens for r in ok if r.cached_tokens is not None]
     return BenchmarkMetrics(
         completed=len(ok),
         failed=len(records) - len(ok),
@@ -188,6 +205,7 @@ def compute_metrics(
         max_output_tokens_per_s=max(per_second, default=0.0),
         max_concurrent_requests=peak_concurrency(ok),
         latencies={k: LatencyStats.of_seconds(v, percentiles) for k, v in samples.items()},
+        total_cached=sum(cached) if cached else None,
     )
 
 
@@ -318,6 +336,7 @@ class _Stream:
     texts: list[str] = field(default_factory=list)
     usage_output_tokens: int | None = None
     usage_prompt_tokens: int | None = None
+    usage_cached_tokens: int | None = None
     error: str = ""
 
 
@@ -372,6 +391,8 @@ def _take_usage(stream: _Stream, usage: dict[str, Any]) -> None:
         stream.usage_output_tokens = int(completion)
     if (prompt := usage.get("prompt_tokens")) is not None:
         stream.usage_prompt_tokens = int(prompt)
+    if (cached := (usage.get("prompt_tokens_details") or {}).get("cached_tokens")) is not None:
+        stream.usage_cached_tokens = int(cached)
 
 
 def _finish(record: RequestRecord, stream: _Stream, count_tokens: TokenCounter | None) -> None:
@@ -383,6 +404,7 @@ def _finish(record: RequestRecord, stream: _Stream, count_tokens: TokenCounter |
     record.success = not record.error
     if stream.usage_prompt_tokens is not None:
         record.prompt_len = stream.usage_prompt_tokens
+    record.cached_tokens = stream.usage_cached_tokens
     if stream.usage_output_tokens is not None:
         record.output_tokens = stream.usage_output_tokens
     elif count_tokens is not None:
@@ -555,6 +577,8 @@ def format_report(metrics: BenchmarkMetrics, config: ClientConfig) -> str:
     row("Peak output token throughput (tok/s)", metrics.max_output_tokens_per_s)
     row("Peak concurrent requests", metrics.max_concurrent_requests)
     row("Total token throughput (tok/s)", metrics.total_token_throughput)
+    if (hit_rate := metrics.prefix_cache_hit_rate) is not None:
+        row("Prefix cache hit rate (%)", 100.0 * hit_rate)
     for name, title in LATENCY_METRICS.items():
         stats, upper = metrics.latencies[name], name.upper()
         rows.append(f" {title} ".center(50, "-"))

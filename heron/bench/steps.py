@@ -77,6 +77,7 @@ def main() -> None:
                         help="0: greedy (argmax); 1.0 is what an OpenAI client gets by default")
     args = parser.parse_args()
     engine = LLM(quantization=args.quantization).engine
+    assert isinstance(engine, EngineCore)  # one in-process engine (no data_parallel_size)
     times: dict[str, list[float]] = defaultdict(list)
     instrument(engine, times)
     for batch in args.batch:

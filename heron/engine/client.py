@@ -27,15 +27,15 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 import zmq
 import zmq.asyncio
 
-from heron.engine.core_proc import run_engine_core
+from heron.engine.core_proc import run_engine_core, run_pinned_engine_core
 from heron.engine.messages import (
     AbortRequests,
     AddRequests,
@@ -93,17 +93,13 @@ class EngineClient:
         log_level: int = logging.INFO,
         heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
         step_timeout_s: float = STEP_TIMEOUT_S,
+        launcher: CoreLauncher | None = None,
     ) -> None:
         self.config = config
-        self._log_level = log_level
-        remove_stale_ipc_dirs()
-        self._ipc_dir = tempfile.mkdtemp(prefix=f"heron-{os.getpid()}-")
-        self._input_addr = f"ipc://{self._ipc_dir}/input"
-        self._output_addr = f"ipc://{self._ipc_dir}/output"
+        self._launcher = launcher or ProcessLauncher(config, log_level)
         self._ctx = zmq.asyncio.Context()
         self._input: zmq.Socket | None = None
         self._output: zmq.asyncio.Socket | None = None
-        self._process: multiprocessing.process.BaseProcess | None = None
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(CoreMessage)
         self._queues: dict[str, asyncio.Queue[EngineOutput | Exception]] = {}
@@ -113,16 +109,22 @@ class EngineClient:
         self.liveness = Liveness(heartbeat_timeout_s, step_timeout_s)
         self.info: EngineInfo | None = None
         self.stats = EngineStats()
+        self._carried = EngineStats()  # counters of earlier incarnations (a restarted core)
 
     # ---- lifecycle ------------------------------------------------------------------------
 
     @property
+    def label(self) -> str:
+        """How logs and errors name this core ("engine core", "engine core 1")."""
+        return self._launcher.label
+
+    @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
+        return self._launcher.pid
 
     @property
     def is_alive(self) -> bool:
-        return self._dead is None and self._process is not None and self._process.is_alive()
+        return self._dead is None and self._launcher.alive()
 
     @property
     def dead_reason(self) -> str | None:
@@ -132,36 +134,27 @@ class EngineClient:
         """Why the engine cannot serve now (gone, stopped, stuck), or None when it is alive and
         stepping. A stopped or stuck core may recover; a dead one does not."""
         if self._dead is not None or self.info is None:
-            return self._dead or "the engine core has not started"
+            return self._dead or f"the {self.label} has not started"
         if not self.is_alive:
-            return "the engine core process exited"
+            return f"the {self.label} exited"
         return self.liveness.problem()
 
     async def wait_dead(self) -> str:
-        """Wait until the core process is found dead (crashed, killed); returns why."""
+        """Wait until the core is found dead for good (crashed, killed; a Ray actor only once
+        Ray will not restart it); returns why."""
         await self._died.wait()
         return self._dead or "the engine core is gone"
 
     async def start(self, timeout_s: float | None = None) -> EngineInfo:
-        """Spawn the core process and wait until it reports ready (or raise EngineError)."""
+        """Launch the core and wait until it reports ready (or raise EngineError)."""
         # A plain (sync) PUSH socket: sends never block (unbounded queue, NOBLOCK).
         self._input = zmq.Context.shadow(self._ctx.underlying).socket(zmq.PUSH)
         self._input.setsockopt(zmq.LINGER, 0)
         self._input.setsockopt(zmq.SNDHWM, 0)
-        self._input.bind(self._input_addr)
         self._output = self._ctx.socket(zmq.PULL)
         self._output.setsockopt(zmq.LINGER, 0)
-        self._output.bind(self._output_addr)
-        spawn = multiprocessing.get_context("spawn")
-        self._process = spawn.Process(
-            target=run_engine_core,
-            name="heron-engine-core",
-            daemon=True,
-            args=(self.config, self._input_addr, self._output_addr, os.getpid(), self._log_level),
-        )
-        with _engine_environment():
-            self._process.start()
-        logger.info("engine core process started (pid %d); loading the model", self._process.pid)
+        input_addr, output_addr = self._launcher.bind(self._ctx, self._input, self._output)
+        self._launcher.launch(input_addr, output_addr)
         self.info = await self._wait_ready(timeout_s)
         self.liveness.heard()
         self._dispatch_task = asyncio.create_task(
@@ -170,7 +163,7 @@ class EngineClient:
         return self.info
 
     async def _wait_ready(self, timeout_s: float | None) -> EngineInfo:
-        assert self._output is not None and self._process is not None
+        assert self._output is not None
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while deadline is None or time.monotonic() < deadline:
             if await self._output.poll(200):
@@ -178,13 +171,12 @@ class EngineClient:
                 if isinstance(message, CoreReady):
                     return message.info
                 if isinstance(message, CoreFailed):
-                    raise EngineError(f"the engine core failed to start: {message.message}")
-            elif not self._process.is_alive():
+                    raise EngineError(f"the {self.label} failed to start: {message.message}")
+            elif not self._launcher.alive():
                 raise EngineError(
-                    f"the engine core process exited during startup "
-                    f"(exit code {self._process.exitcode})"
+                    f"the {self.label} exited during startup ({self._launcher.exit_reason()})"
                 )
-        raise EngineError(f"the engine core was not ready after {timeout_s} s")
+        raise EngineError(f"the {self.label} was not ready after {timeout_s} s")
 
     async def shutdown(self, timeout_s: float = 5.0) -> None:
         """Ask the core to exit, then make sure it did; fail whatever is still in flight."""
@@ -193,19 +185,14 @@ class EngineClient:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._dispatch_task
         self._fail_all(EngineError("the server is shutting down"))
-        if self._process is not None and self._process.pid is not None:
-            if self._process.is_alive():
-                self._send(ShutdownCore())
-            await asyncio.to_thread(_stop_process, self._process, timeout_s)
+        if self._launcher.alive() and self._input is not None:
+            self._send(ShutdownCore())
+        await asyncio.to_thread(self._launcher.stop, timeout_s)
         for sock in (self._input, self._output):
             if sock is not None:
                 sock.close(linger=0)
+        self._launcher.close()
         self._ctx.term()
-        for name in ("input", "output"):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(self._ipc_dir, name))
-        with contextlib.suppress(OSError):
-            os.rmdir(self._ipc_dir)
         self._dead = self._dead or "shut down"
 
     # ---- requests -------------------------------------------------------------------------
@@ -213,7 +200,7 @@ class EngineClient:
     def stream(self, requests: list[EngineRequest]) -> OutputStream:
         """Submit sequences; iterate the returned stream (``async with``) for their outputs."""
         if not self.is_alive:
-            raise EngineError(f"the engine core is not running ({self._dead or 'not started'})")
+            raise EngineError(f"the {self.label} is not running ({self._dead or 'not started'})")
         ids = [r.request_id for r in requests]
         for rid in ids:
             if rid in self._queues:
@@ -227,7 +214,8 @@ class EngineClient:
 
     @property
     def num_in_flight(self) -> int:
-        """Sequences whose outputs this client still routes (each has a queue entry)."""
+        """Sequences whose outputs this client still routes (each has a queue entry); the
+        router's measure of an engine's load."""
         return len(self._queues)
 
     def abort(self, request_ids: list[str]) -> None:
@@ -247,20 +235,24 @@ class EngineClient:
         try:
             self._input.send(data, zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            logger.warning("engine core is not connected; dropped a %s message", kind)
+            logger.warning("%s is not connected; dropped a %s message", self.label, kind)
 
     # ---- outputs --------------------------------------------------------------------------
 
     async def _dispatch_loop(self) -> None:
-        """Route every message from the core to the queues of the requests it concerns."""
-        assert self._output is not None and self._process is not None
+        """Route every message from the core to the queues of the requests it concerns.
+
+        A core that may come back by itself (a Ray actor restarted by Ray) is waited for: its
+        next CoreReady revives this client.
+        """
+        assert self._output is not None
         while True:
             if await self._output.poll(_IDLE_POLL_MS):
                 self._handle(self._decoder.decode(await self._output.recv()))
-            elif not self._process.is_alive():
-                self._mark_dead(
-                    f"the engine core process exited (exit code {self._process.exitcode})"
-                )
+            elif self._dead is None and not self._launcher.alive():
+                self._mark_dead(f"the {self.label} exited ({self._launcher.exit_reason()})")
+            if self._dead is not None and not self._launcher.may_restart():
+                self._died.set()
                 return
 
     def _handle(self, message: CoreMessage) -> None:
@@ -273,13 +265,26 @@ class EngineClient:
                 if queue is not None:
                     queue.put_nowait(out)
             if message.stats is not None:
-                self.stats = message.stats
+                self.stats = _add_counters(message.stats, self._carried)
         elif isinstance(message, RequestRejected):
             queue = self._queues.pop(message.request_id, None)
             if queue is not None:
                 queue.put_nowait(RequestRejectedError(message.message))
         elif isinstance(message, CoreFailed):
-            self._mark_dead(f"the engine core failed: {message.message}")
+            self._mark_dead(f"the {self.label} failed: {message.message}")
+        elif isinstance(message, CoreReady):
+            self._restarted(message.info)
+
+    def _restarted(self, info: EngineInfo) -> None:
+        """A new incarnation of the core is up: what the old one had in flight is lost."""
+        if self._dead is None:
+            self._fail_all(EngineError(f"the {self.label} restarted; its requests were lost"))
+        logger.warning("%s is back after a restart (was: %s)", self.label, self._dead or "running")
+        self._dead = None
+        self.info = info
+        self.liveness.heard()
+        self._carried = self.stats  # counters stay monotonic across incarnations
+        self.stats = _add_counters(EngineStats(), self._carried)
 
     def _mark_dead(self, reason: str) -> None:
         logger.error("%s", reason)
@@ -289,7 +294,8 @@ class EngineClient:
         self.stats = msgspec.structs.replace(
             self.stats, num_running=0, num_waiting=0, kv_cache_usage=0.0
         )
-        self._died.set()
+        if not self._launcher.may_restart():
+            self._died.set()
 
     def _fail_all(self, error: Exception) -> None:
         unique = {id(queue): queue for queue in self._queues.values()}
@@ -329,6 +335,22 @@ class Liveness:
         if self.busy and stuck > self.step_timeout_s:
             return f"the engine core has finished no step for {stuck:.0f} s (stuck)"
         return None
+
+
+_COUNTERS = (
+    "prefix_cache_queries",
+    "prefix_cache_hits",
+    "num_preemptions",
+    "prompt_tokens_total",
+    "generation_tokens_total",
+)
+
+
+def _add_counters(stats: EngineStats, carried: EngineStats) -> EngineStats:
+    """``stats`` with the counters of earlier incarnations added (gauges as they are)."""
+    for name in _COUNTERS:
+        setattr(stats, name, getattr(stats, name) + getattr(carried, name))
+    return stats
 
 
 class OutputStream:
@@ -392,6 +414,128 @@ class OutputStream:
             self._pending.clear()
 
 
+class CoreLauncher(Protocol):
+    """How an EngineClient's core is started, watched and stopped: a child process
+    (``ProcessLauncher``) or a Ray actor on some node (``heron.engine.dp_ray``)."""
+
+    label: str  # how logs and errors name the core: "engine core", "engine core 1"
+
+    @property
+    def pid(self) -> int | None: ...
+
+    def bind(
+        self, ctx: zmq.asyncio.Context, inputs: zmq.Socket, outputs: zmq.asyncio.Socket
+    ) -> tuple[str, str]:
+        """Secure and bind the client's sockets; returns the addresses the core connects to."""
+        ...
+
+    def launch(self, input_addr: str, output_addr: str) -> None:
+        """Start the core (it loads the model, connects, and sends CoreReady)."""
+        ...
+
+    def alive(self) -> bool:
+        """False once the core is known to be gone (cheap; called every idle second)."""
+        ...
+
+    def exit_reason(self) -> str: ...
+
+    def may_restart(self) -> bool:
+        """True while a dead core may come back by itself (and send a new CoreReady)."""
+        ...
+
+    def stop(self, timeout_s: float) -> None:
+        """Make sure the core is gone (after ShutdownCore was sent). Blocking: run in a thread."""
+        ...
+
+    def close(self) -> None:
+        """Release what ``bind`` set up (before the client's ZMQ context ends)."""
+        ...
+
+
+class ProcessLauncher:
+    """The core as a spawned child process on this machine, over two IPC sockets.
+
+    ``cpus``: pin the core to these CPUs (data-parallel engines split a machine); ``env``:
+    variables the child starts with (e.g. OMP_NUM_THREADS), on top of ``ENGINE_ENV``.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        log_level: int = logging.INFO,
+        *,
+        label: str = "engine core",
+        cpus: list[int] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.config = config
+        self.log_level = log_level
+        self.label = label
+        self.cpus = cpus
+        self.env = dict(env or {})
+        remove_stale_ipc_dirs()
+        self._ipc_dir = tempfile.mkdtemp(prefix=f"heron-{os.getpid()}-")
+        self._process: multiprocessing.process.BaseProcess | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def bind(
+        self, ctx: zmq.asyncio.Context, inputs: zmq.Socket, outputs: zmq.asyncio.Socket
+    ) -> tuple[str, str]:
+        addrs = f"ipc://{self._ipc_dir}/input", f"ipc://{self._ipc_dir}/output"
+        inputs.bind(addrs[0])
+        outputs.bind(addrs[1])
+        return addrs
+
+    def launch(self, input_addr: str, output_addr: str) -> None:
+        args: tuple[object, ...] = (self.config, input_addr, output_addr, os.getpid(), self.log_level)
+        target: Callable[..., None] = run_engine_core
+        if self.cpus is not None:
+            target, args = run_pinned_engine_core, (self.cpus, *args)
+        spawn = multiprocessing.get_context("spawn")
+        self._process = spawn.Process(
+            target=target, name="heron-engine-core", daemon=True, args=args
+        )
+        with _engine_environment(self.env):
+            self._process.start()
+        pinned = "" if self.cpus is None else f", CPUs {_cpu_list(self.cpus)}"
+        logger.info(
+            "%s process started (pid %d%s); loading the model", self.label, self.pid, pinned
+        )
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.is_alive()
+
+    def exit_reason(self) -> str:
+        code = None if self._process is None else self._process.exitcode
+        return f"exit code {code}"
+
+    def may_restart(self) -> bool:
+        return False
+
+    def stop(self, timeout_s: float) -> None:
+        if self._process is not None and self._process.pid is not None:
+            _stop_process(self._process, timeout_s)
+
+    def close(self) -> None:
+        for name in ("input", "output"):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self._ipc_dir, name))
+        with contextlib.suppress(OSError):
+            os.rmdir(self._ipc_dir)
+
+
+def engine_label(index: int, size: int) -> str:
+    """How logs and errors name engine ``index`` of ``size`` (data parallelism)."""
+    return "engine core" if size == 1 else f"engine core {index}"
+
+
+def _cpu_list(cpus: list[int]) -> str:
+    return ",".join(str(c) for c in cpus)
+
+
 def _stop_process(process: multiprocessing.process.BaseProcess, timeout_s: float) -> None:
     """Join; escalate to SIGTERM, then SIGKILL. Blocking: run it in a thread."""
     process.join(timeout_s)
@@ -405,9 +549,9 @@ def _stop_process(process: multiprocessing.process.BaseProcess, timeout_s: float
 
 
 @contextlib.contextmanager
-def _engine_environment() -> Iterator[None]:
+def _engine_environment(extra: dict[str, str] | None = None) -> Iterator[None]:
     """Environment the core process starts with: ``ENGINE_ENV`` unless the user chose an OpenMP
-    wait policy (``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``).
+    wait policy (``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``), and ``extra`` (always).
 
     The core shares the machine's cores with the API process (HTTP, detokenizing) and often
     with the client. OpenMP's default is to spin long at every barrier; when one of its threads
@@ -417,16 +561,20 @@ def _engine_environment() -> Iterator[None]:
     process held a core; PASSIVE (no spinning) 23.3 / 123 quiet, 21.6 / 103 loaded; one thread
     22.5 / 101; a short spin (GOMP_SPINCOUNT=2000) 30.7 / 156 quiet, 22.2 / 102 loaded.
     """
-    if {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
-        yield
-        return
-    added = {k: v for k, v in ENGINE_ENV.items() if k not in os.environ}
+    added: dict[str, str] = {}
+    if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
+        added = {k: v for k, v in ENGINE_ENV.items() if k not in os.environ}
+    added.update(extra or {})
+    saved = {k: os.environ.get(k) for k in added}
     os.environ.update(added)
     try:
         yield
     finally:
-        for key in added:
-            os.environ.pop(key, None)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 _IPC_DIR_NAME = re.compile(r"heron-(?:(?P<pid>\d+)-)?[A-Za-z0-9_]{8}")

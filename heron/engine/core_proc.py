@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -57,12 +58,55 @@ def run_engine_core(
         level=log_level, format="%(asctime)s %(levelname)s [core] %(name)s: %(message)s"
     )
     _die_with_parent(parent_pid)
+    serve_core(config, input_addr, output_addr, parent_pid)
+
+
+Secure = Callable[[zmq.Socket], None]
+
+
+def serve_core(
+    config: EngineConfig,
+    input_addr: str,
+    output_addr: str,
+    parent_pid: int,
+    secure: Secure | None = None,
+) -> bool:
+    """Connect to the client, build the core, report ready, run the loop (with a heartbeat)
+    until shutdown; True if the core failed or crashed (the reason was sent as CoreFailed).
+
+    ``secure`` sets each socket's credentials before it connects (a Ray actor's CURVE keys).
+    """
     ctx = zmq.Context()
+    inputs, outputs = connect_sockets(ctx, input_addr, output_addr, secure)
+    try:
+        return _build_and_run(config, ctx, inputs, outputs, output_addr, parent_pid, secure)
+    finally:
+        _close(ctx, inputs, outputs)
+
+
+def connect_sockets(
+    ctx: zmq.Context, input_addr: str, output_addr: str, secure: Secure | None = None
+) -> tuple[zmq.Socket, zmq.Socket]:
+    """The core's PULL (inputs) and PUSH (outputs) sockets, connected to the client's."""
     inputs = ctx.socket(zmq.PULL)
     outputs = ctx.socket(zmq.PUSH)
     for sock, addr in ((inputs, input_addr), (outputs, output_addr)):
         sock.setsockopt(zmq.LINGER, 1000)
+        if secure is not None:
+            secure(sock)
         sock.connect(addr)
+    return inputs, outputs
+
+
+def _build_and_run(
+    config: EngineConfig,
+    ctx: zmq.Context,
+    inputs: zmq.Socket,
+    outputs: zmq.Socket,
+    output_addr: str,
+    parent_pid: int,
+    secure: Secure | None,
+) -> bool:
     encoder = msgspec.msgpack.Encoder()
     try:
         core = _build_core(config)
@@ -70,11 +114,10 @@ def run_engine_core(
     except BaseException as e:  # noqa: BLE001 - every startup failure is reported to the parent
         logger.exception("engine core failed to start")
         outputs.send(encoder.encode(CoreFailed(message=f"{type(e).__name__}: {e}")))
-        _close(ctx, inputs, outputs)
-        return
+        return True
     outputs.send(encoder.encode(CoreReady(info=core.info)))
     loop = CoreLoop(core, inputs, outputs, parent_pid)
-    heartbeat = HeartbeatThread(ctx, output_addr, loop)
+    heartbeat = HeartbeatThread(ctx, output_addr, loop, secure)
     try:
         heartbeat.start()
         loop.run()
@@ -84,8 +127,10 @@ def run_engine_core(
         logger.exception("engine core crashed")
         with contextlib.suppress(zmq.ZMQError):
             outputs.send(encoder.encode(CoreFailed(message=f"{type(e).__name__}: {e}")))
-    heartbeat.stop()
-    _close(ctx, inputs, outputs)
+        return True
+    finally:
+        heartbeat.stop()
+    return False
 
 
 def _build_grammar_index(core: EngineCore) -> None:
@@ -128,10 +173,13 @@ class HeartbeatThread:
     stuck loop apart from a busy one. A stopped process (SIGSTOP) sends nothing at all.
     """
 
-    def __init__(self, ctx: zmq.Context, address: str, loop: CoreLoop) -> None:
+    def __init__(
+        self, ctx: zmq.Context, address: str, loop: CoreLoop, secure: Secure | None = None
+    ) -> None:
         self.ctx = ctx
         self.address = address
         self.loop = loop
+        self.secure = secure
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heron-heartbeat", daemon=True)
 
@@ -146,6 +194,8 @@ class HeartbeatThread:
     def _run(self) -> None:
         sock = self.ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.secure is not None:
+            self.secure(sock)
         sock.connect(self.address)
         encoder = msgspec.msgpack.Encoder()
         try:
@@ -239,3 +289,10 @@ class CoreLoop:
 
     def _send(self, message: CoreOutputs | RequestRejected) -> None:
         self.outputs.send(self.encoder.encode(message), copy=False)
+
+
+def run_pinned_engine_core(cpus: list[int], *args: object) -> None:
+    """``run_engine_core`` on these CPUs only: data-parallel engines split a machine."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setaffinity(0, cpus)
+    run_engine_core(*args)  # type: ignore[arg-type]

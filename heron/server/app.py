@@ -55,6 +55,7 @@ from heron.server.protocol_anthropic import (
 from heron.server.protocol_embeddings import EmbeddingRequest, EmbeddingResponse
 from heron.server.protocol_responses import DeletedResponse, ResponseObject, ResponsesRequest
 from heron.server.responses import delete_response, retrieve_response, serve_responses
+from heron.server.router import Router
 from heron.server.security import (
     HostCheck,
     HostCheckMiddleware,
@@ -193,8 +194,14 @@ _HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {
 @router.get("/health", response_class=Response, responses=_HEALTH_RESPONSES)
 async def health(request: Request) -> Response:
     """200 while the engine core is alive and stepping (its heartbeat arrives, its loop
-    finishes steps); 503 within seconds of it stopping, hanging or dying."""
-    problem = _ctx(request).engine.health()
+    finishes steps); 503 within seconds of it stopping, hanging or dying. With several
+    engines: a JSON body that says which are up, 200 while at least one is ("ok" or
+    "degraded"), else 503."""
+    engine = _ctx(request).engine
+    if isinstance(engine, Router):
+        report = engine.health_report()
+        return JSONResponse(report, status_code=200 if report["status"] != "down" else 503)
+    problem = engine.health()
     if problem is None:
         return Response(status_code=200)
     return to_response(make_error(503, f"the engine is not serving: {problem}"))

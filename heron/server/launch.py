@@ -4,22 +4,27 @@
 
     run_server()
       |- install SIGINT/SIGTERM handlers (while starting: cancel the start-up)
+      |- open the data-parallel backend (Ray: connect, place the engines)
       |- EngineClient.start()  (spawns the core; loads the model)   }
+      |    or Router.start() (N engine cores at once)               }
       |- load_tokenizer()      (in a daemon thread)                 } concurrently
       |- import the HTTP layer (fastapi, routes)                    }
       |- uvicorn.Server.serve()  (uvicorn owns the signals: graceful shutdown)
-      |    '- the engine core dies -> in-flight requests fail, graceful shutdown, exit status 3
-      '- EngineClient.shutdown()  (always: the core process never outlives the server)
+      |    '- the last engine core dies -> in-flight requests fail, graceful shutdown, exit 3
+      '- EngineClient/Router.shutdown()  (always: no core process outlives the server)
 
 When the engine core dies (crash, OOM kill, kill -9) heron does not restart it: the API
 process answers what was in flight with an error, stops, and exits with status 3, so that
 its supervisor (systemd, Kubernetes, docker --restart) starts a fresh server. An API that
-outlived its engine would answer 503 forever.
+outlived its engine would answer 503 forever. With several data-parallel engines the server
+keeps serving on those still up (degraded) and exits only when the last one is gone for good
+(Ray restarts its actors first).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import threading
@@ -28,9 +33,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import uvicorn
 
-from heron.config import EngineConfig, ModelConfig
+from heron.config import EngineConfig, ModelConfig, ParallelConfig
 from heron.engine.client import EngineClient, EngineError
+from heron.engine.dp_launch import open_backend
 from heron.server.config import ServerConfig
+from heron.server.router import Router, build_engine
 
 if TYPE_CHECKING:
     from heron.server.serving import ServingContext
@@ -48,12 +55,20 @@ def run_server(
     server_config: ServerConfig,
     log_level: int = logging.INFO,
     access_log: bool = True,
+    parallel_config: ParallelConfig | None = None,
 ) -> int:
     """Serve until SIGINT/SIGTERM; returns the process exit code."""
+    parallel = parallel_config or ParallelConfig()
     signals = _StartupSignals()
     signals.install()
     try:
-        return asyncio.run(_serve(engine_config, server_config, log_level, access_log, signals))
+        backend = open_backend(engine_config, parallel, log_level)  # Ray: connect, place
+        make_engine = functools.partial(
+            build_engine, engine_config, parallel, log_level, backend
+        )
+        return asyncio.run(
+            _serve(make_engine, engine_config, server_config, log_level, access_log, signals)
+        )
     except asyncio.CancelledError:
         logger.info("interrupted during start-up; engine stopped")
         return 0
@@ -65,6 +80,7 @@ def run_server(
 
 
 async def _serve(
+    make_engine: Callable[[], EngineClient | Router],
     engine_config: EngineConfig,
     server_config: ServerConfig,
     log_level: int,
@@ -72,7 +88,7 @@ async def _serve(
     signals: _StartupSignals,
 ) -> int:
     signals.attach(asyncio.current_task(), asyncio.get_running_loop())
-    engine = EngineClient(engine_config, log_level=log_level)
+    engine = make_engine()
     try:
         ctx = await _start(engine, engine_config, server_config)
         from heron.server.app import build_app  # imported during _start
@@ -100,8 +116,9 @@ async def _serve(
         logger.info("engine core stopped; bye")
 
 
-async def _exit_when_engine_dies(engine: EngineClient, server: uvicorn.Server) -> bool:
-    """Stop the server when the engine core dies; True when that is why it stopped."""
+async def _exit_when_engine_dies(engine: EngineClient | Router, server: uvicorn.Server) -> bool:
+    """Stop the server when the engine core (every engine core) dies; True when that is why
+    it stopped."""
     reason = await engine.wait_dead()
     if server.should_exit:
         return False  # shutting down already: the signal reached the engine too
@@ -116,7 +133,7 @@ async def _exit_when_engine_dies(engine: EngineClient, server: uvicorn.Server) -
 
 
 async def _start(
-    engine: EngineClient, engine_config: EngineConfig, server_config: ServerConfig
+    engine: EngineClient | Router, engine_config: EngineConfig, server_config: ServerConfig
 ) -> ServingContext:
     engine_started = asyncio.create_task(engine.start(server_config.startup_timeout_s))
     await asyncio.sleep(0)  # engine.start runs up to its first wait: the core process is spawned

@@ -1,24 +1,29 @@
 """GET /metrics: Prometheus text with vLLM's metric names under a ``heron:`` prefix.
 
 Engine-side numbers (running/waiting, KV cache usage, prefix cache, preemptions, token
-totals) come from the latest ``EngineStats`` snapshot the core sent; latency histograms
-(TTFT, inter-token, end-to-end) are observed on the API side as outputs arrive. Each
-server owns its registry: nothing is registered globally.
+totals) come from the latest ``EngineStats`` snapshot the core sent. With several
+data-parallel engines (a ``Router``) each such metric has one sample per engine, labelled
+``engine="i"``, and one without that label: the sum over engines (KV cache usage: the mean),
+the same series a one-engine server exposes; ``heron:engine_up`` says which are up. Latency
+histograms (TTFT, inter-token, end-to-end) are observed on the API side as outputs arrive.
+Each server owns its registry: nothing is registered globally.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from heron.engine.client import EngineClient
 from heron.engine.messages import EngineStats
+from heron.server.router import Router
 
 logger = logging.getLogger(__name__)
 
@@ -47,53 +52,70 @@ _LATENCY_BUCKETS = (
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
 
 
-class _EngineStatsCollector(Collector):
-    """Exposes the engine's latest stats snapshot at scrape time."""
+_Reader = Callable[[EngineClient | Router], float]
 
-    def __init__(self, engine: EngineClient, model_name: str) -> None:
+
+def _stat(field: str) -> _Reader:
+    return lambda engine: float(getattr(engine.stats, field))
+
+
+_GAUGES: tuple[tuple[str, str, _Reader], ...] = (
+    ("num_requests_running", "Requests in the running batch.", _stat("num_running")),
+    ("num_requests_waiting", "Requests waiting to be scheduled.", _stat("num_waiting")),
+    ("kv_cache_usage_perc", "KV cache usage (1 means 100 percent).", _stat("kv_cache_usage")),
+    (
+        "num_sequences_in_flight",
+        "Engine sequences the API process routes outputs for (one queue entry each).",
+        lambda engine: float(engine.num_in_flight),
+    ),
+)
+_COUNTERS: tuple[tuple[str, str, _Reader], ...] = (
+    ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+     _stat("prefix_cache_queries")),
+    ("prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+     _stat("prefix_cache_hits")),
+    ("num_preemptions", "Preemptions (requests evicted to free KV blocks).",
+     _stat("num_preemptions")),
+    ("prompt_tokens", "Prompt tokens admitted.", _stat("prompt_tokens_total")),
+    ("generation_tokens", "Tokens generated.", _stat("generation_tokens_total")),
+)
+
+
+class _EngineStatsCollector(Collector):
+    """Exposes the engines' latest stats snapshots at scrape time (summed, and per engine)."""
+
+    def __init__(self, engine: EngineClient | Router, model_name: str) -> None:
         self.engine = engine
         self.model_name = model_name
 
     def collect(self) -> Iterator[Metric]:
-        s = self.engine.stats
-        for name, doc, value in (
-            ("num_requests_running", "Requests in the running batch.", s.num_running),
-            ("num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting),
-            ("kv_cache_usage_perc", "KV cache usage (1 means 100 percent).", s.kv_cache_usage),
-            (
-                "num_sequences_in_flight",
-                "Engine sequences the API process routes outputs for (one queue entry each).",
-                self.engine.num_in_flight,
-            ),
-        ):
-            yield self._metric(GaugeMetricFamily, name, doc, value)
-        for name, doc, value in (
-            (
-                "prefix_cache_queries",
-                "Prompt tokens looked up in the prefix cache.",
-                s.prefix_cache_queries,
-            ),
-            ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits),
-            (
-                "num_preemptions",
-                "Preemptions (requests evicted to free KV blocks).",
-                s.num_preemptions,
-            ),
-            ("prompt_tokens", "Prompt tokens admitted.", s.prompt_tokens_total),
-            ("generation_tokens", "Tokens generated.", s.generation_tokens_total),
-        ):
-            yield self._metric(CounterMetricFamily, name, doc, value)
+        engines = self.engine.engines if isinstance(self.engine, Router) else []
+        for kind, table in ((GaugeMetricFamily, _GAUGES), (CounterMetricFamily, _COUNTERS)):
+            for name, doc, read in table:
+                family = kind(f"heron:{name}", doc, labels=["model_name"])
+                family.add_metric([self.model_name], read(self.engine))
+                for index, engine in enumerate(engines):
+                    _add_engine_sample(family, self.model_name, index, read(engine))
+                yield family
+        if engines:
+            up = GaugeMetricFamily("heron:engine_up", "1 while the engine core runs.",
+                                   labels=["model_name", "engine"])
+            for i, e in enumerate(engines):
+                up.add_metric([self.model_name, str(i)], 1.0 if e.health() is None else 0.0)
+            yield up
 
-    def _metric(self, kind: type, name: str, doc: str, value: float) -> Metric:
-        family = kind(f"heron:{name}", doc, labels=["model_name"])
-        family.add_metric([self.model_name], value)
-        return family
+
+def _add_engine_sample(family: Metric, model_name: str, index: int, value: float) -> None:
+    """One more sample with an ``engine`` label (the family's other sample has none)."""
+    suffix = "_total" if family.type == "counter" else ""
+    labels = {"model_name": model_name, "engine": str(index)}
+    family.samples.append(Sample(family.name + suffix, labels, float(value)))
 
 
 class ServerMetrics:
     """The server's Prometheus registry and the histograms the serving code observes."""
 
-    def __init__(self, engine: EngineClient, model_name: str) -> None:
+    def __init__(self, engine: EngineClient | Router, model_name: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_EngineStatsCollector(engine, model_name))
         labels = {"model_name": model_name}
@@ -183,7 +205,7 @@ class HTTPCountMiddleware:
 class StatsLogger:
     """One log line every interval while the engine is busy: load, KV usage and throughput."""
 
-    def __init__(self, engine: EngineClient) -> None:
+    def __init__(self, engine: EngineClient | Router) -> None:
         self.engine = engine
         self.last = EngineStats()
         self.last_time = time.monotonic()

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from heron.sampling_params import SamplingParams
     from heron.server.config import ServerConfig
     from heron.server.metrics import ServerMetrics
+    from heron.server.router import Router
     from heron.tokenizer.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class ServingContext:
     """Everything an endpoint needs; one per app (no module globals)."""
 
     config: ServerConfig
-    engine: EngineClient
+    engine: EngineClient | Router  # a Router spreads requests over data-parallel engines
     tokenizer: Tokenizer
     info: EngineInfo
     model_names: tuple[str, ...]
