@@ -200,3 +200,34 @@ async def _curve_check() -> None:
         auth.stop()
         actx.destroy(linger=0)
         ctx.destroy(linger=0)
+
+
+# ==== a Ray actor's life as its launcher sees it ==================================================
+
+
+def test_ray_launcher_counts_restarts_up_to_the_bound() -> None:
+    ray = pytest.importorskip("ray", reason="Ray is not installed (the test extra installs it)")
+    from types import SimpleNamespace
+
+    from heron.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from heron.engine.dp_ray import RayLauncher
+
+    backend = SimpleNamespace(ray=ray, host="127.0.0.1")
+    config = EngineConfig(ModelConfig(), CacheConfig(), SchedulerConfig())
+    launcher = RayLauncher(
+        backend, 0, "engine core 0", config, 1, False,  # type: ignore[arg-type]
+        ParallelConfig(data_parallel_size=2, backend="ray", max_restarts=1), 20,
+    )
+    assert launcher.alive() and launcher.may_restart()  # starting
+    launcher._up("first", 101, "node-a")
+    assert (launcher.pid, launcher.alive()) == (101, True)
+    launcher._down(ray.exceptions.ActorUnavailableError("restarting", None))
+    assert not launcher.alive() and launcher.may_restart()
+    assert "Ray restarts it" in launcher.exit_reason()
+    launcher._down(ray.exceptions.ActorDiedError())  # died again before the restart: not final
+    assert launcher.may_restart()
+    launcher._up("second", 202, "node-b")  # a new incarnation: one restart used
+    assert (launcher.pid, launcher.alive(), launcher._restarts) == (202, True, 1)
+    launcher._down(ray.exceptions.ActorDiedError())  # the bound is used up: gone for good
+    assert not launcher.alive() and not launcher.may_restart()
+    assert "gone for good" in launcher.exit_reason()
