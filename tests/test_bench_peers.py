@@ -5,7 +5,24 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from heron.bench.peers import CASES, bench_command, known_peers, merge, schedule, summarize
+import pytest
+
+from heron.bench import roofline
+from heron.bench.peers import (
+    CASES,
+    bench_command,
+    known_peers,
+    merge,
+    model_files,
+    parse_env,
+    roofline_line,
+    roofline_tok_s,
+    schedule,
+    summarize,
+    summarize_memory,
+)
+
+MIB = 2**20
 
 
 def _result(start: float, c1: list[float], c16: list[float], ttft_ms: list[float],
@@ -57,3 +74,70 @@ def test_interleaving_starts_every_peer_once_per_run_and_merges_them() -> None:
     # TPOT p50: 1000 / c=1 tok/s per run here; medians 1000 / 35 and 1000 / 25
     assert rows[2] == "| heron | 5.0 | 35.0 | 28.6 | 100.0 | 0.50 | 0 | — | — |"
     assert rows[3] == "| llama.cpp | 2.0 | 25.0 | 40.0 | 50.0 | 0.90 | 0 | 1.40x | 2.00x |"
+
+
+def test_second_model_and_gguf_choose_every_peers_files(tmp_path: Path) -> None:
+    files = model_files("second", None, None, tmp_path)
+    folder = tmp_path / "second-model"
+    assert files.gguf == folder / "model-q4_k_m.gguf" and files.tokenizer == str(folder / "hf")
+    peers = known_peers(8400, tmp_path, files)
+    assert peers["heron"].command[3:5] == ["serve", str(folder / "model-q4_k_m.gguf")]
+    assert peers["llama.cpp"].command[1:3] == ["-m", str(folder / "model-q4_k_m.gguf")]
+    assert peers["llama.cpp-avx2"].command[0] == str(tmp_path / "llama-server-avx2")
+    assert peers["llama.cpp-avx2"].command[1:] == peers["llama.cpp"].command[1:]
+    assert peers["vllm-cpu"].command[1] == str(folder / "hf")
+    default = known_peers(8400, tmp_path, model_files("default", None, None, tmp_path))
+    assert default["heron"].command[3:5] == ["serve", "--port"]  # the embedded model
+    assert default["llama.cpp"].command[2] == str(tmp_path / "gemma.gguf")
+    own = model_files("default", "/m/x.gguf", "/m/tok", tmp_path)
+    assert (own.gguf, own.tokenizer) == (Path("/m/x.gguf"), "/m/tok")
+
+
+def test_env_for_every_peer_or_one() -> None:
+    names = ["heron", "llama.cpp-avx2"]
+    env = parse_env(["heron:HERON_CPU_ISA=avx2", "OMP_NUM_THREADS=2", "heron:X=a:b=c"], names)
+    assert env == {"heron": {"HERON_CPU_ISA": "avx2", "OMP_NUM_THREADS": "2", "X": "a:b=c"},
+                   "llama.cpp-avx2": {"OMP_NUM_THREADS": "2"}}
+    with pytest.raises(ValueError, match="not one of the peers"):
+        parse_env(["vllm-cpu:A=1"], names)
+    with pytest.raises(ValueError, match="expected KEY=VAL"):
+        parse_env(["heron:A"], names)
+
+
+def _with_memory(result: dict, rss_mib: list[float], pss_mib: list[float],
+                 cold: tuple[float, float, float] | None) -> dict:
+    result["rss"] = [v * MIB for v in rss_mib]
+    result["pss"] = [v * MIB for v in pss_mib]
+    if cold:
+        result["cold"] = {"first_answer_s": cold[0], "peak_rss": cold[1] * MIB,
+                          "cache_written": cold[2] * MIB}
+    return result
+
+
+def test_memory_table_gives_roofline_share_and_heron_over_each_peer() -> None:
+    results = {
+        "heron": _with_memory(_result(2.5, [100, 110, 90], [300] * 3, [500] * 3, [0] * 3),
+                              [1300, 1200, 1250], [1000, 1100, 1050], (30.2, 2000, 12.5)),
+        "llama.cpp": _with_memory(_result(2.0, [50, 60, 55], [100] * 3, [900] * 3, [0] * 3),
+                                  [1000, 1000, 1000], [990, 980, 985], (2.6, 1600, 0)),
+    }
+    rows = summarize_memory(results, roofline_rate=200.0).splitlines()
+    assert rows[0].startswith("| server | c=1 tok/s | % of DRAM roofline |")
+    # heron: median c=1 100 = 50 % of 200; RSS median 1250; second start: its first warm one
+    assert rows[2] == "| heron | 100.0 | 50 % | 1250 / 1050 | — | 2000 | — | 12.5 | 30.2 | 2.5 |"
+    # llama.cpp: 55 tok/s = 28 %; 1250 / 1000 = 1.25x, peak 2000 / 1600 = 1.25x, no heron cache
+    assert rows[3] == "| llama.cpp | 55.0 | 28 % | 1000 / 985 | 1.25x | 1600 | 1.25x | — | 2.6 | 2.0 |"
+    del results["heron"]["cold"], results["llama.cpp"]["cold"]
+    rows = summarize_memory(results, roofline_rate=200.0).splitlines()
+    assert rows[3] == "| llama.cpp | 55.0 | 28 % | 1000 / 985 | 1.25x | — | — | — | — | — |"
+
+
+def test_roofline_line_divides_bandwidth_by_bytes_per_token() -> None:
+    weights = roofline.DecodeBytes(layers=100_000_000, lm_head=150_000_000, other=2_000,
+                                   embedding_row=680, tied=True)
+    bandwidth = roofline.Bandwidth(50.0, 2, 2**30, 8, "c")
+    assert roofline_tok_s(weights, bandwidth) == pytest.approx(50e9 / 250_002_680)
+    assert roofline_line(weights, bandwidth) == (
+        "DRAM roofline: 50.0 GB/s read / 250.0 MB of weights per token = 200.0 tok/s at c=1 "
+        "(weights: 250.0 MB (layers 100.0, LM head 150.0 (tied embedding), other 0.00, one "
+        "embedding row 680 B); bandwidth: 50.0 GB/s (c, 2 threads, 1024 MiB, best of 8))")

