@@ -92,6 +92,7 @@ def test_second_model_and_gguf_choose_every_peers_files(tmp_path: Path) -> None:
     assert default["llama.cpp"].command[2] == str(tmp_path / "gemma.gguf")
     own = model_files("default", "/m/x.gguf", "/m/tok", tmp_path)
     assert (own.gguf, own.tokenizer) == (Path("/m/x.gguf"), "/m/tok")
+    assert model_files("default", "/m/x.gguf", None, tmp_path).tokenizer == "/m/x.gguf"
 
 
 def test_env_for_every_peer_or_one() -> None:
@@ -119,18 +120,22 @@ def test_memory_table_gives_roofline_share_and_heron_over_each_peer() -> None:
     results = {
         "heron": _with_memory(_result(2.5, [100, 110, 90], [300] * 3, [500] * 3, [0] * 3),
                               [1300, 1200, 1250], [1000, 1100, 1050], (30.2, 2000, 12.5)),
-        "llama.cpp": _with_memory(_result(2.0, [50, 60, 55], [100] * 3, [900] * 3, [0] * 3),
+        "llama.cpp": _with_memory(_result(2.0, [50, 60, 55], [100] * 3, [900] * 3, [0] * 3,
+                                          tpot_ms=[20.0, 25.0, 22.0]),
                                   [1000, 1000, 1000], [990, 980, 985], (2.6, 1600, 0)),
     }
     rows = summarize_memory(results, roofline_rate=200.0).splitlines()
-    assert rows[0].startswith("| server | c=1 tok/s | % of DRAM roofline |")
-    # heron: median c=1 100 = 50 % of 200; RSS median 1250; second start: its first warm one
-    assert rows[2] == "| heron | 100.0 | 50 % | 1250 / 1050 | — | 2000 | — | 12.5 | 30.2 | 2.5 |"
-    # llama.cpp: 55 tok/s = 28 %; 1250 / 1000 = 1.25x, peak 2000 / 1600 = 1.25x, no heron cache
-    assert rows[3] == "| llama.cpp | 55.0 | 28 % | 1000 / 985 | 1.25x | 1600 | 1.25x | — | 2.6 | 2.0 |"
+    assert rows[0].startswith("| server | c=1 tok/s | % of DRAM roofline (decode: 1 / TPOT p50) |")
+    # heron: median c=1 100 = 50 % of 200 (TPOT 1000 / 100 ms: 10 ms, decode 100 tok/s too);
+    # RSS median 1250; second start: its first warm one
+    assert rows[2] == ("| heron | 100.0 | 50 % (50 %) | 1250 / 1050 | — | 2000 | — | 12.5 | "
+                       "30.2 | 2.5 |")
+    # llama.cpp: 55 tok/s = 28 %, decode 1000 / 22 ms = 45.5 tok/s = 23 %; 1250 / 1000 = 1.25x, peak 2000 / 1600 = 1.25x, no heron cache
+    assert rows[3] == ("| llama.cpp | 55.0 | 28 % (23 %) | 1000 / 985 | 1.25x | 1600 | 1.25x | — | "
+                       "2.6 | 2.0 |")
     del results["heron"]["cold"], results["llama.cpp"]["cold"]
     rows = summarize_memory(results, roofline_rate=200.0).splitlines()
-    assert rows[3] == "| llama.cpp | 55.0 | 28 % | 1000 / 985 | 1.25x | — | — | — | — | — |"
+    assert rows[3] == "| llama.cpp | 55.0 | 28 % (23 %) | 1000 / 985 | 1.25x | — | — | — | — | — |"
 
 
 def test_roofline_line_divides_bandwidth_by_bytes_per_token() -> None:

@@ -98,12 +98,12 @@ def anchors_dir() -> Path:
 
 def model_files(model: str, gguf: str | None, tokenizer: str | None, anchors: Path) -> ModelFiles:
     """``model`` "default" or "second" (the anchors' second model); ``gguf`` and ``tokenizer``
-    override its files."""
+    override its files (the prompts' tokenizer is then the GGUF's unless given)."""
     if model == "second":
         folder = anchors / SECOND_MODEL
         return ModelFiles(Path(gguf) if gguf else folder / "model-q4_k_m.gguf", folder / "hf",
                           tokenizer or str(folder / "hf"))
-    return ModelFiles(Path(gguf) if gguf else None, anchors / "gemma-hf", tokenizer)
+    return ModelFiles(Path(gguf) if gguf else None, anchors / "gemma-hf", tokenizer or gguf)
 
 
 def roofline_gguf(files: ModelFiles, anchors: Path) -> Path:
@@ -316,7 +316,7 @@ def summarize_memory(results: dict[str, dict], roofline_rate: float) -> str:
     """Markdown: c=1 as a share of the roofline, resident memory after c=16 (medians over the
     starts), the first start's peak and cache writes, the second start's time; ratios are
     heron / this peer."""
-    lines = ["| server | c=1 tok/s | % of DRAM roofline | resident after c=16, MiB (RSS / PSS) | "
+    lines = ["| server | c=1 tok/s | % of DRAM roofline (decode: 1 / TPOT p50) | resident after c=16, MiB (RSS / PSS) | "
              "heron RSS / this | first start: peak resident MiB | heron peak / this | "
              "first start: written to cache MiB | first start to first answer (s) | "
              "second start to first answer (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -324,6 +324,7 @@ def summarize_memory(results: dict[str, dict], roofline_rate: float) -> str:
     ours = results[base] if base else None
     for name, result in results.items():
         c1 = statistics.median(r["output_throughput"] for r in result["runs"]["c1"])
+        decode = 1000 / statistics.median(r["median_tpot_ms"] for r in result["runs"]["c1"])
         rss, pss = statistics.median(result["rss"]), statistics.median(result["pss"])
         cold = result.get("cold")
         ratio = _ratio(ours and statistics.median(ours["rss"]), rss, name != base)
@@ -331,7 +332,8 @@ def summarize_memory(results: dict[str, dict], roofline_rate: float) -> str:
                             cold and cold["peak_rss"], name != base)
         written = f"{cold['cache_written'] / MIB:.1f}" if cold and is_heron(name) else "—"
         lines.append(
-            f"| {name} | {c1:.1f} | {100 * c1 / roofline_rate:.0f} % | {rss / MIB:.0f} / "
+            f"| {name} | {c1:.1f} | {100 * c1 / roofline_rate:.0f} % "
+            f"({100 * decode / roofline_rate:.0f} %) | {rss / MIB:.0f} / "
             f"{pss / MIB:.0f} | {ratio} | {_mib(cold and cold['peak_rss'])} | {peak_ratio} | "
             f"{written} | {_secs(cold and cold['first_answer_s'])} | "
             f"{_secs(result['first_answer_s'][0] if cold else None)} |")
@@ -388,6 +390,10 @@ def run(args: argparse.Namespace) -> int:
     anchors = anchors_dir()
     files = model_files(args.model, args.gguf, args.tokenizer, anchors)
     args.tokenizer = files.tokenizer
+    if files.gguf is not None and not files.gguf.is_file():
+        print(f"no GGUF file at {files.gguf} (--model second: run ../shared/anchors/"
+              "second-model.sh first)", file=sys.stderr)
+        return 2
     names = args.peers.split(",")
     try:
         peers = _configured_peers(args, anchors, files, names, out_dir)
