@@ -98,6 +98,23 @@ def test_shared_prefix_lands_on_one_engine(server: RemoteServer) -> None:
     assert new_hits == {home: 7 * (512 // BLOCK) * BLOCK, other: 0}
 
 
+def test_chat_and_aborts_through_the_router(server: RemoteServer, model_dir: Path) -> None:
+    chat = server.client().chat.completions.create(
+        model=str(model_dir), messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+        temperature=0, n=2,
+    )
+    first, second = (c.message.content for c in chat.choices)
+    assert first == second  # greedy, on one engine
+    body = {"prompt": "q", "max_tokens": 900, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server.url("/v1/completions"), json=body, timeout=60) as r:
+        next(line for line in r.iter_lines() if line.startswith("data: "))
+    # the client left: its engine aborts the sequence and frees its blocks
+    flight = settled(server, "heron:num_sequences_in_flight", 0.0)
+    assert flight == {"": 0.0, "0": 0.0, "1": 0.0}
+    running = settled(server, "heron:num_requests_running", 0.0)
+    assert running == {"": 0.0, "0": 0.0, "1": 0.0}
+
+
 def test_offline_llm_spreads_over_two_engines(
     model_dir: Path, reference: list[tuple[list[int], str]]
 ) -> None:
