@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,8 +12,10 @@ import pytest
 from heron.bench import roofline
 from heron.bench.peers import (
     CASES,
+    Peer,
     _configured_peers,
     bench_command,
+    cold_start,
     known_peers,
     merge,
     model_files,
@@ -172,3 +176,37 @@ def test_heron_labels_are_heron_with_their_own_env_and_cache(tmp_path: Path) -> 
     rows = summarize({"heron/avx2": _result(3.0, [30.0], [90.0], [900.0], [0]),
                       "heron/portable": _result(3.0, [15.0], [30.0], [900.0], [0])}).splitlines()
     assert rows[2].endswith("| — | — |") and rows[3].endswith("| 2.00x | 3.00x |")
+
+
+_FAKE_SERVER = """
+import http.server, os, sys
+with open(os.path.join(os.environ["HERON_CACHE_DIR"], "w.bin"), "wb") as f:
+    f.write(b"w" * 1000)
+class Answer(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200); self.end_headers(); self.wfile.write(b"{}")
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Answer).serve_forever()
+"""
+
+
+def test_first_start_measures_time_peak_and_cache_writes_then_stops(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "old.bin").write_bytes(b"o" * 10)  # there before the start: not counted
+    peer = Peer("heron", [sys.executable, "-c", _FAKE_SERVER, str(port)], 30,
+                env={"HERON_CACHE_DIR": str(cache)})
+    cold = cold_start(peer, argparse.Namespace(port=port), tmp_path)
+    assert 0 < cold["first_answer_s"] < 30
+    assert 5 * MIB < cold["peak_rss"] < 500 * MIB  # one small Python process
+    assert cold["cache_written"] == 1000
+    assert cold["cache_largest"] == [("w.bin", 1000), ("old.bin", 10)]
+    assert (tmp_path / "heron-server.log").exists()
+    with socket.socket() as probe:  # stopped: nothing listens on the port (TIME_WAIT may stay)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", port))

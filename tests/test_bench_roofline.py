@@ -109,3 +109,5 @@ def test_folder_bytes_counts_files_below(tmp_path: Path) -> None:
     (tmp_path / "y.bin").write_bytes(b"2" * 24)
     assert procmem.folder_bytes(tmp_path) == 1024
     assert procmem.folder_bytes(tmp_path / "missing") == 0
+    assert procmem.largest_files(tmp_path, 5) == [("a/x.bin", 1000), ("y.bin", 24)]
+    assert procmem.largest_files(tmp_path, 1) == [("a/x.bin", 1000)]

@@ -215,14 +215,19 @@ def started(peer: Peer, args: argparse.Namespace, out_dir: Path) -> Any:
         log.close()
 
 
-def cold_start(peer: Peer, args: argparse.Namespace, out_dir: Path) -> dict[str, float]:
+def cold_start(peer: Peer, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     """The first start (heron: on an empty cache folder): time, peak memory, cache written."""
     cache = Path(peer.env["HERON_CACHE_DIR"]) if "HERON_CACHE_DIR" in peer.env else None
     before = procmem.folder_bytes(cache) if cache else 0
     with started(peer, args, out_dir) as (_, first_answer, peak):
         pass
     written = procmem.folder_bytes(cache) - before if cache else 0
-    return {"first_answer_s": first_answer, "peak_rss": peak, "cache_written": written}
+    largest = procmem.largest_files(cache, 5) if cache else []
+    if cache:
+        print(f"[{peer.name}] first start wrote {written / MIB:.1f} MiB to {cache}; largest: "
+              + ", ".join(f"{path} {size / MIB:.1f} MiB" for path, size in largest), flush=True)
+    return {"first_answer_s": first_answer, "peak_rss": peak, "cache_written": written,
+            "cache_largest": largest}
 
 
 def run_peer(peer: Peer, args: argparse.Namespace, out_dir: Path, run_numbers: range) -> dict[str, Any]:

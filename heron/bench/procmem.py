@@ -112,13 +112,25 @@ class PeakSampler:
         self.samples += 1
 
 
-def folder_bytes(folder: Path) -> int:
-    """Bytes in the files under ``folder`` (0 if it does not exist)."""
-    total = 0
+def folder_files(folder: Path) -> dict[str, int]:
+    """Bytes of each file under ``folder``, by path relative to it (empty if it does not
+    exist)."""
+    sizes = {}
     for parent, _, names in os.walk(folder):
         for name in names:
+            path = os.path.join(parent, name)
             try:
-                total += os.lstat(os.path.join(parent, name)).st_size
+                sizes[os.path.relpath(path, folder)] = os.lstat(path).st_size
             except OSError:  # removed meanwhile (a temporary file renamed into place)
                 pass
-    return total
+    return sizes
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes in the files under ``folder`` (0 if it does not exist)."""
+    return sum(folder_files(folder).values())
+
+
+def largest_files(folder: Path, count: int) -> list[tuple[str, int]]:
+    """The ``count`` largest files under ``folder``: (relative path, bytes), largest first."""
+    return sorted(folder_files(folder).items(), key=lambda item: (-item[1], item[0]))[:count]

@@ -141,7 +141,7 @@ class Bandwidth:
 
 
 def read_bandwidth(threads: int | None = None, buffer_bytes: int = 1 << 30,
-                   passes: int = 8) -> Bandwidth:
+                   passes: int = 16) -> Bandwidth:
     """Measure the read bandwidth with the C program, else with numpy."""
     threads = threads or os.cpu_count() or 1
     compiler = shutil.which("cc") or shutil.which("gcc")
