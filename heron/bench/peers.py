@@ -332,9 +332,11 @@ def summarize_memory(results: dict[str, dict], roofline_rate: float) -> str:
         decode = 1000 / statistics.median(r["median_tpot_ms"] for r in result["runs"]["c1"])
         rss, pss = statistics.median(result["rss"]), statistics.median(result["pss"])
         cold = result.get("cold")
-        ratio = _ratio(ours and statistics.median(ours["rss"]), rss, name != base)
-        peak_ratio = _ratio(ours and ours.get("cold") and ours["cold"]["peak_rss"],
-                            cold and cold["peak_rss"], name != base)
+        our_rss = statistics.median(ours["rss"]) if ours else None
+        our_cold = ours.get("cold") if ours else None
+        ratio = _ratio(our_rss, rss, name != base)
+        peak_ratio = _ratio(our_cold["peak_rss"] if our_cold else None,
+                            cold["peak_rss"] if cold else None, name != base)
         written = f"{cold['cache_written'] / MIB:.1f}" if cold and is_heron(name) else "—"
         lines.append(
             f"| {name} | {c1:.1f} | {100 * c1 / roofline_rate:.0f} % "
