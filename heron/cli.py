@@ -1,4 +1,4 @@
-"""The ``heron`` command: ``heron serve [MODEL]`` and ``heron bench ...``.
+"""The ``heron`` command: ``heron serve [MODEL]``, ``heron chat`` and ``heron bench ...``.
 
 Flag names follow vLLM's, so a vLLM command line mostly works unchanged. Engine flags
 (``add_engine_args`` / ``engine_config_from_args``) are shared by every subcommand that
@@ -41,7 +41,18 @@ examples:
   heron serve ./my-model -dp 2 --data-parallel-backend ray   # on a running Ray cluster
 
 endpoints: POST /v1/chat/completions, /v1/completions, /tokenize, /detokenize;
-GET /v1/models, /v1/models/{id}, /health, /version, /metrics, /docs, /openapi.json
+GET /v1/models, /v1/models/{id}, /health, /version, /metrics, /docs, /openapi.json;
+GET / is a chat page (--disable-web-ui turns it off)
+"""
+
+_CHAT_EPILOG = """\
+examples:
+  heron chat                                   # the default model, loaded in this process
+  heron chat ./my-model --max-model-len 4096   # a model directory or GGUF file
+  heron chat --url http://127.0.0.1:8000       # a running server (its first model)
+
+at the prompt: /system TEXT, /clear, /help, /exit (or Ctrl-D); Ctrl-C stops an answer;
+a \"\"\" line starts and ends a multi-line message
 """
 
 
@@ -64,6 +75,7 @@ def build_parser(with_benchmarks: bool = True) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_serve_parser(sub)
+    _add_chat_parser(sub)
     _add_bench_parser(sub, with_benchmarks)
     return parser
 
@@ -177,6 +189,11 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "--disable-uvicorn-access-log",
         action="store_true",
         help="do not log one line per HTTP request",
+    )
+    http.add_argument(
+        "--disable-web-ui",
+        action="store_true",
+        help="do not serve the chat page at / (the API is unchanged)",
     )
     add_engine_args(p)
     add_parallel_args(p)
@@ -362,6 +379,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_logprobs=args.max_logprobs,
         tool_call_parser=args.tool_call_parser,
         pooling=args.pooling,
+        enable_web_ui=not args.disable_web_ui,
     )
 
 
@@ -399,6 +417,70 @@ def _run_serve(args: argparse.Namespace) -> int:
         access_log=not args.disable_uvicorn_access_log,
         parallel_config=parallel_config,
     )
+
+
+# ==== heron chat ==================================================================================
+
+
+def _add_chat_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "chat",
+        help="chat with a model in the terminal",
+        description="Chat with a model in the terminal: loaded in this process, or behind a "
+        "running server (--url).",
+        epilog=_CHAT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        metavar="MODEL",
+        help="a model directory or GGUF file to load (default: the embedded Gemma 3 270M); "
+        "with --url: the server's model name (default: its first)",
+    )
+    c = p.add_argument_group("chat")
+    c.add_argument("--url", default=None, help="talk to this server instead of loading a model")
+    c.add_argument(
+        "--api-key",
+        default=os.environ.get("HERON_API_KEY") or None,
+        help="the server's API key, with --url (default: $HERON_API_KEY)",
+    )
+    c.add_argument("--system", default=None, help="system prompt")
+    c.add_argument("--temperature", type=float, default=0.7, help="(default: %(default)s)")
+    c.add_argument("--top-p", type=float, default=1.0, help="(default: %(default)s)")
+    c.add_argument(
+        "--max-tokens", type=int, default=None, help="per answer (default: up to the context)"
+    )
+    c.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["debug", "info", "warning", "error"],
+        help="log level (default: %(default)s)",
+    )
+    add_engine_args(p)
+    p.set_defaults(func=_run_chat)
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from heron.chat_cli import ChatError, ChatSettings, LocalChat, RemoteChat, run_chat
+
+    settings = ChatSettings(
+        temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens
+    )
+    try:
+        if args.url:
+            backend: LocalChat | RemoteChat = RemoteChat(args.url, args.api_key, args.model)
+        else:
+            backend = LocalChat.load(engine_config_from_args(args))
+    except (ChatError, OSError) as e:
+        print(f"heron chat: {e}", file=sys.stderr)
+        return 1
+    return run_chat(backend, settings, system=args.system)
 
 
 # ==== heron bench =================================================================================

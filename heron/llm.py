@@ -6,7 +6,7 @@ Runs the same EngineCore as the server, in process: no HTTP, no ZMQ.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -97,11 +97,24 @@ class LLM:
                               num_gpu_blocks_override=num_gpu_blocks_override),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=max_num_batched_tokens))
-        # skip_tokenizer_init: token ids in, token ids out (no text), as in vLLM.
-        self.tokenizer: Tokenizer | None = None if skip_tokenizer_init else load_tokenizer(self.model_config)
         parallel = ParallelConfig(data_parallel_size=data_parallel_size,
                                   backend=data_parallel_backend, cpus_per_engine=cpus_per_engine,
                                   ray_address=ray_address, router=router)
+        self._setup(config, parallel, skip_tokenizer_init)
+
+    @classmethod
+    def from_engine_config(cls, config: EngineConfig, skip_tokenizer_init: bool = False) -> LLM:
+        """An LLM (one engine, in this process) for a ready EngineConfig: what ``heron chat``
+        builds from its flags."""
+        llm = cls.__new__(cls)
+        llm.model_config = config.model
+        llm._setup(config, ParallelConfig(), skip_tokenizer_init)
+        return llm
+
+    def _setup(self, config: EngineConfig, parallel: ParallelConfig,
+               skip_tokenizer_init: bool) -> None:
+        # skip_tokenizer_init: token ids in, token ids out (no text), as in vLLM.
+        self.tokenizer: Tokenizer | None = None if skip_tokenizer_init else load_tokenizer(config.model)
         self.engine = _make_engine(config, parallel)
         self._ids = itertools.count()
 
@@ -135,17 +148,59 @@ class LLM:
         """Answer one conversation (a list of messages) or a list of conversations."""
         one = bool(messages) and isinstance(messages[0], dict)
         conversations = cast(list[Conversation], [messages] if one else list(messages))
-        tokenizer = self.get_tokenizer()
-        encoded: list[tuple[str | None, list[int]]] = []
-        for conv in conversations:
-            text = tokenizer.apply_chat_template(
-                conv, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message, tools=tools,
-                **(chat_template_kwargs or {}))
-            encoded.append((text, tokenizer.encode(text, add_special_tokens=False)))
+        encoded: list[tuple[str | None, list[int]]] = [
+            self._chat_prompt(conv, add_generation_prompt=add_generation_prompt,
+                              continue_final_message=continue_final_message, tools=tools,
+                              **(chat_template_kwargs or {}))
+            for conv in conversations]
         return self._run(encoded, _per_prompt(sampling_params, len(encoded)), use_tqdm)
 
+    def stream_chat(self, messages: Conversation, sampling_params: SamplingParams | None = None,
+                    **template_kwargs: Any) -> Iterator[CompletionOutput]:
+        """Answer one conversation step by step: one CompletionOutput per engine step with the
+        text and token ids that step added (often none); the last one has the finish reason.
+        Closing the iterator before the end (``break``, ``close()``) aborts the request."""
+        params = (sampling_params or SamplingParams()).clone()
+        if params.n != 1:
+            raise ValueError(f"stream_chat answers with one sequence, got n={params.n}")
+        text, ids = self._chat_prompt(messages, **template_kwargs)
+        req = self._add(text, ids, params)
+        seq = req.sequences[0]
+        seq_id = f"{req.request_id}-0"
+        try:
+            while not req.finished:
+                before = len(seq.token_ids)
+                for out in self._step():
+                    if out.request_id == seq_id:
+                        self._apply(out, req, seq)
+                yield self._delta(seq, before)
+        finally:
+            if not req.finished:
+                self.engine.abort_requests([seq_id])
+
     # ---- the loop -------------------------------------------------------------------------
+
+    def _chat_prompt(self, conversation: Conversation, add_generation_prompt: bool = True,
+                     **template_kwargs: Any) -> tuple[str, list[int]]:
+        tokenizer = self.get_tokenizer()
+        text = tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=add_generation_prompt, **template_kwargs)
+        return text, tokenizer.encode(text, add_special_tokens=False)
+
+    def _step(self) -> list[EngineOutput]:
+        outputs = self.engine.step()
+        for rejected in self.engine.pop_rejected():
+            raise ValueError(rejected.message)  # a grammar that failed to compile
+        return outputs
+
+    @staticmethod
+    def _delta(seq: _Sequence, before: int) -> CompletionOutput:
+        """What the last step added to ``seq`` (all remaining text once it finished)."""
+        detok = seq.detokenizer
+        text = "" if detok is None else detok.flush() if seq.finish_reason else detok.get_delta()
+        return CompletionOutput(index=seq.index, text=text, token_ids=seq.token_ids[before:],
+                                cumulative_logprob=seq.cumulative_logprob, logprobs=None,
+                                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
 
     def _encode(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
@@ -164,10 +219,7 @@ class LLM:
         bar = tqdm(total=len(pending), desc="Processed prompts", disable=not use_tqdm)
         try:
             while self.engine.has_unfinished_requests():
-                outputs = self.engine.step()
-                for rejected in self.engine.pop_rejected():
-                    raise ValueError(rejected.message)  # a grammar that failed to compile
-                for out in outputs:
+                for out in self._step():
                     req, seq = by_seq[out.request_id]
                     was_done = req.finished
                     self._apply(out, req, seq)

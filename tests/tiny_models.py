@@ -32,7 +32,9 @@ def save_tiny_model(path: Path, seed: int = 0) -> Path:
 
 
 def save_char_tokenizer(path: Path) -> None:
-    """One token per printable character, filler tokens up to the model's vocabulary."""
+    """One token per printable character, filler tokens up to the model's vocabulary. Its
+    decoder (byte fallback, then fuse: the same text as fuse alone here) is one llguidance
+    reads, so structured output can force an exact answer."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -41,7 +43,7 @@ def save_char_tokenizer(path: Path) -> None:
     vocab.update({f"[{i}]": i for i in range(len(vocab), VOCAB)})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -58,4 +60,18 @@ def save_tiny_server_model(path: Path) -> Path:
     """The tiny Llama with its character tokenizer: a directory `heron serve` can serve."""
     save_tiny_model(path)
     save_char_tokenizer(path)
+    return path
+
+
+def save_tiny_chat_model(path: Path) -> Path:
+    """``save_tiny_server_model`` whose greedy answers never end by themselves (the LM head row
+    of EOS is zero, never the argmax): they run to ``max_tokens``, long enough to stop them
+    halfway. EOS stays reachable where a grammar forces it."""
+    from safetensors.torch import load_file, save_file
+
+    save_tiny_server_model(path)
+    weights_file = path / "model.safetensors"
+    weights = load_file(str(weights_file))
+    weights["lm_head.weight"][2].zero_()  # eos_token_id=2
+    save_file(weights, str(weights_file), metadata={"format": "pt"})
     return path

@@ -42,6 +42,7 @@ from torch import nn
 from heron.kernels.cpu import cpu_flags, q8_gemm
 from heron.kernels.cpu.isa import selected_variant
 from heron.layers.linear import Linear, LMHead, QuantizedWeight
+from heron.progress import track
 
 logger = logging.getLogger(__name__)
 
@@ -218,9 +219,8 @@ def quantize_model(model: nn.Module, method: str, max_rows: int | None = None) -
     if method == "none":
         return 0
     added, skipped = 0, 0
-    for module in model.modules():
-        if not isinstance(module, (Linear, LMHead)):
-            continue
+    targets = [m for m in model.modules() if isinstance(m, (Linear, LMHead))]
+    for module in track(targets, f"preparing weights ({method})", unit="projection"):
         if not can_quantize(module.weight):
             skipped += 1
             continue

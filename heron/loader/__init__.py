@@ -26,11 +26,13 @@ from heron.config import ModelConfig
 from heron.loader.default_model import DEFAULT_MODEL_NAME, locate_default_model
 from heron.loader.gguf import GGUFModel
 from heron.loader.safetensors import (
+    count_safetensors,
     find_safetensors_files,
     iter_safetensors,
     load_dir_config,
     read_generation_config,
 )
+from heron.progress import track
 
 if TYPE_CHECKING:  # imported where used: the API process loads the tokenizer without them
     import torch
@@ -134,7 +136,8 @@ def load_model(model_config: ModelConfig, device: torch.device, dtype: torch.dty
     if dummy:
         _init_dummy(loaded.model, model_config.seed)
     else:  # raises on missing weights
-        _load_weights(loaded.model, _iter_weights(source, loaded.model, dtype))
+        count, weights = _iter_weights(source, loaded.model, dtype)
+        _load_weights(loaded.model, track(weights, "reading tensors", count, unit="tensor"))
     return loaded
 
 
@@ -163,10 +166,13 @@ def hf_reference_path(model_config: ModelConfig) -> str:
 
 
 def _iter_weights(source: ModelSource, model: nn.Module,
-                  dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+                  dtype: torch.dtype) -> tuple[int, Iterator[tuple[str, torch.Tensor]]]:
+    """How many tensors (for a GGUF file: about) and the ``(name, tensor)`` pairs."""
     if source.is_gguf:  # only the tensors the model has a place for, already in its dtype
-        return source.gguf.weights(_checkpoint_names(model), dtype)
-    return iter_safetensors(find_safetensors_files(source.path))
+        names = _checkpoint_names(model)
+        return len(names), source.gguf.weights(names, dtype)
+    files = find_safetensors_files(source.path)
+    return count_safetensors(files), iter_safetensors(files)
 
 
 def _checkpoint_names(model: nn.Module) -> list[str]:

@@ -42,6 +42,7 @@ from heron.kernels.cpu.isa import selected_variant
 from heron.layers.linear import Linear, LMHead, keep_float32_weights
 from heron.layers.quant import PackedWeight, Q8Weight, QuantizedWeight, quantize_model
 from heron.loader import LoadedModel, ModelSource, build_model, load_model, resolve_source
+from heron.progress import track
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +151,8 @@ def _load_cached(source: ModelSource, path: Path, recipe: WeightRecipe, device: 
 
 def _assign_parameters(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Point every parameter at its tensor (tied parameters are one object: assigned once)."""
-    for name, param in model.named_parameters():
+    params = list(model.named_parameters())
+    for name, param in track(params, "reading prepared weights", unit="tensor"):
         tensor = tensors.pop(name, None)
         if tensor is None:
             raise ValueError(f"parameter {name!r} missing")

@@ -52,6 +52,15 @@ def find_safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
+def count_safetensors(files: Iterable[Path]) -> int:
+    """How many tensors the files hold (their headers only are read)."""
+    total = 0
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as shard:
+            total += len(shard.keys())
+    return total
+
+
 def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` for every tensor of every file, one at a time (CPU, mmap)."""
     for path in files:

@@ -24,11 +24,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import heron
+from heron.server import webui
 from heron.server.chat import serve_chat
 from heron.server.completions import serve_completion
+from heron.server.config import ServerConfig
 from heron.server.embeddings import serve_embeddings
 from heron.server.messages import AnthropicErrorMiddleware, serve_count_tokens, serve_messages
-from heron.server.metrics import HTTPCountMiddleware, StatsLogger
+from heron.server.metrics import HTTPCountMiddleware, ServerMetrics, StatsLogger
 from heron.server.models import model_card, model_cards
 from heron.server.protocol import (
     FIELD_ERROR,
@@ -74,12 +76,12 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 router = APIRouter()
 
 
-def build_app(ctx: ServingContext) -> FastAPI:
-    """The ASGI app for one serving context."""
+def build_app(config: ServerConfig, ctx: ServingContext | None = None) -> FastAPI:
+    """The ASGI app; without ``ctx`` it answers 503 "loading" until ``mark_ready``."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(_log_stats(ctx), name="heron-stats-log")
+        task = asyncio.create_task(_log_stats(app), name="heron-stats-log")
         try:
             yield
         finally:
@@ -91,25 +93,43 @@ def build_app(ctx: ServingContext) -> FastAPI:
         lifespan=lifespan,
         description="An OpenAI-compatible LLM server.",
     )
-    app.state.ctx = ctx
+    app.state.ready = asyncio.Event()
+    app.state.ctx = None
+    if ctx is not None:
+        mark_ready(app, ctx)
     app.include_router(router)
+    if config.enable_web_ui:
+        app.include_router(webui.router)
     _add_error_handlers(app)
     # Added innermost first: Host (outermost) -> CORS -> Anthropic error shape -> auth -> body
     # checks -> counting -> routes.
-    app.add_middleware(HTTPCountMiddleware, metrics=ctx.metrics)
-    app.add_middleware(BodyCheckMiddleware, max_bytes=ctx.config.max_request_bytes)
-    if ctx.config.api_key:
-        app.add_middleware(AuthMiddleware, api_key=ctx.config.api_key)
+    app.add_middleware(HTTPCountMiddleware, metrics=lambda: _metrics(app))
+    app.add_middleware(BodyCheckMiddleware, max_bytes=config.max_request_bytes)
+    if config.api_key:
+        app.add_middleware(
+            AuthMiddleware, api_key=config.api_key, public_page=config.enable_web_ui
+        )
     app.add_middleware(AnthropicErrorMiddleware)
-    if ctx.config.allowed_origins:
-        app.add_middleware(StrictCORSMiddleware, allowed_origins=ctx.config.allowed_origins)
-    app.add_middleware(
-        HostCheckMiddleware, check=HostCheck(ctx.config.host, ctx.config.allowed_hosts)
-    )
+    if config.allowed_origins:
+        app.add_middleware(StrictCORSMiddleware, allowed_origins=config.allowed_origins)
+    app.add_middleware(HostCheckMiddleware, check=HostCheck(config.host, config.allowed_hosts))
     return app
 
 
-async def _log_stats(ctx: ServingContext) -> None:
+def _metrics(app: FastAPI) -> ServerMetrics | None:
+    ctx: ServingContext | None = app.state.ctx
+    return None if ctx is None else ctx.metrics
+
+
+def mark_ready(app: FastAPI, ctx: ServingContext) -> None:
+    """The model is loaded: serve requests with ``ctx`` from now on."""
+    app.state.ctx = ctx
+    app.state.ready.set()
+
+
+async def _log_stats(app: FastAPI) -> None:
+    await app.state.ready.wait()
+    ctx: ServingContext = app.state.ctx
     stats = StatsLogger(ctx.engine)
     while True:
         await asyncio.sleep(ctx.config.stats_interval_s)
@@ -119,7 +139,16 @@ async def _log_stats(ctx: ServingContext) -> None:
 
 
 def _ctx(request: Request) -> ServingContext:
-    return request.app.state.ctx
+    ctx = request.app.state.ctx
+    if ctx is None:
+        raise HTTPException(503, detail=_LOADING)
+    return ctx
+
+
+_LOADING = make_error(
+    503, "the model is still loading; GET /health answers 200 once it is ready",
+    code="model_loading",
+)
 
 
 # ==== routes ======================================================================================
@@ -194,9 +223,11 @@ _HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {
 @router.get("/health", response_class=Response, responses=_HEALTH_RESPONSES)
 async def health(request: Request) -> Response:
     """200 while the engine core is alive and stepping (its heartbeat arrives, its loop
-    finishes steps); 503 within seconds of it stopping, hanging or dying. With several
-    engines: a JSON body that says which are up, 200 while at least one is ("ok" or
-    "degraded"), else 503."""
+    finishes steps); 503 ``{"status": "loading"}`` until the model is loaded; 503 within
+    seconds of it stopping, hanging or dying. With several engines: a JSON body that says
+    which are up, 200 while at least one is ("ok" or "degraded"), else 503."""
+    if request.app.state.ctx is None:
+        return JSONResponse({"status": "loading"}, status_code=503)
     engine = _ctx(request).engine
     if isinstance(engine, Router):
         report = engine.health_report()
@@ -333,16 +364,22 @@ def _is_union_label(part: object) -> bool:
 
 class AuthMiddleware:
     """``Authorization: Bearer <key>`` (or Anthropic's ``x-api-key: <key>``) on every path but
-    /health, every method included: an OPTIONS request without the key learns nothing (CORS
-    preflights are answered before this, by the CORS middleware, for every path alike)."""
+    /health and the chat page (which asks for the key itself), every method included: an
+    OPTIONS request without the key learns nothing (CORS preflights are answered before this,
+    by the CORS middleware, for every path alike)."""
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(self, app: ASGIApp, api_key: str, public_page: bool = False) -> None:
         self.app = app
         self.key = api_key.encode()
         self.expected = f"Bearer {api_key}".encode()
+        self.public_page = public_page
+
+    def _public(self, scope: Scope) -> bool:
+        path = scope["path"]
+        return path == "/health" or (self.public_page and webui.is_public(path))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] == "/health":
+        if scope["type"] != "http" or self._public(scope):
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])

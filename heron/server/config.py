@@ -34,6 +34,7 @@ class ServerConfig:
     tool_call_parser: str | None = None
     # /v1/embeddings: how the final hidden states become one vector (mean or last token).
     pooling: str = "mean"
+    enable_web_ui: bool = True  # the chat page at /
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -8,8 +8,9 @@
       |- EngineClient.start()  (spawns the core; loads the model)   }
       |    or Router.start() (N engine cores at once)               }
       |- load_tokenizer()      (in a daemon thread)                 } concurrently
-      |- import the HTTP layer (fastapi, routes)                    }
-      |- uvicorn.Server.serve()  (uvicorn owns the signals: graceful shutdown)
+      |- import the HTTP layer, then uvicorn.Server.serve()         }
+      |    (/health answers 503 "loading"; a signal still cancels the start-up)
+      |- mark_ready(app, ctx)  (the API answers; uvicorn takes the signals: graceful shutdown)
       |    '- the last engine core dies -> in-flight requests fail, graceful shutdown, exit 3
       '- EngineClient/Router.shutdown()  (always: no core process outlives the server)
 
@@ -24,11 +25,12 @@ keeps serving on those still up (degraded) and exits only when the last one is g
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import uvicorn
@@ -40,6 +42,7 @@ from heron.server.config import ServerConfig
 from heron.server.router import Router, build_engine
 
 if TYPE_CHECKING:
+    from heron.engine.messages import EngineInfo
     from heron.server.serving import ServingContext
     from heron.tokenizer.tokenizer import Tokenizer
 
@@ -89,29 +92,26 @@ async def _serve(
 ) -> int:
     signals.attach(asyncio.current_task(), asyncio.get_running_loop())
     engine = make_engine()
+    http: _HttpServer | None = None
     try:
-        ctx = await _start(engine, engine_config, server_config)
-        from heron.server.app import build_app  # imported during _start
-
-        server = uvicorn.Server(
-            uvicorn.Config(
-                build_app(ctx),
-                host=server_config.host,
-                port=server_config.port,
-                log_level=logging.getLevelName(log_level).lower(),
-                access_log=access_log,
-                timeout_graceful_shutdown=int(server_config.graceful_shutdown_s) or None,
-            )
-        )
-        signals.hand_over()  # from here uvicorn handles SIGINT/SIGTERM
-        watcher = asyncio.create_task(_exit_when_engine_dies(engine, server))
+        engine_started = asyncio.create_task(engine.start(server_config.startup_timeout_s))
+        await asyncio.sleep(0)  # engine.start runs up to its first wait: the core is spawned
+        tokenizer_future = _in_daemon_thread(_load_tokenizer, engine_config.model)
+        _import_http_layer()  # while the engine process and the tokenizer thread load
+        http = _HttpServer(server_config, log_level, access_log)
+        ctx = await _start(engine, engine_started, tokenizer_future, http.task, engine_config,
+                           server_config)
+        http.ready(ctx, signals)
+        watcher = asyncio.create_task(_exit_when_engine_dies(engine, http.server))
         try:
-            await server.serve()
+            await http.task
         finally:
             watcher.cancel()
         died = watcher.done() and not watcher.cancelled() and watcher.result()
         return ENGINE_DIED_EXIT_CODE if died else 0
     finally:
+        if http is not None:
+            await http.stop()
         await engine.shutdown()
         logger.info("engine core stopped; bye")
 
@@ -132,16 +132,64 @@ async def _exit_when_engine_dies(engine: EngineClient | Router, server: uvicorn.
     return True
 
 
+class _HttpServer:
+    """uvicorn in a task from the start: /health answers 503 "loading" until ``ready``."""
+
+    def __init__(self, config: ServerConfig, log_level: int, access_log: bool) -> None:
+        from heron.server.app import build_app
+
+        self.app = build_app(config)
+        self.server = _Uvicorn(
+            uvicorn.Config(
+                self.app,
+                host=config.host,
+                port=config.port,
+                log_level=logging.getLevelName(log_level).lower(),
+                access_log=access_log,
+                timeout_graceful_shutdown=int(config.graceful_shutdown_s) or None,
+            )
+        )
+        self.task = asyncio.create_task(self.server.serve(), name="heron-http")
+
+    def ready(self, ctx: ServingContext, signals: _StartupSignals) -> None:
+        from heron.server.app import mark_ready
+
+        mark_ready(self.app, ctx)
+        signals.hand_over(self.server.handle_exit)  # from here uvicorn handles SIGINT/SIGTERM
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        await asyncio.wait({self.task})
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handlers: while the model loads a signal cancels the
+    start-up (``_StartupSignals``); ``hand_over`` then installs uvicorn's ``handle_exit``."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 async def _start(
-    engine: EngineClient | Router, engine_config: EngineConfig, server_config: ServerConfig
+    engine: EngineClient | Router,
+    engine_started: asyncio.Task[EngineInfo],
+    tokenizer_future: asyncio.Future[Tokenizer],
+    serving: asyncio.Task[None],
+    engine_config: EngineConfig,
+    server_config: ServerConfig,
 ) -> ServingContext:
-    engine_started = asyncio.create_task(engine.start(server_config.startup_timeout_s))
-    await asyncio.sleep(0)  # engine.start runs up to its first wait: the core process is spawned
-    tokenizer_future = _in_daemon_thread(_load_tokenizer, engine_config.model)
+    """The serving context once the engine and the tokenizer are loaded; what stopped uvicorn
+    if it stopped first (it could not bind its port, for one)."""
     try:
-        _import_http_layer()  # while the engine process and the tokenizer thread load
-        info = await engine_started
+        await asyncio.wait({engine_started, serving}, return_when=asyncio.FIRST_COMPLETED)
+        if not engine_started.done():
+            if not serving.cancelled() and serving.exception() is not None:
+                raise serving.exception()  # type: ignore[misc]
+            raise asyncio.CancelledError
+        info = engine_started.result()
     except BaseException:
+        engine_started.cancel()
         tokenizer_future.add_done_callback(
             _ignore_result
         )  # the engine's error is the one to report
@@ -177,6 +225,8 @@ async def _start(
         scheme_host,
         " (API key required)" if server_config.api_key else "",
     )
+    if server_config.enable_web_ui:
+        logger.info("chat page at %s/", scheme_host)
     return ctx
 
 
@@ -224,8 +274,8 @@ def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
 class _StartupSignals:
     """SIGINT/SIGTERM while starting cancel the start-up (the engine is then shut down).
 
-    Once uvicorn runs it installs its own handlers and, when it returns, re-raises the
-    signal it caught; by then this handler is passive, so the shutdown proceeds in order.
+    Once the model is loaded, ``hand_over`` gives the signals to uvicorn (graceful shutdown);
+    ``restore`` puts the original handlers back at the end.
     """
 
     def __init__(self) -> None:
@@ -250,8 +300,12 @@ class _StartupSignals:
         if self.received is not None and task is not None:
             task.cancel()
 
-    def hand_over(self) -> None:
+    def hand_over(self, handler: Callable[[int, Any], None]) -> None:
+        """From now on ``handler`` (uvicorn's) gets SIGINT/SIGTERM."""
         self.active = False
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: object) -> None:
         if not self.active or self.received is not None:

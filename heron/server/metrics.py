@@ -182,9 +182,10 @@ class ServerMetrics:
 
 class HTTPCountMiddleware:
     """Counts every HTTP response by route template (``/v1/responses/{response_id}``, not the
-    id) and status; requests that match no route count as ``other``."""
+    id) and status; requests that match no route count as ``other``. ``metrics()`` is None
+    while the model loads (nothing is counted then)."""
 
-    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Callable[[], ServerMetrics | None]) -> None:
         self.app = app
         self.metrics = metrics
 
@@ -196,7 +197,9 @@ class HTTPCountMiddleware:
         async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 route = getattr(scope.get("route"), "path", None) or "other"
-                self.metrics.observe_http(route, int(message["status"]))
+                metrics = self.metrics()
+                if metrics is not None:
+                    metrics.observe_http(route, int(message["status"]))
             await send(message)
 
         await self.app(scope, receive, counting_send)

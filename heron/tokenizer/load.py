@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from heron.cache import atomic_write_dir
 from heron.config import ModelConfig
 from heron.loader import config_of, generation_config_of, model_display_name, resolve_source
+from heron.progress import Progress
 from heron.tokenizer.tokenizer import GEMMA_CHAT_TEMPLATE, Tokenizer, read_chat_template
 
 if TYPE_CHECKING:
@@ -87,9 +88,11 @@ def gguf_tokenizer(model: GGUFModel) -> PreTrainedTokenizerBase:
     """The fast tokenizer transformers builds from the GGUF vocabulary (cached in the entry)."""
     directory = model.cache.tokenizer_dir
     if not directory.is_dir():
-        built = build_gguf_tokenizer(model)  # None: a vocabulary left to transformers
-        converted = built or _transformers_tokenizer(model)
-        atomic_write_dir(directory, converted.save_pretrained)
+        with Progress("building the tokenizer", total=1, unit="step") as progress:
+            built = build_gguf_tokenizer(model)  # None: a vocabulary left to transformers
+            converted = built or _transformers_tokenizer(model)
+            atomic_write_dir(directory, converted.save_pretrained)
+            progress.update()
         if built is not None:
             return built  # what later starts reload from the cache is the same (tested)
     return load_saved_fast_tokenizer(directory)

@@ -70,9 +70,23 @@ def _load(name: str, sources: tuple[str, ...], variant: str) -> ctypes.CDLL | No
         if target.exists():
             logger.warning("kernel %s: %s does not match the sha256 recorded when it was built; "
                            "rebuilding it", name, target.name)
-        if not _compile(name, base, paths, target):
+        if not _compile_showing_progress(name, variant, base, paths, target):
             return None
     return ctypes.CDLL(str(target))
+
+
+def _compile_showing_progress(name: str, variant: str, base: list[str], paths: list[Path],
+                              target: Path) -> bool:
+    from heron.progress import Progress  # a leaf, like heron.cache
+
+    progress = Progress(f"compiling CPU kernel {name} ({variant})", total=1, unit="kernel")
+    built = _compile(name, base, paths, target)
+    if built:
+        progress.update()
+        progress.finish()
+    else:
+        progress.close()
+    return built
 
 
 def _compile(name: str, base: list[str], paths: list[Path], target: Path) -> bool:

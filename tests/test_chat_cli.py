@@ -1,0 +1,149 @@
+"""``heron chat`` in a pseudo-terminal (pexpect): the model in process, and ``--url`` against a
+real server. The tiny model's greedy answers run to max_tokens (``save_tiny_chat_model``), so
+an answer can be stopped halfway and a finished one compared with the API's."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server_utils import REPO_ROOT, RemoteServer
+from tests.tiny_models import save_tiny_chat_model
+
+pexpect = pytest.importorskip("pexpect", reason="pexpect is in the test extras")
+
+KEY = "sk-chat-test"
+PROMPT = ">>> "
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path) -> Iterator[RemoteServer]:
+    with RemoteServer([str(model_dir), "--kv-cache-memory", "16MiB"], api_key=KEY) as srv:
+        yield srv
+
+
+def spawn_chat(*args: str) -> pexpect.spawn:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TERM="dumb")
+    env.pop("HERON_PROGRESS", None)
+    env.pop("HERON_API_KEY", None)
+    child = pexpect.spawn(sys.executable, ["-m", "heron.cli", "chat", *args], env=env,
+                          cwd=str(REPO_ROOT), encoding="utf-8", timeout=180,
+                          dimensions=(40, 160))
+    return child
+
+
+def answer_of(child: pexpect.spawn) -> tuple[str, str]:
+    """The text written before the stats line, and the stats line, of the answer just sent."""
+    child.expect(r"\r?\n?\[([^\]\r\n]*tokens[^\]\r\n]*)\]\r\n")
+    return child.before, child.match.group(1)
+
+
+def stop_midway(child: pexpect.spawn, message: str) -> tuple[str, str]:
+    """Send ``message``, press Ctrl-C once its answer shows; the answer's text and stats."""
+    child.sendline(message)
+    child.expect(re.escape(message) + "\r\n")  # the terminal's echo of the input
+    child.expect(r"\S")  # the first piece of the answer is on the screen
+    time.sleep(0.3)
+    child.sendintr()  # Ctrl-C
+    return answer_of(child)
+
+
+def test_in_process_chat(model_dir: Path) -> None:
+    child = spawn_chat(str(model_dir), "--kv-cache-memory", "16MiB", "--temperature", "0",
+                       "--max-tokens", "900")
+    try:
+        # Loading on a terminal: tqdm bars that end at 100 %.
+        child.expect(r"reading tensors: 100%\|[^\r\n]*\| 21/21")
+        child.expect(PROMPT)
+        text, stats = stop_midway(child, "Hello")
+        assert stats.startswith("stopped, ")
+        tokens = int(re.search(r"(\d+) tokens", stats).group(1))
+        assert 0 < tokens < 900, stats  # stopped long before max_tokens
+        assert text.strip()
+        child.expect(PROMPT)
+        # The program goes on, and the engine with it: a finished answer after the stopped one.
+        child.sendline("/set max_tokens 7")
+        child.expect(r"\(max_tokens = 7\)")
+        child.expect(PROMPT)
+        child.sendline("Again")
+        _, stats = answer_of(child)
+        assert re.fullmatch(r"7 tokens, [0-9.]+ tok/s, first token \d+ ms, cut at max tokens",
+                            stats), stats
+        child.expect(PROMPT)
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_chat_with_a_server(server: RemoteServer, model_dir: Path) -> None:
+    child = spawn_chat("--url", server.base_url, "--api-key", KEY, "--temperature", "0",
+                       "--max-tokens", "12", "--system", "be brief")
+    try:
+        child.expect(f"heron chat with {re.escape(str(model_dir))}")
+        child.expect(PROMPT)
+        # A multi-line message between two """ lines.
+        for line in ('"""', "first line", "second line", '"""'):
+            child.sendline(line)
+        text, stats = answer_of(child)
+        messages = [{"role": "system", "content": "be brief"},
+                    {"role": "user", "content": "first line\nsecond line"}]
+        expected = api_answer(server, str(model_dir), messages)
+        # The pty writes \n as \r\n; the answer is the end of what came after the input.
+        assert text.replace("\r\n", "\n").rstrip("\n").endswith("\n" + expected.rstrip("\n"))
+        assert re.fullmatch(r"12 tokens, [0-9.]+ tok/s, first token \d+ ms, cut at max tokens",
+                            stats), stats
+        child.expect(PROMPT)
+        child.sendline("/set max_tokens 700")  # the history takes some of the 1024
+        child.expect(PROMPT)
+        _, stats = stop_midway(child, "Tell me more")
+        assert stats.startswith("stopped, ")
+        wait_idle(server)  # the server dropped the request when the stream was closed
+        child.expect(PROMPT)
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_chat_reports_an_unreachable_server() -> None:
+    child = spawn_chat("--url", "http://127.0.0.1:9")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 1
+    assert "heron chat: cannot reach http://127.0.0.1:9/v1" in child.before
+
+
+def api_answer(server: RemoteServer, model: str, messages: list[dict[str, str]]) -> str:
+    body = {"model": model, "messages": messages, "temperature": 0, "top_p": 1.0,
+            "max_tokens": 12}
+    r = httpx.post(server.url("/v1/chat/completions"), json=body, headers=server.headers(),
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def wait_idle(server: RemoteServer, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = httpx.get(server.url("/metrics"), headers=server.headers()).text
+        running = re.search(r"^heron:num_requests_running\{[^}]*\} ([0-9.]+)$", text, re.M)
+        assert running is not None
+        if float(running.group(1)) == 0:
+            return
+        assert time.monotonic() < deadline, "the server still runs the stopped request"
+        time.sleep(0.1)
