@@ -1,13 +1,13 @@
 """The offline API: ``LLM(model).generate(prompts, params)`` and ``.chat(conversations, params)``.
 
-Runs the same EngineCore as the server, in process: no HTTP, no ZMQ.
+Runs the same EngineCore as the server, in process (no HTTP, no ZMQ), and the same output
+processor (``heron.output_processor``): same request, same choices.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 from tqdm.auto import tqdm
@@ -21,48 +21,19 @@ from heron.config import (
     parse_size,
 )
 from heron.engine.core import EngineCore
-from heron.engine.messages import EngineOutput, EngineRequest, TokenLogprobs
+from heron.engine.messages import TokenLogprobs
 from heron.engine.request import Logprob, LogprobsDict
+from heron.output_processor import ChoiceDelta, OutputProcessor, Prompt, RequestState
 from heron.outputs import CompletionOutput, RequestOutput
 from heron.sampling_params import SamplingParams
 from heron.tokenizer import load_tokenizer
-from heron.tokenizer.tokenizer import IncrementalDetokenizer, Tokenizer
+from heron.tokenizer.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from heron.llm_dp import DataParallelEngine
 
 PromptType = str | dict[str, Any]
 Conversation = list[dict[str, Any]]
-
-
-@dataclass
-class _Sequence:
-    """One of a request's n sequences while it generates."""
-
-    index: int
-    detokenizer: IncrementalDetokenizer | None
-    params: SamplingParams
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[LogprobsDict] | None = None
-    cumulative_logprob: float | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-@dataclass
-class _Pending:
-    """A request of the current call: its prompt and its sequences."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    sequences: list[_Sequence]
-    prompt_logprobs: list[LogprobsDict | None] | None = None
-    num_cached_tokens: int = 0
-
-    @property
-    def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.sequences)
 
 
 class LLM:
@@ -116,6 +87,7 @@ class LLM:
         # skip_tokenizer_init: token ids in, token ids out (no text), as in vLLM.
         self.tokenizer: Tokenizer | None = None if skip_tokenizer_init else load_tokenizer(config.model)
         self.engine = _make_engine(config, parallel)
+        self.processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
 
     def close(self) -> None:
@@ -164,19 +136,12 @@ class LLM:
         if params.n != 1:
             raise ValueError(f"stream_chat answers with one sequence, got n={params.n}")
         text, ids = self._chat_prompt(messages, **template_kwargs)
-        req = self._add(text, ids, params)
-        seq = req.sequences[0]
-        seq_id = f"{req.request_id}-0"
+        state = self._add(text, ids, params)
         try:
-            while not req.finished:
-                before = len(seq.token_ids)
-                for out in self._step():
-                    if out.request_id == seq_id:
-                        self._apply(out, req, seq)
-                yield self._delta(seq, before)
+            while not state.finished:
+                yield _step_output(state, [d for s, d in self._step() if s is state])
         finally:
-            if not req.finished:
-                self.engine.abort_requests([seq_id])
+            self._release([state])
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -186,21 +151,6 @@ class LLM:
         text = tokenizer.apply_chat_template(
             conversation, add_generation_prompt=add_generation_prompt, **template_kwargs)
         return text, tokenizer.encode(text, add_special_tokens=False)
-
-    def _step(self) -> list[EngineOutput]:
-        outputs = self.engine.step()
-        for rejected in self.engine.pop_rejected():
-            raise ValueError(rejected.message)  # a grammar that failed to compile
-        return outputs
-
-    @staticmethod
-    def _delta(seq: _Sequence, before: int) -> CompletionOutput:
-        """What the last step added to ``seq`` (all remaining text once it finished)."""
-        detok = seq.detokenizer
-        text = "" if detok is None else detok.flush() if seq.finish_reason else detok.get_delta()
-        return CompletionOutput(index=seq.index, text=text, token_ids=seq.token_ids[before:],
-                                cumulative_logprob=seq.cumulative_logprob, logprobs=None,
-                                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
 
     def _encode(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
@@ -214,63 +164,51 @@ class LLM:
 
     def _run(self, encoded: list[tuple[str | None, list[int]]], params: list[SamplingParams],
              use_tqdm: bool) -> list[RequestOutput]:
-        pending = [self._add(text, ids, p) for (text, ids), p in zip(encoded, params)]
-        by_seq = {f"{r.request_id}-{s.index}": (r, s) for r in pending for s in r.sequences}
-        bar = tqdm(total=len(pending), desc="Processed prompts", disable=not use_tqdm)
+        states: list[RequestState] = []
         try:
-            while self.engine.has_unfinished_requests():
-                for out in self._step():
-                    req, seq = by_seq[out.request_id]
-                    was_done = req.finished
-                    self._apply(out, req, seq)
-                    if req.finished and not was_done:
-                        bar.update(1)
+            for (text, ids), p in zip(encoded, params):
+                states.append(self._add(text or "", ids, p))
+            self._drive(states, use_tqdm)
         finally:
-            bar.close()
-            unfinished = [sid for sid, (_, s) in by_seq.items() if s.finish_reason is None]
-            if unfinished:
-                self.engine.abort_requests(unfinished)
-        return [self._result(r) for r in pending]
+            self._release(states)
+        return [self._result(state, text) for state, (text, _) in zip(states, encoded)]
 
-    def _add(self, text: str | None, ids: list[int], params: SamplingParams) -> _Pending:
-        request_id = str(next(self._ids))
-        sequences = []
-        for i in range(params.n):
-            seed = None if params.seed is None else params.seed + i
-            child = params.clone(n=1, seed=seed)
-            detok = None if self.tokenizer is None else IncrementalDetokenizer(self.tokenizer, ids, child)
-            sequences.append(_Sequence(i, detok, child))
-        pending = _Pending(request_id, text, ids, sequences)
-        added = []
+    def _add(self, text: str, ids: list[int], params: SamplingParams) -> RequestState:
+        """Register a request with the output processor and its n sequences with the engine."""
+        state = self.processor.add_request(str(next(self._ids)), [Prompt(ids, text)], params)
         try:
-            for seq in sequences:
-                seq_id = f"{request_id}-{seq.index}"
-                self.engine.add_request(EngineRequest(request_id=seq_id, prompt_token_ids=ids,
-                                                      sampling_params=seq.params))
-                added.append(seq_id)
-        except ValueError:
-            self.engine.abort_requests(added)
+            for request in state.requests:
+                self.engine.add_request(request)
+        except BaseException:
+            self._release([state])
             raise
-        return pending
+        return state
 
-    def _apply(self, out: EngineOutput, req: _Pending, seq: _Sequence) -> None:
-        seq.token_ids.extend(out.new_token_ids)
-        req.num_cached_tokens = max(req.num_cached_tokens, out.num_cached_tokens)
-        if out.prompt_logprobs is not None and req.prompt_logprobs is None:
-            req.prompt_logprobs = [None if t is None else self._logprobs(t) for t in out.prompt_logprobs]
-        if out.new_logprobs:
-            seq.logprobs = seq.logprobs or []
-            for entry in out.new_logprobs:
-                seq.logprobs.append(self._logprobs(entry))
-                seq.cumulative_logprob = (seq.cumulative_logprob or 0.0) + entry.logprobs[0]
-        stop = seq.detokenizer.update(out.new_token_ids) if seq.detokenizer else None
-        if stop is not None and out.finish_reason is None:
-            self.engine.abort_requests([out.request_id])
-            seq.finish_reason, seq.stop_reason = "stop", stop
-        elif stop is not None:
-            seq.finish_reason, seq.stop_reason = "stop", stop
-        elif out.finish_reason is not None:
-            seq.finish_reason, seq.stop_reason = out.finish_reason, out.stop_reason
+    def _drive(self, states: list[RequestState], use_tqdm: bool) -> None:
+        """Step the engine until every request finished."""
+        with tqdm(total=len(states), desc="Processed prompts", disable=not use_tqdm) as bar:
+            while self.engine.has_unfinished_requests():
+                for state, delta in self._step():
+                    if delta.finished and state.finished:
+                        bar.update(1)
+
+    def _step(self) -> list[tuple[RequestState, ChoiceDelta]]:
+        """One engine step through the output processor; sequences a stop string ended are
+        aborted in the engine."""
+        outputs = self.engine.step()
+        for rejected in self.engine.pop_rejected():
+            raise ValueError(rejected.message)  # a grammar that failed to compile
+        processed = self.processor.process_outputs(outputs)
+        if processed.to_abort:
+            self.engine.abort_requests(processed.to_abort)
+        return processed.deltas
+
+    def _release(self, states: list[RequestState]) -> None:
+        """Abort what still runs (an error, or an interrupt) and forget the requests."""
+        unfinished = [sid for state in states for sid in state.unfinished_ids()]
+        if unfinished:
+            self.engine.abort_requests(unfinished)
+        self.processor.remove(states)
 
     def _logprobs(self, entry: TokenLogprobs) -> LogprobsDict:
         words = (self.tokenizer.token_strings(entry.token_ids) if self.tokenizer
@@ -278,22 +216,22 @@ class LLM:
         return {t: Logprob(lp, rank, word)
                 for t, lp, rank, word in zip(entry.token_ids, entry.logprobs, entry.ranks, words)}
 
-    @staticmethod
-    def _result(req: _Pending) -> RequestOutput:
-        outputs = []
-        for seq in req.sequences:
-            text = ""
-            if seq.detokenizer is not None:
-                seq.detokenizer.flush()
-                text = seq.detokenizer.output_text
-            outputs.append(CompletionOutput(
-                index=seq.index, text=text, token_ids=seq.token_ids,
-                cumulative_logprob=seq.cumulative_logprob, logprobs=seq.logprobs,
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
-        return RequestOutput(request_id=req.request_id, prompt=req.prompt,
-                             prompt_token_ids=req.prompt_token_ids, prompt_logprobs=req.prompt_logprobs,
-                             outputs=outputs, finished=req.finished,
-                             num_cached_tokens=req.num_cached_tokens)
+    def _result(self, state: RequestState, prompt: str | None) -> RequestOutput:
+        outputs = [
+            CompletionOutput(
+                index=c.index, text=c.text, token_ids=c.token_ids,
+                cumulative_logprob=c.cumulative_logprob,
+                logprobs=[self._logprobs(e) for e in c.logprobs] if c.logprobs else None,
+                finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+            for c in state.choices.values()]
+        entries = state.prompt_logprobs.get(0)
+        prompt_logprobs = None if entries is None else [
+            None if e is None else self._logprobs(e) for e in entries]
+        return RequestOutput(
+            request_id=state.request_id, prompt=prompt,
+            prompt_token_ids=state.prompts[0].token_ids, prompt_logprobs=prompt_logprobs,
+            outputs=outputs, finished=state.finished,
+            num_cached_tokens=max(c.num_cached_tokens for c in state.choices.values()))
 
 
 def _make_engine(config: EngineConfig, parallel: ParallelConfig) -> EngineCore | DataParallelEngine:
@@ -303,6 +241,15 @@ def _make_engine(config: EngineConfig, parallel: ParallelConfig) -> EngineCore |
     from heron.llm_dp import DataParallelEngine
 
     return DataParallelEngine(config, parallel)
+
+
+def _step_output(state: RequestState, deltas: list[ChoiceDelta]) -> CompletionOutput:
+    """What one engine step added to the one choice of ``state`` (``stream_chat``)."""
+    choice = state.choice(0)
+    return CompletionOutput(index=0, text="".join(d.text for d in deltas),
+                            token_ids=[t for d in deltas for t in d.token_ids],
+                            cumulative_logprob=choice.cumulative_logprob, logprobs=None,
+                            finish_reason=choice.finish_reason, stop_reason=choice.stop_reason)
 
 
 def _per_prompt(params: SamplingParams | Sequence[SamplingParams] | None, count: int) -> list[SamplingParams]:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import transformers
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 VOCAB = 512
 CHAT_TEMPLATE = (
@@ -32,9 +36,15 @@ def save_tiny_model(path: Path, seed: int = 0) -> Path:
 
 
 def save_char_tokenizer(path: Path) -> None:
-    """One token per printable character, filler tokens up to the model's vocabulary. Its
-    decoder (byte fallback, then fuse: the same text as fuse alone here) is one llguidance
-    reads, so structured output can force an exact answer."""
+    """``char_tokenizer`` saved where heron loads a model's tokenizer."""
+    char_tokenizer().save_pretrained(path)
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per printable character (ids 4..103; 0-3 are <pad> <s> </s> <unk>), filler
+    tokens "[i]" up to the model's vocabulary; encoding adds <s>. Its decoder (byte fallback,
+    then fuse: the same text as fuse alone here) is one llguidance reads, so structured output
+    can force an exact answer."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -53,7 +63,7 @@ def save_char_tokenizer(path: Path) -> None:
         pad_token="<pad>",
     )
     hf.chat_template = CHAT_TEMPLATE
-    hf.save_pretrained(path)
+    return hf
 
 
 def save_tiny_server_model(path: Path) -> Path:

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 from heron.engine.client import new_request_id
 from heron.engine.messages import TokenLogprobs
+from heron.output_processor import ChoiceDelta
 from heron.server.pipeline import prepare
 from heron.server.protocol import (
     ChatChoiceLogprobs,
@@ -31,7 +32,6 @@ from heron.server.protocol import (
     TopLogprob,
 )
 from heron.server.serving import (
-    ChoiceDelta,
     Generation,
     ServingContext,
     StreamFormatter,

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from heron.engine.client import new_request_id
 from heron.engine.messages import TokenLogprobs
+from heron.output_processor import ChoiceDelta
 from heron.server.pipeline import prepare
 from heron.server.protocol import (
     CompletionChoice,
@@ -17,7 +18,6 @@ from heron.server.protocol import (
     ErrorResponse,
 )
 from heron.server.serving import (
-    ChoiceDelta,
     Generation,
     ServingContext,
     StreamFormatter,

@@ -23,9 +23,10 @@ import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from heron.output_processor import Prompt
 from heron.server.inputs import ChatInput, GenerateRequest, GenerateSpec, TextInput
 from heron.server.protocol import ErrorResponse, bad_request
-from heron.server.serving import Prompt, ServingContext, value_error
+from heron.server.serving import ServingContext, value_error
 from heron.structured.tools import ToolPlan, plan_tool_use
 
 if TYPE_CHECKING:

@@ -1,10 +1,11 @@
 """What the endpoints share: the serving context, and the generation driver.
 
-``Generation`` fans one API request out into engine sequences (n choices per prompt,
-seed + i when seeded), feeds their token ids through incremental detokenizers, finishes
-a sequence when a stop string appears (aborting it in the core), and yields one
-``ChoiceDelta`` per engine output: the new text, its logprobs, and the finish reason.
-The endpoint modules only format those deltas as OpenAI JSON or SSE chunks.
+``Generation`` runs one API request through the engine client: the output processor's
+``RequestState`` (``heron.output_processor``, shared with the offline ``LLM``) fans it out
+into engine sequences and turns each engine output into a ``ChoiceDelta`` (new text, token
+ids, logprobs, finish and stop reasons); ``Generation`` aborts a sequence a stop string ended,
+records metrics and counts usage. The endpoint modules only format the deltas as OpenAI JSON
+or SSE chunks.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from heron.engine.client import (
     EngineError,
     RequestRejectedError,
 )
-from heron.engine.messages import EngineInfo, EngineOutput, EngineRequest, TokenLogprobs
+from heron.engine.messages import EngineInfo, TokenLogprobs
+from heron.output_processor import ChoiceDelta, Prompt, RequestState
 from heron.sampling_params import MAX_QUOTE_CHARS
 from heron.server.guards import FieldNameLog, printable
 from heron.server.inputs import Limits, RequestFields
@@ -45,7 +47,7 @@ if TYPE_CHECKING:
     from heron.server.config import ServerConfig
     from heron.server.metrics import ServerMetrics
     from heron.server.router import Router
-    from heron.tokenizer.tokenizer import IncrementalDetokenizer, Tokenizer
+    from heron.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -118,155 +120,70 @@ def value_error(e: ValueError) -> ErrorResponse:
 # ==== the generation driver =======================================================================
 
 
-@dataclass
-class Prompt:
-    """One tokenized prompt; ``text`` is what ``echo`` repeats."""
-
-    token_ids: list[int]
-    text: str
-
-
-@dataclass
-class ChoiceDelta:
-    """What one engine output added to one choice."""
-
-    index: int
-    prompt_index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprobs]
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    first: bool = False  # the choice's first delta (streams send the role / the echo then)
-
-
-class _Choice:
-    """One engine sequence: its detokenizer, counts and timings."""
-
-    def __init__(
-        self, index: int, prompt_index: int, detok: IncrementalDetokenizer, params: SamplingParams
-    ) -> None:
-        self.index = index
-        self.prompt_index = prompt_index
-        self.detok = detok
-        self.stop_token_ids = set(params.stop_token_ids or ())
-        self.num_tokens = 0
-        self.num_cached_tokens = 0
-        self.finish_reason: str | None = None
-        self.started = False
-        self.last_time: float | None = None
-
-    def consume(self, out: EngineOutput) -> ChoiceDelta:
-        ids = list(out.new_token_ids)
-        self.num_tokens += len(ids)
-        self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
-        # An eos / stop token that ended the request adds no text (include_stop_str_in_output
-        # aside). A structured output that completed also stops, with no stop token: its last
-        # token is text.
-        by_token = out.finish_reason == "stop" and out.stop_reason is not None
-        stop = self.detok.update(ids, stop_terminated=by_token) if ids else None
-        # vLLM's stop_reason: the stop string or the stop_token_ids entry; None for an eos.
-        stop_reason: int | str | None = (
-            out.stop_reason if out.stop_reason in self.stop_token_ids else None)
-        if stop is not None:
-            self.finish_reason, stop_reason = "stop", stop
-            text = self.detok.get_delta()
-        elif out.finish_reason is not None:
-            self.finish_reason = out.finish_reason
-            text = self.detok.flush()
-        else:
-            text = self.detok.get_delta()
-        delta = ChoiceDelta(
-            self.index,
-            self.prompt_index,
-            text,
-            ids,
-            list(out.new_logprobs or []),
-            self.finish_reason,
-            stop_reason if self.finish_reason else None,
-            first=not self.started,
-        )
-        self.started = True
-        return delta
-
-
 class Generation:
-    """The engine sequences behind one API request: ``len(prompts) * n`` choices.
-
-    Choice ``p * n + i`` is the i-th sample of prompt p (OpenAI's numbering).
-    """
+    """One API request in flight: its choices (``RequestState``, the output processor's) run
+    through the engine client, with the server's metrics and usage."""
 
     def __init__(
         self, ctx: ServingContext, request_id: str, prompts: list[Prompt], params: SamplingParams
     ) -> None:
-        from heron.tokenizer.tokenizer import IncrementalDetokenizer
-
         self.ctx = ctx
         self.request_id = request_id
-        self.prompts = prompts
-        self.n = params.n
-        self.requests: list[EngineRequest] = []
-        self.choices: dict[str, _Choice] = {}
-        self.prompt_logprobs: dict[int, list[TokenLogprobs | None]] = {}
         self.arrival = time.monotonic()
-        for p, prompt in enumerate(prompts):
-            for i in range(params.n):
-                seed = None if params.seed is None else params.seed + i
-                child = params.clone(n=1, seed=seed)
-                rid = f"{request_id}-{p}-{i}"
-                detok = IncrementalDetokenizer(ctx.tokenizer, prompt.token_ids, child)
-                self.choices[rid] = _Choice(p * params.n + i, p, detok, child)
-                self.requests.append(
-                    EngineRequest(
-                        request_id=rid,
-                        prompt_token_ids=prompt.token_ids,
-                        sampling_params=child,
-                        arrival_time=self.arrival,
-                    )
-                )
+        self.state = RequestState(request_id, prompts, params, ctx.tokenizer, self.arrival)
+        self._last_token_time: dict[int, float] = {}
+
+    @property
+    def prompts(self) -> list[Prompt]:
+        return self.state.prompts
 
     @property
     def num_choices(self) -> int:
-        return len(self.choices)
+        return self.state.num_choices
+
+    @property
+    def prompt_logprobs(self) -> dict[int, list[TokenLogprobs | None]]:
+        return self.state.prompt_logprobs
 
     async def run(self) -> AsyncIterator[ChoiceDelta]:
         """Yield deltas until every choice finished; leaving early aborts what still runs.
 
         Raises RequestRejectedError (the core refused it) or EngineError (the core died).
         """
-        async with self.ctx.engine.stream(self.requests) as stream:
+        async with self.ctx.engine.stream(self.state.requests) as stream:
             async for out in stream:
-                choice = self.choices[out.request_id]
-                if out.prompt_logprobs is not None:
-                    self.prompt_logprobs.setdefault(choice.prompt_index, list(out.prompt_logprobs))
-                delta = choice.consume(out)
-                self._observe(choice, bool(out.new_token_ids))
-                if choice.finish_reason is not None and not out.finished:
+                delta = self.state.process(out)
+                if delta is None:
+                    continue
+                if delta.abort:
                     stream.finish(out.request_id)  # a stop string: abort it in the core
+                self._observe(delta)
                 yield delta
 
-    def _observe(self, choice: _Choice, got_token: bool) -> None:
+    def _observe(self, delta: ChoiceDelta) -> None:
         now = time.monotonic()
         metrics = self.ctx.metrics
-        if got_token:
-            if choice.last_time is None:
+        if delta.token_ids:
+            last = self._last_token_time.get(delta.index)
+            if last is None:
                 metrics.observe_first_token(now - self.arrival)
             else:
-                metrics.observe_inter_token(now - choice.last_time)
-            choice.last_time = now
-        if choice.finish_reason is not None:
+                metrics.observe_inter_token(now - last)
+            self._last_token_time[delta.index] = now
+        if delta.finish_reason is not None:
             metrics.observe_finished(
-                choice.finish_reason,
+                delta.finish_reason,
                 now - self.arrival,
-                len(self.prompts[choice.prompt_index].token_ids),
-                choice.num_tokens,
+                len(self.prompts[delta.prompt_index].token_ids),
+                len(self.state.choice(delta.index).token_ids),
             )
 
     def usage(self) -> UsageInfo:
         prompt_tokens = sum(len(p.token_ids) for p in self.prompts)
-        completion = sum(c.num_tokens for c in self.choices.values())
+        choices = self.state.choices.values()
+        completion = sum(len(c.token_ids) for c in choices)
         cached: dict[int, int] = {}
-        for c in self.choices.values():
+        for c in choices:
             cached[c.prompt_index] = max(cached.get(c.prompt_index, 0), c.num_cached_tokens)
         return UsageInfo(
             prompt_tokens=prompt_tokens,

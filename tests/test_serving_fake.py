@@ -1,0 +1,269 @@
+"""The serving tier: the real app, protocol, pipeline and output processor against a scripted
+engine (``tests.fake_engine``), no model loaded. SSE framing, usage chunks, stop handling,
+tool-call streaming and error events, each asserted on the exact bytes or JSON a client gets."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from heron.engine.client import EngineError, RequestRejectedError
+from heron.engine.messages import EngineOutput, EngineRequest, TokenLogprobs
+from heron.server.app import build_app
+from heron.tokenizer.tokenizer import Tokenizer
+from tests.fake_engine import (
+    EOS,
+    MODEL,
+    FakeEngine,
+    Script,
+    char_id,
+    char_tokenizer_for_serving,
+    serving_context,
+    tokens,
+)
+
+USER = [{"role": "user", "content": "Hi"}]
+# The character template: "<s><user>Hi\n<assistant>", one token per character but <s>.
+CHAT_PROMPT_TOKENS = len("<user>Hi\n<assistant>") + 1
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return char_tokenizer_for_serving()
+
+
+@pytest.fixture
+def serve(tokenizer: Tokenizer) -> Callable[..., tuple[TestClient, FakeEngine]]:
+    def make(script: Script, **config: object) -> tuple[TestClient, FakeEngine]:
+        engine = FakeEngine(script)
+        return TestClient(build_app(serving_context(engine, tokenizer, **config))), engine
+    return make
+
+
+def always(*outputs: EngineOutput | Exception) -> Script:
+    return lambda request: list(outputs)
+
+
+def events(body: str) -> list[Any]:
+    """The SSE body as its data payloads (JSON decoded), checking the framing on the way:
+    every event is one ``data: ...`` line and a blank line, and the last is ``[DONE]``."""
+    assert body.endswith("data: [DONE]\n\n"), body[-200:]
+    frames = body.split("\n\n")
+    assert frames[-1] == ""
+    payloads = []
+    for frame in frames[:-1]:
+        assert frame.startswith("data: ") and "\n" not in frame, frame
+        payloads.append(frame.removeprefix("data: "))
+    assert payloads.count("[DONE]") == 1
+    return [json.loads(p) for p in payloads[:-1]]
+
+
+def post_stream(client: TestClient, path: str, body: dict[str, Any]) -> list[Any]:
+    r = client.post(path, json={**body, "stream": True})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert r.headers["cache-control"] == "no-cache"
+    return events(r.text)
+
+
+# ---- SSE framing ----------------------------------------------------------------------------------
+
+
+def test_completion_stream_chunks(serve: Callable[..., tuple[TestClient, FakeEngine]]) -> None:
+    client, engine = serve(always(*tokens("Hel", "lo", " there")))
+    chunks = post_stream(client, "/v1/completions", {"prompt": "Say", "max_tokens": 8})
+    assert [(c["choices"][0]["text"], c["choices"][0]["finish_reason"]) for c in chunks] == [
+        ("Hel", None), ("lo", None), (" there", "length")]
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("cmpl-")
+    assert {(c["object"], c["model"]) for c in chunks} == {("text_completion", MODEL)}
+    assert all("usage" not in c for c in chunks)
+    (request,) = engine.requests
+    assert request.prompt_token_ids == [1, char_id("S"), char_id("a"), char_id("y")]
+    assert request.sampling_params.max_tokens == 8
+
+
+def test_chat_stream_role_content_then_finish(
+        serve: Callable[..., tuple[TestClient, FakeEngine]]) -> None:
+    client, _ = serve(always(*tokens("Hi", [char_id("!"), EOS], finish="stop", stop_reason=EOS)))
+    chunks = post_stream(client, "/v1/chat/completions", {"messages": USER})
+    assert [c["choices"] for c in chunks] == [
+        [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+          "finish_reason": None, "stop_reason": None}],
+        [{"index": 0, "delta": {"content": "Hi"}, "logprobs": None, "finish_reason": None,
+          "stop_reason": None}],
+        [{"index": 0, "delta": {"content": "!"}, "logprobs": None, "finish_reason": None,
+          "stop_reason": None}],
+        [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop",
+          "stop_reason": None}],
+    ]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+
+
+# ---- usage ----------------------------------------------------------------------------------------
+
+
+def test_usage_chunk_last_when_asked(serve: Callable[..., tuple[TestClient, FakeEngine]]) -> None:
+    client, _ = serve(always(*tokens("ab", "c", cached=16)))
+    chunks = post_stream(client, "/v1/chat/completions", {
+        "messages": USER, "stream_options": {"include_usage": True}})
+    *body, last = chunks
+    assert all(c["usage"] is None for c in body)
+    assert last["choices"] == []
+    assert last["usage"] == {
+        "prompt_tokens": CHAT_PROMPT_TOKENS, "completion_tokens": 3,
+        "total_tokens": CHAT_PROMPT_TOKENS + 3, "prompt_tokens_details": {"cached_tokens": 16}}
+
+
+def test_continuous_usage_on_every_chunk(
+        serve: Callable[..., tuple[TestClient, FakeEngine]]) -> None:
+    client, _ = serve(always(*tokens("ab", "c", "de")))
+    chunks = post_stream(client, "/v1/completions", {
+        "prompt": "x", "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+    assert [c["usage"]["completion_tokens"] for c in chunks] == [2, 3, 5, 5]
+    assert chunks[-1]["choices"] == []
+
+
+def test_usage_of_n_choices_and_prompts(
+        serve: Callable[..., tuple[TestClient, FakeEngine]]) -> None:
+    client, engine = serve(lambda r: tokens("a" * (1 + r.sampling_params.seed), cached=2))
+    r = client.post("/v1/completions", json={"prompt": ["ab", "cde"], "n": 2, "seed": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [c["text"] for c in body["choices"]] == ["aaaa", "aaaaa", "aaaa", "aaaaa"]
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert [q.sampling_params.seed for q in engine.requests] == [3, 4, 3, 4]
+    assert body["usage"] == {"prompt_tokens": 3 + 4, "completion_tokens": 18,
+                             "total_tokens": 25, "prompt_tokens_details": {"cached_tokens": 4}}
+
+
+# ---- stop handling --------------------------------------------------------------------------------
+
+
+def test_stop_string_cut_held_back_and_aborted(
+        serve: Callable[..., tuple[TestClient, FakeEngine]]) -> None:
+    client, engine = serve(always(*tokens("Hel", "lo", " Wor", "ld")))
+    chunks = post_stream(client, "/v1/completions", {"prompt": "x", "stop": ["o W"]})
+    assert [(c["choices"][0]["text"], c["choices"][0]["finish_reason"],
+             c["choices"][0]["stop_reason"]) for c in chunks] == [
+        ("Hel", None, None), ("l", None, None), ("", "stop", "o W")]  # "o" may begin "o W"
+    assert engine.aborted == [engine.requests[0].request_id]
+    assert engine.num_in_flight == 0
+
+
+def test_stop_token_id_and_eos_in_one_response(
+        serve: Callable[..., tuple[TestClient, FakeEngine]]) -> None:
+    bang = char_id("!")
+
+    def script(request: EngineRequest) -> list[EngineOutput | Exception]:
+        if request.request_id.endswith("-0"):
+            return tokens("ok", [bang], finish="stop", stop_reason=bang)
+        return tokens("fine", [EOS], finish="stop", stop_reason=EOS)
+
+    client, _ = serve(script)
+    r = client.post("/v1/completions", json={
+        "prompt": "x", "n": 2, "stop_token_ids": [bang], "skip_special_tokens": False})
+    assert [(c["text"], c["finish_reason"], c["stop_reason"]) for c in r.json()["choices"]] == [
+        ("ok", "stop", bang), ("fine", "stop", None)]
+    assert r.json()["usage"]["completion_tokens"] == 3 + 5
+
+
+# ---- tool calls -----------------------------------------------------------------------------------
+
+HERMES_PIECES = ('<tool_call>{"name": "get_weather", ', '"arguments": {"city": ', '"Rome"}}',
+                 "</tool_call>")
+
+
+def test_tool_call_streaming(serve: Callable[..., tuple[TestClient, FakeEngine]]) -> None:
+    client, engine = serve(always(*tokens(*HERMES_PIECES, [EOS], finish="stop", stop_reason=EOS)))
+    chunks = post_stream(client, "/v1/chat/completions", {
+        "messages": USER, "tools": [WEATHER_TOOL], "tool_choice": "auto"})
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    calls = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+    assert all("content" not in d for d in deltas[1:]), deltas
+    first = calls[0]
+    assert first["id"].startswith("call_") and first["type"] == "function"
+    assert first["function"]["name"] == "get_weather" and first["index"] == 0
+    assert all(set(c) == {"index", "function"} and set(c["function"]) == {"arguments"}
+               for c in calls[1:])
+    assert "".join(c["function"]["arguments"] for c in calls) == '{"city": "Rome"}'
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    constraint = engine.requests[0].sampling_params.structured_outputs
+    assert constraint is not None and constraint.kind == "grammar", "auto: text | calls"
+
+
+def test_tool_call_whole_response(serve: Callable[..., tuple[TestClient, FakeEngine]]) -> None:
+    client, _ = serve(always(*tokens("".join(HERMES_PIECES), [EOS], finish="stop",
+                                     stop_reason=EOS)))
+    r = client.post("/v1/chat/completions", json={"messages": USER, "tools": [WEATHER_TOOL]})
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Rome"}'}
+
+
+# ---- logprobs -------------------------------------------------------------------------------------
+
+
+def test_chat_stream_logprobs(serve: Callable[..., tuple[TestClient, FakeEngine]]) -> None:
+    a, b = char_id("a"), char_id("b")
+    entry = TokenLogprobs(token_ids=[a, b, a], logprobs=[-0.5, -1.5, -0.5], ranks=[1, 2, 1])
+    out = EngineOutput(request_id="", new_token_ids=[a], new_logprobs=[entry],
+                       finish_reason="length")
+    client, _ = serve(always(out))
+    chunks = post_stream(client, "/v1/chat/completions", {
+        "messages": USER, "logprobs": True, "top_logprobs": 2})
+    assert chunks[1]["choices"][0]["logprobs"] == {"content": [{
+        "token": "a", "logprob": -0.5, "bytes": [97],
+        "top_logprobs": [{"token": "a", "logprob": -0.5, "bytes": [97]},
+                         {"token": "b", "logprob": -1.5, "bytes": [98]}]}], "refusal": None}
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+
+
+def test_engine_death_mid_stream_is_an_error_event(
+        serve: Callable[..., tuple[TestClient, FakeEngine]]) -> None:
+    client, _ = serve(always(*tokens("Hel", finish=None), EngineError("core died")))
+    chunks = post_stream(client, "/v1/completions", {"prompt": "x"})
+    assert chunks[0]["choices"][0]["text"] == "Hel"
+    assert chunks[1] == {"error": {"message": "the engine is unavailable: core died",
+                                   "type": "server_error", "param": None,
+                                   "code": "engine_unavailable"}}
+    assert len(chunks) == 2
+
+
+def test_engine_errors_without_stream(
+        serve: Callable[..., tuple[TestClient, FakeEngine]]) -> None:
+    client, _ = serve(always(EngineError("core died")))
+    r = client.post("/v1/chat/completions", json={"messages": USER})
+    assert (r.status_code, r.json()["error"]["code"]) == (503, "engine_unavailable")
+    client, _ = serve(always(RequestRejectedError("temperature must be in [0, 2], got 3")))
+    r = client.post("/v1/completions", json={"prompt": "x"})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "temperature"
+
+
+def test_preparation_errors_never_reach_the_engine(
+        serve: Callable[..., tuple[TestClient, FakeEngine]]) -> None:
+    client, engine = serve(always(*tokens("a")))
+    r = client.post("/v1/completions", json={"prompt": "x" * 300})
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "context_length_exceeded")
+    r = client.post("/v1/chat/completions", json={"messages": USER, "model": "other"})
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "model_not_found")
+    r = client.post("/v1/chat/completions", json={
+        "messages": USER, "tools": [WEATHER_TOOL], "tool_choice": "required",
+        "response_format": {"type": "json_object"}})
+    assert r.status_code == 400 and "tool_choice" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", json={"prompt": [[1, 9999]]})
+    assert (r.status_code, r.json()["error"]["param"]) == (400, "prompt")
+    assert engine.requests == []
