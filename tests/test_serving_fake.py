@@ -261,9 +261,10 @@ def test_preparation_errors_never_reach_the_engine(
     r = client.post("/v1/chat/completions", json={"messages": USER, "model": "other"})
     assert (r.status_code, r.json()["error"]["code"]) == (404, "model_not_found")
     r = client.post("/v1/chat/completions", json={
-        "messages": USER, "tools": [WEATHER_TOOL], "tool_choice": "required",
-        "response_format": {"type": "json_object"}})
-    assert r.status_code == 400 and "tool_choice" in r.json()["error"]["message"]
+        "messages": USER, "tools": [WEATHER_TOOL],
+        "tool_choice": {"type": "function", "function": {"name": "get_time"}}})
+    assert r.status_code == 400
+    assert r.json()["error"]["message"].startswith("tool_choice names the function 'get_time'")
     r = client.post("/v1/completions", json={"prompt": [[1, 9999]]})
     assert (r.status_code, r.json()["error"]["param"]) == (400, "prompt")
     assert engine.requests == []

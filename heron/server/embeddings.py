@@ -13,6 +13,7 @@ import numpy as np
 
 from heron.engine.client import new_request_id
 from heron.engine.messages import EngineRequest
+from heron.output_processor import Prompt
 from heron.pooling_params import PoolingParams
 from heron.server.pipeline import RequestError, tokenize
 from heron.server.protocol import ErrorResponse, bad_request
@@ -23,7 +24,7 @@ from heron.server.protocol_embeddings import (
     EmbeddingUsage,
     encode_vector,
 )
-from heron.server.serving import Prompt, ServingContext, engine_error, value_error
+from heron.server.serving import ServingContext, engine_error, value_error
 
 
 async def serve_embeddings(ctx: ServingContext, request: EmbeddingRequest) -> (

@@ -21,6 +21,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from heron.output_processor import ChoiceDelta
 from heron.server.pipeline import RequestError, tokenize
 from heron.server.pipeline import prepare as prepare_request
 from heron.server.protocol import ErrorInfo, ErrorResponse
@@ -38,7 +39,7 @@ from heron.server.protocol_anthropic import (
     new_tool_use_id,
     stop_reason_of,
 )
-from heron.server.serving import ChoiceDelta, Generation, ServingContext, engine_error, value_error
+from heron.server.serving import Generation, ServingContext, engine_error, value_error
 from heron.structured.tool_parsers import ToolCallDelta, ToolCallStream, ToolParser
 
 MESSAGES_PATH = "/v1/messages"

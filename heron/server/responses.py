@@ -22,6 +22,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
+from heron.output_processor import ChoiceDelta
 from heron.server.pipeline import prepare
 from heron.server.protocol import ChatMessage, ErrorResponse, make_error
 from heron.server.protocol_responses import (
@@ -39,7 +40,7 @@ from heron.server.protocol_responses import (
     output_as_messages,
 )
 from heron.server.response_store import StoredResponse
-from heron.server.serving import ChoiceDelta, Generation, ServingContext, engine_error
+from heron.server.serving import Generation, ServingContext, engine_error
 from heron.structured.tool_parsers import ToolCallDelta, ToolCallStream, ToolParser
 
 logger = logging.getLogger(__name__)
