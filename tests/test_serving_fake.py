@@ -44,7 +44,8 @@ def tokenizer() -> Tokenizer:
 def serve(tokenizer: Tokenizer) -> Callable[..., tuple[TestClient, FakeEngine]]:
     def make(script: Script, **config: object) -> tuple[TestClient, FakeEngine]:
         engine = FakeEngine(script)
-        return TestClient(build_app(serving_context(engine, tokenizer, **config))), engine
+        app = build_app(serving_context(engine, tokenizer, **config))
+        return TestClient(app, base_url="http://127.0.0.1"), engine  # a loopback Host
     return make
 
 
