@@ -197,6 +197,11 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self._by_sequence: dict[str, RequestState] = {}
 
+    @property
+    def num_sequences(self) -> int:
+        """Sequences registered (added and not removed yet)."""
+        return len(self._by_sequence)
+
     def add_request(self, request_id: str, prompts: list[Prompt], params: SamplingParams,
                     arrival_time: float = 0.0) -> RequestState:
         state = RequestState(request_id, prompts, params, self.tokenizer, arrival_time)

@@ -8,7 +8,8 @@ point (``EngineError``: the core died; ``RequestRejectedError``: it refused the 
 stream hands the sequences' outputs out in turn, one each per round, like engine steps.
 
     engine = FakeEngine(lambda req: tokens("Hello", finish="length"))
-    client = TestClient(build_app(serving_context(engine, tokenizer)), base_url="http://127.0.0.1")
+    ctx = serving_context(engine, tokenizer)
+    client = TestClient(build_app(ctx.config, ctx), base_url="http://127.0.0.1")
 """
 
 from __future__ import annotations

@@ -139,5 +139,7 @@ def test_processor_routes_outputs_and_reports_aborts(tokenizer: Tokenizer) -> No
     assert step.to_abort == ["a-0-0"]
     assert a.finished and not b.finished and b.unfinished_ids() == ["b-0-0"]
     assert processor.process_outputs([out("a-0-0", "3", "length")]).deltas == []
+    assert processor.num_sequences == 3
     processor.remove([a, b])
+    assert processor.num_sequences == 0
     assert processor.process_outputs([out("b-0-0", "k", "length")]).deltas == []

@@ -173,3 +173,19 @@ def test_logprobs(llm: LLM, server: RemoteServer) -> None:
         best = sorted(entry.values(), key=lambda c: -c.logprob)[:2]
         assert top == pytest.approx({c.decoded_token: c.logprob for c in best}, abs=1e-5)
     assert out.cumulative_logprob == pytest.approx(sum(c.logprob for c in chosen))
+
+
+def test_stream_chat_pieces_join_to_chat(llm: LLM) -> None:
+    """LLM.stream_chat runs on the same output processor: its pieces join to LLM.chat's answer;
+    closing it early aborts the request and forgets it."""
+    messages = [{"role": "user", "content": PROMPT}]
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    whole = llm.chat(messages, params, use_tqdm=False)[0].outputs[0]
+    pieces = list(llm.stream_chat(messages, params))
+    assert "".join(p.text for p in pieces) == whole.text
+    assert [t for p in pieces for t in p.token_ids] == whole.token_ids
+    assert [p.finish_reason for p in pieces] == [None] * (len(pieces) - 1) + ["length"]
+    stream = llm.stream_chat(messages, params)
+    next(stream)
+    stream.close()
+    assert not llm.engine.has_unfinished_requests() and llm.processor.num_sequences == 0

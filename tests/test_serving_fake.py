@@ -44,7 +44,8 @@ def tokenizer() -> Tokenizer:
 def serve(tokenizer: Tokenizer) -> Callable[..., tuple[TestClient, FakeEngine]]:
     def make(script: Script, **config: object) -> tuple[TestClient, FakeEngine]:
         engine = FakeEngine(script)
-        app = build_app(serving_context(engine, tokenizer, **config))
+        ctx = serving_context(engine, tokenizer, **config)
+        app = build_app(ctx.config, ctx)
         return TestClient(app, base_url="http://127.0.0.1"), engine  # a loopback Host
     return make
 
