@@ -140,6 +140,43 @@ def test_logprobs_match_reference(llama_dir: object) -> None:
     assert out.outputs[0].cumulative_logprob == pytest.approx(total)
 
 
+def test_prompt_logprobs_in_small_pieces_and_steps_match_one_piece(
+    llama_dir: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """echo + logprobs: a few vocabulary rows at a time, a few prompt tokens per step, and the
+    same numbers as one [rows, vocabulary] block; a free request steps meanwhile."""
+    from heron.engine import runner
+
+    prompt = _prompts(1, seed=9, low=40, high=40)[0]
+    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=3)
+    whole = _llm(llama_dir).generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+    monkeypatch.setattr(runner, "_LOGPROBS_PIECE_ELEMENTS", 3 * VOCAB)  # 3 rows per piece
+    llm = _llm(llama_dir)
+    assert llm.engine.scheduler.prompt_logprobs_chunk == 24  # 8 pieces of 3 rows
+    steps: list[dict[str, int]] = []
+    schedule = llm.engine.scheduler.schedule
+
+    def record():  # noqa: ANN202
+        out = schedule()
+        steps.append({s.request.request_id: s.num_new_tokens for s in out.scheduled})
+        return out
+
+    monkeypatch.setattr(llm.engine.scheduler, "schedule", record)
+    free = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    both = llm.generate([{"prompt_token_ids": prompt}, {"prompt_token_ids": [7, 8, 9]}],
+                        [params, free], use_tqdm=False)
+    echo_id = min(steps[0])  # request ids are numbered in order
+    assert [s[echo_id] for s in steps if echo_id in s] == [24, 16]
+    assert all(len(s) == 2 for s in steps[:2]), "the free request stepped alongside"
+    pieces, expected = both[0].prompt_logprobs, whole[0].prompt_logprobs
+    assert pieces[0] is None and len(pieces) == len(expected) == len(prompt)
+    for got, want in zip(pieces[1:], expected[1:]):
+        assert list(got) == list(want)  # the prompt token first, then the same top 3
+        for token in want:
+            assert got[token].rank == want[token].rank
+            assert got[token].logprob == pytest.approx(want[token].logprob, abs=1e-5)
+
+
 def test_prompt_too_long_is_a_clear_error(llama_dir: object) -> None:
     llm = _llm(llama_dir, max_model_len=64)
     with pytest.raises(ValueError, match="maximum context length is 64 tokens"):

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -107,6 +110,48 @@ def whole(answer: Any) -> dict:
 
 
 # ---- response_format and vLLM's structured outputs -----------------------------------------------
+
+
+def _stream_stamps(server: RemoteServer, stamps: list[float], running: threading.Event) -> None:
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 120, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server.url("/v1/completions"), json=body, timeout=600) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                stamps.append(time.monotonic())
+                if len(stamps) == 20:
+                    running.set()
+
+
+def test_the_first_constrained_request_stalls_no_running_stream(server: RemoteServer) -> None:
+    """The first structured request of a fresh server, with a grammar that takes a while to
+    compile (20,000 choices), starts while a stream decodes: the stream's inter-token gaps stay
+    what they were (the tokenizer index was built before the server was ready; the grammar
+    compiles off the step loop). The prompt is in the prefix cache, so the request adds no
+    prefill to the stream's steps: what it adds is the compile and its masks."""
+    choices = [f"option {i} {chr(97 + i % 26)}{i * 7919 % 10007}" for i in range(20_000)]
+    chat = {"model": MODEL, "messages": ASK_PERSON, "max_tokens": 1}
+    assert httpx.post(server.url("/v1/chat/completions"), json=chat, timeout=120).status_code == 200
+    stamps: list[float] = []
+    running = threading.Event()
+    stream = threading.Thread(target=_stream_stamps, args=(server, stamps, running))
+    stream.start()
+    assert running.wait(300)
+    sent = time.monotonic()
+    r = httpx.post(server.url("/v1/chat/completions"), timeout=600,
+                   json={**chat, "max_tokens": 30, "guided_choice": choices})
+    answered = time.monotonic()
+    stream.join()
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] in choices
+    gaps = [(b, b - a) for a, b in zip(stamps, stamps[1:])]
+    before = [g for t, g in gaps[5:] if t < sent]
+    during = [g for t, g in gaps if sent <= t <= answered]
+    assert len(during) >= 3, "the stream ran on while the constrained request was served"
+    print(f"stream gaps: before max {max(before):.3f} s median {statistics.median(before):.3f} s;"
+          f" during max {max(during):.3f} s median {statistics.median(during):.3f} s"
+          f" ({len(during)} gaps, request {answered - sent:.2f} s)")
+    assert max(during) <= max(before) + 0.1
 
 
 def test_json_schema_strict_validates(client: openai.OpenAI) -> None:

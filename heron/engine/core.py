@@ -23,7 +23,7 @@ from heron.engine.messages import (
     TokenLogprobs,
 )
 from heron.engine.request import LogprobsDict, Request, RequestStatus
-from heron.engine.runner import ModelRunner
+from heron.engine.runner import ModelRunner, prompt_logprobs_chunk
 from heron.engine.scheduler import Scheduler
 from heron.engine.structured import StructuredOutputManager
 from heron.loader.prepared import load_prepared_model
@@ -53,7 +53,8 @@ class EngineCore:
         self.max_model_len = self._max_model_len(num_blocks * block_size)
         self.runner = ModelRunner(self.model, self.device, self.dtype, num_blocks, block_size,
                                   seed=config.model.seed)
-        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.max_model_len)
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.max_model_len,
+                                   prompt_logprobs_chunk=prompt_logprobs_chunk(_vocab_size(self.hf_config)))
         self.info = EngineInfo(
             max_model_len=self.max_model_len, vocab_size=_vocab_size(self.hf_config),
             num_kv_blocks=num_blocks, block_size=block_size, device=str(self.device),

@@ -66,6 +66,7 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.sampler = Sampler(seed=seed)
+        self._piece_rows: int | None = None  # prompt-logprob rows per piece, once the vocab is seen
         # Scratch blocks past the pool (never handed out) take the K/V of padding tokens.
         num_scratch = -(-POOLING_MIN_ROWS // block_size)
         self.scratch_blocks = torch.arange(num_blocks, num_blocks + num_scratch, device=device)
@@ -192,20 +193,30 @@ class ModelRunner:
         return PrefillSpan(flat, flat + n, n, self.scratch_blocks)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, batch: StepBatch) -> None:
-        """Log-probabilities of each prompt token given the ones before it (for echo + logprobs)."""
+        """Log-probabilities of each prompt token given the ones before it (for echo + logprobs),
+        a few rows at a time: only the target's logprob and rank and the top-k of each row are
+        kept, never a [rows, vocabulary] block for the whole chunk."""
         for req, flat, start, n in batch.prompt_logprob_rows:
             if req.prompt_logprobs is None:
                 req.prompt_logprobs = [None]
             first = len(req.prompt_logprobs) - 1  # position whose next token is still unscored
             end = min(req.num_prompt_tokens - 1, start + n)
-            if end <= first:
-                continue
-            rows = hidden[flat + (first - start): flat + (end - start)]  # [m, hidden]
-            logits = self.model.compute_logits(rows).float()  # [m, vocab]
-            logprobs = torch.log_softmax(logits, dim=-1)  # [m, vocab]
-            targets = torch.tensor(req.prompt_token_ids[first + 1:end + 1], device=logprobs.device)
-            req.prompt_logprobs.extend(
-                _logprobs_dicts(logprobs, targets, req.sampling_params.prompt_logprobs or 0))
+            k = req.sampling_params.prompt_logprobs or 0
+            lo = first
+            while lo < end:
+                hi = min(end, lo + (self._piece_rows or 1))  # the first piece shows the vocab
+                rows = hidden[flat + (lo - start): flat + (hi - start)]  # [m, hidden]
+                logprobs = self._log_softmax(rows)  # [m, vocab]
+                self._piece_rows = max(1, _LOGPROBS_PIECE_ELEMENTS // logprobs.shape[-1])
+                targets = torch.tensor(req.prompt_token_ids[lo + 1:hi + 1], device=rows.device)
+                req.prompt_logprobs.extend(_logprobs_dicts(logprobs, targets, k))
+                lo = hi
+
+    def _log_softmax(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows [m, hidden] -> log-probabilities [m, vocab] float32, normalised in place."""
+        logprobs = self.model.compute_logits(rows).float()  # [m, vocab]
+        logprobs -= torch.logsumexp(logprobs, dim=-1, keepdim=True)
+        return logprobs
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -251,6 +262,19 @@ def _grammar_mask(requests: list[Request], vocab_size: int) -> GrammarMask | Non
 
 def _wants_prompt_logprobs(req: Request, start: int) -> bool:
     return req.sampling_params.prompt_logprobs is not None and start < req.num_prompt_tokens - 1
+
+
+# Prompt logprobs hold [rows, vocabulary] float32 log-probabilities: this many elements at a time
+# (32 MiB; 32 rows of Gemma 3's 262,144 tokens), eight pieces per step (the scheduler's cap).
+_LOGPROBS_PIECE_ELEMENTS = 1 << 23
+
+
+def prompt_logprobs_chunk(vocab_size: int) -> int:
+    """Prompt tokens per step for a request that wants prompt logprobs (256 for a 262,144-token
+    vocabulary, 16 at least): a stream decoding meanwhile pauses less than the same prompt
+    without logprobs makes it pause (one step of up to 2,048 tokens), while the prompt itself
+    pays little per-step overhead (smaller chunks shorten the pause little and cost it much)."""
+    return max(16, 8 * _LOGPROBS_PIECE_ELEMENTS // vocab_size)
 
 
 def _logprobs_dicts(logprobs: torch.Tensor, targets: torch.Tensor, k: int) -> list[LogprobsDict]:

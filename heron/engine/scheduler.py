@@ -64,15 +64,21 @@ class Scheduler:
     A request alone always fits in the pool (the engine guarantees
     ``max_model_len <= num_blocks * block_size``), so preempting the newest request
     until the oldest can grow always makes progress: no error, no deadlock.
+
+    ``prompt_logprobs_chunk``: a request that wants prompt logprobs computes at most this many
+    prompt tokens per step. Each such token costs a row of vocabulary logits, so a long
+    ``echo`` + ``logprobs`` prompt advances in small steps and the others keep stepping.
     """
 
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
-                 num_blocks: int, max_model_len: int) -> None:
+                 num_blocks: int, max_model_len: int,
+                 prompt_logprobs_chunk: int | None = None) -> None:
         if max_model_len > num_blocks * cache_config.block_size:
             raise ValueError(f"max_model_len ({max_model_len}) exceeds the KV cache capacity "
                              f"({num_blocks} blocks of {cache_config.block_size} tokens)")
         self.config = scheduler_config
         self.max_model_len = max_model_len
+        self.prompt_logprobs_chunk = prompt_logprobs_chunk
         self.kv_cache = KVCacheManager(num_blocks, cache_config.block_size,
                                        cache_config.enable_prefix_caching)
         self.requests: dict[str, Request] = {}
@@ -137,7 +143,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget,
+                          self._chunk_cap(request))
             if not self._allocate_or_preempt(request, num_new, out):
                 break  # the request itself was preempted: it was the last one running
             out.scheduled.append(ScheduledRequest(request, num_new))
@@ -166,7 +173,7 @@ class Scheduler:
                 # prompt that fits in one step is computed in one piece: its vector then does
                 # not depend on what else ran (chunks would attend through the cache).
                 break
-            num_new = min(num_new, budget)
+            num_new = min(num_new, budget, self._chunk_cap(request))
             if not self.kv_cache.allocate_slots(request, num_new, hit_blocks):
                 break  # FIFO: nobody overtakes the head of the queue
             self.waiting.popleft()
@@ -177,6 +184,15 @@ class Scheduler:
                 request.num_cached_tokens = num_hit
             out.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
+
+    def _chunk_cap(self, request: Request) -> int:
+        """The most tokens ``request`` may compute this step (prompt logprobs: a few)."""
+        cap = self.prompt_logprobs_chunk
+        if (cap is None or request.sampling_params.prompt_logprobs is None
+                or not self.config.enable_chunked_prefill
+                or request.num_computed_tokens >= request.num_prompt_tokens):
+            return request.num_tokens
+        return cap
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request)
