@@ -9,6 +9,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_FORMATS = ("auto", "dummy")
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
+GRAMMAR_INDEX = ("start", "first-use")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -40,8 +41,15 @@ class ModelConfig:
     # Weight-only int8/int4 copies for small-batch decode on CPU (heron.layers.quant). auto: on
     # for quantized checkpoints (GGUF) on CPU, off for float checkpoints and on CUDA.
     quantization: str = "auto"
+    # When a serving engine core builds the structured-output tokenizer index (seconds, holding
+    # the GIL): "start", before it reports ready; "first-use", on the first constrained request
+    # (a faster start, but running streams pause while it is built).
+    grammar_index: str = "start"
 
     def __post_init__(self) -> None:
+        if self.grammar_index not in GRAMMAR_INDEX:
+            raise ValueError(f"grammar_index must be one of {', '.join(GRAMMAR_INDEX)}, "
+                             f"got {self.grammar_index!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device not in DEVICES:

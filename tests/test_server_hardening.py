@@ -299,11 +299,17 @@ def test_wildcard_cors_sends_no_credentials_and_never_allows_null(server: Remote
 def test_health_answers_head_and_its_openapi_entry_matches(server: RemoteServer) -> None:
     get, head = httpx.get(server.url("/health")), httpx.head(server.url("/health"))
     assert (get.status_code, get.content, head.status_code, head.content) == (200, b"", 200, b"")
-    entry = httpx.get(server.url("/openapi.json")).json()["paths"]["/health"]
+    spec = httpx.get(server.url("/openapi.json")).json()
+    entry = spec["paths"]["/health"]
     assert set(entry) == {"get", "head"}
     for operation in entry.values():
         responses = operation["responses"]
         assert set(responses) == {"200", "503"}
-        assert "content" not in responses["200"]  # an empty body, as served
-        schema = responses["503"]["content"]["application/json"]["schema"]
-        assert schema == {"$ref": "#/components/schemas/ErrorResponse"}
+        assert "One engine: an empty body" in responses["200"]["description"]  # as served here
+        ok = responses["200"]["content"]["application/json"]["schema"]
+        assert ok == {"$ref": "#/components/schemas/HealthStatus"}  # several engines' report
+        down = responses["503"]["content"]["application/json"]["schema"]["anyOf"]
+        assert down == [{"$ref": "#/components/schemas/ErrorResponse"},
+                        {"$ref": "#/components/schemas/HealthStatus"}]
+    statuses = spec["components"]["schemas"]["HealthStatus"]["properties"]["status"]["enum"]
+    assert statuses == ["loading", "ok", "degraded", "down"]

@@ -527,9 +527,17 @@ def test_serve_flags_build_configs(monkeypatch: pytest.MonkeyPatch) -> None:
             "4",
             "--max-logprobs",
             "5",
+            "--allowed-hosts",
+            "api.internal",
+            "api2.internal",
+            "--max-seqs-per-request",
+            "64",
+            "--grammar-index",
+            "first-use",
         ]
     )
     engine = engine_config_from_args(args)
+    assert engine.model.grammar_index == "first-use"
     assert (
         engine.model.model,
         engine.model.max_model_len,
@@ -554,6 +562,8 @@ def test_serve_flags_build_configs(monkeypatch: pytest.MonkeyPatch) -> None:
         max_request_bytes=1 << 20,
         max_n=4,
         max_logprobs=5,
+        allowed_hosts=("api.internal", "api2.internal"),
+        max_seqs_per_request=64,
     )
 
 
@@ -567,6 +577,8 @@ def test_serve_defaults() -> None:
         16,
     )
     assert engine_config_from_args(args).model.model is None
+    assert engine_config_from_args(args).model.grammar_index == "start"
+    assert (server.allowed_hosts, server.max_seqs_per_request) == ((), 256)
     assert server.pooling == "mean"
     last = build_parser().parse_args(["serve", "--pooling", "last"])
     assert server_config_from_args(last).pooling == "last"

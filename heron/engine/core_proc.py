@@ -136,8 +136,10 @@ def _build_and_run(
 def _build_grammar_index(core: EngineCore) -> None:
     """Structured outputs need an index of the tokenizer, which takes seconds and holds the GIL
     all along: in a thread of a serving core it would stall every running stream (built on the
-    first constrained request, it did). So the core builds it before it reports ready."""
-    core.structured.build_index()
+    first constrained request, it did). So the core builds it before it reports ready, unless
+    ``--grammar-index first-use`` trades that for a faster start."""
+    if core.config.model.grammar_index == "start":
+        core.structured.build_index()
 
 
 def _build_core(config: EngineConfig) -> EngineCore:

@@ -41,6 +41,7 @@ from heron.server.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
     ErrorResponse,
+    HealthStatus,
     ModelCard,
     ModelList,
     TokenizeRequest,
@@ -215,8 +216,10 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> Response:
 
 
 _HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "The engine core is alive and stepping (empty body).", "content": None},
-    503: {"model": ErrorResponse, "description": "The engine core is gone, stopped or stuck."},
+    200: {"model": HealthStatus, "description": "Alive and stepping. One engine: an empty body; "
+          "several: their report (status ok, or degraded while at least one is up)."},
+    503: {"model": ErrorResponse | HealthStatus, "description": "Loading (status loading), the "
+          "engine gone, stopped or stuck (an error), or every engine down (their report)."},
 }
 
 

@@ -833,3 +833,18 @@ class DetokenizeResponse(BaseModel):
 
 class VersionResponse(BaseModel):
     version: str
+
+
+class EngineHealth(BaseModel):
+    engine: int
+    up: bool
+    pid: int | None = None
+    reason: str | None = None
+
+
+class HealthStatus(BaseModel):
+    """GET /health's JSON body while the model loads (``{"status": "loading"}``) and with
+    several data-parallel engines (their report); one engine that is up answers no body."""
+
+    status: Literal["loading", "ok", "degraded", "down"]
+    engines: list[EngineHealth] | None = None
