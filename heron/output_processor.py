@@ -153,7 +153,8 @@ class RequestState:
         self.choices[seq_id] = _Choice(p * self.n + i, p, detok,
                                        frozenset(child.stop_token_ids or ()))
         self.requests.append(EngineRequest(request_id=seq_id, prompt_token_ids=prompt.token_ids,
-                                           sampling_params=child, arrival_time=arrival_time))
+                                           sampling_params=child, arrival_time=arrival_time,
+                                           group=self.request_id))
 
     @property
     def num_choices(self) -> int:

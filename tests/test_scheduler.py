@@ -135,6 +135,44 @@ def test_max_num_seqs() -> None:
     assert (sched.num_running, sched.num_waiting) == (1, 0)
 
 
+def test_admission_takes_turns_across_requests() -> None:
+    """A request of many sequences (prompts x n) takes one place per turn: a request that
+    arrives after it is admitted at the next free slot, not after all of it."""
+    sched = make_scheduler(num_blocks=64, max_num_seqs=2)
+    big = [make_request(f"big-{i}", [1, 2, 3, i], max_tokens=3) for i in range(6)]
+    for r in big:
+        r.group = "big"
+        sched.add_request(r)
+    small = make_request("small", [9, 9, 9], max_tokens=1)
+    pair = [make_request(f"pair-{i}", [7, 7, i], max_tokens=1) for i in range(2)]
+    for r in pair:
+        r.group = "pair"
+    for r in (small, *pair):
+        sched.add_request(r)
+    order = [r.request_id for r in sched.waiting]
+    assert order == ["big-0", "small", "pair-0", "big-1", "pair-1", "big-2", "big-3", "big-4",
+                     "big-5"]
+    plan: list[tuple[str, int, int]] = []
+    while sched.has_unfinished_requests():
+        step(sched, plan=plan)
+    assert [rid for rid, start, _ in plan if start == 0] == order  # admitted in queue order
+
+
+def test_one_sequence_per_request_is_fifo_and_preempted_ones_come_first() -> None:
+    sched = make_scheduler(num_blocks=64)
+    requests = [make_request(f"r{i}", [i + 1] * 3) for i in range(5)]
+    for r in requests:
+        sched.add_request(r)
+    assert list(sched.waiting) == requests
+    step(sched)
+    victim = sched.running[-1]
+    sched.running.pop()
+    sched._preempt(victim)
+    late = make_request("late", [8, 8])
+    sched.add_request(late)
+    assert list(sched.waiting) == [victim, late]
+
+
 def test_prefix_hit_advances_computed_tokens_at_admission() -> None:
     sched = make_scheduler(num_blocks=32)
     prompt = list(range(1, 11))

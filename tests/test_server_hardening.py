@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,7 +28,8 @@ MAX_SEQS = 8
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteServer]:
     model = save_tiny_server_model(tmp_path_factory.mktemp("tiny-hardening"))
     args = [str(model), "--kv-cache-memory", "16MiB", "--max-n", "4",
-            "--max-seqs-per-request", str(MAX_SEQS), "--allowed-origins", "*"]
+            "--max-seqs-per-request", str(MAX_SEQS), "--allowed-origins", "*",
+            "--max-num-seqs", str(MAX_SEQS // 2)]
     with RemoteServer(args) as srv:
         yield srv
 
@@ -242,6 +244,25 @@ def test_prompts_times_n_is_capped(server: RemoteServer) -> None:
               "prompt")
     r = post(server, "/v1/completions", completion(prompt=["a"] * 4, n=2))
     assert r.status_code == 200 and len(r.json()["choices"]) == MAX_SEQS
+
+
+def test_a_later_request_does_not_wait_for_all_of_a_big_one(server: RemoteServer) -> None:
+    """8 sequences on 4 batch slots, then a 1-sequence request: it takes the first free slot
+    (fair turns), and so finishes long before the big request's second half."""
+    big = completion(prompt=[f"big {i}" for i in range(MAX_SEQS)], max_tokens=150,
+                     ignore_eos=True, stream=True)
+    finished: dict[str, float] = {}
+    with httpx.stream("POST", server.url("/v1/completions"), json=big, timeout=300) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")  # the big request is in the engine
+        small = post(server, "/v1/completions", completion(prompt="small", max_tokens=2,
+                                                           ignore_eos=True))
+        finished["small"] = time.monotonic()
+        assert small.status_code == 200
+        done = [line for line in lines if '"finish_reason":"length"' in line]
+        finished["big"] = time.monotonic()
+    assert len(done) == MAX_SEQS
+    assert finished["small"] < finished["big"] - 0.5, finished
 
 
 def test_no_response_queue_outlives_its_request(server: RemoteServer) -> None:

@@ -88,7 +88,8 @@ class EngineCore:
             params.all_stop_token_ids |= self.eos_token_ids
         req = Request(request_id=request.request_id, prompt_token_ids=list(prompt),
                       sampling_params=params, max_tokens=max_tokens,
-                      pooling_params=request.pooling_params)
+                      pooling_params=request.pooling_params,
+                      group=request.group or request.request_id)
         if request.arrival_time:
             req.arrival_time = request.arrival_time
         if self.structured.prepare(req):

@@ -25,6 +25,9 @@ class EngineRequest(msgspec.Struct, kw_only=True):
     sampling_params: SamplingParams = msgspec.field(default_factory=SamplingParams)
     pooling_params: PoolingParams | None = None
     arrival_time: float = 0.0
+    # The API request it belongs to ("" = itself): the scheduler admits waiting sequences in
+    # fair turns across groups, so one request of many prompts x n cannot hold others back.
+    group: str = ""
 
 
 class TokenLogprobs(msgspec.Struct, array_like=True):

@@ -82,6 +82,10 @@ class Request:
     # state in ``pooled`` and leaves the final vector there once the prompt is computed.
     pooling_params: PoolingParams | None = None
     pooled: torch.Tensor | None = None  # [hidden] float32
+    # Fair admission (see Scheduler.add_request): the API request this sequence belongs to,
+    # and its place in the waiting queue, (turn within its group, arrival number).
+    group: str = ""
+    admit_key: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

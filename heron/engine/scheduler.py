@@ -85,6 +85,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order: the last one is preempted first
         self.num_preemptions = 0
+        self._group_sizes: dict[str, int] = {}  # sequences in the scheduler per group
+        self._arrivals = 0
 
     # ------------------------------------------------------------------ requests in and out
 
@@ -96,7 +98,22 @@ class Scheduler:
                              f"expected 1 to max_model_len ({self.max_model_len})")
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self._enqueue(request)
+
+    def _enqueue(self, request: Request) -> None:
+        """Queue in fair turns: the k-th sequence of a group (an API request's prompts x n)
+        waits behind every group's (k-1)-th, and in arrival order within a turn. One request
+        with hundreds of sequences thus takes one place per turn, and a request that arrives
+        later starts at its group's first turn; with one sequence per group this is FIFO."""
+        group = request.group or request.request_id
+        turn = self._group_sizes.get(group, 0)
+        self._group_sizes[group] = turn + 1
+        self._arrivals += 1
+        request.admit_key = (turn, self._arrivals)
+        position = len(self.waiting)
+        while position > 0 and self.waiting[position - 1].admit_key > request.admit_key:
+            position -= 1
+        self.waiting.insert(position, request)
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
         """End requests from outside (abort, stop string): free their blocks and drop them."""
@@ -200,6 +217,7 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions += 1
+        request.admit_key = (-1, request.admit_key[1])  # back first, before any turn
         self.waiting.appendleft(request)
 
     # ------------------------------------------------------------------ after the model ran
@@ -270,6 +288,12 @@ class Scheduler:
     def _drop(self, request: Request) -> None:
         self.kv_cache.free(request)
         del self.requests[request.request_id]
+        group = request.group or request.request_id
+        left = self._group_sizes.get(group, 1) - 1
+        if left > 0:
+            self._group_sizes[group] = left
+        else:
+            self._group_sizes.pop(group, None)
 
     # ------------------------------------------------------------------ stats
 

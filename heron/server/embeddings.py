@@ -65,7 +65,7 @@ async def embed(ctx: ServingContext, prompts: list[Prompt],
     request_id = new_request_id("embd")
     arrival = time.monotonic()
     requests = [EngineRequest(request_id=f"{request_id}-{i}", prompt_token_ids=p.token_ids,
-                              pooling_params=params, arrival_time=arrival)
+                              pooling_params=params, arrival_time=arrival, group=request_id)
                 for i, p in enumerate(prompts)]
     index = {r.request_id: i for i, r in enumerate(requests)}
     vectors: list[np.ndarray | None] = [None] * len(requests)
