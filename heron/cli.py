@@ -328,9 +328,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--kv-cache-memory",
         type=parse_size,
-        default=2 << 30,
+        default=None,
         metavar="SIZE",
-        help="KV cache size on CPU, e.g. 2GiB (default: 2GiB)",
+        help="KV cache size on CPU, e.g. 2GiB (default: 20%% of the RAM available after loading "
+        "the weights, at most 2GiB)",
     )
     g.add_argument(
         "--gpu-memory-utilization",

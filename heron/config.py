@@ -8,7 +8,7 @@ from dataclasses import dataclass
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_FORMATS = ("auto", "dummy")
-QUANTIZATIONS = ("auto", "none", "int8", "int4")
+QUANTIZATIONS = ("auto", "gguf", "none", "int8", "int4")
 GRAMMAR_INDEX = ("start", "first-use")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
@@ -38,8 +38,9 @@ class ModelConfig:
     seed: int = 0
     load_format: str = "auto"
     chat_template: str | None = None  # a file path or the template text itself
-    # Weight-only int8/int4 copies for small-batch decode on CPU (heron.layers.quant). auto: on
-    # for quantized checkpoints (GGUF) on CPU, off for float checkpoints and on CUDA.
+    # How weights are held on CPU. gguf: a GGUF file's quantized blocks as the only copy
+    # (heron.layers.gguf_weight); int8/int4: weight-only copies re-quantized from float weights
+    # (heron.layers.quant); none: float weights. auto: gguf for GGUF files on CPU, none otherwise.
     quantization: str = "auto"
     # When a serving engine core builds the structured-output tokenizer index (seconds, holding
     # the GIL): "start", before it reports ready; "first-use", on the first constrained request
@@ -68,7 +69,7 @@ class CacheConfig:
     """The paged KV cache: block size and how much memory the pool takes."""
 
     block_size: int = 16
-    kv_cache_memory: int = 2 << 30  # bytes, on CPU
+    kv_cache_memory: int | None = None  # bytes, on CPU; None: a share of the RAM (engine.memory)
     gpu_memory_utilization: float = 0.9  # fraction of free GPU memory, on CUDA
     enable_prefix_caching: bool = True
     num_gpu_blocks_override: int | None = None  # tests: force a tiny pool
@@ -76,7 +77,7 @@ class CacheConfig:
     def __post_init__(self) -> None:
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be a power of two in [1, 128], got {self.block_size}")
-        if self.kv_cache_memory <= 0:
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

@@ -49,7 +49,7 @@ class LLM:
                  dtype: str = "auto", device: str = "auto", max_model_len: int | None = None,
                  seed: int = 0, load_format: str = "auto", chat_template: str | None = None,
                  quantization: str = "auto",
-                 block_size: int = 16, kv_cache_memory: str | int = "2GiB",
+                 block_size: int = 16, kv_cache_memory: str | int | None = None,
                  gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
                  num_gpu_blocks_override: int | None = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, skip_tokenizer_init: bool = False,
@@ -62,7 +62,8 @@ class LLM:
             chat_template=chat_template, quantization=quantization)
         config = EngineConfig(
             model=self.model_config,
-            cache=CacheConfig(block_size=block_size, kv_cache_memory=parse_size(kv_cache_memory),
+            cache=CacheConfig(block_size=block_size,
+                              kv_cache_memory=None if kv_cache_memory is None else parse_size(kv_cache_memory),
                               gpu_memory_utilization=gpu_memory_utilization,
                               enable_prefix_caching=enable_prefix_caching,
                               num_gpu_blocks_override=num_gpu_blocks_override),

@@ -10,8 +10,12 @@ import torch
 import transformers
 
 from heron.kernels.cpu import fused_decode
+from heron.kernels.cpu.gguf import BLOCK_FORMATS, BlockRows
+from heron.layers.gguf_weight import GGUFWeight
+from heron.layers.linear import use_only_quantized
 from heron.layers.quant import quantize_model
 from tests.model_harness import PagedSession, load_heron_model, make_hf_model
+from tests.test_gguf_kernels import random_blocks
 
 
 def needs_kernel(test: Callable[..., None]) -> Callable[..., None]:
@@ -90,3 +94,50 @@ def test_no_fused_path_without_int8_copies(tmp_path) -> None:
     assert model.model.fused_decode is None
     logits = session.step({0: [3, 4, 5]})[0]
     assert logits.shape == (3, 256) and torch.isfinite(logits).all()
+
+
+def _gemma3_on_gguf_blocks(tmp_path):
+    """A Gemma 3 whose projections, embedding and tied head are GGUF blocks of mixed formats
+    (q/k/v three formats in one fused weight), as a GGUF file loads (``gguf_native``)."""
+    config = transformers.Gemma3TextConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=6,
+        query_pre_attn_scalar=24, max_position_embeddings=256,
+        layer_types=["sliding_attention", "full_attention"])
+    model = load_heron_model(make_hf_model(config, seed=5), tmp_path).to(torch.bfloat16)
+    formats = {"qkv_proj": ("Q5_0", "Q8_0", "Q4_0"), "o_proj": ("Q4_0",),
+               "gate_up_proj": ("Q5_0", "Q8_0"), "down_proj": ("Q6_K",)}
+    for name, module in model.named_modules():
+        leaf = name.rpartition(".")[2]
+        if leaf in formats:
+            sizes = getattr(module, "output_sizes", (module.out_features,))
+            _set_blocks(module, [(fmt, rows) for fmt, rows in zip(formats[leaf], sizes)], seed=len(name))
+    embed = model.model.embed_tokens
+    _set_blocks(embed, [("Q8_0", 256)], seed=1)
+    model.lm_head.weight, model.lm_head.quantized = embed.weight, embed.quantized
+    return model
+
+
+def _set_blocks(module, parts, seed: int) -> None:
+    k = module.weight.shape[1]
+    rows = [BlockRows(torch.from_numpy(random_blocks(fmt, n, k, seed=seed + i, scale="normal")),
+                      BLOCK_FORMATS[fmt][0]) for i, (fmt, n) in enumerate(parts)]
+    use_only_quantized(module, GGUFWeight(rows, k, exact=False))
+
+
+@needs_kernel
+def test_fused_decode_on_gguf_blocks_equals_the_modules_bit_for_bit(tmp_path) -> None:
+    model = _gemma3_on_gguf_blocks(tmp_path)
+    assert model.model.layers[0].self_attn.qkv_proj.weight.device.type == "meta"  # no float copy
+    session = PagedSession(model, num_blocks=48, block_size=4, dtype=torch.bfloat16)
+    assert model.prepare_decode(session.kv_caches)
+    gen = torch.Generator().manual_seed(1)
+    prompts = {0: 4, 1: 11}
+    session.step({req: torch.randint(0, 256, (n,), generator=gen).tolist() for req, n in prompts.items()})
+    for _ in range(4):
+        chunks = {req: [int(torch.randint(0, 256, (1,), generator=gen))] for req in prompts}
+        fused, fused_caches, modules = _decode_both_ways(model, session, chunks)
+        for req in prompts:
+            assert torch.equal(fused[req], modules[req]) and torch.isfinite(fused[req]).all()
+        for mine, theirs in zip(fused_caches, session.kv_caches):
+            assert torch.equal(mine, theirs)

@@ -3,7 +3,7 @@ dequantization, for every block format and every kernel variant (all of them run
 AVX-512 machine: the variants differ only in the instructions they are compiled for).
 
 Exact mode (float32 activations): out equals x @ dequantize(W)^T up to float32 rounding.
-int8 mode (activations quantized per row and group of 32): the error is at most
+int8 mode (activations quantized per row and group of 4): the error is at most
 sum_k |W[n, k]| s[m, k] / 2, s the group's scale max |x| / 127, plus float rounding.
 """
 
@@ -29,7 +29,8 @@ def test_every_variant_runs_here() -> None:
 
 def _fp16_field(scale: str, rng: np.random.Generator, n: int) -> np.ndarray:
     values = {"normal": rng.uniform(1e-3, 2e-2, n), "tiny": rng.uniform(6e-8, 1e-6, n),  # subnormal
-              "large": rng.uniform(1e3, 6e4, n)}[scale] * rng.choice([-1.0, 1.0], n)
+              "large": rng.uniform(1e3, 6e4, n),
+              "model": rng.uniform(2e-5, 2e-4, n)}[scale] * rng.choice([-1.0, 1.0], n)
     return values.astype(np.float16).view(np.uint8).reshape(n, 2)
 
 
@@ -65,9 +66,9 @@ def _check(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, exact: bool) -> 
     expected = xd @ wd.T
     magnitude = xd.abs() @ wd.abs().T
     slack = 2e-5 * magnitude + 1e-30
-    if not exact:  # the rounding of x to int8, per group of 32
-        s = x.view(x.shape[0], -1, 32).abs().amax(dim=2, keepdim=True) / 127
-        s = s.expand(-1, -1, 32).reshape(x.shape).double()
+    if not exact:  # the rounding of x to int8, per group of 4
+        s = x.view(x.shape[0], -1, 4).abs().amax(dim=2, keepdim=True) / 127
+        s = s.expand(-1, -1, 4).reshape(x.shape).double()
         slack = slack + (s / 2) @ wd.abs().T
     err = (out.double() - expected).abs()
     worst = (err / slack).max().item()
@@ -149,3 +150,26 @@ def test_bad_shapes_are_refused() -> None:
         kernels.matmul(torch.randn(1, 128), segments, 4, True, torch.float32)
     with pytest.raises(ValueError, match="out of range"):
         kernels.rows(segments[0], 256, torch.tensor([4]), torch.float32)
+
+
+@pytest.mark.parametrize("variant", isa.VARIANTS)
+def test_float_segments_and_row_ids(variant: str) -> None:
+    """A fused weight with float parts (F32, F16, BF16 rows, multiplied in float32 in both
+    modes) and a quantized part read through a row permutation."""
+    kernels = gguf_kernels(variant)
+    k, gen = 64, torch.Generator().manual_seed(9)
+    floats = [torch.randn(5, k, generator=gen).to(dtype) for dtype in
+              (torch.float32, torch.float16, torch.bfloat16)]
+    blocks = random_blocks("Q4_0", rows=6, k=k, seed=8)
+    perm = torch.tensor([5, 3, 1, 0, 2, 4])
+    parts = [BlockRows(t.view(torch.uint8).view(5, -1), type_id)
+             for t, type_id in zip(floats, (0, 1, 30))]
+    parts.append(BlockRows(torch.from_numpy(blocks), BLOCK_FORMATS["Q4_0"][0], row_ids=perm))
+    w = torch.cat([t.float() for t in floats] + [dequantized("Q4_0", blocks)[perm]])
+    x = _activations(4, k, seed=1)
+    for exact in (True, False):
+        out = kernels.matmul(x, segment_array(parts), w.shape[0], exact, torch.float32)
+        _check(out[:, :15], x, w[:15], exact=True)  # float rows: float32 in both modes
+        _check(out[:, 15:], x, w[15:], exact)
+    assert torch.equal(kernels.rows(parts[3].struct(), k, torch.tensor([0, 5]), torch.float32),
+                       w[[15, 20]])

@@ -91,7 +91,8 @@ def test_cached_engine_gives_the_same_tokens_and_logprobs(tiny_gguf: tuple[Path,
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=3)
 
     def run() -> list[tuple[list[int], list]]:
-        llm = LLM(str(path), dtype="bfloat16", skip_tokenizer_init=True)
+        llm = LLM(str(path), dtype="bfloat16", quantization="int8",
+                  skip_tokenizer_init=True)
         outs = llm.generate(PROMPTS, params, use_tqdm=False)
         return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
 

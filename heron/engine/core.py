@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from heron.config import EngineConfig, ModelConfig
+from heron.engine.memory import kv_budget, memory_report, weight_bytes
 from heron.engine.messages import (
     EngineInfo,
     EngineOutput,
@@ -39,16 +41,16 @@ class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = resolve_device(config.model.device)
-        self.dtype = resolve_dtype(config.model.dtype, self.device)
+        self.quantization = resolve_quantization(config.model, self.device)
+        self.dtype = resolve_dtype(config.model.dtype, self.device,
+                                   torch_int4=_runs_torch_int4(self.quantization, self.device))
         torch.manual_seed(config.model.seed)
         start = time.monotonic()
-        self.quantization = resolve_quantization(config.model, self.device)
-        loaded, quant_bytes = load_prepared_model(config.model, self.device, self.dtype,
-                                                  self.quantization)
+        loaded, _ = load_prepared_model(config.model, self.device, self.dtype, self.quantization)
         self.model = loaded.model
         self.hf_config = loaded.hf_config
         self.eos_token_ids = _eos_token_ids(loaded.hf_config, loaded.generation_config)
-        num_blocks = self._num_kv_blocks()
+        num_blocks, kv_reason = self._num_kv_blocks()
         block_size = config.cache.block_size
         self.max_model_len = self._max_model_len(num_blocks * block_size)
         self.runner = ModelRunner(self.model, self.device, self.dtype, num_blocks, block_size,
@@ -67,10 +69,12 @@ class EngineCore:
             lambda: load_tokenizer(config.model).hf, self.info.vocab_size, self.eos_token_ids,
             tokenizer_json=lambda: tokenizer_json_path(config.model))
         self._rejected: list[RequestRejected] = []
-        logger.info("engine ready in %.1f s: %s on %s, KV cache %d tokens (%d blocks of %d), "
-                    "quantization %s (+%.0f MiB)", time.monotonic() - start, self.info.dtype,
-                    self.device, num_blocks * block_size, num_blocks, block_size,
-                    self.quantization, quant_bytes / 2**20)
+        logger.info("engine ready in %.1f s: %s on %s, weights %s, KV cache %d blocks of %d",
+                    time.monotonic() - start, self.info.dtype, self.device,
+                    _weights_kind(self.model), num_blocks, block_size)
+        per_block = ModelRunner.kv_bytes_per_block(self.model, block_size, self.dtype)
+        logger.info(memory_report(weight_bytes(self.model), num_blocks * per_block,
+                                  num_blocks * block_size, kv_reason, _model_file(config.model)))
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -178,21 +182,25 @@ class EngineCore:
                 f"requested {wanted} tokens ({len(prompt)} in the prompt, {max_tokens or 1} for the "
                 f"completion). Please reduce the length of the prompt or max_tokens.")
 
-    def _num_kv_blocks(self) -> int:
+    def _num_kv_blocks(self) -> tuple[int, str]:
+        """The pool's size in blocks, and why (see ``memory.kv_budget``)."""
         cache = self.config.cache
         if cache.num_gpu_blocks_override is not None:
-            return cache.num_gpu_blocks_override
+            return cache.num_gpu_blocks_override, "num_gpu_blocks_override"
         per_block = ModelRunner.kv_bytes_per_block(self.model, cache.block_size, self.dtype)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * cache.gpu_memory_utilization)
+            budget, reason = int(free * cache.gpu_memory_utilization), "gpu_memory_utilization"
         else:
-            budget = cache.kv_cache_memory
+            model_len = self.config.model.max_model_len or _model_max_len(self.hf_config)
+            needed = self.config.scheduler.max_num_seqs * (model_len + cache.block_size)
+            chosen = kv_budget(cache.kv_cache_memory, per_block // cache.block_size, needed)
+            budget, reason = chosen.nbytes, chosen.reason
         num_blocks = budget // per_block
         if num_blocks < 2:
             raise ValueError(f"the KV cache budget ({budget} bytes) holds fewer than 2 blocks of "
                              f"{per_block} bytes; raise --kv-cache-memory")
-        return num_blocks
+        return num_blocks, reason
 
     def _max_model_len(self, cache_tokens: int) -> int:
         """The configured length, else the model's; never more than the KV cache can hold."""
@@ -214,30 +222,46 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, device: torch.device, torch_int4: bool = False) -> torch.dtype:
     """auto: bfloat16 on CUDA and on CPUs where oneDNN takes bf16 (AVX-512 BW/VL/DQ, or Arm bf16):
     half the activation and KV-cache bytes, and heron's CPU kernels work in bf16 (with native
     AVX512-BF16 / AMX or emulated, see ``heron.kernels.cpu``). Measured on a CPU with
     native bf16: about 2x faster than float32 for the default model's bandwidth-bound decode
-    (20.9 vs 9.8 tok/s, one request). float32 on other CPUs."""
+    (20.9 vs 9.8 tok/s, one request). Also bfloat16 where the projections run PyTorch's int4
+    kernel (``torch_int4``), which is scalar code for float32 activations on x86 (2 against 20
+    tok/s on an AVX2-only CPU). float32 elsewhere (heron's GGUF and int8 kernels take it)."""
     if dtype != "auto":
         return getattr(torch, dtype)
-    if device.type == "cuda" or _cpu_has_fast_bf16():
+    if device.type == "cuda" or _cpu_has_fast_bf16() or torch_int4:
         return torch.bfloat16
     return torch.float32
 
 
-AUTO_QUANTIZATION = "int8"
+def _runs_torch_int4(quantization: str, device: torch.device) -> bool:
+    """Whether the projections will be ``PackedWeight``s (PyTorch's int4 kernel): int4, or an
+    int8 copy (or GGUF blocks falling back to one) without heron's int8 kernel."""
+    from heron.kernels.cpu.isa import NONE, selected_variant
+
+    if device.type != "cpu":
+        return False
+    return quantization == "int4" or (quantization in ("int8", "gguf") and selected_variant() == NONE)
+
+
+AUTO_QUANTIZATION = "gguf"
 
 
 def resolve_quantization(model: ModelConfig, device: torch.device) -> str:
-    """auto: int8 weight copies for quantized checkpoints (GGUF files, the default model) on CPU;
-    none for float checkpoints, whose users expect float numerics, and on CUDA (no kernels here)."""
+    """auto: a GGUF file's own blocks as the weights on CPU (``gguf``; re-quantized to int8
+    where heron's kernels cannot read them); none for float checkpoints, whose users expect
+    float numerics, and on CUDA (no kernels here)."""
+    from_gguf = model.model is None or str(model.model).endswith(".gguf")
     if model.quantization != "auto":
         if model.quantization != "none" and device.type != "cpu":
             raise ValueError(f"--quantization {model.quantization} is implemented for CPU only")
+        if model.quantization == "gguf" and not from_gguf:
+            raise ValueError("--quantization gguf keeps a GGUF file's blocks: the model is not a "
+                             ".gguf file")
         return model.quantization
-    from_gguf = model.model is None or str(model.model).endswith(".gguf")
     return AUTO_QUANTIZATION if from_gguf and device.type == "cpu" else "none"
 
 
@@ -246,6 +270,30 @@ def _cpu_has_fast_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def _weights_kind(model: torch.nn.Module) -> str:
+    """How the projections hold their weights (the kinds of quantized weight), else float."""
+    from heron.layers.gguf_weight import GGUFWeight
+
+    kinds = set()
+    for module in model.modules():
+        q = getattr(module, "quantized", None)
+        if isinstance(q, GGUFWeight):
+            kinds.add(f"the GGUF file's blocks ({'exact float32' if q.exact else 'int8 activations'})")
+        elif q is not None:
+            kinds.add(type(q).__name__)
+    return ", ".join(sorted(kinds)) or "float"
+
+
+def _model_file(model: ModelConfig) -> Path | None:
+    """The GGUF file the weights may be mapped from (for the resident-memory count)."""
+    if model.model is None:
+        from heron.loader.default_model import default_gguf_path
+
+        return default_gguf_path()
+    path = Path(model.model).expanduser()
+    return path if path.is_file() else None
 
 
 def _eos_token_ids(hf_config: object, generation_config: dict) -> set[int]:

@@ -37,6 +37,10 @@ class QuantizedWeight:
         """The weight the codes stand for as the kernel reads them, [N, K] float32."""
         raise NotImplementedError
 
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``ids`` [n] of the weight -> [n, K] in ``dtype`` (an embedding lookup)."""
+        raise NotImplementedError
+
     @property
     def nbytes(self) -> int:
         raise NotImplementedError
@@ -53,6 +57,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x.to(weight.dtype), weight, bias).to(out_dtype or x.dtype)
     out = F.linear(x, weight, bias)
     return out if out_dtype is None else out.to(out_dtype)
+
+
+def use_only_quantized(module: nn.Module, quantized: QuantizedWeight) -> None:
+    """Make ``quantized`` the module's only weight (it serves every batch): its float ``weight``
+    becomes a meta tensor, shape and dtype kept, no memory, and any use of it outside the
+    quantized path fails loudly instead of computing with garbage."""
+    if quantized.max_rows != sys.maxsize:
+        raise ValueError("only a quantized weight that serves every batch can be the only copy")
+    module.quantized = quantized
+    module.weight = nn.Parameter(torch.empty(module.weight.shape, dtype=module.weight.dtype,
+                                             device="meta"), requires_grad=False)
 
 
 class Linear(nn.Linear):
@@ -104,6 +119,21 @@ class MergedLinear(Linear):
     def split(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Split this layer's output ``[..., sum(sizes)]`` back into per-shard views."""
         return out.split(self.output_sizes, dim=-1)
+
+
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` whose table may be a ``QuantizedWeight`` (GGUF blocks, set by the loader),
+    whose rows are dequantized as they are looked up, in the table's dtype."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__(num_embeddings, embedding_dim)
+        self.quantized: QuantizedWeight | None = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.quantized is None:
+            return super().forward(ids)
+        rows = self.quantized.rows(ids.reshape(-1), self.weight.dtype)  # [n, dim]
+        return rows.view(*ids.shape, self.embedding_dim)
 
 
 class LMHead(nn.Module):

@@ -43,8 +43,9 @@ if TYPE_CHECKING:  # imported where used: the API process loads the tokenizer wi
     from heron.models.base import CausalLM
     from heron.models.registry import ModelClass
 
-__all__ = ["LoadedModel", "ModelSource", "build_model", "generation_config_of", "hf_reference_path",
-           "load_hf_config", "load_model", "model_display_name", "resolve_source"]
+__all__ = ["LoadedModel", "ModelSource", "build_model", "checkpoint_names", "generation_config_of",
+           "hf_reference_path", "load_hf_config", "load_model", "model_display_name",
+           "resolve_source"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
@@ -169,13 +170,13 @@ def _iter_weights(source: ModelSource, model: nn.Module,
                   dtype: torch.dtype) -> tuple[int, Iterator[tuple[str, torch.Tensor]]]:
     """How many tensors (for a GGUF file: about) and the ``(name, tensor)`` pairs."""
     if source.is_gguf:  # only the tensors the model has a place for, already in its dtype
-        names = _checkpoint_names(model)
+        names = checkpoint_names(model)
         return len(names), source.gguf.weights(names, dtype)
     files = find_safetensors_files(source.path)
     return count_safetensors(files), iter_safetensors(files)
 
 
-def _checkpoint_names(model: nn.Module) -> list[str]:
+def checkpoint_names(model: nn.Module) -> list[str]:
     """The checkpoint tensor names ``model`` loads: its parameters, fused ones split back
     into their sources (``qkv_proj`` -> ``q_proj``, ``k_proj``, ``v_proj``)."""
     from heron.loader.weights import WeightMapping

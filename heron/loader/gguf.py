@@ -21,8 +21,9 @@ The small products are cached (see ``cache`` for the root and the format version
         model.safetensors       float32 weights, written only for ``hf_reference_path``
         prepared/               the model's final tensors per recipe (``prepared``)
 
-The weights as served (dequantized, then quantized again for heron's kernels) are cached by
-``prepared``, per dtype and quantization.
+By default a GGUF model is served from the file's own blocks (``gguf_native``: mapped, never
+copied or cached); only where the user asks for other weights (``--quantization none / int8 /
+int4``) are they dequantized here, and the result is cached by ``prepared``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from heron.cache import (
     remove_stale_temporaries,
 )
 from heron.loader.gguf_arch import (
+    fix_config,
     fix_tensor,
     fixes_values,
     gguf_to_hf_names,
@@ -156,7 +158,7 @@ class GGUFModel:
         if not is_fast_arch(self.file):
             yield from ((n, t.to(dtype)) for n, t in self._transformers_weights().items())
             return
-        config = hf_config_dict(self.file)
+        config = fix_config(self.file)
         names = self._transformers_names() if hf_names is None else hf_names
         mapping = gguf_to_hf_names(self.file, names, int(config["num_hidden_layers"]))
         with _one_thread():

@@ -160,6 +160,16 @@ def gguf_to_hf_names(gguf_file: GGUFFile, hf_names: Iterable[str],
     return mapping
 
 
+def fix_config(gguf_file: GGUFFile) -> dict[str, Any]:
+    """What ``fix_tensor`` reads of the config (layer and head counts), straight from the
+    file's metadata: the same values ``hf_config_dict`` renames, without importing transformers."""
+    arch, meta = gguf_file.architecture, gguf_file.metadata
+    keys = {"num_hidden_layers": "block_count", "num_attention_heads": "attention.head_count",
+            "num_key_value_heads": "attention.head_count_kv"}
+    return {name: _config_value(meta[f"{arch}.{key}"]) for name, key in keys.items()
+            if f"{arch}.{key}" in meta}
+
+
 def fix_tensor(gguf_file: GGUFFile, name: str, tensor: torch.Tensor,
                config: dict[str, Any]) -> torch.Tensor:
     """Undo what llama.cpp's converter did to tensor ``name`` of this architecture.

@@ -23,6 +23,7 @@ from __future__ import annotations
 import mmap
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,6 +86,22 @@ class GGUFFile:
     @property
     def architecture(self) -> str:
         return str(self.metadata["general.architecture"])
+
+    @cached_property
+    def _mapped(self) -> np.ndarray:
+        """The whole file, memory-mapped copy-on-write (never written: pages stay the page
+        cache's, shared by every process that maps the file)."""
+        return np.memmap(self.path, dtype=np.uint8, mode="c")
+
+    def block_rows(self, info: TensorInfo) -> torch.Tensor:
+        """The tensor's stored rows as they lie in the file: [rows, row bytes] uint8, a view of
+        the mapped file (no copy; it keeps the mapping alive)."""
+        import torch
+
+        row_elements = info.shape[-1] if info.shape else 1
+        block_size, type_size = gguf.GGML_QUANT_SIZES[info.ggml_type]
+        raw = self._mapped[info.offset:info.offset + info.nbytes]
+        return torch.from_numpy(raw.reshape(-1, row_elements // block_size * type_size))
 
     def dequantized(self, info: TensorInfo, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor's values (bit for bit those of ``gguf.quants.dequantize``) in ``dtype``

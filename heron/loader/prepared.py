@@ -1,6 +1,9 @@
 """Prepared weights: a GGUF model's final tensors, written once and memory-mapped on later starts.
 
-Serving a GGUF file takes three passes over its weights: dequantize every tensor to the
+By default (``quantization="gguf"``) nothing is prepared: the file's blocks are the weights
+(``gguf_native``) and the file itself is mapped. Where the user asks for other weights
+(``none``: float, ``int8`` / ``int4``: re-quantized copies), serving a GGUF file takes three
+passes over its weights: dequantize every tensor to the
 model's dtype, build an int8 (or int4) copy of every projection (``quantize_model``), and on
 CPUs without native bf16 turn some projections back to float32 (``keep_float32_weights``).
 For the default model that is ~4 s of a ~10 s start. The result depends only on the file and
@@ -38,15 +41,27 @@ from torch import nn
 from heron.cache import atomic_write
 from heron.config import ModelConfig
 from heron.kernels.cpu import cpu_flags, has_native_bf16, q8_gemm
+from heron.kernels.cpu.gguf import gguf_kernels
 from heron.kernels.cpu.isa import selected_variant
 from heron.layers.linear import Linear, LMHead, keep_float32_weights
 from heron.layers.quant import PackedWeight, Q8Weight, QuantizedWeight, quantize_model
-from heron.loader import LoadedModel, ModelSource, build_model, load_model, resolve_source
+from heron.loader import (
+    LoadedModel,
+    ModelSource,
+    build_model,
+    checkpoint_names,
+    load_model,
+    resolve_source,
+)
+from heron.loader.gguf_arch import is_fast_arch
+from heron.loader.gguf_native import load_gguf_native
 from heron.progress import track
 
 logger = logging.getLogger(__name__)
 
 PREPARED_VERSION = 1  # bump when the file layout above changes
+GGUF_BLOCKS = "gguf"  # the quantization that keeps a GGUF file's blocks (never prepared)
+FALLBACK_QUANTIZATION = "int8"  # where the blocks cannot be the weights
 _KEEP_FILES = 4  # prepared files kept per GGUF entry (different dtypes, quantizations, heron versions)
 # The code that computes the prepared tensors or names the parameters they fill (the model
 # files): a change to any of these files changes the key.
@@ -104,6 +119,11 @@ def load_prepared_model(model_config: ModelConfig, device: torch.device, dtype: 
     the prepared-weights cache. Returns it with the bytes its quantized copies take."""
     dummy = model_config.load_format == "dummy"
     source = resolve_source(model_config.model, download_weights=not dummy)
+    if quantization == GGUF_BLOCKS:
+        native = None if dummy else _load_native(model_config, source, device, dtype)
+        if native is not None:
+            return native
+        quantization = FALLBACK_QUANTIZATION
     if dummy or not source.is_gguf or device.type != "cpu":
         loaded = load_model(model_config, device, dtype)
         return loaded, prepare_weights(loaded.model, weight_recipe(dtype, device, quantization))
@@ -119,6 +139,27 @@ def load_prepared_model(model_config: ModelConfig, device: torch.device, dtype: 
     added = prepare_weights(loaded.model, recipe)
     _save(loaded.model, recipe, path)
     return loaded, added
+
+
+def _load_native(model_config: ModelConfig, source: ModelSource, device: torch.device,
+                 dtype: torch.dtype) -> tuple[LoadedModel, int] | None:
+    """The model with the GGUF file's blocks as its weights (``gguf_native``: nothing to
+    prepare, nothing cached); None where that cannot be (no kernels, not a GGUF file heron
+    converts itself, not CPU), with the reason logged."""
+    kernels = gguf_kernels()
+    reason = ("not a GGUF file" if not source.is_gguf else "not on CPU" if device.type != "cpu"
+              else "no CPU kernels (see above)" if kernels is None
+              else "an architecture converted by transformers" if not is_fast_arch(source.gguf.file)
+              else None)
+    if reason is not None or kernels is None:
+        logger.warning("GGUF blocks cannot be the weights (%s): re-quantizing to %s instead",
+                       reason, FALLBACK_QUANTIZATION)
+        return None
+    loaded = build_model(source, device, dtype, source.gguf.light_config())
+    exact = model_config.dtype == "float32"  # asked for: float32 activations, exact products
+    mapped = load_gguf_native(loaded.model, source.gguf, checkpoint_names(loaded.model), dtype,
+                              exact, kernels)
+    return loaded, mapped
 
 
 def prepared_path(source: ModelSource, recipe: WeightRecipe) -> Path:

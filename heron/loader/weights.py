@@ -25,8 +25,10 @@ from heron.models.base import WeightMapping
 _ALWAYS_IGNORED = (r"\.inv_freq$",)
 
 
-def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Copy HF-named tensors into ``model`` (casting dtype and device).
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                 provided: Iterable[str] = ()) -> None:
+    """Copy HF-named tensors into ``model`` (casting dtype and device); ``provided`` names
+    parameters that are in place already (a GGUF file's blocks, ``gguf_native``).
 
     Raises ValueError on an unexpected name, a shape mismatch, a tensor given twice, or a
     parameter (or shard of a fused one) that the checkpoint never provided.
@@ -34,12 +36,12 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
     mapping: WeightMapping = getattr(model, "weight_mapping", WeightMapping())
     ignored = re.compile("|".join(_ALWAYS_IGNORED + mapping.ignored))
     params = dict(model.named_parameters())
-    loaded: set[tuple[str, int | None]] = set()
+    loaded: set[tuple[str, int | None]] = {(name, None) for name in provided}
     with torch.no_grad():
         for name, tensor in weights:
             if ignored.search(name):
                 continue
-            param_name, shard = _resolve(name, mapping)
+            param_name, shard = resolve(name, mapping)
             if param_name not in params:
                 raise ValueError(f"unexpected weight {name!r}: {type(model).__name__} has no "
                                  f"parameter {param_name!r}")
@@ -50,7 +52,7 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
     _check_complete(model, params, loaded)
 
 
-def _resolve(name: str, mapping: WeightMapping) -> tuple[str, int | None]:
+def resolve(name: str, mapping: WeightMapping) -> tuple[str, int | None]:
     """Checkpoint name -> (parameter name, shard index or None)."""
     for rule in mapping.stacked:
         needle = f".{rule.source}."

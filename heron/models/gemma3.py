@@ -20,7 +20,7 @@ from torch import nn
 
 from heron.layers.activation import act_and_mul, get_activation
 from heron.layers.attention import Attention, ForwardContext
-from heron.layers.linear import Linear, MergedLinear
+from heron.layers.linear import Embedding, Linear, MergedLinear
 from heron.layers.norm import RMSNorm, add_rms_norm
 from heron.layers.rotary import RotaryEmbedding, norm_and_rotate, rope_parameters
 from heron.models.base import GATE_UP_STACKED, QKV_STACKED, CausalLM, KVShape
@@ -140,7 +140,7 @@ class Gemma3TextModel(nn.Module):
 
     def __init__(self, config: Any) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         # HF multiplies by sqrt(hidden) rounded to the model dtype; a buffer follows that dtype.
         self.register_buffer("embed_scale", torch.tensor(config.hidden_size ** 0.5), persistent=False)
         self.layer_types = gemma3_layer_types(config)

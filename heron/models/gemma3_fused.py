@@ -7,10 +7,11 @@ identical; what goes away is the ~20 Python and PyTorch operator calls per layer
 runs from cold caches right after a projection has streamed its weights through them.
 
 ``FusedDecode.build`` returns None, and the modules keep serving, wherever the path does not
-apply: not CPU bfloat16, a projection without an int8 copy (``Q8Weight``) or with a bias, shapes
-the kernels do not take, or a kernel that did not build. The C structures below mirror the
-structs of ``fused_decode.c`` field for field; ``build`` fills them once, from the model's
-weights and the runner's KV cache tensors, which must stay in place from then on.
+apply: not CPU bfloat16, a projection that is neither an int8 copy (``Q8Weight``) nor GGUF blocks
+(``GGUFWeight``) or that has a bias, shapes the kernels do not take, or a kernel that did not
+build. The C structures below mirror the structs of ``fused_decode.c`` field for field;
+``build`` fills them once, from the model's weights and the runner's KV cache tensors, which
+must stay in place from then on.
 """
 
 from __future__ import annotations
@@ -24,17 +25,19 @@ import torch
 from heron.kernels.cpu import Elementwise, fused_decode
 from heron.layers.activation import kernel_name
 from heron.layers.attention import AttentionMetadata
+from heron.layers.gguf_weight import GGUFWeight
 from heron.layers.quant import Q8Weight
 
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 
-class _Q8Matrix(ctypes.Structure):
-    _fields_ = [("codes", _ptr), ("scales", _ptr), ("out_features", _i64)]
+class _Matrix(ctypes.Structure):
+    _fields_ = [("codes", _ptr), ("scales", _ptr), ("segments", _ptr), ("num_segments", _i64),
+                ("exact", _i64), ("out_features", _i64)]
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [("qkv", _Q8Matrix), ("o", _Q8Matrix), ("gate_up", _Q8Matrix), ("down", _Q8Matrix),
+    _fields_ = [("qkv", _Matrix), ("o", _Matrix), ("gate_up", _Matrix), ("down", _Matrix),
                 ("qk_scale", _ptr), ("post_attn_scale", _ptr), ("pre_ff_scale", _ptr),
                 ("post_ff_scale", _ptr), ("next_scale", _ptr), ("kv_cache", _ptr),
                 ("sliding_window", _i64), ("rope", _i64)]
@@ -138,7 +141,8 @@ def _applies(model: Any, kv_caches: Sequence[torch.Tensor]) -> bool:
             and attn.num_heads // attn.num_kv_heads <= 16 and model.norm.weight.shape[0] <= 16384
             and kernel_name(model.layers[0].mlp.act) is not None
             and all(n.unit_offset and n.eps == model.norm.eps for n in norms)
-            and all(isinstance(p.quantized, Q8Weight) and p.bias is None for p in _projections(model)))
+            and all(isinstance(p.quantized, (Q8Weight, GGUFWeight)) and p.bias is None
+                    for p in _projections(model)))
 
 
 def _kept(tensor: torch.Tensor, keep: list[object]) -> int:
@@ -147,10 +151,14 @@ def _kept(tensor: torch.Tensor, keep: list[object]) -> int:
     return tensor.data_ptr()
 
 
-def _matrix(proj: Any, keep: list[object]) -> _Q8Matrix:
-    q: Q8Weight = proj.quantized
-    return _Q8Matrix(codes=_kept(q.codes, keep), scales=_kept(q.scales, keep),
-                     out_features=proj.out_features)
+def _matrix(proj: Any, keep: list[object]) -> _Matrix:
+    q = proj.quantized
+    if isinstance(q, GGUFWeight):
+        keep.append(q)  # its segment array and the file's rows it points into
+        return _Matrix(segments=ctypes.addressof(q.segments), num_segments=len(q.segments),
+                       exact=q.exact, out_features=proj.out_features)
+    return _Matrix(codes=_kept(q.codes, keep), scales=_kept(q.scales, keep),
+                   out_features=proj.out_features)
 
 
 def _layer_struct(layer: Any, next_norm: Any, kv_cache: torch.Tensor, rope_types: list[str],

@@ -18,7 +18,7 @@ from torch import nn
 
 from heron.layers.activation import act_and_mul, get_activation
 from heron.layers.attention import Attention, ForwardContext
-from heron.layers.linear import Linear, MergedLinear
+from heron.layers.linear import Embedding, Linear, MergedLinear
 from heron.layers.norm import RMSNorm
 from heron.layers.rotary import RotaryEmbedding, rope_parameters
 from heron.models.base import GATE_UP_STACKED, QKV_STACKED, CausalLM, KVShape
@@ -125,7 +125,7 @@ class LlamaModel(nn.Module):
 
     def __init__(self, config: Any, variant: LlamaVariant) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         windows = layer_sliding_windows(config)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, variant, i, windows[i])
                                     for i in range(config.num_hidden_layers))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from heron.layers.attention import Attention, ForwardContext
-from heron.layers.linear import Linear
+from heron.layers.linear import Embedding, Linear
 from heron.models.base import CausalLM, KVShape
 
 
@@ -103,7 +103,7 @@ class MptModel(nn.Module):
 
     def __init__(self, config: Any) -> None:
         super().__init__()
-        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.wte = Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(MptBlock(config, i) for i in range(config.n_layers))
         self.norm_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_epsilon, bias=False)
 

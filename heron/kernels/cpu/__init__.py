@@ -76,7 +76,8 @@ def q8_gemm(variant: str) -> Q8Gemm | None:
 def fused_decode(variant: str) -> Callable[..., int] | None:
     """``fn(model, batch)``: a whole decode step of a Gemma 3 stack (see fused_decode.c and
     heron/layers/fused_decode.py, which builds the structs); None where unavailable."""
-    lib = load_library("fused_decode", ("fused_decode", "q8_gemm", "elementwise", "paged_attention"),
+    lib = load_library("fused_decode", ("fused_decode", "q8_gemm", "gguf_matmul", "elementwise",
+                                        "paged_attention"),
                        variant)
     if lib is None:
         return None

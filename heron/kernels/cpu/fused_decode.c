@@ -1,8 +1,9 @@
 /*
- * A whole decode step of a Gemma 3 decoder stack in one call: every layer's int8 projections,
- * norms, RoPE, K/V writes and paged attention, from the embedded tokens to the final norm.
- * Built on first use together with q8_gemm.c, elementwise.c and paged_attention.c (whose
- * functions it calls, see kernels.h) by heron/layers/cpu_kernels/__init__.py.
+ * A whole decode step of a Gemma 3 decoder stack in one call: every layer's projections (int8
+ * copies or the GGUF file's blocks), norms, RoPE, K/V writes and paged attention, from the
+ * embedded tokens to the final norm.
+ * Built on first use together with q8_gemm.c, gguf_matmul.c, elementwise.c and
+ * paged_attention.c (whose functions it calls, see kernels.h) by heron/kernels/cpu/__init__.py.
  *
  * Why: at one decoding request the arithmetic between two projections takes microseconds, but
  * each projection streams megabytes of weights through the caches and evicts the Python
@@ -25,15 +26,21 @@
 #include <string.h>
 
 #include "kernels.h"
+#include "kernels_gguf.h"
 
+/* A projection: heron's int8 layout (Q8Weight, q8_gemm.c), or a GGUF file's blocks
+ * (GGUFWeight, gguf_matmul.c) when codes is NULL. */
 typedef struct {
-    const uint8_t *codes;    /* Q8Weight layout, see q8_gemm.c */
+    const uint8_t *codes;
     const uint16_t *scales;
+    const heron_gguf_segment *segments;
+    int64_t num_segments;
+    int64_t exact;               /* GGUF: float32 products (else int8 activations) */
     int64_t out_features;
-} heron_q8_matrix;
+} heron_matrix;
 
 typedef struct {
-    heron_q8_matrix qkv, o, gate_up, down;
+    heron_matrix qkv, o, gate_up, down;
     const float *qk_scale;       /* [H + Hkv, D]: q norm's (1 + w) per q head, then k norm's */
     const float *post_attn_scale, *pre_ff_scale, *post_ff_scale;  /* [hidden] each */
     const float *next_scale;     /* the next layer's input norm, or the final norm */
@@ -62,8 +69,11 @@ typedef struct {
     uint16_t *out;               /* [B, hidden] bf16: final_norm(x) */
 } heron_decode_batch;
 
-static int matmul(const uint16_t *x, int64_t rows, int64_t in_features, const heron_q8_matrix *w,
+static int matmul(const uint16_t *x, int64_t rows, int64_t in_features, const heron_matrix *w,
                   uint16_t *out) {
+    if (!w->codes)
+        return heron_gguf_matmul(x, in_features, 1, rows, in_features, w->segments,
+                                 w->num_segments, out, w->out_features, 1, (int)w->exact);
     return heron_q8_gemm(x, in_features, 0, rows, in_features, w->codes, w->scales,
                          w->out_features, out, 1);
 }

@@ -18,7 +18,9 @@ from heron.kernels.cpu.build import load_library, per_variant
 # ggml types the kernels read (gguf.GGMLQuantizationType values): elements and bytes per block.
 BLOCK_FORMATS = {"Q4_0": (2, 32, 18), "Q5_0": (6, 32, 22), "Q8_0": (8, 32, 34),
                  "Q4_K": (12, 256, 144), "Q5_K": (13, 256, 176), "Q6_K": (14, 256, 210)}
-TYPE_IDS = {type_id for type_id, _, _ in BLOCK_FORMATS.values()}
+# Float rows the kernels also read (a part of a fused weight whose other parts are quantized).
+FLOAT_FORMATS = {"F32": (0, 1, 4), "F16": (1, 1, 2), "BF16": (30, 1, 2)}
+TYPE_IDS = {type_id for type_id, _, _ in (*BLOCK_FORMATS.values(), *FLOAT_FORMATS.values())}
 _ERRORS = {-1: "K is not a whole number of blocks (or a row's bytes do not match)",
            -2: "out of memory", -3: "a ggml type the kernel does not read",
            -4: "a row id out of range"}
@@ -28,19 +30,26 @@ class Segment(ctypes.Structure):
     """``heron_gguf_segment`` of kernels_gguf.h."""
 
     _fields_ = [("data", ctypes.c_void_p), ("rows", ctypes.c_int64), ("row_bytes", ctypes.c_int64),
-                ("type", ctypes.c_int64)]
+                ("type", ctypes.c_int64), ("row_ids", ctypes.c_void_p)]
 
 
 @dataclass(frozen=True)
 class BlockRows:
-    """Rows of one GGUF tensor in its block format: ``data`` [rows, row_bytes] uint8."""
+    """Rows of one GGUF tensor in its block format: ``data`` [rows, row_bytes] uint8; row i is
+    stored row ``row_ids[i]`` where given (int64 [rows])."""
 
     data: torch.Tensor
     ggml_type: int
+    row_ids: torch.Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.data.shape[0]
 
     def struct(self) -> Segment:
         rows, row_bytes = self.data.shape
-        return Segment(self.data.data_ptr(), rows, row_bytes, self.ggml_type)
+        ids = None if self.row_ids is None else self.row_ids.data_ptr()
+        return Segment(self.data.data_ptr(), rows, row_bytes, self.ggml_type, ids)
 
 
 def segment_array(parts: Sequence[BlockRows]) -> ctypes.Array[Segment]:

@@ -20,8 +20,8 @@
  *   Q6_K    256   210   ql[128] | qh[64] | int8 scales[16] | fp16 d;       q6-32        0
  *                       a = d * scales[k / 16]; see decode_q6_k
  *
- * All decoders are plain C over fixed-size loops: the compiler vectorizes them for whatever
- * target flags the variant is built with.
+ * The decoders write codes with AVX2 integer operations where the variant has them, and in
+ * plain C over fixed-size loops elsewhere (the compiler vectorizes them for its target).
  */
 #ifndef HERON_GGUF_BLOCKS_H
 #define HERON_GGUF_BLOCKS_H
@@ -36,7 +36,7 @@
 /* ggml type ids (gguf.GGMLQuantizationType) */
 enum {
     GGML_F32 = 0, GGML_F16 = 1, GGML_Q4_0 = 2, GGML_Q5_0 = 6, GGML_Q8_0 = 8,
-    GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14
+    GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14, GGML_BF16 = 30
 };
 
 static inline float fp16_to_fp32(uint16_t h) {
@@ -89,19 +89,71 @@ static inline int gguf_block_bytes(int type) {
     }
 }
 
+/* Float rows (a segment of a fused weight whose other parts are quantized): bytes per element. */
+static inline int gguf_float_bytes(int type) {
+    return type == GGML_F32 ? 4 : (type == GGML_F16 || type == GGML_BF16) ? 2 : 0;
+}
+
+/* A float row -> wf[K] (exactly its values). */
+static inline void decode_float_row(int type, const uint8_t *row, int64_t K, float *wf) {
+    if (type == GGML_F32) {
+        memcpy(wf, row, sizeof(float) * (size_t)K);
+    } else if (type == GGML_F16) {
+        for (int64_t k = 0; k < K; k++) wf[k] = fp16_to_fp32(load_u16(row + 2 * k));
+    } else {
+        for (int64_t k = 0; k < K; k++) {
+            const uint32_t bits = (uint32_t)load_u16(row + 2 * k) << 16;
+            memcpy(wf + k, &bits, 4);
+        }
+    }
+}
+
 /* Whether the format has offsets (b != 0). */
 static inline int gguf_has_offsets(int type) {
     return type == GGML_Q4_K || type == GGML_Q5_K;
 }
 
-/* One block -> c[elems], a[elems / 16], b[elems / 32] (b only where gguf_has_offsets). */
+/* One block -> c[elems], a[elems / 16], b[elems / 32] (b only where gguf_has_offsets). The
+ * codes are written by 256-bit integer operations where the variant has AVX2 (avx2 and
+ * avx512), by plain C elsewhere; the same bytes either way. */
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+
+static inline __m256i low_nibbles(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(15)); }
+static inline __m256i high_nibbles(__m256i v) {
+    return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(15));
+}
+/* 16 bytes -> 32 codes: low nibbles, then high nibbles */
+static inline __m256i nibbles_16(const uint8_t *p) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)p), m = _mm_set1_epi8(15);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+}
+/* bit j of bits -> byte j = 16 (bit set) or 0 */
+static inline __m256i bits_to_16s(uint32_t bits) {
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), _mm256_set_epi64x(
+        0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0x0000000000000000));
+    const __m256i select = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select);
+    return _mm256_and_si256(set, _mm256_set1_epi8(16));
+}
+/* bits [shift, shift + width) of each byte, moved up to bit 4 */
+static inline __m256i bits_at_4(__m256i v, int shift, int mask) {
+    return _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(v, shift), _mm256_set1_epi8((char)mask)), 4);
+}
+static inline void store32(int8_t *c, __m256i v) { _mm256_storeu_si256((__m256i *)c, v); }
+#endif
 
 static inline void decode_q4_0(const uint8_t *blk, int8_t *c, float *a) {
     const uint8_t *qs = blk + 2;
+#if defined(__AVX2__)
+    store32(c, _mm256_sub_epi8(nibbles_16(qs), _mm256_set1_epi8(8)));
+#else
     for (int j = 0; j < 16; j++) {
         c[j] = (int8_t)((qs[j] & 15) - 8);
         c[j + 16] = (int8_t)((qs[j] >> 4) - 8);
     }
+#endif
     a[0] = a[1] = fp16_to_fp32(load_u16(blk));
 }
 
@@ -109,10 +161,14 @@ static inline void decode_q5_0(const uint8_t *blk, int8_t *c, float *a) {
     uint32_t qh;
     memcpy(&qh, blk + 2, 4);
     const uint8_t *qs = blk + 6;
+#if defined(__AVX2__)
+    store32(c, _mm256_sub_epi8(_mm256_or_si256(nibbles_16(qs), bits_to_16s(qh)), _mm256_set1_epi8(16)));
+#else
     for (int j = 0; j < 16; j++) {
         c[j] = (int8_t)(((qs[j] & 15) | (((qh >> j) & 1) << 4)) - 16);
         c[j + 16] = (int8_t)(((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
     }
+#endif
     a[0] = a[1] = fp16_to_fp32(load_u16(blk));
 }
 
@@ -145,21 +201,36 @@ static inline void k_scales(const uint8_t *blk, float *a, float *b) {
 static inline void decode_q4_k(const uint8_t *blk, int8_t *c, float *a, float *b) {
     const uint8_t *qs = blk + 16;
     for (int j = 0; j < 4; j++) {
+#if defined(__AVX2__)
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
+        store32(c + 64 * j, low_nibbles(v));
+        store32(c + 64 * j + 32, high_nibbles(v));
+#else
         for (int l = 0; l < 32; l++) {
             c[64 * j + l] = (int8_t)(qs[32 * j + l] & 15);
             c[64 * j + 32 + l] = (int8_t)(qs[32 * j + l] >> 4);
         }
+#endif
     }
     k_scales(blk, a, b);
 }
 
 static inline void decode_q5_k(const uint8_t *blk, int8_t *c, float *a, float *b) {
     const uint8_t *qh = blk + 16, *qs = blk + 48;
+#if defined(__AVX2__)
+    const __m256i high = _mm256_loadu_si256((const __m256i *)qh);
+#endif
     for (int j = 0; j < 4; j++) {
+#if defined(__AVX2__)
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
+        store32(c + 64 * j, _mm256_or_si256(low_nibbles(v), bits_at_4(high, 2 * j, 1)));
+        store32(c + 64 * j + 32, _mm256_or_si256(high_nibbles(v), bits_at_4(high, 2 * j + 1, 1)));
+#else
         for (int l = 0; l < 32; l++) {
             c[64 * j + l] = (int8_t)((qs[32 * j + l] & 15) | (((qh[l] >> (2 * j)) & 1) << 4));
             c[64 * j + 32 + l] = (int8_t)((qs[32 * j + l] >> 4) | (((qh[l] >> (2 * j + 1)) & 1) << 4));
         }
+#endif
     }
     k_scales(blk, a, b);
 }
@@ -174,29 +245,41 @@ static inline void decode_q6_k(const uint8_t *blk, int8_t *c, float *a) {
     for (int h = 0; h < 2; h++) {
         const uint8_t *l4 = ql + 64 * h, *h2 = qh + 32 * h;
         int8_t *o = c + 128 * h;
+#if defined(__AVX2__)
+        const __m256i q0 = _mm256_loadu_si256((const __m256i *)l4);
+        const __m256i q1 = _mm256_loadu_si256((const __m256i *)(l4 + 32));
+        const __m256i hb = _mm256_loadu_si256((const __m256i *)h2), bias = _mm256_set1_epi8(32);
+        store32(o, _mm256_sub_epi8(_mm256_or_si256(low_nibbles(q0), bits_at_4(hb, 0, 3)), bias));
+        store32(o + 32, _mm256_sub_epi8(_mm256_or_si256(low_nibbles(q1), bits_at_4(hb, 2, 3)), bias));
+        store32(o + 64, _mm256_sub_epi8(_mm256_or_si256(high_nibbles(q0), bits_at_4(hb, 4, 3)), bias));
+        store32(o + 96, _mm256_sub_epi8(_mm256_or_si256(high_nibbles(q1), bits_at_4(hb, 6, 3)), bias));
+#else
         for (int l = 0; l < 32; l++) {
             o[l] = (int8_t)(((l4[l] & 15) | ((h2[l] & 3) << 4)) - 32);
             o[l + 32] = (int8_t)(((l4[l + 32] & 15) | (((h2[l] >> 2) & 3) << 4)) - 32);
             o[l + 64] = (int8_t)(((l4[l] >> 4) | (((h2[l] >> 4) & 3) << 4)) - 32);
             o[l + 96] = (int8_t)(((l4[l + 32] >> 4) | (((h2[l] >> 6) & 3) << 4)) - 32);
         }
+#endif
     }
     for (int i = 0; i < 16; i++) a[i] = d * (float)sc[i];
 }
 
-/* A row of K elements (K a multiple of the block size) -> c[K], a[K / 16], b[K / 32]. */
+/* A row of K elements (K a multiple of the block size) -> c[K], a[K / 16], b[K / 32]; the
+ * format is dispatched once per row. */
+#define DECODE_BLOCKS(call, elems, bytes) \
+    for (int64_t k = 0, i = 0; k < K; k += (elems), i++) { const uint8_t *blk = row + i * (bytes); call; } \
+    break;
+
 static inline void decode_row(int type, const uint8_t *row, int64_t K, int8_t *c, float *a, float *b) {
-    const int elems = gguf_block_elems(type), bytes = gguf_block_bytes(type);
-    for (int64_t k = 0, i = 0; k < K; k += elems, i++) {
-        const uint8_t *blk = row + i * bytes;
-        switch (type) {
-            case GGML_Q4_0: decode_q4_0(blk, c + k, a + k / 16); break;
-            case GGML_Q5_0: decode_q5_0(blk, c + k, a + k / 16); break;
-            case GGML_Q8_0: decode_q8_0(blk, c + k, a + k / 16); break;
-            case GGML_Q4_K: decode_q4_k(blk, c + k, a + k / 16, b + k / 32); break;
-            case GGML_Q5_K: decode_q5_k(blk, c + k, a + k / 16, b + k / 32); break;
-            case GGML_Q6_K: decode_q6_k(blk, c + k, a + k / 16); break;
-        }
+    switch (type) {
+        case GGML_Q4_0: DECODE_BLOCKS(decode_q4_0(blk, c + k, a + k / 16), 32, 18)
+        case GGML_Q5_0: DECODE_BLOCKS(decode_q5_0(blk, c + k, a + k / 16), 32, 22)
+        case GGML_Q8_0: DECODE_BLOCKS(decode_q8_0(blk, c + k, a + k / 16), 32, 34)
+        case GGML_Q4_K: DECODE_BLOCKS(decode_q4_k(blk, c + k, a + k / 16, b + k / 32), 256, 144)
+        case GGML_Q5_K: DECODE_BLOCKS(decode_q5_k(blk, c + k, a + k / 16, b + k / 32), 256, 176)
+        case GGML_Q6_K: DECODE_BLOCKS(decode_q6_k(blk, c + k, a + k / 16), 256, 210)
+        default: break;
     }
 }
 

@@ -10,15 +10,19 @@
  *
  *   exact (x float32 or bf16): w = a c + b in float32, then float32 dot products: the result
  *          is x @ dequantize(W)^T up to float rounding (summation order, fused multiply-add).
- *   int8  x quantized per call per row and group of 32 like GGUF's Q8_0 (xq = round(x / s),
- *          s = max |x| / 127); integer dot products per 16 elements, then
- *              out = sum_g16 a_g s_g (sum c xq)  +  sum_g32 b_g (sum x)      (the float sum)
+ *   int8  x quantized per call per row and group of 4 (xq = round(x / s), s = max |x| / 127:
+ *          one scale per 32-bit lane of the integer sums, so finer groups cost nothing, and a
+ *          transformer's outlier features spoil 3 neighbours, not 31); integer dot products
+ *          per 4 elements, then
+ *              out = sum_g4 a s_g (sum c xq)  +  sum_g32 b_g (sum x)      (b: the float sum)
  *          so the error against the exact result is at most sum_k |w_k| s_k / 2 (plus float
  *          rounding). AVX-512 VNNI: VPDPBUSD with x + 128 as the unsigned operand, minus
  *          128 sum c (one more VPDPBUSD per 64 weights, shared by the rows); AVX2 and AVX-512
  *          without VNNI: VPMADDUBSW on |c| and x with c's sign; portable: plain C.
  *
- * Rows of x and of the buffers are padded to a multiple of 64 elements with zeros.
+ * Rows of x and of the buffers are padded to a multiple of 64 elements with zeros. A segment
+ * may also be float rows (F32, F16, BF16: a fused weight whose other parts are quantized);
+ * those are multiplied in float32 in both modes.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -33,13 +37,14 @@
 
 #define PAD 64
 #define MAX_TILE 8
+#define XGROUP 4  /* elements of x per int8 scale: the 4 bytes one 32-bit lane sums */
 
 /* The per-call form of x. */
 typedef struct {
     int64_t K64;      /* K rounded up to PAD */
     float *xf;        /* exact: [M, K64] */
     int8_t *xq;       /* int8: [M, K64] codes (+128 as uint8 under VNNI) */
-    float *s16;       /* int8: [M, K64 / 16] scale of each 16 (of its group of 32) */
+    float *s4;        /* int8: [M, K64 / 4] scale of each 4 elements (a vector lane's) */
     float *sum32;     /* int8: [M, K64 / 32] float sums of x per 32 */
 } xprep;
 
@@ -48,7 +53,7 @@ typedef struct {
     int8_t *c;        /* [K64] */
     float *a;         /* [K64 / 16] */
     float *b;         /* [K64 / 32] */
-    float *wf;        /* exact: [K64] = a c + b */
+    float *wf;        /* float segments, row lookups: [K64] the values */
 } rowbuf;
 
 static inline float bf16_to_fp32(uint16_t v) {
@@ -75,27 +80,28 @@ static void load_x_row(const void *x, int x_bf16, int64_t K, int64_t K64, float 
     for (int64_t k = K; k < K64; k++) dst[k] = 0.0f;
 }
 
-/* One row of x in float -> int8 codes, scales per 16, float sums per 32. */
-static void quantize_x_row(const float *v, int64_t K64, int8_t *q, float *s16, float *sum32) {
-    for (int64_t g = 0; g < K64 / 32; g++) {
-        const float *vg = v + 32 * g;
-        float amax = 0.0f, sum = 0.0f;
-        for (int j = 0; j < 32; j++) {
-            const float m = fabsf(vg[j]);
-            amax = m > amax ? m : amax;
-            sum += vg[j];
-        }
+/* One row of x in float -> int8 codes and a scale per XGROUP (max |x| / 127), float sums per
+ * 32. */
+static void quantize_x_row(const float *v, int64_t K64, int8_t *q, float *s4, float *sum32) {
+    for (int64_t g = 0; g < K64 / XGROUP; g++) {
+        const float *vg = v + XGROUP * g;
+        float amax = 0.0f;
+        for (int j = 0; j < XGROUP; j++) amax = fabsf(vg[j]) > amax ? fabsf(vg[j]) : amax;
         const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-        for (int j = 0; j < 32; j++) {
+        for (int j = 0; j < XGROUP; j++) {
             int code = (int)nearbyintf(vg[j] * inv);
             code = code > 127 ? 127 : (code < -127 ? -127 : code);
 #if defined(__AVX512VNNI__)
-            q[32 * g + j] = (int8_t)(code ^ 0x80);  /* as uint8: code + 128 */
+            q[XGROUP * g + j] = (int8_t)(code ^ 0x80);  /* as uint8: code + 128 */
 #else
-            q[32 * g + j] = (int8_t)code;
+            q[XGROUP * g + j] = (int8_t)code;
 #endif
         }
-        s16[2 * g] = s16[2 * g + 1] = amax / 127.0f;
+        s4[g] = amax / 127.0f;
+    }
+    for (int64_t g = 0; g < K64 / 32; g++) {
+        float sum = 0.0f;
+        for (int j = 0; j < 32; j++) sum += v[32 * g + j];
         sum32[g] = sum;
     }
 }
@@ -105,28 +111,31 @@ static int prepare_x(const void *x, int64_t ldx, int x_bf16, int64_t M, int64_t 
     const int64_t K64 = (K + PAD - 1) / PAD * PAD;
     p->K64 = K64;
     p->xf = malloc(sizeof(float) * (size_t)(M * K64));
-    p->xq = exact ? NULL : malloc((size_t)(M * K64));
-    p->s16 = exact ? NULL : malloc(sizeof(float) * (size_t)(M * K64 / 16));
-    p->sum32 = exact ? NULL : malloc(sizeof(float) * (size_t)(M * K64 / 32));
-    if (!p->xf || (!exact && (!p->xq || !p->s16 || !p->sum32))) return -2;
+    if (!exact) {
+        p->xq = malloc((size_t)(M * K64));
+        p->s4 = malloc(sizeof(float) * (size_t)(M * K64 / XGROUP));
+        p->sum32 = malloc(sizeof(float) * (size_t)(M * K64 / 32));
+    }
+    if (!p->xf || (!exact && (!p->xq || !p->s4 || !p->sum32))) return -2;
     const size_t elem = x_bf16 ? 2 : 4;
 #pragma omp parallel for schedule(static) if (M >= 16)
     for (int64_t m = 0; m < M; m++) {
         float *row = p->xf + m * K64;
         load_x_row((const char *)x + (size_t)(m * ldx) * elem, x_bf16, K, K64, row);
         if (!exact)
-            quantize_x_row(row, K64, p->xq + m * K64, p->s16 + m * (K64 / 16),
+            quantize_x_row(row, K64, p->xq + m * K64, p->s4 + m * (K64 / XGROUP),
                            p->sum32 + m * (K64 / 32));
     }
     return 0;
 }
 
 static void free_x(xprep *p) {
-    free(p->xf), free(p->xq), free(p->s16), free(p->sum32);
+    free(p->xf), free(p->xq), free(p->s4), free(p->sum32);
 }
 
-/* ------------------------------------------------------------------------- exact mode */
+/* ------------------------------------------------------------------------- float rows */
 
+/* res[r] = wf . x_r for float values wf (a float segment). */
 static inline __attribute__((always_inline)) void dot_f32_tile(
         const float *wf, const float *x, int64_t K64, int R, float *res) {
     float acc[MAX_TILE][16];
@@ -145,9 +154,7 @@ static inline __attribute__((always_inline)) void dot_f32_tile(
     }
 }
 
-/* ------------------------------------------------------------------------- int8 mode */
-
-/* sum_g32 b_g sum32_g for the rows of a tile (formats with offsets only). */
+/* sum_g32 b_g sum32_g for the rows of a tile (int8 mode, formats with offsets only). */
 static inline void offsets_tile(const float *b, const float *sum32, int64_t K64, int R, float *res) {
     const int64_t groups = K64 / 32;
     for (int r = 0; r < R; r++) {
@@ -163,7 +170,28 @@ static inline void offsets_tile(const float *b, const float *sum32, int64_t K64,
     }
 }
 
+/*
+ * Per variant, two tile kernels over a decoded row w and rows m0 .. m0 + R - 1 of x:
+ *   dot_exact_tile  res[r] = sum_k (a c + b)_k x_rk, the weight made float per 16 (shared by
+ *                   the rows), one FMA per row
+ *   dot_int8_tile   res[r] = sum over 4-groups of a s (sum c xq)   (offsets: offsets_tile)
+ */
 #if defined(__AVX512F__) && defined(__AVX512BW__)
+
+static inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+static inline __attribute__((always_inline)) void dot_exact_tile(
+        const rowbuf *w, int offsets, const float *x, int64_t K64, int R, float *res) {
+    __m512 acc[MAX_TILE];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K64; k += 16) {
+        const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w->c + k))));
+        const __m512 wk = offsets ? _mm512_fmadd_ps(c, _mm512_set1_ps(w->a[k / 16]), _mm512_set1_ps(w->b[k / 32]))
+                                  : _mm512_mul_ps(c, _mm512_set1_ps(w->a[k / 16]));
+        for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * K64 + k), wk, acc[r]);
+    }
+    for (int r = 0; r < R; r++) res[r] = hsum512(acc[r]);
+}
 
 static inline __m512i dot_quads(__m512i acc, __m512i xq, __m512i wc) {
     /* acc + per lane i: sum_{j<4} c[4i+j] xq[4i+j] (xq + 128 as uint8 under VNNI, where acc
@@ -191,19 +219,37 @@ static inline __attribute__((always_inline)) void dot_int8_tile(
 #else
         const __m512i base = _mm512_setzero_si512();
 #endif
-        const __m128 a4 = _mm_loadu_ps(w->a + k / 16);
+        const __m512 a = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_loadu_ps(w->a + k / 16)));
         for (int r = 0; r < R; r++) {
             const int64_t m = m0 + r;
             const __m512i s = dot_quads(base, _mm512_loadu_si512((const void *)(p->xq + m * K64 + k)), wc);
-            const __m128 sc = _mm_mul_ps(a4, _mm_loadu_ps(p->s16 + m * (K64 / 16) + k / 16));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s),
-                                     _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(sc)), acc[r]);
+            const __m512 scale = _mm512_mul_ps(a, _mm512_loadu_ps(p->s4 + m * (K64 / XGROUP) + k / XGROUP));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[r]);
         }
     }
-    for (int r = 0; r < R; r++) res[r] = _mm512_reduce_add_ps(acc[r]);
+    for (int r = 0; r < R; r++) res[r] = hsum512(acc[r]);
 }
 
 #elif defined(__AVX2__)
+
+static inline float hsum256(__m256 v) {
+    const __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 h = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+static inline __attribute__((always_inline)) void dot_exact_tile(
+        const rowbuf *w, int offsets, const float *x, int64_t K64, int R, float *res) {
+    __m256 acc[MAX_TILE];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K64; k += 8) {
+        const __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w->c + k))));
+        const __m256 wk = offsets ? _mm256_fmadd_ps(c, _mm256_set1_ps(w->a[k / 16]), _mm256_set1_ps(w->b[k / 32]))
+                                  : _mm256_mul_ps(c, _mm256_set1_ps(w->a[k / 16]));
+        for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K64 + k), wk, acc[r]);
+    }
+    for (int r = 0; r < R; r++) res[r] = hsum256(acc[r]);
+}
 
 static inline __attribute__((always_inline)) void dot_int8_tile(
         const rowbuf *w, const xprep *p, int64_t m0, int R, float *res) {
@@ -218,34 +264,52 @@ static inline __attribute__((always_inline)) void dot_int8_tile(
         for (int r = 0; r < R; r++) {
             const int64_t m = m0 + r;
             const __m256i xq = _mm256_loadu_si256((const __m256i *)(p->xq + m * K64 + k));
-            const __m256i pairs = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xq, wc));
-            const __m256i s = _mm256_madd_epi16(pairs, ones);
-            const __m256 sc = _mm256_mul_ps(a, _mm256_broadcast_ss(p->s16 + m * (K64 / 16) + k / 16));
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, acc[r]);
+            const __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xq, wc)), ones);
+            const __m256 scale = _mm256_mul_ps(a, _mm256_loadu_ps(p->s4 + m * (K64 / XGROUP) + k / XGROUP));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[r]);
         }
     }
-    for (int r = 0; r < R; r++) {
-        const __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-        const __m128 h = _mm_add_ps(v, _mm_movehl_ps(v, v));
-        res[r] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-    }
+    for (int r = 0; r < R; r++) res[r] = hsum256(acc[r]);
 }
 
 #else  /* portable */
+
+static inline __attribute__((always_inline)) void dot_exact_tile(
+        const rowbuf *w, int offsets, const float *x, int64_t K64, int R, float *res) {
+    float acc[MAX_TILE][16];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < 16; j++) acc[r][j] = 0.0f;
+    for (int64_t k = 0; k < K64; k += 16) {
+        float wk[16];
+        const float a = w->a[k / 16], b = offsets ? w->b[k / 32] : 0.0f;
+        for (int j = 0; j < 16; j++) wk[j] = a * (float)w->c[k + j] + b;
+        for (int r = 0; r < R; r++)
+            for (int j = 0; j < 16; j++) acc[r][j] += x[r * K64 + k + j] * wk[j];
+    }
+    for (int r = 0; r < R; r++) {
+        float total = 0.0f;
+        for (int j = 0; j < 16; j++) total += acc[r][j];
+        res[r] = total;
+    }
+}
 
 static inline __attribute__((always_inline)) void dot_int8_tile(
         const rowbuf *w, const xprep *p, int64_t m0, int R, float *res) {
     const int64_t K64 = p->K64;
     for (int r = 0; r < R; r++) {
         const int8_t *xq = p->xq + (m0 + r) * K64;
-        const float *s16 = p->s16 + (m0 + r) * (K64 / 16);
-        float acc = 0.0f;
-        for (int64_t g = 0; g < K64 / 16; g++) {
-            int32_t s = 0;
-            for (int j = 0; j < 16; j++) s += (int32_t)w->c[16 * g + j] * (int32_t)xq[16 * g + j];
-            acc += (w->a[g] * s16[g]) * (float)s;
+        const float *s4 = p->s4 + (m0 + r) * (K64 / XGROUP);
+        float acc[16] = {0};
+        for (int64_t k = 0; k < K64; k += 64) {  /* 16 lanes of 4, as the vector code sums them */
+            for (int l = 0; l < 16; l++) {
+                int32_t sum = 0;
+                for (int j = 0; j < 4; j++) sum += (int32_t)w->c[k + 4 * l + j] * (int32_t)xq[k + 4 * l + j];
+                acc[l] += (float)sum * (w->a[(k + 4 * l) / 16] * s4[(k + 4 * l) / 4]);
+            }
         }
-        res[r] = acc;
+        float total = 0.0f;
+        for (int l = 0; l < 16; l++) total += acc[l];
+        res[r] = total;
     }
 }
 
@@ -259,14 +323,15 @@ static inline void store_out(void *out, int out_bf16, int64_t index, float v) {
 }
 
 #define TILE_CASE(R) case R: \
-    if (exact) dot_f32_tile(w->wf, p->xf + m0 * p->K64, p->K64, R, res); \
+    if (float_rows) dot_f32_tile(w->wf, p->xf + m0 * p->K64, p->K64, R, res); \
+    else if (exact) dot_exact_tile(w, offsets, p->xf + m0 * p->K64, p->K64, R, res); \
     else { dot_int8_tile(w, p, m0, R, res); if (offsets) \
         offsets_tile(w->b, p->sum32 + m0 * (p->K64 / 32), p->K64, R, res); } \
     break;
 
 /* out[:, n] for every row of x, from W's row decoded into w. */
-static void row_times_x(const rowbuf *w, const xprep *p, int64_t M, int exact, int offsets,
-                        void *out, int64_t ldo, int out_bf16, int64_t n) {
+static void row_times_x(const rowbuf *w, const xprep *p, int64_t M, int exact, int float_rows,
+                        int offsets, void *out, int64_t ldo, int out_bf16, int64_t n) {
     for (int64_t m0 = 0; m0 < M; m0 += MAX_TILE) {
         float res[MAX_TILE];
         const int R = M - m0 < MAX_TILE ? (int)(M - m0) : MAX_TILE;
@@ -290,10 +355,18 @@ static void expand_row(const rowbuf *w, int64_t K, int offsets) {
     }
 }
 
-static void decode_into(const heron_gguf_segment *seg, int64_t row, int64_t K, int exact,
+/* Row `row` of a segment into w: codes and scales, or (a float segment; values = 1: the
+ * values of any row, rounded as gguf does) its float values. */
+static void decode_into(const heron_gguf_segment *seg, int64_t row, int64_t K, int values,
                         rowbuf *w) {
-    decode_row((int)seg->type, seg->data + row * seg->row_bytes, K, w->c, w->a, w->b);
-    if (exact) expand_row(w, K, gguf_has_offsets((int)seg->type));
+    const int type = (int)seg->type;
+    const uint8_t *data = seg->data + (seg->row_ids ? seg->row_ids[row] : row) * seg->row_bytes;
+    if (gguf_float_bytes(type)) {
+        decode_float_row(type, data, K, w->wf);
+        return;
+    }
+    decode_row(type, data, K, w->c, w->a, w->b);
+    if (values) expand_row(w, K, gguf_has_offsets(type));
 }
 
 static int rowbuf_alloc(rowbuf *w, int64_t K64) {
@@ -311,9 +384,12 @@ static void rowbuf_free(rowbuf *w) {
 int heron_gguf_check(const heron_gguf_segment *segs, int64_t nsegs, int64_t K) {
     if (K <= 0 || K % 32) return -1;
     for (int64_t s = 0; s < nsegs; s++) {
-        const int elems = gguf_block_elems((int)segs[s].type);
-        if (!elems) return -3;
-        if (K % elems || segs[s].row_bytes != K / elems * gguf_block_bytes((int)segs[s].type)) return -1;
+        const int type = (int)segs[s].type, elems = gguf_block_elems(type);
+        if (!elems && !gguf_float_bytes(type)) return -3;
+        if (elems && K % elems) return -1;
+        const int64_t row_bytes = elems ? K / elems * gguf_block_bytes(type)
+                                        : K * gguf_float_bytes(type);
+        if (segs[s].row_bytes != row_bytes) return -1;
     }
     return 0;
 }
@@ -347,8 +423,10 @@ int heron_gguf_matmul(const void *x, int64_t ldx, int x_bf16, int64_t M, int64_t
             if (failed) continue;
             while (n < first) first -= segs[--seg].rows;
             while (n >= first + segs[seg].rows) first += segs[seg++].rows;
-            decode_into(&segs[seg], n - first, K, exact, &w);
-            row_times_x(&w, &p, M, exact, gguf_has_offsets((int)segs[seg].type), out, ldo, out_bf16, n);
+            const int type = (int)segs[seg].type;
+            decode_into(&segs[seg], n - first, K, 0, &w);
+            row_times_x(&w, &p, M, exact, gguf_float_bytes(type) != 0, gguf_has_offsets(type), out,
+                        ldo, out_bf16, n);
         }
         rowbuf_free(&w);
     }

@@ -6,12 +6,14 @@
 
 #include <stdint.h>
 
-/* Rows [rows, row_bytes] of one GGUF tensor, ggml type `type`, in place. */
+/* Rows [rows, row_bytes] of one GGUF tensor, ggml type `type`, in place; row i of the segment
+ * is stored row row_ids[i] (NULL: row i), e.g. llama.cpp's permuted q/k rows put back. */
 typedef struct {
     const uint8_t *data;
     int64_t rows;
     int64_t row_bytes;
     int64_t type;
+    const int64_t *row_ids;
 } heron_gguf_segment;
 
 int heron_gguf_check(const heron_gguf_segment *segs, int64_t nsegs, int64_t K);
