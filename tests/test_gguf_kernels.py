@@ -173,3 +173,20 @@ def test_float_segments_and_row_ids(variant: str) -> None:
         _check(out[:, 15:], x, w[15:], exact)
     assert torch.equal(kernels.rows(parts[3].struct(), k, torch.tensor([0, 5]), torch.float32),
                        w[[15, 20]])
+
+
+@pytest.mark.parametrize("variant", isa.VARIANTS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "int8"])
+def test_a_rows_result_does_not_depend_on_its_batch(variant: str, fmt: str, exact: bool) -> None:
+    """Bit for bit the same output for a row of x alone, in a small batch (the decode path) and
+    in a large one (the general path): what a request gets never depends on who it shares a
+    step with."""
+    kernels = gguf_kernels(variant)
+    k = BLOCK_FORMATS[fmt][1] * (3 if BLOCK_FORMATS[fmt][1] == 32 else 1)
+    blocks = random_blocks(fmt, rows=21, k=k, seed=6)
+    segments = segment_array([BlockRows(torch.from_numpy(blocks), BLOCK_FORMATS[fmt][0])])
+    x = _activations(40, k, seed=2)
+    full = kernels.matmul(x, segments, 21, exact, torch.float32)
+    for rows in (slice(0, 1), slice(5, 7), slice(9, 13), slice(20, 37)):
+        assert torch.equal(kernels.matmul(x[rows], segments, 21, exact, torch.float32), full[rows])

@@ -45,6 +45,7 @@ typedef struct {
     float *xf;        /* exact: [M, K64] */
     int8_t *xq;       /* int8: [M, K64] codes (+128 as uint8 under VNNI) */
     float *s4;        /* int8: [M, K64 / 4] scale of each 4 elements (a vector lane's) */
+    float *xqf;       /* int8, portable: [M, K64] the codes as floats */
     float *sum32;     /* int8: [M, K64 / 32] float sums of x per 32 */
 } xprep;
 
@@ -116,21 +117,26 @@ static int prepare_x(const void *x, int64_t ldx, int x_bf16, int64_t M, int64_t 
         p->s4 = malloc(sizeof(float) * (size_t)(M * K64 / XGROUP));
         p->sum32 = malloc(sizeof(float) * (size_t)(M * K64 / 32));
     }
+#if !defined(__AVX2__)
+    p->xqf = exact ? NULL : malloc(sizeof(float) * (size_t)(M * K64));
+    if (!exact && !p->xqf) return -2;
+#endif
     if (!p->xf || (!exact && (!p->xq || !p->s4 || !p->sum32))) return -2;
     const size_t elem = x_bf16 ? 2 : 4;
 #pragma omp parallel for schedule(static) if (M >= 16)
     for (int64_t m = 0; m < M; m++) {
         float *row = p->xf + m * K64;
         load_x_row((const char *)x + (size_t)(m * ldx) * elem, x_bf16, K, K64, row);
-        if (!exact)
-            quantize_x_row(row, K64, p->xq + m * K64, p->s4 + m * (K64 / XGROUP),
-                           p->sum32 + m * (K64 / 32));
+        if (exact) continue;
+        quantize_x_row(row, K64, p->xq + m * K64, p->s4 + m * (K64 / XGROUP), p->sum32 + m * (K64 / 32));
+        if (p->xqf)
+            for (int64_t k = 0; k < K64; k++) p->xqf[m * K64 + k] = (float)p->xq[m * K64 + k];
     }
     return 0;
 }
 
 static void free_x(xprep *p) {
-    free(p->xf), free(p->xq), free(p->s4), free(p->sum32);
+    free(p->xf), free(p->xq), free(p->s4), free(p->sum32), free(p->xqf);
 }
 
 /* ------------------------------------------------------------------------- float rows */
@@ -293,34 +299,152 @@ static inline __attribute__((always_inline)) void dot_exact_tile(
     }
 }
 
+/* The integer sums of 4 products computed in float, where they are exact (|sum| < 2^24): the
+ * same numbers as the integer code, in a form plain C vectorizes (SSE2 has no int8 products). */
 static inline __attribute__((always_inline)) void dot_int8_tile(
         const rowbuf *w, const xprep *p, int64_t m0, int R, float *res) {
     const int64_t K64 = p->K64;
-    for (int r = 0; r < R; r++) {
-        const int8_t *xq = p->xq + (m0 + r) * K64;
-        const float *s4 = p->s4 + (m0 + r) * (K64 / XGROUP);
-        float acc[16] = {0};
-        for (int64_t k = 0; k < K64; k += 64) {  /* 16 lanes of 4, as the vector code sums them */
-            for (int l = 0; l < 16; l++) {
-                int32_t sum = 0;
-                for (int j = 0; j < 4; j++) sum += (int32_t)w->c[k + 4 * l + j] * (int32_t)xq[k + 4 * l + j];
-                acc[l] += (float)sum * (w->a[(k + 4 * l) / 16] * s4[(k + 4 * l) / 4]);
-            }
+    float acc[MAX_TILE][4];
+    for (int r = 0; r < R; r++)
+        for (int l = 0; l < 4; l++) acc[r][l] = 0.0f;
+    for (int64_t k = 0; k < K64; k += 16) {
+        float c[16];
+        for (int j = 0; j < 16; j++) c[j] = (float)w->c[k + j];
+        const float a = w->a[k / 16];
+        for (int r = 0; r < R; r++) {
+            const float *xq = p->xqf + (m0 + r) * K64 + k, *s = p->s4 + (m0 + r) * (K64 / XGROUP) + k / XGROUP;
+            float prod[16];
+            for (int j = 0; j < 16; j++) prod[j] = c[j] * xq[j];
+            for (int l = 0; l < 4; l++)
+                acc[r][l] += (prod[4 * l] + prod[4 * l + 1] + prod[4 * l + 2] + prod[4 * l + 3]) * (a * s[l]);
         }
-        float total = 0.0f;
-        for (int l = 0; l < 16; l++) total += acc[l];
-        res[r] = total;
     }
+    for (int r = 0; r < R; r++) res[r] = (acc[r][0] + acc[r][1]) + (acc[r][2] + acc[r][3]);
 }
 
 #endif
-
-/* ------------------------------------------------------------------------- driver */
 
 static inline void store_out(void *out, int out_bf16, int64_t index, float v) {
     if (out_bf16) ((uint16_t *)out)[index] = fp32_to_bf16(v);
     else ((float *)out)[index] = v;
 }
+
+/* ------------------------------------------------------------------------- small batches */
+
+/*
+ * Rows of 32-element blocks (Q4_0, Q5_0, Q8_0: most of a Q4_K_M file's bytes) times up to
+ * SMALL_M rows of x in int8 mode, each pair of blocks decoded in registers instead of through
+ * the row buffer: the decode-only shape. Per row the same integer sums, scales and order of
+ * float additions as dot_int8_tile, so the results are bit for bit those of the general path
+ * (a row's result does not depend on the batch it is in).
+ */
+#define SMALL_M 4
+
+#if defined(__AVX2__)
+static inline int small_path(int type, int exact, int64_t M) {
+    return !exact && M <= SMALL_M && (type == GGML_Q4_0 || type == GGML_Q5_0 || type == GGML_Q8_0);
+}
+#else  /* portable: the general path only */
+static inline int small_path(int type, int exact, int64_t M) {
+    (void)type, (void)exact, (void)M;
+    return 0;
+}
+#endif
+
+#if defined(__AVX2__)
+static inline __attribute__((always_inline)) __m256i block_codes(int type, const uint8_t *blk) {
+    if (type == GGML_Q8_0) return _mm256_loadu_si256((const __m256i *)(blk + 2));
+    if (type == GGML_Q4_0) return _mm256_sub_epi8(nibbles_16(blk + 2), _mm256_set1_epi8(8));
+    uint32_t qh;
+    memcpy(&qh, blk + 2, 4);
+    return _mm256_sub_epi8(_mm256_or_si256(nibbles_16(blk + 6), bits_to_16s(qh)), _mm256_set1_epi8(16));
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+
+static inline __attribute__((always_inline)) void blocks32_tile(
+        int type, const uint8_t *row, int64_t K, const xprep *p, int64_t m0, int R, float *res) {
+    const int64_t bytes = gguf_block_bytes(type), blocks = K / 32, K64 = p->K64;
+    __m512 acc[SMALL_M];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < blocks; i += 2) {
+        const uint8_t *b0 = row + i * bytes, *b1 = b0 + bytes;
+        const int two = i + 1 < blocks;
+        const __m256i c1 = two ? block_codes(type, b1) : _mm256_setzero_si256();
+        const __m512i wc = _mm512_inserti64x4(_mm512_castsi256_si512(block_codes(type, b0)), c1, 1);
+        const float d0 = fp16_to_fp32(load_u16(b0)), d1 = two ? fp16_to_fp32(load_u16(b1)) : 0.0f;
+        const __m512 a = _mm512_insertf32x8(_mm512_set1_ps(d0), _mm256_set1_ps(d1), 1);
+#if defined(__AVX512VNNI__)
+        const __m512i base = _mm512_sub_epi32(_mm512_setzero_si512(),
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8((char)0x80), wc));
+#else
+        const __m512i base = _mm512_setzero_si512();
+#endif
+        const int64_t k = 32 * i;
+        for (int r = 0; r < R; r++) {
+            const int64_t m = m0 + r;
+            const __m512i sums = dot_quads(base, _mm512_loadu_si512((const void *)(p->xq + m * K64 + k)), wc);
+            const __m512 scale = _mm512_mul_ps(a, _mm512_loadu_ps(p->s4 + m * (K64 / XGROUP) + k / XGROUP));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) res[r] = hsum512(acc[r]);
+}
+
+#elif defined(__AVX2__)
+
+static inline __attribute__((always_inline)) void blocks32_tile(
+        int type, const uint8_t *row, int64_t K, const xprep *p, int64_t m0, int R, float *res) {
+    const int64_t bytes = gguf_block_bytes(type), blocks = K / 32, K64 = p->K64;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[SMALL_M];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < blocks; i++) {
+        const uint8_t *blk = row + i * bytes;
+        const __m256i wc = block_codes(type, blk), wabs = _mm256_abs_epi8(wc);
+        const __m256 a = _mm256_set1_ps(fp16_to_fp32(load_u16(blk)));
+        const int64_t k = 32 * i;
+        for (int r = 0; r < R; r++) {
+            const int64_t m = m0 + r;
+            const __m256i xq = _mm256_loadu_si256((const __m256i *)(p->xq + m * K64 + k));
+            const __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xq, wc)), ones);
+            const __m256 scale = _mm256_mul_ps(a, _mm256_loadu_ps(p->s4 + m * (K64 / XGROUP) + k / XGROUP));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) res[r] = hsum256(acc[r]);
+}
+
+#else
+
+static inline void blocks32_tile(int type, const uint8_t *row, int64_t K, const xprep *p,
+                                 int64_t m0, int R, float *res) {  /* never called (small_path) */
+    (void)type, (void)row, (void)K, (void)p, (void)m0;
+    for (int r = 0; r < R; r++) res[r] = 0.0f;
+}
+
+#endif
+
+#define SMALL_CASE(T, R) case R: blocks32_tile(T, row, K, p, 0, R, res); break;
+#define SMALL_TYPE(T) case T: switch (M) { SMALL_CASE(T, 1) SMALL_CASE(T, 2) SMALL_CASE(T, 3) \
+    SMALL_CASE(T, 4) } break;
+
+/* out[:, n] for M <= SMALL_M rows of x from row `row` of a 32-element-block segment. */
+static void small_rows_times_x(const heron_gguf_segment *seg, int64_t row_index, int64_t K,
+                               const xprep *p, int64_t M, void *out, int64_t ldo, int out_bf16,
+                               int64_t n) {
+    const int64_t stored = seg->row_ids ? seg->row_ids[row_index] : row_index;
+    const uint8_t *row = seg->data + stored * seg->row_bytes;
+    float res[SMALL_M] = {0};
+    switch ((int)seg->type) {
+        SMALL_TYPE(GGML_Q4_0) SMALL_TYPE(GGML_Q5_0) SMALL_TYPE(GGML_Q8_0)
+        default: return;
+    }
+    for (int64_t m = 0; m < M; m++) store_out(out, out_bf16, m * ldo + n, res[m]);
+}
+
+/* ------------------------------------------------------------------------- driver */
 
 #define TILE_CASE(R) case R: \
     if (float_rows) dot_f32_tile(w->wf, p->xf + m0 * p->K64, p->K64, R, res); \
@@ -424,6 +548,10 @@ int heron_gguf_matmul(const void *x, int64_t ldx, int x_bf16, int64_t M, int64_t
             while (n < first) first -= segs[--seg].rows;
             while (n >= first + segs[seg].rows) first += segs[seg++].rows;
             const int type = (int)segs[seg].type;
+            if (small_path(type, exact, M)) {
+                small_rows_times_x(&segs[seg], n - first, K, &p, M, out, ldo, out_bf16, n);
+                continue;
+            }
             decode_into(&segs[seg], n - first, K, 0, &w);
             row_times_x(&w, &p, M, exact, gguf_float_bytes(type) != 0, gguf_has_offsets(type), out,
                         ldo, out_bf16, n);
