@@ -23,7 +23,10 @@ from heron.layers.gguf_weight import GGUFWeight
 from heron.layers.linear import Embedding, Linear, LMHead
 from tests.test_gguf_kernels import random_blocks
 
-HIDDEN, FFN, HEADS, KV_HEADS, HEAD_DIM, LAYERS, VOCAB = 256, 512, 4, 2, 64, 2, 300
+HIDDEN, FFN, HEADS, KV_HEADS, LAYERS, VOCAB = 256, 512, 4, 2, 2, 300
+# Gemma 3's head size: 256, which its query scaling (query_pre_attn_scalar, not in a GGUF file)
+# equals in every Gemma 3 model, as heron (like llama.cpp) and transformers' default assume.
+GEMMA_HEAD_DIM = 256
 PROMPTS = [[1, 17, 250, 3, 99], [1, 5], [1, 200, 201, 202, 7, 8, 9, 10, 11, 12, 13]]
 # checkpoint tensor -> block format (tensors not listed are F32)
 FORMATS = {"token_embd": "Q8_0", "attn_q": "Q4_K", "attn_k": "Q5_0", "attn_v": "Q8_0",
@@ -37,7 +40,7 @@ def _hf_model(arch: str) -> transformers.PreTrainedModel:
                   max_position_embeddings=256, rms_norm_eps=1e-6)
     config = {"llama": lambda: transformers.LlamaConfig(**common, tie_word_embeddings=False),
               "qwen2": lambda: transformers.Qwen2Config(**common, tie_word_embeddings=True),
-              "gemma3": lambda: transformers.Gemma3TextConfig(**common, head_dim=HEAD_DIM,
+              "gemma3": lambda: transformers.Gemma3TextConfig(**common, head_dim=GEMMA_HEAD_DIM,
                                                                sliding_window=4)}[arch]()
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
@@ -100,8 +103,8 @@ def write_gguf(path: Path, arch: str, model: transformers.PreTrainedModel) -> No
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_rope_freq_base(10000.0)
     if arch == "gemma3":
-        writer.add_key_length(HEAD_DIM)
-        writer.add_value_length(HEAD_DIM)
+        writer.add_key_length(GEMMA_HEAD_DIM)
+        writer.add_value_length(GEMMA_HEAD_DIM)
         writer.add_sliding_window(4)
     writer.add_tokenizer_model("llama")
     writer.add_token_list([f"t{i}" for i in range(VOCAB)])
