@@ -59,15 +59,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out if out_dtype is None else out.to(out_dtype)
 
 
-def use_only_quantized(module: nn.Module, quantized: QuantizedWeight) -> None:
+def use_only_quantized(module: Linear | LMHead | Embedding, quantized: QuantizedWeight) -> None:
     """Make ``quantized`` the module's only weight (it serves every batch): its float ``weight``
     becomes a meta tensor, shape and dtype kept, no memory, and any use of it outside the
     quantized path fails loudly instead of computing with garbage."""
     if quantized.max_rows != sys.maxsize:
         raise ValueError("only a quantized weight that serves every batch can be the only copy")
     module.quantized = quantized
-    module.weight = nn.Parameter(torch.empty(module.weight.shape, dtype=module.weight.dtype,
-                                             device="meta"), requires_grad=False)
+    weight: torch.Tensor = module.weight
+    module.weight = nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device="meta"),
+                                 requires_grad=False)
 
 
 class Linear(nn.Linear):

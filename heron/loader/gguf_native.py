@@ -59,7 +59,7 @@ def load_gguf_native(model: nn.Module, gguf_model: GGUFModel, checkpoint_names: 
     mapped, provided, native_names = 0, [], set()
     for module_name, tensors in by_module.items():
         module = model.get_submodule(module_name)
-        if not _keeps_blocks(module, tensors):
+        if not isinstance(module, (Linear, LMHead, Embedding)) or not _keeps_blocks(module, tensors):
             continue
         parts = [_block_rows(gguf_model, t.info, config) for t in sorted(tensors, key=_shard_order)]
         weight = GGUFWeight(parts, module.weight.shape[1], exact, kernels)
@@ -98,7 +98,7 @@ def _ignored(hf_name: str, weight_mapping: WeightMapping) -> bool:
     return any(re.search(pattern, hf_name) for pattern in weight_mapping.ignored)
 
 
-def _keeps_blocks(module: nn.Module, tensors: list[_Tensor]) -> bool:
+def _keeps_blocks(module: Linear | LMHead | Embedding, tensors: list[_Tensor]) -> bool:
     """A module keeps the blocks where one of its tensors is quantized and all are readable."""
     types = {int(t.info.ggml_type) for t in tensors}
     if not types & _BLOCK_TYPES or not types <= _BLOCK_TYPES | _FLOAT_TYPES:
@@ -107,7 +107,7 @@ def _keeps_blocks(module: nn.Module, tensors: list[_Tensor]) -> bool:
         return len(tensors) == 1
     if isinstance(module, MergedLinear):
         return sorted(_shard_order(t) for t in tensors) == list(range(module.num_shards))
-    return isinstance(module, (Linear, LMHead)) and len(tensors) == 1
+    return len(tensors) == 1
 
 
 def _shard_order(tensor: _Tensor) -> int:
@@ -124,7 +124,7 @@ def _block_rows(gguf_model: GGUFModel, info: TensorInfo, config: dict) -> BlockR
     return BlockRows(data, int(info.ggml_type), None if torch.equal(moved, ids) else moved.contiguous())
 
 
-def _check_rows(module_name: str, module: nn.Module, weight: GGUFWeight) -> None:
+def _check_rows(module_name: str, module: Linear | LMHead | Embedding, weight: GGUFWeight) -> None:
     expected = tuple(module.weight.shape)
     if (weight.out_features, weight.in_features) != expected:
         raise ValueError(f"{module_name}: the file's tensors make a [{weight.out_features}, "
