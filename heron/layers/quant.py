@@ -1,4 +1,6 @@
-"""Weight-only quantization for CPU: a small int8 or int4 copy of each projection.
+"""Weight-only quantization for CPU: a small int8 or int4 copy of each projection, made from
+float weights (a Hugging Face checkpoint, or a GGUF file when ``--quantization int8 / int4``
+asks for it; by default a GGUF file's own blocks are the weights: ``gguf_weight``).
 
 Decoding a few requests is bound by how fast the weights stream from memory, so reading 8 or 4
 bits per weight instead of 16 makes those steps faster; with AVX-512 VNNI the int8 form is also
@@ -8,14 +10,14 @@ up to its ``max_rows`` rows and the float weight above that.
 Every format has one scale per group of 32 inputs of an output row (as GGUF's Q8_0 and Q4_K
 do). Two kernels serve them:
 
-- ``Q8Weight`` (int8, CPUs with AVX-512 VNNI): GGUF's Q8_0 numbers (codes -127..127 and an fp16
-  scale per group, 8.5 bits per weight) in blocks of 16 outputs, through heron's own kernel
-  (``cpu_kernels/q8_gemm.c``), which quantizes the activations the same way per call and
+- ``Q8Weight`` (int8, wherever heron's kernels build: VNNI code on AVX-512, plain C elsewhere):
+  GGUF's Q8_0 numbers (codes -127..127 and an fp16 scale per group, 8.5 bits per weight) in
+  blocks of 16 outputs, through heron's own kernel (``kernels/cpu/q8_gemm.c``), which quantizes the activations the same way per call and
   multiplies int8 by int8 (VPDPBUSD), as llama.cpp does for Q8_0. Measured on the 2-core
   Cascade Lake box, Gemma's 262,144 x 640 LM head: 10 ms at 1 row, 26 ms at 16 rows (oneDNN:
   31 / 148 ms in bf16, 40 / 201 ms in float32); a 4096 x 640 projection at 2,048 rows (prefill):
-  29 ms against 74 ms in float32 and 241 ms in bf16. It serves every batch size
-  (``default_max_rows``).
+  29 ms against 74 ms in float32 and 241 ms in bf16. Its AVX-512 VNNI build serves every
+  batch size (``default_max_rows``).
 - ``PackedWeight`` (int4, and int8 where that kernel is not available): PyTorch's CPU int4
   kernel, which computes ``(code - 8) * scale + zero`` per group::
 
