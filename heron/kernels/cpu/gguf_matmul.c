@@ -363,6 +363,28 @@ static inline __attribute__((always_inline)) __m256i block_codes(int type, const
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 
+/* The codes of two 32-element blocks (the second all zero where absent) in one register:
+ * both blocks' nibbles split at once, Q5_0's fifth bits set from a 64-bit mask. */
+static inline __attribute__((always_inline)) __m512i pair_codes(int type, const uint8_t *b0,
+                                                                const uint8_t *b1, int two) {
+    if (type == GGML_Q8_0) {
+        const __m256i c1 = two ? _mm256_loadu_si256((const __m256i *)(b1 + 2)) : _mm256_setzero_si256();
+        return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b0 + 2))), c1, 1);
+    }
+    const int off = type == GGML_Q4_0 ? 2 : 6;
+    const __m128i q1 = two ? _mm_loadu_si128((const __m128i *)(b1 + off)) : _mm_set1_epi8(type == GGML_Q4_0 ? (char)0x88 : 0);
+    const __m256i v = _mm256_set_m128i(q1, _mm_loadu_si128((const __m128i *)(b0 + off)));
+    const __m512i halves = _mm512_inserti64x4(_mm512_castsi256_si512(low_nibbles(v)), high_nibbles(v), 1);
+    __m512i q = _mm512_shuffle_i64x2(halves, halves, _MM_SHUFFLE(3, 1, 2, 0));  /* lo0 hi0 lo1 hi1 */
+    if (type == GGML_Q4_0) return _mm512_sub_epi8(q, _mm512_set1_epi8(8));
+    uint32_t h0, h1 = 0;
+    memcpy(&h0, b0 + 2, 4);
+    if (two) memcpy(&h1, b1 + 2, 4);
+    q = _mm512_or_si512(q, _mm512_maskz_mov_epi8((__mmask64)h0 | ((__mmask64)h1 << 32), _mm512_set1_epi8(16)));
+    const __m512i codes = _mm512_sub_epi8(q, _mm512_set1_epi8(16));
+    return two ? codes : _mm512_inserti64x4(codes, _mm256_setzero_si256(), 1);
+}
+
 static inline __attribute__((always_inline)) void blocks32_tile(
         int type, const uint8_t *row, int64_t K, const xprep *p, int64_t m0, int R, float *res) {
     const int64_t bytes = gguf_block_bytes(type), blocks = K / 32, K64 = p->K64;
@@ -371,8 +393,7 @@ static inline __attribute__((always_inline)) void blocks32_tile(
     for (int64_t i = 0; i < blocks; i += 2) {
         const uint8_t *b0 = row + i * bytes, *b1 = b0 + bytes;
         const int two = i + 1 < blocks;
-        const __m256i c1 = two ? block_codes(type, b1) : _mm256_setzero_si256();
-        const __m512i wc = _mm512_inserti64x4(_mm512_castsi256_si512(block_codes(type, b0)), c1, 1);
+        const __m512i wc = pair_codes(type, b0, b1, two);
         const float d0 = fp16_to_fp32(load_u16(b0)), d1 = two ? fp16_to_fp32(load_u16(b1)) : 0.0f;
         const __m512 a = _mm512_insertf32x8(_mm512_set1_ps(d0), _mm256_set1_ps(d1), 1);
 #if defined(__AVX512VNNI__)
