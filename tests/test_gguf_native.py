@@ -86,7 +86,7 @@ def _tensor_data(arch: str, hf_name: str, gguf_name: str, value: np.ndarray, see
     if fmt is None:
         return value.astype(np.float32), None
     qtype = gguf.GGMLQuantizationType[fmt]
-    if fmt in ("Q4_0", "Q5_0", "Q8_0"):
+    if fmt in ("Q4_0", "Q4_1", "Q5_0", "Q8_0"):
         return gguf.quants.quantize(value, qtype), qtype
     rows, k = value.shape
     return random_blocks(fmt, rows, k, seed=seed, scale="model"), qtype
@@ -211,3 +211,22 @@ def test_default_model_float32_greedy_equals_transformers_on_the_same_file() -> 
             expected = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32,
                                    do_sample=False)[0, len(prompt):]
             assert tokens == expected.tolist()
+
+
+def test_a_format_the_kernels_do_not_read_is_dequantized_and_said(tmp_path: Path, caplog,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Q4_1 (not among the formats heron's kernels read): that module gets float weights, the
+    log says so, and the model is still transformers' model of the file."""
+    import logging
+
+    monkeypatch.setitem(FORMATS, "ffn_up", "Q4_1")
+    path = tmp_path / "tiny-q4_1.gguf"
+    write_gguf(path, "llama", _hf_model("llama"))
+    with caplog.at_level(logging.WARNING, logger="heron.loader.gguf_native"):
+        llm = LLM(str(path), dtype="float32", skip_tokenizer_init=True, kv_cache_memory="64MiB")
+    assert "type Q4_1 are dequantized" in caplog.text
+    model = llm.engine.model
+    up = model.model.layers[0].mlp.gate_up_proj
+    assert up.quantized is None and up.weight.device.type == "cpu"  # gate (Q4_0) and up: float
+    assert isinstance(model.model.layers[0].mlp.down_proj.quantized, GGUFWeight)
+    assert _greedy(llm) == _transformers_greedy(path)

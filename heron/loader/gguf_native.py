@@ -57,9 +57,12 @@ def load_gguf_native(model: nn.Module, gguf_model: GGUFModel, checkpoint_names: 
     weight_mapping: WeightMapping = getattr(model, "weight_mapping", WeightMapping())
     by_module = _weights_by_module(model, file.tensors, mapping, weight_mapping)
     mapped, provided, native_names = 0, [], set()
+    unread: set[str] = set()  # formats heron's kernels do not read: those modules dequantized
     for module_name, tensors in by_module.items():
         module = model.get_submodule(module_name)
         if not isinstance(module, (Linear, LMHead, Embedding)) or not _keeps_blocks(module, tensors):
+            unread |= {t.info.ggml_type.name for t in tensors
+                       if int(t.info.ggml_type) not in _BLOCK_TYPES | _FLOAT_TYPES}
             continue
         parts = [_block_rows(gguf_model, t.info, config) for t in sorted(tensors, key=_shard_order)]
         weight = GGUFWeight(parts, module.weight.shape[1], exact, kernels)
@@ -76,6 +79,9 @@ def load_gguf_native(model: nn.Module, gguf_model: GGUFModel, checkpoint_names: 
     load_weights(model, gguf_model.weights(rest, dtype), provided=provided)
     logger.info("GGUF blocks kept as weights: %d modules, %.0f MiB of the file mapped (%s mode)",
                 len(provided), mapped / 2**20, "exact float32" if exact else "int8 activations")
+    if unread:
+        logger.warning("GGUF tensors of type %s are dequantized to %s (heron's kernels read %s)",
+                       ", ".join(sorted(unread)), dtype, ", ".join(BLOCK_FORMATS))
     return mapped
 
 
