@@ -248,13 +248,16 @@ def test_prompts_times_n_is_capped(server: RemoteServer) -> None:
 
 def test_a_later_request_does_not_wait_for_all_of_a_big_one(server: RemoteServer) -> None:
     """8 sequences on 4 batch slots, then a 1-sequence request: it takes the first free slot
-    (fair turns), and so finishes long before the big request's second half."""
+    (fair turns), and so finishes when about half of the big request's time has passed (it
+    would wait for all of it without the turns). Times are relative to the big request's first
+    chunk, so the check holds on a fast machine as on a slow one."""
     big = completion(prompt=[f"big {i}" for i in range(MAX_SEQS)], max_tokens=150,
                      ignore_eos=True, stream=True)
     finished: dict[str, float] = {}
     with httpx.stream("POST", server.url("/v1/completions"), json=big, timeout=300) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")  # the big request is in the engine
+        started = time.monotonic()
         small = post(server, "/v1/completions", completion(prompt="small", max_tokens=2,
                                                            ignore_eos=True))
         finished["small"] = time.monotonic()
@@ -262,7 +265,8 @@ def test_a_later_request_does_not_wait_for_all_of_a_big_one(server: RemoteServer
         done = [line for line in lines if '"finish_reason":"length"' in line]
         finished["big"] = time.monotonic()
     assert len(done) == MAX_SEQS
-    assert finished["small"] < finished["big"] - 0.5, finished
+    small_share = (finished["small"] - started) / (finished["big"] - started)
+    assert small_share < 0.75, (small_share, finished)
 
 
 def test_no_response_queue_outlives_its_request(server: RemoteServer) -> None:
