@@ -63,11 +63,13 @@ def kill_engine_during_two_streams(server: RemoteServer, engine: int) -> tuple[d
             started.wait(30)
             results[name] = "\n".join([first, *lines])
 
+    # pids first: the kill must follow the streams' first tokens at once (a fast engine
+    # finishes 1000 tokens within one /health round trip)
+    pids = {e["engine"]: e["pid"] for e in httpx.get(server.url("/health")).json()["engines"]}
     threads = [threading.Thread(target=stream, args=(name,)) for name in ("x", "y")]
     for t in threads:
         t.start()
     started.wait(30)
-    pids = {e["engine"]: e["pid"] for e in httpx.get(server.url("/health")).json()["engines"]}
     os.kill(pids[engine], signal.SIGKILL)
     for t in threads:
         t.join(120)
