@@ -9,7 +9,8 @@
 At the prompt: ``/system TEXT`` sets the system prompt, ``/clear`` forgets the conversation,
 ``/exit`` (or Ctrl-D) leaves. A message spans several lines between two ``\"\"\"`` lines, or
 with a ``\\`` at the end of each line but the last. Ctrl-C while an answer streams stops that
-answer (the engine or server drops the request); at the prompt it clears the line.
+answer (the engine or server drops the request); at the prompt it clears the line. When the
+conversation outgrows the model's context, its oldest exchanges are forgotten, with a notice.
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ Ctrl-C stops the answer being written."""
 
 class ChatError(RuntimeError):
     """The model or server could not answer (shown to the user; the chat goes on)."""
+
+
+class ContextTooLong(ChatError):
+    """The conversation and the answer's max_tokens do not fit the model's context."""
+
+
+def _context_error(message: str) -> ChatError:
+    too_long = "maximum context length" in message
+    return ContextTooLong(message) if too_long else ChatError(message)
 
 
 @dataclass(frozen=True)
@@ -107,7 +117,7 @@ class LocalChat:
                 tokens += len(out.token_ids)
                 yield Piece(out.text, tokens, out.finish_reason)
         except ValueError as err:  # a prompt longer than the context, a template error
-            raise ChatError(str(err)) from err
+            raise _context_error(str(err)) from err
 
 
 class RemoteChat:
@@ -159,7 +169,7 @@ class RemoteChat:
             with self.client.stream("POST", f"{self.api}/chat/completions", json=body) as response:
                 if response.status_code != 200:
                     response.read()
-                    raise ChatError(_error_text(response))
+                    raise _context_error(_error_text(response))
                 yield from _sse_pieces(response)
         except httpx.HTTPError as err:
             raise ChatError(f"the connection failed ({type(err).__name__}: {err})") from err
@@ -309,23 +319,42 @@ class ChatSession:
         self._say(f"({field} = {parsed})")
 
     def answer(self, text: str) -> None:
-        """Stream the model's answer to ``text``; a stopped answer stays in the conversation."""
-        messages = [{"role": "system", "content": self.system}] if self.system else []
-        messages += [*self.history, {"role": "user", "content": text}]
+        """Stream the model's answer to ``text``; a stopped answer stays in the conversation.
+        Where the conversation outgrew the context, its oldest exchanges are dropped (and the
+        user told) until the new message fits, as a chat page would scroll them away."""
         stats = _Stats(start=time.monotonic())
         pieces: list[str] = []
         with _StopOnInterrupt(self.backend.interrupt_anywhere) as stop:
-            try:
-                self._stream(messages, stats, pieces, stop)
-            except KeyboardInterrupt:
-                stop.stopped = True
-            except ChatError as err:
-                self._say(f"\nerror: {err}")
-                return
+            while True:
+                messages = [{"role": "system", "content": self.system}] if self.system else []
+                messages += [*self.history, {"role": "user", "content": text}]
+                try:
+                    self._stream(messages, stats, pieces, stop)
+                except KeyboardInterrupt:
+                    stop.stopped = True
+                except ContextTooLong as err:
+                    if pieces or not self.history:
+                        self._say(f"\nerror: {err}")
+                        return
+                    dropped = self._drop_oldest_exchange()
+                    self._say(f"(the conversation outgrew the context: forgot the oldest "
+                              f"{dropped} messages)")
+                    continue
+                except ChatError as err:
+                    self._say(f"\nerror: {err}")
+                    return
+                break
         self._say(("\n" if pieces and not "".join(pieces).endswith("\n") else "")
                   + stats.line(stop.stopped))
         self.history += [{"role": "user", "content": text},
                          {"role": "assistant", "content": "".join(pieces)}]
+
+    def _drop_oldest_exchange(self) -> int:
+        """Forget the first user message and the answers up to the next one; how many."""
+        end = next((i for i, m in enumerate(self.history) if i and m["role"] == "user"),
+                   len(self.history))
+        del self.history[:end]
+        return end
 
     def _stream(self, messages: Messages, stats: _Stats, pieces: list[str],
                 stop: _StopOnInterrupt) -> None:

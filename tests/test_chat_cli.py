@@ -62,10 +62,27 @@ def stop_midway(child: pexpect.spawn, message: str) -> tuple[str, str]:
 
 def test_in_process_chat(model_dir: Path) -> None:
     child = spawn_chat(str(model_dir), "--kv-cache-memory", "16MiB", "--temperature", "0",
-                       "--max-tokens", "900")
+                       "--max-tokens", "600")
     try:
         # Loading on a terminal: tqdm bars that end at 100 %.
         child.expect(r"reading tensors: 100%\|[^\r\n]*\| 21/21")
+        child.expect(PROMPT)
+        # Two 600-token answers do not fit the 1024-token context: before the second, the
+        # first exchange is forgotten (and the user told), and the answer runs in full.
+        child.sendline("Hello")
+        _, stats = answer_of(child)
+        assert re.fullmatch(r"600 tokens, [0-9.]+ tok/s, first token \d+ ms, cut at max tokens",
+                            stats), stats
+        child.expect(PROMPT)
+        child.sendline("Go on")
+        child.expect(r"\(the conversation outgrew the context: forgot the oldest 2 messages\)")
+        _, stats = answer_of(child)
+        assert re.fullmatch(r"600 tokens, [0-9.]+ tok/s, first token \d+ ms, cut at max tokens",
+                            stats), stats
+        child.expect(PROMPT)
+        child.sendline("/clear")
+        child.expect(PROMPT)
+        child.sendline("/set max_tokens 900")
         child.expect(PROMPT)
         text, stats = stop_midway(child, "Hello")
         assert stats.startswith("stopped, ")
@@ -73,7 +90,8 @@ def test_in_process_chat(model_dir: Path) -> None:
         assert 0 < tokens < 900, stats  # stopped long before max_tokens
         assert text.strip()
         child.expect(PROMPT)
-        # The program goes on, and the engine with it: a finished answer after the stopped one.
+        # The program goes on, and the engine with it: a finished answer after the stopped one
+        # (the stopped one kept, or forgotten where a fast machine made it too long).
         child.sendline("/set max_tokens 7")
         child.expect(r"\(max_tokens = 7\)")
         child.expect(PROMPT)
