@@ -1,5 +1,7 @@
-"""The fused decode step (heron/models/gemma3_fused.py): the same hidden states and K/V writes, to
-the bit, as the model's modules; and the modules wherever it does not apply."""
+"""The fused decode step (heron/models/fused_decode.py): the same hidden states and K/V writes, to
+the bit, as the model's modules, for every family that describes its layers (Gemma 3, Llama with
+llama3 RoPE, Mistral with a sliding window, Qwen2 with its q/k/v bias, Qwen3 with q/k norms);
+and the modules wherever it does not apply."""
 
 from __future__ import annotations
 
@@ -26,18 +28,40 @@ def needs_kernel(test: Callable[..., None]) -> Callable[..., None]:
     return pytest.mark.cpu_features()(skip(test))
 
 
-def _gemma3(tmp_path, quantization: str = "int8"):
+def _gemma3_config() -> transformers.PretrainedConfig:
     rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
             "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}}
-    config = transformers.Gemma3TextConfig(
+    return transformers.Gemma3TextConfig(
         vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=6,
         query_pre_attn_scalar=24, max_position_embeddings=256, rope_parameters=rope,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         final_logit_softcapping=30.0)
-    model = load_heron_model(make_hf_model(config, seed=3), tmp_path).to(torch.bfloat16)
+
+
+LLAMA_SHAPE = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+CONFIGS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
+    "gemma3": _gemma3_config,
+    "llama3": lambda: transformers.LlamaConfig(
+        **LLAMA_SHAPE, head_dim=32, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "mistral": lambda: transformers.MistralConfig(**LLAMA_SHAPE, head_dim=32, sliding_window=6),
+    "qwen2": lambda: transformers.Qwen2Config(**{**LLAMA_SHAPE, "hidden_size": 128},
+                                              tie_word_embeddings=True),  # head_dim 32
+    "qwen3": lambda: transformers.Qwen3Config(**LLAMA_SHAPE, head_dim=32),
+}
+
+
+def _model(tmp_path, family: str = "gemma3", quantization: str = "int8"):
+    model = load_heron_model(make_hf_model(CONFIGS[family](), seed=3), tmp_path).to(torch.bfloat16)
     quantize_model(model, quantization)
     return model
+
+
+def _gemma3(tmp_path, quantization: str = "int8"):
+    return _model(tmp_path, "gemma3", quantization)
 
 
 def _decode_both_ways(model, session: PagedSession, chunks: dict[int, list[int]]):
@@ -58,8 +82,14 @@ def _decode_both_ways(model, session: PagedSession, chunks: dict[int, list[int]]
 
 
 @needs_kernel
-def test_fused_decode_equals_the_modules_bit_for_bit(tmp_path) -> None:
-    model = _gemma3(tmp_path)
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_fused_decode_equals_the_modules_bit_for_bit(tmp_path, family: str) -> None:
+    model = _model(tmp_path, family)
+    attn = model.model.layers[0].self_attn
+    if family == "qwen2":  # the bias and the q/k norms the path must apply are not neutral
+        assert attn.qkv_proj.bias.abs().min() > 0
+    if family == "qwen3":
+        assert not torch.equal(attn.q_norm.weight, torch.ones_like(attn.q_norm.weight))
     session = PagedSession(model, num_blocks=48, block_size=4, dtype=torch.bfloat16)
     assert model.prepare_decode(session.kv_caches)
     gen = torch.Generator().manual_seed(0)
@@ -96,14 +126,11 @@ def test_no_fused_path_without_int8_copies(tmp_path) -> None:
     assert logits.shape == (3, 256) and torch.isfinite(logits).all()
 
 
-def _gemma3_on_gguf_blocks(tmp_path):
-    """A Gemma 3 whose projections, embedding and tied head are GGUF blocks of mixed formats
+def _on_gguf_blocks(tmp_path, family: str):
+    """A model whose projections, embedding and tied head are GGUF blocks of mixed formats
     (q/k/v three formats in one fused weight), as a GGUF file loads (``gguf_native``)."""
-    config = transformers.Gemma3TextConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=6,
-        query_pre_attn_scalar=24, max_position_embeddings=256,
-        layer_types=["sliding_attention", "full_attention"])
+    config = CONFIGS[family]()
+    config.intermediate_size = 256  # Q6_K rows: 256 per block
     model = load_heron_model(make_hf_model(config, seed=5), tmp_path).to(torch.bfloat16)
     formats = {"qkv_proj": ("Q5_0", "Q8_0", "Q4_0"), "o_proj": ("Q4_0",),
                "gate_up_proj": ("Q5_0", "Q8_0"), "down_proj": ("Q6_K",)}
@@ -126,8 +153,9 @@ def _set_blocks(module, parts, seed: int) -> None:
 
 
 @needs_kernel
-def test_fused_decode_on_gguf_blocks_equals_the_modules_bit_for_bit(tmp_path) -> None:
-    model = _gemma3_on_gguf_blocks(tmp_path)
+@pytest.mark.parametrize("family", ["gemma3", "qwen2"])  # the default and the second model's
+def test_fused_decode_on_gguf_blocks_equals_the_modules_bit_for_bit(tmp_path, family: str) -> None:
+    model = _on_gguf_blocks(tmp_path, family)
     assert model.model.layers[0].self_attn.qkv_proj.weight.device.type == "meta"  # no float copy
     session = PagedSession(model, num_blocks=48, block_size=4, dtype=torch.bfloat16)
     assert model.prepare_decode(session.kv_caches)

@@ -7,7 +7,7 @@ flat batch), ``sampling_batch`` (the sampler's input), ``schedule`` and ``update
 scheduler). ``--split`` also times the step with
 the projections, then the LM head too, replaced by zeros: what is left is the cost of the
 small ops (norms, RoPE, attention, casts) and of Python. It runs the model's modules (a fused
-decode step, ``heron.models.gemma3_fused``, has no projection calls to replace).
+decode step, ``heron.models.fused_decode``, has no projection calls to replace).
 """
 
 from __future__ import annotations

@@ -42,32 +42,56 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}, unit_offset={self.unit_offset}"
 
 
-def rms_norm_heads(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """Per-head RMS norm with a per-head multiplier: x [T, heads, D], scale [heads, D] float32.
+def rms_norm_heads(x: torch.Tensor, scale: torch.Tensor, eps: float,
+                   unit_offset: bool = True) -> torch.Tensor:
+    """Per-head RMS norm with a per-head multiplier: x [T, heads, D], scale [heads, D] float32,
+    rounded as ``RMSNorm`` rounds for ``unit_offset``.
 
     Lets q and k, adjacent in a fused qkv output, be normalised in one call with their own weights.
     """
-    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).mul_(scale).to(x.dtype)
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+    if unit_offset:
+        return normed.mul_(scale).to(x.dtype)
+    return scale.to(x.dtype) * normed.to(x.dtype)
+
+
+class HeadNorms:
+    """q's and k's per-head norm multipliers stacked, [H + Hkv, D] float32 (q heads first), as
+    one ``norm_and_rotate`` call over the adjacent q and k of a fused qkv output takes them;
+    rebuilt when a weight changes."""
+
+    def __init__(self, q_norm: RMSNorm, k_norm: RMSNorm, num_heads: int, num_kv_heads: int) -> None:
+        self.q_norm, self.k_norm = q_norm, k_norm
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self._cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def scale(self) -> torch.Tensor:
+        q_scale, k_scale = self.q_norm.scale(), self.k_norm.scale()
+        cached = self._cached
+        if cached is None or cached[0] is not q_scale or cached[1] is not k_scale:
+            stacked = torch.cat((q_scale.expand(self.num_heads, -1),
+                                 k_scale.expand(self.num_kv_heads, -1)))
+            self._cached = cached = (q_scale, k_scale, stacked)
+        return cached[2]
 
 
 def add_rms_norm(x: torch.Tensor, h: torch.Tensor | None, post: RMSNorm | None,
                  pre: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """The step between two sandwich-norm sublayers: ``x = x + post(h)``, then ``(x, pre(x))``.
+    """The step between two sublayers: ``x = x + post(h)`` (Gemma's sandwich norm; ``post``
+    None: ``x + h``, Llama's), then ``(x, pre(x))``.
 
     With ``h`` None only ``pre(x)`` is computed (the first layer's input norm). On CPU in
-    bfloat16 with Gemma norms this is one compiled call instead of ~12 operator calls.
+    bfloat16 this is one compiled call instead of ~12 operator calls.
     x, h: [T, hidden].
     """
     kernel = cpu_kernel_for(x)
-    if (kernel is not None and pre.unit_offset and x.dim() == 2 and x.stride(1) == 1
-            and (h is None or (post is not None and post.unit_offset and post.eps == pre.eps
-                               and h.stride(1) == 1))):
+    if (kernel is not None and x.dim() == 2 and x.stride(1) == 1
+            and (h is None or h.stride(1) == 1)
+            and (post is None or (post.unit_offset == pre.unit_offset and post.eps == pre.eps))):
         post_scale = None if h is None or post is None else post.scale()
-        return kernel.add_rms_norm(x, h, post_scale, pre.scale(), pre.eps)
+        return kernel.add_rms_norm(x, h, post_scale, pre.scale(), pre.eps, pre.unit_offset)
     if h is not None:
-        if post is None:
-            raise ValueError("add_rms_norm: a residual h needs its post norm")
-        x = x + post(h)
+        x = x + (h if post is None else post(h))
     return x, pre(x)
 
 

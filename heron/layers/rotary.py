@@ -148,14 +148,18 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def norm_and_rotate(x: torch.Tensor, scale: torch.Tensor, eps: float, rope: RotaryEmbedding,
-                    cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Per-head RMS norm (``rms_norm_heads``), then ``rope.apply``: Gemma's q/k path.
+def norm_and_rotate(x: torch.Tensor, scale: torch.Tensor | None, eps: float,
+                    rope: RotaryEmbedding, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                    unit_offset: bool = True) -> torch.Tensor:
+    """Per-head RMS norm (``rms_norm_heads``; ``scale`` None: none), then ``rope.rotate``: the
+    q/k path of every decoder, q and k heads side by side in ``x``.
     x [T, heads, D] -> [T, heads, D]; one compiled call on CPU in bfloat16."""
     kernel = cpu_kernel_for(x)
     cos, sin = cos_sin
     if (kernel is not None and rope.rotary_dim == rope.head_dim == x.shape[-1] and x.stride(2) == 1
             and x.stride(1) == x.shape[2] and cos.dtype == torch.bfloat16 and cos.is_contiguous()
             and sin.is_contiguous()):
-        return kernel.qk_norm_rope(x, scale, eps, cos, sin)
-    return rope.rotate(rms_norm_heads(x, scale, eps), cos_sin)
+        return kernel.qk_norm_rope(x, scale, eps, cos, sin, unit_offset)
+    if scale is not None:
+        x = rms_norm_heads(x, scale, eps, unit_offset)
+    return rope.rotate(x, cos_sin)

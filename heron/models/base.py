@@ -6,7 +6,7 @@ The contract (``CausalLM``)::
     compute_logits(hidden [N, hidden])        -> logits [N, vocab] float32
     num_layers, num_kv_heads, head_dim         the KV cache shape per layer
     weight_mapping                             checkpoint names -> parameter names (``WeightMapping``)
-    prepare_decode(kv_caches) -> bool          optional one-call decode step (False: none)
+    prepare_decode(kv_caches) -> bool          the one-call decode step where it applies
 
 A model file holds only its architecture and its ``WeightMapping``; loading is generic
 (``heron.loader.weights``).
@@ -22,6 +22,7 @@ from torch import nn
 
 from heron.layers.attention import ForwardContext
 from heron.layers.linear import LMHead
+from heron.models.fused_decode import FusedDecode
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,13 @@ class CausalLM(nn.Module):
         return self.lm_head(hidden)  # [N, vocab] float32
 
     def prepare_decode(self, kv_caches: list[torch.Tensor]) -> bool:
-        """Set up a one-call decode step over ``kv_caches`` where the model has one; the
+        """Set up the one-call decode step (``FusedDecode``) over ``kv_caches`` where the
+        backbone describes its layers (``decoder_stack``) and the CPU kernels take them; the
         weights must not change afterwards. Returns whether decode steps use it."""
-        return False
+        backbone = self.backbone
+        describe = getattr(backbone, "decoder_stack", None)
+        if describe is None:
+            return False
+        fused = FusedDecode.build(describe(), kv_caches)
+        setattr(backbone, "fused_decode", fused)  # noqa: B010 - read by the backbone's forward
+        return fused is not None

@@ -21,10 +21,10 @@ from torch import nn
 from heron.layers.activation import act_and_mul, get_activation
 from heron.layers.attention import Attention, ForwardContext
 from heron.layers.linear import Embedding, Linear, MergedLinear
-from heron.layers.norm import RMSNorm, add_rms_norm
+from heron.layers.norm import HeadNorms, RMSNorm, add_rms_norm
 from heron.layers.rotary import RotaryEmbedding, norm_and_rotate, rope_parameters
 from heron.models.base import GATE_UP_STACKED, QKV_STACKED, CausalLM, KVShape
-from heron.models.gemma3_fused import FusedDecode
+from heron.models.fused_decode import DecoderLayer, DecoderStack, FusedDecode
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -66,7 +66,7 @@ class Gemma3Attention(nn.Module):
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, layer_idx,
                               scale=config.query_pre_attn_scalar ** -0.5,
                               sliding_window=sliding_window)
-        self._qk_scale_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.head_norms = HeadNorms(self.q_norm, self.k_norm, self.num_heads, self.num_kv_heads)
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cos_sin: CosSin,
                 ctx: ForwardContext) -> torch.Tensor:
@@ -75,18 +75,9 @@ class Gemma3Attention(nn.Module):
         qk = qkv[:, :heads * self.head_dim].view(num_tokens, heads, self.head_dim)  # [T, H + Hkv, D]
         v = qkv[:, heads * self.head_dim:]  # [T, Hkv * D]
         # q and k get their own norm weights but one norm call and one rotation.
-        qk = norm_and_rotate(qk, self._qk_scale(), self.q_norm.eps, rope, cos_sin)
+        qk = norm_and_rotate(qk, self.head_norms.scale(), self.q_norm.eps, rope, cos_sin)
         q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         return self.o_proj(self.attn(q.flatten(1), k.flatten(1), v, ctx))  # [T, hidden]
-
-    def _qk_scale(self) -> torch.Tensor:
-        """[H + Hkv, D] float32: the q norm's multiplier for each q head, then the k norm's."""
-        q_scale, k_scale = self.q_norm.scale(), self.k_norm.scale()
-        cached = self._qk_scale_cache
-        if cached is None or cached[0] is not q_scale or cached[1] is not k_scale:
-            stacked = torch.cat((q_scale.expand(self.num_heads, -1), k_scale.expand(self.num_kv_heads, -1)))
-            self._qk_scale_cache = cached = (q_scale, k_scale, stacked)
-        return cached[2]
 
 
 class Gemma3MLP(nn.Module):
@@ -132,6 +123,14 @@ class Gemma3DecoderLayer(nn.Module):
         h = self.mlp(normed)
         return add_rms_norm(x, h, self.post_feedforward_layernorm, next_norm)
 
+    def decoder_layer(self, next_norm: RMSNorm) -> DecoderLayer:
+        attn, mlp = self.self_attn, self.mlp
+        return DecoderLayer(
+            qkv=attn.qkv_proj, o=attn.o_proj, gate_up=mlp.gate_up_proj, down=mlp.down_proj,
+            attn=attn.attn, rope=self.layer_type, head_norms=attn.head_norms.scale(),
+            post_attn=self.post_attention_layernorm, pre_ff=self.pre_feedforward_layernorm,
+            post_ff=self.post_feedforward_layernorm, next_norm=next_norm)
+
 
 class Gemma3TextModel(nn.Module):
     """Scaled embedding, decoder layers, final norm; one RoPE table per layer type."""
@@ -151,7 +150,7 @@ class Gemma3TextModel(nn.Module):
         self.rotary = nn.ModuleDict({
             t: RotaryEmbedding(config.head_dim, rope_parameters(config, t), max_pos)
             for t in sorted(set(self.layer_types))})
-        self.fused_decode: FusedDecode | None = None  # set by Gemma3ForCausalLM.prepare_decode
+        self.fused_decode: FusedDecode | None = None  # set by CausalLM.prepare_decode
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
@@ -163,11 +162,22 @@ class Gemma3TextModel(nn.Module):
             return self.fused_decode(x, cos_sin, ctx.attn_metadata)  # the layers below in one call
         layers = cast(Sequence[Gemma3DecoderLayer], self.layers)
         x, normed = add_rms_norm(x, None, None, layers[0].input_layernorm)
-        next_norms = [layer.input_layernorm for layer in layers[1:]] + [self.norm]
-        for layer, next_norm in zip(layers, next_norms, strict=True):
+        for layer, next_norm in zip(layers, self._next_norms(), strict=True):
             t = layer.layer_type
             x, normed = layer(x, normed, rotary[t], cos_sin[t], ctx, next_norm)
         return normed
+
+    def _next_norms(self) -> list[RMSNorm]:
+        layers = cast(Sequence[Gemma3DecoderLayer], self.layers)
+        return [layer.input_layernorm for layer in layers[1:]] + [self.norm]
+
+    def decoder_stack(self) -> DecoderStack:
+        """The layers by data, for the one-call decode step."""
+        layers = cast(Sequence[Gemma3DecoderLayer], self.layers)
+        return DecoderStack(
+            layers=[layer.decoder_layer(n) for layer, n in zip(layers, self._next_norms())],
+            input_norm=layers[0].input_layernorm,
+            rotary=cast(Mapping[str, RotaryEmbedding], self.rotary), activation=layers[0].mlp.act)
 
 
 class Gemma3ForCausalLM(CausalLM):
@@ -181,11 +191,3 @@ class Gemma3ForCausalLM(CausalLM):
                          hidden_size=config.hidden_size, tie_default=True,
                          stacked=QKV_STACKED + GATE_UP_STACKED,
                          softcap=getattr(config, "final_logit_softcapping", None))
-
-    def prepare_decode(self, kv_caches: list[torch.Tensor]) -> bool:
-        """Run decode-only steps over ``kv_caches`` as one compiled call where the CPU kernels
-        allow (``FusedDecode``); the weights must not change afterwards. Returns whether they do."""
-
-        model = cast(Gemma3TextModel, self.backbone)
-        model.fused_decode = FusedDecode.build(model, kv_caches)
-        return model.fused_decode is not None

@@ -10,8 +10,9 @@ Differences between the families are flags, read from the HF config:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -19,11 +20,13 @@ from torch import nn
 from heron.layers.activation import act_and_mul, get_activation
 from heron.layers.attention import Attention, ForwardContext
 from heron.layers.linear import Embedding, Linear, MergedLinear
-from heron.layers.norm import RMSNorm
-from heron.layers.rotary import RotaryEmbedding, rope_parameters
+from heron.layers.norm import HeadNorms, RMSNorm, add_rms_norm
+from heron.layers.rotary import RotaryEmbedding, norm_and_rotate, rope_parameters
 from heron.models.base import GATE_UP_STACKED, QKV_STACKED, CausalLM, KVShape
+from heron.models.fused_decode import DecoderLayer, DecoderStack, FusedDecode
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
+ROPE_KEY = "default"  # the one RoPE table, as the fused decode step names it
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,8 @@ def kv_heads_of(config: Any) -> int:
 
 
 class LlamaAttention(nn.Module):
-    """Fused q/k/v projection, optional per-head q/k norm, RoPE, paged attention, output proj."""
+    """Fused q/k/v projection, optional per-head q/k norm, RoPE, paged attention, output proj.
+    q and k are normalised (Qwen3) and rotated in one call over their adjacent heads."""
 
     def __init__(self, config: Any, variant: LlamaVariant, layer_idx: int,
                  sliding_window: int | None) -> None:
@@ -70,22 +74,25 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size],
                                      bias=bias or variant.qkv_bias)
         self.o_proj = Linear(q_size, config.hidden_size, bias=bias)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if variant.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if variant.qk_norm else None
+        self.eps = config.rms_norm_eps
+        self.head_norms: HeadNorms | None = None
+        if variant.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, self.eps)
+            self.k_norm = RMSNorm(self.head_dim, self.eps)
+            self.head_norms = HeadNorms(self.q_norm, self.k_norm, self.num_heads, self.num_kv_heads)
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, layer_idx,
                               sliding_window=sliding_window)
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cos_sin: CosSin,
                 ctx: ForwardContext) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))  # [T, H*D], [T, Hkv*D], [T, Hkv*D]
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope.rotate(q, cos_sin), rope.rotate(k, cos_sin)  # [T, H, D], [T, Hkv, D]
-        out = self.attn(q.flatten(1), k.flatten(1), v, ctx)  # [T, H*D]
-        return self.o_proj(out)
+        num_tokens, heads = x.shape[0], self.num_heads + self.num_kv_heads
+        qkv = self.qkv_proj(x)  # [T, (H + 2 Hkv) * D]: q heads, k heads, v heads side by side
+        qk = qkv[:, :heads * self.head_dim].view(num_tokens, heads, self.head_dim)  # [T, H + Hkv, D]
+        v = qkv[:, heads * self.head_dim:]  # [T, Hkv * D]
+        scale = None if self.head_norms is None else self.head_norms.scale()
+        qk = norm_and_rotate(qk, scale, self.eps, rope, cos_sin, unit_offset=False)
+        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
+        return self.o_proj(self.attn(q.flatten(1), k.flatten(1), v, ctx))  # [T, hidden]
 
 
 class LlamaMLP(nn.Module):
@@ -104,7 +111,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Pre-norm block: attention then MLP, each added to the residual stream."""
+    """Pre-norm block: attention then MLP, each added to the residual stream.
+
+    The layer takes the residual stream ``x`` and ``input_layernorm(x)`` already computed, and
+    returns its new stream with ``next_norm`` of it (the next layer's input norm, or the final
+    norm): every "add the sublayer's output, normalise" is one ``add_rms_norm`` call.
+    """
 
     def __init__(self, config: Any, variant: LlamaVariant, layer_idx: int,
                  sliding_window: int | None) -> None:
@@ -114,10 +126,22 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cos_sin: CosSin,
-                ctx: ForwardContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, cos_sin, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, normed: torch.Tensor, rope: RotaryEmbedding,
+                cos_sin: CosSin, ctx: ForwardContext,
+                next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        # x, normed: [T, hidden]; normed = input_layernorm(x)
+        h = self.self_attn(normed, rope, cos_sin, ctx)
+        x, normed = add_rms_norm(x, h, None, self.post_attention_layernorm)
+        return add_rms_norm(x, self.mlp(normed), None, next_norm)
+
+    def decoder_layer(self, next_norm: RMSNorm) -> DecoderLayer:
+        attn, mlp = self.self_attn, self.mlp
+        return DecoderLayer(
+            qkv=attn.qkv_proj, o=attn.o_proj, gate_up=mlp.gate_up_proj, down=mlp.down_proj,
+            attn=attn.attn, rope=ROPE_KEY,
+            head_norms=None if attn.head_norms is None else attn.head_norms.scale(),
+            post_attn=None, pre_ff=self.post_attention_layernorm, post_ff=None,
+            next_norm=next_norm)
 
 
 class LlamaModel(nn.Module):
@@ -132,14 +156,31 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(head_dim_of(config), rope_parameters(config),
                                       getattr(config, "max_position_embeddings", None))
+        self.fused_decode: FusedDecode | None = None  # set by CausalLM.prepare_decode
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, hidden]
         cos_sin = self.rotary.cos_sin(positions, x.dtype)
-        for layer in self.layers:
-            x = layer(x, self.rotary, cos_sin, ctx)
-        return self.norm(x)
+        if self.fused_decode is not None and self.fused_decode.applies_to(x, ctx.attn_metadata):
+            return self.fused_decode(x, {ROPE_KEY: cos_sin}, ctx.attn_metadata)  # all layers
+        layers = cast(Sequence[LlamaDecoderLayer], self.layers)
+        x, normed = add_rms_norm(x, None, None, layers[0].input_layernorm)
+        for layer, next_norm in zip(layers, self._next_norms(), strict=True):
+            x, normed = layer(x, normed, self.rotary, cos_sin, ctx, next_norm)
+        return normed
+
+    def _next_norms(self) -> list[RMSNorm]:
+        layers = cast(Sequence[LlamaDecoderLayer], self.layers)
+        return [layer.input_layernorm for layer in layers[1:]] + [self.norm]
+
+    def decoder_stack(self) -> DecoderStack:
+        """The layers by data, for the one-call decode step."""
+        layers = cast(Sequence[LlamaDecoderLayer], self.layers)
+        return DecoderStack(
+            layers=[layer.decoder_layer(n) for layer, n in zip(layers, self._next_norms())],
+            input_norm=layers[0].input_layernorm, rotary={ROPE_KEY: self.rotary},
+            activation=layers[0].mlp.act)
 
 
 class LlamaForCausalLM(CausalLM):

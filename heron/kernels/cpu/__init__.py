@@ -74,8 +74,8 @@ def q8_gemm(variant: str) -> Q8Gemm | None:
 
 @per_variant
 def fused_decode(variant: str) -> Callable[..., int] | None:
-    """``fn(model, batch)``: a whole decode step of a Gemma 3 stack (see fused_decode.c and
-    heron/layers/fused_decode.py, which builds the structs); None where unavailable."""
+    """``fn(model, batch)``: a whole decode step of a decoder stack (see fused_decode.c and
+    heron/models/fused_decode.py, which builds the structs); None where unavailable."""
     lib = load_library("fused_decode", ("fused_decode", "q8_gemm", "gguf_matmul", "elementwise",
                                         "paged_attention"),
                        variant)
@@ -131,9 +131,10 @@ class Elementwise:
     def __init__(self, lib: ctypes.CDLL) -> None:
         i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
         self._add_rms_norm = lib.heron_add_rms_norm
-        self._add_rms_norm.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, ptr, f32, ptr, ptr]
+        c_int = ctypes.c_int
+        self._add_rms_norm.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, ptr, f32, c_int, ptr, ptr]
         self._qk_norm_rope = lib.heron_qk_norm_rope
-        self._qk_norm_rope.argtypes = [ptr, i64, i64, i64, i64, ptr, f32, ptr, ptr, ptr]
+        self._qk_norm_rope.argtypes = [ptr, i64, i64, i64, i64, ptr, f32, c_int, ptr, ptr, ptr]
         self._act_and_mul = lib.heron_act_and_mul
         self._act_and_mul.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ptr]
         self._argmax_rows = lib.heron_argmax_rows
@@ -145,26 +146,30 @@ class Elementwise:
             fn.restype = ctypes.c_int
 
     def add_rms_norm(self, x: torch.Tensor, h: torch.Tensor | None, post_scale: torch.Tensor | None,
-                     pre_scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x + bf16(norm(h) * post_scale), norm(that) * pre_scale); h None: (x, norm(x) * pre).
-        x, h: [T, dim] bf16; scales: [dim] float32."""
+                     pre_scale: torch.Tensor, eps: float,
+                     unit_offset: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + norm(h) * post_scale, norm(that) * pre_scale); post_scale None: h is added as
+        is; h None: (x, norm(x) * pre). x, h: [T, dim] bf16; scales: [dim] float32; the
+        roundings of Gemma norms (``unit_offset``) or Llama's (see elementwise.c)."""
         rows, dim = x.shape
         x_out = torch.empty_like(x, memory_format=torch.contiguous_format) if h is not None else x
         y_out = torch.empty(rows, dim, dtype=torch.bfloat16)
         _check(self._add_rms_norm(
             x.data_ptr(), x.stride(0), 0 if h is None else h.data_ptr(), 0 if h is None else h.stride(0),
             rows, dim, None if post_scale is None else post_scale.data_ptr(), pre_scale.data_ptr(),
-            eps, x_out.data_ptr(), y_out.data_ptr()), "add_rms_norm")
+            eps, int(unit_offset), x_out.data_ptr(), y_out.data_ptr()), "add_rms_norm")
         return x_out, y_out
 
-    def qk_norm_rope(self, qk: torch.Tensor, scale: torch.Tensor, eps: float, cos: torch.Tensor,
-                     sin: torch.Tensor) -> torch.Tensor:
-        """qk [T, heads, D] (heads contiguous), scale [heads, D] float32, cos/sin [T, 1, D / 2]
-        bf16 -> normalised and rotated [T, heads, D]."""
+    def qk_norm_rope(self, qk: torch.Tensor, scale: torch.Tensor | None, eps: float,
+                     cos: torch.Tensor, sin: torch.Tensor, unit_offset: bool = True) -> torch.Tensor:
+        """qk [T, heads, D] (heads contiguous), scale [heads, D] float32 (None: no norm),
+        cos/sin [T, 1, D / 2] bf16 -> normalised and rotated [T, heads, D]."""
         tokens, heads, dim = qk.shape
         out = torch.empty(tokens, heads, dim, dtype=torch.bfloat16)
-        _check(self._qk_norm_rope(qk.data_ptr(), qk.stride(0), tokens, heads, dim, scale.data_ptr(),
-                                  eps, cos.data_ptr(), sin.data_ptr(), out.data_ptr()), "qk_norm_rope")
+        _check(self._qk_norm_rope(qk.data_ptr(), qk.stride(0), tokens, heads, dim,
+                                  None if scale is None else scale.data_ptr(), eps,
+                                  int(unit_offset), cos.data_ptr(), sin.data_ptr(),
+                                  out.data_ptr()), "qk_norm_rope")
         return out
 
     def act_and_mul(self, x: torch.Tensor, activation: str) -> torch.Tensor:

@@ -29,13 +29,17 @@ static inline float inv_rms(const float *buf, int64_t dim, float eps) {
     return 1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)dim + eps);
 }
 
-/* out = bf16(bf16-row * r * scale), from and to fp32 buffers */
-static inline void scale_row(float *buf, int64_t dim, float r, const float *scale) {
+/* A row times r, then times scale, from and to fp32 buffers:
+ *   unit_offset (Gemma, scale = 1 + w):  bf16(row * r * scale)
+ *   else        (Llama, scale = w):      bf16(bf16(row * r) * scale) */
+static inline void scale_row(float *buf, int64_t dim, float r, const float *scale,
+                             int unit_offset) {
     __m512 vr = _mm512_set1_ps(r);
     for (int64_t i = 0; i < dim; i += 16) {
         __mmask16 m = tail_mask(dim - i);
-        __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, buf + i), vr),
-                                 _mm512_maskz_loadu_ps(m, scale + i));
+        __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, buf + i), vr);
+        if (!unit_offset) v = round_to_bf16(v);
+        v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, scale + i));
         _mm512_mask_storeu_ps(buf + i, m, round_to_bf16(v));
     }
 }
@@ -55,22 +59,25 @@ static inline void store_row(uint16_t *dst, const float *buf, int64_t dim) {
 }
 
 /*
- * Gemma's sandwich between two sublayers, per row (post_scale NULL: y = pre(x) alone):
- *   x_out = bf16(x + bf16(rms_norm(h) * post_scale))
- *   y_out = bf16(rms_norm(x_out) * pre_scale)
- * scales are fp32 [dim] (Gemma's 1 + w already added); rows have strides in elements.
+ * The step between two sublayers, per row: add the sublayer's output h to the residual stream
+ * x (normalised first where there is a post norm: Gemma's sandwich), then normalise the sum:
+ *   x_out = bf16(x + norm(h) * post_scale)     (post_scale NULL: bf16(x + h); h NULL: x)
+ *   y_out = norm(x_out) * pre_scale
+ * with norm(v) * scale rounded as scale_row says for unit_offset. Scales are fp32 [dim];
+ * rows have strides in elements; x_out is written only where h is given.
  */
 int heron_add_rms_norm(const uint16_t *x, int64_t x_stride, const uint16_t *h, int64_t h_stride,
                        int64_t rows, int64_t dim, const float *post_scale,
-                       const float *pre_scale, float eps, uint16_t *x_out, uint16_t *y_out) {
+                       const float *pre_scale, float eps, int unit_offset, uint16_t *x_out,
+                       uint16_t *y_out) {
     if (dim > 16384) return -1;
 #pragma omp parallel for schedule(static) if (rows >= PARALLEL_MIN_ROWS)
     for (int64_t t = 0; t < rows; t++) {
         float xs[16384], hs[16384];
         load_row(xs, x + t * x_stride, dim);
-        if (post_scale) {
+        if (h) {
             load_row(hs, h + t * h_stride, dim);
-            scale_row(hs, dim, inv_rms(hs, dim, eps), post_scale);
+            if (post_scale) scale_row(hs, dim, inv_rms(hs, dim, eps), post_scale, unit_offset);
             for (int64_t i = 0; i < dim; i += 16) {
                 __mmask16 m = tail_mask(dim - i);
                 __m512 sum = _mm512_add_ps(_mm512_maskz_loadu_ps(m, xs + i), _mm512_maskz_loadu_ps(m, hs + i));
@@ -78,7 +85,7 @@ int heron_add_rms_norm(const uint16_t *x, int64_t x_stride, const uint16_t *h, i
             }
             store_row(x_out + t * dim, xs, dim);
         }
-        scale_row(xs, dim, inv_rms(xs, dim, eps), pre_scale);
+        scale_row(xs, dim, inv_rms(xs, dim, eps), pre_scale, unit_offset);
         store_row(y_out + t * dim, xs, dim);
     }
     return 0;
@@ -86,14 +93,14 @@ int heron_add_rms_norm(const uint16_t *x, int64_t x_stride, const uint16_t *h, i
 
 /*
  * Per-head RMS norm then rotary embedding ("rotate half", all of the head rotated):
- *   n = bf16(rms_norm(v) * scale[head])
+ *   n = norm(v) * scale[head]     (rounded as scale_row says; scale NULL: n = v, no norm)
  *   out = [bf16(bf16(n1 cos) - bf16(n2 sin)) | bf16(bf16(n2 cos) + bf16(n1 sin))]
  * qk [tokens, heads, dim] with token stride qk_stride; scale fp32 [heads, dim];
  * cos, sin bf16 [tokens, dim / 2]; out contiguous [tokens, heads, dim].
  */
 int heron_qk_norm_rope(const uint16_t *qk, int64_t qk_stride, int64_t tokens, int64_t heads,
-                       int64_t dim, const float *scale, float eps, const uint16_t *cos,
-                       const uint16_t *sin, uint16_t *out) {
+                       int64_t dim, const float *scale, float eps, int unit_offset,
+                       const uint16_t *cos, const uint16_t *sin, uint16_t *out) {
     if (dim > 1024 || dim % 2) return -1;
     const int64_t half = dim / 2;
 #pragma omp parallel for schedule(static) if (tokens * heads >= PARALLEL_MIN_ROWS * 4)
@@ -101,7 +108,7 @@ int heron_qk_norm_rope(const uint16_t *qk, int64_t qk_stride, int64_t tokens, in
         const int64_t t = task / heads, hd = task % heads;
         float n[1024];
         load_row(n, qk + t * qk_stride + hd * dim, dim);
-        scale_row(n, dim, inv_rms(n, dim, eps), scale + hd * dim);
+        if (scale) scale_row(n, dim, inv_rms(n, dim, eps), scale + hd * dim, unit_offset);
         uint16_t *o = out + task * dim;
         for (int64_t i = 0; i < half; i += 16) {
             __mmask16 m = tail_mask(half - i);

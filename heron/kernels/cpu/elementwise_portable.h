@@ -15,8 +15,12 @@ static inline float inv_rms(const float *buf, int64_t dim, float eps) {
     return 1.0f / sqrtf(total / (float)dim + eps);
 }
 
-static inline void scale_row(float *buf, int64_t dim, float r, const float *scale) {
-    for (int64_t i = 0; i < dim; i++) buf[i] = round_bf16((buf[i] * r) * scale[i]);
+static inline void scale_row(float *buf, int64_t dim, float r, const float *scale,
+                             int unit_offset) {
+    if (unit_offset)
+        for (int64_t i = 0; i < dim; i++) buf[i] = round_bf16((buf[i] * r) * scale[i]);
+    else
+        for (int64_t i = 0; i < dim; i++) buf[i] = round_bf16(round_bf16(buf[i] * r) * scale[i]);
 }
 
 static inline void load_row(float *buf, const uint16_t *src, int64_t dim) {
@@ -29,27 +33,28 @@ static inline void store_row(uint16_t *dst, const float *buf, int64_t dim) {
 
 int heron_add_rms_norm(const uint16_t *x, int64_t x_stride, const uint16_t *h, int64_t h_stride,
                        int64_t rows, int64_t dim, const float *post_scale,
-                       const float *pre_scale, float eps, uint16_t *x_out, uint16_t *y_out) {
+                       const float *pre_scale, float eps, int unit_offset, uint16_t *x_out,
+                       uint16_t *y_out) {
     if (dim > 16384) return -1;
 #pragma omp parallel for schedule(static) if (rows >= PARALLEL_MIN_ROWS)
     for (int64_t t = 0; t < rows; t++) {
         float xs[16384], hs[16384];
         load_row(xs, x + t * x_stride, dim);
-        if (post_scale) {
+        if (h) {
             load_row(hs, h + t * h_stride, dim);
-            scale_row(hs, dim, inv_rms(hs, dim, eps), post_scale);
+            if (post_scale) scale_row(hs, dim, inv_rms(hs, dim, eps), post_scale, unit_offset);
             for (int64_t i = 0; i < dim; i++) xs[i] = round_bf16(xs[i] + hs[i]);
             store_row(x_out + t * dim, xs, dim);
         }
-        scale_row(xs, dim, inv_rms(xs, dim, eps), pre_scale);
+        scale_row(xs, dim, inv_rms(xs, dim, eps), pre_scale, unit_offset);
         store_row(y_out + t * dim, xs, dim);
     }
     return 0;
 }
 
 int heron_qk_norm_rope(const uint16_t *qk, int64_t qk_stride, int64_t tokens, int64_t heads,
-                       int64_t dim, const float *scale, float eps, const uint16_t *cos,
-                       const uint16_t *sin, uint16_t *out) {
+                       int64_t dim, const float *scale, float eps, int unit_offset,
+                       const uint16_t *cos, const uint16_t *sin, uint16_t *out) {
     if (dim > 1024 || dim % 2) return -1;
     const int64_t half = dim / 2;
 #pragma omp parallel for schedule(static) if (tokens * heads >= PARALLEL_MIN_ROWS * 4)
@@ -57,7 +62,7 @@ int heron_qk_norm_rope(const uint16_t *qk, int64_t qk_stride, int64_t tokens, in
         const int64_t t = task / heads, hd = task % heads;
         float n[1024];
         load_row(n, qk + t * qk_stride + hd * dim, dim);
-        scale_row(n, dim, inv_rms(n, dim, eps), scale + hd * dim);
+        if (scale) scale_row(n, dim, inv_rms(n, dim, eps), scale + hd * dim, unit_offset);
         uint16_t *o = out + task * dim;
         for (int64_t i = 0; i < half; i++) {
             const float c = bf16_bits_to_fp32(cos[t * half + i]), s = bf16_bits_to_fp32(sin[t * half + i]);

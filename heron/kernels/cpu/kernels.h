@@ -14,10 +14,11 @@ int heron_q8_gemm(const void *x, int64_t ldx, int x_fp32, int64_t M, int64_t K,
 /* elementwise.c */
 int heron_add_rms_norm(const uint16_t *x, int64_t x_stride, const uint16_t *h, int64_t h_stride,
                        int64_t rows, int64_t dim, const float *post_scale,
-                       const float *pre_scale, float eps, uint16_t *x_out, uint16_t *y_out);
+                       const float *pre_scale, float eps, int unit_offset, uint16_t *x_out,
+                       uint16_t *y_out);
 int heron_qk_norm_rope(const uint16_t *qk, int64_t qk_stride, int64_t tokens, int64_t heads,
-                       int64_t dim, const float *scale, float eps, const uint16_t *cos,
-                       const uint16_t *sin, uint16_t *out);
+                       int64_t dim, const float *scale, float eps, int unit_offset,
+                       const uint16_t *cos, const uint16_t *sin, uint16_t *out);
 int heron_act_and_mul(const uint16_t *x, int64_t x_stride, int64_t rows, int64_t d, int act,
                       uint16_t *out);
 
