@@ -23,6 +23,7 @@ from heron.config import (
 from heron.engine.core import EngineCore
 from heron.engine.messages import TokenLogprobs
 from heron.engine.request import Logprob, LogprobsDict
+from heron.heap import release_free_heap
 from heron.output_processor import ChoiceDelta, OutputProcessor, Prompt, RequestState
 from heron.outputs import CompletionOutput, RequestOutput
 from heron.sampling_params import SamplingParams
@@ -90,6 +91,7 @@ class LLM:
         self.engine = _make_engine(config, parallel)
         self.processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
+        release_free_heap()  # what loading freed (see heron.heap)
 
     def close(self) -> None:
         """Stop the engine processes of a data-parallel LLM (nothing to do for one engine)."""

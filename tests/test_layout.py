@@ -24,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ROOMS = ("kernels", "layers", "models", "loader", "engine", "server")  # lowest first
-LEAVES = ("heron.cache", "heron.progress")
+LEAVES = ("heron.cache", "heron.heap", "heron.progress")
 KERNELS_MAY_IMPORT = ("heron.kernels", *LEAVES)
 API_SIDE = ("heron.server", "heron.structured", "heron.tokenizer")
 

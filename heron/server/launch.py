@@ -240,9 +240,12 @@ def _import_http_layer() -> None:
 def _load_tokenizer(model_config: ModelConfig) -> Tokenizer:
     # heron.loader pulls in torch and transformers (~2 s): imported here, in the tokenizer's
     # thread, so that the engine process starts without waiting for it.
+    from heron.heap import release_free_heap
     from heron.tokenizer import load_tokenizer
 
-    return load_tokenizer(model_config)
+    tokenizer = load_tokenizer(model_config)
+    release_free_heap()  # parsing tokenizer.json leaves hundreds of MB of freed heap behind
+    return tokenizer
 
 
 def _ignore_result(future: asyncio.Future[Any]) -> None:
