@@ -192,27 +192,17 @@ def test_the_file_blocks_are_the_only_copy(tiny_file: Path, cache_dir: Path) -> 
 def test_default_model_float32_greedy_equals_transformers_on_the_same_file() -> None:
     """The default model (Gemma 3 270M Q4_K_M: Q5_0, Q8_0, Q4_K, Q6_K tensors) served from its
     blocks in float32: transformers' greedy tokens, 4 prompts x 32 tokens."""
+    from heron.bench.accuracy import greedy_tokens, transformers_greedy
     from heron.loader.default_model import default_gguf_path
-    from tests.test_quant import PROMPTS as TEXTS
 
-    path = default_gguf_path()
     llm = LLM(dtype="float32")
     assert llm.engine.quantization == "gguf"
-    tok = llm.get_tokenizer()
-    prompts = [tok.encode(text) for text in TEXTS]
-    assert len(prompts) >= 4
-    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
-    ours = [list(o.outputs[0].token_ids) for o in llm.generate(
-        [{"prompt_token_ids": p} for p in prompts[:4]], params, use_tqdm=False)]
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32, attn_implementation="eager").eval()
-    with torch.no_grad():
-        for prompt, tokens in zip(prompts[:4], ours):
-            expected = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32,
-                                   do_sample=False)[0, len(prompt):]
-            assert tokens == expected.tolist()
+    prompts, ours = greedy_tokens(llm)
+    assert len(prompts) == 4 and all(len(tokens) == 32 for tokens in ours)
+    assert ours == transformers_greedy(default_gguf_path(), prompts)
 
 
+@pytest.mark.slow
 def test_a_format_the_kernels_do_not_read_is_dequantized_and_said(tmp_path: Path, caplog,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Q4_1 (not among the formats heron's kernels read): that module gets float weights, the

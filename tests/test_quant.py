@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from heron.bench.accuracy import decode_error
 from heron.kernels import cpu as cpu_kernels
 from heron.layers.linear import Linear, linear
 from heron.layers.quant import (
@@ -145,34 +146,6 @@ def test_unsupported_shapes_stay_float() -> None:
         quantize_model(layer, "fp3")
 
 
-PROMPTS = [
-    "The history of the Roman Empire spans many centuries, beginning with",
-    "def fibonacci(n):\n    if n < 2:\n        return n\n",
-    "Photosynthesis is the process by which green plants",
-    "Question: What is the capital of France?\nAnswer:",
-]
-
-
-def _decode_error(llm_quantized, llm_reference) -> torch.Tensor:
-    """|logprob| differences on the tokens the quantized model chose while decoding, re-scored
-    by the float reference teacher-forced over the same text. [num_tokens] nats."""
-    from heron import SamplingParams
-
-    tok = llm_reference.get_tokenizer()
-    prompts = [{"prompt_token_ids": tok.encode(p)} for p in PROMPTS]
-    decoded = llm_quantized.generate(prompts, SamplingParams(max_tokens=32, temperature=0, logprobs=0,
-                                                             ignore_eos=True), use_tqdm=False)
-    full = [{"prompt_token_ids": o.prompt_token_ids + o.outputs[0].token_ids} for o in decoded]
-    scored = llm_reference.generate(full, SamplingParams(max_tokens=1, prompt_logprobs=0),
-                                    use_tqdm=False)
-    diffs = []
-    for q, r in zip(decoded, scored):
-        n = len(q.prompt_token_ids)
-        for i, (token, entry) in enumerate(zip(q.outputs[0].token_ids, q.outputs[0].logprobs)):
-            diffs.append(abs(entry[token].logprob - r.prompt_logprobs[n + i][token].logprob))
-    return torch.tensor(diffs)
-
-
 @pytest.mark.slow
 def test_default_model_auto_decode_is_within_the_stated_tolerance_of_float32() -> None:
     """The README's tolerance for the default (auto) mode, the file's blocks with bf16
@@ -183,7 +156,7 @@ def test_default_model_auto_decode_is_within_the_stated_tolerance_of_float32() -
     reference = LLM(dtype="float32")  # the same blocks, float32 activations: exact products
     auto = LLM()
     assert auto.engine.quantization == "gguf" and auto.engine.dtype == torch.bfloat16
-    err = _decode_error(auto, reference)
+    err = decode_error(auto, reference)
     assert err.mean() <= 0.03 and err.max() <= 0.3, (err.mean(), err.max())
 
 
