@@ -3,23 +3,33 @@ dequantization, for every block format and every kernel variant (all of them run
 AVX-512 machine: the variants differ only in the instructions they are compiled for).
 
 Exact mode (float32 activations): out equals x @ dequantize(W)^T up to float32 rounding.
-int8 mode (activations quantized per row and group of 4): the error is at most
-sum_k |W[n, k]| s[m, k] / 2, s the group's scale max |x| / 127, plus float rounding.
+int8 mode (activations quantized per row and group of 8): the error is at most
+sum_k |a c|[n, k] s[m, k] / 2 (a c = W - b: the weight without its offset), s the group's
+scale max |x| / 127, plus float rounding. Batches of 1-2 rows and larger ones take different
+paths (a row of W at a time; panels of 16 rows); both must give the same bits.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import gguf
 import numpy as np
 import pytest
 import torch
 
-from heron.kernels.cpu import isa
-from heron.kernels.cpu.gguf import BLOCK_FORMATS, BlockRows, gguf_kernels, segment_array
+from heron.kernels.cpu import build, isa
+from heron.kernels.cpu.gguf import (
+    BLOCK_FORMATS,
+    BlockRows,
+    GGUFKernels,
+    gguf_kernels,
+    segment_array,
+)
 
 VARIANTS = isa.runnable_variants(isa.cpu_features())
 FORMATS = tuple(BLOCK_FORMATS)
-BATCHES = (1, 2, 7, 16, 130)
+BATCHES = (1, 2, 3, 7, 16, 130)
 
 
 def test_every_variant_runs_here() -> None:
@@ -55,21 +65,36 @@ def dequantized(fmt: str, blocks: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(gguf.quants.dequantize(blocks, qtype).copy())  # [rows, K] float32
 
 
+def offsets(fmt: str, blocks: np.ndarray) -> torch.Tensor:
+    """The offsets b of each weight (Q4_K, Q5_K; else 0): the blocks dequantized with every
+    code zeroed (w = a c + b with c = 0)."""
+    if fmt not in ("Q4_K", "Q5_K"):
+        return torch.zeros(blocks.shape[0], blocks.shape[1] // BLOCK_FORMATS[fmt][2]
+                           * BLOCK_FORMATS[fmt][1])
+    nbytes = BLOCK_FORMATS[fmt][2]
+    zeroed = blocks.reshape(-1, nbytes).copy()
+    zeroed[:, 16:] = 0  # Q4_K: qs; Q5_K: qh and qs
+    return dequantized(fmt, zeroed.reshape(blocks.shape))
+
+
 def _activations(m: int, k: int, seed: int) -> torch.Tensor:
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
     x[0, 3] = 40.0  # an outlier in one group
     return x
 
 
-def _check(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, exact: bool) -> None:
+def _check(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, exact: bool,
+           b: torch.Tensor | None = None) -> None:
+    """out against x @ w^T within the mode's bound (b: the weights' offsets, int8 mode)."""
     xd, wd = x.double(), w.double()
     expected = xd @ wd.T
     magnitude = xd.abs() @ wd.abs().T
     slack = 2e-5 * magnitude + 1e-30
-    if not exact:  # the rounding of x to int8, per group of 4
-        s = x.view(x.shape[0], -1, 4).abs().amax(dim=2, keepdim=True) / 127
-        s = s.expand(-1, -1, 4).reshape(x.shape).double()
-        slack = slack + (s / 2) @ wd.abs().T
+    if not exact:  # the rounding of x to int8, per group of 8, times |a c| = |w - b|
+        s = x.view(x.shape[0], -1, 8).abs().amax(dim=2, keepdim=True) / 127
+        s = s.expand(-1, -1, 8).reshape(x.shape).double()
+        scaled = wd if b is None else wd - b.double()
+        slack = slack + (s / 2) @ scaled.abs().T
     err = (out.double() - expected).abs()
     worst = (err / slack).max().item()
     assert worst <= 1.0, f"error {worst:.3g}x the allowed bound"
@@ -86,13 +111,13 @@ def test_matmul_equals_the_dequantized_weight(variant: str, fmt: str, exact: boo
     elems = BLOCK_FORMATS[fmt][1]
     k = 3 * elems if elems == 32 else 2 * elems  # 96: not a multiple of 64 (the padded tail)
     blocks = random_blocks(fmt, rows=37, k=k, seed=1)
-    w = dequantized(fmt, blocks)
+    w, b = dequantized(fmt, blocks), offsets(fmt, blocks)
     segments = segment_array([BlockRows(torch.from_numpy(blocks), BLOCK_FORMATS[fmt][0])])
     for m in BATCHES:
         x = _activations(m, k, seed=m)
         out = kernels.matmul(x, segments, 37, exact, torch.float32)
         assert out.shape == (m, 37) and out.dtype == torch.float32
-        _check(out, x, w, exact)
+        _check(out, x, w, exact, b)
 
 
 @pytest.mark.parametrize("variant", isa.VARIANTS)
@@ -101,12 +126,13 @@ def test_matmul_equals_the_dequantized_weight(variant: str, fmt: str, exact: boo
 def test_extreme_scales(variant: str, fmt: str, scale: str) -> None:
     kernels = gguf_kernels(variant)
     k = BLOCK_FORMATS[fmt][1] * 2
-    blocks = random_blocks(fmt, rows=9, k=k, seed=2, scale=scale)
-    w = dequantized(fmt, blocks)
+    blocks = random_blocks(fmt, rows=19, k=k, seed=2, scale=scale)
+    w, b = dequantized(fmt, blocks), offsets(fmt, blocks)
     segments = segment_array([BlockRows(torch.from_numpy(blocks), BLOCK_FORMATS[fmt][0])])
-    x = _activations(3, k, seed=5)
-    for exact in (True, False):
-        _check(kernels.matmul(x, segments, 9, exact, torch.float32), x, w, exact)
+    for m in (1, 5):  # a row of W at a time; panels
+        x = _activations(m, k, seed=5)
+        for exact in (True, False):
+            _check(kernels.matmul(x, segments, 19, exact, torch.float32), x, w, exact, b)
 
 
 @pytest.mark.parametrize("variant", isa.VARIANTS)
@@ -117,15 +143,20 @@ def test_mixed_segments_bf16_in_and_out(variant: str) -> None:
     parts = [("Q5_0", 33), ("Q4_K", 16), ("Q8_0", 7), ("Q6_K", 5)]
     blocks = [random_blocks(fmt, rows, k, seed=i) for i, (fmt, rows) in enumerate(parts)]
     w = torch.cat([dequantized(fmt, b) for (fmt, _), b in zip(parts, blocks)])
+    b = torch.cat([offsets(fmt, b) for (fmt, _), b in zip(parts, blocks)])
     segments = segment_array([BlockRows(torch.from_numpy(b), BLOCK_FORMATS[fmt][0])
                               for (fmt, _), b in zip(parts, blocks)])
-    x = _activations(19, k, seed=3).to(torch.bfloat16)
-    for exact in (True, False):
-        out = kernels.matmul(x, segments, w.shape[0], exact, torch.bfloat16)
-        assert out.dtype == torch.bfloat16 and out.shape == (19, w.shape[0])
-        full = kernels.matmul(x, segments, w.shape[0], exact, torch.float32)
-        torch.testing.assert_close(out, full.to(torch.bfloat16), atol=0, rtol=0)  # one rounding
-        _check(full, x.float(), w, exact)
+    for m in (1, 2, 19):  # panels of 16 rows cross the segments' boundaries (33, 49, 56)
+        x = _activations(m, k, seed=3).to(torch.bfloat16)
+        for exact in (True, False):
+            out = kernels.matmul(x, segments, w.shape[0], exact, torch.bfloat16)
+            assert out.dtype == torch.bfloat16 and out.shape == (m, w.shape[0])
+            full = kernels.matmul(x, segments, w.shape[0], exact, torch.float32)
+            torch.testing.assert_close(out, full.to(torch.bfloat16), atol=0, rtol=0)  # one rounding
+            _check(full, x.float(), w, exact, b)
+        rows = slice(m // 2, m // 2 + 1)  # the same bits alone
+        assert torch.equal(kernels.matmul(x[rows], segments, w.shape[0], False, torch.float32),
+                           kernels.matmul(x, segments, w.shape[0], False, torch.float32)[rows])
 
 
 @pytest.mark.parametrize("variant", isa.VARIANTS)
@@ -178,15 +209,47 @@ def test_float_segments_and_row_ids(variant: str) -> None:
 @pytest.mark.parametrize("variant", isa.VARIANTS)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("exact", [True, False], ids=["exact", "int8"])
-def test_a_rows_result_does_not_depend_on_its_batch(variant: str, fmt: str, exact: bool) -> None:
+@pytest.mark.parametrize("blocks_per_row", [1, 3, 8])
+def test_a_rows_result_does_not_depend_on_its_batch(variant: str, fmt: str, exact: bool,
+                                                    blocks_per_row: int) -> None:
     """Bit for bit the same output for a row of x alone, in a small batch (the decode path) and
     in a large one (the general path): what a request gets never depends on who it shares a
-    step with."""
+    step with. K: padded to 128 or not; the 32-element formats decoded in registers or not."""
     kernels = gguf_kernels(variant)
-    k = BLOCK_FORMATS[fmt][1] * (3 if BLOCK_FORMATS[fmt][1] == 32 else 1)
+    k = BLOCK_FORMATS[fmt][1] * blocks_per_row
     blocks = random_blocks(fmt, rows=21, k=k, seed=6)
     segments = segment_array([BlockRows(torch.from_numpy(blocks), BLOCK_FORMATS[fmt][0])])
     x = _activations(40, k, seed=2)
     full = kernels.matmul(x, segments, 21, exact, torch.float32)
     for rows in (slice(0, 1), slice(5, 7), slice(9, 13), slice(20, 37)):
         assert torch.equal(kernels.matmul(x[rows], segments, 21, exact, torch.float32), full[rows])
+
+
+@pytest.fixture(scope="module")
+def avx512_without_vnni() -> Iterator[GGUFKernels]:
+    """The avx512 variant built as for a CPU without AVX-512 VNNI (VPMADDUBSW instead of
+    VPDPBUSD): the features the build sees, and so its flags and cache key, lack it."""
+    features = isa.cpu_features() - {"avx512_vnni"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(isa, "cpu_features", lambda: features)
+        patch.setattr(build, "cpu_features", lambda: features)
+        build._load.cache_clear()
+        lib = build.load_library("gguf_matmul", ("gguf_matmul",), "avx512")
+        build._load.cache_clear()
+    assert lib is not None
+    yield GGUFKernels(lib, "avx512")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_avx512_without_vnni(avx512_without_vnni: GGUFKernels, fmt: str) -> None:
+    kernels, with_vnni = avx512_without_vnni, gguf_kernels("avx512")
+    k = BLOCK_FORMATS[fmt][1] * (4 if BLOCK_FORMATS[fmt][1] == 32 else 1)
+    blocks = random_blocks(fmt, rows=40, k=k, seed=7)
+    w, b = dequantized(fmt, blocks), offsets(fmt, blocks)
+    segments = segment_array([BlockRows(torch.from_numpy(blocks), BLOCK_FORMATS[fmt][0])])
+    x = _activations(20, k, seed=8)
+    full = kernels.matmul(x, segments, 40, False, torch.float32)
+    _check(full, x, w, False, b)
+    assert torch.equal(full, with_vnni.matmul(x, segments, 40, False, torch.float32))  # same sums
+    for rows in (slice(0, 1), slice(3, 5)):
+        assert torch.equal(kernels.matmul(x[rows], segments, 40, False, torch.float32), full[rows])

@@ -10,7 +10,7 @@ it fuses (q / k / v may be different formats), and heron's kernels
 
 Two modes, fixed per model: ``exact`` (float32 activations: x @ dequantize(W)^T up to float
 rounding, the numbers transformers computes from the same file) and int8 (activations
-quantized per row and group of 32, as llama.cpp does; see gguf_matmul.c for the bound).
+quantized per row and group of 8; llama.cpp uses 32; see gguf_matmul.c for the bound).
 An embedding looks its rows up from the same blocks (``rows``), and a tied LM head multiplies
 with the same object.
 """

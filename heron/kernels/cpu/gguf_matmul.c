@@ -2,25 +2,38 @@
  * out[M, N] = x[M, K] @ W[N, K]^T with W in GGUF's quantized blocks, read in place (the
  * memory-mapped file). W may be several segments of rows in different formats stacked along
  * N (a fused q/k/v whose q and v are Q5_0 and Q8_0). Built per variant (avx512, avx2,
- * portable) by heron/kernels/cpu/build.py; formats and their decoding: gguf_blocks.h.
+ * portable) by heron/kernels/cpu/build.py; formats and their decoding: gguf_blocks.h, which
+ * turns a row into codes c (int8), scales a (per 16) and offsets b (per 32): w = a c + b.
+ * Two modes:
  *
- * Each thread takes a range of W's rows. A row is decoded once per call into codes c, scales
- * a (per 16) and offsets b (per 32) in a small buffer that stays in L1/L2, then every row of
- * x is multiplied with it, up to 8 at a time. Two modes:
+ *   exact (x float32 or bf16): each thread takes a range of W's rows; a row is decoded once
+ *          per call into a small buffer, made float (w = a c + b) per 16 and multiplied with
+ *          every row of x, up to 8 at a time, in float32: the result is x @ dequantize(W)^T up
+ *          to float rounding (summation order, fused multiply-add).
+ *   int8  x quantized per call per row and group of 8 (xq = round(x / s), s = max |x| / 127:
+ *          a transformer's outlier features spoil 7 neighbours, not 31), exact integer sums
+ *          I_g of c xq per group g of 8, then in float32 per block j of 16 elements (one a):
+ *              out = sum_j a_j (s_2j I_2j + s_2j+1 I_2j+1)  +  sum_g32 b_g (sum_g32 x)
+ *          (the offsets b with the float sums of x), so the error against the exact result is
+ *          at most sum_k |a_k c_k| s_k / 2, s_k the scale of k's group, plus float rounding.
+ *          For more than a few rows of x, each thread takes panels of LANES rows of W (16; 8
+ *          with AVX2) and decodes a panel into per-thread scratch (L1/L2; the file's blocks
+ *          stay the only copy of W) with the rows interleaved: 32-bit lane l of a vector = 4
+ *          consecutive codes of row l. 4 codes of a row of x are broadcast and multiplied with
+ *          all the panel's rows at once (VPDPBUSD; VPMADDUBSW without VNNI): per 16 elements
+ *          per row of x, 4 integer dot-product instructions, 2 converts and 3 float
+ *          operations for all LANES rows of W. The variant fixes the order of the float
+ *          operations (see panel_tile); where it also has a path for 1-2 rows of x (AVX-512:
+ *          row_tile, one row of W at a time), that path does the same operations in another
+ *          layout, so a row's result never depends on the batch it is in.
+ *          Integer forms: VNNI: VPDPBUSD with x + 128 as the unsigned operand and -128 sum c
+ *          (per group, per row of W: the panel's `corr`) as the starting sum. AVX2 and
+ *          AVX-512 without VNNI: VPMADDUBSW of x + 128 and c, two of them summed in 16 bits
+ *          (|c| <= 32: no overflow), VPMADDWD; a panel with Q8_0 rows (|c| up to 128) uses
+ *          |c| and x with c's sign instead. Portable: the codes as floats (sums of 8 products
+ *          are exact integers there).
  *
- *   exact (x float32 or bf16): w = a c + b in float32, then float32 dot products: the result
- *          is x @ dequantize(W)^T up to float rounding (summation order, fused multiply-add).
- *   int8  x quantized per call per row and group of 4 (xq = round(x / s), s = max |x| / 127:
- *          one scale per 32-bit lane of the integer sums, so finer groups cost nothing, and a
- *          transformer's outlier features spoil 3 neighbours, not 31); integer dot products
- *          per 4 elements, then
- *              out = sum_g4 a s_g (sum c xq)  +  sum_g32 b_g (sum x)      (b: the float sum)
- *          so the error against the exact result is at most sum_k |w_k| s_k / 2 (plus float
- *          rounding). AVX-512 VNNI: VPDPBUSD with x + 128 as the unsigned operand, minus
- *          128 sum c (one more VPDPBUSD per 64 weights, shared by the rows); AVX2 and AVX-512
- *          without VNNI: VPMADDUBSW on |c| and x with c's sign; portable: plain C.
- *
- * Rows of x and of the buffers are padded to a multiple of 64 elements with zeros. A segment
+ * Rows of x and of the buffers are padded to a multiple of 128 elements with zeros. A segment
  * may also be float rows (F32, F16, BF16: a fused weight whose other parts are quantized);
  * those are multiplied in float32 in both modes.
  */
@@ -35,17 +48,18 @@
 #include <immintrin.h>
 #endif
 
-#define PAD 64
+#define PAD 128
 #define MAX_TILE 8
-#define XGROUP 4  /* elements of x per int8 scale: the 4 bytes one 32-bit lane sums */
+#define XGROUP 8  /* elements of x per int8 scale */
 
 /* The per-call form of x. */
 typedef struct {
     int64_t K64;      /* K rounded up to PAD */
-    float *xf;        /* exact: [M, K64] */
-    int8_t *xq;       /* int8: [M, K64] codes (+128 as uint8 under VNNI) */
-    float *s4;        /* int8: [M, K64 / 4] scale of each 4 elements (a vector lane's) */
+    float *xf;        /* exact (and float segments): [M, K64] */
+    uint8_t *xu;      /* int8: [M, K64] codes + 128 */
+    int8_t *xs;       /* int8: [M, K64] codes */
     float *xqf;       /* int8, portable: [M, K64] the codes as floats */
+    float *s8;        /* int8: [M, K64 / 8] scale of each group of 8 */
     float *sum32;     /* int8: [M, K64 / 32] float sums of x per 32 */
 } xprep;
 
@@ -81,9 +95,20 @@ static void load_x_row(const void *x, int x_bf16, int64_t K, int64_t K64, float 
     for (int64_t k = K; k < K64; k++) dst[k] = 0.0f;
 }
 
-/* One row of x in float -> int8 codes and a scale per XGROUP (max |x| / 127), float sums per
- * 32. */
-static void quantize_x_row(const float *v, int64_t K64, int8_t *q, float *s4, float *sum32) {
+/* Where the scale of group g is stored: AVX-512 keeps the even groups' scales of each 128
+ * elements, then the odd ones' (its row path reads them as two vectors of 8). */
+static inline int64_t s8_index(int64_t g) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    return (g & ~(int64_t)15) | ((g & 1) << 3) | ((g >> 1) & 7);
+#else
+    return g;
+#endif
+}
+
+/* One row of x in float -> int8 codes (also + 128 as uint8) and a scale per XGROUP
+ * (max |x| / 127), float sums per 32. */
+static void quantize_x_row(const float *v, int64_t K64, uint8_t *xu, int8_t *xs, float *s8,
+                           float *sum32) {
     for (int64_t g = 0; g < K64 / XGROUP; g++) {
         const float *vg = v + XGROUP * g;
         float amax = 0.0f;
@@ -92,13 +117,10 @@ static void quantize_x_row(const float *v, int64_t K64, int8_t *q, float *s4, fl
         for (int j = 0; j < XGROUP; j++) {
             int code = (int)nearbyintf(vg[j] * inv);
             code = code > 127 ? 127 : (code < -127 ? -127 : code);
-#if defined(__AVX512VNNI__)
-            q[XGROUP * g + j] = (int8_t)(code ^ 0x80);  /* as uint8: code + 128 */
-#else
-            q[XGROUP * g + j] = (int8_t)code;
-#endif
+            xs[XGROUP * g + j] = (int8_t)code;
+            xu[XGROUP * g + j] = (uint8_t)(code + 128);
         }
-        s4[g] = amax / 127.0f;
+        s8[s8_index(g)] = amax / 127.0f;
     }
     for (int64_t g = 0; g < K64 / 32; g++) {
         float sum = 0.0f;
@@ -113,30 +135,32 @@ static int prepare_x(const void *x, int64_t ldx, int x_bf16, int64_t M, int64_t 
     p->K64 = K64;
     p->xf = malloc(sizeof(float) * (size_t)(M * K64));
     if (!exact) {
-        p->xq = malloc((size_t)(M * K64));
-        p->s4 = malloc(sizeof(float) * (size_t)(M * K64 / XGROUP));
+        p->xu = malloc((size_t)(M * K64));
+        p->xs = malloc((size_t)(M * K64));
+        p->s8 = malloc(sizeof(float) * (size_t)(M * K64 / XGROUP));
         p->sum32 = malloc(sizeof(float) * (size_t)(M * K64 / 32));
     }
 #if !defined(__AVX2__)
     p->xqf = exact ? NULL : malloc(sizeof(float) * (size_t)(M * K64));
     if (!exact && !p->xqf) return -2;
 #endif
-    if (!p->xf || (!exact && (!p->xq || !p->s4 || !p->sum32))) return -2;
+    if (!p->xf || (!exact && (!p->xu || !p->xs || !p->s8 || !p->sum32))) return -2;
     const size_t elem = x_bf16 ? 2 : 4;
 #pragma omp parallel for schedule(static) if (M >= 16)
     for (int64_t m = 0; m < M; m++) {
         float *row = p->xf + m * K64;
         load_x_row((const char *)x + (size_t)(m * ldx) * elem, x_bf16, K, K64, row);
         if (exact) continue;
-        quantize_x_row(row, K64, p->xq + m * K64, p->s4 + m * (K64 / XGROUP), p->sum32 + m * (K64 / 32));
+        quantize_x_row(row, K64, p->xu + m * K64, p->xs + m * K64, p->s8 + m * (K64 / XGROUP),
+                       p->sum32 + m * (K64 / 32));
         if (p->xqf)
-            for (int64_t k = 0; k < K64; k++) p->xqf[m * K64 + k] = (float)p->xq[m * K64 + k];
+            for (int64_t k = 0; k < K64; k++) p->xqf[m * K64 + k] = (float)p->xs[m * K64 + k];
     }
     return 0;
 }
 
 static void free_x(xprep *p) {
-    free(p->xf), free(p->xq), free(p->s4), free(p->sum32), free(p->xqf);
+    free(p->xf), free(p->xu), free(p->xs), free(p->s8), free(p->sum32), free(p->xqf);
 }
 
 /* ------------------------------------------------------------------------- float rows */
@@ -160,27 +184,10 @@ static inline __attribute__((always_inline)) void dot_f32_tile(
     }
 }
 
-/* sum_g32 b_g sum32_g for the rows of a tile (int8 mode, formats with offsets only). */
-static inline void offsets_tile(const float *b, const float *sum32, int64_t K64, int R, float *res) {
-    const int64_t groups = K64 / 32;
-    for (int r = 0; r < R; r++) {
-        float acc[16] = {0};
-        const float *s = sum32 + r * groups;
-        int64_t g = 0;
-        for (; g + 16 <= groups; g += 16)
-            for (int j = 0; j < 16; j++) acc[j] += b[g + j] * s[g + j];
-        float total = 0.0f;
-        for (int j = 0; j < 16; j++) total += acc[j];
-        for (; g < groups; g++) total += b[g] * s[g];
-        res[r] += total;
-    }
-}
-
 /*
- * Per variant, two tile kernels over a decoded row w and rows m0 .. m0 + R - 1 of x:
- *   dot_exact_tile  res[r] = sum_k (a c + b)_k x_rk, the weight made float per 16 (shared by
- *                   the rows), one FMA per row
- *   dot_int8_tile   res[r] = sum over 4-groups of a s (sum c xq)   (offsets: offsets_tile)
+ * Per variant, the exact mode's tile kernel over a decoded row w and rows m0 .. m0 + R - 1 of
+ * x: res[r] = sum_k (a c + b)_k x_rk, the weight made float per 16 (shared by the rows), one
+ * FMA per row.
  */
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 
@@ -195,43 +202,6 @@ static inline __attribute__((always_inline)) void dot_exact_tile(
         const __m512 wk = offsets ? _mm512_fmadd_ps(c, _mm512_set1_ps(w->a[k / 16]), _mm512_set1_ps(w->b[k / 32]))
                                   : _mm512_mul_ps(c, _mm512_set1_ps(w->a[k / 16]));
         for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * K64 + k), wk, acc[r]);
-    }
-    for (int r = 0; r < R; r++) res[r] = hsum512(acc[r]);
-}
-
-static inline __m512i dot_quads(__m512i acc, __m512i xq, __m512i wc) {
-    /* acc + per lane i: sum_{j<4} c[4i+j] xq[4i+j] (xq + 128 as uint8 under VNNI, where acc
-     * arrives holding -128 sum c) */
-#if defined(__AVX512VNNI__)
-    return _mm512_dpbusd_epi32(acc, xq, wc);
-#else
-    const __m512i signed_x = _mm512_mask_sub_epi8(xq, _mm512_movepi8_mask(wc), _mm512_setzero_si512(), xq);
-    const __m512i pairs = _mm512_maddubs_epi16(_mm512_abs_epi8(wc), signed_x);
-    return _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)));
-#endif
-}
-
-static inline __attribute__((always_inline)) void dot_int8_tile(
-        const rowbuf *w, const xprep *p, int64_t m0, int R, float *res) {
-    const int64_t K64 = p->K64;
-    const __m512i lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    __m512 acc[MAX_TILE];
-    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K64; k += 64) {
-        const __m512i wc = _mm512_loadu_si512((const void *)(w->c + k));
-#if defined(__AVX512VNNI__)
-        const __m512i base = _mm512_sub_epi32(_mm512_setzero_si512(),
-            _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8((char)0x80), wc));
-#else
-        const __m512i base = _mm512_setzero_si512();
-#endif
-        const __m512 a = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_loadu_ps(w->a + k / 16)));
-        for (int r = 0; r < R; r++) {
-            const int64_t m = m0 + r;
-            const __m512i s = dot_quads(base, _mm512_loadu_si512((const void *)(p->xq + m * K64 + k)), wc);
-            const __m512 scale = _mm512_mul_ps(a, _mm512_loadu_ps(p->s4 + m * (K64 / XGROUP) + k / XGROUP));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[r]);
-        }
     }
     for (int r = 0; r < R; r++) res[r] = hsum512(acc[r]);
 }
@@ -257,27 +227,6 @@ static inline __attribute__((always_inline)) void dot_exact_tile(
     for (int r = 0; r < R; r++) res[r] = hsum256(acc[r]);
 }
 
-static inline __attribute__((always_inline)) void dot_int8_tile(
-        const rowbuf *w, const xprep *p, int64_t m0, int R, float *res) {
-    const int64_t K64 = p->K64;
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[MAX_TILE];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K64; k += 32) {
-        const __m256i wc = _mm256_loadu_si256((const __m256i *)(w->c + k));
-        const __m256i wabs = _mm256_abs_epi8(wc);
-        const __m256 a = _mm256_set_m128(_mm_set1_ps(w->a[k / 16 + 1]), _mm_set1_ps(w->a[k / 16]));
-        for (int r = 0; r < R; r++) {
-            const int64_t m = m0 + r;
-            const __m256i xq = _mm256_loadu_si256((const __m256i *)(p->xq + m * K64 + k));
-            const __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xq, wc)), ones);
-            const __m256 scale = _mm256_mul_ps(a, _mm256_loadu_ps(p->s4 + m * (K64 / XGROUP) + k / XGROUP));
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[r]);
-        }
-    }
-    for (int r = 0; r < R; r++) res[r] = hsum256(acc[r]);
-}
-
 #else  /* portable */
 
 static inline __attribute__((always_inline)) void dot_exact_tile(
@@ -299,29 +248,6 @@ static inline __attribute__((always_inline)) void dot_exact_tile(
     }
 }
 
-/* The integer sums of 4 products computed in float, where they are exact (|sum| < 2^24): the
- * same numbers as the integer code, in a form plain C vectorizes (SSE2 has no int8 products). */
-static inline __attribute__((always_inline)) void dot_int8_tile(
-        const rowbuf *w, const xprep *p, int64_t m0, int R, float *res) {
-    const int64_t K64 = p->K64;
-    float acc[MAX_TILE][4];
-    for (int r = 0; r < R; r++)
-        for (int l = 0; l < 4; l++) acc[r][l] = 0.0f;
-    for (int64_t k = 0; k < K64; k += 16) {
-        float c[16];
-        for (int j = 0; j < 16; j++) c[j] = (float)w->c[k + j];
-        const float a = w->a[k / 16];
-        for (int r = 0; r < R; r++) {
-            const float *xq = p->xqf + (m0 + r) * K64 + k, *s = p->s4 + (m0 + r) * (K64 / XGROUP) + k / XGROUP;
-            float prod[16];
-            for (int j = 0; j < 16; j++) prod[j] = c[j] * xq[j];
-            for (int l = 0; l < 4; l++)
-                acc[r][l] += (prod[4 * l] + prod[4 * l + 1] + prod[4 * l + 2] + prod[4 * l + 3]) * (a * s[l]);
-        }
-    }
-    for (int r = 0; r < R; r++) res[r] = (acc[r][0] + acc[r][1]) + (acc[r][2] + acc[r][3]);
-}
-
 #endif
 
 static inline void store_out(void *out, int out_bf16, int64_t index, float v) {
@@ -329,153 +255,545 @@ static inline void store_out(void *out, int out_bf16, int64_t index, float v) {
     else ((float *)out)[index] = v;
 }
 
-/* ------------------------------------------------------------------------- small batches */
+/* ------------------------------------------------------------------------- int8 panels */
 
 /*
- * Rows of 32-element blocks (Q4_0, Q5_0, Q8_0: most of a Q4_K_M file's bytes) times up to
- * SMALL_M rows of x in int8 mode, each pair of blocks decoded in registers instead of through
- * the row buffer: the decode-only shape. Per row the same integer sums, scales and order of
- * float additions as dot_int8_tile, so the results are bit for bit those of the general path
- * (a row's result does not depend on the batch it is in).
+ * A panel: LANES rows of W decoded and interleaved. Rows first decode into rows / ra / rb
+ * (row-major, as gguf_blocks.h writes them), then go through a transpose of 32-bit units:
+ *   c     SIMD: [K64 / 4][LANES][4] (vector q holds codes 4q .. 4q + 3 of every row);
+ *         portable: [K64][LANES]
+ *   corr  SIMD: [K64 / 8][LANES] -128 x the sum of each row's 8 codes (x + 128 form)
+ *   a, b  [A16][LANES], [B32][LANES]: the scales per 16 and offsets per 32 of every row
+ * Absent rows and float rows have all zeros (their lanes give 0: float rows are done apart).
  */
-#define SMALL_M 4
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define LANES 16
+#define MTILE 4
+#define ROW_M 2  /* up to this many rows of x: row_tile, one row of W at a time */
+#elif defined(__AVX2__)
+#define LANES 8
+#define MTILE 8
+#else
+#define LANES 16
+#define MTILE 8
+#endif
 
-#if defined(__AVX2__)
-static inline int small_path(int type, int exact, int64_t M) {
-    return !exact && M <= SMALL_M && (type == GGML_Q4_0 || type == GGML_Q5_0 || type == GGML_Q8_0);
+typedef struct {
+    int64_t K64, A16, B32;  /* A16, B32: K64 / 16 and K64 / 32 rounded up to LANES */
+    int8_t *rows;
+    float *ra, *rb;
+    int8_t *c;
+    int32_t *corr;
+    float *a, *b;
+    int offsets;      /* some row has offsets */
+    int wide;         /* some row is Q8_0 (codes beyond -32 .. 31) */
+    unsigned floats;  /* bit l: row l is a float row */
+} panel;
+
+static void *alloc64(size_t bytes) {
+    void *p = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (p) memset(p, 0, (bytes + 63) / 64 * 64);
+    return p;
 }
-#else  /* portable: the general path only */
-static inline int small_path(int type, int exact, int64_t M) {
-    (void)type, (void)exact, (void)M;
-    return 0;
+
+static int panel_alloc(panel *P, int64_t K64) {
+    P->K64 = K64;
+    P->A16 = (K64 / 16 + LANES - 1) / LANES * LANES;
+    P->B32 = (K64 / 32 + LANES - 1) / LANES * LANES;
+    P->rows = alloc64((size_t)(LANES * K64));
+    P->ra = alloc64(sizeof(float) * (size_t)(LANES * P->A16));
+    P->rb = alloc64(sizeof(float) * (size_t)(LANES * P->B32));
+    P->c = alloc64((size_t)(LANES * K64));
+    P->corr = alloc64(sizeof(int32_t) * (size_t)(LANES * K64 / 8));
+    P->a = alloc64(sizeof(float) * (size_t)(LANES * P->A16));
+    P->b = alloc64(sizeof(float) * (size_t)(LANES * P->B32));
+    return P->rows && P->ra && P->rb && P->c && P->corr && P->a && P->b;
+}
+
+static void panel_free(panel *P) {
+    free(P->rows), free(P->ra), free(P->rb), free(P->c), free(P->corr), free(P->a), free(P->b);
+}
+
+/* dst[i][l] = src[l * stride + i] for i, l < LANES: a transpose of 32-bit units */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+static inline void transpose_lanes(const void *src, int64_t stride, void *dst) {
+    const int32_t *s = src;
+    __m512i r[16], t[16];
+    for (int l = 0; l < 16; l++) r[l] = _mm512_loadu_si512((const void *)(s + l * stride));
+    for (int g = 0; g < 16; g += 4) {  /* 4x4 within each 128-bit lane, per 4 rows */
+        const __m512i t0 = _mm512_unpacklo_epi32(r[g], r[g + 1]), t1 = _mm512_unpackhi_epi32(r[g], r[g + 1]);
+        const __m512i t2 = _mm512_unpacklo_epi32(r[g + 2], r[g + 3]), t3 = _mm512_unpackhi_epi32(r[g + 2], r[g + 3]);
+        t[g] = _mm512_unpacklo_epi64(t0, t2), t[g + 1] = _mm512_unpackhi_epi64(t0, t2);
+        t[g + 2] = _mm512_unpacklo_epi64(t1, t3), t[g + 3] = _mm512_unpackhi_epi64(t1, t3);
+    }
+    int32_t *d = dst;
+    for (int i = 0; i < 4; i++) {  /* then the 128-bit lanes of the 4 row groups */
+        const __m512i x0 = _mm512_shuffle_i32x4(t[i], t[4 + i], 0x44), x1 = _mm512_shuffle_i32x4(t[i], t[4 + i], 0xEE);
+        const __m512i x2 = _mm512_shuffle_i32x4(t[8 + i], t[12 + i], 0x44), x3 = _mm512_shuffle_i32x4(t[8 + i], t[12 + i], 0xEE);
+        _mm512_storeu_si512((void *)(d + 16 * i), _mm512_shuffle_i32x4(x0, x2, 0x88));
+        _mm512_storeu_si512((void *)(d + 16 * (4 + i)), _mm512_shuffle_i32x4(x0, x2, 0xDD));
+        _mm512_storeu_si512((void *)(d + 16 * (8 + i)), _mm512_shuffle_i32x4(x1, x3, 0x88));
+        _mm512_storeu_si512((void *)(d + 16 * (12 + i)), _mm512_shuffle_i32x4(x1, x3, 0xDD));
+    }
+}
+#elif defined(__AVX2__)
+static inline void transpose_lanes(const void *src, int64_t stride, void *dst) {
+    const int32_t *s = src;
+    __m256i r[8], t[8];
+    for (int l = 0; l < 8; l++) r[l] = _mm256_loadu_si256((const __m256i *)(s + l * stride));
+    for (int g = 0; g < 8; g += 4) {
+        const __m256i t0 = _mm256_unpacklo_epi32(r[g], r[g + 1]), t1 = _mm256_unpackhi_epi32(r[g], r[g + 1]);
+        const __m256i t2 = _mm256_unpacklo_epi32(r[g + 2], r[g + 3]), t3 = _mm256_unpackhi_epi32(r[g + 2], r[g + 3]);
+        t[g] = _mm256_unpacklo_epi64(t0, t2), t[g + 1] = _mm256_unpackhi_epi64(t0, t2);
+        t[g + 2] = _mm256_unpacklo_epi64(t1, t3), t[g + 3] = _mm256_unpackhi_epi64(t1, t3);
+    }
+    int32_t *d = dst;
+    for (int i = 0; i < 4; i++) {
+        _mm256_storeu_si256((__m256i *)(d + 8 * i), _mm256_permute2x128_si256(t[i], t[4 + i], 0x20));
+        _mm256_storeu_si256((__m256i *)(d + 8 * (4 + i)), _mm256_permute2x128_si256(t[i], t[4 + i], 0x31));
+    }
+}
+#else
+static inline void transpose_lanes(const void *src, int64_t stride, void *dst) {
+    const int32_t *s = src;
+    int32_t *d = dst;
+    for (int i = 0; i < LANES; i++)
+        for (int l = 0; l < LANES; l++) d[i * LANES + l] = s[l * stride + i];
 }
 #endif
 
+/* The interleaved codes and the correction sums from the decoded rows. */
+static void panel_interleave(panel *P) {
+    const int64_t K64 = P->K64;
+    for (int64_t j = 0; j < P->A16; j += LANES)
+        transpose_lanes(P->ra + j, P->A16, P->a + j * LANES);
+    if (P->offsets)
+        for (int64_t j = 0; j < P->B32; j += LANES)
+            transpose_lanes(P->rb + j, P->B32, P->b + j * LANES);
 #if defined(__AVX2__)
-static inline __attribute__((always_inline)) __m256i block_codes(int type, const uint8_t *blk) {
-    if (type == GGML_Q8_0) return _mm256_loadu_si256((const __m256i *)(blk + 2));
-    if (type == GGML_Q4_0) return _mm256_sub_epi8(nibbles_16(blk + 2), _mm256_set1_epi8(8));
-    uint32_t qh;
-    memcpy(&qh, blk + 2, 4);
-    return _mm256_sub_epi8(_mm256_or_si256(nibbles_16(blk + 6), bits_to_16s(qh)), _mm256_set1_epi8(16));
-}
+    for (int64_t k = 0; k < K64; k += 4 * LANES)
+        transpose_lanes(P->rows + k, K64 / 4, P->c + k * LANES);
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    for (int64_t g = 0; g < K64 / 8; g++) {
+        const __m512i c0 = _mm512_loadu_si512((const void *)(P->c + 128 * g));
+        const __m512i c1 = _mm512_loadu_si512((const void *)(P->c + 128 * g + 64));
+#if defined(__AVX512VNNI__)
+        const __m512i hi = _mm512_set1_epi8((char)0x80);
+        const __m512i sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, c0), hi, c1);
+        _mm512_storeu_si512((void *)(P->corr + 16 * g), _mm512_sub_epi32(_mm512_setzero_si512(), sum));
+#else
+        const __m512i ones = _mm512_set1_epi8(1);
+        const __m512i pairs = _mm512_add_epi16(_mm512_maddubs_epi16(ones, c0), _mm512_maddubs_epi16(ones, c1));
+        _mm512_storeu_si512((void *)(P->corr + 16 * g), _mm512_madd_epi16(pairs, _mm512_set1_epi16(-128)));
 #endif
+    }
+#else
+    for (int64_t g = 0; g < K64 / 8; g++) {
+        const __m256i ones = _mm256_set1_epi8(1);
+        const __m256i c0 = _mm256_loadu_si256((const __m256i *)(P->c + 64 * g));
+        const __m256i c1 = _mm256_loadu_si256((const __m256i *)(P->c + 64 * g + 32));
+        const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(ones, c0), _mm256_maddubs_epi16(ones, c1));
+        _mm256_storeu_si256((__m256i *)(P->corr + 8 * g), _mm256_madd_epi16(pairs, _mm256_set1_epi16(-128)));
+    }
+#endif
+#else
+    for (int64_t k = 0; k < K64; k++)
+        for (int l = 0; l < LANES; l++) P->c[k * LANES + l] = P->rows[l * K64 + k];
+#endif
+}
+
+/* Rows n0 .. n0 + count - 1 of W into P; *seg, *first: the segment cursor (as in the
+ * driver). */
+static void panel_decode(const heron_gguf_segment *segs, int64_t *seg, int64_t *first, int64_t n0,
+                         int count, int64_t K, panel *P) {
+    const int64_t K64 = P->K64;
+    P->offsets = P->wide = 0;
+    P->floats = 0;
+    for (int l = 0; l < LANES; l++) {
+        int8_t *c = P->rows + l * K64;
+        float *a = P->ra + l * P->A16, *b = P->rb + l * P->B32;
+        int type = -1;
+        const uint8_t *data = NULL;
+        if (l < count) {
+            const int64_t n = n0 + l;
+            while (n < *first) *first -= segs[--*seg].rows;
+            while (n >= *first + segs[*seg].rows) *first += segs[(*seg)++].rows;
+            const heron_gguf_segment *s = &segs[*seg];
+            const int64_t row = n - *first;
+            type = (int)s->type;
+            data = s->data + (s->row_ids ? s->row_ids[row] : row) * s->row_bytes;
+        }
+        if (type < 0 || gguf_float_bytes(type)) {
+            if (type >= 0) P->floats |= 1u << l;
+            memset(c, 0, (size_t)K64), memset(a, 0, sizeof(float) * (size_t)P->A16);
+            memset(b, 0, sizeof(float) * (size_t)P->B32);
+            continue;
+        }
+        if (gguf_has_offsets(type)) P->offsets = 1;
+        else memset(b, 0, sizeof(float) * (size_t)P->B32);
+        if (type == GGML_Q8_0) P->wide = 1;
+        decode_row(type, data, K, c, a, b);
+    }
+    panel_interleave(P);
+}
+
+/*
+ * Per variant, the int8 kernel over a panel and rows m0 .. m0 + R - 1 of x: acc[r][l] = the
+ * int8 mode's sum for row l of the panel (offsets: with the b terms; wide: the sign form of
+ * the products where VPMADDUBSW is used).
+ */
+static inline int32_t load_i32(const void *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 
-/* The codes of two 32-element blocks (the second all zero where absent) in one register:
+/*
+ * AVX-512: out[n, m] = (acc_0 + acc_2) + (acc_1 + acc_3), acc_q the sequence of fused
+ * multiply-adds over the blocks j = q, q + 4, q + 8, ... of 16 elements (groups 2j and 2j + 1
+ * of 8):
+ *     t = fma(I_2j+1, s_2j+1, I_2j s_2j);  acc_q = fma(t, a_j, acc_q);  then for odd j (a
+ *     group of 32 ends) acc_q = fma(b_j/2, sum_j/2 x, acc_q)
+ * A panel runs the 4 sequences for 16 rows of W at once (a vector per q; 4 rows of x at a
+ * time); a single row of W (row_tile, for up to ROW_M rows of x) runs them in the 4 lanes of
+ * one vector: the same numbers. s8 is stored per 128 elements as the 8 even groups' scales,
+ * then the 8 odd ones' (the row path reads them as two vectors of 8).
+ */
+typedef __m512 acc_t;
+
+/* The integer sums of 8 products per lane: codes c0 (4 k), c1 (the next 4) by x's 8 codes. */
+static inline __attribute__((always_inline)) __m512i sums8(
+        __m512i corr, const uint8_t *xu, const int8_t *xs, __m512i c0, __m512i c1, int wide) {
+#if defined(__AVX512VNNI__)
+    (void)xs, (void)wide;
+    const __m512i s = _mm512_dpbusd_epi32(corr, _mm512_set1_epi32(load_i32(xu)), c0);
+    return _mm512_dpbusd_epi32(s, _mm512_set1_epi32(load_i32(xu + 4)), c1);
+#else
+    const __m512i ones = _mm512_set1_epi16(1);
+    if (!wide) {
+        const __m512i p0 = _mm512_maddubs_epi16(_mm512_set1_epi32(load_i32(xu)), c0);
+        const __m512i p1 = _mm512_maddubs_epi16(_mm512_set1_epi32(load_i32(xu + 4)), c1);
+        return _mm512_add_epi32(_mm512_madd_epi16(_mm512_add_epi16(p0, p1), ones), corr);
+    }
+    const __m512i x0 = _mm512_set1_epi32(load_i32(xs)), x1 = _mm512_set1_epi32(load_i32(xs + 4));
+    const __m512i z = _mm512_setzero_si512();
+    const __m512i p0 = _mm512_maddubs_epi16(_mm512_abs_epi8(c0), _mm512_mask_sub_epi8(x0, _mm512_movepi8_mask(c0), z, x0));
+    const __m512i p1 = _mm512_maddubs_epi16(_mm512_abs_epi8(c1), _mm512_mask_sub_epi8(x1, _mm512_movepi8_mask(c1), z, x1));
+    return _mm512_add_epi32(_mm512_madd_epi16(p0, ones), _mm512_madd_epi16(p1, ones));
+#endif
+}
+
+static inline __attribute__((always_inline)) void panel_tile(
+        const panel *P, const xprep *p, int64_t m0, int R, int offsets, int wide, acc_t *out) {
+    const int64_t K64 = p->K64, G8 = K64 / 8, G32 = K64 / 32;
+    __m512 acc[MTILE][4];
+    for (int r = 0; r < R; r++)
+        for (int q = 0; q < 4; q++) acc[r][q] = _mm512_setzero_ps();
+    for (int64_t j0 = 0; j0 < K64 / 16; j0 += 8) {
+#pragma GCC unroll 8
+        for (int q = 0; q < 8; q++) {
+            const int64_t j = j0 + q;
+            const int8_t *cj = P->c + 256 * j;
+            const __m512i c0 = _mm512_load_si512((const void *)cj), c1 = _mm512_load_si512((const void *)(cj + 64));
+            const __m512i c2 = _mm512_load_si512((const void *)(cj + 128)), c3 = _mm512_load_si512((const void *)(cj + 192));
+            const __m512i k0 = _mm512_load_si512((const void *)(P->corr + 32 * j));
+            const __m512i k1 = _mm512_load_si512((const void *)(P->corr + 32 * j + 16));
+            const __m512 a = _mm512_load_ps(P->a + 16 * j);
+            for (int r = 0; r < R; r++) {
+                const int64_t m = m0 + r;
+                const uint8_t *xu = p->xu + m * K64 + 16 * j;
+                const int8_t *xs = p->xs + m * K64 + 16 * j;
+                const float *s = p->s8 + m * G8 + 2 * j0;  /* even groups at q, odd at 8 + q */
+                const __m512 i0 = _mm512_cvtepi32_ps(sums8(k0, xu, xs, c0, c1, wide));
+                const __m512 i1 = _mm512_cvtepi32_ps(sums8(k1, xu + 8, xs + 8, c2, c3, wide));
+                const __m512 t = _mm512_fmadd_ps(i1, _mm512_set1_ps(s[8 + q]), _mm512_mul_ps(i0, _mm512_set1_ps(s[q])));
+                acc[r][q & 3] = _mm512_fmadd_ps(t, a, acc[r][q & 3]);
+                if (offsets && (q & 1))
+                    acc[r][q & 3] = _mm512_fmadd_ps(_mm512_load_ps(P->b + 16 * (j / 2)),
+                                                    _mm512_set1_ps(p->sum32[m * G32 + j / 2]), acc[r][q & 3]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        out[r] = _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][2]), _mm512_add_ps(acc[r][1], acc[r][3]));
+}
+
+static inline void acc_store(acc_t v, float *dst) { _mm512_storeu_ps(dst, v); }
+
+/* A row's 4-element sums (as 32-bit lanes) of 64 codes wc by 64 of x's. */
+static inline __m512i dot_quads(__m512i base, const uint8_t *xu, const int8_t *xs, __m512i wc) {
+#if defined(__AVX512VNNI__)
+    (void)xs;  /* base: -128 sum c per lane (x + 128 is the unsigned operand) */
+    return _mm512_dpbusd_epi32(base, _mm512_loadu_si512((const void *)xu), wc);
+#else
+    (void)xu, (void)base;
+    const __m512i x = _mm512_loadu_si512((const void *)xs);
+    const __m512i signed_x = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(wc), _mm512_setzero_si512(), x);
+    return _mm512_madd_epi16(_mm512_maddubs_epi16(_mm512_abs_epi8(wc), signed_x), _mm512_set1_epi16(1));
+#endif
+}
+
+static inline __m512i quad_base(__m512i wc) {
+#if defined(__AVX512VNNI__)
+    return _mm512_sub_epi32(_mm512_setzero_si512(),
+                            _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8((char)0x80), wc));
+#else
+    (void)wc;
+    return _mm512_setzero_si512();
+#endif
+}
+
+/* The codes of two 32-element blocks (Q4_0, Q5_0, Q8_0) in one register, decoded in place:
  * both blocks' nibbles split at once, Q5_0's fifth bits set from a 64-bit mask. */
 static inline __attribute__((always_inline)) __m512i pair_codes(int type, const uint8_t *b0,
-                                                                const uint8_t *b1, int two) {
-    if (type == GGML_Q8_0) {
-        const __m256i c1 = two ? _mm256_loadu_si256((const __m256i *)(b1 + 2)) : _mm256_setzero_si256();
-        return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b0 + 2))), c1, 1);
-    }
+                                                                const uint8_t *b1) {
+    if (type == GGML_Q8_0)
+        return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b0 + 2))),
+                                  _mm256_loadu_si256((const __m256i *)(b1 + 2)), 1);
     const int off = type == GGML_Q4_0 ? 2 : 6;
-    const __m128i q1 = two ? _mm_loadu_si128((const __m128i *)(b1 + off)) : _mm_set1_epi8(type == GGML_Q4_0 ? (char)0x88 : 0);
-    const __m256i v = _mm256_set_m128i(q1, _mm_loadu_si128((const __m128i *)(b0 + off)));
+    const __m256i v = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(b1 + off)),
+                                       _mm_loadu_si128((const __m128i *)(b0 + off)));
     const __m512i halves = _mm512_inserti64x4(_mm512_castsi256_si512(low_nibbles(v)), high_nibbles(v), 1);
     __m512i q = _mm512_shuffle_i64x2(halves, halves, _MM_SHUFFLE(3, 1, 2, 0));  /* lo0 hi0 lo1 hi1 */
     if (type == GGML_Q4_0) return _mm512_sub_epi8(q, _mm512_set1_epi8(8));
-    uint32_t h0, h1 = 0;
+    uint32_t h0, h1;
     memcpy(&h0, b0 + 2, 4);
-    if (two) memcpy(&h1, b1 + 2, 4);
+    memcpy(&h1, b1 + 2, 4);
     q = _mm512_or_si512(q, _mm512_maskz_mov_epi8((__mmask64)h0 | ((__mmask64)h1 << 32), _mm512_set1_epi8(16)));
-    const __m512i codes = _mm512_sub_epi8(q, _mm512_set1_epi8(16));
-    return two ? codes : _mm512_inserti64x4(codes, _mm256_setzero_si256(), 1);
+    return _mm512_sub_epi8(q, _mm512_set1_epi8(16));
 }
 
-static inline __attribute__((always_inline)) void blocks32_tile(
-        int type, const uint8_t *row, int64_t K, const xprep *p, int64_t m0, int R, float *res) {
-    const int64_t bytes = gguf_block_bytes(type), blocks = K / 32, K64 = p->K64;
-    __m512 acc[SMALL_M];
-    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < blocks; i += 2) {
-        const uint8_t *b0 = row + i * bytes, *b1 = b0 + bytes;
-        const int two = i + 1 < blocks;
-        const __m512i wc = pair_codes(type, b0, b1, two);
-        const float d0 = fp16_to_fp32(load_u16(b0)), d1 = two ? fp16_to_fp32(load_u16(b1)) : 0.0f;
-        const __m512 a = _mm512_insertf32x8(_mm512_set1_ps(d0), _mm256_set1_ps(d1), 1);
-#if defined(__AVX512VNNI__)
-        const __m512i base = _mm512_sub_epi32(_mm512_setzero_si512(),
-            _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8((char)0x80), wc));
-#else
-        const __m512i base = _mm512_setzero_si512();
-#endif
-        const int64_t k = 32 * i;
+/* 128 codes (w0, w1) and their 8 scales of a row: from the decoded row w, or (type a format
+ * of 32-element blocks, K a multiple of 128) straight from the row's blocks. */
+static inline __attribute__((always_inline)) void row_chunk(
+        int type, const uint8_t *row, const rowbuf *w, int64_t i, __m512i *w0, __m512i *w1, __m256 *a) {
+    if (type < 0) {
+        *w0 = _mm512_loadu_si512((const void *)(w->c + 128 * i));
+        *w1 = _mm512_loadu_si512((const void *)(w->c + 128 * i + 64));
+        *a = _mm256_loadu_ps(w->a + 8 * i);
+        return;
+    }
+    const int64_t bytes = gguf_block_bytes(type);
+    const uint8_t *b0 = row + 4 * i * bytes, *b1 = b0 + bytes, *b2 = b1 + bytes, *b3 = b2 + bytes;
+    *w0 = pair_codes(type, b0, b1);
+    *w1 = pair_codes(type, b2, b3);
+    const __m128 d = _mm_cvtph_ps(_mm_setr_epi16((short)load_u16(b0), (short)load_u16(b1), (short)load_u16(b2),
+                                                 (short)load_u16(b3), 0, 0, 0, 0));
+    *a = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(d), _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+}
+
+/* One decoded row w times rows m0 .. m0 + R - 1 of x: lane q of acc runs sequence q. */
+static inline __attribute__((always_inline)) void row_tile(
+        int type, const uint8_t *row, const rowbuf *w, const xprep *p, int64_t m0, int R,
+        int offsets, float *res) {
+    const int64_t K64 = p->K64, G8 = K64 / 8, G32 = K64 / 32;
+    /* quads 4h and 4h + 2 (h < 8) of u (quads 0-15) and v (16-31), then 4h + 1 and 4h + 3:
+     * their sum is the even groups' sums, then the odd groups' */
+    const __m512i first = _mm512_set_epi32(30, 26, 22, 18, 14, 10, 6, 2, 28, 24, 20, 16, 12, 8, 4, 0);
+    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(1));
+    __m128 acc[ROW_M];
+    for (int r = 0; r < R; r++) acc[r] = _mm_setzero_ps();
+    for (int64_t i = 0; i < K64 / 128; i++) {
+        __m512i w0, w1;
+        __m256 a;
+        row_chunk(type, row, w, i, &w0, &w1, &a);
+        const __m512i base0 = quad_base(w0), base1 = quad_base(w1);
+        const __m128 b = offsets ? _mm_loadu_ps(w->b + 4 * i) : _mm_setzero_ps();
         for (int r = 0; r < R; r++) {
-            const int64_t m = m0 + r;
-            const __m512i sums = dot_quads(base, _mm512_loadu_si512((const void *)(p->xq + m * K64 + k)), wc);
-            const __m512 scale = _mm512_mul_ps(a, _mm512_loadu_ps(p->s4 + m * (K64 / XGROUP) + k / XGROUP));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc[r]);
+            const int64_t m = m0 + r, k = m * K64 + 128 * i;
+            const __m512i u = dot_quads(base0, p->xu + k, p->xs + k, w0);
+            const __m512i v = dot_quads(base1, p->xu + k + 64, p->xs + k + 64, w1);
+            const __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_permutex2var_epi32(u, first, v),
+                                                                 _mm512_permutex2var_epi32(u, second, v)));
+            const __m512 s = _mm512_loadu_ps(p->s8 + m * G8 + 16 * i);
+            const __m256 even = _mm256_mul_ps(_mm512_castps512_ps256(f), _mm512_castps512_ps256(s));
+            const __m256 t = _mm256_fmadd_ps(_mm512_extractf32x8_ps(f, 1), _mm512_extractf32x8_ps(s, 1), even);
+            const __m128 sx = offsets ? _mm_loadu_ps(p->sum32 + m * G32 + 4 * i) : _mm_setzero_ps();
+            acc[r] = _mm_fmadd_ps(_mm256_castps256_ps128(t), _mm256_castps256_ps128(a), acc[r]);
+            if (offsets)
+                acc[r] = _mm_mask3_fmadd_ps(_mm_unpacklo_ps(b, b), _mm_unpacklo_ps(sx, sx), acc[r], (__mmask8)0xA);
+            acc[r] = _mm_fmadd_ps(_mm256_extractf128_ps(t, 1), _mm256_extractf128_ps(a, 1), acc[r]);
+            if (offsets)
+                acc[r] = _mm_mask3_fmadd_ps(_mm_unpackhi_ps(b, b), _mm_unpackhi_ps(sx, sx), acc[r], (__mmask8)0xA);
         }
     }
-    for (int r = 0; r < R; r++) res[r] = hsum512(acc[r]);
+    for (int r = 0; r < R; r++) {
+        const __m128 h2 = _mm_add_ps(acc[r], _mm_movehl_ps(acc[r], acc[r]));  /* 0 + 2, 1 + 3 */
+        res[r] = _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
+    }
 }
+
+#define ROW_PATH 1
 
 #elif defined(__AVX2__)
 
-static inline __attribute__((always_inline)) void blocks32_tile(
-        int type, const uint8_t *row, int64_t K, const xprep *p, int64_t m0, int R, float *res) {
-    const int64_t bytes = gguf_block_bytes(type), blocks = K / 32, K64 = p->K64;
+typedef __m256 acc_t;
+
+static inline __attribute__((always_inline)) __m256i sums8(
+        __m256i corr, const uint8_t *xu, const int8_t *xs, __m256i c0, __m256i c1, int wide) {
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[SMALL_M];
+    if (!wide) {
+        const __m256i p0 = _mm256_maddubs_epi16(_mm256_set1_epi32(load_i32(xu)), c0);
+        const __m256i p1 = _mm256_maddubs_epi16(_mm256_set1_epi32(load_i32(xu + 4)), c1);
+        return _mm256_add_epi32(_mm256_madd_epi16(_mm256_add_epi16(p0, p1), ones), corr);
+    }
+    const __m256i x0 = _mm256_set1_epi32(load_i32(xs)), x1 = _mm256_set1_epi32(load_i32(xs + 4));
+    const __m256i p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(c0), _mm256_sign_epi8(x0, c0));
+    const __m256i p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(c1), _mm256_sign_epi8(x1, c1));
+    return _mm256_add_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones));
+}
+
+static inline __attribute__((always_inline)) void panel_tile(
+        const panel *P, const xprep *p, int64_t m0, int R, int offsets, int wide, acc_t *acc) {
+    const int64_t K64 = p->K64, G8 = K64 / 8, G32 = K64 / 32;
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < blocks; i++) {
-        const uint8_t *blk = row + i * bytes;
-        const __m256i wc = block_codes(type, blk), wabs = _mm256_abs_epi8(wc);
-        const __m256 a = _mm256_set1_ps(fp16_to_fp32(load_u16(blk)));
-        const int64_t k = 32 * i;
-        for (int r = 0; r < R; r++) {
-            const int64_t m = m0 + r;
-            const __m256i xq = _mm256_loadu_si256((const __m256i *)(p->xq + m * K64 + k));
-            const __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xq, wc)), ones);
-            const __m256 scale = _mm256_mul_ps(a, _mm256_loadu_ps(p->s4 + m * (K64 / XGROUP) + k / XGROUP));
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[r]);
+    for (int64_t j2 = 0; j2 < G32; j2++) {
+        for (int64_t j = 2 * j2; j < 2 * j2 + 2; j++) {
+            const int8_t *cj = P->c + 16 * LANES * j;
+            const __m256i c0 = _mm256_loadu_si256((const __m256i *)cj), c1 = _mm256_loadu_si256((const __m256i *)(cj + 32));
+            const __m256i c2 = _mm256_loadu_si256((const __m256i *)(cj + 64)), c3 = _mm256_loadu_si256((const __m256i *)(cj + 96));
+            const __m256i k0 = _mm256_loadu_si256((const __m256i *)(P->corr + 16 * j));
+            const __m256i k1 = _mm256_loadu_si256((const __m256i *)(P->corr + 16 * j + 8));
+            const __m256 a = _mm256_loadu_ps(P->a + 8 * j);
+            for (int r = 0; r < R; r++) {
+                const int64_t m = m0 + r;
+                const uint8_t *xu = p->xu + m * K64 + 16 * j;
+                const int8_t *xs = p->xs + m * K64 + 16 * j;
+                const float *s = p->s8 + m * G8 + 2 * j;
+                const __m256 i0 = _mm256_cvtepi32_ps(sums8(k0, xu, xs, c0, c1, wide));
+                const __m256 i1 = _mm256_cvtepi32_ps(sums8(k1, xu + 8, xs + 8, c2, c3, wide));
+                const __m256 t = _mm256_fmadd_ps(i1, _mm256_set1_ps(s[1]), _mm256_mul_ps(i0, _mm256_set1_ps(s[0])));
+                acc[r] = _mm256_fmadd_ps(t, a, acc[r]);
+            }
+        }
+        if (offsets) {
+            const __m256 b = _mm256_loadu_ps(P->b + 8 * j2);
+            for (int r = 0; r < R; r++)
+                acc[r] = _mm256_fmadd_ps(b, _mm256_set1_ps(p->sum32[(m0 + r) * G32 + j2]), acc[r]);
         }
     }
-    for (int r = 0; r < R; r++) res[r] = hsum256(acc[r]);
 }
 
-#else
+static inline void acc_store(acc_t v, float *dst) { _mm256_storeu_ps(dst, v); }
 
-static inline void blocks32_tile(int type, const uint8_t *row, int64_t K, const xprep *p,
-                                 int64_t m0, int R, float *res) {  /* never called (small_path) */
-    (void)type, (void)row, (void)K, (void)p, (void)m0;
-    for (int r = 0; r < R; r++) res[r] = 0.0f;
+#else  /* portable */
+
+typedef struct { float v[LANES]; } acc_t;
+
+static inline __attribute__((always_inline)) void panel_tile(
+        const panel *P, const xprep *p, int64_t m0, int R, int offsets, int wide, acc_t *acc) {
+    (void)wide;
+    const int64_t K64 = p->K64, G8 = K64 / 8, G32 = K64 / 32;
+    for (int r = 0; r < R; r++)
+        for (int l = 0; l < LANES; l++) acc[r].v[l] = 0.0f;
+    for (int64_t j2 = 0; j2 < G32; j2++) {
+        for (int64_t j = 2 * j2; j < 2 * j2 + 2; j++) {
+            float c[16][LANES];
+            for (int t = 0; t < 16; t++)
+                for (int l = 0; l < LANES; l++) c[t][l] = (float)P->c[(16 * j + t) * LANES + l];
+            const float *a = P->a + LANES * j;
+            for (int r = 0; r < R; r++) {
+                const float *xq = p->xqf + (m0 + r) * K64 + 16 * j, *s = p->s8 + (m0 + r) * G8 + 2 * j;
+                float i0[LANES] = {0}, i1[LANES] = {0};  /* exact: integers below 2^24 */
+                for (int t = 0; t < 8; t++)
+                    for (int l = 0; l < LANES; l++) i0[l] += c[t][l] * xq[t], i1[l] += c[8 + t][l] * xq[8 + t];
+                for (int l = 0; l < LANES; l++) {
+                    const float sum = i0[l] * s[0] + i1[l] * s[1];
+                    acc[r].v[l] += sum * a[l];
+                }
+            }
+        }
+        if (offsets)
+            for (int r = 0; r < R; r++) {
+                const float sx = p->sum32[(m0 + r) * G32 + j2];
+                for (int l = 0; l < LANES; l++) acc[r].v[l] += P->b[LANES * j2 + l] * sx;
+            }
+    }
 }
+
+static inline void acc_store(acc_t v, float *dst) { memcpy(dst, v.v, sizeof v.v); }
 
 #endif
 
-#define SMALL_CASE(T, R) case R: blocks32_tile(T, row, K, p, 0, R, res); break;
-#define SMALL_TYPE(T) case T: switch (M) { SMALL_CASE(T, 1) SMALL_CASE(T, 2) SMALL_CASE(T, 3) \
-    SMALL_CASE(T, 4) } break;
+#if defined(__AVX512VNNI__) || !defined(__AVX2__)
+#define PANEL_WIDE(P) 0  /* one integer form for every format */
+#else
+#define PANEL_WIDE(P) ((P)->wide)
+#endif
 
-/* out[:, n] for M <= SMALL_M rows of x from row `row` of a 32-element-block segment. */
-static void small_rows_times_x(const heron_gguf_segment *seg, int64_t row_index, int64_t K,
-                               const xprep *p, int64_t M, void *out, int64_t ldo, int out_bf16,
-                               int64_t n) {
-    const int64_t stored = seg->row_ids ? seg->row_ids[row_index] : row_index;
-    const uint8_t *row = seg->data + stored * seg->row_bytes;
-    float res[SMALL_M] = {0};
-    switch ((int)seg->type) {
-        SMALL_TYPE(GGML_Q4_0) SMALL_TYPE(GGML_Q5_0) SMALL_TYPE(GGML_Q8_0)
-        default: return;
+#define PANEL_CASE(R) case R: \
+    if (P->offsets) { if (wide) panel_tile(P, p, m0, R, 1, 1, acc); else panel_tile(P, p, m0, R, 1, 0, acc); } \
+    else { if (wide) panel_tile(P, p, m0, R, 0, 1, acc); else panel_tile(P, p, m0, R, 0, 0, acc); } \
+    break;
+
+/* out[:, n0 .. n0 + count - 1] for every row of x, from the panel (but its float rows). */
+static void panel_times_x(const panel *P, const xprep *p, int64_t M, void *out, int64_t ldo,
+                          int out_bf16, int64_t n0, int count) {
+    const int wide = PANEL_WIDE(P);
+    for (int64_t m0 = 0; m0 < M; m0 += MTILE) {
+        acc_t acc[MTILE];
+        const int R = M - m0 < MTILE ? (int)(M - m0) : MTILE;
+        switch (R) {
+            PANEL_CASE(1)
+#if MTILE > 1
+            PANEL_CASE(2)
+#endif
+#if MTILE > 2
+            PANEL_CASE(3) PANEL_CASE(4)
+#endif
+#if MTILE > 4
+            PANEL_CASE(5) PANEL_CASE(6) PANEL_CASE(7) PANEL_CASE(8)
+#endif
+        }
+        for (int r = 0; r < R; r++) {
+            float res[LANES];
+            acc_store(acc[r], res);
+            const int64_t m = m0 + r;
+            if (!out_bf16 && count == LANES && !P->floats) {
+                memcpy((float *)out + m * ldo + n0, res, sizeof res);
+                continue;
+            }
+            for (int l = 0; l < count; l++)
+                if (!(P->floats >> l & 1)) store_out(out, out_bf16, m * ldo + n0 + l, res[l]);
+        }
+    }
+}
+
+#if defined(ROW_PATH)
+#define ROW_CASE(T, R) case R: row_tile(T, row, w, p, 0, R, (T) == -1, res); break;
+#define ROW_TYPE(T) switch ((int)M) { ROW_CASE(T, 1) ROW_CASE(T, 2) }
+
+/* out[:, n] for M <= ROW_M rows of x from row `index` of a quantized segment (int8 mode);
+ * w: a buffer for the decoded row. */
+static void row_int8_times_x(const heron_gguf_segment *seg, int64_t index, int64_t K, rowbuf *w,
+                             const xprep *p, int64_t M, void *out, int64_t ldo, int out_bf16,
+                             int64_t n) {
+    const int type = (int)seg->type, offsets = gguf_has_offsets(type);
+    const uint8_t *row = seg->data + (seg->row_ids ? seg->row_ids[index] : index) * seg->row_bytes;
+    float res[ROW_M] = {0};
+    if (K % 128 == 0 && type == GGML_Q4_0) ROW_TYPE(GGML_Q4_0)
+    else if (K % 128 == 0 && type == GGML_Q5_0) ROW_TYPE(GGML_Q5_0)
+    else if (K % 128 == 0 && type == GGML_Q8_0) ROW_TYPE(GGML_Q8_0)
+    else {
+        decode_row(type, row, K, w->c, w->a, w->b);
+        if (offsets) ROW_TYPE(-1)
+        else ROW_TYPE(-2)
     }
     for (int64_t m = 0; m < M; m++) store_out(out, out_bf16, m * ldo + n, res[m]);
 }
+#endif
 
 /* ------------------------------------------------------------------------- driver */
 
 #define TILE_CASE(R) case R: \
     if (float_rows) dot_f32_tile(w->wf, p->xf + m0 * p->K64, p->K64, R, res); \
-    else if (exact) dot_exact_tile(w, offsets, p->xf + m0 * p->K64, p->K64, R, res); \
-    else { dot_int8_tile(w, p, m0, R, res); if (offsets) \
-        offsets_tile(w->b, p->sum32 + m0 * (p->K64 / 32), p->K64, R, res); } \
+    else dot_exact_tile(w, offsets, p->xf + m0 * p->K64, p->K64, R, res); \
     break;
 
-/* out[:, n] for every row of x, from W's row decoded into w. */
-static void row_times_x(const rowbuf *w, const xprep *p, int64_t M, int exact, int float_rows,
+/* out[:, n] for every row of x, from W's row decoded into w (exact mode, float rows). */
+static void row_times_x(const rowbuf *w, const xprep *p, int64_t M, int float_rows,
                         int offsets, void *out, int64_t ldo, int out_bf16, int64_t n) {
     for (int64_t m0 = 0; m0 < M; m0 += MAX_TILE) {
         float res[MAX_TILE];
@@ -539,6 +857,75 @@ int heron_gguf_check(const heron_gguf_segment *segs, int64_t nsegs, int64_t K) {
     return 0;
 }
 
+/* The exact mode, and the int8 mode for a few rows of x where the variant has a row path:
+ * each thread takes a range of W's rows, one decoded row at a time. */
+static int matmul_rows(const xprep *p, int64_t M, int64_t K, const heron_gguf_segment *segs,
+                       int64_t N, void *out, int64_t ldo, int out_bf16, int exact) {
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        rowbuf w;
+        if (!rowbuf_alloc(&w, p->K64)) failed = 1;
+        int64_t seg = 0, first = 0;  /* the segment of the last row seen, and its first row */
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            if (failed) continue;
+            while (n < first) first -= segs[--seg].rows;
+            while (n >= first + segs[seg].rows) first += segs[seg++].rows;
+            const int type = (int)segs[seg].type, float_rows = gguf_float_bytes(type) != 0;
+#if !defined(ROW_PATH)
+            (void)exact;
+#else
+            if (!exact && !float_rows) {
+                row_int8_times_x(&segs[seg], n - first, K, &w, p, M, out, ldo, out_bf16, n);
+                continue;
+            }
+#endif
+            decode_into(&segs[seg], n - first, K, 0, &w);
+            row_times_x(&w, p, M, float_rows, gguf_has_offsets(type), out, ldo, out_bf16, n);
+        }
+        rowbuf_free(&w);
+    }
+    return failed;
+}
+
+/* The int8 mode: each thread takes a range of panels; a panel's float rows are multiplied in
+ * float32, one row at a time. */
+static int matmul_int8(const xprep *p, int64_t M, int64_t K, const heron_gguf_segment *segs,
+                       int64_t N, void *out, int64_t ldo, int out_bf16) {
+#if defined(ROW_PATH)
+    if (M <= ROW_M) return matmul_rows(p, M, K, segs, N, out, ldo, out_bf16, 0);
+#endif
+    const int64_t panels = (N + LANES - 1) / LANES;
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        panel P;
+        rowbuf w;
+        if (!panel_alloc(&P, p->K64) || !rowbuf_alloc(&w, p->K64)) failed = 1;
+        int64_t seg = 0, first = 0;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < panels; i++) {
+            if (failed) continue;
+            const int64_t n0 = i * LANES;
+            const int count = N - n0 < LANES ? (int)(N - n0) : LANES;
+            panel_decode(segs, &seg, &first, n0, count, K, &P);
+            panel_times_x(&P, p, M, out, ldo, out_bf16, n0, count);
+            for (int l = 0; l < count; l++) {
+                if (!(P.floats >> l & 1)) continue;
+                const int64_t n = n0 + l;
+                while (n < first) first -= segs[--seg].rows;
+                while (n >= first + segs[seg].rows) first += segs[seg++].rows;
+                decode_into(&segs[seg], n - first, K, 0, &w);
+                row_times_x(&w, p, M, 1, 0, out, ldo, out_bf16, n);
+            }
+        }
+        panel_free(&P);
+        rowbuf_free(&w);
+    }
+    return failed;
+}
+
 /*
  * x: [M, K] float32 (x_bf16 = 0) or bf16, row stride ldx elements; out: [M, N] float32 or
  * bf16 (out_bf16), row stride ldo; N = the segments' rows together. exact: 1 float32 mode,
@@ -557,28 +944,8 @@ int heron_gguf_matmul(const void *x, int64_t ldx, int x_bf16, int64_t M, int64_t
     }
     int64_t N = 0;
     for (int64_t s = 0; s < nsegs; s++) N += segs[s].rows;
-    int failed = 0;
-#pragma omp parallel reduction(| : failed)
-    {
-        rowbuf w;
-        if (!rowbuf_alloc(&w, p.K64)) failed = 1;
-        int64_t seg = 0, first = 0;  /* the segment of the last row seen, and its first row */
-#pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            if (failed) continue;
-            while (n < first) first -= segs[--seg].rows;
-            while (n >= first + segs[seg].rows) first += segs[seg++].rows;
-            const int type = (int)segs[seg].type;
-            if (small_path(type, exact, M)) {
-                small_rows_times_x(&segs[seg], n - first, K, &p, M, out, ldo, out_bf16, n);
-                continue;
-            }
-            decode_into(&segs[seg], n - first, K, 0, &w);
-            row_times_x(&w, &p, M, exact, gguf_float_bytes(type) != 0, gguf_has_offsets(type), out,
-                        ldo, out_bf16, n);
-        }
-        rowbuf_free(&w);
-    }
+    const int failed = exact ? matmul_rows(&p, M, K, segs, N, out, ldo, out_bf16, 1)
+                             : matmul_int8(&p, M, K, segs, N, out, ldo, out_bf16);
     free_x(&p);
     return failed ? -2 : 0;
 }
