@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--gguf", default=None, help="any GGUF file (instead of --model)")
     args = parser.parse_args()
     from heron import LLM
+    from heron.engine.core import EngineCore
     from heron.loader.default_model import default_gguf_path
 
     files = model_files(args.model, args.gguf, None, anchors_dir())
@@ -100,7 +101,9 @@ def main() -> None:
           f"prompts x {NEW_TOKENS} tokens" + (f" (others leave at token {splits})" if splits else ""))
     auto = LLM(str(path))
     err = decode_error(auto, reference)
-    print(f"{path.name}: default mode ({auto.engine.dtype}, {auto.engine.quantization}) vs "
+    engine = auto.engine
+    assert isinstance(engine, EngineCore)  # one in-process engine
+    print(f"{path.name}: default mode ({engine.dtype}, {engine.quantization}) vs "
           f"float32: mean {err.mean():.3f} / max {err.max():.3f} nats over {len(err)} tokens")
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -79,6 +79,27 @@ class DecoderStack:
 
     def projections(self) -> list[Linear]:
         return [p for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+
+
+class DescribedLayer(Protocol):
+    """A model's decoder layer that says what it is (``decoder_layer``)."""
+
+    input_layernorm: RMSNorm
+
+    def decoder_layer(self, next_norm: RMSNorm) -> DecoderLayer: ...
+
+
+def next_norms(layers: Sequence[DescribedLayer], final_norm: RMSNorm) -> list[RMSNorm]:
+    """What follows each layer: the next layer's input norm, the final norm after the last."""
+    return [layer.input_layernorm for layer in layers[1:]] + [final_norm]
+
+
+def describe_stack(layers: Sequence[DescribedLayer], final_norm: RMSNorm,
+                   rotary: Mapping[str, RotaryEmbedding], activation: Activation) -> DecoderStack:
+    """A stack of described layers, for ``FusedDecode.build``."""
+    return DecoderStack(
+        layers=[layer.decoder_layer(n) for layer, n in zip(layers, next_norms(layers, final_norm))],
+        input_norm=layers[0].input_layernorm, rotary=rotary, activation=activation)
 
 
 class _Matrix(ctypes.Structure):

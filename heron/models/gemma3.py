@@ -18,13 +18,19 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from heron.layers.activation import act_and_mul, get_activation
 from heron.layers.attention import Attention, ForwardContext
 from heron.layers.linear import Embedding, Linear, MergedLinear
+from heron.layers.mlp import GatedMLP
 from heron.layers.norm import HeadNorms, RMSNorm, add_rms_norm
 from heron.layers.rotary import RotaryEmbedding, norm_and_rotate, rope_parameters
 from heron.models.base import GATE_UP_STACKED, QKV_STACKED, CausalLM, KVShape
-from heron.models.fused_decode import DecoderLayer, DecoderStack, FusedDecode
+from heron.models.fused_decode import (
+    DecoderLayer,
+    DecoderStack,
+    FusedDecode,
+    describe_stack,
+    next_norms,
+)
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -80,20 +86,6 @@ class Gemma3Attention(nn.Module):
         return self.o_proj(self.attn(q.flatten(1), k.flatten(1), v, ctx))  # [T, hidden]
 
 
-class Gemma3MLP(nn.Module):
-    """Gated MLP with tanh-approximated GELU; gate and up fused into one matmul."""
-
-    def __init__(self, config: Any) -> None:
-        super().__init__()
-        size = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=False)
-        self.down_proj = Linear(size, config.hidden_size, bias=False)
-        self.act = get_activation(config.hidden_activation)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(act_and_mul(self.gate_up_proj(x), self.act))  # [T, hidden]
-
-
 class Gemma3DecoderLayer(nn.Module):
     """Sandwich-norm block: each sublayer's input and output are normalised.
 
@@ -112,7 +104,7 @@ class Gemma3DecoderLayer(nn.Module):
         self.self_attn = Gemma3Attention(config, layer_idx, window)
         self.post_attention_layernorm = RMSNorm(hidden, eps, unit_offset=True)
         self.pre_feedforward_layernorm = RMSNorm(hidden, eps, unit_offset=True)
-        self.mlp = Gemma3MLP(config)
+        self.mlp = GatedMLP(hidden, config.intermediate_size, config.hidden_activation)
         self.post_feedforward_layernorm = RMSNorm(hidden, eps, unit_offset=True)
 
     def forward(self, x: torch.Tensor, normed: torch.Tensor, rope: RotaryEmbedding, cos_sin: CosSin,
@@ -162,22 +154,16 @@ class Gemma3TextModel(nn.Module):
             return self.fused_decode(x, cos_sin, ctx.attn_metadata)  # the layers below in one call
         layers = cast(Sequence[Gemma3DecoderLayer], self.layers)
         x, normed = add_rms_norm(x, None, None, layers[0].input_layernorm)
-        for layer, next_norm in zip(layers, self._next_norms(), strict=True):
+        for layer, next_norm in zip(layers, next_norms(layers, self.norm), strict=True):
             t = layer.layer_type
             x, normed = layer(x, normed, rotary[t], cos_sin[t], ctx, next_norm)
         return normed
 
-    def _next_norms(self) -> list[RMSNorm]:
-        layers = cast(Sequence[Gemma3DecoderLayer], self.layers)
-        return [layer.input_layernorm for layer in layers[1:]] + [self.norm]
-
     def decoder_stack(self) -> DecoderStack:
         """The layers by data, for the one-call decode step."""
         layers = cast(Sequence[Gemma3DecoderLayer], self.layers)
-        return DecoderStack(
-            layers=[layer.decoder_layer(n) for layer, n in zip(layers, self._next_norms())],
-            input_norm=layers[0].input_layernorm,
-            rotary=cast(Mapping[str, RotaryEmbedding], self.rotary), activation=layers[0].mlp.act)
+        return describe_stack(layers, self.norm, cast(Mapping[str, RotaryEmbedding], self.rotary),
+                              layers[0].mlp.act)
 
 
 class Gemma3ForCausalLM(CausalLM):

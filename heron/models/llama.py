@@ -17,13 +17,19 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from heron.layers.activation import act_and_mul, get_activation
 from heron.layers.attention import Attention, ForwardContext
 from heron.layers.linear import Embedding, Linear, MergedLinear
+from heron.layers.mlp import GatedMLP
 from heron.layers.norm import HeadNorms, RMSNorm, add_rms_norm
 from heron.layers.rotary import RotaryEmbedding, norm_and_rotate, rope_parameters
 from heron.models.base import GATE_UP_STACKED, QKV_STACKED, CausalLM, KVShape
-from heron.models.fused_decode import DecoderLayer, DecoderStack, FusedDecode
+from heron.models.fused_decode import (
+    DecoderLayer,
+    DecoderStack,
+    FusedDecode,
+    describe_stack,
+    next_norms,
+)
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
 ROPE_KEY = "default"  # the one RoPE table, as the fused decode step names it
@@ -95,21 +101,6 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(q.flatten(1), k.flatten(1), v, ctx))  # [T, hidden]
 
 
-class LlamaMLP(nn.Module):
-    """Gated MLP: ``down(act(gate(x)) * up(x))`` with gate and up fused into one matmul."""
-
-    def __init__(self, config: Any) -> None:
-        super().__init__()
-        bias = bool(getattr(config, "mlp_bias", False))
-        size = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=bias)
-        self.down_proj = Linear(size, config.hidden_size, bias=bias)
-        self.act = get_activation(config.hidden_act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(act_and_mul(self.gate_up_proj(x), self.act))  # [T, hidden]
-
-
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm block: attention then MLP, each added to the residual stream.
 
@@ -124,7 +115,8 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(config, variant, layer_idx, sliding_window)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
+                            bias=bool(getattr(config, "mlp_bias", False)))
 
     def forward(self, x: torch.Tensor, normed: torch.Tensor, rope: RotaryEmbedding,
                 cos_sin: CosSin, ctx: ForwardContext,
@@ -166,21 +158,14 @@ class LlamaModel(nn.Module):
             return self.fused_decode(x, {ROPE_KEY: cos_sin}, ctx.attn_metadata)  # all layers
         layers = cast(Sequence[LlamaDecoderLayer], self.layers)
         x, normed = add_rms_norm(x, None, None, layers[0].input_layernorm)
-        for layer, next_norm in zip(layers, self._next_norms(), strict=True):
+        for layer, next_norm in zip(layers, next_norms(layers, self.norm), strict=True):
             x, normed = layer(x, normed, self.rotary, cos_sin, ctx, next_norm)
         return normed
-
-    def _next_norms(self) -> list[RMSNorm]:
-        layers = cast(Sequence[LlamaDecoderLayer], self.layers)
-        return [layer.input_layernorm for layer in layers[1:]] + [self.norm]
 
     def decoder_stack(self) -> DecoderStack:
         """The layers by data, for the one-call decode step."""
         layers = cast(Sequence[LlamaDecoderLayer], self.layers)
-        return DecoderStack(
-            layers=[layer.decoder_layer(n) for layer, n in zip(layers, self._next_norms())],
-            input_norm=layers[0].input_layernorm, rotary={ROPE_KEY: self.rotary},
-            activation=layers[0].mlp.act)
+        return describe_stack(layers, self.norm, {ROPE_KEY: self.rotary}, layers[0].mlp.act)
 
 
 class LlamaForCausalLM(CausalLM):
