@@ -1,4 +1,5 @@
-"""The offline API: ``LLM(model).generate(prompts, params)`` and ``.chat(conversations, params)``.
+"""The offline API: ``LLM(model).generate(prompts, params)``, ``.chat(conversations, params)``
+and ``.embed(prompts)``.
 
 Runs the same EngineCore as the server, in process (no HTTP, no ZMQ), and the same output
 processor (``heron.output_processor``): same request, same choices.
@@ -10,6 +11,7 @@ import itertools
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from heron.config import (
@@ -21,11 +23,12 @@ from heron.config import (
     parse_size,
 )
 from heron.engine.core import EngineCore
-from heron.engine.messages import TokenLogprobs
+from heron.engine.messages import EngineRequest, TokenLogprobs
 from heron.engine.request import Logprob, LogprobsDict
 from heron.heap import release_free_heap
 from heron.output_processor import ChoiceDelta, OutputProcessor, Prompt, RequestState
-from heron.outputs import CompletionOutput, RequestOutput
+from heron.outputs import CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
+from heron.pooling_params import PoolingParams
 from heron.sampling_params import SamplingParams
 from heron.tokenizer import load_tokenizer
 from heron.tokenizer.tokenizer import Tokenizer
@@ -145,6 +148,37 @@ class LLM:
                 yield _step_output(state, [d for s, d in self._step() if s is state])
         finally:
             self._release([state])
+
+    def embed(self, prompts: PromptType | Sequence[PromptType],
+              pooling_params: PoolingParams | None = None,
+              use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
+        """One vector per prompt: the model's final hidden states pooled (``PoolingParams``:
+        the mean, L2-normalised, by default), in the same engine steps and with the same bits
+        as ``/v1/embeddings``. Prompts as for ``generate``."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        params = pooling_params or PoolingParams()
+        requests = [EngineRequest(request_id=f"embed-{next(self._ids)}",
+                                  prompt_token_ids=self._encode(p)[1], pooling_params=params)
+                    for p in prompts]
+        vectors: dict[str, bytes] = {}
+        try:
+            for request in requests:
+                self.engine.add_request(request)
+            with tqdm(total=len(requests), desc="Embedded prompts", disable=not use_tqdm) as bar:
+                while len(vectors) < len(requests) and self.engine.has_unfinished_requests():
+                    for out in self.engine.step():
+                        if out.embedding is not None:
+                            vectors[out.request_id] = out.embedding
+                            bar.update(1)
+        finally:
+            unfinished = [r.request_id for r in requests if r.request_id not in vectors]
+            if unfinished:
+                self.engine.abort_requests(unfinished)
+        return [EmbeddingRequestOutput(
+            request_id=r.request_id, prompt_token_ids=r.prompt_token_ids,
+            outputs=EmbeddingOutput(np.frombuffer(vectors[r.request_id], dtype="<f4").tolist()))
+            for r in requests]
 
     # ---- the loop -------------------------------------------------------------------------
 

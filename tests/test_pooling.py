@@ -17,7 +17,7 @@ from heron.engine.core import EngineCore
 from heron.engine.messages import EngineRequest
 from heron.pooling_params import PoolingParams
 from heron.sampling_params import SamplingParams
-from tests.tiny_models import VOCAB, save_tiny_model
+from tests.tiny_models import VOCAB, save_tiny_model, save_tiny_server_model
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +159,30 @@ def test_pooling_prompt_limits(llama_dir: Path) -> None:
     assert len(_run(core, [_pool([5] * core_len, "full")])["full"]) == 64  # exactly fills
     with pytest.raises(ValueError, match="pooling must be one of mean, last"):
         PoolingParams("cls")
+
+
+def test_llm_embed_gives_the_engines_vectors(tmp_path: Path) -> None:
+    """The offline ``LLM.embed``: one vector per prompt (strings or token ids), the engine's bits,
+    transformers' pooled hidden states; then the LLM generates as before."""
+    from heron import LLM
+
+    llama_dir = save_tiny_server_model(tmp_path)  # the tiny Llama with a tokenizer
+    llm = LLM(str(llama_dir), dtype="float32", kv_cache_memory="16MiB")
+    prompts = _prompts(3, seed=7, low=2, high=40)
+    outs = llm.embed([{"prompt_token_ids": p} for p in prompts], PoolingParams("last"),
+                     use_tqdm=False)
+    engine = _run(_core(llama_dir), [_pool(p, str(i), "last") for i, p in enumerate(prompts)])
+    assert len({o.request_id for o in outs}) == 3
+    for i, (prompt, out) in enumerate(zip(prompts, outs)):
+        assert out.prompt_token_ids == prompt and out.finished
+        vec = np.array(out.outputs.embedding, dtype=np.float32)
+        assert out.outputs.hidden_size == 64 and vec.tobytes() == engine[str(i)].tobytes()
+        np.testing.assert_allclose(vec, _reference(llama_dir, prompt, "last"), atol=1e-5)
+    text = llm.embed("hello there", use_tqdm=False)[0]  # one string, mean pooling by default
+    ids = llm.get_tokenizer().encode("hello there")
+    assert text.prompt_token_ids == ids
+    np.testing.assert_allclose(text.outputs.embedding, _reference(llama_dir, ids, "mean"), atol=1e-5)
+    assert not llm.engine.has_unfinished_requests()
+    generated = llm.generate([{"prompt_token_ids": prompts[0]}],
+                             SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
+    assert len(generated[0].outputs[0].token_ids) == 4
