@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from heron.pooling_params import PoolingParams
 from heron.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from heron.llm import LLM
-    from heron.outputs import CompletionOutput, RequestOutput
+    from heron.outputs import CompletionOutput, EmbeddingRequestOutput, RequestOutput
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
+__all__ = ["LLM", "SamplingParams", "PoolingParams", "RequestOutput", "CompletionOutput",
+           "EmbeddingRequestOutput", "__version__"]
 
 
 def __getattr__(name: str) -> object:
@@ -25,7 +27,7 @@ def __getattr__(name: str) -> object:
         from heron.llm import LLM
 
         return LLM
-    if name in ("RequestOutput", "CompletionOutput"):
+    if name in ("RequestOutput", "CompletionOutput", "EmbeddingRequestOutput"):
         from heron import outputs
 
         return getattr(outputs, name)
