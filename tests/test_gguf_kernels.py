@@ -209,7 +209,7 @@ def test_float_segments_and_row_ids(variant: str) -> None:
 @pytest.mark.parametrize("variant", isa.VARIANTS)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("exact", [True, False], ids=["exact", "int8"])
-@pytest.mark.parametrize("blocks_per_row", [1, 3, 8])
+@pytest.mark.parametrize("blocks_per_row", [1, 3, 6, 8])
 def test_a_rows_result_does_not_depend_on_its_batch(variant: str, fmt: str, exact: bool,
                                                     blocks_per_row: int) -> None:
     """Bit for bit the same output for a row of x alone, in a small batch (the decode path) and

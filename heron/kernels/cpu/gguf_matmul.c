@@ -272,7 +272,7 @@ static inline void store_out(void *out, int out_bf16, int64_t index, float v) {
 #define ROW_M 2  /* up to this many rows of x: row_tile, one row of W at a time */
 #elif defined(__AVX2__)
 #define LANES 8
-#define MTILE 8
+#define MTILE 3
 #else
 #define LANES 16
 #define MTILE 8
@@ -741,7 +741,10 @@ static void panel_times_x(const panel *P, const xprep *p, int64_t M, void *out, 
             PANEL_CASE(2)
 #endif
 #if MTILE > 2
-            PANEL_CASE(3) PANEL_CASE(4)
+            PANEL_CASE(3)
+#endif
+#if MTILE > 3
+            PANEL_CASE(4)
 #endif
 #if MTILE > 4
             PANEL_CASE(5) PANEL_CASE(6) PANEL_CASE(7) PANEL_CASE(8)
