@@ -8,6 +8,7 @@ fails only its own requests while the other keeps serving. The offline ``LLM`` w
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,6 +114,27 @@ def test_chat_and_aborts_through_the_router(server: RemoteServer, model_dir: Pat
     assert flight == {"": 0.0, "0": 0.0, "1": 0.0}
     running = settled(server, "heron:num_requests_running", 0.0)
     assert running == {"": 0.0, "0": 0.0, "1": 0.0}
+
+
+def test_structured_output_on_both_engines(server: RemoteServer, model_dir: Path) -> None:
+    """A JSON schema through the router: each engine compiles it and constrains its tokens (the
+    tiny random model writes anything it is allowed to)."""
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]},
+                                               "n": {"type": "integer"}},
+              "required": ["answer", "n"], "additionalProperties": False}
+    response_format = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
+    before = engine_metric(server, "heron:generation_tokens_total")
+    for i in range(4):  # no shared first block (the template adds 6 tokens): engines take turns
+        chat = server.client().chat.completions.create(
+            model=str(model_dir), messages=[{"role": "user", "content": f"{i} question"}],
+            max_tokens=60, temperature=0, response_format=response_format)
+        choice = chat.choices[0]
+        assert choice.finish_reason == "stop", choice
+        reply = json.loads(choice.message.content)
+        assert set(reply) == {"answer", "n"} and reply["answer"] in ("yes", "no")
+        assert isinstance(reply["n"], int)
+    after = engine_metric(server, "heron:generation_tokens_total")
+    assert after["0"] > before["0"] and after["1"] > before["1"], (before, after)
 
 
 def test_offline_llm_spreads_over_two_engines(
