@@ -374,6 +374,9 @@ static void panel_interleave(panel *P) {
     for (int64_t k = 0; k < K64; k += 4 * LANES)
         transpose_lanes(P->rows + k, K64 / 4, P->c + k * LANES);
 #if defined(__AVX512F__) && defined(__AVX512BW__)
+#if !defined(__AVX512VNNI__)
+    if (P->wide) return;  /* the sign form: no correction sums */
+#endif
     for (int64_t g = 0; g < K64 / 8; g++) {
         const __m512i c0 = _mm512_loadu_si512((const void *)(P->c + 128 * g));
         const __m512i c1 = _mm512_loadu_si512((const void *)(P->c + 128 * g + 64));
@@ -388,6 +391,7 @@ static void panel_interleave(panel *P) {
 #endif
     }
 #else
+    if (P->wide) return;  /* the sign form: no correction sums */
     for (int64_t g = 0; g < K64 / 8; g++) {
         const __m256i ones = _mm256_set1_epi8(1);
         const __m256i c0 = _mm256_loadu_si256((const __m256i *)(P->c + 64 * g));
@@ -405,9 +409,11 @@ static void panel_interleave(panel *P) {
 /* Rows n0 .. n0 + count - 1 of W into P; *seg, *first: the segment cursor (as in the
  * driver). */
 static void panel_decode(const heron_gguf_segment *segs, int64_t *seg, int64_t *first, int64_t n0,
-                         int count, int64_t K, panel *P) {
+                         int count, int64_t K, int64_t M, panel *P) {
     const int64_t K64 = P->K64;
-    P->offsets = P->wide = 0;
+    P->offsets = 0;
+    /* VPMADDUBSW: for 1-2 rows of x the sign form costs less than the correction sums */
+    P->wide = M <= 2;
     P->floats = 0;
     for (int l = 0; l < LANES; l++) {
         int8_t *c = P->rows + l * K64;
@@ -912,7 +918,7 @@ static int matmul_int8(const xprep *p, int64_t M, int64_t K, const heron_gguf_se
             if (failed) continue;
             const int64_t n0 = i * LANES;
             const int count = N - n0 < LANES ? (int)(N - n0) : LANES;
-            panel_decode(segs, &seg, &first, n0, count, K, &P);
+            panel_decode(segs, &seg, &first, n0, count, K, M, &P);
             panel_times_x(&P, p, M, out, ldo, out_bf16, n0, count);
             for (int l = 0; l < count; l++) {
                 if (!(P.floats >> l & 1)) continue;
