@@ -8,7 +8,7 @@
 The folder is private (0700). A library whose file no longer matches its recorded sha256
 (changed, truncated, or built before records were kept) is rebuilt, never loaded.
 
-The command is ``cc -O3 <variant flags> -fopenmp -shared -fPIC`` (see ``isa``); the OpenMP
+The command is ``cc -O3 -fno-trapping-math <variant flags> -fopenmp -shared -fPIC`` (see ``isa``); the OpenMP
 runtime the library links to is the one PyTorch already loaded (same soname), so its threads
 are PyTorch's. A compiler without OpenMP (Apple's clang) builds it single-threaded, and says
 so. A failed build is logged once and gives None: callers keep their PyTorch path.
@@ -59,7 +59,9 @@ def _load(name: str, sources: tuple[str, ...], variant: str) -> ctypes.CDLL | No
     if cc is None:
         return None
     paths = [SOURCE_DIR / f"{source}.c" for source in sources]
-    base = [cc, "-O3", *variant_flags(variant), "-shared", "-fPIC"]
+    # -fno-trapping-math: heron never reads FP exception flags, and without it GCC keeps every
+    # loop that calls exp_scalar (a clamp: a compare that could trap) scalar
+    base = [cc, "-O3", "-fno-trapping-math", *variant_flags(variant), "-shared", "-fPIC"]
     key = hashlib.sha256()
     for path in (*paths, *sorted(SOURCE_DIR.glob("*.h"))):  # headers: included by the sources
         key.update(path.read_bytes())

@@ -9,7 +9,10 @@
 
 static inline float inv_rms(const float *buf, int64_t dim, float eps) {
     float acc[LANES] = {0};
-    for (int64_t i = 0; i < dim; i++) acc[i % LANES] += buf[i] * buf[i];
+    int64_t i = 0;
+    for (; i + LANES <= dim; i += LANES)  /* the same lanes as one loop over i, vectorized */
+        for (int j = 0; j < LANES; j++) acc[j] += buf[i + j] * buf[i + j];
+    for (; i < dim; i++) acc[i % LANES] += buf[i] * buf[i];
     float total = 0.0f;
     for (int j = 0; j < LANES; j++) total += acc[j];
     return 1.0f / sqrtf(total / (float)dim + eps);
@@ -90,9 +93,16 @@ int heron_act_and_mul(const uint16_t *x, int64_t x_stride, int64_t rows, int64_t
 #pragma omp parallel for schedule(static) if (rows * d >= 16384)
     for (int64_t t = 0; t < rows; t++) {
         const uint16_t *gate = x + t * x_stride, *up = gate + d;
-        for (int64_t i = 0; i < d; i++) {
-            const float a = round_bf16(activation(bf16_bits_to_fp32(gate[i]), act));
-            out[t * d + i] = fp32_to_bf16_bits(a * bf16_bits_to_fp32(up[i]));
+        if (act == 0) {  /* one loop per activation: no branch inside, so each vectorizes */
+            for (int64_t i = 0; i < d; i++) {
+                const float a = round_bf16(activation(bf16_bits_to_fp32(gate[i]), 0));
+                out[t * d + i] = fp32_to_bf16_bits(a * bf16_bits_to_fp32(up[i]));
+            }
+        } else {
+            for (int64_t i = 0; i < d; i++) {
+                const float a = round_bf16(activation(bf16_bits_to_fp32(gate[i]), 1));
+                out[t * d + i] = fp32_to_bf16_bits(a * bf16_bits_to_fp32(up[i]));
+            }
         }
     }
     return 0;
@@ -136,7 +146,10 @@ static int64_t first_above(const double *w, int64_t n, double target) {
 /* Block masses of SAMPLE_BLOCK tokens, summed in float over LANES partial sums. */
 static float block_mass(const float *row, int64_t start, int64_t end, float t, float max) {
     float acc[LANES] = {0};
-    for (int64_t i = start; i < end; i++) acc[(i - start) % LANES] += sample_weight(row[i], t, max);
+    int64_t i = start;
+    for (; i + LANES <= end; i += LANES)  /* the same lanes as one loop over i, vectorized */
+        for (int j = 0; j < LANES; j++) acc[j] += sample_weight(row[i + j], t, max);
+    for (; i < end; i++) acc[(i - start) % LANES] += sample_weight(row[i], t, max);
     float total = 0.0f;
     for (int j = 0; j < LANES; j++) total += acc[j];
     return total;

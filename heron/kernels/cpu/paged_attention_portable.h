@@ -7,9 +7,11 @@
 
 #define LANES 16
 
+/* dim is a multiple of 32 (the caller checks): LANES partial sums, one per lane of 16. */
 static inline float dot_bf16(const uint16_t *a, const uint16_t *b, int64_t dim) {
     float acc[LANES] = {0};
-    for (int64_t i = 0; i < dim; i++) acc[i % LANES] += bf16_bits_to_fp32(a[i]) * bf16_bits_to_fp32(b[i]);
+    for (int64_t i = 0; i < dim; i += LANES)
+        for (int j = 0; j < LANES; j++) acc[j] += bf16_bits_to_fp32(a[i + j]) * bf16_bits_to_fp32(b[i + j]);
     float total = 0.0f;
     for (int j = 0; j < LANES; j++) total += acc[j];
     return total;
@@ -33,18 +35,16 @@ static void attend_one(const uint16_t *q, const uint16_t *kv, int64_t value_offs
         }
         inv_sum[g] = 1.0f / sum;
     }
-    for (int64_t d = 0; d < dim; d += 16) {  /* 16 dimensions at a time, accumulators in registers */
-        float acc[MAX_GROUP][16] = {{0}};
-        for (int64_t i = 0; i < n; i++) {
-            const uint16_t *v = keys[i] + value_offset + d;
-            float vv[16];
-            for (int j = 0; j < 16; j++) vv[j] = bf16_bits_to_fp32(v[j]);
-            for (int g = 0; g < group; g++) {
-                const float p = scores[g * n + i];
-                for (int j = 0; j < 16; j++) acc[g][j] += p * vv[j];
+    for (int64_t d = 0; d < dim; d += 16) {  /* 16 dimensions at a time, per query head: the
+                                                 * accumulators stay in registers */
+        for (int g = 0; g < group; g++) {
+            const float *p = scores + g * n;
+            float acc[16] = {0};
+            for (int64_t i = 0; i < n; i++) {
+                const uint16_t *v = keys[i] + value_offset + d;
+                for (int j = 0; j < 16; j++) acc[j] += p[i] * bf16_bits_to_fp32(v[j]);
             }
+            for (int j = 0; j < 16; j++) out[g * dim + d + j] = fp32_to_bf16_bits(acc[j] * inv_sum[g]);
         }
-        for (int g = 0; g < group; g++)
-            for (int j = 0; j < 16; j++) out[g * dim + d + j] = fp32_to_bf16_bits(acc[g][j] * inv_sum[g]);
     }
 }

@@ -21,18 +21,22 @@ static inline float bf16_bits_to_fp32(uint16_t v) {
 static inline uint16_t fp32_to_bf16_bits(float f) {
     uint32_t bits;
     memcpy(&bits, &f, 4);
-    if (f != f) return 0x7FC0;
-    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+    const uint16_t rounded = (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+    return f != f ? (uint16_t)0x7FC0 : rounded;  /* a select, not a branch: loops vectorize */
 }
 
 static inline float round_bf16(float f) {  /* what storing to bf16 and reading back gives */
     return bf16_bits_to_fp32(fp32_to_bf16_bits(f));
 }
 
-/* e^x, x clamped to [-87, 88]: 2^n * p(r), r in [-ln2/2, ln2/2] (Cephes' polynomial), ~2 ulp. */
+/* e^x, x clamped to [-87, 88] (NaN: -87, as fmaxf): 2^n * p(r), r in [-ln2/2, ln2/2] (Cephes'
+ * polynomial), ~2 ulp. Plain arithmetic only (no nearbyintf or ldexpf calls), so that loops
+ * calling it vectorize: n is rounded to nearest by the 1.5 * 2^23 trick and 2^n built from its
+ * exponent bits (n in [-126, 127]: a normal float, so p * 2^n rounds as ldexpf does). */
 static inline float exp_scalar(float x) {
-    x = fminf(fmaxf(x, -87.0f), 88.0f);
-    const float n = nearbyintf(x * 1.44269504088896341f);
+    x = x > -87.0f ? x : -87.0f;
+    x = x < 88.0f ? x : 88.0f;
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     float r = x - n * 0.693145751953125f;
     r = r - n * 1.428606765330187045e-06f;
     float p = 1.9875691500e-4f;
@@ -42,7 +46,10 @@ static inline float exp_scalar(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = (p * r) * r + (r + 1.0f);
-    return ldexpf(p, (int)n);
+    const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
 }
 
 #endif
