@@ -73,18 +73,26 @@ def test_start_up_line_names_weights_kv_cache_and_overhead(tiny_file: Path, capl
     assert llm.engine.info.num_kv_blocks * 16 >= 4 * 256
 
 
-def test_auto_dtype_never_pairs_float32_with_torch_int4(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a CPU without fast bf16 GEMMs auto is float32, except where the projections would run
-    PyTorch's int4 kernel (scalar for float32 activations on x86): there bfloat16."""
+def test_auto_dtype_never_pairs_float32_with_a_slow_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU without fast bf16 GEMMs auto is float32 for float weights, but bfloat16 where the
+    projections run PyTorch's int4 kernel (scalar for float32 activations on x86) or are GGUF
+    blocks in heron's kernels (the fused decode step and small kernels are bf16-only)."""
     import torch
 
     from heron.engine import core
     from heron.kernels.cpu import isa
 
     cpu = torch.device("cpu")
+
+    def auto(quantization: str) -> torch.dtype:
+        return core.resolve_dtype("auto", cpu, core._runs_torch_int4(quantization, cpu),
+                                  core._runs_heron_gguf(quantization, cpu))
+
     monkeypatch.setattr(core, "_cpu_has_fast_bf16", lambda: False)
-    assert core.resolve_dtype("auto", cpu, core._runs_torch_int4("gguf", cpu)) == torch.float32
-    assert core.resolve_dtype("auto", cpu, core._runs_torch_int4("int4", cpu)) == torch.bfloat16
+    assert auto("none") == torch.float32
+    assert auto("gguf") == torch.bfloat16  # heron's kernels
+    assert auto("int4") == torch.bfloat16
     monkeypatch.setenv(isa.ISA_ENV_VAR, "none")  # no kernels: GGUF falls back to int8 in int4 form
-    assert core.resolve_dtype("auto", cpu, core._runs_torch_int4("gguf", cpu)) == torch.bfloat16
-    assert core.resolve_dtype("float32", cpu, True) == torch.float32  # asked for: kept
+    assert auto("gguf") == torch.bfloat16
+    assert auto("none") == torch.float32
+    assert core.resolve_dtype("float32", cpu, True, True) == torch.float32  # asked for: kept

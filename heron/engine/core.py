@@ -43,7 +43,8 @@ class EngineCore:
         self.device = resolve_device(config.model.device)
         self.quantization = resolve_quantization(config.model, self.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device,
-                                   torch_int4=_runs_torch_int4(self.quantization, self.device))
+                                   torch_int4=_runs_torch_int4(self.quantization, self.device),
+                                   heron_gguf=_runs_heron_gguf(self.quantization, self.device))
         torch.manual_seed(config.model.seed)
         start = time.monotonic()
         loaded, _ = load_prepared_model(config.model, self.device, self.dtype, self.quantization)
@@ -222,19 +223,30 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device, torch_int4: bool = False) -> torch.dtype:
+def resolve_dtype(dtype: str, device: torch.device, torch_int4: bool = False,
+                  heron_gguf: bool = False) -> torch.dtype:
     """auto: bfloat16 on CUDA and on CPUs where oneDNN takes bf16 (AVX-512 BW/VL/DQ, or Arm bf16):
     half the activation and KV-cache bytes, and heron's CPU kernels work in bf16 (with native
     AVX512-BF16 / AMX or emulated, see ``heron.kernels.cpu``). Measured on a CPU with
     native bf16: about 2x faster than float32 for the default model's bandwidth-bound decode
     (20.9 vs 9.8 tok/s, one request). Also bfloat16 where the projections run PyTorch's int4
     kernel (``torch_int4``), which is scalar code for float32 activations on x86 (2 against 20
-    tok/s on an AVX2-only CPU). float32 elsewhere (heron's GGUF and int8 kernels take it)."""
+    tok/s on an AVX2-only CPU), and where they are GGUF blocks in heron's kernels
+    (``heron_gguf``): the one-call decode step and the small per-layer kernels are bf16-only,
+    so float32 there would run the modules (the default model on the avx2 variant, oneDNN
+    limited to AVX2: 28.7 ms a step in float32 against 17.5 in bf16). float32 elsewhere."""
     if dtype != "auto":
         return getattr(torch, dtype)
-    if device.type == "cuda" or _cpu_has_fast_bf16() or torch_int4:
+    if device.type == "cuda" or _cpu_has_fast_bf16() or torch_int4 or heron_gguf:
         return torch.bfloat16
     return torch.float32
+
+
+def _runs_heron_gguf(quantization: str, device: torch.device) -> bool:
+    """Whether the projections will be GGUF blocks multiplied by heron's kernels."""
+    from heron.kernels.cpu.isa import NONE, selected_variant
+
+    return device.type == "cpu" and quantization == "gguf" and selected_variant() != NONE
 
 
 def _runs_torch_int4(quantization: str, device: torch.device) -> bool:
