@@ -50,6 +50,12 @@ def answer_of(child: pexpect.spawn) -> tuple[str, str]:
     return child.before, child.match.group(1)
 
 
+def assert_cut_at(stats: str, max_tokens: int) -> None:
+    """A finished answer's stats line: it ran to max_tokens."""
+    assert re.fullmatch(rf"{max_tokens} tokens, [0-9.]+ tok/s, first token \d+ ms, cut at max "
+                        r"tokens", stats), stats
+
+
 def stop_midway(child: pexpect.spawn, message: str) -> tuple[str, str]:
     """Send ``message``, press Ctrl-C once its answer shows; the answer's text and stats."""
     child.sendline(message)
@@ -70,15 +76,11 @@ def test_in_process_chat(model_dir: Path) -> None:
         # Two 600-token answers do not fit the 1024-token context: before the second, the
         # first exchange is forgotten (and the user told), and the answer runs in full.
         child.sendline("Hello")
-        _, stats = answer_of(child)
-        assert re.fullmatch(r"600 tokens, [0-9.]+ tok/s, first token \d+ ms, cut at max tokens",
-                            stats), stats
+        assert_cut_at(answer_of(child)[1], 600)
         child.expect(PROMPT)
         child.sendline("Go on")
         child.expect(r"\(the conversation outgrew the context: forgot the oldest 2 messages\)")
-        _, stats = answer_of(child)
-        assert re.fullmatch(r"600 tokens, [0-9.]+ tok/s, first token \d+ ms, cut at max tokens",
-                            stats), stats
+        assert_cut_at(answer_of(child)[1], 600)
         child.expect(PROMPT)
         child.sendline("/clear")
         child.expect(PROMPT)
@@ -96,9 +98,7 @@ def test_in_process_chat(model_dir: Path) -> None:
         child.expect(r"\(max_tokens = 7\)")
         child.expect(PROMPT)
         child.sendline("Again")
-        _, stats = answer_of(child)
-        assert re.fullmatch(r"7 tokens, [0-9.]+ tok/s, first token \d+ ms, cut at max tokens",
-                            stats), stats
+        assert_cut_at(answer_of(child)[1], 7)
         child.expect(PROMPT)
         child.sendline("/exit")
         child.expect(pexpect.EOF)
@@ -122,8 +122,7 @@ def test_chat_with_a_server(server: RemoteServer, model_dir: Path) -> None:
         expected = api_answer(server, str(model_dir), messages)
         # The pty writes \n as \r\n; the answer is the end of what came after the input.
         assert text.replace("\r\n", "\n").rstrip("\n").endswith("\n" + expected.rstrip("\n"))
-        assert re.fullmatch(r"12 tokens, [0-9.]+ tok/s, first token \d+ ms, cut at max tokens",
-                            stats), stats
+        assert_cut_at(stats, 12)
         child.expect(PROMPT)
         child.sendline("/set max_tokens 700")  # the history takes some of the 1024
         child.expect(PROMPT)
