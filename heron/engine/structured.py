@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from heron.engine.grammar_vocab import index_tokenizer_file
 from heron.structured.grammar import describe_kind, grammar_text, short_error
 from heron.structured.params import StructuredOutputsParams
 
@@ -218,15 +219,17 @@ class StructuredOutputManager:
         return self._ll_tokenizer
 
     def _index_from_json(self) -> llguidance.LLTokenizer | None:
-        """From the tokenizer.json on disk, without building the HF tokenizer (~2.5 s less)."""
+        """From the tokenizer.json on disk, without building the transformers tokenizer (~2.5 s
+        less), through ``grammar_vocab`` (a third of the memory) when the eos ids are known."""
         path = self._tokenizer_json() if self._tokenizer_json is not None else None
         if path is None:
             return None
         import llguidance
 
         try:
-            return llguidance.LLTokenizer(path.read_text(), n_vocab=self.vocab_size,
-                                          eos_token=self.eos_token_ids or None)
+            if self.eos_token_ids:
+                return index_tokenizer_file(path, self.vocab_size, self.eos_token_ids)
+            return llguidance.LLTokenizer(path.read_text(), n_vocab=self.vocab_size)
         except Exception as e:  # noqa: BLE001 - any failure: the HF tokenizer's way
             logger.debug("indexing %s directly failed (%s); loading the tokenizer", path, e)
             return None

@@ -7,7 +7,7 @@
       |- open the data-parallel backend (Ray: connect, place the engines)
       |- EngineClient.start()  (spawns the core; loads the model)   }
       |    or Router.start() (N engine cores at once)               }
-      |- load_tokenizer()      (in a daemon thread)                 } concurrently
+      |- load_hf_tokenizer()   (in a daemon thread)                 } concurrently
       |- import the HTTP layer, then uvicorn.Server.serve()         }
       |    (/health answers 503 "loading"; a signal still cancels the start-up)
       |- mark_ready(app, ctx)  (the API answers; uvicorn takes the signals: graceful shutdown)
@@ -42,6 +42,8 @@ from heron.server.config import ServerConfig
 from heron.server.router import Router, build_engine
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from heron.engine.messages import EngineInfo
     from heron.server.serving import ServingContext
     from heron.tokenizer.tokenizer import Tokenizer
@@ -96,7 +98,7 @@ async def _serve(
     try:
         engine_started = asyncio.create_task(engine.start(server_config.startup_timeout_s))
         await asyncio.sleep(0)  # engine.start runs up to its first wait: the core is spawned
-        tokenizer_future = _in_daemon_thread(_load_tokenizer, engine_config.model)
+        tokenizer_future = _in_daemon_thread(_load_hf_tokenizer, engine_config.model)
         _import_http_layer()  # while the engine process and the tokenizer thread load
         http = _HttpServer(server_config, log_level, access_log)
         ctx = await _start(engine, engine_started, tokenizer_future, http.task, engine_config,
@@ -174,7 +176,7 @@ class _Uvicorn(uvicorn.Server):
 async def _start(
     engine: EngineClient | Router,
     engine_started: asyncio.Task[EngineInfo],
-    tokenizer_future: asyncio.Future[Tokenizer],
+    tokenizer_future: asyncio.Future[PreTrainedTokenizerBase],
     serving: asyncio.Task[None],
     engine_config: EngineConfig,
     server_config: ServerConfig,
@@ -194,7 +196,9 @@ async def _start(
             _ignore_result
         )  # the engine's error is the one to report
         raise
-    tokenizer = await tokenizer_future
+    # The model's config, once the engine has loaded the model (see ``finish_tokenizer``).
+    tokenizer = await asyncio.to_thread(_finish_tokenizer, engine_config.model,
+                                        await tokenizer_future)
     from heron.loader import model_display_name
     from heron.server.metrics import ServerMetrics
     from heron.server.serving import ServingContext
@@ -237,14 +241,23 @@ def _import_http_layer() -> None:
     import heron.server.metrics  # noqa: F401
 
 
-def _load_tokenizer(model_config: ModelConfig) -> Tokenizer:
+def _load_hf_tokenizer(model_config: ModelConfig) -> PreTrainedTokenizerBase:
     # heron.loader pulls in torch and transformers (~2 s): imported here, in the tokenizer's
     # thread, so that the engine process starts without waiting for it.
     from heron.heap import release_free_heap
-    from heron.tokenizer import load_tokenizer
+    from heron.tokenizer.load import load_hf_tokenizer
 
-    tokenizer = load_tokenizer(model_config)
+    tokenizer = load_hf_tokenizer(model_config)
     release_free_heap()  # parsing tokenizer.json leaves hundreds of MB of freed heap behind
+    return tokenizer
+
+
+def _finish_tokenizer(model_config: ModelConfig, hf_tokenizer: PreTrainedTokenizerBase) -> Tokenizer:
+    from heron.heap import release_free_heap
+    from heron.tokenizer.load import finish_tokenizer
+
+    tokenizer = finish_tokenizer(model_config, hf_tokenizer)
+    release_free_heap()
     return tokenizer
 
 

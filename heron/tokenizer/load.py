@@ -35,20 +35,31 @@ def load_tokenizer(model_config: ModelConfig) -> Tokenizer:
     """The tokenizer of ``--tokenizer`` (else of the model), with eos ids and chat template.
     For a GGUF model seen before, this imports neither torch nor transformers' models (the API
     process does it while the engine process starts: they share the CPU)."""
+    return finish_tokenizer(model_config, load_hf_tokenizer(model_config))
+
+
+def load_hf_tokenizer(model_config: ModelConfig) -> PreTrainedTokenizerBase:
+    """The first half of ``load_tokenizer``: the tokenizer itself, without the model's config."""
+    source = resolve_source(model_config.tokenizer or model_config.model, download_weights=False)
+    if source.is_gguf:
+        return gguf_tokenizer(source.gguf)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source.path))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"no usable tokenizer in {source.path} ({err}); pass one with "
+                         "--tokenizer") from err
+
+
+def finish_tokenizer(model_config: ModelConfig, hf_tokenizer: PreTrainedTokenizerBase) -> Tokenizer:
+    """The second half of ``load_tokenizer``: what the model's config adds (eos ids, context
+    length, a default chat template). A GGUF file's config comes from the snapshot in its cache
+    entry; on the file's first start ``heron serve`` calls this once the engine has loaded the
+    model and so written that snapshot: building the config here instead would import
+    transformers' configs and with them torch (~200 MiB that this process would keep)."""
     model_source = resolve_source(model_config.model, download_weights=False)
     hf_config = model_source.gguf.light_config() if model_source.is_gguf else config_of(model_source)
-    tokenizer_source = (model_source if model_config.tokenizer is None
-                        else resolve_source(model_config.tokenizer, download_weights=False))
-    if tokenizer_source.is_gguf:
-        hf_tokenizer = gguf_tokenizer(tokenizer_source.gguf)
-    else:
-        from transformers import AutoTokenizer
-
-        try:
-            hf_tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source.path))
-        except (OSError, ValueError) as err:
-            raise ValueError(f"no usable tokenizer in {tokenizer_source.path} ({err}); pass one with "
-                             "--tokenizer") from err
     generation = generation_config_of(model_source, hf_config)
     return Tokenizer(
         hf_tokenizer,

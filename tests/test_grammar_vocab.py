@@ -1,0 +1,91 @@
+"""The grammar index built from token bytes (``heron.engine.grammar_vocab``) is llguidance's own
+index of the same tokenizer.json: every token's bytes and special flag, the eos ids, the ids
+padded past the tokenizer, and the masks of several grammars along seeded random walks."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import llguidance
+import pytest
+from tokenizers import Tokenizer
+
+from heron.engine.grammar_vocab import index_tokenizer_file
+from heron.loader.gguf_file import GGUFFile
+from heron.structured.grammar import grammar_text
+from heron.structured.params import StructuredOutputsParams as S
+from heron.tokenizer.gguf_vocab import build_gguf_tokenizer
+
+DATA = Path(__file__).parent / "data"
+PADDING = 3  # model ids past the tokenizer's, as models with a rounded-up embedding have
+SPECS = [
+    S.json_object(),
+    S.json_schema({"type": "object", "properties": {"name": {"type": "string"},
+                                                    "age": {"type": "integer"}},
+                   "required": ["name", "age"]}),
+    S.regex(r"[a-z]+ \d{3}-[A-Z]{2}"),
+    S.choice(["yes", "no", "maybe later", "\u00fcber", "\u65e5\u672c"]),
+    S.grammar('start: "Answer: " ("yes" | "no") "\\n"'),
+    S.regex(r"(?s:.{0,20})"),
+]
+
+
+@pytest.fixture(scope="module", params=["llama-spm", "qwen2"])
+def tokenizer_json(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tokenizer.json heron writes for a GGUF vocabulary: SentencePiece with byte fallback
+    (a Prepend normalizer in a sequence) or byte-level BPE."""
+    built = build_gguf_tokenizer(GGUFFile.read(DATA / f"ggml-vocab-{request.param}.gguf"))
+    assert built is not None
+    directory = tmp_path_factory.mktemp(request.param)
+    built.save_pretrained(str(directory))
+    return directory / "tokenizer.json"
+
+
+def _indexes(path: Path) -> tuple[llguidance.LLTokenizer, llguidance.LLTokenizer, list[int]]:
+    size = Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True) + PADDING
+    eos = [2, 1]
+    theirs = llguidance.LLTokenizer(path.read_text(), n_vocab=size, eos_token=eos)
+    return theirs, index_tokenizer_file(path, size, eos), eos
+
+
+def test_same_tokens_specials_and_eos(tokenizer_json: Path) -> None:
+    theirs, ours, eos = _indexes(tokenizer_json)
+    assert ours.vocab_size == theirs.vocab_size
+    assert ours.eos_tokens == theirs.eos_tokens == eos
+    differing = [i for i in range(theirs.vocab_size)
+                 if ours.decode_bytes([i]) != theirs.decode_bytes([i])
+                 or ours.is_special_token(i) != theirs.is_special_token(i)]
+    assert differing == []
+    assert sum(ours.is_special_token(i) for i in range(ours.vocab_size)) > PADDING
+
+
+def test_same_masks_along_random_walks(tokenizer_json: Path) -> None:
+    theirs, ours, _ = _indexes(tokenizer_json)
+    rng = random.Random(0)
+    for spec in SPECS:
+        grammar = grammar_text(spec)
+        for _ in range(2):
+            a, b = llguidance.LLMatcher(theirs, grammar), llguidance.LLMatcher(ours, grammar)
+            assert not a.is_error() and not b.is_error()
+            assert a.compute_ff_tokens() == b.compute_ff_tokens()  # tokenizes forced text
+            for _ in range(30):
+                mask = a.compute_bitmask()
+                assert b.compute_bitmask() == mask, spec.describe()
+                allowed = [t for t in range(theirs.vocab_size) if mask[t // 8] >> (t % 8) & 1]
+                if not allowed or a.is_stopped():
+                    break
+                token = rng.choice(allowed)
+                assert a.consume_token(token) == b.consume_token(token)
+                assert a.is_stopped() == b.is_stopped()
+
+
+def test_forced_text_is_encoded_like_llguidance(tokenizer_json: Path) -> None:
+    theirs, ours, _ = _indexes(tokenizer_json)
+    for text in ("Answer: yes", " hello world", "{\"name\": ", "\u00fcber 12"):
+        assert ours.tokenize_str(text) == theirs.tokenize_str(text), text
+
+
+def test_needs_eos_ids(tokenizer_json: Path) -> None:
+    with pytest.raises(ValueError, match="eos"):
+        index_tokenizer_file(tokenizer_json, 10**6, [])
