@@ -30,8 +30,9 @@
  *          (per group, per row of W: the panel's `corr`) as the starting sum. AVX2 and
  *          AVX-512 without VNNI: VPMADDUBSW of x + 128 and c, two of them summed in 16 bits
  *          (|c| <= 32: no overflow), VPMADDWD; a panel with Q8_0 rows (|c| up to 128) uses
- *          |c| and x with c's sign instead. Portable: the codes as floats (sums of 8 products
- *          are exact integers there).
+ *          |c| and x with c's sign instead. Portable: no interleave; the codes of x and of 4
+ *          rows of W as int16, PMADDWD (on SSE2; plain C elsewhere) per row, then the 4 rows'
+ *          sums of a group brought into one vector's lanes (see panel_tile).
  *
  * Rows of x and of the buffers are padded to a multiple of 128 elements with zeros. A segment
  * may also be float rows (F32, F16, BF16: a fused weight whose other parts are quantized);
@@ -46,6 +47,8 @@
 
 #if defined(__AVX2__)
 #include <immintrin.h>
+#elif defined(__SSE2__)
+#include <emmintrin.h>
 #endif
 
 #define PAD 128
@@ -58,7 +61,7 @@ typedef struct {
     float *xf;        /* exact (and float segments): [M, K64] */
     uint8_t *xu;      /* int8: [M, K64] codes + 128 */
     int8_t *xs;       /* int8: [M, K64] codes */
-    float *xqf;       /* int8, portable: [M, K64] the codes as floats */
+    int16_t *x16;     /* int8, portable: [M, K64] the codes widened (widen_codes) */
     float *s8;        /* int8: [M, K64 / 8] scale of each group of 8 */
     float *sum32;     /* int8: [M, K64 / 32] float sums of x per 32 */
 } xprep;
@@ -129,6 +132,20 @@ static void quantize_x_row(const float *v, int64_t K64, uint8_t *xu, int8_t *xs,
     }
 }
 
+/* Portable: n int8 codes (n a multiple of 16) as int16, per 16 the even ones, then the odd
+ * ones (so that SSE2 widens 16 codes in three shifts). */
+static void widen_codes(const int8_t *c, int64_t n, int16_t *dst) {
+    for (int64_t k = 0; k < n; k += 16) {
+#if defined(__SSE2__)
+        const __m128i v = _mm_loadu_si128((const __m128i *)(c + k));
+        _mm_storeu_si128((__m128i *)(dst + k), _mm_srai_epi16(_mm_slli_epi16(v, 8), 8));
+        _mm_storeu_si128((__m128i *)(dst + k + 8), _mm_srai_epi16(v, 8));
+#else
+        for (int i = 0; i < 8; i++) dst[k + i] = c[k + 2 * i], dst[k + 8 + i] = c[k + 2 * i + 1];
+#endif
+    }
+}
+
 static int prepare_x(const void *x, int64_t ldx, int x_bf16, int64_t M, int64_t K, int exact,
                      xprep *p) {
     const int64_t K64 = (K + PAD - 1) / PAD * PAD;
@@ -141,8 +158,8 @@ static int prepare_x(const void *x, int64_t ldx, int x_bf16, int64_t M, int64_t 
         p->sum32 = malloc(sizeof(float) * (size_t)(M * K64 / 32));
     }
 #if !defined(__AVX2__)
-    p->xqf = exact ? NULL : malloc(sizeof(float) * (size_t)(M * K64));
-    if (!exact && !p->xqf) return -2;
+    p->x16 = exact ? NULL : malloc(sizeof(int16_t) * (size_t)(M * K64));
+    if (!exact && !p->x16) return -2;
 #endif
     if (!p->xf || (!exact && (!p->xu || !p->xs || !p->s8 || !p->sum32))) return -2;
     const size_t elem = x_bf16 ? 2 : 4;
@@ -153,14 +170,13 @@ static int prepare_x(const void *x, int64_t ldx, int x_bf16, int64_t M, int64_t 
         if (exact) continue;
         quantize_x_row(row, K64, p->xu + m * K64, p->xs + m * K64, p->s8 + m * (K64 / XGROUP),
                        p->sum32 + m * (K64 / 32));
-        if (p->xqf)
-            for (int64_t k = 0; k < K64; k++) p->xqf[m * K64 + k] = (float)p->xs[m * K64 + k];
+        if (p->x16) widen_codes(p->xs + m * K64, K64, p->x16 + m * K64);
     }
     return 0;
 }
 
 static void free_x(xprep *p) {
-    free(p->xf), free(p->xu), free(p->xs), free(p->s8), free(p->sum32), free(p->xqf);
+    free(p->xf), free(p->xu), free(p->xs), free(p->s8), free(p->sum32), free(p->x16);
 }
 
 /* ------------------------------------------------------------------------- float rows */
@@ -260,8 +276,8 @@ static inline void store_out(void *out, int out_bf16, int64_t index, float v) {
 /*
  * A panel: LANES rows of W decoded and interleaved. Rows first decode into rows / ra / rb
  * (row-major, as gguf_blocks.h writes them), then go through a transpose of 32-bit units:
- *   c     SIMD: [K64 / 4][LANES][4] (vector q holds codes 4q .. 4q + 3 of every row);
- *         portable: [K64][LANES]
+ *   c     SIMD: [K64 / 4][LANES][4] (vector q holds codes 4q .. 4q + 3 of every row)
+ *   w16   portable: [LANES][K64] the rows' codes widened (widen_codes), not interleaved
  *   corr  SIMD: [K64 / 8][LANES] -128 x the sum of each row's 8 codes (x + 128 form)
  *   a, b  [A16][LANES], [B32][LANES]: the scales per 16 and offsets per 32 of every row
  * Absent rows and float rows have all zeros (their lanes give 0: float rows are done apart).
@@ -270,12 +286,18 @@ static inline void store_out(void *out, int out_bf16, int64_t index, float v) {
 #define LANES 16
 #define MTILE 4
 #define ROW_M 2  /* up to this many rows of x: row_tile, one row of W at a time */
+#define WIDENED 0
+#define PREFETCH_NEXT 0
 #elif defined(__AVX2__)
 #define LANES 8
 #define MTILE 3
+#define WIDENED 0
+#define PREFETCH_NEXT 0
 #else
 #define LANES 16
-#define MTILE 8
+#define MTILE 4
+#define WIDENED 1  /* the codes in w16, not c */
+#define PREFETCH_NEXT 1  /* its longer multiply leaves the hardware's prefetch behind */
 #endif
 
 typedef struct {
@@ -283,11 +305,13 @@ typedef struct {
     int8_t *rows;
     float *ra, *rb;
     int8_t *c;
+    int16_t *w16;     /* portable: [LANES][K64] the rows' codes widened (widen_codes) */
     int32_t *corr;
     float *a, *b;
     int offsets;      /* some row has offsets */
     int wide;         /* some row is Q8_0 (codes beyond -32 .. 31) */
     unsigned floats;  /* bit l: row l is a float row */
+    int narrow;       /* portable: w16 left unwritten, the codes widened as read from rows */
 } panel;
 
 static void *alloc64(size_t bytes) {
@@ -305,13 +329,15 @@ static int panel_alloc(panel *P, int64_t K64) {
     P->rb = alloc64(sizeof(float) * (size_t)(LANES * P->B32));
     P->c = alloc64((size_t)(LANES * K64));
     P->corr = alloc64(sizeof(int32_t) * (size_t)(LANES * K64 / 8));
+    P->w16 = WIDENED ? alloc64(sizeof(int16_t) * (size_t)(LANES * K64)) : NULL;
     P->a = alloc64(sizeof(float) * (size_t)(LANES * P->A16));
     P->b = alloc64(sizeof(float) * (size_t)(LANES * P->B32));
-    return P->rows && P->ra && P->rb && P->c && P->corr && P->a && P->b;
+    return P->rows && P->ra && P->rb && P->c && P->corr && P->a && P->b && (P->w16 || !WIDENED);
 }
 
 static void panel_free(panel *P) {
     free(P->rows), free(P->ra), free(P->rb), free(P->c), free(P->corr), free(P->a), free(P->b);
+    free(P->w16);
 }
 
 /* dst[i][l] = src[l * stride + i] for i, l < LANES: a transpose of 32-bit units */
@@ -401,9 +427,17 @@ static void panel_interleave(panel *P) {
     }
 #endif
 #else
-    for (int64_t k = 0; k < K64; k++)
-        for (int l = 0; l < LANES; l++) P->c[k * LANES + l] = P->rows[l * K64 + k];
+    if (!P->narrow)
+        for (int l = 0; l < LANES; l++) widen_codes(P->rows + l * K64, K64, P->w16 + l * K64);
 #endif
+}
+
+/* Row `row` + LANES of segment s (the same row of the next panel) towards the cache, from
+ * data, row `row`'s bytes: the next panel's rows are read while this one's are multiplied. */
+static inline void prefetch_next(const heron_gguf_segment *s, const uint8_t *data, int64_t row) {
+    if (s->row_ids || row + LANES >= s->rows) return;
+    const uint8_t *next = data + LANES * s->row_bytes;
+    for (int64_t i = 0; i < s->row_bytes; i += 64) __builtin_prefetch(next + i);
 }
 
 /* Rows n0 .. n0 + count - 1 of W into P; *seg, *first: the segment cursor (as in the
@@ -414,6 +448,7 @@ static void panel_decode(const heron_gguf_segment *segs, int64_t *seg, int64_t *
     P->offsets = 0;
     /* VPMADDUBSW: for 1-2 rows of x the sign form costs less than the correction sums */
     P->wide = M <= 2;
+    P->narrow = M <= 2;  /* each code read once or twice: widening in place costs less */
     P->floats = 0;
     for (int l = 0; l < LANES; l++) {
         int8_t *c = P->rows + l * K64;
@@ -439,6 +474,7 @@ static void panel_decode(const heron_gguf_segment *segs, int64_t *seg, int64_t *
         else memset(b, 0, sizeof(float) * (size_t)P->B32);
         if (type == GGML_Q8_0) P->wide = 1;
         decode_row(type, data, K, c, a, b);
+        if (PREFETCH_NEXT) prefetch_next(&segs[*seg], data, n0 + l - *first);
     }
     panel_interleave(P);
 }
@@ -686,36 +722,117 @@ static inline void acc_store(acc_t v, float *dst) { _mm256_storeu_ps(dst, v); }
 
 #else  /* portable */
 
+/*
+ * Portable: a panel is 4 quads of 4 rows of W; a vector f4 holds one value per row of a quad,
+ * in the order of the other variants' lanes: per block j of 16 elements
+ *     acc += (I_2j s_2j + I_2j+1 s_2j+1) a_j,  then for odd j: acc += b_j/2 sum_j/2 x
+ * (no fused multiply-add where the target has none). The integer sums come from the rows'
+ * widened codes and x's (int16, multiplied in pairs into int32: PMADDWD on SSE2).
+ */
 typedef struct { float v[LANES]; } acc_t;
 
+#if defined(__SSE2__)
+typedef __m128 f4;
+static inline f4 f4_zero(void) { return _mm_setzero_ps(); }
+static inline f4 f4_set1(float v) { return _mm_set1_ps(v); }
+static inline f4 f4_load(const float *p) { return _mm_loadu_ps(p); }
+static inline f4 f4_add(f4 u, f4 v) { return _mm_add_ps(u, v); }
+static inline f4 f4_mul(f4 u, f4 v) { return _mm_mul_ps(u, v); }
+static inline void f4_store(f4 v, float *p) { _mm_storeu_ps(p, v); }
+
+/* Lane i: 2 partial sums of group 0, then 2 of group 1 (pairs of even codes, of odd ones);
+ * the codes widened (w16) or int8 (narrow). */
+static inline __attribute__((always_inline)) __m128i row_parts(const void *w, int narrow,
+                                                               const int16_t *x) {
+    __m128i even, odd;
+    if (narrow) {
+        const __m128i v = _mm_loadu_si128((const __m128i *)w);
+        even = _mm_srai_epi16(_mm_slli_epi16(v, 8), 8), odd = _mm_srai_epi16(v, 8);
+    } else {
+        even = _mm_load_si128((const __m128i *)w);
+        odd = _mm_load_si128((const __m128i *)w + 1);
+    }
+    return _mm_add_epi32(_mm_madd_epi16(even, _mm_loadu_si128((const __m128i *)x)),
+                         _mm_madd_epi16(odd, _mm_loadu_si128((const __m128i *)(x + 8))));
+}
+
+/* [u0 + u1, u2 + u3, v0 + v1, v2 + v3] */
+static inline __m128 pair_sums(__m128i u, __m128i v) {
+    const __m128 fu = _mm_castsi128_ps(u), fv = _mm_castsi128_ps(v);
+    return _mm_castsi128_ps(_mm_add_epi32(
+        _mm_castps_si128(_mm_shuffle_ps(fu, fv, _MM_SHUFFLE(2, 0, 2, 0))),
+        _mm_castps_si128(_mm_shuffle_ps(fu, fv, _MM_SHUFFLE(3, 1, 3, 1)))));
+}
+
+/* The sums of the 2 groups of 8 of 16 elements for the 4 rows of a quad (codes at w, row
+ * stride K64 codes: int16, or int8 where narrow), as floats: i0[i], i1[i] for row i. */
+static inline __attribute__((always_inline)) void quad_sums(const void *w, int narrow, int64_t K64,
+                                                             const int16_t *x, f4 *i0, f4 *i1) {
+    const int64_t stride = narrow ? K64 : 2 * K64;
+    const char *c = w;
+    const __m128 ab = pair_sums(row_parts(c, narrow, x), row_parts(c + stride, narrow, x));
+    const __m128 cd = pair_sums(row_parts(c + 2 * stride, narrow, x),
+                                row_parts(c + 3 * stride, narrow, x));
+    *i0 = _mm_cvtepi32_ps(_mm_castps_si128(_mm_shuffle_ps(ab, cd, _MM_SHUFFLE(2, 0, 2, 0))));
+    *i1 = _mm_cvtepi32_ps(_mm_castps_si128(_mm_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 1, 3, 1))));
+}
+#else
+typedef struct { float v[4]; } f4;
+static inline f4 f4_zero(void) { return (f4){{0.0f, 0.0f, 0.0f, 0.0f}}; }
+static inline f4 f4_set1(float v) { return (f4){{v, v, v, v}}; }
+static inline f4 f4_load(const float *p) { f4 r; memcpy(r.v, p, sizeof r.v); return r; }
+static inline f4 f4_add(f4 u, f4 v) {
+    for (int i = 0; i < 4; i++) u.v[i] += v.v[i];
+    return u;
+}
+static inline f4 f4_mul(f4 u, f4 v) {
+    for (int i = 0; i < 4; i++) u.v[i] *= v.v[i];
+    return u;
+}
+static inline void f4_store(f4 v, float *p) { memcpy(p, v.v, sizeof v.v); }
+
+static inline __attribute__((always_inline)) void quad_sums(const void *w, int narrow, int64_t K64,
+                                                             const int16_t *x, f4 *i0, f4 *i1) {
+    for (int i = 0; i < 4; i++) {
+        int16_t wi[16];  /* widened as widen_codes does */
+        if (narrow) widen_codes((const int8_t *)w + i * K64, 16, wi);
+        else memcpy(wi, (const int16_t *)w + i * K64, sizeof wi);
+        int32_t s0 = 0, s1 = 0;
+        for (int t = 0; t < 4; t++) {
+            s0 += wi[t] * x[t] + wi[8 + t] * x[8 + t];
+            s1 += wi[4 + t] * x[4 + t] + wi[12 + t] * x[12 + t];
+        }
+        i0->v[i] = (float)s0, i1->v[i] = (float)s1;
+    }
+}
+#endif
+
 static inline __attribute__((always_inline)) void panel_tile(
-        const panel *P, const xprep *p, int64_t m0, int R, int offsets, int wide, acc_t *acc) {
-    (void)wide;
+        const panel *P, const xprep *p, int64_t m0, int R, int offsets, int narrow, acc_t *acc) {
     const int64_t K64 = p->K64, G8 = K64 / 8, G32 = K64 / 32;
-    for (int r = 0; r < R; r++)
-        for (int l = 0; l < LANES; l++) acc[r].v[l] = 0.0f;
-    for (int64_t j2 = 0; j2 < G32; j2++) {
-        for (int64_t j = 2 * j2; j < 2 * j2 + 2; j++) {
-            float c[16][LANES];
-            for (int t = 0; t < 16; t++)
-                for (int l = 0; l < LANES; l++) c[t][l] = (float)P->c[(16 * j + t) * LANES + l];
-            const float *a = P->a + LANES * j;
+    for (int q = 0; q < LANES; q += 4) {
+        const int8_t *c = P->rows + q * K64;
+        const int16_t *w = P->w16 + q * K64;
+        f4 sum[MTILE];
+        for (int r = 0; r < R; r++) sum[r] = f4_zero();
+        for (int64_t j = 0; j < K64 / 16; j++) {
+            const f4 a = f4_load(P->a + LANES * j + q);
             for (int r = 0; r < R; r++) {
-                const float *xq = p->xqf + (m0 + r) * K64 + 16 * j, *s = p->s8 + (m0 + r) * G8 + 2 * j;
-                float i0[LANES] = {0}, i1[LANES] = {0};  /* exact: integers below 2^24 */
-                for (int t = 0; t < 8; t++)
-                    for (int l = 0; l < LANES; l++) i0[l] += c[t][l] * xq[t], i1[l] += c[8 + t][l] * xq[8 + t];
-                for (int l = 0; l < LANES; l++) {
-                    const float sum = i0[l] * s[0] + i1[l] * s[1];
-                    acc[r].v[l] += sum * a[l];
-                }
+                const int64_t m = m0 + r;
+                const float *s = p->s8 + m * G8 + 2 * j;
+                f4 i0, i1;
+                const void *codes = narrow ? (const void *)(c + 16 * j) : (const void *)(w + 16 * j);
+                quad_sums(codes, narrow, K64, p->x16 + m * K64 + 16 * j, &i0, &i1);
+                const f4 t = f4_add(f4_mul(i0, f4_set1(s[0])), f4_mul(i1, f4_set1(s[1])));
+                sum[r] = f4_add(sum[r], f4_mul(t, a));
+            }
+            if (offsets && (j & 1)) {
+                const f4 b = f4_load(P->b + LANES * (j / 2) + q);
+                for (int r = 0; r < R; r++)
+                    sum[r] = f4_add(sum[r], f4_mul(b, f4_set1(p->sum32[(m0 + r) * G32 + j / 2])));
             }
         }
-        if (offsets)
-            for (int r = 0; r < R; r++) {
-                const float sx = p->sum32[(m0 + r) * G32 + j2];
-                for (int l = 0; l < LANES; l++) acc[r].v[l] += P->b[LANES * j2 + l] * sx;
-            }
+        for (int r = 0; r < R; r++) f4_store(sum[r], acc[r].v + q);
     }
 }
 
@@ -723,8 +840,10 @@ static inline void acc_store(acc_t v, float *dst) { memcpy(dst, v.v, sizeof v.v)
 
 #endif
 
-#if defined(__AVX512VNNI__) || !defined(__AVX2__)
+#if defined(__AVX512VNNI__)
 #define PANEL_WIDE(P) 0  /* one integer form for every format */
+#elif !defined(__AVX2__)
+#define PANEL_WIDE(P) ((P)->narrow)  /* portable: the codes' source */
 #else
 #define PANEL_WIDE(P) ((P)->wide)
 #endif
