@@ -31,6 +31,8 @@
 
 #if defined(__F16C__)
 #include <immintrin.h>
+#elif defined(__SSE2__)
+#include <emmintrin.h>
 #endif
 
 /* ggml type ids (gguf.GGMLQuantizationType) */
@@ -157,12 +159,28 @@ static inline void decode_q4_0(const uint8_t *blk, int8_t *c, float *a) {
     a[0] = a[1] = fp16_to_fp32(load_u16(blk));
 }
 
+#if !defined(__AVX2__) && defined(__SSE2__)
+/* Byte j = 16 * bit j of the low 16 bits: each byte's bit picked by a mask, then compared. */
+static inline __m128i bits_to_16s_sse2(uint32_t bits) {
+    const __m128i spread = _mm_unpacklo_epi64(_mm_set1_epi8((char)(bits & 0xFF)),
+                                              _mm_set1_epi8((char)((bits >> 8) & 0xFF)));
+    const __m128i mask = _mm_set1_epi64x((long long)0x8040201008040201ull);
+    return _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(spread, mask), mask), _mm_set1_epi8(16));
+}
+#endif
+
 static inline void decode_q5_0(const uint8_t *blk, int8_t *c, float *a) {
     uint32_t qh;
     memcpy(&qh, blk + 2, 4);
     const uint8_t *qs = blk + 6;
 #if defined(__AVX2__)
     store32(c, _mm256_sub_epi8(_mm256_or_si256(nibbles_16(qs), bits_to_16s(qh)), _mm256_set1_epi8(16)));
+#elif defined(__SSE2__)
+    const __m128i v = _mm_loadu_si128((const __m128i *)qs), low = _mm_set1_epi8(15);
+    const __m128i bias = _mm_set1_epi8(16);
+    _mm_storeu_si128((__m128i *)c, _mm_sub_epi8(_mm_or_si128(_mm_and_si128(v, low), bits_to_16s_sse2(qh)), bias));
+    _mm_storeu_si128((__m128i *)(c + 16), _mm_sub_epi8(
+        _mm_or_si128(_mm_and_si128(_mm_srli_epi16(v, 4), low), bits_to_16s_sse2(qh >> 16)), bias));
 #else
     for (int j = 0; j < 16; j++) {
         c[j] = (int8_t)(((qs[j] & 15) | (((qh >> j) & 1) << 4)) - 16);
