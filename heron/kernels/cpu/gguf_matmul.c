@@ -62,6 +62,7 @@ typedef struct {
     uint8_t *xu;      /* int8: [M, K64] codes + 128 */
     int8_t *xs;       /* int8: [M, K64] codes */
     int16_t *x16;     /* int8, portable: [M, K64] the codes widened (widen_codes) */
+    float *s4;        /* int8, portable: [M, K64 / 8][4] each scale of s8 four times */
     float *s8;        /* int8: [M, K64 / 8] scale of each group of 8 */
     float *sum32;     /* int8: [M, K64 / 32] float sums of x per 32 */
 } xprep;
@@ -159,7 +160,8 @@ static int prepare_x(const void *x, int64_t ldx, int x_bf16, int64_t M, int64_t 
     }
 #if !defined(__AVX2__)
     p->x16 = exact ? NULL : malloc(sizeof(int16_t) * (size_t)(M * K64));
-    if (!exact && !p->x16) return -2;
+    p->s4 = exact ? NULL : malloc(sizeof(float) * (size_t)(M * K64 / 2));
+    if (!exact && (!p->x16 || !p->s4)) return -2;
 #endif
     if (!p->xf || (!exact && (!p->xu || !p->xs || !p->s8 || !p->sum32))) return -2;
     const size_t elem = x_bf16 ? 2 : 4;
@@ -170,13 +172,15 @@ static int prepare_x(const void *x, int64_t ldx, int x_bf16, int64_t M, int64_t 
         if (exact) continue;
         quantize_x_row(row, K64, p->xu + m * K64, p->xs + m * K64, p->s8 + m * (K64 / XGROUP),
                        p->sum32 + m * (K64 / 32));
-        if (p->x16) widen_codes(p->xs + m * K64, K64, p->x16 + m * K64);
+        if (!p->x16) continue;
+        widen_codes(p->xs + m * K64, K64, p->x16 + m * K64);
+        for (int64_t k = 0; k < K64 / 2; k++) p->s4[m * K64 / 2 + k] = p->s8[m * K64 / 8 + k / 4];
     }
     return 0;
 }
 
 static void free_x(xprep *p) {
-    free(p->xf), free(p->xu), free(p->xs), free(p->s8), free(p->sum32), free(p->x16);
+    free(p->xf), free(p->xu), free(p->xs), free(p->s8), free(p->sum32), free(p->x16), free(p->s4);
 }
 
 /* ------------------------------------------------------------------------- float rows */
@@ -819,11 +823,11 @@ static inline __attribute__((always_inline)) void panel_tile(
             const f4 a = f4_load(P->a + LANES * j + q);
             for (int r = 0; r < R; r++) {
                 const int64_t m = m0 + r;
-                const float *s = p->s8 + m * G8 + 2 * j;
+                const float *s = p->s4 + 4 * (m * G8 + 2 * j);
                 f4 i0, i1;
                 const void *codes = narrow ? (const void *)(c + 16 * j) : (const void *)(w + 16 * j);
                 quad_sums(codes, narrow, K64, p->x16 + m * K64 + 16 * j, &i0, &i1);
-                const f4 t = f4_add(f4_mul(i0, f4_set1(s[0])), f4_mul(i1, f4_set1(s[1])));
+                const f4 t = f4_add(f4_mul(i0, f4_load(s)), f4_mul(i1, f4_load(s + 4)));
                 sum[r] = f4_add(sum[r], f4_mul(t, a));
             }
             if (offsets && (j & 1)) {
