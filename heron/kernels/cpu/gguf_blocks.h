@@ -178,9 +178,10 @@ static inline void decode_q5_0(const uint8_t *blk, int8_t *c, float *a) {
 #elif defined(__SSE2__)
     const __m128i v = _mm_loadu_si128((const __m128i *)qs), low = _mm_set1_epi8(15);
     const __m128i bias = _mm_set1_epi8(16);
-    _mm_storeu_si128((__m128i *)c, _mm_sub_epi8(_mm_or_si128(_mm_and_si128(v, low), bits_to_16s_sse2(qh)), bias));
-    _mm_storeu_si128((__m128i *)(c + 16), _mm_sub_epi8(
-        _mm_or_si128(_mm_and_si128(_mm_srli_epi16(v, 4), low), bits_to_16s_sse2(qh >> 16)), bias));
+    const __m128i lo = _mm_and_si128(v, low), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low);
+    _mm_storeu_si128((__m128i *)c, _mm_sub_epi8(_mm_or_si128(lo, bits_to_16s_sse2(qh)), bias));
+    _mm_storeu_si128((__m128i *)(c + 16),
+                     _mm_sub_epi8(_mm_or_si128(hi, bits_to_16s_sse2(qh >> 16)), bias));
 #else
     for (int j = 0; j < 16; j++) {
         c[j] = (int8_t)(((qs[j] & 15) | (((qh >> j) & 1) << 4)) - 16);

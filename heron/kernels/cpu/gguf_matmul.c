@@ -815,7 +815,7 @@ static inline __attribute__((always_inline)) void panel_tile(
         const panel *P, const xprep *p, int64_t m0, int R, int offsets, int narrow, acc_t *acc) {
     const int64_t K64 = p->K64, G8 = K64 / 8, G32 = K64 / 32;
     for (int q = 0; q < LANES; q += 4) {
-        const int8_t *c = P->rows + q * K64;
+        const int8_t *c = P->rows + q * K64;  /* rows q .. q + 3 */
         const int16_t *w = P->w16 + q * K64;
         f4 sum[MTILE];
         for (int r = 0; r < R; r++) sum[r] = f4_zero();
@@ -825,7 +825,8 @@ static inline __attribute__((always_inline)) void panel_tile(
                 const int64_t m = m0 + r;
                 const float *s = p->s4 + 4 * (m * G8 + 2 * j);
                 f4 i0, i1;
-                const void *codes = narrow ? (const void *)(c + 16 * j) : (const void *)(w + 16 * j);
+                const void *codes = narrow ? (const void *)(c + 16 * j)
+                                           : (const void *)(w + 16 * j);
                 quad_sums(codes, narrow, K64, p->x16 + m * K64 + 16 * j, &i0, &i1);
                 const f4 t = f4_add(f4_mul(i0, f4_load(s)), f4_mul(i1, f4_load(s + 4)));
                 sum[r] = f4_add(sum[r], f4_mul(t, a));
