@@ -24,8 +24,9 @@
  *          per row of x, 4 integer dot-product instructions, 2 converts and 3 float
  *          operations for all LANES rows of W. The variant fixes the order of the float
  *          operations (see panel_tile); where it also has a path for 1-2 rows of x (AVX-512:
- *          row_tile, one row of W at a time), that path does the same operations in another
- *          layout, so a row's result never depends on the batch it is in.
+ *          row_tile, one row of W at a time; AVX2: rowform_tile, a panel whose codes are not
+ *          interleaved: the integer sums are transposed instead), that path does the same
+ *          operations in another layout, so a row's result never depends on the batch it is in.
  *          Integer forms: VNNI: VPDPBUSD with x + 128 as the unsigned operand and -128 sum c
  *          (per group, per row of W: the panel's `corr`) as the starting sum. AVX2 and
  *          AVX-512 without VNNI: VPMADDUBSW of x + 128 and c, two of them summed in 16 bits
@@ -367,21 +368,27 @@ static inline void transpose_lanes(const void *src, int64_t stride, void *dst) {
     }
 }
 #elif defined(__AVX2__)
-static inline void transpose_lanes(const void *src, int64_t stride, void *dst) {
-    const int32_t *s = src;
-    __m256i r[8], t[8];
-    for (int l = 0; l < 8; l++) r[l] = _mm256_loadu_si256((const __m256i *)(s + l * stride));
+/* r[i][l] <- r[l][i] for an 8 x 8 block of 32-bit units held in registers */
+static inline __attribute__((always_inline)) void transpose8(__m256i r[8]) {
+    __m256i t[8];
     for (int g = 0; g < 8; g += 4) {
         const __m256i t0 = _mm256_unpacklo_epi32(r[g], r[g + 1]), t1 = _mm256_unpackhi_epi32(r[g], r[g + 1]);
         const __m256i t2 = _mm256_unpacklo_epi32(r[g + 2], r[g + 3]), t3 = _mm256_unpackhi_epi32(r[g + 2], r[g + 3]);
         t[g] = _mm256_unpacklo_epi64(t0, t2), t[g + 1] = _mm256_unpackhi_epi64(t0, t2);
         t[g + 2] = _mm256_unpacklo_epi64(t1, t3), t[g + 3] = _mm256_unpackhi_epi64(t1, t3);
     }
-    int32_t *d = dst;
     for (int i = 0; i < 4; i++) {
-        _mm256_storeu_si256((__m256i *)(d + 8 * i), _mm256_permute2x128_si256(t[i], t[4 + i], 0x20));
-        _mm256_storeu_si256((__m256i *)(d + 8 * (4 + i)), _mm256_permute2x128_si256(t[i], t[4 + i], 0x31));
+        r[i] = _mm256_permute2x128_si256(t[i], t[4 + i], 0x20);
+        r[4 + i] = _mm256_permute2x128_si256(t[i], t[4 + i], 0x31);
     }
+}
+
+static inline void transpose_lanes(const void *src, int64_t stride, void *dst) {
+    const int32_t *s = src;
+    __m256i r[8];
+    for (int l = 0; l < 8; l++) r[l] = _mm256_loadu_si256((const __m256i *)(s + l * stride));
+    transpose8(r);
+    for (int i = 0; i < 8; i++) _mm256_storeu_si256((__m256i *)((int32_t *)dst + 8 * i), r[i]);
 }
 #else
 static inline void transpose_lanes(const void *src, int64_t stride, void *dst) {
@@ -392,14 +399,16 @@ static inline void transpose_lanes(const void *src, int64_t stride, void *dst) {
 }
 #endif
 
-/* The interleaved codes and the correction sums from the decoded rows. */
-static void panel_interleave(panel *P) {
+/* The interleaved scales and offsets, and (codes) the interleaved codes and the correction
+ * sums, from the decoded rows. */
+static void panel_interleave(panel *P, int codes) {
     const int64_t K64 = P->K64;
     for (int64_t j = 0; j < P->A16; j += LANES)
         transpose_lanes(P->ra + j, P->A16, P->a + j * LANES);
     if (P->offsets)
         for (int64_t j = 0; j < P->B32; j += LANES)
             transpose_lanes(P->rb + j, P->B32, P->b + j * LANES);
+    if (!codes) return;
 #if defined(__AVX2__)
     for (int64_t k = 0; k < K64; k += 4 * LANES)
         transpose_lanes(P->rows + k, K64 / 4, P->c + k * LANES);
@@ -445,9 +454,9 @@ static inline void prefetch_next(const heron_gguf_segment *s, const uint8_t *dat
 }
 
 /* Rows n0 .. n0 + count - 1 of W into P; *seg, *first: the segment cursor (as in the
- * driver). */
+ * driver); codes = 0: the codes stay row-major (the AVX2 row form reads them so). */
 static void panel_decode(const heron_gguf_segment *segs, int64_t *seg, int64_t *first, int64_t n0,
-                         int count, int64_t K, int64_t M, panel *P) {
+                         int count, int64_t K, int64_t M, int codes, panel *P) {
     const int64_t K64 = P->K64;
     P->offsets = 0;
     /* VPMADDUBSW: for 1-2 rows of x the sign form costs less than the correction sums */
@@ -480,7 +489,7 @@ static void panel_decode(const heron_gguf_segment *segs, int64_t *seg, int64_t *
         decode_row(type, data, K, c, a, b);
         if (PREFETCH_NEXT) prefetch_next(&segs[*seg], data, n0 + l - *first);
     }
-    panel_interleave(P);
+    panel_interleave(P, codes);
 }
 
 /*
@@ -724,6 +733,59 @@ static inline __attribute__((always_inline)) void panel_tile(
 
 static inline void acc_store(acc_t v, float *dst) { _mm256_storeu_ps(dst, v); }
 
+/*
+ * The row form, for up to ROW_M rows of x: the panel's codes stay row-major (no interleave),
+ * each row of W gives its sums of 8 per 64 elements in one vector (VPMADDUBSW in the sign
+ * form, VPMADDWD, VPHADDD), 8 rows' sums are transposed to lanes, then the same float
+ * operations as panel_tile in the same order: the same numbers.
+ */
+#define ROW_FORM 1
+#define ROW_M 2
+
+static inline __attribute__((always_inline)) void rowform_tile(
+        const panel *P, const xprep *p, int64_t m0, int R, int offsets, acc_t *acc) {
+    const int64_t K64 = p->K64, G8 = K64 / 8, G32 = K64 / 32;
+    const __m256i ones = _mm256_set1_epi16(1);
+    /* after the transpose, vector v holds group order[v] of the 8 in 64 elements (VPHADDD
+     * sums within 128-bit halves) */
+    static const int at[8] = {0, 1, 4, 5, 2, 3, 6, 7};  /* group -> vector */
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K64; k += 64) {
+        __m256i g[ROW_M][8];
+        __m256i x0[ROW_M], x1[ROW_M];
+        for (int r = 0; r < R; r++) {
+            x0[r] = _mm256_loadu_si256((const __m256i *)(p->xs + (m0 + r) * K64 + k));
+            x1[r] = _mm256_loadu_si256((const __m256i *)(p->xs + (m0 + r) * K64 + k + 32));
+        }
+        for (int l = 0; l < LANES; l++) {
+            const int8_t *c = P->rows + l * K64 + k;
+            const __m256i c0 = _mm256_loadu_si256((const __m256i *)c);
+            const __m256i c1 = _mm256_loadu_si256((const __m256i *)(c + 32));
+            const __m256i u0 = _mm256_abs_epi8(c0), u1 = _mm256_abs_epi8(c1);
+            for (int r = 0; r < R; r++) {
+                const __m256i q0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(x0[r], c0)), ones);
+                const __m256i q1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(x1[r], c1)), ones);
+                g[r][l] = _mm256_hadd_epi32(q0, q1);
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            transpose8(g[r]);
+            const int64_t m = m0 + r;
+            const float *s = p->s8 + m * G8 + k / 8;
+            for (int h = 0; h < 4; h++) {  /* blocks of 16: j = k / 16 + h */
+                const int64_t j = k / 16 + h;
+                const __m256 i0 = _mm256_cvtepi32_ps(g[r][at[2 * h]]);
+                const __m256 i1 = _mm256_cvtepi32_ps(g[r][at[2 * h + 1]]);
+                const __m256 t = _mm256_fmadd_ps(i1, _mm256_set1_ps(s[2 * h + 1]), _mm256_mul_ps(i0, _mm256_set1_ps(s[2 * h])));
+                acc[r] = _mm256_fmadd_ps(t, _mm256_loadu_ps(P->a + LANES * j), acc[r]);
+                if (offsets && (h & 1))
+                    acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(P->b + LANES * (j / 2)),
+                                             _mm256_set1_ps(p->sum32[m * G32 + j / 2]), acc[r]);
+            }
+        }
+    }
+}
+
 #else  /* portable */
 
 /*
@@ -858,13 +920,22 @@ static inline void acc_store(acc_t v, float *dst) { memcpy(dst, v.v, sizeof v.v)
     else { if (wide) panel_tile(P, p, m0, R, 0, 1, acc); else panel_tile(P, p, m0, R, 0, 0, acc); } \
     break;
 
-/* out[:, n0 .. n0 + count - 1] for every row of x, from the panel (but its float rows). */
+/* out[:, n0 .. n0 + count - 1] for every row of x, from the panel (but its float rows);
+ * rowform: the panel's codes are row-major and M <= ROW_M. */
 static void panel_times_x(const panel *P, const xprep *p, int64_t M, void *out, int64_t ldo,
-                          int out_bf16, int64_t n0, int count) {
+                          int out_bf16, int64_t n0, int count, int rowform) {
     const int wide = PANEL_WIDE(P);
     for (int64_t m0 = 0; m0 < M; m0 += MTILE) {
         acc_t acc[MTILE];
         const int R = M - m0 < MTILE ? (int)(M - m0) : MTILE;
+#if defined(ROW_FORM)
+        if (rowform) {
+            if (P->offsets) { if (R == 1) rowform_tile(P, p, m0, 1, 1, acc); else rowform_tile(P, p, m0, 2, 1, acc); }
+            else { if (R == 1) rowform_tile(P, p, m0, 1, 0, acc); else rowform_tile(P, p, m0, 2, 0, acc); }
+        } else
+#else
+        (void)rowform;
+#endif
         switch (R) {
             PANEL_CASE(1)
 #if MTILE > 1
@@ -1029,6 +1100,11 @@ static int matmul_int8(const xprep *p, int64_t M, int64_t K, const heron_gguf_se
 #if defined(ROW_PATH)
     if (M <= ROW_M) return matmul_rows(p, M, K, segs, N, out, ldo, out_bf16, 0);
 #endif
+#if defined(ROW_FORM)
+    const int rowform = M <= ROW_M;
+#else
+    const int rowform = 0;
+#endif
     const int64_t panels = (N + LANES - 1) / LANES;
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
@@ -1042,8 +1118,8 @@ static int matmul_int8(const xprep *p, int64_t M, int64_t K, const heron_gguf_se
             if (failed) continue;
             const int64_t n0 = i * LANES;
             const int count = N - n0 < LANES ? (int)(N - n0) : LANES;
-            panel_decode(segs, &seg, &first, n0, count, K, M, &P);
-            panel_times_x(&P, p, M, out, ldo, out_bf16, n0, count);
+            panel_decode(segs, &seg, &first, n0, count, K, M, !rowform, &P);
+            panel_times_x(&P, p, M, out, ldo, out_bf16, n0, count, rowform);
             for (int l = 0; l < count; l++) {
                 if (!(P.floats >> l & 1)) continue;
                 const int64_t n = n0 + l;
