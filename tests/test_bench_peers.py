@@ -24,6 +24,7 @@ from heron.bench.peers import (
     roofline_tok_s,
     schedule,
     summarize,
+    summarize_cold_starts,
     summarize_memory,
 )
 
@@ -204,9 +205,24 @@ def test_first_start_measures_time_peak_and_cache_writes_then_stops(tmp_path: Pa
     cold = cold_start(peer, argparse.Namespace(port=port), tmp_path)
     assert 0 < cold["first_answer_s"] < 30
     assert 5 * MIB < cold["peak_rss"] < 500 * MIB  # one small Python process
+    assert cold["peak_split"] == {"server": cold["peak_rss"]}
     assert cold["cache_written"] == 1000
     assert cold["cache_largest"] == [("w.bin", 1000), ("old.bin", 10)]
     assert (tmp_path / "heron-server.log").exists()
     with socket.socket() as probe:  # stopped: nothing listens on the port (TIME_WAIT may stay)
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(("127.0.0.1", port))
+
+
+def test_cold_start_table_gives_medians_by_process_and_the_ratio() -> None:
+    def start(peak: int, split: dict[str, int]) -> dict:
+        return {"peak_rss": peak * MIB, "peak_split": {k: v * MIB for k, v in split.items()}}
+
+    rows = summarize_cold_starts({
+        "heron": [start(1000, {"server": 200, "engine core": 800}),
+                  start(900, {"server": 220, "engine core": 600, "cc1": 80}),
+                  start(1100, {"server": 240, "engine core": 860})],
+        "llama.cpp": [start(500, {"server": 500}), start(520, {"server": 520})],
+    }).splitlines()
+    assert rows[2] == "| heron | 3 | 1000 | engine core 800, server 220, cc1 0 | — |"
+    assert rows[3] == "| llama.cpp | 2 | 510 | server 510 | 1.96x |"

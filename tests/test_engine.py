@@ -183,3 +183,27 @@ def test_prompt_too_long_is_a_clear_error(llama_dir: object) -> None:
         llm.generate([{"prompt_token_ids": [5] * 60}], SamplingParams(max_tokens=10), use_tqdm=False)
     # the engine keeps serving afterwards
     assert len(_greedy(llm, [[5] * 10], max_tokens=3)[0]) == 3
+
+
+_KERNELS_AT_START = """
+import sys
+from heron import LLM
+from heron.kernels.cpu.isa import kernel_cache_dir
+LLM(sys.argv[1], dtype="float32", skip_tokenizer_init=True)
+print(sorted(p.name.split("-")[0] for p in kernel_cache_dir().glob("*.so")))
+"""
+
+
+def test_the_sampler_kernels_are_built_before_the_first_step(llama_dir: object,
+                                                               tmp_path: object) -> None:
+    """On a first start the compiler runs while the engine loads, not in the first step (where
+    its memory would add to the peak of the model's pages just read in)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HERON_CACHE_DIR": str(tmp_path)}
+    env.pop("HERON_CPU_KERNELS", None)
+    done = subprocess.run([sys.executable, "-c", _KERNELS_AT_START, str(llama_dir)], env=env,
+                          capture_output=True, text=True, timeout=600, check=True)
+    assert "elementwise" in done.stdout.splitlines()[-1], done.stdout + done.stderr

@@ -25,6 +25,10 @@ second model (GGUF and tokenizer) instead of the default one; ``--gguf`` any GGU
 ``--env`` and cache folder (OUT/heron-LABEL-cache): ``--peers heron/avx2,heron/portable`` compares
 two kernel variants; ratios always divide the first heron peer by each other one.
 
+``--cold-start-only`` measures only first starts: ``--runs`` of them per peer (heron on a fresh
+empty cache folder each time), then a table of medians: the tree's peak, and how it splits
+between the processes at that moment (heron's API process "server", its "engine core", compilers).
+
 ``--interleave`` takes the peers in turn once per run instead (start, one run of each case,
 stop; then the next peer): a slow phase of a noisy host then lands on every peer alike, and
 each peer's start time is a median of ``--runs`` starts (after the first, warm ones).
@@ -197,7 +201,8 @@ def bench_command(args: argparse.Namespace, base_url: str, case: Case, out: Path
 @contextlib.contextmanager
 def started(peer: Peer, args: argparse.Namespace, out_dir: Path) -> Any:
     """Start ``peer``, wait for its first answer while sampling the tree's resident memory;
-    yields (process, seconds to the first answer, peak tree RSS in bytes); stops it after."""
+    yields (process, seconds to the first answer, the sampler: peak tree RSS in bytes and its
+    split by process); stops it after."""
     log = (out_dir / f"{stem(peer.name)}-server.log").open("a")
     env_text = " ".join(f"{k}={v}" for k, v in peer.env.items())
     print(f"[{peer.name}] {env_text + ' ' if env_text else ''}{' '.join(peer.command)}", flush=True)
@@ -208,8 +213,8 @@ def started(peer: Peer, args: argparse.Namespace, out_dir: Path) -> Any:
             first_answer = wait_first_answer(f"http://127.0.0.1:{args.port}", process,
                                              peer.start_timeout_s)
         print(f"[{peer.name}] first answer {first_answer:.1f} s after start, peak resident "
-              f"{sampler.peak / MIB:.0f} MiB", flush=True)
-        yield process, first_answer, sampler.peak
+              f"{sampler.peak / MIB:.0f} MiB ({describe_split(sampler.peak_split)})", flush=True)
+        yield process, first_answer, sampler
     finally:
         _stop(process)
         log.close()
@@ -219,22 +224,28 @@ def cold_start(peer: Peer, args: argparse.Namespace, out_dir: Path) -> dict[str,
     """The first start (heron: on an empty cache folder): time, peak memory, cache written."""
     cache = Path(peer.env["HERON_CACHE_DIR"]) if "HERON_CACHE_DIR" in peer.env else None
     before = procmem.folder_bytes(cache) if cache else 0
-    with started(peer, args, out_dir) as (_, first_answer, peak):
+    with started(peer, args, out_dir) as (_, first_answer, sampler):
         pass
     written = procmem.folder_bytes(cache) - before if cache else 0
     largest = procmem.largest_files(cache, 5) if cache else []
     if cache:
         print(f"[{peer.name}] first start wrote {written / MIB:.1f} MiB to {cache}; largest: "
               + ", ".join(f"{path} {size / MIB:.1f} MiB" for path, size in largest), flush=True)
-    return {"first_answer_s": first_answer, "peak_rss": peak, "cache_written": written,
-            "cache_largest": largest}
+    return {"first_answer_s": first_answer, "peak_rss": sampler.peak,
+            "peak_split": sampler.peak_split, "cache_written": written, "cache_largest": largest}
+
+
+def describe_split(split: dict[str, int]) -> str:
+    """"engine core 769 MiB, server 226 MiB, ...": largest first."""
+    return ", ".join(f"{label} {rss / MIB:.0f} MiB"
+                     for label, rss in sorted(split.items(), key=lambda item: -item[1]))
 
 
 def run_peer(peer: Peer, args: argparse.Namespace, out_dir: Path, run_numbers: range) -> dict[str, Any]:
     """Start one peer, run every case once per number in ``run_numbers``, stop it; returns
     what was measured (one entry per list: one start)."""
     base_url = f"http://127.0.0.1:{args.port}"
-    with started(peer, args, out_dir) as (process, first_answer, peak):
+    with started(peer, args, out_dir) as (process, first_answer, sampler):
         runs: dict[str, list[dict]] = {}
         for number in run_numbers:
             for case in cases(args.num_prompts):
@@ -246,7 +257,7 @@ def run_peer(peer: Peer, args: argparse.Namespace, out_dir: Path, run_numbers: r
         memory = procmem.tree_memory(process.pid)
         print(f"[{peer.name}] resident after c=16: RSS {memory.rss / MIB:.0f} MiB, PSS "
               f"{memory.pss / MIB:.0f} MiB, {memory.processes} processes", flush=True)
-    return {"first_answer_s": [first_answer], "start_peak_rss": [peak], "rss": [memory.rss],
+    return {"first_answer_s": [first_answer], "start_peak_rss": [sampler.peak], "rss": [memory.rss],
             "pss": [memory.pss], "runs": runs}
 
 
@@ -385,6 +396,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="an environment variable for every peer, or for PEER only (repeatable)")
     p.add_argument("--no-cold-start", dest="cold_start", action="store_false",
                    help="skip the first start (empty heron cache) measurement")
+    p.add_argument("--cold-start-only", action="store_true",
+                   help="only first starts, --runs of them per peer: peak memory by process")
     p.add_argument("--bandwidth-threads", type=int, default=None,
                    help="threads of the read-bandwidth measurement (default: one per core)")
     p.add_argument("--out", default="bench-results/peers", help="folder for JSON results and logs")
@@ -408,6 +421,8 @@ def run(args: argparse.Namespace) -> int:
         print(err, file=sys.stderr)
         return 2
     names = [name for name in names if _check_installed(peers[name], anchors)]
+    if args.cold_start_only:
+        return run_cold_starts(peers, names, args, out_dir)
     weights = roofline.decode_bytes(roofline_gguf(files, anchors))
     bandwidths = [roofline.read_bandwidth(args.bandwidth_threads)]
     print(roofline_line(weights, bandwidths[0]), flush=True)
@@ -426,6 +441,40 @@ def run(args: argparse.Namespace) -> int:
     _save(out_dir, report, results, weights, best)
     print(report)
     return 0
+
+
+def run_cold_starts(peers: dict[str, Peer], names: list[str], args: argparse.Namespace,
+                    out_dir: Path) -> int:
+    """``--cold-start-only``: ``--runs`` first starts of each peer, then their table."""
+    starts: dict[str, list[dict[str, Any]]] = {}
+    for name in names:
+        for _ in range(args.runs):
+            cache = peers[name].env.get("HERON_CACHE_DIR")
+            if cache is not None:
+                shutil.rmtree(cache, ignore_errors=True)
+            starts.setdefault(name, []).append(cold_start(peers[name], args, out_dir))
+    report = summarize_cold_starts(starts)
+    (out_dir / "cold-starts.md").write_text(report + "\n")
+    (out_dir / "cold-starts.json").write_text(json.dumps(starts, indent=2))
+    print(report)
+    return 0
+
+
+def summarize_cold_starts(starts: dict[str, list[dict[str, Any]]]) -> str:
+    """Markdown: per peer, the median first-start peak, the median of each process kind's
+    share of it, and the first heron peer's peak over this one's."""
+    lines = ["| server | first starts | peak resident MiB (median) | by process at the peak "
+             "(medians, MiB) | heron peak / this |", "|---|---|---|---|---|"]
+    peaks = {name: statistics.median(s["peak_rss"] for s in runs) for name, runs in starts.items()}
+    base = baseline(list(starts))
+    for name, runs in starts.items():
+        labels = sorted({label for s in runs for label in s["peak_split"]})
+        split = {label: statistics.median(s["peak_split"].get(label, 0) for s in runs)
+                 for label in labels}
+        ratio = _ratio(peaks[base] if base else None, peaks[name], name != base)
+        lines.append(f"| {name} | {len(runs)} | {peaks[name] / MIB:.0f} | "
+                     f"{describe_split(split).replace(' MiB', '')} | {ratio} |")
+    return "\n".join(lines)
 
 
 def _configured_peers(args: argparse.Namespace, anchors: Path, files: ModelFiles,

@@ -5,7 +5,8 @@ during a first start); llama.cpp's server from one. Their memory is compared as 
 the process tree: RSS (what ``ps`` and ``top`` show; pages shared between processes, such as
 libraries, count once per process) and PSS (shared pages split between the processes that map
 them, so the sum is the tree's real footprint). ``PeakSampler`` polls the tree's RSS in a
-thread (every 50 ms by default) and keeps the largest sum seen.
+thread (every 50 ms by default) and keeps the largest sum seen, and how it was split between
+the processes (by ``process_label``: heron's API process, its engine core, a compiler...).
 """
 
 from __future__ import annotations
@@ -83,12 +84,32 @@ def tree_rss(root: int) -> int:
     return sum(rss_bytes(pid) for pid in tree_pids(root))
 
 
+def process_label(pid: int, root: int) -> str:
+    """What a process of the tree is: "server" (the root: heron's API process, llama-server),
+    "engine core" (a multiprocessing child: heron's engine), "resource tracker", else the
+    program's name (cc1, as: heron compiling its kernels)."""
+    try:
+        argv = (PROC / str(pid) / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "gone"
+    text = b" ".join(argv)
+    if pid == root:
+        return "server"
+    if b"spawn_main" in text:
+        return "engine core"
+    if b"resource_tracker" in text:
+        return "resource tracker"
+    return os.path.basename(argv[0].decode(errors="replace")) or "?"
+
+
 class PeakSampler:
-    """``with PeakSampler(pid) as s: ...`` then ``s.peak``: the largest tree RSS sum seen."""
+    """``with PeakSampler(pid) as s: ...`` then ``s.peak``: the largest tree RSS sum seen, and
+    ``s.peak_split``: each process kind's RSS in that reading (see ``process_label``)."""
 
     def __init__(self, root: int, interval_s: float = 0.05) -> None:
         self.root, self.interval_s = root, interval_s
         self.peak, self.samples = 0, 0
+        self.peak_split: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -108,8 +129,16 @@ class PeakSampler:
             self._stop.wait(self.interval_s)
 
     def _sample(self) -> None:
-        self.peak = max(self.peak, tree_rss(self.root))
+        readings = {pid: rss_bytes(pid) for pid in tree_pids(self.root)}
         self.samples += 1
+        if sum(readings.values()) <= self.peak:
+            return
+        self.peak = sum(readings.values())
+        split: dict[str, int] = {}
+        for pid, rss in readings.items():
+            label = process_label(pid, self.root)  # not kept: between fork and exec a child
+            split[label] = split.get(label, 0) + rss  # still shows its parent's command
+        self.peak_split = split
 
 
 def folder_files(folder: Path) -> dict[str, int]:

@@ -48,6 +48,11 @@ class GrammarVocabulary:
         self.eos_token_id = eos_token_id
         self._encoder = _without_prepend(tokenizer)
 
+    def release_tokens(self) -> None:
+        """Drop the token lists once llguidance has copied them into its trie (it keeps this
+        object to encode with): 262k small objects would otherwise stay resident."""
+        self.tokens, self.special_token_ids = [], []
+
     def __call__(self, text: str) -> list[int]:
         return list(self._encoder.encode(text, add_special_tokens=False).ids)
 
@@ -65,7 +70,7 @@ def index_tokenizer_file(path: Path, vocab_size: int,
     vocabulary = GrammarVocabulary(tokenizer, vocab_size, eos_token_ids[0])
     index = llguidance.LLTokenizer(cast("TokenizerWrapper", vocabulary), n_vocab=vocab_size,
                                    eos_token=eos_token_ids)
-    vocabulary.tokens = []  # copied into the trie; llguidance keeps the object for encoding
+    vocabulary.release_tokens()
     return index
 
 

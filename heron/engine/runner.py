@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from heron.engine.request import Logprob, LogprobsDict, Request
-from heron.engine.sampler import Sampler
+from heron.engine.sampler import Sampler, load_sampler_kernels
 from heron.engine.sampling_batch import GrammarMask, SamplingBatch, SamplingRow, seeded_generator
 from heron.engine.scheduler import SchedulerOutput
 from heron.engine.structured import fill_bitmask
@@ -66,6 +66,8 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.sampler = Sampler(seed=seed)
+        if device.type == "cpu":
+            load_sampler_kernels()
         self._piece_rows: int | None = None  # prompt-logprob rows per piece, once the vocab is seen
         # Scratch blocks past the pool (never handed out) take the K/V of padding tokens.
         num_scratch = -(-POOLING_MIN_ROWS // block_size)

@@ -157,6 +157,13 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1) if kernel is None else kernel.argmax_rows(logits)
 
 
+def load_sampler_kernels() -> None:
+    """Load (on a first start: compile) the sampler's CPU kernels now, while the engine starts,
+    rather than in its first step: there the compiler's memory (~90 MiB) would add to the
+    model's pages that the first forward pass has just read in, the first start's peak."""
+    elementwise()
+
+
 def _float32_cpu_kernel(logits: torch.Tensor) -> Elementwise | None:
     """heron's compiled sampler kernels, where they apply: float32 logits on CPU."""
     return elementwise() if logits.device.type == "cpu" and logits.dtype == torch.float32 else None
