@@ -445,12 +445,13 @@ static void panel_interleave(panel *P, int codes) {
 #endif
 }
 
-/* Row `row` + LANES of segment s (the same row of the next panel) towards the cache, from
- * data, row `row`'s bytes: the next panel's rows are read while this one's are multiplied. */
+/* Row `row` + LANES of segment s (the same row of the next panel) towards L2, from data, row
+ * `row`'s bytes: the next panel's rows are read while this one's are multiplied (into L1, a
+ * row's lines at once wait for its fill buffers). */
 static inline void prefetch_next(const heron_gguf_segment *s, const uint8_t *data, int64_t row) {
     if (s->row_ids || row + LANES >= s->rows) return;
     const uint8_t *next = data + LANES * s->row_bytes;
-    for (int64_t i = 0; i < s->row_bytes; i += 64) __builtin_prefetch(next + i);
+    for (int64_t i = 0; i < s->row_bytes; i += 64) __builtin_prefetch(next + i, 0, 2);
 }
 
 /* Rows n0 .. n0 + count - 1 of W into P; *seg, *first: the segment cursor (as in the
