@@ -160,12 +160,18 @@ static inline void decode_q4_0(const uint8_t *blk, int8_t *c, float *a) {
 }
 
 #if !defined(__AVX2__) && defined(__SSE2__)
-/* Byte j = 16 * bit j of the low 16 bits: each byte's bit picked by a mask, then compared. */
+/* FIFTH16[b]: byte i (little-endian) = 16 * bit i of b */
+#define FIFTH_BIT(b, i) ((uint64_t)(((b) >> (i)) & 1) << (8 * (i) + 4))
+#define FIFTH(b) (FIFTH_BIT(b, 0) | FIFTH_BIT(b, 1) | FIFTH_BIT(b, 2) | FIFTH_BIT(b, 3) | \
+                  FIFTH_BIT(b, 4) | FIFTH_BIT(b, 5) | FIFTH_BIT(b, 6) | FIFTH_BIT(b, 7))
+#define FIFTH4(b) FIFTH(b), FIFTH((b) + 1), FIFTH((b) + 2), FIFTH((b) + 3)
+#define FIFTH16(b) FIFTH4(b), FIFTH4((b) + 4), FIFTH4((b) + 8), FIFTH4((b) + 12)
+#define FIFTH64(b) FIFTH16(b), FIFTH16((b) + 16), FIFTH16((b) + 32), FIFTH16((b) + 48)
+static const uint64_t FIFTH16[256] = {FIFTH64(0), FIFTH64(64), FIFTH64(128), FIFTH64(192)};
+
+/* Byte j = 16 * bit j of the low 16 bits. */
 static inline __m128i bits_to_16s_sse2(uint32_t bits) {
-    const __m128i spread = _mm_unpacklo_epi64(_mm_set1_epi8((char)(bits & 0xFF)),
-                                              _mm_set1_epi8((char)((bits >> 8) & 0xFF)));
-    const __m128i mask = _mm_set1_epi64x((long long)0x8040201008040201ull);
-    return _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(spread, mask), mask), _mm_set1_epi8(16));
+    return _mm_set_epi64x((long long)FIFTH16[(bits >> 8) & 0xFF], (long long)FIFTH16[bits & 0xFF]);
 }
 #endif
 
