@@ -32,8 +32,8 @@
  *          AVX-512 without VNNI: VPMADDUBSW of x + 128 and c, two of them summed in 16 bits
  *          (|c| <= 32: no overflow), VPMADDWD; a panel with Q8_0 rows (|c| up to 128) uses
  *          |c| and x with c's sign instead. Portable: no interleave; the codes of x and of 4
- *          rows of W as int16, PMADDWD (on SSE2; plain C elsewhere) per row, then the 4 rows'
- *          sums of a group brought into one vector's lanes (see panel_tile).
+ *          rows of W as int16, PMADDWD on SSE2 (SMULL / SMLAL on ARM64, plain C elsewhere) per
+ *          row, then the 4 rows' sums of a group brought into one vector's lanes (panel_tile).
  *
  * Rows of x and of the buffers are padded to a multiple of 128 elements with zeros. A segment
  * may also be float rows (F32, F16, BF16: a fused weight whose other parts are quantized);
@@ -50,6 +50,8 @@
 #include <immintrin.h>
 #elif defined(__SSE2__)
 #include <emmintrin.h>
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
 #endif
 
 #define PAD 128
@@ -794,7 +796,7 @@ static inline __attribute__((always_inline)) void rowform_tile(
  * in the order of the other variants' lanes: per block j of 16 elements
  *     acc += (I_2j s_2j + I_2j+1 s_2j+1) a_j,  then for odd j: acc += b_j/2 sum_j/2 x
  * (no fused multiply-add where the target has none). The integer sums come from the rows'
- * widened codes and x's (int16, multiplied in pairs into int32: PMADDWD on SSE2).
+ * widened codes and x's (int16, multiplied into int32: PMADDWD on SSE2, SMLAL on ARM64).
  */
 typedef struct { float v[LANES]; } acc_t;
 
@@ -842,6 +844,41 @@ static inline __attribute__((always_inline)) void quad_sums(const void *w, int n
                                 row_parts(c + 3 * stride, narrow, x));
     *i0 = _mm_cvtepi32_ps(_mm_castps_si128(_mm_shuffle_ps(ab, cd, _MM_SHUFFLE(2, 0, 2, 0))));
     *i1 = _mm_cvtepi32_ps(_mm_castps_si128(_mm_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 1, 3, 1))));
+}
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+typedef float32x4_t f4;
+static inline f4 f4_zero(void) { return vdupq_n_f32(0.0f); }
+static inline f4 f4_set1(float v) { return vdupq_n_f32(v); }
+static inline f4 f4_load(const float *p) { return vld1q_f32(p); }
+static inline f4 f4_add(f4 u, f4 v) { return vaddq_f32(u, v); }
+static inline f4 f4_mul(f4 u, f4 v) { return vmulq_f32(u, v); }
+static inline void f4_store(f4 v, float *p) { vst1q_f32(p, v); }
+
+/* Lane i: a partial sum of group g (0, 1) of a row's 16 codes by x's: SMULL / SMLAL. */
+static inline __attribute__((always_inline)) void row_parts(const void *w, int narrow,
+                                                            const int16_t *x, int32x4_t *g) {
+    int16x8_t even, odd;
+    if (narrow) {
+        const int8x8x2_t v = vld2_s8((const int8_t *)w);  /* even codes, odd codes */
+        even = vmovl_s8(v.val[0]), odd = vmovl_s8(v.val[1]);
+    } else {
+        even = vld1q_s16((const int16_t *)w), odd = vld1q_s16((const int16_t *)w + 8);
+    }
+    const int16x8_t xe = vld1q_s16(x), xo = vld1q_s16(x + 8);
+    g[0] = vmlal_s16(vmull_s16(vget_low_s16(even), vget_low_s16(xe)), vget_low_s16(odd),
+                     vget_low_s16(xo));
+    g[1] = vmlal_high_s16(vmull_high_s16(even, xe), odd, xo);
+}
+
+static inline __attribute__((always_inline)) void quad_sums(const void *w, int narrow, int64_t K64,
+                                                             const int16_t *x, f4 *i0, f4 *i1) {
+    const int64_t stride = narrow ? K64 : 2 * K64;
+    const char *c = w;
+    int32x4_t a[2], b[2], cc[2], d[2];
+    row_parts(c, narrow, x, a), row_parts(c + stride, narrow, x, b);
+    row_parts(c + 2 * stride, narrow, x, cc), row_parts(c + 3 * stride, narrow, x, d);
+    *i0 = vcvtq_f32_s32(vpaddq_s32(vpaddq_s32(a[0], b[0]), vpaddq_s32(cc[0], d[0])));
+    *i1 = vcvtq_f32_s32(vpaddq_s32(vpaddq_s32(a[1], b[1]), vpaddq_s32(cc[1], d[1])));
 }
 #else
 typedef struct { float v[4]; } f4;
