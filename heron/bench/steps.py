@@ -7,7 +7,9 @@ flat batch), ``sampling_batch`` (the sampler's input), ``schedule`` and ``update
 scheduler). ``--split`` also times the step with
 the projections, then the LM head too, replaced by zeros: what is left is the cost of the
 small ops (norms, RoPE, attention, casts) and of Python. It runs the model's modules (a fused
-decode step, ``heron.models.fused_decode``, has no projection calls to replace).
+decode step, ``heron.models.fused_decode``, has no projection calls to replace). ``--cpu-time``
+times in the process's CPU seconds instead of wall time (with ``OMP_NUM_THREADS=1``: the time
+the step's thread ran, whatever else shares the cores).
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from heron.engine.messages import EngineRequest
 from heron.layers.linear import Linear
 
 
-def instrument(engine: EngineCore, times: dict[str, list[float]]) -> None:
-    """Wrap the step and its parts so that each call appends its duration to ``times``."""
+def instrument(engine: EngineCore, times: dict[str, list[float]],
+               clock: Callable[[], float] = time.perf_counter) -> None:
+    """Wrap the step and its parts so that each call appends its duration to ``times``
+    (seconds of ``clock``)."""
     parts = {"step": (engine, "step"), "schedule": (engine.scheduler, "schedule"),
              "update": (engine.scheduler, "update_from_output"),
              "build_batch": (engine.runner, "_build_batch"), "model": (engine.runner.model, "forward"),
@@ -36,14 +40,14 @@ def instrument(engine: EngineCore, times: dict[str, list[float]]) -> None:
              "sampler": (engine.runner.sampler, "forward"),
              "sampling_batch": (engine.runner, "sampling_batch")}
     for name, (owner, attr) in parts.items():
-        setattr(owner, attr, _timed(getattr(owner, attr), times[name]))
+        setattr(owner, attr, _timed(getattr(owner, attr), times[name], clock))
 
 
-def _timed(fn: Callable, sink: list[float]) -> Callable:
+def _timed(fn: Callable, sink: list[float], clock: Callable[[], float]) -> Callable:
     def wrapper(*args: object, **kwargs: object) -> object:
-        start = time.perf_counter()
+        start = clock()
         out = fn(*args, **kwargs)
-        sink.append(time.perf_counter() - start)
+        sink.append(clock() - start)
         return out
     return wrapper
 
@@ -75,11 +79,14 @@ def main() -> None:
     parser.add_argument("--split", action="store_true")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="0: greedy (argmax); 1.0 is what an OpenAI client gets by default")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time in the process's CPU seconds (all its threads: with one "
+                             "thread, steadier than wall time on a shared machine)")
     args = parser.parse_args()
     engine = LLM(quantization=args.quantization).engine
     assert isinstance(engine, EngineCore)  # one in-process engine (no data_parallel_size)
     times: dict[str, list[float]] = defaultdict(list)
-    instrument(engine, times)
+    instrument(engine, times, time.process_time if args.cpu_time else time.perf_counter)
     for batch in args.batch:
         fill(engine, batch, f"b{batch}", args.temperature)
         _reset(times)
