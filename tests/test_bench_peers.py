@@ -23,6 +23,7 @@ from heron.bench.peers import (
     roofline_line,
     roofline_tok_s,
     schedule,
+    started,
     summarize,
     summarize_cold_starts,
     summarize_memory,
@@ -226,3 +227,19 @@ def test_cold_start_table_gives_medians_by_process_and_the_ratio() -> None:
     }).splitlines()
     assert rows[2] == "| heron | 3 | 1000 | engine core 800, server 220, cc1 0 | — |"
     assert rows[3] == "| llama.cpp | 2 | 510 | server 510 | 1.96x |"
+
+
+def test_a_peer_with_its_own_pythonpath_runs_outside_the_current_checkout(tmp_path: Path) -> None:
+    """`python -m heron` imports from its working directory first: a peer that names another
+    checkout with PYTHONPATH must not run in this one (its code would be served instead)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "out"
+    out.mkdir()
+    cache = {"HERON_CACHE_DIR": str(tmp_path)}
+    for env, cwd in (({**cache, "PYTHONPATH": str(tmp_path / "checkout")}, out.resolve()),
+                     (cache, Path.cwd().resolve())):
+        peer = Peer("heron/b", [sys.executable, "-c", _FAKE_SERVER, str(port)], 30, env=env)
+        with started(peer, argparse.Namespace(port=port), out) as (process, _, _):
+            assert Path(f"/proc/{process.pid}/cwd").resolve() == cwd

@@ -24,6 +24,9 @@ second model (GGUF and tokenizer) instead of the default one; ``--gguf`` any GGU
 ``heron:HERON_CPU_ISA=avx2``). ``heron/LABEL`` is heron again under another name, with its own
 ``--env`` and cache folder (OUT/heron-LABEL-cache): ``--peers heron/avx2,heron/portable`` compares
 two kernel variants; ratios always divide the first heron peer by each other one.
+``--env heron/LABEL:PYTHONPATH=CHECKOUT`` serves another checkout's code under that label: such
+a peer runs in OUT, since ``python -m heron`` would otherwise import the checkout the command
+runs in.
 
 ``--cold-start-only`` measures only first starts: ``--runs`` of them per peer (heron on a fresh
 empty cache folder each time), then a table of medians: the tree's peak, and how it splits
@@ -155,6 +158,11 @@ def parse_env(items: list[str], names: list[str]) -> dict[str, dict[str, str]]:
     return env
 
 
+def _absolute(path: str | None) -> str | None:
+    """A local path made absolute (a peer may run in another folder); other names as given."""
+    return str(Path(path).resolve()) if path and Path(path).exists() else path
+
+
 def is_heron(name: str) -> bool:
     """"heron", or heron under a label ("heron/avx2": its own --env and cache folder)."""
     return name.split("/")[0] == "heron"
@@ -206,7 +214,10 @@ def started(peer: Peer, args: argparse.Namespace, out_dir: Path) -> Any:
     log = (out_dir / f"{stem(peer.name)}-server.log").open("a")
     env_text = " ".join(f"{k}={v}" for k, v in peer.env.items())
     print(f"[{peer.name}] {env_text + ' ' if env_text else ''}{' '.join(peer.command)}", flush=True)
-    process = subprocess.Popen(peer.command, stdout=log, stderr=subprocess.STDOUT,
+    # `python -m heron` looks in its working directory first: a checkout that PYTHONPATH names
+    # would be shadowed by the one this command runs in, so such a peer runs in OUT
+    cwd = out_dir.resolve() if "PYTHONPATH" in peer.env else None
+    process = subprocess.Popen(peer.command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
                                start_new_session=True, env={**os.environ, **peer.env})
     try:
         with procmem.PeakSampler(process.pid) as sampler:
@@ -408,7 +419,7 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     anchors = anchors_dir()
-    files = model_files(args.model, args.gguf, args.tokenizer, anchors)
+    files = model_files(args.model, _absolute(args.gguf), _absolute(args.tokenizer), anchors)
     args.tokenizer = files.tokenizer
     if files.gguf is not None and not files.gguf.is_file():
         print(f"no GGUF file at {files.gguf} (--model second: run ../shared/anchors/"
