@@ -294,7 +294,8 @@ static inline void store_out(void *out, int out_bf16, int64_t index, float v) {
 #define MTILE 4
 #define ROW_M 2  /* up to this many rows of x: row_tile, one row of W at a time */
 #define WIDENED 0
-#define PREFETCH_NEXT 0
+#define PREFETCH_NEXT 1  /* for 3+ rows of x the multiply of a panel outlasts the hardware's prefetch */
+#define ROW_PREFETCH 4
 #elif defined(__AVX2__)
 #define LANES 8
 #define MTILE 3
@@ -454,6 +455,17 @@ static inline void prefetch_next(const heron_gguf_segment *s, const uint8_t *dat
     if (s->row_ids || row + LANES >= s->rows) return;
     const uint8_t *next = data + LANES * s->row_bytes;
     for (int64_t i = 0; i < s->row_bytes; i += 64) __builtin_prefetch(next + i, 0, 2);
+}
+
+#ifndef ROW_PREFETCH
+#define ROW_PREFETCH 0  /* the row path for 2 rows of x: how many rows ahead to prefetch */
+#endif
+
+/* Row `row` of segment s (if it has one, in file order) towards L1. */
+static inline void prefetch_row(const heron_gguf_segment *s, int64_t row) {
+    if (s->row_ids || row >= s->rows) return;
+    const uint8_t *data = s->data + row * s->row_bytes;
+    for (int64_t i = 0; i < s->row_bytes; i += 64) __builtin_prefetch(data + i, 0, 3);
 }
 
 /* Rows n0 .. n0 + count - 1 of W into P; *seg, *first: the segment cursor (as in the
@@ -1119,6 +1131,7 @@ static int matmul_rows(const xprep *p, int64_t M, int64_t K, const heron_gguf_se
             (void)exact;
 #else
             if (!exact && !float_rows) {
+                if (ROW_PREFETCH && M > 1) prefetch_row(&segs[seg], n - first + ROW_PREFETCH);
                 row_int8_times_x(&segs[seg], n - first, K, &w, p, M, out, ldo, out_bf16, n);
                 continue;
             }
