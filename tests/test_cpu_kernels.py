@@ -147,6 +147,25 @@ def test_off_switches_and_no_compiler_give_no_kernel(fresh_selection, caplog) ->
         isa.selected_variant()
 
 
+def test_the_compiler_is_looked_up_once_per_cc_and_path(monkeypatch, tmp_path) -> None:
+    """compiler() is asked on every kernel lookup: the PATH is searched once per ($CC, $PATH),
+    and a changed PATH or $CC is searched again."""
+    found, empty = tmp_path / "bin", tmp_path / "empty"
+    found.mkdir(), empty.mkdir()
+    (found / "cc").write_text("#!/bin/sh\n")
+    (found / "cc").chmod(0o755)
+    searches = []
+    real_which = isa.shutil.which
+    monkeypatch.setattr(isa.shutil, "which", lambda *a, **kw: searches.append(a) or real_which(*a, **kw))
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(found))
+    assert isa.compiler() == isa.compiler() == str(found / "cc") and len(searches) == 1
+    monkeypatch.setenv("PATH", str(empty))
+    assert isa.compiler() is None and len(searches) == 4  # cc, gcc, clang: none there
+    monkeypatch.setenv("CC", "my-cc")
+    assert isa.compiler() == "my-cc"
+
+
 def test_variants_build_with_explicit_flags_and_are_cached(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("HERON_CACHE_DIR", str(tmp_path))
     build._load.cache_clear()
