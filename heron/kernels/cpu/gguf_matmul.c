@@ -649,8 +649,10 @@ static inline __attribute__((always_inline)) void row_chunk(
     const uint8_t *b0 = row + 4 * i * bytes, *b1 = b0 + bytes, *b2 = b1 + bytes, *b3 = b2 + bytes;
     *w0 = pair_codes(type, b0, b1);
     *w1 = pair_codes(type, b2, b3);
-    const __m128 d = _mm_cvtph_ps(_mm_setr_epi16((short)load_u16(b0), (short)load_u16(b1), (short)load_u16(b2),
-                                                 (short)load_u16(b3), 0, 0, 0, 0));
+    /* the 4 fp16 scales gathered in a general register: no vector inserts */
+    const uint64_t d4 = (uint64_t)load_u16(b0) | (uint64_t)load_u16(b1) << 16 | (uint64_t)load_u16(b2) << 32 |
+                        (uint64_t)load_u16(b3) << 48;
+    const __m128 d = _mm_cvtph_ps(_mm_cvtsi64_si128((long long)d4));
     *a = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(d), _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
 }
 
