@@ -623,16 +623,16 @@ static inline __attribute__((always_inline)) __m512i pair_codes(int type, const 
         return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b0 + 2))),
                                   _mm256_loadu_si256((const __m256i *)(b1 + 2)), 1);
     const int off = type == GGML_Q4_0 ? 2 : 6;
-    const __m256i v = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(b1 + off)),
-                                       _mm_loadu_si128((const __m128i *)(b0 + off)));
-    const __m512i halves = _mm512_inserti64x4(_mm512_castsi256_si512(low_nibbles(v)), high_nibbles(v), 1);
-    __m512i q = _mm512_shuffle_i64x2(halves, halves, _MM_SHUFFLE(3, 1, 2, 0));  /* lo0 hi0 lo1 hi1 */
+    /* 128-bit lanes qs0 qs0 qs1 qs1 (broadcast loads); lanes 1 and 3 shifted: their high nibbles */
+    const __m512i qs = _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(b0 + off)))),
+        _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(b1 + off))), 1);
+    const __m512i q = _mm512_and_si512(_mm512_mask_srli_epi64(qs, 0xCC, qs, 4), _mm512_set1_epi8(15));
     if (type == GGML_Q4_0) return _mm512_sub_epi8(q, _mm512_set1_epi8(8));
-    uint32_t h0, h1;
+    uint32_t h0, h1;  /* Q5_0: q5 - 16, i.e. the nibble less 16 where the fifth bit is 0 */
     memcpy(&h0, b0 + 2, 4);
     memcpy(&h1, b1 + 2, 4);
-    q = _mm512_or_si512(q, _mm512_maskz_mov_epi8((__mmask64)h0 | ((__mmask64)h1 << 32), _mm512_set1_epi8(16)));
-    return _mm512_sub_epi8(q, _mm512_set1_epi8(16));
+    return _mm512_mask_sub_epi8(q, ~((__mmask64)h0 | ((__mmask64)h1 << 32)), q, _mm512_set1_epi8(16));
 }
 
 /* 128 codes (w0, w1) and their 8 scales of a row: from the decoded row w, or (type a format
