@@ -4,14 +4,20 @@ padded past the tokenizer, and the masks of several grammars along seeded random
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import llguidance
 import pytest
 from tokenizers import Tokenizer
 
+from heron.bench import procmem
+from heron.engine.forced_text import EncoderProcess
 from heron.engine.grammar_vocab import index_tokenizer_file
+from heron.loader.default_model import default_gguf_path
 from heron.loader.gguf_file import GGUFFile
 from heron.structured.grammar import grammar_text
 from heron.structured.params import StructuredOutputsParams as S
@@ -46,7 +52,7 @@ def _indexes(path: Path) -> tuple[llguidance.LLTokenizer, llguidance.LLTokenizer
     size = Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True) + PADDING
     eos = [2, 1]
     theirs = llguidance.LLTokenizer(path.read_text(), n_vocab=size, eos_token=eos)
-    return theirs, index_tokenizer_file(path, size, eos), eos
+    return theirs, index_tokenizer_file(path, size, eos)[0], eos
 
 
 def test_same_tokens_specials_and_eos(tokenizer_json: Path) -> None:
@@ -89,3 +95,69 @@ def test_forced_text_is_encoded_like_llguidance(tokenizer_json: Path) -> None:
 def test_needs_eos_ids(tokenizer_json: Path) -> None:
     with pytest.raises(ValueError, match="eos"):
         index_tokenizer_file(tokenizer_json, 10**6, [])
+
+
+def test_encoder_process_starts_for_the_first_forced_text(tokenizer_json: Path) -> None:
+    size = Tokenizer.from_file(str(tokenizer_json)).get_vocab_size(with_added_tokens=True)
+    index, vocabulary = index_tokenizer_file(tokenizer_json, size, [2])
+    assert vocabulary.encoder.pid is None  # the index holds the trie, no tokenizer, no process
+    theirs = llguidance.LLTokenizer(tokenizer_json.read_text(), n_vocab=size, eos_token=[2])
+    try:
+        for text in ("Answer: yes", " a\nb \u00fc\u65e5", ""):
+            assert index.tokenize_str(text) == theirs.tokenize_str(text), text
+        pid = vocabulary.encoder.pid
+        assert pid is not None and pid != os.getpid()
+        assert procmem.process_label(pid, os.getpid()) == "grammar encoder"  # bench peers' split
+        index.tokenize_str("again")
+        assert vocabulary.encoder.pid == pid  # started once
+    finally:
+        vocabulary.encoder.close()
+    assert vocabulary.encoder.pid is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # closed: the process is gone (and reaped)
+
+
+def test_encoder_process_that_cannot_load_says_so(tmp_path: Path) -> None:
+    broken = EncoderProcess(tmp_path / "missing.json")
+    with pytest.raises(RuntimeError, match="missing.json ended"):
+        broken("text")
+    assert broken.pid is None
+
+
+# Kept by the default model's index (262,144 tokens), measured after trimming the heap: 232 MiB
+# when the index held its tokenizer for encoding, 114 MiB with the trie and its slices alone.
+DEFAULT_INDEX_BOUND_MIB = 150
+_MEASURE = """
+import sys
+from pathlib import Path
+from heron.bench import procmem
+from heron.engine.forced_text import EncoderProcess
+from heron.engine.grammar_vocab import index_tokenizer_file
+from heron.heap import release_free_heap
+
+def rss(pid="self"):
+    release_free_heap()
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) / 1024
+
+before = rss()
+index, vocabulary = index_tokenizer_file(Path(sys.argv[1]), 262144, [1, 106])
+built = rss()
+index.tokenize_str("Answer: yes")
+print(built - before, rss() - built, rss(vocabulary.encoder.pid))
+vocabulary.encoder.close()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/*/status")
+def test_default_model_index_keeps_only_the_trie(tmp_path: Path) -> None:
+    built = build_gguf_tokenizer(GGUFFile.read(Path(default_gguf_path())))
+    assert built is not None
+    built.save_pretrained(str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", _MEASURE, str(tmp_path / "tokenizer.json")],
+                            capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    kept, after_encoding, encoder = (float(x) for x in result.stdout.split())
+    assert kept < DEFAULT_INDEX_BOUND_MIB, f"the index keeps {kept:.0f} MiB"
+    assert after_encoding < 5, "encoding grew the engine's side"
+    assert encoder > 50, f"the encoder process holds {encoder:.0f} MiB"  # where the tokenizer is

@@ -4,11 +4,14 @@ OS (a start frees hundreds of MB: tokenizer.json parsing, model loading)."""
 from __future__ import annotations
 
 import ctypes
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from heron.heap import release_free_heap
+from heron.heap import limit_arenas, release_free_heap
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="malloc_trim is glibc's (Linux)")
@@ -36,3 +39,76 @@ def test_freed_heap_below_a_live_block_is_returned() -> None:
     after = _rss_mib()
     libc.free(top)
     assert before - after > 150, (before, after)
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping that holds ``address`` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                low, high = (int(x, 16) for x in head.split("-"))
+                inside = low <= address < high
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_kv_pool_pages_are_small() -> None:
+    """numpy advises huge pages on large arrays ("hg"): a KV pool's first touched block would
+    make 2 MiB per layer resident. The pool withdraws that advice ("nh")."""
+    import numpy as np
+    import torch
+
+    from heron.engine.runner import _zeros
+
+    inside = 2**20  # numpy advises whole pages only: not the first, which it shares
+    assert "hg" in _vm_flags(np.zeros(64 * 2**20, dtype=np.uint8).ctypes.data + inside)
+    pool = _zeros((2, 1024, 16, 1, 256), torch.bfloat16, torch.device("cpu"))  # 16 MiB
+    pool[0, 0] = 1.0
+    flags = _vm_flags(pool.data_ptr() + inside)
+    assert "nh" in flags and "hg" not in flags, flags
+    assert float(pool.float().sum()) == 16 * 256  # still zeros elsewhere
+
+
+_ARENAS = """
+import ctypes, sys, threading
+from heron.heap import limit_arenas
+if sys.argv[1] == "limit":
+    assert limit_arenas(2)
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+start = threading.Barrier(6)
+def work():
+    start.wait()
+    for _ in range(200):
+        libc.malloc(1000)  # a thread's first malloc picks (or makes) its arena
+threads = [threading.Thread(target=work) for _ in range(6)]
+for t in threads: t.start()
+for t in threads: t.join()
+libc.fopen.restype, libc.fopen.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_char_p]
+out = libc.fopen(sys.argv[2].encode(), b"w")
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.malloc_info(0, out)
+libc.fclose.argtypes = [ctypes.c_void_p]
+libc.fclose(out)
+"""
+
+
+@pytest.mark.parametrize(("mode", "most"), [("limit", 2), ("default", None)])
+def test_limit_arenas(tmp_path: Path, mode: str, most: int | None) -> None:
+    """Threads share at most two malloc arenas once limited (glibc's default is 8 per core)."""
+    report = tmp_path / "malloc_info.xml"
+    subprocess.run([sys.executable, "-c", _ARENAS, mode, str(report)], check=True,
+                   env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    arenas = report.read_text().count("<heap nr=")
+    if most is None:
+        assert arenas > 2  # the check itself sees threads' own arenas
+    else:
+        assert arenas == most
+
+
+def test_limit_arenas_refuses_zero() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        limit_arenas(0)

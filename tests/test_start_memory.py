@@ -10,6 +10,7 @@ import pytest
 import transformers
 
 from heron.bench import procmem
+from heron.server.launch import API_ARENAS
 from tests.gguf_files import synthetic_vocab, write_gguf
 from tests.model_harness import make_hf_model
 from tests.server_utils import RemoteServer
@@ -33,6 +34,28 @@ def _maps_torch(pid: int) -> bool:
     return "libtorch_cpu" in Path(f"/proc/{pid}/maps").read_text()
 
 
+def _thread_arenas(pid: int) -> int:
+    """glibc's malloc arenas besides the main one: each reserves 64 MiB at a 64 MiB-aligned
+    address, a read-write part followed by an inaccessible rest."""
+    size = 64 << 20
+    maps = []
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split()
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        maps.append((low, high, fields[1], len(fields) > 5))  # named: a file or [heap] etc.
+    count = 0
+    for i, (low, high, perms, named) in enumerate(maps):
+        if low % size or named or not perms.startswith("rw"):
+            continue
+        end = high
+        for low_next, high_next, perms_next, named_next in maps[i + 1:]:
+            if low_next != end or named_next or not perms_next.startswith("---"):
+                break
+            end = high_next
+        count += end - low == size
+    return count
+
+
 def test_first_start_api_process_stays_light(tiny_gguf: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     with RemoteServer([str(tiny_gguf), "--max-model-len", "128"],
@@ -43,6 +66,10 @@ def test_first_start_api_process_stays_light(tiny_gguf: Path, tmp_path: Path) ->
         api_pid, engine_pid = server.proc.pid, server.engine_pid()
         assert _maps_torch(engine_pid)  # the check itself sees torch where it is loaded
         assert not _maps_torch(api_pid)
+        # the tokenizer's thread shares one arena with the others (heron.heap.limit_arenas):
+        # 6 of them on the default model without the limit, ~30 MiB more resident
+        assert _thread_arenas(api_pid) == API_ARENAS - 1
+        assert _thread_arenas(engine_pid) > 0  # the check itself sees arenas where they are
         rss = procmem.rss_bytes(api_pid)
         assert 0 < rss < API_RSS_BOUND, f"API process resident {rss / 2**20:.0f} MiB"
         # the config the API process read is the engine's snapshot, written on this start

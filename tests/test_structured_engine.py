@@ -210,6 +210,32 @@ def test_manager_compiles_once_waits_and_evicts() -> None:
     manager.shutdown()
 
 
+def test_manager_index_from_json_starts_its_encoder_on_the_first_compile(tmp_path: Path) -> None:
+    """The index built at start holds no tokenizer; the first compile starts the process that
+    does (the matcher encodes a grammar's forced text with it) before the request is handed
+    over; shutting the manager down stops it."""
+    path = tmp_path / "tokenizer.json"
+    byte_bpe_tokenizer().save(str(path))
+    manager = StructuredOutputManager(hf_tokenizer, VOCAB, [2], tokenizer_json=lambda: path)
+    manager.build_index()
+    vocabulary = manager._vocabulary
+    assert vocabulary is not None and vocabulary.encoder.pid is None
+    request = Request("a", [1], SamplingParams(structured_outputs=S.json_schema(SCHEMA)),
+                      max_tokens=8)
+    assert not manager.prepare(request)
+    ready: list[Request] = []
+    while not ready:
+        ready, failed = manager.collect(wait=True)
+        assert not failed
+    assert vocabulary.encoder.pid is not None and manager._vocabulary is vocabulary
+    assert request.grammar is not None
+    text = '{"answer": "yes", "ok": true, "count": 7, "tags": ["a"]}'
+    assert all(request.grammar.matcher.consume_token(t) for t in hf_tokenizer().encode(text))
+    assert request.grammar.matcher.is_accepting()
+    manager.shutdown()
+    assert vocabulary.encoder.pid is None
+
+
 def test_tools_render_in_the_gemma_template() -> None:
     tokenizer = Tokenizer(hf_tokenizer(), chat_template=GEMMA_CHAT_TEMPLATE)
     messages = [

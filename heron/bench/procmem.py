@@ -86,8 +86,9 @@ def tree_rss(root: int) -> int:
 
 def process_label(pid: int, root: int) -> str:
     """What a process of the tree is: "server" (the root: heron's API process, llama-server),
-    "engine core" (a multiprocessing child: heron's engine), "resource tracker", else the
-    program's name (cc1, as: heron compiling its kernels)."""
+    "engine core" (a multiprocessing child: heron's engine), "resource tracker", "grammar
+    encoder" (heron's forced-text tokenizer), else the program's name (cc1, as: heron compiling
+    its kernels)."""
     try:
         argv = (PROC / str(pid) / "cmdline").read_bytes().split(b"\0")
     except OSError:
@@ -99,6 +100,8 @@ def process_label(pid: int, root: int) -> str:
         return "engine core"
     if b"resource_tracker" in text:
         return "resource tracker"
+    if b"forced_text.py" in text:
+        return "grammar encoder"
     return os.path.basename(argv[0].decode(errors="replace")) or "?"
 
 

@@ -2,16 +2,18 @@
 
 Given the JSON text, llguidance parses it with serde, builds its own HF tokenizer and then its
 token trie: for Gemma's 262,144 tokens that peaked at +445 MiB and kept 225 MiB in the engine
-process. Here the ``tokenizers`` library loads the file once (+290 MiB at the peak, 97 MiB
-kept), the bytes of every token are derived from it as llguidance's own HF adapter does, and
-llguidance gets them through its ``TokenizerWrapper`` protocol: it then builds only the trie
-(+95 MiB). Masks are identical (``tests/test_structured_unit.py`` compares both indexes, token
-by token and mask by mask): the tokens' bytes and special flags are the same, and the text
-llguidance tokenizes (a grammar's forced prefix) is encoded by the same tokenizer, with
-llguidance's one change (no ``Prepend`` normalizer inside a sequence)::
+process. Here the ``tokenizers`` library loads the file once, the bytes of every token are
+derived from it as llguidance's own HF adapter does, the tokenizer is dropped, and llguidance
+gets the bytes through its ``TokenizerWrapper`` protocol: it then builds only the trie and its
+slices (114 MiB kept; 232 MiB when the tokenizer stayed to encode). Masks are identical
+(``tests/test_grammar_vocab.py`` compares both indexes, token by token and mask by mask): the
+tokens' bytes and special flags are the same, and the text llguidance tokenizes (a grammar's
+forced bytes) is encoded by the same tokenizer, with llguidance's one change (no ``Prepend``
+normalizer inside a sequence), in a child process (``heron.engine.forced_text``)::
 
     tokenizer.json --tokenizers--> Tokenizer --id_to_token--> token bytes --+--> LLTokenizer
-                                       '-- encode(text) <-- llguidance calls --'
+          |                        (dropped)                                |
+          '--> EncoderProcess (started by the first compile): encode(text) <-- llguidance calls
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import functools
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
+
+from heron.engine.forced_text import EncoderProcess
+from heron.heap import release_free_heap
 
 if TYPE_CHECKING:
     import llguidance
@@ -32,13 +37,14 @@ SPECIAL_MARKER = 0xFF  # llguidance's first byte of a special token in its trie
 class GrammarVocabulary:
     """What llguidance's ``TokenizerWrapper`` protocol reads: ``tokens`` (bytes per id),
     ``special_token_ids``, ``eos_token_id``, ``bos_token_id``, and a call that encodes text
-    (a ``str``: the valid UTF-8 prefix of the bytes llguidance tokenizes) to token ids."""
+    (a ``str``: the valid UTF-8 prefix of the bytes llguidance tokenizes) to token ids, which
+    ``encoder`` does."""
 
     is_tokenizer_wrapper = True
     bos_token_id = None
 
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_id: int) -> None:
-        tokens, special = token_bytes(tokenizer)
+    def __init__(self, tokens: list[bytes], special: list[int], vocab_size: int,
+                 eos_token_id: int, encoder: EncoderProcess) -> None:
         if len(tokens) > vocab_size:
             raise ValueError(f"the tokenizer has {len(tokens)} tokens, more than the model's "
                              f"{vocab_size}")
@@ -46,7 +52,7 @@ class GrammarVocabulary:
         self.tokens = tokens + [f"<[{i}]>".encode() for i in padding]  # as llguidance pads
         self.special_token_ids = special + list(padding)
         self.eos_token_id = eos_token_id
-        self._encoder = _without_prepend(tokenizer)
+        self.encoder = encoder
 
     def release_tokens(self) -> None:
         """Drop the token lists once llguidance has copied them into its trie (it keeps this
@@ -54,24 +60,28 @@ class GrammarVocabulary:
         self.tokens, self.special_token_ids = [], []
 
     def __call__(self, text: str) -> list[int]:
-        return list(self._encoder.encode(text, add_special_tokens=False).ids)
+        return self.encoder(text)
 
 
-def index_tokenizer_file(path: Path, vocab_size: int,
-                         eos_token_ids: list[int]) -> llguidance.LLTokenizer:
-    """llguidance's index of the tokenizer in ``path`` (a ``tokenizer.json``); the same index
-    as ``LLTokenizer(path.read_text(), n_vocab=vocab_size, eos_token=eos_token_ids)``."""
+def index_tokenizer_file(path: Path, vocab_size: int, eos_token_ids: list[int]
+                         ) -> tuple[llguidance.LLTokenizer, GrammarVocabulary]:
+    """llguidance's index of the tokenizer in ``path`` (a ``tokenizer.json``), the same index
+    as ``LLTokenizer(path.read_text(), n_vocab=vocab_size, eos_token=eos_token_ids)``, and the
+    vocabulary it encodes with (its encoder process not started yet)."""
     import llguidance
     from tokenizers import Tokenizer
 
     if not eos_token_ids:
         raise ValueError("the grammar index needs the model's eos token ids")
-    tokenizer = Tokenizer.from_file(str(path))
-    vocabulary = GrammarVocabulary(tokenizer, vocab_size, eos_token_ids[0])
+    tokens, special = token_bytes(Tokenizer.from_file(str(path)))  # the tokenizer is dropped
+    release_free_heap()  # parsing tokenizer.json freed hundreds of MB: before the trie lands
+    vocabulary = GrammarVocabulary(tokens, special, vocab_size, eos_token_ids[0],
+                                   EncoderProcess(path))
+    del tokens, special
     index = llguidance.LLTokenizer(cast("TokenizerWrapper", vocabulary), n_vocab=vocab_size,
                                    eos_token=eos_token_ids)
     vocabulary.release_tokens()
-    return index
+    return index, vocabulary
 
 
 def token_bytes(tokenizer: Tokenizer) -> tuple[list[bytes], list[int]]:
@@ -138,18 +148,3 @@ def _byte_level_chars() -> dict[str, int]:
             table[chr(extra)] = byte
             extra += 1
     return table
-
-
-def _without_prepend(tokenizer: Tokenizer) -> Tokenizer:
-    """llguidance drops a ``Prepend`` normalizer from a normalizer sequence before it encodes
-    (grammar text is not the start of a prompt)."""
-    from tokenizers import normalizers
-
-    normalizer = tokenizer.normalizer
-    if isinstance(normalizer, normalizers.Sequence):
-        kept = [normalizer[i] for i in range(len(normalizer))
-                if not isinstance(normalizer[i], normalizers.Prepend)]
-        if len(kept) != len(normalizer):
-            tokenizer.normalizer = normalizers.Sequence(kept)
-    return tokenizer
-

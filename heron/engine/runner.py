@@ -34,6 +34,7 @@ from heron.engine.sampler import Sampler, load_sampler_kernels
 from heron.engine.sampling_batch import GrammarMask, SamplingBatch, SamplingRow, seeded_generator
 from heron.engine.scheduler import SchedulerOutput
 from heron.engine.structured import fill_bitmask
+from heron.heap import no_huge_pages
 from heron.layers.attention import AttentionMetadata, ForwardContext, PrefillSpan
 from heron.models.base import CausalLM
 
@@ -224,12 +225,16 @@ class ModelRunner:
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A zeroed tensor. On CPU it comes from calloc (numpy), whose large blocks are fresh zero
     pages that the OS maps on first touch: a large KV pool costs no start-up time (torch.zeros
-    writes all of it) and no memory until requests use it. Zeros, not garbage, because decode
-    attention reads the padding slots of a block (masked, but 0 * NaN would still be NaN)."""
+    writes all of it) and no memory until requests use it, page by small page (numpy's huge
+    page advice is withdrawn: see ``heron.heap.no_huge_pages``). Zeros, not garbage, because
+    decode attention reads the padding slots of a block (masked, but 0 * NaN would still be
+    NaN)."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+    buffer = np.zeros(nbytes, dtype=np.uint8)
+    no_huge_pages(buffer.ctypes.data, nbytes)
+    return torch.from_numpy(buffer).view(dtype).view(shape)
 
 
 def _pool(req: Request, hidden: torch.Tensor, start: int) -> None:

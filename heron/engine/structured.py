@@ -15,7 +15,9 @@ Why llguidance: its masks cost what xgrammar's do, it compiles schemas faster, i
 dependencies (xgrammar pulls in triton), and its parser limits ("fuel") bound the work any one
 grammar can cause (the measurements are in the README). Its tokenizer index takes seconds and
 hundreds of MB to build, once, holding the GIL: the core process builds it before it serves
-(``heron.engine.core_proc``), so that no running stream stalls behind it.
+(``heron.engine.core_proc``), so that no running stream stalls behind it. The tokenizer that
+encodes a grammar's forced text runs in a process that the first compile starts
+(``heron.engine.forced_text``): its load stalls nothing, and it is not resident until used.
 
 Grammar text comes from ``heron.structured.grammar`` (shared with the API side's validation).
 """
@@ -32,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from heron.engine.grammar_vocab import index_tokenizer_file
+from heron.engine.forced_text import EncoderProcess
+from heron.engine.grammar_vocab import GrammarVocabulary, index_tokenizer_file
 from heron.structured.grammar import describe_kind, grammar_text, short_error
 from heron.structured.params import StructuredOutputsParams
 
@@ -127,6 +130,7 @@ class StructuredOutputManager:
         self._pending: dict[str, Request] = {}
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
+        self._vocabulary: GrammarVocabulary | None = None  # the index's encoder, when ours
 
     @property
     def num_pending(self) -> int:
@@ -189,6 +193,8 @@ class StructuredOutputManager:
     def shutdown(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._vocabulary is not None:
+            self._vocabulary.encoder.close()
 
     # ---- worker thread ------------------------------------------------------------------------
 
@@ -203,7 +209,10 @@ class StructuredOutputManager:
         from llguidance import LLMatcher
 
         start = time.perf_counter()
-        matcher = LLMatcher(self._tokenizer(), grammar_text(params))
+        index = self._tokenizer()
+        if self._vocabulary is not None and self._vocabulary.encoder.pid is None:
+            self._start_encoder(self._vocabulary.encoder)
+        matcher = LLMatcher(index, grammar_text(params))
         if matcher.is_error():
             raise ValueError(f"{describe_kind(params.kind)} does not compile: "
                              f"{short_error(matcher.get_error())}")
@@ -218,9 +227,18 @@ class StructuredOutputManager:
                         time.perf_counter() - start)
         return self._ll_tokenizer
 
+    @staticmethod
+    def _start_encoder(encoder: EncoderProcess) -> None:
+        """On the first compile, before the matcher needs it (see ``forced_text``)."""
+        start = time.perf_counter()
+        encoder.start()
+        logger.info("structured outputs: forced-text tokenizer process (pid %s) ready in %.1f s",
+                    encoder.pid, time.perf_counter() - start)
+
     def _index_from_json(self) -> llguidance.LLTokenizer | None:
         """From the tokenizer.json on disk, without building the transformers tokenizer (~2.5 s
-        less), through ``grammar_vocab`` (a third of the memory) when the eos ids are known."""
+        less), through ``grammar_vocab`` (the trie alone: half the memory; the encoder is a
+        process the first compile starts) when the eos ids are known."""
         path = self._tokenizer_json() if self._tokenizer_json is not None else None
         if path is None:
             return None
@@ -228,7 +246,9 @@ class StructuredOutputManager:
 
         try:
             if self.eos_token_ids:
-                return index_tokenizer_file(path, self.vocab_size, self.eos_token_ids)
+                index, self._vocabulary = index_tokenizer_file(path, self.vocab_size,
+                                                               self.eos_token_ids)
+                return index
             return llguidance.LLTokenizer(path.read_text(), n_vocab=self.vocab_size)
         except Exception as e:  # noqa: BLE001 - any failure: the HF tokenizer's way
             logger.debug("indexing %s directly failed (%s); loading the tokenizer", path, e)

@@ -38,6 +38,7 @@ import uvicorn
 from heron.config import EngineConfig, ModelConfig, ParallelConfig
 from heron.engine.client import EngineClient, EngineError
 from heron.engine.dp_launch import open_backend
+from heron.heap import limit_arenas
 from heron.server.config import ServerConfig
 from heron.server.router import Router, build_engine
 
@@ -53,6 +54,7 @@ logger = logging.getLogger("heron.server")
 T = TypeVar("T")
 
 ENGINE_DIED_EXIT_CODE = 3
+API_ARENAS = 2  # malloc arenas of the API process (heron.heap.limit_arenas)
 
 
 def run_server(
@@ -63,6 +65,7 @@ def run_server(
     parallel_config: ParallelConfig | None = None,
 ) -> int:
     """Serve until SIGINT/SIGTERM; returns the process exit code."""
+    limit_arenas(API_ARENAS)  # before the tokenizer's thread: see heron.heap
     parallel = parallel_config or ParallelConfig()
     signals = _StartupSignals()
     signals.install()
