@@ -116,7 +116,28 @@ static inline int64_t s8_index(int64_t g) {
  * (max |x| / 127), float sums per 32. */
 static void quantize_x_row(const float *v, int64_t K64, uint8_t *xu, int8_t *xs, float *s8,
                            float *sum32) {
-    for (int64_t g = 0; g < K64 / XGROUP; g++) {
+    int64_t g = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    /* 2 groups per vector, the same operations as below (NaN is no group's maximum) */
+    for (; g + 2 <= K64 / XGROUP; g += 2) {
+        const __m512 x = _mm512_loadu_ps(v + XGROUP * g);
+        const __m512 a = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, x, _CMP_ORD_Q), _mm512_abs_ps(x));
+        __m512 m = _mm512_max_ps(a, _mm512_permute_ps(a, 0xB1));
+        m = _mm512_max_ps(m, _mm512_permute_ps(m, 0x4E));
+        m = _mm512_max_ps(m, _mm512_shuffle_f32x4(m, m, 0xB1));  /* each lane: its group's max */
+        const __m512 inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(m, _mm512_setzero_ps(), _CMP_GT_OQ),
+                                               _mm512_set1_ps(127.0f), m);
+        __m512i code = _mm512_cvtps_epi32(_mm512_mul_ps(x, inv));
+        code = _mm512_min_epi32(_mm512_max_epi32(code, _mm512_set1_epi32(-127)), _mm512_set1_epi32(127));
+        const __m128i bytes = _mm512_cvtepi32_epi8(code);
+        _mm_storeu_si128((__m128i *)(xs + XGROUP * g), bytes);
+        _mm_storeu_si128((__m128i *)(xu + XGROUP * g), _mm_xor_si128(bytes, _mm_set1_epi8((char)0x80)));
+        const __m512 scale = _mm512_div_ps(m, _mm512_set1_ps(127.0f));
+        s8[s8_index(g)] = _mm512_cvtss_f32(scale);
+        s8[s8_index(g + 1)] = _mm512_cvtss_f32(_mm512_shuffle_f32x4(scale, scale, 0x02));
+    }
+#endif
+    for (; g < K64 / XGROUP; g++) {
         const float *vg = v + XGROUP * g;
         float amax = 0.0f;
         for (int j = 0; j < XGROUP; j++) amax = fabsf(vg[j]) > amax ? fabsf(vg[j]) : amax;
