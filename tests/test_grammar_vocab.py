@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,8 @@ from heron.loader.gguf_file import GGUFFile
 from heron.structured.grammar import grammar_text
 from heron.structured.params import StructuredOutputsParams as S
 from heron.tokenizer.gguf_vocab import build_gguf_tokenizer
+from heron.tokenizer.load import save_tokenizer
+from heron.tokenizer.token_bytes import read_token_bytes, token_bytes
 
 DATA = Path(__file__).parent / "data"
 PADDING = 3  # model ids past the tokenizer's, as models with a rounded-up embedding have
@@ -37,15 +40,29 @@ SPECS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["llama-spm", "qwen2"])
+@pytest.fixture(scope="module", params=["llama-spm", "qwen2", "llama-spm+bytes", "qwen2+bytes"])
 def tokenizer_json(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tokenizer.json heron writes for a GGUF vocabulary: SentencePiece with byte fallback
-    (a Prepend normalizer in a sequence) or byte-level BPE."""
-    built = build_gguf_tokenizer(GGUFFile.read(DATA / f"ggml-vocab-{request.param}.gguf"))
+    (a Prepend normalizer in a sequence) or byte-level BPE; "+bytes": with the token bytes the
+    API process writes beside it (then the index reads those, not the JSON)."""
+    vocab, _, with_bytes = request.param.partition("+")
+    built = build_gguf_tokenizer(GGUFFile.read(DATA / f"ggml-vocab-{vocab}.gguf"))
     assert built is not None
-    directory = tmp_path_factory.mktemp(request.param)
-    built.save_pretrained(str(directory))
+    directory = tmp_path_factory.mktemp(vocab)
+    if with_bytes:
+        save_tokenizer(built, directory)
+        assert read_token_bytes(directory) is not None
+    else:
+        built.save_pretrained(str(directory))
+        assert read_token_bytes(directory) is None
     return directory / "tokenizer.json"
+
+
+def test_saved_token_bytes_are_those_of_the_saved_tokenizer(tokenizer_json: Path) -> None:
+    saved = read_token_bytes(tokenizer_json.parent)
+    if saved is None:
+        pytest.skip("this variant has no token bytes file: its index parses tokenizer.json")
+    assert saved == token_bytes(Tokenizer.from_file(str(tokenizer_json)))
 
 
 def _indexes(path: Path) -> tuple[llguidance.LLTokenizer, llguidance.LLTokenizer, list[int]]:
@@ -127,37 +144,65 @@ def test_encoder_process_that_cannot_load_says_so(tmp_path: Path) -> None:
 # Kept by the default model's index (262,144 tokens), measured after trimming the heap: 232 MiB
 # when the index held its tokenizer for encoding, 114 MiB with the trie and its slices alone.
 DEFAULT_INDEX_BOUND_MIB = 150
+PEAK_BOUND_MIB = 250
+# The transient heap while it builds: +362 MiB parsing tokenizer.json, +128 MiB reading the token
+# bytes file instead. The encoder process: 308 MiB before it trimmed its heap, 114 after.
 _MEASURE = """
 import sys
 from pathlib import Path
-from heron.bench import procmem
-from heron.engine.forced_text import EncoderProcess
 from heron.engine.grammar_vocab import index_tokenizer_file
 from heron.heap import release_free_heap
 
+def status(key, pid="self"):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith(key + ":")) / 1024
+
 def rss(pid="self"):
     release_free_heap()
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) / 1024
+    return status("VmRSS", pid)
 
 before = rss()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # VmHWM := VmRSS
 index, vocabulary = index_tokenizer_file(Path(sys.argv[1]), 262144, [1, 106])
+peak = status("VmHWM") - before
 built = rss()
 index.tokenize_str("Answer: yes")
-print(built - before, rss() - built, rss(vocabulary.encoder.pid))
+print(built - before, peak, rss() - built, rss(vocabulary.encoder.pid))
 vocabulary.encoder.close()
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/*/status")
-def test_default_model_index_keeps_only_the_trie(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def default_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model's tokenizer folder as its first start writes it (with token bytes)."""
     built = build_gguf_tokenizer(GGUFFile.read(Path(default_gguf_path())))
     assert built is not None
-    built.save_pretrained(str(tmp_path))
-    result = subprocess.run([sys.executable, "-c", _MEASURE, str(tmp_path / "tokenizer.json")],
+    directory = tmp_path_factory.mktemp("default-tokenizer")
+    save_tokenizer(built, directory)
+    return directory
+
+
+def _measure(tokenizer_json: Path) -> tuple[float, ...]:
+    result = subprocess.run([sys.executable, "-c", _MEASURE, str(tokenizer_json)],
                             capture_output=True, text=True, check=True,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
-    kept, after_encoding, encoder = (float(x) for x in result.stdout.split())
+    return tuple(float(x) for x in result.stdout.split())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/*/status")
+@pytest.mark.parametrize("with_bytes", [True, False])
+def test_default_model_index_keeps_only_the_trie(default_tokenizer: Path, tmp_path: Path,
+                                                 with_bytes: bool) -> None:
+    directory = default_tokenizer
+    if not with_bytes:  # a cache written before the token bytes file, or an HF model folder
+        directory = tmp_path
+        shutil.copy(default_tokenizer / "tokenizer.json", directory / "tokenizer.json")
+    kept, peak, after_encoding, encoder = _measure(directory / "tokenizer.json")
     assert kept < DEFAULT_INDEX_BOUND_MIB, f"the index keeps {kept:.0f} MiB"
     assert after_encoding < 5, "encoding grew the engine's side"
-    assert encoder > 50, f"the encoder process holds {encoder:.0f} MiB"  # where the tokenizer is
+    assert 50 < encoder < 150, f"the encoder process holds {encoder:.0f} MiB"  # the tokenizer
+    if with_bytes:
+        assert peak < PEAK_BOUND_MIB, f"building the index peaked at +{peak:.0f} MiB"
+    else:
+        assert peak > PEAK_BOUND_MIB  # the measurement sees the JSON parse where it happens

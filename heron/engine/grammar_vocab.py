@@ -3,9 +3,11 @@
 Given the JSON text, llguidance parses it with serde, builds its own HF tokenizer and then its
 token trie: for Gemma's 262,144 tokens that peaked at +445 MiB and kept 225 MiB in the engine
 process. Here the ``tokenizers`` library loads the file once, the bytes of every token are
-derived from it as llguidance's own HF adapter does, the tokenizer is dropped, and llguidance
-gets the bytes through its ``TokenizerWrapper`` protocol: it then builds only the trie and its
-slices (114 MiB kept; 232 MiB when the tokenizer stayed to encode). Masks are identical
+derived from it as llguidance's own HF adapter does (``heron.tokenizer.token_bytes``, which
+the API process also writes beside a tokenizer.json it builds: then they are read from there),
+the tokenizer is dropped, and llguidance gets the bytes through its ``TokenizerWrapper``
+protocol: it then builds only the trie and its slices (114 MiB kept; 232 MiB when the
+tokenizer stayed to encode). Masks are identical
 (``tests/test_grammar_vocab.py`` compares both indexes, token by token and mask by mask): the
 tokens' bytes and special flags are the same, and the text llguidance tokenizes (a grammar's
 forced bytes) is encoded by the same tokenizer, with llguidance's one change (no ``Prepend``
@@ -18,20 +20,16 @@ normalizer inside a sequence), in a child process (``heron.engine.forced_text``)
 
 from __future__ import annotations
 
-import functools
-import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 from heron.engine.forced_text import EncoderProcess
 from heron.heap import release_free_heap
+from heron.tokenizer.token_bytes import read_token_bytes, token_bytes
 
 if TYPE_CHECKING:
     import llguidance
     from llguidance._tokenizer import TokenizerWrapper
-    from tokenizers import Tokenizer
-
-SPECIAL_MARKER = 0xFF  # llguidance's first byte of a special token in its trie
 
 
 class GrammarVocabulary:
@@ -67,14 +65,20 @@ def index_tokenizer_file(path: Path, vocab_size: int, eos_token_ids: list[int]
                          ) -> tuple[llguidance.LLTokenizer, GrammarVocabulary]:
     """llguidance's index of the tokenizer in ``path`` (a ``tokenizer.json``), the same index
     as ``LLTokenizer(path.read_text(), n_vocab=vocab_size, eos_token=eos_token_ids)``, and the
-    vocabulary it encodes with (its encoder process not started yet)."""
+    vocabulary it encodes with (its encoder process not started yet). The tokens' bytes come
+    from the ``token_bytes.msgpack`` beside it where there is one (``heron.tokenizer.
+    token_bytes``: no parse of the JSON here, ~1.6 s and ~350 MiB of transient heap less)."""
     import llguidance
     from tokenizers import Tokenizer
 
     if not eos_token_ids:
         raise ValueError("the grammar index needs the model's eos token ids")
-    tokens, special = token_bytes(Tokenizer.from_file(str(path)))  # the tokenizer is dropped
-    release_free_heap()  # parsing tokenizer.json freed hundreds of MB: before the trie lands
+    saved = read_token_bytes(path.parent)  # written beside it by the API process (GGUF)
+    if saved is None:
+        saved = token_bytes(Tokenizer.from_file(str(path)))  # the tokenizer is dropped
+        release_free_heap()  # parsing tokenizer.json freed hundreds of MB: before the trie
+    tokens, special = saved
+    del saved
     vocabulary = GrammarVocabulary(tokens, special, vocab_size, eos_token_ids[0],
                                    EncoderProcess(path))
     del tokens, special
@@ -82,69 +86,3 @@ def index_tokenizer_file(path: Path, vocab_size: int, eos_token_ids: list[int]
                                    eos_token=eos_token_ids)
     vocabulary.release_tokens()
     return index, vocabulary
-
-
-def token_bytes(tokenizer: Tokenizer) -> tuple[list[bytes], list[int]]:
-    """(the bytes of each token id, the ids llguidance treats as special: added tokens marked
-    special, and added ones spelled ``<...>``)."""
-    decode = _piece_decoder(tokenizer)
-    added = tokenizer.get_added_tokens_decoder()
-    tokens: list[bytes] = []
-    special: list[int] = []
-    for token_id in range(tokenizer.get_vocab_size(with_added_tokens=True)):
-        piece = tokenizer.id_to_token(token_id)
-        if piece is None:  # an id the tokenizer skips: llguidance leaves it empty
-            tokens.append(b"")
-        elif token_id in added:
-            tokens.append(piece.encode())
-            if added[token_id].special or (piece.startswith("<") and piece.endswith(">")):
-                special.append(token_id)
-        else:
-            tokens.append(decode(piece))
-    return tokens, special
-
-
-def _piece_decoder(tokenizer: Tokenizer) -> Any:
-    """piece -> bytes for the decoder kinds llguidance reads: byte-level (GPT-2's byte-to-char
-    table) or byte fallback (``<0xAB>`` pieces, a replaced space character)."""
-    state = json.loads(tokenizer.decoder.__getstate__()) if tokenizer.decoder else {}
-    if state.get("type") == "ByteLevel":
-        table = _byte_level_chars()
-        return lambda piece: _byte_level(piece, table)
-    decoders = state.get("decoders", []) if state.get("type") == "Sequence" else []
-    if not any(d.get("type") == "ByteFallback" for d in decoders):
-        raise ValueError(f"llguidance cannot index a tokenizer with the decoder {state}")
-    space = " "
-    for d in decoders:
-        pattern = d.get("pattern", {}).get("String")
-        if d.get("type") == "Replace" and d.get("content") == " " and pattern and len(pattern) == 1:
-            space = pattern
-    return functools.partial(_byte_fallback, space=space)
-
-
-def _byte_fallback(piece: str, space: str) -> bytes:
-    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-        return bytes([int(piece[3:5], 16)])
-    return piece.replace(space, " ").encode()
-
-
-def _byte_level(piece: str, table: dict[str, int]) -> bytes:
-    try:
-        return bytes(table[char] for char in piece)
-    except KeyError:  # a piece outside the byte alphabet: llguidance leaves it empty
-        return b""
-
-
-@functools.cache
-def _byte_level_chars() -> dict[str, int]:
-    """GPT-2's table: printable Latin-1 bytes stand for themselves, the others for U+0100...
-    in byte order."""
-    table, extra = {}, 0x100
-    for byte in range(256):
-        char = chr(byte)
-        if "!" <= char <= "~" or "\u00a1" <= char <= "\u00ac" or "\u00ae" <= char <= "\u00ff":
-            table[char] = byte
-        else:
-            table[chr(extra)] = byte
-            extra += 1
-    return table

@@ -7,6 +7,7 @@ does not convert) and saved into the file's cache entry (``tokenizer/``); later 
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,6 +16,7 @@ from heron.cache import atomic_write_dir
 from heron.config import ModelConfig
 from heron.loader import config_of, generation_config_of, model_display_name, resolve_source
 from heron.progress import Progress
+from heron.tokenizer.token_bytes import write_token_bytes
 from heron.tokenizer.tokenizer import GEMMA_CHAT_TEMPLATE, Tokenizer, read_chat_template
 
 if TYPE_CHECKING:
@@ -102,11 +104,19 @@ def gguf_tokenizer(model: GGUFModel) -> PreTrainedTokenizerBase:
         with Progress("building the tokenizer", total=1, unit="step") as progress:
             built = build_gguf_tokenizer(model)  # None: a vocabulary left to transformers
             converted = built or _transformers_tokenizer(model)
-            atomic_write_dir(directory, converted.save_pretrained)
+            atomic_write_dir(directory, functools.partial(save_tokenizer, converted))
             progress.update()
         if built is not None:
             return built  # what later starts reload from the cache is the same (tested)
     return load_saved_fast_tokenizer(directory)
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
+    """The tokenizer's files, and its tokens' bytes for the engine's grammar index."""
+    tokenizer.save_pretrained(str(directory))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        write_token_bytes(directory, backend)
 
 
 def build_gguf_tokenizer(model: GGUFModel) -> PreTrainedTokenizerFast | None:
