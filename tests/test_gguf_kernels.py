@@ -125,14 +125,16 @@ def test_matmul_equals_the_dequantized_weight(variant: str, fmt: str, exact: boo
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_extreme_scales(variant: str, fmt: str, scale: str) -> None:
     kernels = gguf_kernels(variant)
-    k = BLOCK_FORMATS[fmt][1] * 2
-    blocks = random_blocks(fmt, rows=19, k=k, seed=2, scale=scale)
-    w, b = dequantized(fmt, blocks), offsets(fmt, blocks)
-    segments = segment_array([BlockRows(torch.from_numpy(blocks), BLOCK_FORMATS[fmt][0])])
-    for m in (1, 5):  # a row of W at a time; panels
-        x = _activations(m, k, seed=5)
-        for exact in (True, False):
-            _check(kernels.matmul(x, segments, 19, exact, torch.float32), x, w, exact, b)
+    elems = BLOCK_FORMATS[fmt][1]
+    # 32-element formats: K = 256 also (AVX2 reads those rows' blocks in place for 1-2 rows of x)
+    for k in (2 * elems, 256) if elems == 32 else (2 * elems,):
+        blocks = random_blocks(fmt, rows=19, k=k, seed=2, scale=scale)
+        w, b = dequantized(fmt, blocks), offsets(fmt, blocks)
+        segments = segment_array([BlockRows(torch.from_numpy(blocks), BLOCK_FORMATS[fmt][0])])
+        for m in (1, 2, 5):  # a row of W at a time (or the row form); panels
+            x = _activations(m, k, seed=5)
+            for exact in (True, False):
+                _check(kernels.matmul(x, segments, 19, exact, torch.float32), x, w, exact, b)
 
 
 @pytest.mark.parametrize("variant", isa.VARIANTS)

@@ -25,7 +25,8 @@
  *          operations for all LANES rows of W. The variant fixes the order of the float
  *          operations (see panel_tile); where it also has a path for 1-2 rows of x (AVX-512:
  *          row_tile, one row of W at a time; AVX2: rowform_tile, a panel whose codes are not
- *          interleaved: the integer sums are transposed instead), that path does the same
+ *          interleaved: the integer sums are transposed instead, and rowdirect_tile, the same
+ *          straight from the blocks of Q4_0 / Q5_0 / Q8_0 rows), that path does the same
  *          operations in another layout, so a row's result never depends on the batch it is in.
  *          Integer forms: VNNI: VPDPBUSD with x + 128 as the unsigned operand and -128 sum c
  *          (per group, per row of W: the panel's `corr`) as the starting sum. AVX2 and
@@ -780,13 +781,33 @@ static inline void acc_store(acc_t v, float *dst) { _mm256_storeu_ps(dst, v); }
 #define ROW_FORM 1
 #define ROW_M 2
 
+/* A row's sums of 8 products for 64 codes c0, c1 (int8: the sign form) by x's x0, x1, in
+ * VPHADDD's order: groups 0 1 4 5 | 2 3 6 7. */
+static inline __attribute__((always_inline)) __m256i sign_sums(__m256i c0, __m256i c1, __m256i x0,
+                                                               __m256i x1) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(c0), _mm256_sign_epi8(x0, c0));
+    const __m256i p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(c1), _mm256_sign_epi8(x1, c1));
+    return _mm256_hadd_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones));
+}
+
+/* after transpose8 of 8 rows' sign_sums, vector at[g] holds group g of the 8 in 64 elements */
+static const int rowform_at[8] = {0, 1, 4, 5, 2, 3, 6, 7};
+
+/* Block h (of 16 elements) of 64 in the row form: acc = fma(I_2h+1 s_2h+1 + I_2h s_2h, a, acc),
+ * g the transposed sums, s x's scales of the 8 groups. */
+static inline __attribute__((always_inline)) __m256 rowform_block(
+        const __m256i g[8], const float *s, int h, __m256 a, __m256 acc) {
+    const __m256 i0 = _mm256_cvtepi32_ps(g[rowform_at[2 * h]]);
+    const __m256 i1 = _mm256_cvtepi32_ps(g[rowform_at[2 * h + 1]]);
+    const __m256 t = _mm256_fmadd_ps(i1, _mm256_set1_ps(s[2 * h + 1]),
+                                     _mm256_mul_ps(i0, _mm256_set1_ps(s[2 * h])));
+    return _mm256_fmadd_ps(t, a, acc);
+}
+
 static inline __attribute__((always_inline)) void rowform_tile(
         const panel *P, const xprep *p, int64_t m0, int R, int offsets, acc_t *acc) {
     const int64_t K64 = p->K64, G8 = K64 / 8, G32 = K64 / 32;
-    const __m256i ones = _mm256_set1_epi16(1);
-    /* after the transpose, vector v holds group order[v] of the 8 in 64 elements (VPHADDD
-     * sums within 128-bit halves) */
-    static const int at[8] = {0, 1, 4, 5, 2, 3, 6, 7};  /* group -> vector */
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t k = 0; k < K64; k += 64) {
         __m256i g[ROW_M][8];
@@ -799,12 +820,7 @@ static inline __attribute__((always_inline)) void rowform_tile(
             const int8_t *c = P->rows + l * K64 + k;
             const __m256i c0 = _mm256_loadu_si256((const __m256i *)c);
             const __m256i c1 = _mm256_loadu_si256((const __m256i *)(c + 32));
-            const __m256i u0 = _mm256_abs_epi8(c0), u1 = _mm256_abs_epi8(c1);
-            for (int r = 0; r < R; r++) {
-                const __m256i q0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(x0[r], c0)), ones);
-                const __m256i q1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(x1[r], c1)), ones);
-                g[r][l] = _mm256_hadd_epi32(q0, q1);
-            }
+            for (int r = 0; r < R; r++) g[r][l] = sign_sums(c0, c1, x0[r], x1[r]);
         }
         for (int r = 0; r < R; r++) {
             transpose8(g[r]);
@@ -812,14 +828,100 @@ static inline __attribute__((always_inline)) void rowform_tile(
             const float *s = p->s8 + m * G8 + k / 8;
             for (int h = 0; h < 4; h++) {  /* blocks of 16: j = k / 16 + h */
                 const int64_t j = k / 16 + h;
-                const __m256 i0 = _mm256_cvtepi32_ps(g[r][at[2 * h]]);
-                const __m256 i1 = _mm256_cvtepi32_ps(g[r][at[2 * h + 1]]);
-                const __m256 t = _mm256_fmadd_ps(i1, _mm256_set1_ps(s[2 * h + 1]), _mm256_mul_ps(i0, _mm256_set1_ps(s[2 * h])));
-                acc[r] = _mm256_fmadd_ps(t, _mm256_loadu_ps(P->a + LANES * j), acc[r]);
+                acc[r] = rowform_block(g[r], s, h, _mm256_loadu_ps(P->a + LANES * j), acc[r]);
                 if (offsets && (h & 1))
                     acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(P->b + LANES * (j / 2)),
                                              _mm256_set1_ps(p->sum32[m * G32 + j / 2]), acc[r]);
             }
+        }
+    }
+}
+
+/*
+ * The row form straight from the file's blocks (Q4_0, Q5_0, Q8_0 rows of one segment, K a
+ * multiple of 128): no decoded panel. The same integer sums of 8 and, after the transpose,
+ * the same float operations as rowform_tile: the same numbers. Q4_0 and Q5_0 multiply their
+ * unsigned codes u (c = u - off, off 8 or 16) with x in VPMADDUBSW, sum 4 products in 16 bits
+ * (VPHADDW: at most 4 x 31 x 127) and take off x (x's sum per 8) away: sum c x exactly.
+ */
+#define ROW_DIRECT 1
+/* Reading 8 rows a chunk at a time defeats the hardware's prefetch (the Q8_0 LM head took 2.5x
+ * as long); each chunk prefetches its own bytes this far ahead into L2. */
+#define DIRECT_AHEAD 32768
+
+/* 64 codes of a row (two blocks at blk) as two vectors of 32; unsigned (u) but for Q8_0. */
+static inline __attribute__((always_inline)) void direct_codes(int type, const uint8_t *blk,
+                                                                __m256i *c0, __m256i *c1) {
+    if (type == GGML_Q8_0) {
+        *c0 = _mm256_loadu_si256((const __m256i *)(blk + 2));
+        *c1 = _mm256_loadu_si256((const __m256i *)(blk + 36));
+        return;
+    }
+    const int bytes = type == GGML_Q4_0 ? 18 : 22, off = type == GGML_Q4_0 ? 2 : 6;
+    const __m256i shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4), low = _mm256_set1_epi8(15);
+    for (int b = 0; b < 2; b++) {
+        const uint8_t *q = blk + b * bytes;
+        const __m128i packed = _mm_loadu_si128((const __m128i *)(q + off));
+        const __m256i both = _mm256_broadcastsi128_si256(packed);
+        __m256i u = _mm256_and_si256(_mm256_srlv_epi32(both, shift), low);
+        if (type == GGML_Q5_0) {
+            uint32_t qh;
+            memcpy(&qh, q + 2, 4);
+            u = _mm256_or_si256(u, bits_to_16s(qh));
+        }
+        *(b ? c1 : c0) = u;
+    }
+}
+
+/* Lane l: the fp16 scale at byte `at` of row l. */
+static inline __m256 direct_scales(const uint8_t *const rows[LANES], int64_t at) {
+    return _mm256_cvtph_ps(_mm_setr_epi16(
+        (short)load_u16(rows[0] + at), (short)load_u16(rows[1] + at), (short)load_u16(rows[2] + at),
+        (short)load_u16(rows[3] + at), (short)load_u16(rows[4] + at), (short)load_u16(rows[5] + at),
+        (short)load_u16(rows[6] + at), (short)load_u16(rows[7] + at)));
+}
+
+static inline __attribute__((always_inline)) void rowdirect_tile(
+        int type, const uint8_t *const rows[LANES], int64_t ahead, const xprep *p, int64_t m0,
+        int R, acc_t *acc) {
+    const int64_t K64 = p->K64, G8 = K64 / 8;
+    const int bytes = gguf_block_bytes(type);
+    const __m256i ones = _mm256_set1_epi16(1), off = _mm256_set1_epi16(type == GGML_Q4_0 ? 8 : 16);
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K64; k += 64) {
+        const int64_t blk = k / 32 * bytes;
+        __m256i g[ROW_M][8];
+        __m256i x0[ROW_M], x1[ROW_M], corr[ROW_M];
+        for (int r = 0; r < R; r++) {
+            x0[r] = _mm256_loadu_si256((const __m256i *)(p->xs + (m0 + r) * K64 + k));
+            x1[r] = _mm256_loadu_si256((const __m256i *)(p->xs + (m0 + r) * K64 + k + 32));
+            /* off x the sums of x per 8, in the order of the sums */
+            const __m256i u1 = _mm256_set1_epi8(1);
+            corr[r] = _mm256_madd_epi16(_mm256_hadd_epi16(_mm256_maddubs_epi16(u1, x0[r]),
+                                                          _mm256_maddubs_epi16(u1, x1[r])), off);
+        }
+        for (int l = 0; l < LANES; l++) {
+            if (ahead) {
+                __builtin_prefetch(rows[l] + blk + ahead, 0, 2);
+                __builtin_prefetch(rows[l] + blk + ahead + 64, 0, 2);
+            }
+            __m256i c0, c1;
+            direct_codes(type, rows[l] + blk, &c0, &c1);
+            for (int r = 0; r < R; r++) {
+                if (type == GGML_Q8_0) {
+                    g[r][l] = sign_sums(c0, c1, x0[r], x1[r]);
+                    continue;
+                }
+                const __m256i h = _mm256_hadd_epi16(_mm256_maddubs_epi16(c0, x0[r]),
+                                                    _mm256_maddubs_epi16(c1, x1[r]));
+                g[r][l] = _mm256_sub_epi32(_mm256_madd_epi16(h, ones), corr[r]);
+            }
+        }
+        const __m256 d0 = direct_scales(rows, blk), d1 = direct_scales(rows, blk + bytes);
+        for (int r = 0; r < R; r++) {
+            transpose8(g[r]);
+            const float *s = p->s8 + (m0 + r) * G8 + k / 8;
+            for (int h = 0; h < 4; h++) acc[r] = rowform_block(g[r], s, h, h < 2 ? d0 : d1, acc[r]);
         }
     }
 }
@@ -993,6 +1095,22 @@ static inline void acc_store(acc_t v, float *dst) { memcpy(dst, v.v, sizeof v.v)
     else { if (wide) panel_tile(P, p, m0, R, 0, 1, acc); else panel_tile(P, p, m0, R, 0, 0, acc); } \
     break;
 
+/* Rows m0 .. m0 + R - 1 of out[:, n0 .. n0 + count - 1] from acc (but lanes set in floats). */
+static void store_tile(const acc_t *acc, int64_t m0, int R, unsigned floats, void *out,
+                       int64_t ldo, int out_bf16, int64_t n0, int count) {
+    for (int r = 0; r < R; r++) {
+        float res[LANES];
+        acc_store(acc[r], res);
+        const int64_t m = m0 + r;
+        if (!out_bf16 && count == LANES && !floats) {
+            memcpy((float *)out + m * ldo + n0, res, sizeof res);
+            continue;
+        }
+        for (int l = 0; l < count; l++)
+            if (!(floats >> l & 1)) store_out(out, out_bf16, m * ldo + n0 + l, res[l]);
+    }
+}
+
 /* out[:, n0 .. n0 + count - 1] for every row of x, from the panel (but its float rows);
  * rowform: the panel's codes are row-major and M <= ROW_M. */
 static void panel_times_x(const panel *P, const xprep *p, int64_t M, void *out, int64_t ldo,
@@ -1024,19 +1142,54 @@ static void panel_times_x(const panel *P, const xprep *p, int64_t M, void *out, 
             PANEL_CASE(5) PANEL_CASE(6) PANEL_CASE(7) PANEL_CASE(8)
 #endif
         }
-        for (int r = 0; r < R; r++) {
-            float res[LANES];
-            acc_store(acc[r], res);
-            const int64_t m = m0 + r;
-            if (!out_bf16 && count == LANES && !P->floats) {
-                memcpy((float *)out + m * ldo + n0, res, sizeof res);
-                continue;
-            }
-            for (int l = 0; l < count; l++)
-                if (!(P->floats >> l & 1)) store_out(out, out_bf16, m * ldo + n0 + l, res[l]);
-        }
+        store_tile(acc, m0, R, P->floats, out, ldo, out_bf16, n0, count);
     }
 }
+
+#if defined(ROW_DIRECT)
+/* The rows n0 .. n0 + count - 1 where they are rows of one segment in a format that
+ * rowdirect_tile reads and K is a multiple of 128: their addresses (absent lanes repeat the
+ * first row) and the format; else -1. *seg, *first: the segment cursor (as in the driver). */
+static int direct_rows(const heron_gguf_segment *segs, int64_t *seg, int64_t *first, int64_t n0,
+                       int count, int64_t K, const uint8_t *rows[LANES]) {
+    if (K % 128) return -1;
+    while (n0 < *first) *first -= segs[--*seg].rows;
+    while (n0 >= *first + segs[*seg].rows) *first += segs[(*seg)++].rows;
+    const heron_gguf_segment *s = &segs[*seg];
+    const int type = (int)s->type;
+    if (type != GGML_Q4_0 && type != GGML_Q5_0 && type != GGML_Q8_0) return -1;
+    if (n0 + count > *first + s->rows) return -1;
+    for (int l = 0; l < LANES; l++) {
+        const int64_t row = n0 - *first + (l < count ? l : 0);
+        rows[l] = s->data + (s->row_ids ? s->row_ids[row] : row) * s->row_bytes;
+    }
+    return type;
+}
+
+/* The row form's prefetch distance in bytes for a panel from row `row` of segment s: 0 where
+ * the rows are not in file order or the distance runs past the segment's end. */
+static inline int64_t direct_ahead(const heron_gguf_segment *s, int64_t row) {
+    const int64_t end = (row + LANES) * s->row_bytes + DIRECT_AHEAD;
+    return s->row_ids || end > s->rows * s->row_bytes ? 0 : DIRECT_AHEAD;
+}
+
+#define DIRECT_CASE(T) case T: \
+    if (M == 1) rowdirect_tile(T, rows, ahead, p, 0, 1, acc); \
+    else rowdirect_tile(T, rows, ahead, p, 0, 2, acc); \
+    break;
+
+/* out[:, n0 .. n0 + count - 1] for M <= ROW_M rows of x from the rows' blocks of format type. */
+static void direct_times_x(int type, const uint8_t *const rows[LANES], int64_t ahead,
+                           const xprep *p, int64_t M, void *out, int64_t ldo, int out_bf16,
+                           int64_t n0, int count) {
+    acc_t acc[ROW_M];
+    switch (type) {
+        DIRECT_CASE(GGML_Q4_0) DIRECT_CASE(GGML_Q5_0) DIRECT_CASE(GGML_Q8_0)
+        default: return;
+    }
+    store_tile(acc, 0, (int)M, 0, out, ldo, out_bf16, n0, count);
+}
+#endif
 
 #if defined(ROW_PATH)
 #define ROW_CASE(T, R) case R: row_tile(T, row, w, p, 0, R, (T) == -1, res); break;
@@ -1192,6 +1345,15 @@ static int matmul_int8(const xprep *p, int64_t M, int64_t K, const heron_gguf_se
             if (failed) continue;
             const int64_t n0 = i * LANES;
             const int count = N - n0 < LANES ? (int)(N - n0) : LANES;
+#if defined(ROW_DIRECT)
+            const uint8_t *rows[LANES];
+            const int type = rowform ? direct_rows(segs, &seg, &first, n0, count, K, rows) : -1;
+            if (type >= 0) {
+                direct_times_x(type, rows, direct_ahead(&segs[seg], n0 - first), p, M, out, ldo,
+                               out_bf16, n0, count);
+                continue;
+            }
+#endif
             panel_decode(segs, &seg, &first, n0, count, K, M, !rowform, &P);
             panel_times_x(&P, p, M, out, ldo, out_bf16, n0, count, rowform);
             for (int l = 0; l < count; l++) {
