@@ -37,10 +37,12 @@ def test_liveness_from_heartbeats() -> None:
 
 
 class _Process:
+    """A running core process, as ``subprocess.Popen`` shows one."""
+
     pid = 12345
 
-    def is_alive(self) -> bool:
-        return True
+    def poll(self) -> int | None:
+        return None
 
 
 class _Socket:

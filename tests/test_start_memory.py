@@ -64,6 +64,9 @@ def test_first_start_api_process_stays_light(tiny_gguf: Path, tmp_path: Path) ->
                                                     prompt="w1 w2", max_tokens=2, temperature=0)
         assert answer.usage is not None and answer.usage.completion_tokens == 2
         api_pid, engine_pid = server.proc.pid, server.engine_pid()
+        # two processes: multiprocessing's resource tracker (13 MiB) is not started any more
+        assert {pid: procmem.process_label(pid, api_pid) for pid in procmem.tree_pids(api_pid)
+                } == {api_pid: "server", engine_pid: "engine core"}
         assert _maps_torch(engine_pid)  # the check itself sees torch where it is loaded
         assert not _maps_torch(api_pid)
         # the tokenizer's thread shares one arena with the others (heron.heap.limit_arenas):

@@ -86,7 +86,7 @@ def tree_rss(root: int) -> int:
 
 def process_label(pid: int, root: int) -> str:
     """What a process of the tree is: "server" (the root: heron's API process, llama-server),
-    "engine core" (a multiprocessing child: heron's engine), "resource tracker", "grammar
+    "engine core" (heron's engine), "resource tracker" (multiprocessing's), "grammar
     encoder" (heron's forced-text tokenizer), else the program's name (cc1, as: heron compiling
     its kernels)."""
     try:
@@ -96,7 +96,7 @@ def process_label(pid: int, root: int) -> str:
     text = b" ".join(argv)
     if pid == root:
         return "server"
-    if b"spawn_main" in text:
+    if b"heron-engine-core" in text or b"spawn_main" in text:  # spawn_main: heron before 12-06
         return "engine core"
     if b"resource_tracker" in text:
         return "resource tracker"
