@@ -23,6 +23,7 @@ import json
 import subprocess
 import sys
 import threading
+import weakref
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -39,6 +40,7 @@ class EncoderProcess:
     def __init__(self, tokenizer_json: Path) -> None:
         self.tokenizer_json = tokenizer_json
         self._process: subprocess.Popen[str] | None = None
+        self._stopper: weakref.finalize | None = None  # stops the child if this object goes
         self._lock = threading.Lock()
 
     @property
@@ -59,9 +61,9 @@ class EncoderProcess:
 
     def close(self) -> None:
         with self._lock:
-            process, self._process = self._process, None
-        if process is not None:
-            _stop(process)
+            stopper, self._process, self._stopper = self._stopper, None, None
+        if stopper is not None:
+            stopper()  # _stop(process), once
 
     def _start(self) -> None:
         if self._process is not None:
@@ -70,11 +72,12 @@ class EncoderProcess:
         self._process = subprocess.Popen(
             [sys.executable, *isolated, str(Path(__file__).resolve()), str(self.tokenizer_json)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, encoding="utf-8")
+        self._stopper = weakref.finalize(self, _stop, self._process)  # also at exit
         try:
             self._read(self._pipes()[1])  # the ready line, once the tokenizer is loaded
         except RuntimeError:
-            _stop(self._process)
-            self._process = None
+            self._stopper()
+            self._process = self._stopper = None
             raise
 
     def _pipes(self) -> tuple[IO[str], IO[str]]:
