@@ -322,7 +322,7 @@ static inline void store_out(void *out, int out_bf16, int64_t index, float v) {
 #define LANES 8
 #define MTILE 3
 #define WIDENED 0
-#define PREFETCH_NEXT 1  /* panels (not the row form): a multiply long enough to wait on DRAM */
+#define PREFETCH_NEXT 1  /* decoded panels (the row form too: Q4_K / Q6_K rows) */
 #else
 #define LANES 16
 #define MTILE 4
@@ -524,7 +524,7 @@ static void panel_decode(const heron_gguf_segment *segs, int64_t *seg, int64_t *
         else memset(b, 0, sizeof(float) * (size_t)P->B32);
         if (type == GGML_Q8_0) P->wide = 1;
         decode_row(type, data, K, c, a, b);
-        if (PREFETCH_NEXT && codes) prefetch_next(&segs[*seg], data, n0 + l - *first);
+        if (PREFETCH_NEXT) prefetch_next(&segs[*seg], data, n0 + l - *first);
     }
     panel_interleave(P, codes);
 }
