@@ -320,7 +320,7 @@ static inline void store_out(void *out, int out_bf16, int64_t index, float v) {
 #define ROW_PREFETCH 4
 #elif defined(__AVX2__)
 #define LANES 8
-#define MTILE 3
+#define MTILE 4
 #define WIDENED 0
 #define PREFETCH_NEXT 1  /* decoded panels (the row form too: Q4_K / Q6_K rows) */
 #else
