@@ -18,6 +18,7 @@ from heron.config import (
     DEVICES,
     DP_BACKENDS,
     DTYPES,
+    GGUF_MEMORY,
     GRAMMAR_INDEX,
     LOAD_FORMATS,
     QUANTIZATIONS,
@@ -27,6 +28,7 @@ from heron.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    gguf_memory_for,
     parse_size,
 )
 from heron.pooling_params import POOLING_TYPES
@@ -278,6 +280,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "pauses running streams meanwhile (default: %(default)s)",
     )
     g.add_argument(
+        "--gguf-memory",
+        default="auto",
+        choices=GGUF_MEMORY,
+        help="where a GGUF file's blocks live: copy = read once into memory on 2 MiB pages "
+        "(fewer TLB misses: a faster decode step), mapped = the file's pages (the OS page "
+        "cache's, shared between processes); auto = copy where Linux has transparent huge "
+        "pages and there is one engine (-dp 1), else mapped (default: %(default)s)",
+    )
+    g.add_argument(
         "--dtype",
         default="auto",
         choices=DTYPES,
@@ -363,6 +374,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         chat_template=args.chat_template,
         quantization=args.quantization,
         grammar_index=getattr(args, "grammar_index", "start"),
+        gguf_memory=gguf_memory_for(args.gguf_memory, getattr(args, "data_parallel_size", 1)),
     )
     cache = CacheConfig(
         block_size=args.block_size,

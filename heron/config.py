@@ -10,6 +10,7 @@ DEVICES = ("auto", "cpu", "cuda")
 LOAD_FORMATS = ("auto", "dummy")
 QUANTIZATIONS = ("auto", "gguf", "none", "int8", "int4")
 GRAMMAR_INDEX = ("start", "first-use")
+GGUF_MEMORY = ("auto", "mapped", "copy")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -46,8 +47,16 @@ class ModelConfig:
     # the GIL): "start", before it reports ready; "first-use", on the first constrained request
     # (a faster start, but running streams pause while it is built).
     grammar_index: str = "start"
+    # Where a GGUF file's blocks live when they are the weights: "mapped", the file's pages (the
+    # OS page cache's, shared by every process that maps the file); "copy", read once into this
+    # process's memory on 2 MiB pages (fewer TLB misses: faster decode); "auto", copy where
+    # Linux has transparent huge pages, else mapped.
+    gguf_memory: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.gguf_memory not in GGUF_MEMORY:
+            raise ValueError(f"gguf_memory must be one of {', '.join(GGUF_MEMORY)}, "
+                             f"got {self.gguf_memory!r}")
         if self.grammar_index not in GRAMMAR_INDEX:
             raise ValueError(f"grammar_index must be one of {', '.join(GRAMMAR_INDEX)}, "
                              f"got {self.grammar_index!r}")
@@ -62,6 +71,13 @@ class ModelConfig:
                              f"got {self.quantization!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+
+
+def gguf_memory_for(mode: str, data_parallel_size: int) -> str:
+    """``mode`` for each engine of a server: ``auto`` maps the file when there are several
+    engines (on one machine, each copy would hold the weights again; mapped, they share the
+    page cache)."""
+    return "mapped" if mode == "auto" and data_parallel_size > 1 else mode
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import mmap
+import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +72,33 @@ def _mallopt() -> Callable[[int, int], int] | None:
         return None
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return mallopt
+
+
+HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+_THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def transparent_huge_pages() -> bool:
+    """Whether Linux gives this process 2 MiB pages where it asks (``always`` or ``madvise``)."""
+    try:
+        return re.search(r"\[(always|madvise)\]", _THP_SETTING.read_text()) is not None
+    except OSError:
+        return False
+
+
+def anonymous_huge(nbytes: int) -> np.ndarray:
+    """``nbytes`` of zeroed anonymous memory starting on a 2 MiB boundary, which Linux is asked
+    to back with huge pages (one TLB entry per 2 MiB instead of per 4 KiB); the array keeps its
+    mapping alive. Pages are taken as they are first written."""
+    mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    whole = np.frombuffer(mapping, dtype=np.uint8)
+    start = -whole.ctypes.data % HUGE_PAGE
+    region = whole[start:start + nbytes]
+    madvise = _madvise()
+    if madvise is not None and nbytes:
+        madvise(region.ctypes.data, -(-nbytes // HUGE_PAGE) * HUGE_PAGE, _MADV_HUGEPAGE)
+    return region
 
 
 def no_huge_pages(address: int, nbytes: int) -> bool:

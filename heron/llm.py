@@ -20,6 +20,7 @@ from heron.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    gguf_memory_for,
     parse_size,
 )
 from heron.engine.core import EngineCore
@@ -52,7 +53,7 @@ class LLM:
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None,
                  dtype: str = "auto", device: str = "auto", max_model_len: int | None = None,
                  seed: int = 0, load_format: str = "auto", chat_template: str | None = None,
-                 quantization: str = "auto",
+                 quantization: str = "auto", gguf_memory: str = "auto",
                  block_size: int = 16, kv_cache_memory: str | int | None = None,
                  gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
                  num_gpu_blocks_override: int | None = None, max_num_seqs: int = 64,
@@ -63,7 +64,8 @@ class LLM:
         self.model_config = ModelConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, device=device,
             max_model_len=max_model_len, seed=seed, load_format=load_format,
-            chat_template=chat_template, quantization=quantization)
+            chat_template=chat_template, quantization=quantization,
+            gguf_memory=gguf_memory_for(gguf_memory, data_parallel_size))
         config = EngineConfig(
             model=self.model_config,
             cache=CacheConfig(block_size=block_size,

@@ -9,9 +9,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from heron.heap import limit_arenas, release_free_heap
+from heron import heap
+from heron.heap import (
+    HUGE_PAGE,
+    anonymous_huge,
+    limit_arenas,
+    release_free_heap,
+    transparent_huge_pages,
+)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="malloc_trim is glibc's (Linux)")
@@ -43,6 +51,11 @@ def test_freed_heap_below_a_live_block_is_returned() -> None:
 
 def _vm_flags(address: int) -> list[str]:
     """The VmFlags of the mapping that holds ``address`` (/proc/self/smaps)."""
+    return _smaps_field(address, "VmFlags:")
+
+
+def _smaps_field(address: int, field: str) -> list[str]:
+    """A field of the mapping that holds ``address`` (/proc/self/smaps), split."""
     inside = False
     with open("/proc/self/smaps") as smaps:
         for line in smaps:
@@ -50,7 +63,7 @@ def _vm_flags(address: int) -> list[str]:
             if "-" in head and not head.endswith(":"):
                 low, high = (int(x, 16) for x in head.split("-"))
                 inside = low <= address < high
-            elif inside and head == "VmFlags:":
+            elif inside and head == field:
                 return line.split()[1:]
     raise AssertionError(f"no mapping holds {address:#x}")
 
@@ -70,6 +83,35 @@ def test_kv_pool_pages_are_small() -> None:
     flags = _vm_flags(pool.data_ptr() + inside)
     assert "nh" in flags and "hg" not in flags, flags
     assert float(pool.float().sum()) == 16 * 256  # still zeros elsewhere
+
+
+def test_anonymous_huge_memory_starts_on_a_huge_page_and_asks_for_them() -> None:
+    """Where ``--gguf-memory copy`` puts a GGUF file's blocks: 2 MiB-aligned, advised "hg"."""
+    region = anonymous_huge(8 * HUGE_PAGE + 4096)
+    assert region.ctypes.data % HUGE_PAGE == 0 and region.nbytes == 8 * HUGE_PAGE + 4096
+    assert "hg" in _vm_flags(region.ctypes.data) and int(region.sum()) == 0  # zeroed
+    region[:] = 3
+    assert int(region.sum(dtype=np.uint64)) == 3 * region.nbytes
+
+
+@pytest.mark.skipif(not transparent_huge_pages(),
+                    reason="this kernel's transparent huge pages are off ([never])")
+def test_anonymous_huge_memory_is_backed_by_huge_pages() -> None:
+    region = anonymous_huge(16 * HUGE_PAGE)
+    region[:] = 1  # first writes take the pages
+    assert int(_smaps_field(region.ctypes.data, "AnonHugePages:")[0]) >= 2048  # kB
+
+
+def test_transparent_huge_pages_reads_the_kernels_setting(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    setting = tmp_path / "enabled"
+    monkeypatch.setattr(heap, "_THP_SETTING", setting)
+    for text, expected in (("always [madvise] never\n", True), ("[always] madvise never\n", True),
+                           ("always madvise [never]\n", False)):
+        setting.write_text(text)
+        assert transparent_huge_pages() is expected, text
+    setting.unlink()
+    assert transparent_huge_pages() is False  # not Linux, or no such file
 
 
 _ARENAS = """

@@ -59,7 +59,7 @@ def _start(path: Path, caplog: pytest.LogCaptureFixture, **kwargs: object) -> tu
 def test_start_up_line_names_weights_kv_cache_and_overhead(tiny_file: Path, caplog,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HERON_CACHE_DIR", str(tiny_file.parent / "cache"))
-    llm, line = _start(tiny_file, caplog, kv_cache_memory="3MiB")
+    llm, line = _start(tiny_file, caplog, kv_cache_memory="3MiB", gguf_memory="mapped")
     weights = memory.weight_bytes(llm.engine.model)
     assert weights.mapped > 0.9 * tiny_file.stat().st_size  # the file's blocks, not copies
     assert weights.in_ram < 0.1 * tiny_file.stat().st_size
@@ -71,6 +71,36 @@ def test_start_up_line_names_weights_kv_cache_and_overhead(tiny_file: Path, capl
     llm, line = _start(tiny_file, caplog, max_num_seqs=4)  # default: what 4 sequences need
     assert "auto: all that max_num_seqs full-length sequences need" in line
     assert llm.engine.info.num_kv_blocks * 16 >= 4 * 256
+
+
+def test_gguf_memory_copy_holds_the_same_blocks_in_ram(tiny_file: Path, caplog,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--gguf-memory copy``: the file's blocks read into memory, counted as such, and the
+    model computes the same numbers as from the mapped file."""
+    from heron import SamplingParams
+
+    monkeypatch.setenv("HERON_CACHE_DIR", str(tiny_file.parent / "cache"))
+    mapped, _ = _start(tiny_file, caplog, kv_cache_memory="3MiB", gguf_memory="mapped")
+    copied, line = _start(tiny_file, caplog, kv_cache_memory="3MiB", gguf_memory="copy")
+    weights = memory.weight_bytes(copied.engine.model)
+    assert weights.mapped == 0 and weights.in_ram > 0.9 * tiny_file.stat().st_size
+    assert "(0 MiB mapped from the model file" in line
+    params = SamplingParams(max_tokens=8, temperature=0, logprobs=3, ignore_eos=True)
+    prompts = [{"prompt_token_ids": [5, 17, 99, 3, 250]}, {"prompt_token_ids": [7] * 20}]
+    a, b = (llm.generate(prompts, params, use_tqdm=False) for llm in (mapped, copied))
+    for x, y in zip(a, b):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        assert [{t: p.logprob for t, p in d.items()} for d in x.outputs[0].logprobs] == \
+            [{t: p.logprob for t, p in d.items()} for d in y.outputs[0].logprobs]
+
+
+def test_gguf_memory_auto_maps_the_file_for_several_engines() -> None:
+    from heron.config import ModelConfig, gguf_memory_for
+
+    assert gguf_memory_for("auto", 1) == "auto" and gguf_memory_for("auto", 2) == "mapped"
+    assert gguf_memory_for("copy", 4) == "copy"
+    with pytest.raises(ValueError, match="gguf_memory must be one of auto, mapped, copy"):
+        ModelConfig(gguf_memory="huge")
 
 
 def test_auto_dtype_never_pairs_float32_with_a_slow_path(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,8 +5,9 @@ At start the engine logs one line::
     memory: weights 253 MiB (250 MiB mapped from the model file, 3 MiB in RAM), KV cache
     1.0 GiB = 58,254 tokens (auto: 20% of 5.1 GiB available, at most 2 GiB), overhead 412 MiB
 
-- weights: every tensor the model holds; a GGUF file's blocks are mapped, not copied (their
-  pages are the OS page cache's, shared, and read in as they are used);
+- weights: every tensor the model holds; a GGUF file's blocks are either mapped (their pages
+  are the OS page cache's, shared, and read in as they are used) or read once into memory on
+  huge pages (``--gguf-memory``), never converted;
 - KV cache: the pool ``--kv-cache-memory`` sets; by default a share of the RAM still available
   once the weights are loaded, capped, and never more than ``max_num_seqs`` full-length
   sequences need. Its pages are taken on first use (see ``runner._zeros``);
@@ -56,7 +57,7 @@ def weight_bytes(model: nn.Module) -> WeightBytes:
         if quantized is None or id(quantized) in seen:
             continue
         seen.add(id(quantized))
-        if isinstance(quantized, GGUFWeight):
+        if isinstance(quantized, GGUFWeight) and quantized.mapped:
             mapped += quantized.nbytes
         else:
             in_ram += quantized.nbytes

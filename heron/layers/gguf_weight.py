@@ -31,8 +31,9 @@ class GGUFWeight(QuantizedWeight):
     """An [N, K] weight as GGUF rows of blocks, N = the parts' rows stacked."""
 
     def __init__(self, parts: Sequence[BlockRows], in_features: int, exact: bool,
-                 kernels: GGUFKernels | None = None) -> None:
+                 kernels: GGUFKernels | None = None, mapped: bool = True) -> None:
         self.parts = tuple(parts)
+        self.mapped = mapped  # the parts are views of the mapped file (else a copy in memory)
         self.in_features = in_features
         self.out_features = sum(part.rows for part in self.parts)
         self.exact = exact

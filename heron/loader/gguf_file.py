@@ -41,6 +41,7 @@ _ARRAY_HEADER = struct.Struct("<IQ")  # element type, count
 _SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q",
                    11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
+_READ_BYTES = 64 << 20  # a read into memory (--gguf-memory copy) at a time
 _CHUNK_ELEMENTS = 1 << 18  # elements dequantized per step: float32 temporaries stay in cache
 
 
@@ -93,14 +94,34 @@ class GGUFFile:
         cache's, shared by every process that maps the file)."""
         return np.memmap(self.path, dtype=np.uint8, mode="c")
 
-    def block_rows(self, info: TensorInfo) -> torch.Tensor:
+    @cached_property
+    def _in_memory(self) -> tuple[np.ndarray, int]:
+        """(the file's tensor data read into anonymous memory on 2 MiB pages, its offset in the
+        file): read once, the only copy this process holds."""
+        from heron.heap import anonymous_huge
+
+        start = min((t.offset for t in self.tensors), default=0)
+        data = anonymous_huge(self.path.stat().st_size - start)
+        with self.path.open("rb") as handle:
+            handle.seek(start)
+            view, done = memoryview(data), 0
+            while done < len(data):
+                read = handle.readinto(view[done:done + _READ_BYTES])
+                if not read:
+                    raise OSError(f"{self.path}: the file ended {len(data) - done} bytes early")
+                done += read
+        return data, start
+
+    def block_rows(self, info: TensorInfo, in_memory: bool = False) -> torch.Tensor:
         """The tensor's stored rows as they lie in the file: [rows, row bytes] uint8, a view of
-        the mapped file (no copy; it keeps the mapping alive)."""
+        the mapped file (no copy; it keeps the mapping alive), or with ``in_memory`` of the
+        file's tensor data read into memory on huge pages (the same bytes)."""
         import torch
 
         row_elements = info.shape[-1] if info.shape else 1
         block_size, type_size = gguf.GGML_QUANT_SIZES[info.ggml_type]
-        raw = self._mapped[info.offset:info.offset + info.nbytes]
+        source, base = self._in_memory if in_memory else (self._mapped, 0)
+        raw = source[info.offset - base:info.offset - base + info.nbytes]
         return torch.from_numpy(raw.reshape(-1, row_elements // block_size * type_size))
 
     def dequantized(self, info: TensorInfo, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Loading a GGUF model with its quantized tensors kept as the file's blocks: the only copy.
 
 Every projection, embedding and LM head whose checkpoint tensors include a quantized one gets
-a ``GGUFWeight`` over views of the memory-mapped file (its float ``weight`` becomes a meta
-tensor: no memory); a fused module (q/k/v, gate/up) gets one part per tensor, whatever their
+a ``GGUFWeight`` over views of the file's blocks, memory-mapped or read once into memory on
+huge pages (``--gguf-memory``; its float ``weight`` becomes a meta tensor: no memory); a fused module (q/k/v, gate/up) gets one part per tensor, whatever their
 formats (a float part is read as its F32/F16/BF16 rows). llama.cpp's q/k row permutation is
 undone by reading the rows in another order (``BlockRows.row_ids``), not by moving them. A
 tied LM head multiplies with its embedding's ``GGUFWeight``. Everything else (norms, biases,
@@ -48,9 +48,11 @@ class _Tensor:
 
 
 def load_gguf_native(model: nn.Module, gguf_model: GGUFModel, checkpoint_names: list[str],
-                     dtype: torch.dtype, exact: bool, kernels: GGUFKernels) -> int:
-    """Fill ``model`` (built in ``dtype``) from the file, quantized tensors as blocks; returns
-    the bytes of the file that ``GGUFWeight``s read in place."""
+                     dtype: torch.dtype, exact: bool, kernels: GGUFKernels,
+                     in_memory: bool = False) -> int:
+    """Fill ``model`` (built in ``dtype``) from the file, quantized tensors as blocks (mapped,
+    or ``in_memory``: read into memory on huge pages, see ``GGUFFile.block_rows``); returns the
+    bytes of the file that ``GGUFWeight``s read."""
     file = gguf_model.file
     config = fix_config(file)
     mapping = gguf_to_hf_names(file, checkpoint_names, int(config["num_hidden_layers"]))
@@ -64,8 +66,9 @@ def load_gguf_native(model: nn.Module, gguf_model: GGUFModel, checkpoint_names: 
             unread |= {t.info.ggml_type.name for t in tensors
                        if int(t.info.ggml_type) not in _BLOCK_TYPES | _FLOAT_TYPES}
             continue
-        parts = [_block_rows(gguf_model, t.info, config) for t in sorted(tensors, key=_shard_order)]
-        weight = GGUFWeight(parts, module.weight.shape[1], exact, kernels)
+        parts = [_block_rows(gguf_model, t.info, config, in_memory)
+                 for t in sorted(tensors, key=_shard_order)]
+        weight = GGUFWeight(parts, module.weight.shape[1], exact, kernels, mapped=not in_memory)
         _check_rows(module_name, module, weight)
         tied = [head for head in model.modules()
                 if isinstance(head, LMHead) and head.weight is module.weight]
@@ -77,8 +80,10 @@ def load_gguf_native(model: nn.Module, gguf_model: GGUFModel, checkpoint_names: 
         native_names |= {t.hf_name for t in tensors}
     rest = [name for name in mapping.values() if name not in native_names]
     load_weights(model, gguf_model.weights(rest, dtype), provided=provided)
-    logger.info("GGUF blocks kept as weights: %d modules, %.0f MiB of the file mapped (%s mode)",
-                len(provided), mapped / 2**20, "exact float32" if exact else "int8 activations")
+    logger.info("GGUF blocks kept as weights: %d modules, %.0f MiB of the file %s (%s mode)",
+                len(provided), mapped / 2**20,
+                "read into memory on 2 MiB pages" if in_memory else "mapped",
+                "exact float32" if exact else "int8 activations")
     if unread:
         logger.warning("GGUF tensors of type %s are dequantized to %s (heron's kernels read %s)",
                        ", ".join(sorted(unread)), dtype, ", ".join(BLOCK_FORMATS))
@@ -120,9 +125,10 @@ def _shard_order(tensor: _Tensor) -> int:
     return 0 if tensor.shard is None else tensor.shard
 
 
-def _block_rows(gguf_model: GGUFModel, info: TensorInfo, config: dict) -> BlockRows:
+def _block_rows(gguf_model: GGUFModel, info: TensorInfo, config: dict,
+                in_memory: bool) -> BlockRows:
     """The tensor's rows in the file; llama.cpp's row permutations undone by ``row_ids``."""
-    data = gguf_model.file.block_rows(info)
+    data = gguf_model.file.block_rows(info, in_memory)
     if fixes_values(gguf_model.file, info.name):
         raise ValueError(f"{info.name}: a value fix cannot be applied to blocks")
     ids = torch.arange(data.shape[0])
