@@ -108,8 +108,46 @@ int heron_act_and_mul(const uint16_t *x, int64_t x_stride, int64_t rows, int64_t
     return 0;
 }
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+
+/* argmax_row's answer in two vector passes (the scalar loop's early exit on NaN keeps the
+ * compiler from vectorizing it): the maximum and whether a NaN is there, then where the first
+ * NaN or the first maximum is. */
+static int64_t argmax_row_avx2(const float *row, int64_t cols) {
+    __m256 vmax = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= cols; i += 8) {
+        const __m256 v = _mm256_loadu_ps(row + i);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        vmax = _mm256_max_ps(vmax, v);
+    }
+    float lanes[8], best = -INFINITY;
+    _mm256_storeu_ps(lanes, vmax);
+    for (int j = 0; j < 8; j++) best = lanes[j] > best ? lanes[j] : best;
+    int any_nan = _mm256_movemask_ps(nan) != 0;
+    for (int64_t k = i; k < cols; k++) {
+        any_nan |= row[k] != row[k];
+        best = row[k] > best ? row[k] : best;
+    }
+    const __m256 target = _mm256_set1_ps(best);
+    for (i = 0; i + 8 <= cols; i += 8) {
+        const __m256 v = _mm256_loadu_ps(row + i);
+        const int hit = _mm256_movemask_ps(any_nan ? _mm256_cmp_ps(v, v, _CMP_UNORD_Q)
+                                                   : _mm256_cmp_ps(v, target, _CMP_EQ_OQ));
+        if (hit) return i + __builtin_ctz((unsigned)hit);
+    }
+    for (; i < cols; i++)
+        if (any_nan ? row[i] != row[i] : row[i] == best) return i;
+    return 0;
+}
+#endif
+
 /* The first index of the row's maximum (the first NaN where there is one). */
 static int64_t argmax_row(const float *row, int64_t cols) {
+#if defined(__AVX2__)
+    return argmax_row_avx2(row, cols);
+#else
     float best = -INFINITY;
     for (int64_t i = 0; i < cols; i++) {
         if (row[i] != row[i]) return i;
@@ -118,6 +156,7 @@ static int64_t argmax_row(const float *row, int64_t cols) {
     for (int64_t i = 0; i < cols; i++)
         if (row[i] == best) return i;
     return 0;
+#endif
 }
 
 int heron_argmax_rows(const float *x, int64_t stride, int64_t rows, int64_t cols, int64_t *out) {
