@@ -5,6 +5,7 @@ the batch, budget, cache state or preemption; outputs, stops, seeds, n and logpr
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,6 +193,43 @@ from heron.kernels.cpu.isa import kernel_cache_dir
 LLM(sys.argv[1], dtype="float32", skip_tokenizer_init=True)
 print(sorted(p.name.split("-")[0] for p in kernel_cache_dir().glob("*.so")))
 """
+
+
+_KERNELS_BEFORE_COPY = """
+import functools, sys
+from heron import LLM
+from heron.kernels.cpu.isa import kernel_cache_dir
+from heron.loader import gguf_file
+real, seen = gguf_file.GGUFFile._in_memory.func, []
+def spy(self):
+    seen.append(sorted(p.name.split("-")[0] for p in kernel_cache_dir().glob("*.so")))
+    return real(self)
+prop = functools.cached_property(spy)
+prop.__set_name__(gguf_file.GGUFFile, "_in_memory")
+gguf_file.GGUFFile._in_memory = prop
+LLM(sys.argv[1], dtype="bfloat16", skip_tokenizer_init=True, gguf_memory="copy")
+print(seen)
+"""
+
+
+def test_a_first_start_compiles_before_it_reads_the_blocks_into_memory(tmp_path: Path) -> None:
+    """--gguf-memory copy: the engine's kernels are compiled before the file's blocks are read
+    into memory, so the compiler's memory does not add to theirs in the first start's peak."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_gguf_native import _hf_model, write_gguf
+
+    path = tmp_path / "tiny-llama.gguf"
+    write_gguf(path, "llama", _hf_model("llama"))
+    env = {**os.environ, "HERON_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("HERON_CPU_KERNELS", None)
+    done = subprocess.run([sys.executable, "-c", _KERNELS_BEFORE_COPY, str(path)], env=env,
+                          capture_output=True, text=True, timeout=600, check=True)
+    seen = done.stdout.splitlines()[-1]
+    assert all(name in seen for name in ("fused_decode", "elementwise", "paged_attention",
+                                         "gguf_matmul")), done.stdout + done.stderr
 
 
 def test_the_sampler_kernels_are_built_before_the_first_step(llama_dir: object,

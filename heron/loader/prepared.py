@@ -41,7 +41,7 @@ from torch import nn
 from heron.cache import atomic_write
 from heron.config import ModelConfig
 from heron.heap import transparent_huge_pages
-from heron.kernels.cpu import cpu_flags, has_native_bf16, q8_gemm
+from heron.kernels.cpu import cpu_flags, has_native_bf16, load_engine_kernels, q8_gemm
 from heron.kernels.cpu.gguf import gguf_kernels
 from heron.kernels.cpu.isa import selected_variant
 from heron.layers.linear import Linear, LMHead, keep_float32_weights
@@ -160,6 +160,8 @@ def _load_native(model_config: ModelConfig, source: ModelSource, device: torch.d
     exact = model_config.dtype == "float32"  # asked for: float32 activations, exact products
     in_memory = model_config.gguf_memory == "copy" or (
         model_config.gguf_memory == "auto" and transparent_huge_pages())
+    if in_memory:
+        load_engine_kernels()  # compiled before the blocks take memory (a first start's peak)
     mapped = load_gguf_native(loaded.model, source.gguf, checkpoint_names(loaded.model), dtype,
                               exact, kernels, in_memory)
     return loaded, mapped

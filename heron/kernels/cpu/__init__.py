@@ -72,6 +72,15 @@ def q8_gemm(variant: str) -> Q8Gemm | None:
     return q8
 
 
+def load_engine_kernels() -> None:
+    """Load (on a first start: compile) the libraries a CPU engine steps with: a model loader
+    calls it before it reads weights into memory, so that the compiler's memory (~160 MiB for
+    the fused decode step) and the weights' do not add up in the first start's peak."""
+    fused_decode()
+    elementwise()
+    paged_decode_attention()
+
+
 @per_variant
 def fused_decode(variant: str) -> Callable[..., int] | None:
     """``fn(model, batch)``: a whole decode step of a decoder stack (see fused_decode.c and
