@@ -104,7 +104,7 @@ class GGUFFile:
         data = anonymous_huge(self.path.stat().st_size - start)
         with self.path.open("rb") as handle:
             handle.seek(start)
-            view, done = memoryview(data), 0
+            view, done = data.data, 0  # the array's buffer
             while done < len(data):
                 read = handle.readinto(view[done:done + _READ_BYTES])
                 if not read:
