@@ -58,11 +58,14 @@ def tokenizer_json(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
     return directory / "tokenizer.json"
 
 
-def test_saved_token_bytes_are_those_of_the_saved_tokenizer(tokenizer_json: Path) -> None:
-    saved = read_token_bytes(tokenizer_json.parent)
-    if saved is None:
-        pytest.skip("this variant has no token bytes file: its index parses tokenizer.json")
-    assert saved == token_bytes(Tokenizer.from_file(str(tokenizer_json)))
+@pytest.mark.parametrize("vocab", ["llama-spm", "qwen2"])
+def test_saved_token_bytes_are_those_of_the_saved_tokenizer(vocab: str, tmp_path: Path) -> None:
+    built = build_gguf_tokenizer(GGUFFile.read(DATA / f"ggml-vocab-{vocab}.gguf"))
+    assert built is not None
+    save_tokenizer(built, tmp_path)
+    saved = read_token_bytes(tmp_path)
+    assert saved is not None
+    assert saved == token_bytes(Tokenizer.from_file(str(tmp_path / "tokenizer.json")))
 
 
 def _indexes(path: Path) -> tuple[llguidance.LLTokenizer, llguidance.LLTokenizer, list[int]]:
