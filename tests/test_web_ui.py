@@ -31,6 +31,8 @@ SCREENSHOT = REPO_ROOT / "docs" / "chat-page.png"  # written when HERON_UPDATE_S
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run",
+    "--disable-renderer-backgrounding", "--disable-background-timer-throttling",
+    "--disable-backgrounding-occluded-windows",
 ]
 HTML_ANSWER = "<img src=x onerror=alert(1)>"
 MARKDOWN_ANSWER = "**bold** <script>alert(2)</script> [x](javascript:alert(3)) `<b>code</b>`"
@@ -161,7 +163,8 @@ def test_page_asks_for_the_api_key(browser: Any, server: RemoteServer, model_dir
 
 
 def test_answer_streams_into_the_view(page: Any, server: RemoteServer, model_dir: Path) -> None:
-    set_settings(page, temperature="0", max_tokens="80", system="")
+    # long enough to span many frames: the tiny model writes 80 tokens in a few of them
+    set_settings(page, temperature="0", max_tokens="320", system="")
     page.evaluate("""() => {
         window.lengths = [];
         new MutationObserver(() => {
@@ -174,7 +177,7 @@ def test_answer_streams_into_the_view(page: Any, server: RemoteServer, model_dir
     answer = send(page, "Hello")
     expect(answer).to_have_attribute("data-state", "done")
     lengths = page.evaluate("window.lengths")
-    expected = api_answer(server, str(model_dir), "Hello", temperature=0, top_p=1, max_tokens=80)
+    expected = api_answer(server, str(model_dir), "Hello", temperature=0, top_p=1, max_tokens=320)
     conversation = stored_conversation(page)
     assert [m["role"] for m in conversation] == ["user", "assistant"]
     assert conversation[1]["content"] == expected
@@ -182,7 +185,7 @@ def test_answer_streams_into_the_view(page: Any, server: RemoteServer, model_dir
     partial = [n for n in lengths if 0 < n < lengths[-1]]
     assert len(partial) >= 3 and partial == sorted(partial), lengths
     stats = answer.locator(".stats").inner_text()
-    assert re.fullmatch(r"80 tokens · [0-9.]+ tok/s · first token \d+ ms · [0-9.]+ s · "
+    assert re.fullmatch(r"320 tokens · [0-9.]+ tok/s · first token \d+ ms · [0-9.]+ s · "
                         r"finish: length", stats), stats
     # Kept in the browser: a reload shows the same conversation.
     page.reload()
