@@ -162,6 +162,33 @@ def test_mixed_segments_bf16_in_and_out(variant: str) -> None:
 
 
 @pytest.mark.parametrize("variant", isa.VARIANTS)
+def test_the_result_does_not_depend_on_the_threads(variant: str) -> None:
+    """Rows and panels are handed to the threads in ranges of shrinking size (guided): one
+    thread or two, the same bits, across segments of several formats."""
+    kernels = gguf_kernels(variant)
+    k = 256
+    parts = [("Q5_0", 301), ("Q6_K", 77), ("Q8_0", 130), ("Q4_K", 45)]
+    blocks = [random_blocks(fmt, rows, k, seed=10 + i) for i, (fmt, rows) in enumerate(parts)]
+    w = torch.cat([dequantized(fmt, b) for (fmt, _), b in zip(parts, blocks)])
+    b = torch.cat([offsets(fmt, b) for (fmt, _), b in zip(parts, blocks)])
+    segments = segment_array([BlockRows(torch.from_numpy(b), BLOCK_FORMATS[fmt][0])
+                              for (fmt, _), b in zip(parts, blocks)])
+    previous = torch.get_num_threads()
+    try:
+        for m in (1, 2, 16):
+            x = _activations(m, k, seed=m)
+            for exact in (True, False):
+                results = []
+                for threads in (1, 2):
+                    torch.set_num_threads(threads)
+                    results.append(kernels.matmul(x, segments, w.shape[0], exact, torch.float32))
+                assert torch.equal(results[0], results[1]), (m, exact)
+                _check(results[1], x, w, exact, b)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("variant", isa.VARIANTS)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_rows_are_the_dequantized_rows(variant: str, fmt: str) -> None:
     kernels = gguf_kernels(variant)

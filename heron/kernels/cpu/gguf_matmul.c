@@ -1288,7 +1288,15 @@ int heron_gguf_check(const heron_gguf_segment *segs, int64_t nsegs, int64_t K) {
 }
 
 /* The exact mode, and the int8 mode for a few rows of x where the variant has a row path:
- * each thread takes a range of W's rows, one decoded row at a time. */
+ * each thread takes ranges of W's rows, one decoded row at a time.
+ *
+ * Rows (and panels, below) are handed out `guided`: ranges of half, a quarter, ... of what is
+ * left, so a thread the OS takes off its core (the server's API process and its clients share
+ * the cores with the engine) delays the call by its last small range, not by a static half.
+ * Served on 2 cores with `heron bench peers` (OMP_SCHEDULE=static against guided, one build,
+ * interleaved), medians of 5: c=1 68.3 -> 75.1 tok/s, c=16 280.2 -> 285.6 (an earlier run of 3:
+ * 70.1 -> 70.4, 243.5 -> 302.7). Ranges are taken in increasing order, so each thread's segment
+ * cursor still only moves forward. */
 static int matmul_rows(const xprep *p, int64_t M, int64_t K, const heron_gguf_segment *segs,
                        int64_t N, void *out, int64_t ldo, int out_bf16, int exact) {
     int failed = 0;
@@ -1297,7 +1305,7 @@ static int matmul_rows(const xprep *p, int64_t M, int64_t K, const heron_gguf_se
         rowbuf w;
         if (!rowbuf_alloc(&w, p->K64)) failed = 1;
         int64_t seg = 0, first = 0;  /* the segment of the last row seen, and its first row */
-#pragma omp for schedule(static)
+#pragma omp for schedule(guided)
         for (int64_t n = 0; n < N; n++) {
             if (failed) continue;
             while (n < first) first -= segs[--seg].rows;
@@ -1320,8 +1328,8 @@ static int matmul_rows(const xprep *p, int64_t M, int64_t K, const heron_gguf_se
     return failed;
 }
 
-/* The int8 mode: each thread takes a range of panels; a panel's float rows are multiplied in
- * float32, one row at a time. */
+/* The int8 mode: each thread takes ranges of panels (guided, see matmul_rows); a panel's float
+ * rows are multiplied in float32, one row at a time. */
 static int matmul_int8(const xprep *p, int64_t M, int64_t K, const heron_gguf_segment *segs,
                        int64_t N, void *out, int64_t ldo, int out_bf16) {
 #if defined(ROW_PATH)
@@ -1340,7 +1348,7 @@ static int matmul_int8(const xprep *p, int64_t M, int64_t K, const heron_gguf_se
         rowbuf w;
         if (!panel_alloc(&P, p->K64) || !rowbuf_alloc(&w, p->K64)) failed = 1;
         int64_t seg = 0, first = 0;
-#pragma omp for schedule(static)
+#pragma omp for schedule(guided)
         for (int64_t i = 0; i < panels; i++) {
             if (failed) continue;
             const int64_t n0 = i * LANES;

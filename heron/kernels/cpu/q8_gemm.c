@@ -114,7 +114,7 @@ int heron_q8_gemm(const void *x, int64_t ldx, int x_fp32, int64_t M, int64_t K,
     for (int64_t m = 0; m < M; m++)
         quantize_row((const char *)x + m * ldx * x_size, x_fp32, K, xq + m * K, xs + m * groups,
                      xsum + m * groups);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(guided)  /* as gguf_matmul.c's matmul_rows */
     for (int64_t b = 0; b < N / OUTS; b++) {
         const uint8_t *block_codes = codes + b * K * OUTS;
         const uint16_t *block_scales = scales + b * groups * OUTS;

@@ -57,7 +57,7 @@ int heron_q8_gemm(const void *x, int64_t ldx, int x_fp32, int64_t M, int64_t K,
 #pragma omp parallel for schedule(static) if (M >= 16)
     for (int64_t m = 0; m < M; m++)
         quantize_row((const char *)x + m * ldx * x_size, x_fp32, K, xq + m * K, xs + m * groups);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(guided)  /* as gguf_matmul.c's matmul_rows */
     for (int64_t b = 0; b < N / OUTS; b++) {
         for (int64_t m = 0; m < M; m++) {
             float res[OUTS];
