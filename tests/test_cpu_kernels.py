@@ -65,6 +65,8 @@ def _reference(q, cache, tables, seq_lens, scale, window):
     (4, 1, 256, 16, 40),  # ... its local layers (window shorter than the longest context)
     (8, 2, 64, 4, None),  # GQA groups of 4 over two K/V heads, small blocks
     (6, 6, 32, 8, 7),  # no GQA, a window shorter than a block
+    (14, 2, 64, 16, None),  # Qwen2.5-0.5B's groups of 7: heads in passes of 4, then 3
+    (12, 6, 32, 8, 9),  # groups of 2
 ])
 def test_paged_decode_attention_matches_float32_reference(heads, kv_heads, dim, block_size, window) -> None:
     q, cache, tables, lens = _paged_case([1, 5, 16, 17, 63, 100], heads, kv_heads, dim, block_size, seed=heads)

@@ -11,8 +11,12 @@
  *
  * A sequence of length L sees positions [L - W, L) with a sliding window W, else [0, L). Each
  * (sequence, K/V head) is one task: the G = H / Hkv query heads that share the K/V head are
- * scored together (one read of each key), softmax in fp32, then the values are summed 16
- * dimensions at a time with the G accumulators in registers. Nothing is gathered or copied:
+ * scored together (one read of each key), softmax in fp32, then the values are summed 32
+ * dimensions at a time with the G accumulators in registers (up to 4 heads per pass over the
+ * keys). The rows are scattered over the cache's blocks and come from DRAM: each key row is
+ * prefetched a few keys ahead and each value row into L2 while the scores are computed (16
+ * sequences of 170 tokens, Gemma 3 270M's heads, one thread: 0.53 -> 0.41 ms per layer, the same
+ * bits). Nothing is gathered or copied:
  * the PyTorch path copies every visible K/V block first (at 16 requests x 200 tokens that copy
  * cost more than the attention itself).
  */
@@ -28,32 +32,86 @@ static inline const uint16_t *slot_of(const uint16_t *kv, const int64_t *blocks,
     return kv + (blocks[pos / block_size] * block_size + pos % block_size) * row;
 }
 
+/* Lines of a K or V row of `bytes` towards L1 (locality 3) or L2 (2). */
+#define PREFETCH_ROW(p, bytes, locality) \
+    for (int64_t b_ = 0; b_ < (bytes); b_ += 64) __builtin_prefetch((const char *)(p) + b_, 0, locality)
+#define KEY_AHEAD 4  /* key rows prefetched this many keys ahead (2-12 measured alike) */
+
 #if !defined(__AVX512F__) || !defined(__AVX512BW__)
 #include "paged_attention_portable.h"
 #else
 #include "vector_math.h"
 
+/* scores[g * n + i] = scale * q_g . k_i for the G (<= 4, constant once inlined) query heads
+ * q[0 .. G): each key's chunks are read once for the G heads; per (key, head) the sums run over
+ * the chunks in order, as they always did. */
+static inline __attribute__((always_inline)) void head_scores(
+        const uint16_t *q, int G, const uint16_t *const *keys, int64_t n, int64_t dim,
+        float scale, int64_t value_offset, float *scores) {
+    const int64_t chunks = dim / 32, row_bytes = dim * (int64_t)sizeof(uint16_t);
+    for (int64_t i = 0; i < n; i++) {
+        const uint16_t *k = keys[i];
+        if (value_offset) {  /* the first heads: the key rows ahead, this key's value row */
+            if (i + KEY_AHEAD < n) PREFETCH_ROW(keys[i + KEY_AHEAD], row_bytes, 3);
+            PREFETCH_ROW(k + value_offset, row_bytes, 2);
+        }
+        __m512 acc[4];
+        for (int g = 0; g < G; g++) acc[g] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < chunks; c++) {
+            const __m512i kc = _mm512_loadu_si512((const void *)(k + 32 * c));
+            for (int g = 0; g < G; g++)
+                acc[g] = dot_bf16x32(acc[g], kc, _mm512_loadu_si512((const void *)(q + g * dim + 32 * c)));
+        }
+        for (int g = 0; g < G; g++) scores[g * n + i] = _mm512_reduce_add_ps(acc[g]) * scale;
+    }
+}
+
+/* out_g[d .. d + 32) = inv_sum[g] sum_i p_g(i) v_i for the G (<= 4) heads: 2 G accumulators in
+ * registers, the keys in order (the same sums as one head and 16 dimensions at a time). */
+static inline __attribute__((always_inline)) void head_values(
+        const float *scores, int G, int64_t n, const uint16_t *const *keys, int64_t value_offset,
+        int64_t d, int64_t dim, const float *inv_sum, uint16_t *out) {
+    __m512 acc[4][2];
+    for (int g = 0; g < G; g++) acc[g][0] = acc[g][1] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i++) {
+        const uint16_t *v = keys[i] + value_offset + d;
+        const __m512 v0 = load_bf16(v), v1 = load_bf16(v + 16);
+        for (int g = 0; g < G; g++) {
+            const __m512 p = _mm512_set1_ps(scores[g * n + i]);
+            acc[g][0] = _mm512_fmadd_ps(p, v0, acc[g][0]);
+            acc[g][1] = _mm512_fmadd_ps(p, v1, acc[g][1]);
+        }
+    }
+    for (int g = 0; g < G; g++)
+        for (int h = 0; h < 2; h++) {
+            const __m512 o = _mm512_mul_ps(acc[g][h], _mm512_set1_ps(inv_sum[g]));
+            _mm256_storeu_si256((__m256i *)(out + g * dim + d + 16 * h), fp32_to_bf16x16(o));
+        }
+}
+
+#define HEADS_CASE(G, call) case G: call; break;
+#define BY_HEADS(gn, call_of) switch (gn) { \
+    HEADS_CASE(1, call_of(1)) HEADS_CASE(2, call_of(2)) HEADS_CASE(3, call_of(3)) \
+    default: call_of(4); }
+
 static void attend_one(const uint16_t *q, const uint16_t *kv, int64_t value_offset,
                        const int64_t *blocks, int64_t first, int64_t last, int64_t block_size,
                        int64_t row, int64_t head_off, int group, int64_t dim, float scale,
                        float *scores, const uint16_t **keys, uint16_t *out) {
-    const int64_t n = last - first;
-    const int64_t chunks = dim / 32;
+    const int64_t n = last - first, row_bytes = dim * (int64_t)sizeof(uint16_t);
     /* keys[i]: this head's key of position first + i (its value is value_offset further); the
-     * divisions by block_size happen here once, not in the loops below */
+     * divisions by block_size happen here once, not in the loops below. The rows are scattered
+     * over the cache's blocks and read from DRAM: each key row is prefetched a few keys ahead,
+     * each value row into L2 for the sums after the softmax. */
     for (int64_t i = 0; i < n; i++) keys[i] = slot_of(kv, blocks, first + i, block_size, row) + head_off;
+    for (int64_t i = 0; i < n && i < KEY_AHEAD; i++) PREFETCH_ROW(keys[i], row_bytes, 3);
     /* scores[g * n + i] = scale * q_g . k_(first + i) */
-    for (int64_t i = 0; i < n; i++) {
-        const uint16_t *k = keys[i];
-        for (int g = 0; g < group; g++) {
-            const uint16_t *qg = q + g * dim;
-            __m512 acc = _mm512_setzero_ps();
-            for (int64_t c = 0; c < chunks; c++) {
-                acc = dot_bf16x32(acc, _mm512_loadu_si512((const void *)(k + 32 * c)),
-                                  _mm512_loadu_si512((const void *)(qg + 32 * c)));
-            }
-            scores[g * n + i] = _mm512_reduce_add_ps(acc) * scale;
-        }
+    for (int g0 = 0; g0 < group; g0 += 4) {
+        const int gn = group - g0 < 4 ? group - g0 : 4;
+#define SCORES(G) head_scores(q + g0 * dim, G, keys, n, dim, scale, g0 ? 0 : value_offset, \
+                                   scores + g0 * n)
+        BY_HEADS(gn, SCORES)
+#undef SCORES
     }
     /* softmax per query head, in place; 1 / sum kept for the output */
     float inv_sum[MAX_GROUP];
@@ -76,19 +134,14 @@ static void attend_one(const uint16_t *q, const uint16_t *kv, int64_t value_offs
         }
         inv_sum[g] = 1.0f / _mm512_reduce_add_ps(vsum);
     }
-    /* out_g = sum_i p_g(i) v_i, 16 dimensions at a time */
-    for (int64_t d = 0; d < dim; d += 16) {
-        __m512 acc[MAX_GROUP];
-        for (int g = 0; g < group; g++) acc[g] = _mm512_setzero_ps();
-        for (int64_t i = 0; i < n; i++) {
-            const uint16_t *v = keys[i] + value_offset + d;
-            __m512 vv = load_bf16(v);
-            for (int g = 0; g < group; g++)
-                acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * n + i]), vv, acc[g]);
-        }
-        for (int g = 0; g < group; g++) {
-            __m512 o = _mm512_mul_ps(acc[g], _mm512_set1_ps(inv_sum[g]));
-            _mm256_storeu_si256((__m256i *)(out + g * dim + d), fp32_to_bf16x16(o));
+    /* out_g = sum_i p_g(i) v_i, 32 dimensions and up to 4 heads at a time */
+    for (int g0 = 0; g0 < group; g0 += 4) {
+        const int gn = group - g0 < 4 ? group - g0 : 4;
+        for (int64_t d = 0; d < dim; d += 32) {
+#define VALUES(G) head_values(scores + g0 * n, G, n, keys, value_offset, d, dim, inv_sum + g0, \
+                              out + g0 * dim)
+            BY_HEADS(gn, VALUES)
+#undef VALUES
         }
     }
 }
