@@ -213,14 +213,32 @@ static inline void k_scale_min(const uint8_t *q, int s, int *sc, int *m) {
     }
 }
 
+/* a[16] = d sc per 16 elements, b[8] = -(dmin m) per 32, of a Q4_K / Q5_K block. AVX2: the 8
+ * scales and 8 mins unpacked in 32-bit words (k_scale_min's formulas, 4 sub-blocks at a time)
+ * and made float together: the same numbers, a fifth of the instructions. */
 static inline void k_scales(const uint8_t *blk, float *a, float *b) {
     const float d = fp16_to_fp32(load_u16(blk)), dmin = fp16_to_fp32(load_u16(blk + 2));
+#if defined(__AVX2__)
+    uint32_t u0, u1, u2;  /* scales[0..4), [4..8), [8..12) */
+    memcpy(&u0, blk + 4, 4), memcpy(&u1, blk + 8, 4), memcpy(&u2, blk + 12, 4);
+    const uint32_t sc_lo = u0 & 0x3f3f3f3fu, m_lo = u1 & 0x3f3f3f3fu;
+    const uint32_t sc_hi = (u2 & 0x0f0f0f0fu) | ((u0 >> 2) & 0x30303030u);
+    const uint32_t m_hi = ((u2 >> 4) & 0x0f0f0f0fu) | ((u1 >> 2) & 0x30303030u);
+    const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)sc_hi, (int)sc_lo)));
+    const __m256 m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)m_hi, (int)m_lo)));
+    const __m256 av = _mm256_mul_ps(_mm256_set1_ps(d), sc);
+    _mm256_storeu_ps(a, _mm256_permutevar8x32_ps(av, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)));
+    _mm256_storeu_ps(a + 8, _mm256_permutevar8x32_ps(av, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7)));
+    /* -(dmin m): the sign bit flipped, as negation does (also for zeros) */
+    _mm256_storeu_ps(b, _mm256_xor_ps(_mm256_mul_ps(_mm256_set1_ps(dmin), m), _mm256_set1_ps(-0.0f)));
+#else
     for (int s = 0; s < 8; s++) {
         int sc, m;
         k_scale_min(blk + 4, s, &sc, &m);
         a[2 * s] = a[2 * s + 1] = d * (float)sc;
         b[s] = -(dmin * (float)m);
     }
+#endif
 }
 
 static inline void decode_q4_k(const uint8_t *blk, int8_t *c, float *a, float *b) {

@@ -657,10 +657,45 @@ static inline __attribute__((always_inline)) __m512i pair_codes(int type, const 
     return _mm512_mask_sub_epi8(q, ~((__mmask64)h0 | ((__mmask64)h1 << 32)), q, _mm512_set1_epi8(16));
 }
 
+/* The 64 codes of Q4_K's 32 bytes q (low nibbles, then high), or of Q6_K's 64 elements from
+ * 32 bytes of ql (nibbles from `shift`: 0 low, 4 high) and qh (2 bits each at qshift, +2 for the
+ * second 32): as decode_q4_k / decode_q6_k write them. */
+static inline __attribute__((always_inline)) __m512i nibble_pairs(const uint8_t *q) {
+    const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)q));
+    return _mm512_and_si512(_mm512_mask_srli_epi64(v, 0xF0, v, 4), _mm512_set1_epi8(15));
+}
+
+static inline __attribute__((always_inline)) __m512i q6_codes(const uint8_t *ql, const uint8_t *qh,
+                                                              int shift, int qshift) {
+    /* elements 0-31: ql[0..32) and qh bits qshift; 32-63: ql[32..64) and qh bits qshift + 2 */
+    const __m512i low = _mm512_and_si512(_mm512_srli_epi16(_mm512_loadu_si512((const void *)ql), shift),
+                                         _mm512_set1_epi8(15));
+    const __m512i h = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)qh));
+    const __m512i hs = _mm512_srlv_epi16(h, _mm512_inserti64x4(_mm512_set1_epi16((short)qshift),
+                                                               _mm256_set1_epi16((short)(qshift + 2)), 1));
+    const __m512i high = _mm512_slli_epi16(_mm512_and_si512(hs, _mm512_set1_epi8(3)), 4);
+    return _mm512_sub_epi8(_mm512_or_si512(low, high), _mm512_set1_epi8(32));
+}
+
 /* 128 codes (w0, w1) and their 8 scales of a row: from the decoded row w, or (type a format
- * of 32-element blocks, K a multiple of 128) straight from the row's blocks. */
+ * of 32-element blocks, K a multiple of 128; Q4_K / Q6_K, K a multiple of 256, with the
+ * super-block's scales ka from the caller) straight from the row's blocks. */
 static inline __attribute__((always_inline)) void row_chunk(
-        int type, const uint8_t *row, const rowbuf *w, int64_t i, __m512i *w0, __m512i *w1, __m256 *a) {
+        int type, const uint8_t *row, const rowbuf *w, int64_t i, const float *ka, __m512i *w0,
+        __m512i *w1, __m256 *a) {
+    if (type == GGML_Q4_K || type == GGML_Q6_K) {
+        const int h = (int)(i & 1);  /* which half of the super-block */
+        const uint8_t *blk = row + (i / 2) * gguf_block_bytes(type);
+        if (type == GGML_Q4_K) {
+            const uint8_t *qs = blk + 16 + 64 * h;
+            *w0 = nibble_pairs(qs), *w1 = nibble_pairs(qs + 32);
+        } else {
+            const uint8_t *ql = blk + 64 * h, *qh = blk + 128 + 32 * h;
+            *w0 = q6_codes(ql, qh, 0, 0), *w1 = q6_codes(ql, qh, 4, 4);
+        }
+        *a = _mm256_loadu_ps(ka + 8 * h);
+        return;
+    }
     if (type < 0) {
         *w0 = _mm512_loadu_si512((const void *)(w->c + 128 * i));
         *w1 = _mm512_loadu_si512((const void *)(w->c + 128 * i + 64));
@@ -689,12 +724,25 @@ static inline __attribute__((always_inline)) void row_tile(
     const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(1));
     __m128 acc[ROW_M];
     for (int r = 0; r < R; r++) acc[r] = _mm_setzero_ps();
+    const int kquant = type == GGML_Q4_K || type == GGML_Q6_K;
+    float ka[16], kb[8];  /* a K-quant super-block's scales (per 16) and offsets (per 32) */
     for (int64_t i = 0; i < K64 / 128; i++) {
+        if (kquant && !(i & 1)) {  /* as decode_q4_k / decode_q6_k compute them */
+            const uint8_t *blk = row + (i / 2) * gguf_block_bytes(type);
+            if (type == GGML_Q4_K) {
+                k_scales(blk, ka, kb);
+            } else {
+                const int8_t *sc = (const int8_t *)(blk + 192);
+                const float d = fp16_to_fp32(load_u16(blk + 208));
+                for (int j = 0; j < 16; j++) ka[j] = d * (float)sc[j];
+            }
+        }
         __m512i w0, w1;
         __m256 a;
-        row_chunk(type, row, w, i, &w0, &w1, &a);
+        row_chunk(type, row, w, i, ka, &w0, &w1, &a);
         const __m512i base0 = quad_base(w0), base1 = quad_base(w1);
-        const __m128 b = offsets ? _mm_loadu_ps(w->b + 4 * i) : _mm_setzero_ps();
+        const __m128 b = !offsets ? _mm_setzero_ps()
+                         : kquant ? _mm_loadu_ps(kb + 4 * (i & 1)) : _mm_loadu_ps(w->b + 4 * i);
         for (int r = 0; r < R; r++) {
             const int64_t m = m0 + r, k = m * K64 + 128 * i;
             const __m512i u = dot_quads(base0, p->xu + k, p->xs + k, w0);
@@ -1192,7 +1240,7 @@ static void direct_times_x(int type, const uint8_t *const rows[LANES], int64_t a
 #endif
 
 #if defined(ROW_PATH)
-#define ROW_CASE(T, R) case R: row_tile(T, row, w, p, 0, R, (T) == -1, res); break;
+#define ROW_CASE(T, R) case R: row_tile(T, row, w, p, 0, R, (T) == -1 || (T) == GGML_Q4_K, res); break;
 #define ROW_TYPE(T) switch ((int)M) { ROW_CASE(T, 1) ROW_CASE(T, 2) }
 
 /* out[:, n] for M <= ROW_M rows of x from row `index` of a quantized segment (int8 mode);
@@ -1206,6 +1254,8 @@ static void row_int8_times_x(const heron_gguf_segment *seg, int64_t index, int64
     if (K % 128 == 0 && type == GGML_Q4_0) ROW_TYPE(GGML_Q4_0)
     else if (K % 128 == 0 && type == GGML_Q5_0) ROW_TYPE(GGML_Q5_0)
     else if (K % 128 == 0 && type == GGML_Q8_0) ROW_TYPE(GGML_Q8_0)
+    else if (type == GGML_Q4_K) ROW_TYPE(GGML_Q4_K)  /* K: a multiple of 256 */
+    else if (type == GGML_Q6_K) ROW_TYPE(GGML_Q6_K)
     else {
         decode_row(type, row, K, w->c, w->a, w->b);
         if (offsets) ROW_TYPE(-1)
