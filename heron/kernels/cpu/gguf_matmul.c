@@ -372,10 +372,9 @@ static void panel_free(panel *P) {
 
 /* dst[i][l] = src[l * stride + i] for i, l < LANES: a transpose of 32-bit units */
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-static inline void transpose_lanes(const void *src, int64_t stride, void *dst) {
-    const int32_t *s = src;
-    __m512i r[16], t[16];
-    for (int l = 0; l < 16; l++) r[l] = _mm512_loadu_si512((const void *)(s + l * stride));
+/* dst[i][l] = unit i of r[l]: the transpose of 16 registers of 16 32-bit units, stored */
+static inline __attribute__((always_inline)) void transpose16(const __m512i r[16], void *dst) {
+    __m512i t[16];
     for (int g = 0; g < 16; g += 4) {  /* 4x4 within each 128-bit lane, per 4 rows */
         const __m512i t0 = _mm512_unpacklo_epi32(r[g], r[g + 1]), t1 = _mm512_unpackhi_epi32(r[g], r[g + 1]);
         const __m512i t2 = _mm512_unpacklo_epi32(r[g + 2], r[g + 3]), t3 = _mm512_unpackhi_epi32(r[g + 2], r[g + 3]);
@@ -391,6 +390,13 @@ static inline void transpose_lanes(const void *src, int64_t stride, void *dst) {
         _mm512_storeu_si512((void *)(d + 16 * (8 + i)), _mm512_shuffle_i32x4(x1, x3, 0x88));
         _mm512_storeu_si512((void *)(d + 16 * (12 + i)), _mm512_shuffle_i32x4(x1, x3, 0xDD));
     }
+}
+
+static inline void transpose_lanes(const void *src, int64_t stride, void *dst) {
+    const int32_t *s = src;
+    __m512i r[16];
+    for (int l = 0; l < 16; l++) r[l] = _mm512_loadu_si512((const void *)(s + l * stride));
+    transpose16(r, dst);
 }
 #elif defined(__AVX2__)
 /* r[i][l] <- r[l][i] for an 8 x 8 block of 32-bit units held in registers */
@@ -428,15 +434,18 @@ static inline void transpose_lanes(const void *src, int64_t stride, void *dst) {
  * sums, from the decoded rows. */
 static void panel_interleave(panel *P, int codes) {
     const int64_t K64 = P->K64;
-    for (int64_t j = 0; j < P->A16; j += LANES)
-        transpose_lanes(P->ra + j, P->A16, P->a + j * LANES);
-    if (P->offsets)
-        for (int64_t j = 0; j < P->B32; j += LANES)
-            transpose_lanes(P->rb + j, P->B32, P->b + j * LANES);
+    if (codes != 2) {  /* 2: scales and codes are interleaved already, the sums are left */
+        for (int64_t j = 0; j < P->A16; j += LANES)
+            transpose_lanes(P->ra + j, P->A16, P->a + j * LANES);
+        if (P->offsets)
+            for (int64_t j = 0; j < P->B32; j += LANES)
+                transpose_lanes(P->rb + j, P->B32, P->b + j * LANES);
+    }
     if (!codes) return;
 #if defined(__AVX2__)
-    for (int64_t k = 0; k < K64; k += 4 * LANES)
-        transpose_lanes(P->rows + k, K64 / 4, P->c + k * LANES);
+    if (codes != 2)
+        for (int64_t k = 0; k < K64; k += 4 * LANES)
+            transpose_lanes(P->rows + k, K64 / 4, P->c + k * LANES);
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #if !defined(__AVX512VNNI__)
     if (P->wide) return;  /* the sign form: no correction sums */
@@ -768,6 +777,52 @@ static inline __attribute__((always_inline)) void row_tile(
 }
 
 #define ROW_PATH 1
+
+/* panel_decode for LANES rows of one Q4_0 / Q5_0 / Q8_0 segment and K a multiple of 64,
+ * straight from the blocks: each row's 64 codes (two blocks, pair_codes) go into one register
+ * and the 16 registers are transposed into the interleaved codes, without the row-major copy;
+ * the 16 rows' block scales are converted together. The next panel's rows are prefetched as
+ * these are read (the same prefetches issued all at once after the panel, as panel_decode's
+ * are per row, made this path 50 % slower than panel_decode). The same panel as panel_decode's.
+ * One thread, M=16: the default model's Q8_0 LM head 34.1 -> 31.3 ms, a Q5_0 gate/up 0.56 ->
+ * 0.53 ms. Returns 0 (nothing done) where it does not apply. */
+static int panel_decode_blocks(const heron_gguf_segment *segs, int64_t *seg, int64_t *first,
+                               int64_t n0, int count, int64_t K, int64_t M, panel *P) {
+    if (count != LANES || K % 64) return 0;
+    while (n0 < *first) *first -= segs[--*seg].rows;
+    while (n0 >= *first + segs[*seg].rows) *first += segs[(*seg)++].rows;
+    const heron_gguf_segment *s = &segs[*seg];
+    const int type = (int)s->type;
+    if ((type != GGML_Q4_0 && type != GGML_Q5_0 && type != GGML_Q8_0) || n0 + LANES > *first + s->rows)
+        return 0;
+    const int64_t r0 = n0 - *first, bytes = gguf_block_bytes(type);  /* blocks start with d */
+    const uint8_t *rows[LANES];
+    for (int l = 0; l < LANES; l++) rows[l] = s->data + (s->row_ids ? s->row_ids[r0 + l] : r0 + l) * s->row_bytes;
+    const int ahead = PREFETCH_NEXT && !s->row_ids && r0 + 2 * LANES <= s->rows;
+    for (int64_t m = 0; m < K / 64; m++) {
+        __m512i r[LANES];
+        for (int l = 0; l < LANES; l++) {
+            const uint8_t *b0 = rows[l] + 2 * m * bytes;
+            if (ahead) {  /* this row's next 2 blocks of the next panel */
+                __builtin_prefetch(b0 + LANES * s->row_bytes, 0, 2);
+                __builtin_prefetch(b0 + LANES * s->row_bytes + 2 * bytes - 1, 0, 2);
+            }
+            r[l] = pair_codes(type, b0, b0 + bytes);
+        }
+        transpose16(r, P->c + 64 * m * LANES);
+        for (int h = 0; h < 2; h++) {  /* a[2j] = a[2j + 1] = block j's d, per row */
+            const int64_t j = 2 * m + h;
+            uint16_t d[LANES];
+            for (int l = 0; l < LANES; l++) d[l] = load_u16(rows[l] + j * bytes);
+            const __m512 a = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)d));
+            _mm512_storeu_ps(P->a + 2 * j * LANES, a);
+            _mm512_storeu_ps(P->a + (2 * j + 1) * LANES, a);
+        }
+    }
+    P->offsets = 0, P->wide = M <= 2 || type == GGML_Q8_0, P->narrow = M <= 2, P->floats = 0;
+    panel_interleave(P, 2);
+    return 1;
+}
 
 #elif defined(__AVX2__)
 
@@ -1411,6 +1466,9 @@ static int matmul_int8(const xprep *p, int64_t M, int64_t K, const heron_gguf_se
                                out_bf16, n0, count);
                 continue;
             }
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+            if (!panel_decode_blocks(segs, &seg, &first, n0, count, K, M, &P))
 #endif
             panel_decode(segs, &seg, &first, n0, count, K, M, !rowform, &P);
             panel_times_x(&P, p, M, out, ldo, out_bf16, n0, count, rowform);
