@@ -884,6 +884,57 @@ static inline void acc_store(acc_t v, float *dst) { _mm256_storeu_ps(dst, v); }
 #define ROW_FORM 1
 #define ROW_M 2
 
+/* panel_decode for LANES rows of one Q4_0 / Q5_0 / Q8_0 segment, interleaved (3+ rows of x),
+ * straight from the blocks: each row's 32 codes of a block in a register (as decode_q4_0 /
+ * decode_q5_0 / decode_q8_0 make them), 8 registers transposed, the 8 rows' block scales
+ * converted together, the next panel prefetched as the rows are read (as the AVX-512 one). The
+ * same panel as panel_decode's. Returns 0 (nothing done) where it does not apply. */
+static int panel_decode_blocks(const heron_gguf_segment *segs, int64_t *seg, int64_t *first,
+                               int64_t n0, int count, int64_t K, int64_t M, panel *P) {
+    if (count != LANES) return 0;
+    while (n0 < *first) *first -= segs[--*seg].rows;
+    while (n0 >= *first + segs[*seg].rows) *first += segs[(*seg)++].rows;
+    const heron_gguf_segment *s = &segs[*seg];
+    const int type = (int)s->type;
+    if ((type != GGML_Q4_0 && type != GGML_Q5_0 && type != GGML_Q8_0) || n0 + LANES > *first + s->rows)
+        return 0;
+    const int64_t r0 = n0 - *first, bytes = gguf_block_bytes(type);  /* blocks start with d */
+    const uint8_t *rows[LANES];
+    for (int l = 0; l < LANES; l++) rows[l] = s->data + (s->row_ids ? s->row_ids[r0 + l] : r0 + l) * s->row_bytes;
+    const int ahead = PREFETCH_NEXT && !s->row_ids && r0 + 2 * LANES <= s->rows;
+    for (int64_t j = 0; j < K / 32; j++) {
+        __m256i r[LANES];
+        uint16_t d[LANES];
+        for (int l = 0; l < LANES; l++) {
+            const uint8_t *blk = rows[l] + j * bytes;
+            if (ahead) {  /* this row's block of the next panel */
+                __builtin_prefetch(blk + LANES * s->row_bytes, 0, 2);
+                __builtin_prefetch(blk + LANES * s->row_bytes + bytes - 1, 0, 2);
+            }
+            d[l] = load_u16(blk);
+            if (type == GGML_Q8_0) {
+                r[l] = _mm256_loadu_si256((const __m256i *)(blk + 2));
+            } else if (type == GGML_Q4_0) {
+                r[l] = _mm256_sub_epi8(nibbles_16(blk + 2), _mm256_set1_epi8(8));
+            } else {
+                uint32_t qh;
+                memcpy(&qh, blk + 2, 4);
+                r[l] = _mm256_sub_epi8(_mm256_or_si256(nibbles_16(blk + 6), bits_to_16s(qh)),
+                                       _mm256_set1_epi8(16));
+            }
+        }
+        transpose8(r);
+        for (int i = 0; i < LANES; i++)
+            _mm256_storeu_si256((__m256i *)(P->c + 32 * j * LANES) + i, r[i]);
+        const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)d));
+        _mm256_storeu_ps(P->a + 2 * j * LANES, a);
+        _mm256_storeu_ps(P->a + (2 * j + 1) * LANES, a);
+    }
+    P->offsets = 0, P->wide = M <= 2 || type == GGML_Q8_0, P->narrow = M <= 2, P->floats = 0;
+    panel_interleave(P, 2);
+    return 1;
+}
+
 /* A row's sums of 8 products for 64 codes c0, c1 (int8: the sign form) by x's x0, x1, in
  * VPHADDD's order: groups 0 1 4 5 | 2 3 6 7. */
 static inline __attribute__((always_inline)) __m256i sign_sums(__m256i c0, __m256i c1, __m256i x0,
@@ -1469,6 +1520,8 @@ static int matmul_int8(const xprep *p, int64_t M, int64_t K, const heron_gguf_se
 #endif
 #if defined(__AVX512F__) && defined(__AVX512BW__)
             if (!panel_decode_blocks(segs, &seg, &first, n0, count, K, M, &P))
+#elif defined(__AVX2__)
+            if (rowform || !panel_decode_blocks(segs, &seg, &first, n0, count, K, M, &P))
 #endif
             panel_decode(segs, &seg, &first, n0, count, K, M, !rowform, &P);
             panel_times_x(&P, p, M, out, ldo, out_bf16, n0, count, rowform);
