@@ -110,6 +110,18 @@ def compute_inv_freq(params: dict[str, Any], rotary_dim: int,
     raise ValueError(f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
 
 
+TABLE_STEP = 1024  # RotaryEmbedding's cos / sin tables grow by this many positions at a time
+
+
+def _max_position(positions: torch.Tensor) -> int:
+    return int(positions.max()) if positions.numel() else -1
+
+
+def _table_size(positions: torch.Tensor) -> int:
+    """Positions 0 .. the largest in ``positions``, rounded up to a multiple of TABLE_STEP."""
+    return (_max_position(positions) // TABLE_STEP + 1) * TABLE_STEP
+
+
 class RotaryEmbedding(nn.Module):
     """RoPE for one set of parameters. ``cos_sin(positions)`` once per step, ``apply`` per layer."""
 
@@ -120,16 +132,37 @@ class RotaryEmbedding(nn.Module):
         inv_freq, self.scaling = compute_inv_freq(params, self.rotary_dim, max_positions)
         # A plain attribute, not a buffer: it must stay float32 whatever dtype the model is cast to.
         self._inv_freq = inv_freq  # [rotary_dim // 2]
+        self._tables: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] -> (cos, sin), each [T, 1, rotary_dim // 2] in ``dtype``."""
-        if self._inv_freq.device != positions.device:
-            self._inv_freq = self._inv_freq.to(positions.device)
-        angles = positions[:, None].float() * self._inv_freq[None, :]  # [T, rotary_dim // 2]
+        """positions [T] -> (cos, sin), each [T, 1, rotary_dim // 2] in ``dtype``.
+
+        Looked up in tables of the positions seen so far (grown in steps of ``TABLE_STEP``
+        positions; an elementwise computation, so the same values as computing them for these
+        positions alone). Per decode step that is two indexing calls instead of seven tensor
+        operations, each of which, after the weights stream through the caches, runs from cold
+        code: in a served c=1 run these took 3-4 % of the engine's time, the lookups 0.2 %
+        (py-spy). Memory: 2 x positions x rotary_dim / 2 values, e.g. 16 MiB in bf16 for 32K
+        positions at a head dim of 256, about 1 % of what the KV cache of those positions takes."""
+        key = (dtype, positions.device)
+        if key in self._tables:
+            cos, sin = self._tables[key]
+            try:
+                return cos[positions][:, None, :], sin[positions][:, None, :]
+            except IndexError:  # a position past the tables: grow them
+                pass
+        cos, sin = self._tables[key] = self._compute(_table_size(positions), dtype, positions.device)
+        return cos[positions][:, None, :], sin[positions][:, None, :]
+
+    def _compute(self, size: int, dtype: torch.dtype,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [size, rotary_dim // 2] in ``dtype`` for positions 0 .. size - 1."""
+        inv_freq = self._inv_freq.to(device)
+        angles = torch.arange(size, device=device)[:, None].float() * inv_freq[None, :]
         cos, sin = angles.cos(), angles.sin()
         if self.scaling != 1.0:
             cos, sin = cos * self.scaling, sin * self.scaling
-        return cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
+        return cos.to(dtype), sin.to(dtype)
 
     def rotate(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x [T, num_heads, head_dim] -> rotated copy of the same shape."""
