@@ -479,6 +479,25 @@ static void panel_interleave(panel *P, int codes) {
 #endif
 }
 
+/* Rows n0 .. n0 + count - 1 of the stacked segments where they are rows of one Q4_0 / Q5_0 /
+ * Q8_0 segment: their addresses into rows (lanes from count on repeat the first row) and the
+ * segment; else NULL. *seg, *first: the segment cursor (as in the driver). */
+static inline const heron_gguf_segment *block_rows(const heron_gguf_segment *segs, int64_t *seg,
+                                                   int64_t *first, int64_t n0, int count,
+                                                   const uint8_t *rows[LANES]) {
+    while (n0 < *first) *first -= segs[--*seg].rows;
+    while (n0 >= *first + segs[*seg].rows) *first += segs[(*seg)++].rows;
+    const heron_gguf_segment *s = &segs[*seg];
+    if ((s->type != GGML_Q4_0 && s->type != GGML_Q5_0 && s->type != GGML_Q8_0) ||
+        n0 + count > *first + s->rows)
+        return NULL;
+    for (int l = 0; l < LANES; l++) {
+        const int64_t row = n0 - *first + (l < count ? l : 0);
+        rows[l] = s->data + (s->row_ids ? s->row_ids[row] : row) * s->row_bytes;
+    }
+    return s;
+}
+
 /* Row `row` + LANES of segment s (the same row of the next panel) towards L2, from data, row
  * `row`'s bytes: the next panel's rows are read while this one's are multiplied (into L1, a
  * row's lines at once wait for its fill buffers). */
@@ -788,16 +807,12 @@ static inline __attribute__((always_inline)) void row_tile(
  * 0.53 ms. Returns 0 (nothing done) where it does not apply. */
 static int panel_decode_blocks(const heron_gguf_segment *segs, int64_t *seg, int64_t *first,
                                int64_t n0, int count, int64_t K, int64_t M, panel *P) {
-    if (count != LANES || K % 64) return 0;
-    while (n0 < *first) *first -= segs[--*seg].rows;
-    while (n0 >= *first + segs[*seg].rows) *first += segs[(*seg)++].rows;
-    const heron_gguf_segment *s = &segs[*seg];
-    const int type = (int)s->type;
-    if ((type != GGML_Q4_0 && type != GGML_Q5_0 && type != GGML_Q8_0) || n0 + LANES > *first + s->rows)
-        return 0;
-    const int64_t r0 = n0 - *first, bytes = gguf_block_bytes(type);  /* blocks start with d */
     const uint8_t *rows[LANES];
-    for (int l = 0; l < LANES; l++) rows[l] = s->data + (s->row_ids ? s->row_ids[r0 + l] : r0 + l) * s->row_bytes;
+    const heron_gguf_segment *s = count == LANES && K % 64 == 0
+        ? block_rows(segs, seg, first, n0, count, rows) : NULL;
+    if (!s) return 0;
+    const int type = (int)s->type;
+    const int64_t r0 = n0 - *first, bytes = gguf_block_bytes(type);  /* blocks start with d */
     const int ahead = PREFETCH_NEXT && !s->row_ids && r0 + 2 * LANES <= s->rows;
     for (int64_t m = 0; m < K / 64; m++) {
         __m512i r[LANES];
@@ -891,16 +906,11 @@ static inline void acc_store(acc_t v, float *dst) { _mm256_storeu_ps(dst, v); }
  * same panel as panel_decode's. Returns 0 (nothing done) where it does not apply. */
 static int panel_decode_blocks(const heron_gguf_segment *segs, int64_t *seg, int64_t *first,
                                int64_t n0, int count, int64_t K, int64_t M, panel *P) {
-    if (count != LANES) return 0;
-    while (n0 < *first) *first -= segs[--*seg].rows;
-    while (n0 >= *first + segs[*seg].rows) *first += segs[(*seg)++].rows;
-    const heron_gguf_segment *s = &segs[*seg];
-    const int type = (int)s->type;
-    if ((type != GGML_Q4_0 && type != GGML_Q5_0 && type != GGML_Q8_0) || n0 + LANES > *first + s->rows)
-        return 0;
-    const int64_t r0 = n0 - *first, bytes = gguf_block_bytes(type);  /* blocks start with d */
     const uint8_t *rows[LANES];
-    for (int l = 0; l < LANES; l++) rows[l] = s->data + (s->row_ids ? s->row_ids[r0 + l] : r0 + l) * s->row_bytes;
+    const heron_gguf_segment *s = count == LANES ? block_rows(segs, seg, first, n0, count, rows) : NULL;
+    if (!s) return 0;
+    const int type = (int)s->type;
+    const int64_t r0 = n0 - *first, bytes = gguf_block_bytes(type);  /* blocks start with d */
     const int ahead = PREFETCH_NEXT && !s->row_ids && r0 + 2 * LANES <= s->rows;
     for (int64_t j = 0; j < K / 32; j++) {
         __m256i r[LANES];
@@ -1306,18 +1316,8 @@ static void panel_times_x(const panel *P, const xprep *p, int64_t M, void *out, 
  * first row) and the format; else -1. *seg, *first: the segment cursor (as in the driver). */
 static int direct_rows(const heron_gguf_segment *segs, int64_t *seg, int64_t *first, int64_t n0,
                        int count, int64_t K, const uint8_t *rows[LANES]) {
-    if (K % 128) return -1;
-    while (n0 < *first) *first -= segs[--*seg].rows;
-    while (n0 >= *first + segs[*seg].rows) *first += segs[(*seg)++].rows;
-    const heron_gguf_segment *s = &segs[*seg];
-    const int type = (int)s->type;
-    if (type != GGML_Q4_0 && type != GGML_Q5_0 && type != GGML_Q8_0) return -1;
-    if (n0 + count > *first + s->rows) return -1;
-    for (int l = 0; l < LANES; l++) {
-        const int64_t row = n0 - *first + (l < count ? l : 0);
-        rows[l] = s->data + (s->row_ids ? s->row_ids[row] : row) * s->row_bytes;
-    }
-    return type;
+    const heron_gguf_segment *s = K % 128 ? NULL : block_rows(segs, seg, first, n0, count, rows);
+    return s ? (int)s->type : -1;
 }
 
 /* The row form's prefetch distance in bytes for a panel from row `row` of segment s: 0 where
