@@ -147,10 +147,13 @@ class RotaryEmbedding(nn.Module):
         key = (dtype, positions.device)
         if key in self._tables:
             cos, sin = self._tables[key]
-            try:
+            if positions.device.type == "cpu":  # no extra call: CPU indexing raises past the end
+                try:
+                    return cos[positions][:, None, :], sin[positions][:, None, :]
+                except IndexError:  # a position past the tables: grow them
+                    pass
+            elif _max_position(positions) < cos.shape[0]:  # on CUDA it would be a device assert
                 return cos[positions][:, None, :], sin[positions][:, None, :]
-            except IndexError:  # a position past the tables: grow them
-                pass
         cos, sin = self._tables[key] = self._compute(_table_size(positions), dtype, positions.device)
         return cos[positions][:, None, :], sin[positions][:, None, :]
 
