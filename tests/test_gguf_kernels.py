@@ -254,6 +254,32 @@ def test_a_rows_result_does_not_depend_on_its_batch(variant: str, fmt: str, exac
         assert torch.equal(kernels.matmul(x[rows], segments, 21, exact, torch.float32), full[rows])
 
 
+@pytest.mark.parametrize("variant", isa.VARIANTS)
+def test_a_long_batch_in_passes(variant: str) -> None:
+    """A batch whose codes of x outgrow a pass (512 KB: 64 rows of K = 8192) is multiplied in
+    passes of rows, each over all of W's panels: the same bits as its rows alone, with float
+    rows (x kept in float32 for them) and segments of several formats."""
+    kernels = gguf_kernels(variant)
+    k, gen = 8192, torch.Generator().manual_seed(12)
+    parts = [("Q4_K", 21), ("Q8_0", 18), ("Q5_0", 9)]
+    blocks = [random_blocks(fmt, rows, k, seed=20 + i) for i, (fmt, rows) in enumerate(parts)]
+    floats = torch.randn(3, k, generator=gen).to(torch.float16)
+    rows = [BlockRows(torch.from_numpy(b), BLOCK_FORMATS[fmt][0]) for (fmt, _), b in zip(parts, blocks)]
+    rows.insert(1, BlockRows(floats.view(torch.uint8).view(3, -1), 1))
+    w = torch.cat([dequantized("Q4_K", blocks[0]), floats.float()]
+                  + [dequantized(fmt, b) for (fmt, _), b in zip(parts[1:], blocks[1:])])
+    b = torch.cat([offsets("Q4_K", blocks[0]), torch.zeros(3, k)]
+                  + [offsets(fmt, b) for (fmt, _), b in zip(parts[1:], blocks[1:])])
+    segments, n = segment_array(rows), w.shape[0]
+    x = _activations(150, k, seed=5)  # passes of 64, 64 and 22 rows
+    full = kernels.matmul(x, segments, n, False, torch.float32)
+    _check(full[:, :21], x, w[:21], False, b[:21])
+    _check(full[:, 21:24], x, w[21:24], exact=True)
+    _check(full[:, 24:], x, w[24:], False, b[24:])
+    for part in (slice(0, 3), slice(63, 66), slice(100, 117), slice(140, 150)):
+        assert torch.equal(kernels.matmul(x[part], segments, n, False, torch.float32), full[part])
+
+
 @pytest.fixture(scope="module")
 def avx512_without_vnni() -> Iterator[GGUFKernels]:
     """The avx512 variant built as for a CPU without AVX-512 VNNI (VPMADDUBSW instead of

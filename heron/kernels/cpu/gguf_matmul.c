@@ -173,10 +173,13 @@ static void widen_codes(const int8_t *c, int64_t n, int16_t *dst) {
 }
 
 static int prepare_x(const void *x, int64_t ldx, int x_bf16, int64_t M, int64_t K, int exact,
-                     xprep *p) {
+                     int floats, xprep *p) {
     const int64_t K64 = (K + PAD - 1) / PAD * PAD;
     p->K64 = K64;
-    p->xf = malloc(sizeof(float) * (size_t)(M * K64));
+    /* int8 mode with no float segment: the float rows are only a step on the way (no M x K64
+     * float32 copy: at M = 2048, K = 4864 it was 40 MB of fresh pages per call) */
+    const int keep = exact || floats;
+    p->xf = keep ? malloc(sizeof(float) * (size_t)(M * K64)) : NULL;
     if (!exact) {
         p->xu = malloc((size_t)(M * K64));
         p->xs = malloc((size_t)(M * K64));
@@ -188,20 +191,28 @@ static int prepare_x(const void *x, int64_t ldx, int x_bf16, int64_t M, int64_t 
     p->s4 = exact ? NULL : malloc(sizeof(float) * (size_t)(M * K64 / 2));
     if (!exact && (!p->x16 || !p->s4)) return -2;
 #endif
-    if (!p->xf || (!exact && (!p->xu || !p->xs || !p->s8 || !p->sum32))) return -2;
+    if ((keep && !p->xf) || (!exact && (!p->xu || !p->xs || !p->s8 || !p->sum32))) return -2;
     const size_t elem = x_bf16 ? 2 : 4;
-#pragma omp parallel for schedule(static) if (M >= 16)
-    for (int64_t m = 0; m < M; m++) {
-        float *row = p->xf + m * K64;
-        load_x_row((const char *)x + (size_t)(m * ldx) * elem, x_bf16, K, K64, row);
-        if (exact) continue;
-        quantize_x_row(row, K64, p->xu + m * K64, p->xs + m * K64, p->s8 + m * (K64 / XGROUP),
-                       p->sum32 + m * (K64 / 32));
-        if (!p->x16) continue;
-        widen_codes(p->xs + m * K64, K64, p->x16 + m * K64);
-        for (int64_t k = 0; k < K64 / 2; k++) p->s4[m * K64 / 2 + k] = p->s8[m * K64 / 8 + k / 4];
+    int failed = 0;
+#pragma omp parallel reduction(| : failed) if (M >= 16)
+    {
+        float *scratch = keep ? NULL : malloc(sizeof(float) * (size_t)K64);
+        if (!keep && !scratch) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) {
+            if (failed) continue;
+            float *row = keep ? p->xf + m * K64 : scratch;
+            load_x_row((const char *)x + (size_t)(m * ldx) * elem, x_bf16, K, K64, row);
+            if (exact) continue;
+            quantize_x_row(row, K64, p->xu + m * K64, p->xs + m * K64, p->s8 + m * (K64 / XGROUP),
+                           p->sum32 + m * (K64 / 32));
+            if (!p->x16) continue;
+            widen_codes(p->xs + m * K64, K64, p->x16 + m * K64);
+            for (int64_t k = 0; k < K64 / 2; k++) p->s4[m * K64 / 2 + k] = p->s8[m * K64 / 8 + k / 4];
+        }
+        free(scratch);
     }
-    return 0;
+    return failed ? -2 : 0;
 }
 
 static void free_x(xprep *p) {
@@ -1484,6 +1495,33 @@ static int matmul_rows(const xprep *p, int64_t M, int64_t K, const heron_gguf_se
     return failed;
 }
 
+/* Rows m0 .. of x as an xprep of their own (the same buffers). */
+static xprep xprep_rows(const xprep *p, int64_t m0) {
+    xprep q = *p;
+    const int64_t K64 = p->K64;
+    if (q.xf) q.xf += m0 * K64;
+    if (q.xu) q.xu += m0 * K64, q.xs += m0 * K64, q.s8 += m0 * (K64 / XGROUP), q.sum32 += m0 * (K64 / 32);
+    if (q.x16) q.x16 += m0 * K64, q.s4 += m0 * (K64 / 2);
+    return q;
+}
+
+/*
+ * Rows of x per pass over W's panels (prefill): a pass's codes of x (K64 bytes a row) stay in
+ * L2 while every panel is multiplied with them, and each pass decodes the panels again. One
+ * pass over 2048 rows of a 4864-wide x (10 MB of codes) ran from L3 and DRAM. One thread, the
+ * second model's ffn_down at M = 2048: 114 ms in one pass, 91-100 ms in passes of 0.5-2 MB
+ * (138 ms before prepare_x stopped writing a float32 copy of x); its 16 x 128-token prefill,
+ * 2 threads: 5.0 -> 4.0-4.4 s. 512 KB: half of Zen 4's and Cascade Lake's L2, L3-resident
+ * where L2 is smaller. One pass where M is under 1.5 passes' rows.
+ */
+#define X_PASS_BYTES (512 * 1024)
+
+static int64_t x_pass_rows(int64_t K64, int64_t M) {
+    int64_t rows = X_PASS_BYTES / K64 / MTILE * MTILE;
+    if (rows < 4 * MTILE) rows = 4 * MTILE;
+    return M < rows + rows / 2 ? M : rows;
+}
+
 /* The int8 mode: each thread takes ranges of panels (guided, see matmul_rows); a panel's float
  * rows are multiplied in float32, one row at a time. */
 static int matmul_int8(const xprep *p, int64_t M, int64_t K, const heron_gguf_segment *segs,
@@ -1497,6 +1535,7 @@ static int matmul_int8(const xprep *p, int64_t M, int64_t K, const heron_gguf_se
     const int rowform = 0;
 #endif
     const int64_t panels = (N + LANES - 1) / LANES;
+    const int64_t block = rowform ? M : x_pass_rows(p->K64, M);
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {
@@ -1504,34 +1543,39 @@ static int matmul_int8(const xprep *p, int64_t M, int64_t K, const heron_gguf_se
         rowbuf w;
         if (!panel_alloc(&P, p->K64) || !rowbuf_alloc(&w, p->K64)) failed = 1;
         int64_t seg = 0, first = 0;
+        for (int64_t m0 = 0; m0 < M; m0 += block) {
+            const xprep q = xprep_rows(p, m0);
+            const int64_t rows = M - m0 < block ? M - m0 : block;
+            char *o = (char *)out + (size_t)(m0 * ldo) * (out_bf16 ? 2 : 4);
 #pragma omp for schedule(guided)
-        for (int64_t i = 0; i < panels; i++) {
-            if (failed) continue;
-            const int64_t n0 = i * LANES;
-            const int count = N - n0 < LANES ? (int)(N - n0) : LANES;
+            for (int64_t i = 0; i < panels; i++) {
+                if (failed) continue;
+                const int64_t n0 = i * LANES;
+                const int count = N - n0 < LANES ? (int)(N - n0) : LANES;
 #if defined(ROW_DIRECT)
-            const uint8_t *rows[LANES];
-            const int type = rowform ? direct_rows(segs, &seg, &first, n0, count, K, rows) : -1;
-            if (type >= 0) {
-                direct_times_x(type, rows, direct_ahead(&segs[seg], n0 - first), p, M, out, ldo,
-                               out_bf16, n0, count);
-                continue;
-            }
+                const uint8_t *rows_w[LANES];
+                const int type = rowform ? direct_rows(segs, &seg, &first, n0, count, K, rows_w) : -1;
+                if (type >= 0) {
+                    direct_times_x(type, rows_w, direct_ahead(&segs[seg], n0 - first), &q, rows, o,
+                                   ldo, out_bf16, n0, count);
+                    continue;
+                }
 #endif
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-            if (!panel_decode_blocks(segs, &seg, &first, n0, count, K, M, &P))
+                if (!panel_decode_blocks(segs, &seg, &first, n0, count, K, M, &P))
 #elif defined(__AVX2__)
-            if (rowform || !panel_decode_blocks(segs, &seg, &first, n0, count, K, M, &P))
+                if (rowform || !panel_decode_blocks(segs, &seg, &first, n0, count, K, M, &P))
 #endif
-            panel_decode(segs, &seg, &first, n0, count, K, M, !rowform, &P);
-            panel_times_x(&P, p, M, out, ldo, out_bf16, n0, count, rowform);
-            for (int l = 0; l < count; l++) {
-                if (!(P.floats >> l & 1)) continue;
-                const int64_t n = n0 + l;
-                while (n < first) first -= segs[--seg].rows;
-                while (n >= first + segs[seg].rows) first += segs[seg++].rows;
-                decode_into(&segs[seg], n - first, K, 0, &w);
-                row_times_x(&w, p, M, 1, 0, out, ldo, out_bf16, n);
+                panel_decode(segs, &seg, &first, n0, count, K, M, !rowform, &P);
+                panel_times_x(&P, &q, rows, o, ldo, out_bf16, n0, count, rowform);
+                for (int l = 0; l < count; l++) {
+                    if (!(P.floats >> l & 1)) continue;
+                    const int64_t n = n0 + l;
+                    while (n < first) first -= segs[--seg].rows;
+                    while (n >= first + segs[seg].rows) first += segs[seg++].rows;
+                    decode_into(&segs[seg], n - first, K, 0, &w);
+                    row_times_x(&w, &q, rows, 1, 0, o, ldo, out_bf16, n);
+                }
             }
         }
         panel_free(&P);
@@ -1551,8 +1595,10 @@ int heron_gguf_matmul(const void *x, int64_t ldx, int x_bf16, int64_t M, int64_t
                       int out_bf16, int exact) {
     int status = heron_gguf_check(segs, nsegs, K);
     if (status) return status;
+    int floats = 0;
+    for (int64_t s = 0; s < nsegs; s++) floats |= gguf_float_bytes((int)segs[s].type) != 0;
     xprep p = {0};
-    if (prepare_x(x, ldx, x_bf16, M, K, exact, &p)) {
+    if (prepare_x(x, ldx, x_bf16, M, K, exact, floats, &p)) {
         free_x(&p);
         return -2;
     }
