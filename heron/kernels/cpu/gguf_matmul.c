@@ -1565,48 +1565,50 @@ int heron_gguf_check(const heron_gguf_segment *segs, int64_t nsegs, int64_t K) {
  * Served on 2 cores with `heron bench peers` (OMP_SCHEDULE=static against guided, one build,
  * interleaved), medians of 5: c=1 68.3 -> 75.1 tok/s, c=16 280.2 -> 285.6 (an earlier run of 3:
  * 70.1 -> 70.4, 243.5 -> 302.7). Ranges are taken in increasing order, so each thread's segment
- * cursor still only moves forward. */
+ * cursor still only moves forward.
+ *
+ * What is handed out are pairs: rows r and h + r of a segment of rows (h: half its rows,
+ * rounded up), which one row of x multiplies together (row_int8_pair). Pairs within each
+ * segment, not across the stacked weight, so a fused q/k/v pairs all its rows: the default
+ * model's decode step (in process, batch 1, alternating) spent 4.0-4.1 ms in its layers with
+ * rows i and N / 2 + i paired (unpaired where they were in two segments), 3.8-3.9 ms so. */
 static int matmul_rows(const xprep *p, int64_t M, int64_t K, const heron_gguf_segment *segs,
-                       int64_t N, void *out, int64_t ldo, int out_bf16, int exact) {
-    const int64_t H = (N + 1) / 2;  /* row i and row H + i */
+                       int64_t nsegs, void *out, int64_t ldo, int out_bf16, int exact) {
+    int64_t pairs = 0;  /* segment s's rows r and h + r, h = half its rows rounded up */
+    for (int64_t s = 0; s < nsegs; s++) pairs += (segs[s].rows + 1) / 2;
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {
         rowbuf w;
         if (!rowbuf_alloc(&w, p->K64)) failed = 1;
-        int64_t seg[2] = {0, 0}, first[2] = {0, 0};  /* per half: the segment of the last row seen, its first row */
+        /* the segment of the last pair seen, its first pair and its first row */
+        int64_t seg = 0, first_pair = 0, first = 0;
 #pragma omp for schedule(guided)
-        for (int64_t i = 0; i < H; i++) {
+        for (int64_t j = 0; j < pairs; j++) {
             if (failed) continue;
-            int64_t at[2];  /* the rows' indexes in their segments */
-            for (int h = 0; h < 2; h++) {
-                const int64_t n = i + h * H;
-                if (n >= N) { at[h] = -1; continue; }
-                while (n < first[h]) first[h] -= segs[--seg[h]].rows;
-                while (n >= first[h] + segs[seg[h]].rows) first[h] += segs[seg[h]++].rows;
-                at[h] = n - first[h];
-            }
+            while (j < first_pair) --seg, first_pair -= (segs[seg].rows + 1) / 2, first -= segs[seg].rows;
+            while (j >= first_pair + (segs[seg].rows + 1) / 2)
+                first_pair += (segs[seg].rows + 1) / 2, first += segs[seg].rows, seg++;
+            const heron_gguf_segment *s = &segs[seg];
+            const int64_t h = (s->rows + 1) / 2, r = j - first_pair;
+            const int type = (int)s->type, float_rows = gguf_float_bytes(type) != 0;
 #if defined(ROW_PATH)
-            /* one row of x: rows i and H + i together where they share a segment */
-            if (!exact && M == 1 && at[1] >= 0 && seg[0] == seg[1] &&
-                row_int8_pair(&segs[seg[0]], at[0], H, K, p, out, out_bf16, i))
+            /* one row of x: both rows at once */
+            if (!exact && M == 1 && r + h < s->rows && row_int8_pair(s, r, h, K, p, out, out_bf16, first + r))
                 continue;
 #endif
-            for (int h = 0; h < 2; h++) {
-                if (at[h] < 0) continue;
-                const heron_gguf_segment *s = &segs[seg[h]];
-                const int64_t n = i + h * H;
-                const int type = (int)s->type, float_rows = gguf_float_bytes(type) != 0;
+            for (int64_t at = r; at < s->rows; at += h) {
+                const int64_t n = first + at;
 #if !defined(ROW_PATH)
                 (void)exact;
 #else
                 if (!exact && !float_rows) {
-                    if (ROW_PREFETCH && M > 1) prefetch_row(s, at[h] + ROW_PREFETCH);
-                    row_int8_times_x(s, at[h], K, &w, p, M, out, ldo, out_bf16, n);
+                    if (ROW_PREFETCH && M > 1) prefetch_row(s, at + ROW_PREFETCH);
+                    row_int8_times_x(s, at, K, &w, p, M, out, ldo, out_bf16, n);
                     continue;
                 }
 #endif
-                decode_into(s, at[h], K, 0, &w);
+                decode_into(s, at, K, 0, &w);
                 row_times_x(&w, p, M, float_rows, gguf_has_offsets(type), out, ldo, out_bf16, n);
             }
         }
@@ -1646,9 +1648,10 @@ static int64_t x_pass_rows(int64_t K64, int64_t M) {
 /* The int8 mode: each thread takes ranges of panels (guided, see matmul_rows); a panel's float
  * rows are multiplied in float32, one row at a time. */
 static int matmul_int8(const xprep *p, int64_t M, int64_t K, const heron_gguf_segment *segs,
-                       int64_t N, void *out, int64_t ldo, int out_bf16) {
+                       int64_t nsegs, int64_t N, void *out, int64_t ldo, int out_bf16) {
+    (void)nsegs;  /* the row path's */
 #if defined(ROW_PATH)
-    if (M <= ROW_M) return matmul_rows(p, M, K, segs, N, out, ldo, out_bf16, 0);
+    if (M <= ROW_M) return matmul_rows(p, M, K, segs, nsegs, out, ldo, out_bf16, 0);
 #endif
 #if defined(ROW_FORM)
     const int rowform = M <= ROW_M;
@@ -1725,8 +1728,8 @@ int heron_gguf_matmul(const void *x, int64_t ldx, int x_bf16, int64_t M, int64_t
     }
     int64_t N = 0;
     for (int64_t s = 0; s < nsegs; s++) N += segs[s].rows;
-    const int failed = exact ? matmul_rows(&p, M, K, segs, N, out, ldo, out_bf16, 1)
-                             : matmul_int8(&p, M, K, segs, N, out, ldo, out_bf16);
+    const int failed = exact ? matmul_rows(&p, M, K, segs, nsegs, out, ldo, out_bf16, 1)
+                             : matmul_int8(&p, M, K, segs, nsegs, N, out, ldo, out_bf16);
     free_x(&p);
     return failed ? -2 : 0;
 }
