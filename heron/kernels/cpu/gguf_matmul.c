@@ -60,6 +60,7 @@
 #define PAD 128
 #define MAX_TILE 8
 #define XGROUP 8  /* elements of x per int8 scale */
+#define WAYS 4  /* one row of x: rows of W multiplied at once (row_int8_ways) */
 #define X_QUAD_ROWS 2  /* AVX-512 VNNI: up to this many rows of x (the row path) get q4 */
 
 /* The per-call form of x. */
@@ -802,7 +803,7 @@ static inline int zero_shift(int type) {
  * NW rows of W (rows[0 .. NW - 1]; a decoded row w: NW = 1) times rows m0 .. m0 + R - 1 of x:
  * res[n * ROW_M + r]; lane q of acc runs sequence q. A row's sequences are a chain of dependent
  * FMAs (8 per 128 elements, in its 4 lanes), so one row of x times one row of W waits on their
- * latency; two rows of W (or of x) run two chains at once (row_int8_pair). With the zero
+ * latency; two rows of W (or of x) run two chains at once (row_int8_ways: four). With the zero
  * points above, one thread, cache-warm, M = 1: the second model's gate/up (Q5_0, K = 896) 0.43
  * -> 0.38-0.40 ms; its Q8_0 LM head from DRAM 5.5-6.3 -> 5.1 ms. Decode at batch 1, in process
  * (3 alternating runs): default model 9.0-9.1 -> 8.6-8.7 ms a step, second 15.2-15.4 -> 14.2-14.5.
@@ -815,11 +816,11 @@ static inline __attribute__((always_inline)) void row_tile(
      * their sum is the even groups' sums, then the odd groups' */
     const __m512i first = _mm512_set_epi32(30, 26, 22, 18, 14, 10, 6, 2, 28, 24, 20, 16, 12, 8, 4, 0);
     const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(1));
-    __m128 acc[2][ROW_M];
+    __m128 acc[WAYS][ROW_M];
     for (int n = 0; n < NW; n++)
         for (int r = 0; r < R; r++) acc[n][r] = _mm_setzero_ps();
     const int kquant = type == GGML_Q4_K || type == GGML_Q6_K, shift = zero_shift(type);
-    float ka[2][16], kb[2][8];  /* a K-quant super-block's scales (per 16) and offsets (per 32) */
+    float ka[WAYS][16], kb[WAYS][8];  /* a K-quant super-block's scales (per 16) and offsets (per 32) */
     for (int64_t i = 0; i < K64 / 128; i++) {
       for (int n = 0; n < NW; n++) {
         const uint8_t *row = rows[n];
@@ -1456,30 +1457,30 @@ static void row_int8_times_x(const heron_gguf_segment *seg, int64_t index, int64
     for (int64_t m = 0; m < M; m++) store_out(out, out_bf16, m * ldo + n, res[m]);
 }
 
-#define PAIR_CASE(T) row_tile(T, rows, 2, NULL, p, 0, 1, (T) == GGML_Q4_K, res); break
+#define WAYS_CASE(T) row_tile(T, rows, WAYS, NULL, p, 0, 1, (T) == GGML_Q4_K, res); break
 
-/* out[0, n] and out[0, n + H] for one row of x from rows index and index + H of a segment
- * (Q4_0, Q5_0, Q8_0, Q4_K, Q6_K; not permuted): two sequential streams through the file, each
- * followed by the hardware's prefetch (rows index and index + 1 together, interleaved by 128
- * elements, ran at a third of the speed from DRAM: the LM head 5.5 -> 16.5 ms). Returns 0
+/* out[0, n + i H] (i < WAYS) for one row of x from rows index + i H of a segment (Q4_0, Q5_0,
+ * Q8_0, Q4_K, Q6_K; not permuted): WAYS sequential streams through the file, each followed by
+ * the hardware's prefetch (rows index and index + 1 together, interleaved by 128 elements, ran
+ * at a third of the speed from DRAM: the second model's LM head 5.5 -> 16.5 ms). Four rows
+ * rather than two, one thread: the default model's Q8_0 LM head 7.1-7.2 -> 6.4 ms. Returns 0
  * (nothing done) where it does not apply. */
-static int row_int8_pair(const heron_gguf_segment *seg, int64_t index, int64_t H, int64_t K,
+static int row_int8_ways(const heron_gguf_segment *seg, int64_t index, int64_t H, int64_t K,
                          const xprep *p, void *out, int out_bf16, int64_t n) {
     const int type = (int)seg->type;
     if ((zero_shift(type) < 0 && type != GGML_Q8_0) || seg->row_ids || (K % 128 && type != GGML_Q4_K && type != GGML_Q6_K))
         return 0;
-    const uint8_t *rows[2] = {seg->data + index * seg->row_bytes,
-                              seg->data + (index + H) * seg->row_bytes};
-    float res[2 * ROW_M] = {0};
+    const uint8_t *rows[WAYS];
+    for (int i = 0; i < WAYS; i++) rows[i] = seg->data + (index + i * H) * seg->row_bytes;
+    float res[WAYS * ROW_M] = {0};
     switch (type) {
-        case GGML_Q4_0: PAIR_CASE(GGML_Q4_0);
-        case GGML_Q5_0: PAIR_CASE(GGML_Q5_0);
-        case GGML_Q4_K: PAIR_CASE(GGML_Q4_K);
-        case GGML_Q8_0: PAIR_CASE(GGML_Q8_0);
-        default: PAIR_CASE(GGML_Q6_K);
+        case GGML_Q4_0: WAYS_CASE(GGML_Q4_0);
+        case GGML_Q5_0: WAYS_CASE(GGML_Q5_0);
+        case GGML_Q4_K: WAYS_CASE(GGML_Q4_K);
+        case GGML_Q8_0: WAYS_CASE(GGML_Q8_0);
+        default: WAYS_CASE(GGML_Q6_K);
     }
-    store_out(out, out_bf16, n, res[0]);
-    store_out(out, out_bf16, n + H, res[ROW_M]);
+    for (int i = 0; i < WAYS; i++) store_out(out, out_bf16, n + i * H, res[i * ROW_M]);
     return 1;
 }
 #endif
@@ -1567,34 +1568,34 @@ int heron_gguf_check(const heron_gguf_segment *segs, int64_t nsegs, int64_t K) {
  * 70.1 -> 70.4, 243.5 -> 302.7). Ranges are taken in increasing order, so each thread's segment
  * cursor still only moves forward.
  *
- * What is handed out are pairs: rows r and h + r of a segment of rows (h: half its rows,
- * rounded up), which one row of x multiplies together (row_int8_pair). Pairs within each
- * segment, not across the stacked weight, so a fused q/k/v pairs all its rows: the default
+ * What is handed out are groups of rows r + i h of a segment (i < WAYS, h: its rows / WAYS
+ * rounded up), which one row of x multiplies together (row_int8_ways). Groups within each
+ * segment, not across the stacked weight, so a fused q/k/v groups all its rows: the default
  * model's decode step (in process, batch 1, alternating) spent 4.0-4.1 ms in its layers with
  * rows i and N / 2 + i paired (unpaired where they were in two segments), 3.8-3.9 ms so. */
 static int matmul_rows(const xprep *p, int64_t M, int64_t K, const heron_gguf_segment *segs,
                        int64_t nsegs, void *out, int64_t ldo, int out_bf16, int exact) {
-    int64_t pairs = 0;  /* segment s's rows r and h + r, h = half its rows rounded up */
-    for (int64_t s = 0; s < nsegs; s++) pairs += (segs[s].rows + 1) / 2;
+    int64_t groups = 0;  /* segment s's rows r + i h, h = its rows / WAYS rounded up */
+    for (int64_t s = 0; s < nsegs; s++) groups += (segs[s].rows + WAYS - 1) / WAYS;
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {
         rowbuf w;
         if (!rowbuf_alloc(&w, p->K64)) failed = 1;
-        /* the segment of the last pair seen, its first pair and its first row */
-        int64_t seg = 0, first_pair = 0, first = 0;
+        /* the segment of the last group seen, its first group and its first row */
+        int64_t seg = 0, first_group = 0, first = 0;
 #pragma omp for schedule(guided)
-        for (int64_t j = 0; j < pairs; j++) {
+        for (int64_t j = 0; j < groups; j++) {
             if (failed) continue;
-            while (j < first_pair) --seg, first_pair -= (segs[seg].rows + 1) / 2, first -= segs[seg].rows;
-            while (j >= first_pair + (segs[seg].rows + 1) / 2)
-                first_pair += (segs[seg].rows + 1) / 2, first += segs[seg].rows, seg++;
+            while (j < first_group) --seg, first_group -= (segs[seg].rows + WAYS - 1) / WAYS, first -= segs[seg].rows;
+            while (j >= first_group + (segs[seg].rows + WAYS - 1) / WAYS)
+                first_group += (segs[seg].rows + WAYS - 1) / WAYS, first += segs[seg].rows, seg++;
             const heron_gguf_segment *s = &segs[seg];
-            const int64_t h = (s->rows + 1) / 2, r = j - first_pair;
+            const int64_t h = (s->rows + WAYS - 1) / WAYS, r = j - first_group;
             const int type = (int)s->type, float_rows = gguf_float_bytes(type) != 0;
 #if defined(ROW_PATH)
-            /* one row of x: both rows at once */
-            if (!exact && M == 1 && r + h < s->rows && row_int8_pair(s, r, h, K, p, out, out_bf16, first + r))
+            /* one row of x: the group at once */
+            if (!exact && M == 1 && r + (WAYS - 1) * h < s->rows && row_int8_ways(s, r, h, K, p, out, out_bf16, first + r))
                 continue;
 #endif
             for (int64_t at = r; at < s->rows; at += h) {
