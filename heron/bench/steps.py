@@ -1,6 +1,6 @@
-"""Where one engine step's time goes: ``python -m heron.bench.steps [--quantization Q]``.
+"""Where one engine step's time goes: ``python -m heron.bench.steps [--model M] [--quantization Q]``.
 
-Runs the default model in process, fills a batch of B decoding requests (128-token prompts),
+Runs a model in process (the default one unless ``--model`` names a directory or GGUF file), fills a batch of B decoding requests (128-token prompts),
 and times 40 decode steps, reporting the median milliseconds of the step and of its parts:
 ``model`` (the forward pass), ``lm_head`` (logits), ``sampler``, ``build_batch`` (the runner's
 flat batch), ``sampling_batch`` (the sampler's input), ``schedule`` and ``update`` (the
@@ -73,6 +73,8 @@ def median_ms(values: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="a directory or GGUF file (default: the embedded model)")
+    parser.add_argument("--tokenizer", default=None)
     parser.add_argument("--quantization", default="auto")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--steps", type=int, default=40)
@@ -83,7 +85,7 @@ def main() -> None:
                         help="time in the process's CPU seconds (all its threads: with one "
                              "thread, steadier than wall time on a shared machine)")
     args = parser.parse_args()
-    engine = LLM(quantization=args.quantization).engine
+    engine = LLM(args.model, tokenizer=args.tokenizer, quantization=args.quantization).engine
     assert isinstance(engine, EngineCore)  # one in-process engine (no data_parallel_size)
     times: dict[str, list[float]] = defaultdict(list)
     instrument(engine, times, time.process_time if args.cpu_time else time.perf_counter)
