@@ -58,12 +58,16 @@ def test_commands_are_the_anchor_commands_and_one_client_for_all(tmp_path: Path)
     peers = known_peers(8400, tmp_path)
     assert peers["llama.cpp"].command[:3] == [str(tmp_path / "llama-server"), "-m", str(tmp_path / "gemma.gguf")]
     assert "--served-model-name" in peers["vllm-cpu"].command
-    args = argparse.Namespace(input_len=128, output_len=64, seed=0, tokenizer=None)
+    args = argparse.Namespace(input_len=128, output_len=64, seed=0, tokenizer=None, disjoint_prompts=False)
     command = bench_command(args, "http://127.0.0.1:8400", CASES[1], tmp_path / "r.json")
     assert command[1:5] == ["-m", "heron", "bench", "serve"]
     flags = dict(zip(command[5::1], command[6::1]))
     assert flags["--max-concurrency"] == "16" and flags["--num-prompts"] == "32"
     assert flags["--input-len"] == "128" and flags["--output-len"] == "64" and "--ignore-eos" in command
+    assert flags["--seed"] == "0"  # the c=1 case's seed: its 16 prompts lead the 32
+    args.disjoint_prompts = True
+    seeds = [bench_command(args, "u", case, tmp_path / "r.json") for case in CASES]
+    assert [c[c.index("--seed") + 1] for c in seeds] == ["0", "1"]
 
 
 def test_interleaving_starts_every_peer_once_per_run_and_merges_them() -> None:

@@ -18,7 +18,9 @@ default ``~/.cache/heron-anchors``)::
 then print two markdown tables of medians per peer and case, with heron's ratio to each peer:
 speed, and memory / DRAM roofline (c=1 tok/s against read bandwidth / weight bytes per token
 of the GGUF file). Every peer serves the same model under the name ``gemma``, and every run
-uses the same client, prompts (``--seed``) and tokenizer. ``--model second`` takes the anchors'
+uses the same client, prompts (``--seed``) and tokenizer. The c=16 case's first 16 prompts are
+the c=1 case's (one seed), so a server's prefix cache answers them; ``--disjoint-prompts`` gives
+each case its own. ``--model second`` takes the anchors'
 second model (GGUF and tokenizer) instead of the default one; ``--gguf`` any GGUF file.
 ``--env KEY=VAL`` sets a variable for every peer, ``--env PEER:KEY=VAL`` for one (e.g.
 ``heron:HERON_CPU_ISA=avx2``). ``heron/LABEL`` is heron again under another name, with its own
@@ -201,9 +203,18 @@ def bench_command(args: argparse.Namespace, base_url: str, case: Case, out: Path
     return [sys.executable, "-m", "heron", "bench", "serve", "--base-url", base_url,
             "--model", SERVED_NAME, "--dataset-name", "random", "--input-len", str(args.input_len),
             "--output-len", str(args.output_len), "--num-prompts", str(case.num_prompts),
-            "--max-concurrency", str(case.concurrency), "--ignore-eos", "--seed", str(args.seed),
+            "--max-concurrency", str(case.concurrency), "--ignore-eos", "--seed", str(case_seed(args, case)),
             "--disable-tqdm", "--save-result", str(out)] + (
                 ["--tokenizer", args.tokenizer] if args.tokenizer else [])
+
+
+def case_seed(args: argparse.Namespace, case: Case) -> int:
+    """The prompts' seed: ``--seed`` for every case, or with ``--disjoint-prompts`` one more per
+    case in CASES (the c=16 run's first 16 prompts are otherwise the c=1 run's, and a server with
+    a prefix cache answers those from it)."""
+    if not args.disjoint_prompts:
+        return int(args.seed)
+    return int(args.seed) + [c.name for c in CASES].index(case.name)
 
 
 @contextlib.contextmanager
@@ -394,6 +405,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--disjoint-prompts", action="store_true",
+                   help="each case its own prompts (seed + 1 for c=16): none of them in the "
+                        "prefix cache that an earlier case filled")
     p.add_argument("--num-prompts", type=int, default=None,
                    help="prompts per case (default: 16 at c=1, 32 at c=16)")
     p.add_argument("--model", choices=("default", "second"), default="default",
