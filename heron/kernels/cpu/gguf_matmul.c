@@ -822,6 +822,11 @@ static inline __attribute__((always_inline)) void row_tile(
     const int kquant = type == GGML_Q4_K || type == GGML_Q6_K, shift = zero_shift(type);
     float ka[WAYS][16], kb[WAYS][8];  /* a K-quant super-block's scales (per 16) and offsets (per 32) */
     for (int64_t i = 0; i < K64 / 128; i++) {
+      /* unrolled: each row's accumulators stay in registers (rolled, GCC kept them on the stack
+       * and every sum went through a store and a load). One thread, cache-warm, M = 1, min of
+       * 3000 calls, alternating 3 x: the default model's gate/up (Q5_0) 110-115 -> 104-106 us,
+       * 8192 rows of its Q8_0 LM head 170-186 -> 165 us; Q4_K / Q6_K alike */
+#pragma GCC unroll 4
       for (int n = 0; n < NW; n++) {
         const uint8_t *row = rows[n];
         if (kquant && !(i & 1)) {  /* as decode_q4_k / decode_q6_k compute them */
