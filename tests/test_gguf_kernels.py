@@ -210,6 +210,10 @@ def test_bad_shapes_are_refused() -> None:
         kernels.matmul(torch.randn(1, 128), segments, 4, True, torch.float32)
     with pytest.raises(ValueError, match="out of range"):
         kernels.rows(segments[0], 256, torch.tensor([4]), torch.float32)
+    # the microbenchmark's timing loop checks the shapes as each call does
+    with pytest.raises(ValueError, match="gguf_matmul: .*whole number of blocks"):
+        kernels.seconds_per_call(torch.randn(1, 128), segments, 4, False, 3)
+    assert kernels.seconds_per_call(torch.randn(2, 256), segments, 4, False, 3) > 0
 
 
 @pytest.mark.parametrize("variant", isa.VARIANTS)

@@ -7,7 +7,8 @@ hidden 896, intermediate 4864), per variant and batch size M::
 Each shape is a layer's projection as heron serves it: q/k/v fused (segments of their
 formats), o, gate/up fused, down (Q6_K in layer 0, Q4_K in a later layer); bf16 activations
 and output, int8 mode (``--exact`` for float32 activations). Prints the median microseconds
-per call and GFLOP/s (2 M N K per call). Run it as a file with another checkout first on
+per call and GFLOP/s (2 M N K per call); the calls are timed in C, in a row (for one row of x
+the Python around each call would add about a quarter). Run it as a file with another checkout first on
 PYTHONPATH to time that checkout's kernels (the tensors and shapes are the same).
 """
 
@@ -16,8 +17,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -59,23 +58,13 @@ def _weight(tensors: dict[str, gguf.ReaderTensor], layer: int, name: str,
     return f"{name}[{'+'.join(formats)}]", k, segments
 
 
-def time_call(fn: Callable[[], object], min_s: float = 0.04) -> float:
-    """Seconds per call: calls repeated for at least ``min_s``."""
-    fn()
-    n, start = 0, time.perf_counter()
-    while True:
-        fn()
-        n += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_s:
-            return elapsed / n
-
-
 def time_matmul(kernels: GGUFKernels, x: torch.Tensor, segments: ctypes.Array[Segment], n: int,
-                exact: bool, reps: int) -> list[float]:
-    """Seconds per call of x @ W^T (bf16 out), ``reps`` times."""
-    return [time_call(lambda: kernels.matmul(x, segments, n, exact, torch.bfloat16))
-            for _ in range(reps)]
+                exact: bool, reps: int, min_s: float = 0.04) -> list[float]:
+    """Seconds per call of x @ W^T (bf16 out), ``reps`` times: each the mean of calls in a row
+    for at least ``min_s``, timed in C (``GGUFKernels.seconds_per_call``), not around Python."""
+    one = kernels.seconds_per_call(x, segments, n, exact, 1)  # also warms the caches
+    calls = max(1, int(min_s / max(one, 1e-7)))
+    return [kernels.seconds_per_call(x, segments, n, exact, calls) for _ in range(reps)]
 
 
 def main() -> None:

@@ -69,7 +69,9 @@ class GGUFKernels:
         self._rows.argtypes = [ptr, i64, ptr, i64, ptr, cint]
         self._check = lib.heron_gguf_check
         self._check.argtypes = [ptr, i64, i64]
-        for fn in (self._matmul, self._rows, self._check):
+        self._loop = lib.heron_gguf_matmul_loop
+        self._loop.argtypes = [*self._matmul.argtypes, i64, ctypes.POINTER(ctypes.c_double)]
+        for fn in (self._matmul, self._rows, self._check, self._loop):
             fn.restype = ctypes.c_int
 
     def check(self, segments: ctypes.Array[Segment], k: int) -> None:
@@ -89,6 +91,18 @@ class GGUFKernels:
                             len(segments), out.data_ptr(), n, out_dtype == torch.bfloat16, exact),
                "gguf_matmul")
         return out
+
+    def seconds_per_call(self, x: torch.Tensor, segments: ctypes.Array[Segment], n: int,
+                         exact: bool, calls: int) -> float:
+        """``matmul(x, ...)`` (bf16 out) ``calls`` times in a row, timed in C: seconds per call."""
+        x = x.contiguous()
+        m, k = x.shape
+        out = torch.empty(m, n, dtype=torch.bfloat16)
+        seconds = ctypes.c_double()
+        _raise(self._loop(x.data_ptr(), x.stride(0), x.dtype == torch.bfloat16, m, k, segments,
+                          len(segments), out.data_ptr(), n, True, exact, calls,
+                          ctypes.byref(seconds)), "gguf_matmul")
+        return seconds.value / calls
 
     def rows(self, segment: Segment, k: int, ids: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """The dequantized rows ``ids`` [n] of one segment -> [n, K] float32 or bf16."""

@@ -45,6 +45,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "gguf_blocks.h"
 #include "kernels_gguf.h"
@@ -1738,6 +1739,23 @@ int heron_gguf_matmul(const void *x, int64_t ldx, int x_bf16, int64_t M, int64_t
                              : matmul_int8(&p, M, K, segs, nsegs, N, out, ldo, out_bf16);
     free_x(&p);
     return failed ? -2 : 0;
+}
+
+/* heron_gguf_matmul `calls` times in a row, *seconds the time they took together: the
+ * microbenchmark (heron/bench/gguf_matmul.py) times here, where a call of one row of x takes
+ * tens of microseconds and the Python around each call would be a quarter of it. */
+int heron_gguf_matmul_loop(const void *x, int64_t ldx, int x_bf16, int64_t M, int64_t K,
+                           const heron_gguf_segment *segs, int64_t nsegs, void *out, int64_t ldo,
+                           int out_bf16, int exact, int64_t calls, double *seconds) {
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (int64_t i = 0; i < calls; i++) {
+        const int status = heron_gguf_matmul(x, ldx, x_bf16, M, K, segs, nsegs, out, ldo, out_bf16, exact);
+        if (status) return status;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    *seconds = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+    return 0;
 }
 
 /* out[i, :] = the dequantized row ids[i] of one segment (float32 or bf16). */
