@@ -78,6 +78,32 @@ def test_paged_decode_attention_matches_float32_reference(heads, kv_heads, dim, 
 
 
 @needs_kernel
+@pytest.mark.parametrize("heads,kv_heads,dim,seq_lens,window", [
+    (4, 1, 256, [300], None),  # one request of Gemma 3 270M: its keys split between threads
+    (4, 1, 256, [700], 512),  # ... a local layer past its window
+    (7, 1, 64, [129, 40], None),  # a group of 7 (heads in passes of 4, then 3), two requests
+    (14, 2, 64, [200], None),  # two K/V heads
+])
+def test_fewer_tasks_than_threads_split_them_with_the_same_bits(heads, kv_heads, dim, seq_lens,
+                                                                window) -> None:
+    """With fewer (sequence, K/V head) tasks than threads, a task's keys, heads and value
+    dimensions are shared out (attend_split): one thread, two or four, the same bits."""
+    q, cache, tables, lens = _paged_case(seq_lens, heads, kv_heads, dim, 16, seed=len(seq_lens))
+    attend = cpu_kernels.paged_decode_attention()
+    previous = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            results.append(attend(q, cache, tables, lens, dim ** -0.5, window))
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    torch.testing.assert_close(results[0].float(), _reference(q, cache, tables, lens, dim ** -0.5, window),
+                               atol=2e-2, rtol=2e-2)
+
+
+@needs_kernel
 def test_backend_uses_the_kernel_and_agrees_with_its_torch_path(monkeypatch) -> None:
     heads, kv_heads, dim, block_size, window = 4, 1, 256, 16, 40
     q, cache, tables, lens = _paged_case([3, 33, 70], heads, kv_heads, dim, block_size, seed=7)

@@ -1,6 +1,6 @@
 /*
- * attend_one of paged_attention.c in plain C, for the variants without AVX-512 (avx2,
- * portable): fp32 scores and softmax, values summed in fp32, the output rounded to bf16 once.
+ * The phases of paged_attention.c (attend_scores, softmax_head, attend_values) in plain C, for
+ * the variants without AVX-512 (avx2, portable): fp32 scores and softmax, values summed in fp32, the output rounded to bf16 once.
  * The avx2 variant runs the dot products and the value sums in AVX2 intrinsics with the
  * operations the compiler makes of the plain C (per lane fused multiply-adds, the same order),
  * up to 4 query heads at a time: each key's chunks are converted once for them, and the
@@ -43,12 +43,12 @@ static inline float dot_bf16(const uint16_t *a, const uint16_t *b, int64_t dim) 
 }
 
 #if defined(__AVX2__)
-/* scores[g * n + i] = scale * q_g . k_i for G (<= 4, constant once inlined) heads, qf: their q
+/* scores[g * ld + i] = scale * q_g . k_i for G (<= 4, constant once inlined) heads, qf: their q
  * as floats. dot_bf16's numbers: per (key, head) the same lo / hi fused multiply-adds, summed in
  * lane order; each key's chunks are converted once for the G heads, q once per call. */
 static inline __attribute__((always_inline)) void head_scores(
         const float *qf, int G, const uint16_t *const *keys, int64_t n, int64_t dim, float scale,
-        int64_t value_offset, float *scores) {
+        int64_t value_offset, float *scores, int64_t ld) {
     const int64_t row_bytes = dim * (int64_t)sizeof(uint16_t);
     for (int64_t i = 0; i < n; i++) {
         const uint16_t *k = keys[i];
@@ -70,7 +70,7 @@ static inline __attribute__((always_inline)) void head_scores(
             _mm256_storeu_ps(acc, lo[g]), _mm256_storeu_ps(acc + 8, hi[g]);
             float total = 0.0f;
             for (int j = 0; j < LANES; j++) total += acc[j];
-            scores[g * n + i] = total * scale;
+            scores[g * ld + i] = total * scale;
         }
     }
 }
@@ -120,15 +120,13 @@ static inline void weighted_values(const float *scores, int64_t n, int group,
     }
 }
 
-static void attend_one(const uint16_t *q, const uint16_t *kv, int64_t value_offset,
-                       const int64_t *blocks, int64_t first, int64_t last, int64_t block_size,
-                       int64_t row, int64_t head_off, int group, int64_t dim, float scale,
-                       float *scores, const uint16_t **keys, uint16_t *out) {
-    const int64_t n = last - first, row_bytes = dim * (int64_t)sizeof(uint16_t);
-    for (int64_t i = 0; i < n; i++) keys[i] = slot_of(kv, blocks, first + i, block_size, row) + head_off;
-    /* the rows are scattered over the cache's blocks: key rows prefetched a few keys ahead, each
-     * value row into L2 for the sums after the softmax (as paged_attention.c) */
-    for (int64_t i = 0; i < n && i < KEY_AHEAD; i++) PREFETCH_ROW(keys[i], row_bytes, 3);
+/* scores[g * n + i] = scale * q_g . k_i for i in [i0, i1) (as paged_attention.c's): the key
+ * rows of the range prefetched a few keys ahead, each value row into L2. */
+static void attend_scores(const uint16_t *q, const uint16_t *const *keys, int64_t n, int64_t i0,
+                          int64_t i1, int64_t value_offset, int group, int64_t dim, float scale,
+                          float *scores) {
+    const int64_t row_bytes = dim * (int64_t)sizeof(uint16_t);
+    for (int64_t i = i0; i < i1 && i < i0 + KEY_AHEAD; i++) PREFETCH_ROW(keys[i], row_bytes, 3);
 #if defined(__AVX2__)
     float qf[MAX_GROUP * 256];
     const int converted = group * dim <= MAX_GROUP * 256;
@@ -136,8 +134,8 @@ static void attend_one(const uint16_t *q, const uint16_t *kv, int64_t value_offs
         for (int64_t j = 0; j < group * dim; j++) qf[j] = bf16_bits_to_fp32(q[j]);
         for (int g0 = 0; g0 < group; g0 += 4) {
             const int gn = group - g0 < 4 ? group - g0 : 4;
-#define SCORES(G) head_scores(qf + g0 * dim, G, keys, n, dim, scale, g0 ? 0 : value_offset, \
-                              scores + g0 * n)
+#define SCORES(G) head_scores(qf + g0 * dim, G, keys + i0, i1 - i0, dim, scale, \
+                              g0 ? 0 : value_offset, scores + g0 * n + i0, n)
             BY_HEADS(gn, SCORES)
 #undef SCORES
         }
@@ -145,25 +143,34 @@ static void attend_one(const uint16_t *q, const uint16_t *kv, int64_t value_offs
 #else
     const int converted = 0;
 #endif
-    for (int64_t i = 0; i < n && !converted; i++) {
-        if (i + KEY_AHEAD < n) PREFETCH_ROW(keys[i + KEY_AHEAD], row_bytes, 3);
+    for (int64_t i = i0; i < i1 && !converted; i++) {
+        if (i + KEY_AHEAD < i1) PREFETCH_ROW(keys[i + KEY_AHEAD], row_bytes, 3);
         PREFETCH_ROW(keys[i] + value_offset, row_bytes, 2);
         for (int g = 0; g < group; g++) scores[g * n + i] = dot_bf16(keys[i], q + g * dim, dim) * scale;
     }
-    float inv_sum[MAX_GROUP];
-    for (int g = 0; g < group; g++) {
-        float *s = scores + g * n, mx = s[0], sum = 0.0f;
-        for (int64_t i = 1; i < n; i++) mx = s[i] > mx ? s[i] : mx;
-        for (int64_t i = 0; i < n; i++) {
-            s[i] = exp_scalar(s[i] - mx);
-            sum += s[i];
-        }
-        inv_sum[g] = 1.0f / sum;
+}
+
+/* One query head's scores s[0 .. n) to exp(s - max), in place; returns 1 / their sum. */
+static float softmax_head(float *s, int64_t n) {
+    float mx = s[0], sum = 0.0f;
+    for (int64_t i = 1; i < n; i++) mx = s[i] > mx ? s[i] : mx;
+    for (int64_t i = 0; i < n; i++) {
+        s[i] = exp_scalar(s[i] - mx);
+        sum += s[i];
     }
+    return 1.0f / sum;
+}
+
+#define VALUE_CHUNK 16  /* dimensions attend_values sums at a time */
+
+/* out_g[d0 .. d1) = inv_sum[g] sum_i p_g(i) v_i; d0 and d1 multiples of VALUE_CHUNK. */
+static void attend_values(const float *scores, int64_t n, int group, const uint16_t *const *keys,
+                          int64_t value_offset, int64_t d0, int64_t d1, int64_t dim,
+                          const float *inv_sum, uint16_t *out) {
 #if defined(__AVX2__)
     for (int g0 = 0; g0 < group; g0 += 4) {
         const int gn = group - g0 < 4 ? group - g0 : 4;
-        for (int64_t d = 0; d < dim; d += 16) {
+        for (int64_t d = d0; d < d1; d += VALUE_CHUNK) {
 #define VALUES(G) head_values(scores + g0 * n, G, n, keys, value_offset, d, dim, inv_sum + g0, \
                               out + g0 * dim)
             BY_HEADS(gn, VALUES)
@@ -171,8 +178,7 @@ static void attend_one(const uint16_t *q, const uint16_t *kv, int64_t value_offs
         }
     }
 #else
-    for (int64_t d = 0; d < dim; d += 16)  /* 16 dimensions at a time: the accumulators stay in
-                                             * registers */
+    for (int64_t d = d0; d < d1; d += VALUE_CHUNK)  /* the accumulators stay in registers */
         weighted_values(scores, n, group, keys, value_offset, d, dim, inv_sum, out);
 #endif
 }
