@@ -8,7 +8,7 @@ Each shape is a layer's projection as heron serves it: q/k/v fused (segments of 
 formats), o, gate/up fused, down (Q6_K in layer 0, Q4_K in a later layer); bf16 activations
 and output, int8 mode (``--exact`` for float32 activations). Prints the median microseconds
 per call and GFLOP/s (2 M N K per call); the calls are timed in C, in a row (for one row of x
-the Python around each call would add about a quarter). Run it as a file with another checkout first on
+the Python around each call would add a fifth to a quarter). Run it as a file with another checkout first on
 PYTHONPATH to time that checkout's kernels (the tensors and shapes are the same).
 """
 
