@@ -33,6 +33,11 @@ static inline const uint16_t *slot_of(const uint16_t *kv, const int64_t *blocks,
     return kv + (blocks[pos / block_size] * block_size + pos % block_size) * row;
 }
 
+/* The first position a sequence of length len sees: len - W with a sliding window W, else 0. */
+static inline int64_t first_visible(int64_t len, int64_t sliding_window) {
+    return sliding_window > 0 && len > sliding_window ? len - sliding_window : 0;
+}
+
 /* Lines of a K or V row of `bytes` towards L1 (locality 3) or L2 (2). */
 #define PREFETCH_ROW(p, bytes, locality) \
     for (int64_t b_ = 0; b_ < (bytes); b_ += 64) __builtin_prefetch((const char *)(p) + b_, 0, locality)
@@ -202,7 +207,7 @@ static int attend_split(const uint16_t *q, int64_t q_stride, const uint16_t *kv,
     int failed = !first || !n || !scores || !keys || !inv_sum;
     for (int64_t t = 0; t < tasks && !failed; t++) {
         const int64_t len = seq_lens[t / num_kv_heads];
-        first[t] = sliding_window > 0 && len > sliding_window ? len - sliding_window : 0;
+        first[t] = first_visible(len, sliding_window);
         n[t] = len - first[t];
         scores[t] = malloc(sizeof(float) * (size_t)(group * n[t] + 16));
         keys[t] = malloc(sizeof(uint16_t *) * (size_t)(n[t] + 1));
@@ -245,8 +250,7 @@ int heron_paged_decode_attention(
     const int64_t tasks = num_seqs * num_kv_heads, threads = max_threads();
     int64_t longest = 0;
     for (int64_t b = 0; b < num_seqs; b++) {
-        const int64_t len = seq_lens[b];
-        const int64_t n = sliding_window > 0 && len > sliding_window ? sliding_window : len;
+        const int64_t n = seq_lens[b] - first_visible(seq_lens[b], sliding_window);
         longest = n > longest ? n : longest;
     }
     if (tasks < threads && longest >= SPLIT_MIN_KEYS)
@@ -258,7 +262,7 @@ int heron_paged_decode_attention(
     for (int64_t task = 0; task < num_seqs * num_kv_heads; task++) {
         const int64_t b = task / num_kv_heads, h = task % num_kv_heads;
         const int64_t len = seq_lens[b];
-        const int64_t first = sliding_window > 0 && len > sliding_window ? len - sliding_window : 0;
+        const int64_t first = first_visible(len, sliding_window);
         float *scores = malloc(sizeof(float) * (size_t)(group * (len - first) + 16));
         const uint16_t **keys = malloc(sizeof(uint16_t *) * (size_t)(len - first + 1));
         if (!scores || !keys) {
