@@ -162,6 +162,37 @@ def test_mixed_segments_bf16_in_and_out(variant: str) -> None:
 
 
 @pytest.mark.parametrize("variant", isa.VARIANTS)
+def test_bf16_output_rounds_each_value_once_ties_nan_and_inf_included(variant: str) -> None:
+    """Whole tiles of bf16 output are converted in vectors, partial ones value by value: both
+    round to nearest even as torch does (ties too), keep infinities and give quiet NaNs."""
+    kernels = gguf_kernels(variant)
+    k, n = 64, 45  # tiles of 16 / 8 / 16 lanes and a partial one
+    rng = np.random.default_rng(7)
+    blocks = np.zeros((n, k // 32, 34), dtype=np.uint8)
+    blocks[:, :, 0:2] = np.array([1.0], dtype=np.float16).view(np.uint8)  # d = 1
+    blocks[:, :, 2:] = rng.integers(-1, 2, size=(n, k // 32, 32)).astype(np.int8).view(np.uint8)
+    segments = segment_array([BlockRows(torch.from_numpy(blocks.reshape(n, -1)),
+                                        BLOCK_FORMATS["Q8_0"][0])])
+    x = torch.from_numpy(rng.integers(-127, 128, size=(4, k)).astype(np.float32))
+    x[0, ::8] = 127  # x's scales 1 in int8 mode: row 0's results are exact integers
+    x[1, 5] = float("nan")
+    x[2] *= 1e30
+    x[3] *= 2e36  # sums beyond float32's range
+    for exact in (True, False):
+        out = kernels.matmul(x, segments, n, exact, torch.bfloat16)
+        full = kernels.matmul(x, segments, n, exact, torch.float32)
+        nan = full.isnan()
+        assert torch.equal(out.isnan(), nan)
+        assert torch.equal(out[~nan], full[~nan].to(torch.bfloat16))
+        assert (out[nan].view(torch.int16) & 0x7FC0).eq(0x7FC0).all()  # quiet
+        ties = (full[0].view(torch.int32) & 0xFFFF) == 0x8000  # halfway between two bf16s
+        assert torch.equal(full[0], full[0].round()) and ties.sum() >= 3
+        assert out[2].isfinite().all() and out[3].isinf().any()
+        if exact:  # (int8 mode's codes of a NaN are not defined)
+            assert nan[1].all()
+
+
+@pytest.mark.parametrize("variant", isa.VARIANTS)
 def test_the_result_does_not_depend_on_the_threads(variant: str) -> None:
     """Rows and panels are handed to the threads in ranges of shrinking size (guided): one
     thread or two, the same bits, across segments of several formats."""

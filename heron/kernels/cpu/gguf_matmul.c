@@ -1352,6 +1352,30 @@ static inline void acc_store(acc_t v, float *dst) { memcpy(dst, v.v, sizeof v.v)
     else { if (wide) panel_tile(P, p, m0, R, 0, 1, acc); else panel_tile(P, p, m0, R, 0, 0, acc); } \
     break;
 
+/* dst[l] = fp32_to_bf16(v[l]) for the LANES values of a tile row, in vectors: the same bits. */
+static inline void bf16_lanes(const float *v, uint16_t *dst) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    const __m512i b = _mm512_castps_si512(_mm512_loadu_ps(v)), high = _mm512_srli_epi32(b, 16);
+    const __m512i up = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(high, _mm512_set1_epi32(1)));
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7FFFFFFF)),
+                                                  _mm512_set1_epi32(0x7F800000));
+    const __m512i r = _mm512_mask_mov_epi32(_mm512_srli_epi32(_mm512_add_epi32(b, up), 16), nan,
+                                            _mm512_or_si512(high, _mm512_set1_epi32(0x40)));
+    _mm256_storeu_si256((__m256i *)dst, _mm512_cvtepi32_epi16(r));
+#elif defined(__AVX2__)
+    const __m256i b = _mm256_castps_si256(_mm256_loadu_ps(v)), high = _mm256_srli_epi32(b, 16);
+    const __m256i up = _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), _mm256_and_si256(high, _mm256_set1_epi32(1)));
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x7FFFFFFF)),
+                                           _mm256_set1_epi32(0x7F800000));  /* both >= 0 */
+    const __m256i r = _mm256_blendv_epi8(_mm256_srli_epi32(_mm256_add_epi32(b, up), 16),
+                                         _mm256_or_si256(high, _mm256_set1_epi32(0x40)), nan);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);  /* r <= 0xFFFF */
+    _mm_storeu_si128((__m128i *)dst, _mm256_castsi256_si128(packed));
+#else
+    for (int l = 0; l < LANES; l++) dst[l] = fp32_to_bf16(v[l]);
+#endif
+}
+
 /* Rows m0 .. m0 + R - 1 of out[:, n0 .. n0 + count - 1] from acc (but lanes set in floats). */
 static void store_tile(const acc_t *acc, int64_t m0, int R, unsigned floats, void *out,
                        int64_t ldo, int out_bf16, int64_t n0, int count) {
@@ -1359,8 +1383,12 @@ static void store_tile(const acc_t *acc, int64_t m0, int R, unsigned floats, voi
         float res[LANES];
         acc_store(acc[r], res);
         const int64_t m = m0 + r;
-        if (!out_bf16 && count == LANES && !floats) {
-            memcpy((float *)out + m * ldo + n0, res, sizeof res);
+        if (count == LANES && !floats) {  /* a whole tile row: copied, or converted in vectors */
+            if (!out_bf16) {
+                memcpy((float *)out + m * ldo + n0, res, sizeof res);
+            } else {
+                bf16_lanes(res, (uint16_t *)out + m * ldo + n0);
+            }
             continue;
         }
         for (int l = 0; l < count; l++)
