@@ -52,6 +52,11 @@ def random_blocks(fmt: str, rows: int, k: int, seed: int, scale: str = "normal")
     blocks = rng.integers(0, 256, size=(n, nbytes), dtype=np.uint8)
     if fmt in ("Q4_0", "Q5_0", "Q8_0"):
         blocks[:, 0:2] = _fp16_field(scale, rng, n)
+    elif fmt in ("Q4_1", "Q5_1"):  # d, then the (signed) offset m
+        blocks[:, 0:2] = _fp16_field(scale, rng, n)
+        blocks[:, 2:4] = _fp16_field(scale, rng, n)
+    elif fmt == "Q3_K":  # d last
+        blocks[:, 108:110] = _fp16_field(scale, rng, n)
     elif fmt in ("Q4_K", "Q5_K"):
         blocks[:, 0:2] = _fp16_field(scale, rng, n)
         blocks[:, 2:4] = np.abs(_fp16_field(scale, rng, n).view(np.float16)).view(np.uint8)
@@ -66,14 +71,14 @@ def dequantized(fmt: str, blocks: np.ndarray) -> torch.Tensor:
 
 
 def offsets(fmt: str, blocks: np.ndarray) -> torch.Tensor:
-    """The offsets b of each weight (Q4_K, Q5_K; else 0): the blocks dequantized with every
-    code zeroed (w = a c + b with c = 0)."""
-    if fmt not in ("Q4_K", "Q5_K"):
+    """The offsets b of each weight (Q4_1, Q5_1, Q4_K, Q5_K; else 0): the blocks dequantized
+    with every code zeroed (w = a c + b with c = 0)."""
+    if fmt not in ("Q4_1", "Q5_1", "Q4_K", "Q5_K"):
         return torch.zeros(blocks.shape[0], blocks.shape[1] // BLOCK_FORMATS[fmt][2]
                            * BLOCK_FORMATS[fmt][1])
     nbytes = BLOCK_FORMATS[fmt][2]
     zeroed = blocks.reshape(-1, nbytes).copy()
-    zeroed[:, 16:] = 0  # Q4_K: qs; Q5_K: qh and qs
+    zeroed[:, 4 if fmt in ("Q4_1", "Q5_1") else 16:] = 0  # the codes (Q5_1, Q5_K: qh too)
     return dequantized(fmt, zeroed.reshape(blocks.shape))
 
 

@@ -2,9 +2,10 @@
 quantized tensor, the same model as transformers builds from the same file.
 
 Tiny random models are written as GGUF files whose 2D tensors take every block format heron
-reads: Q4_0 / Q5_0 / Q8_0 quantized from the model's weights by gguf-py, and Q4_K / Q5_K /
-Q6_K as random blocks of model-like scales (gguf-py cannot quantize K formats; transformers
-dequantizes whatever blocks the file holds, so it is the same model either way).
+reads: Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 quantized from the model's weights by gguf-py, and
+Q3_K / Q4_K / Q5_K / Q6_K as random blocks of model-like scales (gguf-py cannot quantize K
+formats; transformers dequantizes whatever blocks the file holds, so it is the same model
+either way).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ PROMPTS = [[1, 17, 250, 3, 99], [1, 5], [1, 200, 201, 202, 7, 8, 9, 10, 11, 12, 
 FORMATS = {"token_embd": "Q8_0", "attn_q": "Q4_K", "attn_k": "Q5_0", "attn_v": "Q8_0",
            "attn_output": "Q5_K", "ffn_gate": "Q4_0", "ffn_up": "Q6_K", "ffn_down": "Q4_K",
            "output": "Q6_K"}
+# the second layer's own formats: those of Q3_K_M files and of older ones
+LAYER1_FORMATS = {"attn_output": "Q3_K", "ffn_gate": "Q4_1", "ffn_down": "Q5_1"}
 
 
 def _hf_model(arch: str) -> transformers.PreTrainedModel:
@@ -82,13 +85,21 @@ def _tensor_data(arch: str, hf_name: str, gguf_name: str, value: np.ndarray, see
         value = value + 1
     if arch == "llama" and gguf_name.split(".")[-2] in ("attn_q", "attn_k"):
         value = _llama_cpp_rows(value, HEADS if "attn_q" in gguf_name else KV_HEADS)
-    fmt = FORMATS.get(gguf_name.split(".")[-2]) if value.ndim == 2 else None
+    kind = gguf_name.split(".")[-2]
+    fmt = None
+    if value.ndim == 2:
+        fmt = LAYER1_FORMATS.get(kind) if gguf_name.startswith("blk.1.") else None
+        fmt = fmt or FORMATS.get(kind)
     if fmt is None:
         return value.astype(np.float32), None
     qtype = gguf.GGMLQuantizationType[fmt]
-    if fmt in ("Q4_0", "Q4_1", "Q5_0", "Q8_0"):
+    if fmt in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
         return gguf.quants.quantize(value, qtype), qtype
     rows, k = value.shape
+    if fmt == "Q2_K":  # scales[16] | qs[64] | fp16 d | fp16 dmin
+        blocks = np.random.default_rng(seed).integers(0, 256, size=(rows * k // 256, 84), dtype=np.uint8)
+        blocks[:, 80:84] = np.array([1e-4, 5e-5], dtype=np.float16).view(np.uint8)
+        return blocks.reshape(rows, -1), qtype
     return random_blocks(fmt, rows, k, seed=seed, scale="model"), qtype
 
 
@@ -145,14 +156,17 @@ def _greedy(llm: LLM, n: int = 16) -> list[list[int]]:
 
 
 def _transformers_greedy(path: Path, n: int = 16) -> list[list[int]]:
+    """transformers' argmax at each of n steps, EOS included: ``ignore_eos`` does not stop at
+    EOS but may pick it, where ``generate``'s ``min_new_tokens`` would forbid it."""
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32, attn_implementation="eager").eval()
     out = []
     with torch.no_grad():
         for prompt in PROMPTS:
-            ids = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, pad_token_id=0)[0, len(prompt):]
-            out.append(ids.tolist())
+            ids = torch.tensor([prompt])
+            for _ in range(n):
+                ids = torch.cat([ids, hf(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            out.append(ids[0, len(prompt):].tolist())
     return out
 
 
@@ -205,16 +219,16 @@ def test_default_model_float32_greedy_equals_transformers_on_the_same_file() -> 
 @pytest.mark.slow
 def test_a_format_the_kernels_do_not_read_is_dequantized_and_said(tmp_path: Path, caplog,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Q4_1 (not among the formats heron's kernels read): that module gets float weights, the
+    """Q2_K (not among the formats heron's kernels read): that module gets float weights, the
     log says so, and the model is still transformers' model of the file."""
     import logging
 
-    monkeypatch.setitem(FORMATS, "ffn_up", "Q4_1")
-    path = tmp_path / "tiny-q4_1.gguf"
+    monkeypatch.setitem(FORMATS, "ffn_up", "Q2_K")
+    path = tmp_path / "tiny-q2_k.gguf"
     write_gguf(path, "llama", _hf_model("llama"))
     with caplog.at_level(logging.WARNING, logger="heron.loader.gguf_native"):
         llm = LLM(str(path), dtype="float32", skip_tokenizer_init=True, kv_cache_memory="64MiB")
-    assert "type Q4_1 are dequantized" in caplog.text
+    assert "type Q2_K are dequantized" in caplog.text
     model = llm.engine.model
     up = model.model.layers[0].mlp.gate_up_proj
     assert up.quantized is None and up.weight.device.type == "cpu"  # gate (Q4_0) and up: float

@@ -10,8 +10,12 @@
  *   type   elems bytes  layout                                               c          b
  *   Q4_0     32    18   fp16 d | qs[16]: k<16 low nibble of qs[k],         nibble-8     0
  *                                      k>=16 high nibble of qs[k-16]
+ *   Q4_1     32    20   fp16 d | fp16 m | qs[16] as Q4_0's                 nibble       m
  *   Q5_0     32    22   fp16 d | u32 qh (bit k: 5th bit of k) | qs[16]     q5-16        0
+ *   Q5_1     32    24   fp16 d | fp16 m | qh, qs as Q5_0's                 q5           m
  *   Q8_0     32    34   fp16 d | int8 qs[32]                               qs[k]        0
+ *   Q3_K    256   110   hmask[32] | qs[64] | scales[12]: 16 6-bit sc | fp16 d;  q3           0
+ *                       a = d * (sc - 32) per 16; see decode_q3_k
  *   Q4_K    256   144   fp16 d | fp16 dmin | scales[12]: 8 6-bit (sc, m)   nibble      -dmin m
  *                       | qs[128]: 64-element piece j = qs[32j..32j+31],
  *                       low nibbles first (sub-block 2j), then high (2j+1)
@@ -37,8 +41,8 @@
 
 /* ggml type ids (gguf.GGMLQuantizationType) */
 enum {
-    GGML_F32 = 0, GGML_F16 = 1, GGML_Q4_0 = 2, GGML_Q5_0 = 6, GGML_Q8_0 = 8,
-    GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14, GGML_BF16 = 30
+    GGML_F32 = 0, GGML_F16 = 1, GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q5_0 = 6, GGML_Q5_1 = 7,
+    GGML_Q8_0 = 8, GGML_Q3_K = 11, GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14, GGML_BF16 = 30
 };
 
 static inline float fp16_to_fp32(uint16_t h) {
@@ -73,8 +77,8 @@ static inline uint16_t load_u16(const uint8_t *p) {
 /* Elements and bytes per block; 0 for a type without a decoder here. */
 static inline int gguf_block_elems(int type) {
     switch (type) {
-        case GGML_Q4_0: case GGML_Q5_0: case GGML_Q8_0: return 32;
-        case GGML_Q4_K: case GGML_Q5_K: case GGML_Q6_K: return 256;
+        case GGML_Q4_0: case GGML_Q4_1: case GGML_Q5_0: case GGML_Q5_1: case GGML_Q8_0: return 32;
+        case GGML_Q3_K: case GGML_Q4_K: case GGML_Q5_K: case GGML_Q6_K: return 256;
         default: return 0;
     }
 }
@@ -82,8 +86,11 @@ static inline int gguf_block_elems(int type) {
 static inline int gguf_block_bytes(int type) {
     switch (type) {
         case GGML_Q4_0: return 18;
+        case GGML_Q4_1: return 20;
         case GGML_Q5_0: return 22;
+        case GGML_Q5_1: return 24;
         case GGML_Q8_0: return 34;
+        case GGML_Q3_K: return 110;
         case GGML_Q4_K: return 144;
         case GGML_Q5_K: return 176;
         case GGML_Q6_K: return 210;
@@ -112,7 +119,7 @@ static inline void decode_float_row(int type, const uint8_t *row, int64_t K, flo
 
 /* Whether the format has offsets (b != 0). */
 static inline int gguf_has_offsets(int type) {
-    return type == GGML_Q4_K || type == GGML_Q5_K;
+    return type == GGML_Q4_1 || type == GGML_Q5_1 || type == GGML_Q4_K || type == GGML_Q5_K;
 }
 
 /* One block -> c[elems], a[elems / 16], b[elems / 32] (b only where gguf_has_offsets). The
@@ -197,6 +204,37 @@ static inline void decode_q5_0(const uint8_t *blk, int8_t *c, float *a) {
     a[0] = a[1] = fp16_to_fp32(load_u16(blk));
 }
 
+/* Q4_1 / Q5_1: Q4_0's / Q5_0's codes without their zero point, after d and m. */
+static inline void decode_q4_1(const uint8_t *blk, int8_t *c, float *a, float *b) {
+    const uint8_t *qs = blk + 4;
+#if defined(__AVX2__)
+    store32(c, nibbles_16(qs));
+#else
+    for (int j = 0; j < 16; j++) {
+        c[j] = (int8_t)(qs[j] & 15);
+        c[j + 16] = (int8_t)(qs[j] >> 4);
+    }
+#endif
+    a[0] = a[1] = fp16_to_fp32(load_u16(blk));
+    b[0] = fp16_to_fp32(load_u16(blk + 2));
+}
+
+static inline void decode_q5_1(const uint8_t *blk, int8_t *c, float *a, float *b) {
+    uint32_t qh;
+    memcpy(&qh, blk + 4, 4);
+    const uint8_t *qs = blk + 8;
+#if defined(__AVX2__)
+    store32(c, _mm256_or_si256(nibbles_16(qs), bits_to_16s(qh)));
+#else
+    for (int j = 0; j < 16; j++) {
+        c[j] = (int8_t)((qs[j] & 15) | (((qh >> j) & 1) << 4));
+        c[j + 16] = (int8_t)((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4));
+    }
+#endif
+    a[0] = a[1] = fp16_to_fp32(load_u16(blk));
+    b[0] = fp16_to_fp32(load_u16(blk + 2));
+}
+
 static inline void decode_q8_0(const uint8_t *blk, int8_t *c, float *a) {
     memcpy(c, blk + 2, 32);
     a[0] = a[1] = fp16_to_fp32(load_u16(blk));
@@ -278,6 +316,34 @@ static inline void decode_q5_k(const uint8_t *blk, int8_t *c, float *a, float *b
     k_scales(blk, a, b);
 }
 
+/* Q3_K: element e = 128 h + 32 s + l (h 0..1, s 0..3, l 0..31) has its 2 low bits at bits 2 s
+ * of qs[32 h + l] and is less 4 where bit e / 32 of hmask[l] is clear: codes -4 .. 3. The
+ * 6-bit scale of sub-block i (16 elements) has its low nibble in scales[i % 8] (low nibble for
+ * i < 8, high for i >= 8) and its 2 high bits at bits 2 (i / 4) of scales[8 + i % 4]. */
+static inline void decode_q3_k(const uint8_t *blk, int8_t *c, float *a) {
+    const uint8_t *hmask = blk, *qs = blk + 32, *sc = blk + 96;
+    const float d = fp16_to_fp32(load_u16(blk + 108));
+    for (int h = 0; h < 2; h++)
+        for (int s = 0; s < 4; s++) {
+            const int j = 4 * h + s;  /* e / 32 */
+            int8_t *o = c + 32 * j;
+#if defined(__AVX2__)
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * h));
+            const __m256i low = _mm256_and_si256(_mm256_srli_epi16(q, 2 * s), _mm256_set1_epi8(3));
+            const __m256i bit = _mm256_set1_epi8((char)(1 << j));
+            const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_loadu_si256((const __m256i *)hmask), bit), bit);
+            store32(o, _mm256_sub_epi8(low, _mm256_andnot_si256(set, _mm256_set1_epi8(4))));
+#else
+            for (int l = 0; l < 32; l++)
+                o[l] = (int8_t)(((qs[32 * h + l] >> (2 * s)) & 3) - ((hmask[l] >> j) & 1 ? 0 : 4));
+#endif
+        }
+    for (int i = 0; i < 16; i++) {
+        const int low = (sc[i % 8] >> (i < 8 ? 0 : 4)) & 15, high = (sc[8 + i % 4] >> (2 * (i / 4))) & 3;
+        a[i] = d * (float)((low | high << 4) - 32);
+    }
+}
+
 /* Q6_K, per half h of 128 elements: element 128 h + 32 s + l (s 0..3, l 0..31) has its low
  * 4 bits in ql[64 h + 32 (s & 1) + l] (low nibble for s < 2, high for s >= 2) and its high 2
  * bits at bits 2 s of qh[32 h + l]. */
@@ -317,8 +383,11 @@ static inline void decode_q6_k(const uint8_t *blk, int8_t *c, float *a) {
 static inline void decode_row(int type, const uint8_t *row, int64_t K, int8_t *c, float *a, float *b) {
     switch (type) {
         case GGML_Q4_0: DECODE_BLOCKS(decode_q4_0(blk, c + k, a + k / 16), 32, 18)
+        case GGML_Q4_1: DECODE_BLOCKS(decode_q4_1(blk, c + k, a + k / 16, b + k / 32), 32, 20)
         case GGML_Q5_0: DECODE_BLOCKS(decode_q5_0(blk, c + k, a + k / 16), 32, 22)
+        case GGML_Q5_1: DECODE_BLOCKS(decode_q5_1(blk, c + k, a + k / 16, b + k / 32), 32, 24)
         case GGML_Q8_0: DECODE_BLOCKS(decode_q8_0(blk, c + k, a + k / 16), 32, 34)
+        case GGML_Q3_K: DECODE_BLOCKS(decode_q3_k(blk, c + k, a + k / 16), 256, 110)
         case GGML_Q4_K: DECODE_BLOCKS(decode_q4_k(blk, c + k, a + k / 16, b + k / 32), 256, 144)
         case GGML_Q5_K: DECODE_BLOCKS(decode_q5_k(blk, c + k, a + k / 16, b + k / 32), 256, 176)
         case GGML_Q6_K: DECODE_BLOCKS(decode_q6_k(blk, c + k, a + k / 16), 256, 210)
