@@ -50,7 +50,7 @@ def random_blocks(fmt: str, rows: int, k: int, seed: int, scale: str = "normal")
     rng = np.random.default_rng(seed)
     n = rows * k // elems
     blocks = rng.integers(0, 256, size=(n, nbytes), dtype=np.uint8)
-    if fmt in ("Q4_0", "Q5_0", "Q8_0"):
+    if fmt in ("Q4_0", "Q5_0", "Q8_0", "IQ4_NL", "IQ4_XS"):
         blocks[:, 0:2] = _fp16_field(scale, rng, n)
     elif fmt in ("Q4_1", "Q5_1"):  # d, then the (signed) offset m
         blocks[:, 0:2] = _fp16_field(scale, rng, n)

@@ -3,9 +3,9 @@ quantized tensor, the same model as transformers builds from the same file.
 
 Tiny random models are written as GGUF files whose 2D tensors take every block format heron
 reads: Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 quantized from the model's weights by gguf-py, and
-Q3_K / Q4_K / Q5_K / Q6_K as random blocks of model-like scales (gguf-py cannot quantize K
-formats; transformers dequantizes whatever blocks the file holds, so it is the same model
-either way).
+Q3_K / Q4_K / Q5_K / Q6_K / IQ4_NL / IQ4_XS as random blocks of model-like scales (gguf-py
+cannot quantize those; transformers dequantizes whatever blocks the file holds, so it is the
+same model either way).
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ FORMATS = {"token_embd": "Q8_0", "attn_q": "Q4_K", "attn_k": "Q5_0", "attn_v": "
            "attn_output": "Q5_K", "ffn_gate": "Q4_0", "ffn_up": "Q6_K", "ffn_down": "Q4_K",
            "output": "Q6_K"}
 # the second layer's own formats: those of Q3_K_M files and of older ones
-LAYER1_FORMATS = {"attn_output": "Q3_K", "ffn_gate": "Q4_1", "ffn_down": "Q5_1"}
+LAYER1_FORMATS = {"attn_q": "IQ4_XS", "attn_output": "Q3_K", "ffn_gate": "Q4_1",
+                  "ffn_up": "IQ4_NL", "ffn_down": "Q5_1"}
 
 
 def _hf_model(arch: str) -> transformers.PreTrainedModel:

@@ -1,9 +1,9 @@
 """A weight that is the GGUF file's own blocks: the only copy, multiplied in place.
 
-A GGUF model's quantized tensors (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K) stay in the memory-
-mapped file; a projection holds views of their rows (``BlockRows``), one per checkpoint tensor
-it fuses (q / k / v may be different formats), and heron's kernels
-(``heron.kernels.cpu.gguf``) read the blocks for every batch size::
+A GGUF model's quantized tensors (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL,
+IQ4_XS) stay in the memory-mapped file; a projection holds views of their rows
+(``BlockRows``), one per checkpoint tensor it fuses (q / k / v may be different formats), and
+heron's kernels (``heron.kernels.cpu.gguf``) read the blocks for every batch size::
 
     qkv_proj: GGUFWeight(parts=[q rows: Q5_0 [1024, 440 B], k rows: Q5_0 [256, 440 B],
                                 v rows: Q8_0 [256, 680 B]])       out = x @ [q | k | v]^T

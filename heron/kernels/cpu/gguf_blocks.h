@@ -23,6 +23,10 @@
  *                       l of sub-block s is bit s of qh[l]
  *   Q6_K    256   210   ql[128] | qh[64] | int8 scales[16] | fp16 d;       q6-32        0
  *                       a = d * scales[k / 16]; see decode_q6_k
+ *   IQ4_NL   32    18   fp16 d | qs[16] as Q4_0's                          IQ4[nibble]  0
+ *   IQ4_XS  256   136   fp16 d | u16 scales_h | scales_l[4] | qs[128]:     IQ4[nibble]  0
+ *                       32-element pieces as IQ4_NL's, a = d * (6-bit sc - 32) per 32
+ *                       (IQ4: llama.cpp's 16 non-linear levels, kvalues_iq4nl)
  *
  * The decoders write codes with AVX2 integer operations where the variant has them, and in
  * plain C over fixed-size loops elsewhere (the compiler vectorizes them for its target).
@@ -42,7 +46,8 @@
 /* ggml type ids (gguf.GGMLQuantizationType) */
 enum {
     GGML_F32 = 0, GGML_F16 = 1, GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q5_0 = 6, GGML_Q5_1 = 7,
-    GGML_Q8_0 = 8, GGML_Q3_K = 11, GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14, GGML_BF16 = 30
+    GGML_Q8_0 = 8, GGML_Q3_K = 11, GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14,
+    GGML_IQ4_NL = 20, GGML_IQ4_XS = 23, GGML_BF16 = 30
 };
 
 static inline float fp16_to_fp32(uint16_t h) {
@@ -77,8 +82,9 @@ static inline uint16_t load_u16(const uint8_t *p) {
 /* Elements and bytes per block; 0 for a type without a decoder here. */
 static inline int gguf_block_elems(int type) {
     switch (type) {
-        case GGML_Q4_0: case GGML_Q4_1: case GGML_Q5_0: case GGML_Q5_1: case GGML_Q8_0: return 32;
-        case GGML_Q3_K: case GGML_Q4_K: case GGML_Q5_K: case GGML_Q6_K: return 256;
+        case GGML_Q4_0: case GGML_Q4_1: case GGML_Q5_0: case GGML_Q5_1: case GGML_Q8_0:
+        case GGML_IQ4_NL: return 32;
+        case GGML_Q3_K: case GGML_Q4_K: case GGML_Q5_K: case GGML_Q6_K: case GGML_IQ4_XS: return 256;
         default: return 0;
     }
 }
@@ -94,6 +100,8 @@ static inline int gguf_block_bytes(int type) {
         case GGML_Q4_K: return 144;
         case GGML_Q5_K: return 176;
         case GGML_Q6_K: return 210;
+        case GGML_IQ4_NL: return 18;
+        case GGML_IQ4_XS: return 136;
         default: return 0;
     }
 }
@@ -115,6 +123,12 @@ static inline void decode_float_row(int type, const uint8_t *row, int64_t K, flo
             memcpy(wf + k, &bits, 4);
         }
     }
+}
+
+/* Whether the format's codes go beyond -32 .. 31 (the AVX2 panels' unsigned form would overflow
+ * its 16-bit sums: these take the sign form). */
+static inline int gguf_wide_codes(int type) {
+    return type == GGML_Q8_0 || type == GGML_IQ4_NL || type == GGML_IQ4_XS;
 }
 
 /* Whether the format has offsets (b != 0). */
@@ -374,6 +388,41 @@ static inline void decode_q6_k(const uint8_t *blk, int8_t *c, float *a) {
     for (int i = 0; i < 16; i++) a[i] = d * (float)sc[i];
 }
 
+/* IQ4_NL / IQ4_XS: the 16 levels a nibble selects (llama.cpp's kvalues_iq4nl) */
+static const int8_t IQ4_LEVELS[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                      1, 13, 25, 38, 53, 69, 89, 113};
+
+/* 32 codes from 16 bytes of nibbles (low nibbles first, as Q4_0's): their levels. */
+static inline void iq4_levels(const uint8_t *qs, int8_t *c) {
+#if defined(__AVX2__)
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_LEVELS));
+    store32(c, _mm256_shuffle_epi8(table, nibbles_16(qs)));
+#else
+    for (int j = 0; j < 16; j++) {
+        c[j] = IQ4_LEVELS[qs[j] & 15];
+        c[j + 16] = IQ4_LEVELS[qs[j] >> 4];
+    }
+#endif
+}
+
+static inline void decode_iq4_nl(const uint8_t *blk, int8_t *c, float *a) {
+    iq4_levels(blk + 2, c);
+    a[0] = a[1] = fp16_to_fp32(load_u16(blk));
+}
+
+/* IQ4_XS: piece i (32 elements) has its nibbles in qs[16 i .. 16 i + 15] and its 6-bit scale's
+ * low nibble in scales_l[i / 2] (low for even i), high 2 bits at bits 2 i of scales_h. */
+static inline void decode_iq4_xs(const uint8_t *blk, int8_t *c, float *a) {
+    const float d = fp16_to_fp32(load_u16(blk));
+    const unsigned high = load_u16(blk + 2);
+    const uint8_t *low = blk + 4, *qs = blk + 8;
+    for (int i = 0; i < 8; i++) {
+        iq4_levels(qs + 16 * i, c + 32 * i);
+        const int sc = (((low[i / 2] >> (4 * (i % 2))) & 15) | (int)(((high >> (2 * i)) & 3) << 4)) - 32;
+        a[2 * i] = a[2 * i + 1] = d * (float)sc;
+    }
+}
+
 /* A row of K elements (K a multiple of the block size) -> c[K], a[K / 16], b[K / 32]; the
  * format is dispatched once per row. */
 #define DECODE_BLOCKS(call, elems, bytes) \
@@ -391,6 +440,8 @@ static inline void decode_row(int type, const uint8_t *row, int64_t K, int8_t *c
         case GGML_Q4_K: DECODE_BLOCKS(decode_q4_k(blk, c + k, a + k / 16, b + k / 32), 256, 144)
         case GGML_Q5_K: DECODE_BLOCKS(decode_q5_k(blk, c + k, a + k / 16, b + k / 32), 256, 176)
         case GGML_Q6_K: DECODE_BLOCKS(decode_q6_k(blk, c + k, a + k / 16), 256, 210)
+        case GGML_IQ4_NL: DECODE_BLOCKS(decode_iq4_nl(blk, c + k, a + k / 16), 32, 18)
+        case GGML_IQ4_XS: DECODE_BLOCKS(decode_iq4_xs(blk, c + k, a + k / 16), 256, 136)
         default: break;
     }
 }

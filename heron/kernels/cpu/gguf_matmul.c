@@ -370,7 +370,7 @@ typedef struct {
     int32_t *corr;
     float *a, *b;
     int offsets;      /* some row has offsets */
-    int wide;         /* some row is Q8_0 (codes beyond -32 .. 31) */
+    int wide;         /* some row's codes go beyond -32 .. 31 (gguf_wide_codes) */
     unsigned floats;  /* bit l: row l is a float row */
     int narrow;       /* portable: w16 left unwritten, the codes widened as read from rows */
 } panel;
@@ -581,7 +581,7 @@ static void panel_decode(const heron_gguf_segment *segs, int64_t *seg, int64_t *
         }
         if (gguf_has_offsets(type)) P->offsets = 1;
         else memset(b, 0, sizeof(float) * (size_t)P->B32);
-        if (type == GGML_Q8_0) P->wide = 1;
+        if (gguf_wide_codes(type)) P->wide = 1;
         decode_row(type, data, K, c, a, b);
         if (PREFETCH_NEXT) prefetch_next(&segs[*seg], data, n0 + l - *first);
     }
