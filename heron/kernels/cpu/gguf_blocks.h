@@ -412,15 +412,34 @@ static inline void decode_iq4_nl(const uint8_t *blk, int8_t *c, float *a) {
 
 /* IQ4_XS: piece i (32 elements) has its nibbles in qs[16 i .. 16 i + 15] and its 6-bit scale's
  * low nibble in scales_l[i / 2] (low for even i), high 2 bits at bits 2 i of scales_h. */
-static inline void decode_iq4_xs(const uint8_t *blk, int8_t *c, float *a) {
+static inline void iq4_xs_scales(const uint8_t *blk, float *a) {
     const float d = fp16_to_fp32(load_u16(blk));
     const unsigned high = load_u16(blk + 2);
-    const uint8_t *low = blk + 4, *qs = blk + 8;
+#if defined(__AVX2__)  /* the 8 scales in 32-bit lanes at once: the same numbers */
+    uint32_t low;  /* nibble i: the low 4 bits of scale i */
+    memcpy(&low, blk + 4, 4);
+    const __m256i lo = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)low),
+                                                          _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+                                        _mm256_set1_epi32(15));
+    const __m256i hi = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)high),
+                                                          _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
+                                        _mm256_set1_epi32(3));
+    const __m256i sc = _mm256_sub_epi32(_mm256_or_si256(lo, _mm256_slli_epi32(hi, 4)), _mm256_set1_epi32(32));
+    const __m256 av = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sc));
+    _mm256_storeu_ps(a, _mm256_permutevar8x32_ps(av, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)));
+    _mm256_storeu_ps(a + 8, _mm256_permutevar8x32_ps(av, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7)));
+#else
+    const uint8_t *low = blk + 4;
     for (int i = 0; i < 8; i++) {
-        iq4_levels(qs + 16 * i, c + 32 * i);
         const int sc = (((low[i / 2] >> (4 * (i % 2))) & 15) | (int)(((high >> (2 * i)) & 3) << 4)) - 32;
         a[2 * i] = a[2 * i + 1] = d * (float)sc;
     }
+#endif
+}
+
+static inline void decode_iq4_xs(const uint8_t *blk, int8_t *c, float *a) {
+    for (int i = 0; i < 8; i++) iq4_levels(blk + 8 + 16 * i, c + 32 * i);
+    iq4_xs_scales(blk, a);
 }
 
 /* A row of K elements (K a multiple of the block size) -> c[K], a[K / 16], b[K / 32]; the

@@ -696,13 +696,23 @@ static inline __m512i quad_base(__m512i wc) {
 #endif
 }
 
-/* The codes of two 32-element blocks (Q4_0, Q5_0, Q8_0) in one register, decoded in place:
- * both blocks' nibbles split at once, Q5_0's fifth bits set from a 64-bit mask. */
+/* The 64 levels of two 32-element IQ4 pieces (16 bytes of nibbles each, as Q4_0's). */
+static inline __attribute__((always_inline)) __m512i iq4_pair(const uint8_t *q0, const uint8_t *q1) {
+    const __m512i qs = _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)q0))),
+        _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)q1)), 1);
+    const __m512i q = _mm512_and_si512(_mm512_mask_srli_epi64(qs, 0xCC, qs, 4), _mm512_set1_epi8(15));
+    return _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)IQ4_LEVELS)), q);
+}
+
+/* The codes of two 32-element blocks (Q4_0, Q5_0, Q8_0, IQ4_NL) in one register, decoded in
+ * place: both blocks' nibbles split at once, Q5_0's fifth bits set from a 64-bit mask. */
 static inline __attribute__((always_inline)) __m512i pair_codes_as(int type, const uint8_t *b0,
                                                                    const uint8_t *b1, int unsign) {
     if (type == GGML_Q8_0)
         return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b0 + 2))),
                                   _mm256_loadu_si256((const __m256i *)(b1 + 2)), 1);
+    if (type == GGML_IQ4_NL) return iq4_pair(b0 + 2, b1 + 2);
     const int off = type == GGML_Q4_0 ? 2 : 6;
     /* 128-bit lanes qs0 qs0 qs1 qs1 (broadcast loads); lanes 1 and 3 shifted: their high nibbles */
     const __m512i qs = _mm512_inserti64x4(
@@ -746,18 +756,21 @@ static inline __attribute__((always_inline)) __m512i q6_codes(const uint8_t *ql,
 }
 
 /* 128 codes (w0, w1) and their 8 scales of a row: from the decoded row w, or (type a format
- * of 32-element blocks, K a multiple of 128; Q4_K / Q6_K, K a multiple of 256, with the
- * super-block's scales ka from the caller) straight from the row's blocks. unsign: the codes
- * before their zero point is taken off (see zero_shift). */
+ * of 32-element blocks, K a multiple of 128; Q4_K / Q6_K / IQ4_XS, K a multiple of 256, with
+ * the super-block's scales ka from the caller) straight from the row's blocks. unsign: the
+ * codes before their zero point is taken off (see zero_shift). */
 static inline __attribute__((always_inline)) void row_chunk(
         int type, const uint8_t *row, const rowbuf *w, int64_t i, const float *ka, int unsign,
         __m512i *w0, __m512i *w1, __m256 *a) {
-    if (type == GGML_Q4_K || type == GGML_Q6_K) {
+    if (type == GGML_Q4_K || type == GGML_Q6_K || type == GGML_IQ4_XS) {
         const int h = (int)(i & 1);  /* which half of the super-block */
         const uint8_t *blk = row + (i / 2) * gguf_block_bytes(type);
         if (type == GGML_Q4_K) {
             const uint8_t *qs = blk + 16 + 64 * h;
             *w0 = nibble_pairs(qs), *w1 = nibble_pairs(qs + 32);
+        } else if (type == GGML_IQ4_XS) {  /* pieces 4h .. 4h + 3 */
+            const uint8_t *qs = blk + 8 + 64 * h;
+            *w0 = iq4_pair(qs, qs + 16), *w1 = iq4_pair(qs + 32, qs + 48);
         } else {
             const uint8_t *ql = blk + 64 * h, *qh = blk + 128 + 32 * h;
             *w0 = q6_codes(ql, qh, 0, 0, unsign), *w1 = q6_codes(ql, qh, 4, 4, unsign);
@@ -820,7 +833,8 @@ static inline __attribute__((always_inline)) void row_tile(
     __m128 acc[WAYS][ROW_M];
     for (int n = 0; n < NW; n++)
         for (int r = 0; r < R; r++) acc[n][r] = _mm_setzero_ps();
-    const int kquant = type == GGML_Q4_K || type == GGML_Q6_K, shift = zero_shift(type);
+    const int kquant = type == GGML_Q4_K || type == GGML_Q6_K || type == GGML_IQ4_XS;
+    const int shift = zero_shift(type);
     float ka[WAYS][16], kb[WAYS][8];  /* a K-quant super-block's scales (per 16) and offsets (per 32) */
     for (int64_t i = 0; i < K64 / 128; i++) {
       /* unrolled: each row's accumulators stay in registers (rolled, GCC kept them on the stack
@@ -830,10 +844,12 @@ static inline __attribute__((always_inline)) void row_tile(
 #pragma GCC unroll 4
       for (int n = 0; n < NW; n++) {
         const uint8_t *row = rows[n];
-        if (kquant && !(i & 1)) {  /* as decode_q4_k / decode_q6_k compute them */
+        if (kquant && !(i & 1)) {  /* as decode_q4_k / decode_q6_k / decode_iq4_xs compute them */
             const uint8_t *blk = row + (i / 2) * gguf_block_bytes(type);
             if (type == GGML_Q4_K) {
                 k_scales(blk, ka[n], kb[n]);
+            } else if (type == GGML_IQ4_XS) {
+                iq4_xs_scales(blk, ka[n]);
             } else {
                 const int8_t *sc = (const int8_t *)(blk + 192);
                 const float d = fp16_to_fp32(load_u16(blk + 208));
@@ -1481,8 +1497,10 @@ static void row_int8_times_x(const heron_gguf_segment *seg, int64_t index, int64
     if (K % 128 == 0 && type == GGML_Q4_0) { ROW_TYPE(GGML_Q4_0) }
     else if (K % 128 == 0 && type == GGML_Q5_0) { ROW_TYPE(GGML_Q5_0) }
     else if (K % 128 == 0 && type == GGML_Q8_0) { ROW_TYPE(GGML_Q8_0) }
+    else if (K % 128 == 0 && type == GGML_IQ4_NL) { ROW_TYPE(GGML_IQ4_NL) }
     else if (type == GGML_Q4_K) { ROW_TYPE(GGML_Q4_K) }  /* K: a multiple of 256 */
     else if (type == GGML_Q6_K) { ROW_TYPE(GGML_Q6_K) }
+    else if (type == GGML_IQ4_XS) { ROW_TYPE(GGML_IQ4_XS) }
     else {
         decode_row(type, rows[0], K, w->c, w->a, w->b);
         if (offsets) { ROW_TYPE(-1) }
@@ -1494,7 +1512,7 @@ static void row_int8_times_x(const heron_gguf_segment *seg, int64_t index, int64
 #define WAYS_CASE(T) row_tile(T, rows, WAYS, NULL, p, 0, 1, (T) == GGML_Q4_K, res); break
 
 /* out[0, n + i H] (i < WAYS) for one row of x from rows index + i H of a segment (Q4_0, Q5_0,
- * Q8_0, Q4_K, Q6_K; not permuted): WAYS sequential streams through the file, each followed by
+ * Q8_0, IQ4_NL, Q4_K, Q6_K, IQ4_XS; not permuted): WAYS sequential streams through the file, each followed by
  * the hardware's prefetch (rows index and index + 1 together, interleaved by 128 elements, ran
  * at a third of the speed from DRAM: the second model's LM head 5.5 -> 16.5 ms). Four rows
  * rather than two, one thread: the default model's Q8_0 LM head 7.1-7.2 -> 6.4 ms. Returns 0
@@ -1502,7 +1520,9 @@ static void row_int8_times_x(const heron_gguf_segment *seg, int64_t index, int64
 static int row_int8_ways(const heron_gguf_segment *seg, int64_t index, int64_t H, int64_t K,
                          const xprep *p, void *out, int out_bf16, int64_t n) {
     const int type = (int)seg->type;
-    if ((zero_shift(type) < 0 && type != GGML_Q8_0) || seg->row_ids || (K % 128 && type != GGML_Q4_K && type != GGML_Q6_K))
+    const int blocks256 = type == GGML_Q4_K || type == GGML_Q6_K || type == GGML_IQ4_XS;
+    const int signed_codes = type == GGML_Q8_0 || type == GGML_IQ4_NL || type == GGML_IQ4_XS;
+    if ((zero_shift(type) < 0 && !signed_codes) || seg->row_ids || (K % 128 && !blocks256))
         return 0;
     const uint8_t *rows[WAYS];
     for (int i = 0; i < WAYS; i++) rows[i] = seg->data + (index + i * H) * seg->row_bytes;
@@ -1512,6 +1532,8 @@ static int row_int8_ways(const heron_gguf_segment *seg, int64_t index, int64_t H
         case GGML_Q5_0: WAYS_CASE(GGML_Q5_0);
         case GGML_Q4_K: WAYS_CASE(GGML_Q4_K);
         case GGML_Q8_0: WAYS_CASE(GGML_Q8_0);
+        case GGML_IQ4_NL: WAYS_CASE(GGML_IQ4_NL);
+        case GGML_IQ4_XS: WAYS_CASE(GGML_IQ4_XS);
         default: WAYS_CASE(GGML_Q6_K);
     }
     for (int i = 0; i < WAYS; i++) store_out(out, out_bf16, n + i * H, res[i * ROW_M]);
