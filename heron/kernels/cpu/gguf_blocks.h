@@ -334,9 +334,32 @@ static inline void decode_q5_k(const uint8_t *blk, int8_t *c, float *a, float *b
  * of qs[32 h + l] and is less 4 where bit e / 32 of hmask[l] is clear: codes -4 .. 3. The
  * 6-bit scale of sub-block i (16 elements) has its low nibble in scales[i % 8] (low nibble for
  * i < 8, high for i >= 8) and its 2 high bits at bits 2 (i / 4) of scales[8 + i % 4]. */
-static inline void decode_q3_k(const uint8_t *blk, int8_t *c, float *a) {
-    const uint8_t *hmask = blk, *qs = blk + 32, *sc = blk + 96;
+/* a[16] = d (sc - 32) of a Q3_K block's 16 sub-blocks. */
+static inline void q3_k_scales(const uint8_t *blk, float *a) {
+    const uint8_t *sc = blk + 96;
     const float d = fp16_to_fp32(load_u16(blk + 108));
+#if defined(__AVX2__)  /* the 16 scales' bytes at once: the same numbers */
+    uint64_t low;
+    uint32_t high;
+    memcpy(&low, sc, 8), memcpy(&high, sc + 8, 4);
+    const __m128i lo = _mm_set_epi64x((long long)((low >> 4) & 0x0F0F0F0F0F0F0F0FULL),
+                                      (long long)(low & 0x0F0F0F0F0F0F0F0FULL));
+    const __m128i hi = _mm_set_epi32((int)((high >> 6) & 0x03030303u), (int)((high >> 4) & 0x03030303u),
+                                     (int)((high >> 2) & 0x03030303u), (int)(high & 0x03030303u));
+    const __m128i v = _mm_sub_epi8(_mm_or_si128(lo, _mm_slli_epi16(hi, 4)), _mm_set1_epi8(32));
+    const __m256 dv = _mm256_set1_ps(d);
+    _mm256_storeu_ps(a, _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))));
+    _mm256_storeu_ps(a + 8, _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)))));
+#else
+    for (int i = 0; i < 16; i++) {
+        const int low = (sc[i % 8] >> (i < 8 ? 0 : 4)) & 15, high = (sc[8 + i % 4] >> (2 * (i / 4))) & 3;
+        a[i] = d * (float)((low | high << 4) - 32);
+    }
+#endif
+}
+
+static inline void decode_q3_k(const uint8_t *blk, int8_t *c, float *a) {
+    const uint8_t *hmask = blk, *qs = blk + 32;
     for (int h = 0; h < 2; h++)
         for (int s = 0; s < 4; s++) {
             const int j = 4 * h + s;  /* e / 32 */
@@ -352,10 +375,7 @@ static inline void decode_q3_k(const uint8_t *blk, int8_t *c, float *a) {
                 o[l] = (int8_t)(((qs[32 * h + l] >> (2 * s)) & 3) - ((hmask[l] >> j) & 1 ? 0 : 4));
 #endif
         }
-    for (int i = 0; i < 16; i++) {
-        const int low = (sc[i % 8] >> (i < 8 ? 0 : 4)) & 15, high = (sc[8 + i % 4] >> (2 * (i / 4))) & 3;
-        a[i] = d * (float)((low | high << 4) - 32);
-    }
+    q3_k_scales(blk, a);
 }
 
 /* Q6_K, per half h of 128 elements: element 128 h + 32 s + l (s 0..3, l 0..31) has its low

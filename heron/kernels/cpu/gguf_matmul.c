@@ -705,26 +705,28 @@ static inline __attribute__((always_inline)) __m512i iq4_pair(const uint8_t *q0,
     return _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)IQ4_LEVELS)), q);
 }
 
-/* The codes of two 32-element blocks (Q4_0, Q5_0, Q8_0, IQ4_NL) in one register, decoded in
- * place: both blocks' nibbles split at once, Q5_0's fifth bits set from a 64-bit mask. */
+/* The codes of two 32-element blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL) in one register,
+ * decoded in place: both blocks' nibbles split at once, the fifth bits set from a 64-bit mask. */
 static inline __attribute__((always_inline)) __m512i pair_codes_as(int type, const uint8_t *b0,
                                                                    const uint8_t *b1, int unsign) {
     if (type == GGML_Q8_0)
         return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b0 + 2))),
                                   _mm256_loadu_si256((const __m256i *)(b1 + 2)), 1);
     if (type == GGML_IQ4_NL) return iq4_pair(b0 + 2, b1 + 2);
-    const int off = type == GGML_Q4_0 ? 2 : 6;
+    /* the nibbles after d (Q4_0), d m (Q4_1), d qh (Q5_0), d m qh (Q5_1) */
+    const int off = type == GGML_Q4_0 ? 2 : type == GGML_Q4_1 ? 4 : type == GGML_Q5_0 ? 6 : 8;
     /* 128-bit lanes qs0 qs0 qs1 qs1 (broadcast loads); lanes 1 and 3 shifted: their high nibbles */
     const __m512i qs = _mm512_inserti64x4(
         _mm512_castsi256_si512(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(b0 + off)))),
         _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(b1 + off))), 1);
     const __m512i q = _mm512_and_si512(_mm512_mask_srli_epi64(qs, 0xCC, qs, 4), _mm512_set1_epi8(15));
     if (type == GGML_Q4_0) return unsign ? q : _mm512_sub_epi8(q, _mm512_set1_epi8(8));
+    if (type == GGML_Q4_1) return q;
     uint32_t h0, h1;  /* Q5_0: q5 - 16, i.e. the nibble less 16 where the fifth bit is 0 */
-    memcpy(&h0, b0 + 2, 4);
-    memcpy(&h1, b1 + 2, 4);
+    memcpy(&h0, b0 + off - 4, 4);
+    memcpy(&h1, b1 + off - 4, 4);
     const __mmask64 fifth = (__mmask64)h0 | ((__mmask64)h1 << 32);
-    if (unsign) return _mm512_mask_add_epi8(q, fifth, q, _mm512_set1_epi8(16));  /* q5 itself */
+    if (unsign || type == GGML_Q5_1) return _mm512_mask_add_epi8(q, fifth, q, _mm512_set1_epi8(16));  /* q5 itself */
     return _mm512_mask_sub_epi8(q, ~fifth, q, _mm512_set1_epi8(16));
 }
 
@@ -755,6 +757,20 @@ static inline __attribute__((always_inline)) __m512i q6_codes(const uint8_t *ql,
     return unsign ? q : _mm512_sub_epi8(q, _mm512_set1_epi8(32));
 }
 
+/* 64 Q3_K codes of a half (qs: its 32 bytes, hm: the block's hmask): pieces s0 and s0 + 1 of
+ * 32 (s0 0 or 2), bit j0 = 4 h + s0 of hmask for the first; unsign: q3 + 4 (0 .. 7). */
+static inline __attribute__((always_inline)) __m512i q3_codes(const uint8_t *qs, const uint8_t *hm,
+                                                              int s0, int j0, int unsign) {
+    const __m512i q = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)qs));
+    const __m512i low = _mm512_and_si512(
+        _mm512_srlv_epi16(q, _mm512_inserti64x4(_mm512_set1_epi16((short)(2 * s0)), _mm256_set1_epi16((short)(2 * s0 + 2)), 1)),
+        _mm512_set1_epi8(3));
+    const __m512i bit = _mm512_inserti64x4(_mm512_set1_epi8((char)(1 << j0)), _mm256_set1_epi8((char)(1 << (j0 + 1))), 1);
+    const __mmask64 set = _mm512_test_epi8_mask(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)hm)), bit);
+    const __m512i u = _mm512_mask_add_epi8(low, set, low, _mm512_set1_epi8(4));
+    return unsign ? u : _mm512_sub_epi8(u, _mm512_set1_epi8(4));
+}
+
 /* 128 codes (w0, w1) and their 8 scales of a row: from the decoded row w, or (type a format
  * of 32-element blocks, K a multiple of 128; Q4_K / Q6_K / IQ4_XS, K a multiple of 256, with
  * the super-block's scales ka from the caller) straight from the row's blocks. unsign: the
@@ -762,7 +778,7 @@ static inline __attribute__((always_inline)) __m512i q6_codes(const uint8_t *ql,
 static inline __attribute__((always_inline)) void row_chunk(
         int type, const uint8_t *row, const rowbuf *w, int64_t i, const float *ka, int unsign,
         __m512i *w0, __m512i *w1, __m256 *a) {
-    if (type == GGML_Q4_K || type == GGML_Q6_K || type == GGML_IQ4_XS) {
+    if (type == GGML_Q4_K || type == GGML_Q6_K || type == GGML_IQ4_XS || type == GGML_Q3_K) {
         const int h = (int)(i & 1);  /* which half of the super-block */
         const uint8_t *blk = row + (i / 2) * gguf_block_bytes(type);
         if (type == GGML_Q4_K) {
@@ -771,6 +787,9 @@ static inline __attribute__((always_inline)) void row_chunk(
         } else if (type == GGML_IQ4_XS) {  /* pieces 4h .. 4h + 3 */
             const uint8_t *qs = blk + 8 + 64 * h;
             *w0 = iq4_pair(qs, qs + 16), *w1 = iq4_pair(qs + 32, qs + 48);
+        } else if (type == GGML_Q3_K) {
+            const uint8_t *qs = blk + 32 + 32 * h;
+            *w0 = q3_codes(qs, blk, 0, 4 * h, unsign), *w1 = q3_codes(qs, blk, 2, 4 * h + 2, unsign);
         } else {
             const uint8_t *ql = blk + 64 * h, *qh = blk + 128 + 32 * h;
             *w0 = q6_codes(ql, qh, 0, 0, unsign), *w1 = q6_codes(ql, qh, 4, 4, unsign);
@@ -795,9 +814,16 @@ static inline __attribute__((always_inline)) void row_chunk(
     *a = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(d), _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
 }
 
+/* The offsets m of 4 blocks of Q4_1 / Q5_1 (fp16 after d; blocks `bytes` apart). */
+static inline __m128 block_offsets(const uint8_t *blk, int64_t bytes) {
+    const uint64_t m4 = (uint64_t)load_u16(blk + 2) | (uint64_t)load_u16(blk + bytes + 2) << 16 |
+                        (uint64_t)load_u16(blk + 2 * bytes + 2) << 32 | (uint64_t)load_u16(blk + 3 * bytes + 2) << 48;
+    return _mm_cvtph_ps(_mm_cvtsi64_si128((long long)m4));
+}
+
 /*
  * VNNI: log2 of the zero point z of a format whose codes are q - z with q in 0 .. 255 (Q4_0 8,
- * Q5_0 16, Q6_K 32; Q4_K 0: its codes are q), else -1. For those, row_tile takes q as VPDPBUSD's
+ * Q5_0 16, Q6_K 32, Q3_K 4; Q4_K, Q4_1, Q5_1 0: their codes are q), else -1. For those, row_tile takes q as VPDPBUSD's
  * unsigned operand and x's signed codes as the other, starting from -z sum4 xs (p->q4 << shift):
  * the same integer sums as x + 128 by c from -128 sum4 c, without the second VPDPBUSD per 64
  * codes of W that made -128 sum4 c, and without taking z off. One thread, cache-warm, M = 1:
@@ -806,7 +832,8 @@ static inline __attribute__((always_inline)) void row_chunk(
  */
 static inline int zero_shift(int type) {
 #if defined(__AVX512VNNI__)
-    return type == GGML_Q4_0 ? 3 : type == GGML_Q5_0 ? 4 : type == GGML_Q6_K ? 5 : type == GGML_Q4_K ? 0 : -1;
+    return type == GGML_Q4_0 ? 3 : type == GGML_Q5_0 ? 4 : type == GGML_Q6_K ? 5 : type == GGML_Q3_K ? 2
+         : type == GGML_Q4_K || type == GGML_Q4_1 || type == GGML_Q5_1 ? 0 : -1;
 #else
     (void)type;
     return -1;
@@ -833,7 +860,7 @@ static inline __attribute__((always_inline)) void row_tile(
     __m128 acc[WAYS][ROW_M];
     for (int n = 0; n < NW; n++)
         for (int r = 0; r < R; r++) acc[n][r] = _mm_setzero_ps();
-    const int kquant = type == GGML_Q4_K || type == GGML_Q6_K || type == GGML_IQ4_XS;
+    const int kquant = type == GGML_Q4_K || type == GGML_Q6_K || type == GGML_IQ4_XS || type == GGML_Q3_K;
     const int shift = zero_shift(type);
     float ka[WAYS][16], kb[WAYS][8];  /* a K-quant super-block's scales (per 16) and offsets (per 32) */
     for (int64_t i = 0; i < K64 / 128; i++) {
@@ -850,6 +877,8 @@ static inline __attribute__((always_inline)) void row_tile(
                 k_scales(blk, ka[n], kb[n]);
             } else if (type == GGML_IQ4_XS) {
                 iq4_xs_scales(blk, ka[n]);
+            } else if (type == GGML_Q3_K) {
+                q3_k_scales(blk, ka[n]);
             } else {
                 const int8_t *sc = (const int8_t *)(blk + 192);
                 const float d = fp16_to_fp32(load_u16(blk + 208));
@@ -862,7 +891,9 @@ static inline __attribute__((always_inline)) void row_tile(
         const __m512i base0 = shift >= 0 ? _mm512_setzero_si512() : quad_base(w0);
         const __m512i base1 = shift >= 0 ? _mm512_setzero_si512() : quad_base(w1);
         const __m128 b = !offsets ? _mm_setzero_ps()
-                         : kquant ? _mm_loadu_ps(kb[n] + 4 * (i & 1)) : _mm_loadu_ps(w->b + 4 * i);
+                         : kquant ? _mm_loadu_ps(kb[n] + 4 * (i & 1))
+                         : type >= 0 ? block_offsets(row + 4 * i * gguf_block_bytes(type), gguf_block_bytes(type))
+                         : _mm_loadu_ps(w->b + 4 * i);
         __m128 *accn = acc[n];
         for (int r = 0; r < R; r++) {
             const int64_t m = m0 + r, k = m * K64 + 128 * i;
@@ -1483,7 +1514,8 @@ static void direct_times_x(int type, const uint8_t *const rows[LANES], int64_t a
 #endif
 
 #if defined(ROW_PATH)
-#define ROW_CASE(T, R) case R: row_tile(T, rows, 1, w, p, 0, R, (T) == -1 || (T) == GGML_Q4_K, res); break;
+#define OFFSETS(T) ((T) == -1 || (T) == GGML_Q4_K || (T) == GGML_Q4_1 || (T) == GGML_Q5_1)
+#define ROW_CASE(T, R) case R: row_tile(T, rows, 1, w, p, 0, R, OFFSETS(T), res); break;
 #define ROW_TYPE(T) switch ((int)M) { ROW_CASE(T, 1) ROW_CASE(T, 2) }
 
 /* out[:, n] for M <= ROW_M rows of x from row `index` of a quantized segment (int8 mode);
@@ -1498,9 +1530,12 @@ static void row_int8_times_x(const heron_gguf_segment *seg, int64_t index, int64
     else if (K % 128 == 0 && type == GGML_Q5_0) { ROW_TYPE(GGML_Q5_0) }
     else if (K % 128 == 0 && type == GGML_Q8_0) { ROW_TYPE(GGML_Q8_0) }
     else if (K % 128 == 0 && type == GGML_IQ4_NL) { ROW_TYPE(GGML_IQ4_NL) }
+    else if (K % 128 == 0 && type == GGML_Q4_1) { ROW_TYPE(GGML_Q4_1) }
+    else if (K % 128 == 0 && type == GGML_Q5_1) { ROW_TYPE(GGML_Q5_1) }
     else if (type == GGML_Q4_K) { ROW_TYPE(GGML_Q4_K) }  /* K: a multiple of 256 */
     else if (type == GGML_Q6_K) { ROW_TYPE(GGML_Q6_K) }
     else if (type == GGML_IQ4_XS) { ROW_TYPE(GGML_IQ4_XS) }
+    else if (type == GGML_Q3_K) { ROW_TYPE(GGML_Q3_K) }
     else {
         decode_row(type, rows[0], K, w->c, w->a, w->b);
         if (offsets) { ROW_TYPE(-1) }
@@ -1509,10 +1544,10 @@ static void row_int8_times_x(const heron_gguf_segment *seg, int64_t index, int64
     for (int64_t m = 0; m < M; m++) store_out(out, out_bf16, m * ldo + n, res[m]);
 }
 
-#define WAYS_CASE(T) row_tile(T, rows, WAYS, NULL, p, 0, 1, (T) == GGML_Q4_K, res); break
+#define WAYS_CASE(T) row_tile(T, rows, WAYS, NULL, p, 0, 1, OFFSETS(T), res); break
 
 /* out[0, n + i H] (i < WAYS) for one row of x from rows index + i H of a segment (Q4_0, Q5_0,
- * Q8_0, IQ4_NL, Q4_K, Q6_K, IQ4_XS; not permuted): WAYS sequential streams through the file, each followed by
+ * Q8_0, IQ4_NL, Q4_1, Q5_1, Q3_K, Q4_K, Q6_K, IQ4_XS; not permuted): WAYS sequential streams through the file, each followed by
  * the hardware's prefetch (rows index and index + 1 together, interleaved by 128 elements, ran
  * at a third of the speed from DRAM: the second model's LM head 5.5 -> 16.5 ms). Four rows
  * rather than two, one thread: the default model's Q8_0 LM head 7.1-7.2 -> 6.4 ms. Returns 0
@@ -1520,7 +1555,7 @@ static void row_int8_times_x(const heron_gguf_segment *seg, int64_t index, int64
 static int row_int8_ways(const heron_gguf_segment *seg, int64_t index, int64_t H, int64_t K,
                          const xprep *p, void *out, int out_bf16, int64_t n) {
     const int type = (int)seg->type;
-    const int blocks256 = type == GGML_Q4_K || type == GGML_Q6_K || type == GGML_IQ4_XS;
+    const int blocks256 = type == GGML_Q4_K || type == GGML_Q6_K || type == GGML_IQ4_XS || type == GGML_Q3_K;
     const int signed_codes = type == GGML_Q8_0 || type == GGML_IQ4_NL || type == GGML_IQ4_XS;
     if ((zero_shift(type) < 0 && !signed_codes) || seg->row_ids || (K % 128 && !blocks256))
         return 0;
@@ -1534,6 +1569,9 @@ static int row_int8_ways(const heron_gguf_segment *seg, int64_t index, int64_t H
         case GGML_Q8_0: WAYS_CASE(GGML_Q8_0);
         case GGML_IQ4_NL: WAYS_CASE(GGML_IQ4_NL);
         case GGML_IQ4_XS: WAYS_CASE(GGML_IQ4_XS);
+        case GGML_Q3_K: WAYS_CASE(GGML_Q3_K);
+        case GGML_Q4_1: WAYS_CASE(GGML_Q4_1);
+        case GGML_Q5_1: WAYS_CASE(GGML_Q5_1);
         default: WAYS_CASE(GGML_Q6_K);
     }
     for (int i = 0; i < WAYS; i++) store_out(out, out_bf16, n + i * H, res[i * ROW_M]);
