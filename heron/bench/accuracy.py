@@ -65,7 +65,9 @@ def greedy_tokens(llm: Any) -> tuple[list[list[int]], list[list[int]]]:
 
 
 def transformers_greedy(path: Path, prompts: list[list[int]]) -> list[list[int]]:
-    """transformers' greedy continuations of the GGUF at ``path`` (dequantized to float32)."""
+    """transformers' greedy continuations of the GGUF at ``path`` (dequantized to float32): its
+    argmax at every step, EOS included, as heron's ``ignore_eos`` allows (``generate``'s
+    ``min_new_tokens`` would forbid EOS instead)."""
     import transformers
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(
@@ -73,9 +75,13 @@ def transformers_greedy(path: Path, prompts: list[list[int]]) -> list[list[int]]
     out = []
     with torch.no_grad():
         for prompt in prompts:
-            tokens = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS,
-                                 min_new_tokens=NEW_TOKENS, do_sample=False)[0, len(prompt):]
-            out.append(tokens.tolist())
+            ids, past, tokens = torch.tensor([prompt]), None, []
+            for _ in range(NEW_TOKENS):
+                step = hf(ids, past_key_values=past, use_cache=True)
+                past = step.past_key_values
+                ids = step.logits[:, -1].argmax(-1, keepdim=True)
+                tokens.append(int(ids))
+            out.append(tokens)
     return out
 
 

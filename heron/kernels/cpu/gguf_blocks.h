@@ -330,11 +330,9 @@ static inline void decode_q5_k(const uint8_t *blk, int8_t *c, float *a, float *b
     k_scales(blk, a, b);
 }
 
-/* Q3_K: element e = 128 h + 32 s + l (h 0..1, s 0..3, l 0..31) has its 2 low bits at bits 2 s
- * of qs[32 h + l] and is less 4 where bit e / 32 of hmask[l] is clear: codes -4 .. 3. The
- * 6-bit scale of sub-block i (16 elements) has its low nibble in scales[i % 8] (low nibble for
- * i < 8, high for i >= 8) and its 2 high bits at bits 2 (i / 4) of scales[8 + i % 4]. */
-/* a[16] = d (sc - 32) of a Q3_K block's 16 sub-blocks. */
+/* a[16] = d (sc - 32) of a Q3_K block's 16 sub-blocks: the 6-bit scale of sub-block i (16
+ * elements) has its low nibble in scales[i % 8] (low nibble for i < 8, high for i >= 8) and
+ * its 2 high bits at bits 2 (i / 4) of scales[8 + i % 4]. */
 static inline void q3_k_scales(const uint8_t *blk, float *a) {
     const uint8_t *sc = blk + 96;
     const float d = fp16_to_fp32(load_u16(blk + 108));
@@ -358,6 +356,8 @@ static inline void q3_k_scales(const uint8_t *blk, float *a) {
 #endif
 }
 
+/* Q3_K: element e = 128 h + 32 s + l (h 0..1, s 0..3, l 0..31) has its 2 low bits at bits 2 s
+ * of qs[32 h + l] and is less 4 where bit e / 32 of hmask[l] is clear: codes -4 .. 3. */
 static inline void decode_q3_k(const uint8_t *blk, int8_t *c, float *a) {
     const uint8_t *hmask = blk, *qs = blk + 32;
     for (int h = 0; h < 2; h++)
