@@ -66,7 +66,8 @@ def greedy_tokens(llm: Any) -> tuple[list[list[int]], list[list[int]]]:
 
 def transformers_greedy(path: Path, prompts: list[list[int]]) -> list[list[int]]:
     """transformers' greedy continuations of the GGUF at ``path`` (dequantized to float32): its
-    argmax at every step, EOS included, as heron's ``ignore_eos`` allows (``generate``'s
+    argmax at every step over the whole text (no cache argument, whose name transformers is
+    changing), EOS included, as heron's ``ignore_eos`` allows (``generate``'s
     ``min_new_tokens`` would forbid EOS instead)."""
     import transformers
 
@@ -75,13 +76,10 @@ def transformers_greedy(path: Path, prompts: list[list[int]]) -> list[list[int]]
     out = []
     with torch.no_grad():
         for prompt in prompts:
-            ids, past, tokens = torch.tensor([prompt]), None, []
+            ids = torch.tensor([prompt])
             for _ in range(NEW_TOKENS):
-                step = hf(ids, past_key_values=past, use_cache=True)
-                past = step.past_key_values
-                ids = step.logits[:, -1].argmax(-1, keepdim=True)
-                tokens.append(int(ids))
-            out.append(tokens)
+                ids = torch.cat([ids, hf(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            out.append(ids[0, len(prompt):].tolist())
     return out
 
 
