@@ -696,13 +696,19 @@ static inline __m512i quad_base(__m512i wc) {
 #endif
 }
 
-/* The 64 levels of two 32-element IQ4 pieces (16 bytes of nibbles each, as Q4_0's). */
-static inline __attribute__((always_inline)) __m512i iq4_pair(const uint8_t *q0, const uint8_t *q1) {
+/* The 64 nibbles of two 32-element blocks' 16 bytes q0, q1 (low nibbles first, as Q4_0's):
+ * 128-bit lanes q0 q0 q1 q1 (broadcast loads), lanes 1 and 3 shifted to their high nibbles. */
+static inline __attribute__((always_inline)) __m512i nibble_blocks(const uint8_t *q0, const uint8_t *q1) {
     const __m512i qs = _mm512_inserti64x4(
         _mm512_castsi256_si512(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)q0))),
         _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)q1)), 1);
-    const __m512i q = _mm512_and_si512(_mm512_mask_srli_epi64(qs, 0xCC, qs, 4), _mm512_set1_epi8(15));
-    return _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)IQ4_LEVELS)), q);
+    return _mm512_and_si512(_mm512_mask_srli_epi64(qs, 0xCC, qs, 4), _mm512_set1_epi8(15));
+}
+
+/* The 64 levels of two 32-element IQ4 pieces. */
+static inline __attribute__((always_inline)) __m512i iq4_pair(const uint8_t *q0, const uint8_t *q1) {
+    return _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)IQ4_LEVELS)),
+                               nibble_blocks(q0, q1));
 }
 
 /* The codes of two 32-element blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL) in one register,
@@ -715,11 +721,7 @@ static inline __attribute__((always_inline)) __m512i pair_codes_as(int type, con
     if (type == GGML_IQ4_NL) return iq4_pair(b0 + 2, b1 + 2);
     /* the nibbles after d (Q4_0), d m (Q4_1), d qh (Q5_0), d m qh (Q5_1) */
     const int off = type == GGML_Q4_0 ? 2 : type == GGML_Q4_1 ? 4 : type == GGML_Q5_0 ? 6 : 8;
-    /* 128-bit lanes qs0 qs0 qs1 qs1 (broadcast loads); lanes 1 and 3 shifted: their high nibbles */
-    const __m512i qs = _mm512_inserti64x4(
-        _mm512_castsi256_si512(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(b0 + off)))),
-        _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(b1 + off))), 1);
-    const __m512i q = _mm512_and_si512(_mm512_mask_srli_epi64(qs, 0xCC, qs, 4), _mm512_set1_epi8(15));
+    const __m512i q = nibble_blocks(b0 + off, b1 + off);
     if (type == GGML_Q4_0) return unsign ? q : _mm512_sub_epi8(q, _mm512_set1_epi8(8));
     if (type == GGML_Q4_1) return q;
     uint32_t h0, h1;  /* Q5_0: q5 - 16, i.e. the nibble less 16 where the fifth bit is 0 */
@@ -771,6 +773,14 @@ static inline __attribute__((always_inline)) __m512i q3_codes(const uint8_t *qs,
     return unsign ? u : _mm512_sub_epi8(u, _mm512_set1_epi8(4));
 }
 
+/* The fp16 values at p, p + stride, p + 2 stride, p + 3 stride (4 blocks' d, or Q4_1 / Q5_1's
+ * m at + 2), gathered in a general register: no vector inserts. */
+static inline __m128 fp16_x4(const uint8_t *p, int64_t stride) {
+    const uint64_t v4 = (uint64_t)load_u16(p) | (uint64_t)load_u16(p + stride) << 16 |
+                        (uint64_t)load_u16(p + 2 * stride) << 32 | (uint64_t)load_u16(p + 3 * stride) << 48;
+    return _mm_cvtph_ps(_mm_cvtsi64_si128((long long)v4));
+}
+
 /* 128 codes (w0, w1) and their 8 scales of a row: from the decoded row w, or (type a format
  * of 32-element blocks, K a multiple of 128; Q4_K / Q6_K / IQ4_XS, K a multiple of 256, with
  * the super-block's scales ka from the caller) straight from the row's blocks. unsign: the
@@ -807,18 +817,8 @@ static inline __attribute__((always_inline)) void row_chunk(
     const uint8_t *b0 = row + 4 * i * bytes, *b1 = b0 + bytes, *b2 = b1 + bytes, *b3 = b2 + bytes;
     *w0 = pair_codes_as(type, b0, b1, unsign);
     *w1 = pair_codes_as(type, b2, b3, unsign);
-    /* the 4 fp16 scales gathered in a general register: no vector inserts */
-    const uint64_t d4 = (uint64_t)load_u16(b0) | (uint64_t)load_u16(b1) << 16 | (uint64_t)load_u16(b2) << 32 |
-                        (uint64_t)load_u16(b3) << 48;
-    const __m128 d = _mm_cvtph_ps(_mm_cvtsi64_si128((long long)d4));
+    const __m128 d = fp16_x4(b0, bytes);
     *a = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(d), _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
-}
-
-/* The offsets m of 4 blocks of Q4_1 / Q5_1 (fp16 after d; blocks `bytes` apart). */
-static inline __m128 block_offsets(const uint8_t *blk, int64_t bytes) {
-    const uint64_t m4 = (uint64_t)load_u16(blk + 2) | (uint64_t)load_u16(blk + bytes + 2) << 16 |
-                        (uint64_t)load_u16(blk + 2 * bytes + 2) << 32 | (uint64_t)load_u16(blk + 3 * bytes + 2) << 48;
-    return _mm_cvtph_ps(_mm_cvtsi64_si128((long long)m4));
 }
 
 /*
@@ -892,7 +892,7 @@ static inline __attribute__((always_inline)) void row_tile(
         const __m512i base1 = shift >= 0 ? _mm512_setzero_si512() : quad_base(w1);
         const __m128 b = !offsets ? _mm_setzero_ps()
                          : kquant ? _mm_loadu_ps(kb[n] + 4 * (i & 1))
-                         : type >= 0 ? block_offsets(row + 4 * i * gguf_block_bytes(type), gguf_block_bytes(type))
+                         : type >= 0 ? fp16_x4(row + 4 * i * gguf_block_bytes(type) + 2, gguf_block_bytes(type))
                          : _mm_loadu_ps(w->b + 4 * i);
         __m128 *accn = acc[n];
         for (int r = 0; r < R; r++) {
