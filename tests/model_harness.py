@@ -70,6 +70,18 @@ def hf_logits(hf_model: nn.Module, tokens: list[int]) -> torch.Tensor:
     return out.logits[0].float()
 
 
+@torch.no_grad()
+def argmax_continuation(hf_model: nn.Module, prompt: list[int], n: int) -> list[int]:
+    """transformers' argmax at each of n steps over the whole text (no cache), EOS included:
+    what heron's greedy ``ignore_eos`` gives. ``generate(min_new_tokens=n)`` is not this
+    reference: it forbids EOS, so a model whose greedy choice is EOS would split from it."""
+    ids = torch.tensor([prompt])
+    for _ in range(n):
+        logits = hf_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
 class PagedSession:
     """Runs a heron model step by step over a paged KV cache, one flat batch per step.
 

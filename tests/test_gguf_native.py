@@ -22,6 +22,7 @@ from heron import LLM, SamplingParams
 from heron.kernels.cpu.gguf import BLOCK_FORMATS
 from heron.layers.gguf_weight import GGUFWeight
 from heron.layers.linear import Embedding, Linear, LMHead
+from tests.model_harness import argmax_continuation
 from tests.test_gguf_kernels import random_blocks
 
 HIDDEN, FFN, HEADS, KV_HEADS, LAYERS, VOCAB = 256, 512, 4, 2, 2, 300
@@ -157,18 +158,9 @@ def _greedy(llm: LLM, n: int = 16) -> list[list[int]]:
 
 
 def _transformers_greedy(path: Path, n: int = 16) -> list[list[int]]:
-    """transformers' argmax at each of n steps, EOS included: ``ignore_eos`` does not stop at
-    EOS but may pick it, where ``generate``'s ``min_new_tokens`` would forbid it."""
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32, attn_implementation="eager").eval()
-    out = []
-    with torch.no_grad():
-        for prompt in PROMPTS:
-            ids = torch.tensor([prompt])
-            for _ in range(n):
-                ids = torch.cat([ids, hf(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-            out.append(ids[0, len(prompt):].tolist())
-    return out
+    return [argmax_continuation(hf, prompt, n) for prompt in PROMPTS]
 
 
 def test_float32_greedy_tokens_equal_transformers_on_the_same_file(tiny_file: Path) -> None:

@@ -16,7 +16,13 @@ import transformers
 
 from heron.loader.weights import load_weights
 from heron.models.registry import get_model_class, supported_architectures
-from tests.model_harness import PagedSession, hf_logits, load_heron_model, make_hf_model
+from tests.model_harness import (
+    PagedSession,
+    argmax_continuation,
+    hf_logits,
+    load_heron_model,
+    make_hf_model,
+)
 
 ATOL, RTOL = 1e-4, 1e-4
 PROMPT_LENS = (7, 13, 3, 10)
@@ -294,7 +300,4 @@ def test_engine_greedy_generate_matches_transformers(models, tmp_path) -> None:
     params = heron.SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     for prompt, output in zip(prompts, outputs, strict=True):
-        with torch.no_grad():
-            expected = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32,
-                                   do_sample=False, pad_token_id=0)[0, len(prompt):]
-        assert list(output.outputs[0].token_ids) == expected.tolist()
+        assert list(output.outputs[0].token_ids) == argmax_continuation(hf, prompt, 32)
