@@ -705,9 +705,11 @@ static inline __attribute__((always_inline)) __m512i nibble_blocks(const uint8_t
     return _mm512_and_si512(_mm512_mask_srli_epi64(qs, 0xCC, qs, 4), _mm512_set1_epi8(15));
 }
 
-/* The 64 levels of two 32-element IQ4 pieces. */
-static inline __attribute__((always_inline)) __m512i iq4_pair(const uint8_t *q0, const uint8_t *q1) {
-    return _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)IQ4_LEVELS)),
+/* The 64 levels of two 32-element IQ4 pieces; unsign: each level + 128 (its sign bit flipped). */
+static inline __attribute__((always_inline)) __m512i iq4_pair(const uint8_t *q0, const uint8_t *q1,
+                                                              int unsign) {
+    const __m512i levels = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)IQ4_LEVELS));
+    return _mm512_shuffle_epi8(unsign ? _mm512_xor_si512(levels, _mm512_set1_epi8((char)0x80)) : levels,
                                nibble_blocks(q0, q1));
 }
 
@@ -715,10 +717,12 @@ static inline __attribute__((always_inline)) __m512i iq4_pair(const uint8_t *q0,
  * decoded in place: both blocks' nibbles split at once, the fifth bits set from a 64-bit mask. */
 static inline __attribute__((always_inline)) __m512i pair_codes_as(int type, const uint8_t *b0,
                                                                    const uint8_t *b1, int unsign) {
-    if (type == GGML_Q8_0)
-        return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b0 + 2))),
-                                  _mm256_loadu_si256((const __m256i *)(b1 + 2)), 1);
-    if (type == GGML_IQ4_NL) return iq4_pair(b0 + 2, b1 + 2);
+    if (type == GGML_Q8_0) {
+        const __m512i c = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b0 + 2))),
+                                             _mm256_loadu_si256((const __m256i *)(b1 + 2)), 1);
+        return unsign ? _mm512_xor_si512(c, _mm512_set1_epi8((char)0x80)) : c;  /* c + 128 */
+    }
+    if (type == GGML_IQ4_NL) return iq4_pair(b0 + 2, b1 + 2, unsign);
     /* the nibbles after d (Q4_0), d m (Q4_1), d qh (Q5_0), d m qh (Q5_1) */
     const int off = type == GGML_Q4_0 ? 2 : type == GGML_Q4_1 ? 4 : type == GGML_Q5_0 ? 6 : 8;
     const __m512i q = nibble_blocks(b0 + off, b1 + off);
@@ -796,7 +800,7 @@ static inline __attribute__((always_inline)) void row_chunk(
             *w0 = nibble_pairs(qs), *w1 = nibble_pairs(qs + 32);
         } else if (type == GGML_IQ4_XS) {  /* pieces 4h .. 4h + 3 */
             const uint8_t *qs = blk + 8 + 64 * h;
-            *w0 = iq4_pair(qs, qs + 16), *w1 = iq4_pair(qs + 32, qs + 48);
+            *w0 = iq4_pair(qs, qs + 16, unsign), *w1 = iq4_pair(qs + 32, qs + 48, unsign);
         } else if (type == GGML_Q3_K) {
             const uint8_t *qs = blk + 32 + 32 * h;
             *w0 = q3_codes(qs, blk, 0, 4 * h, unsign), *w1 = q3_codes(qs, blk, 2, 4 * h + 2, unsign);
@@ -823,16 +827,18 @@ static inline __attribute__((always_inline)) void row_chunk(
 
 /*
  * VNNI: log2 of the zero point z of a format whose codes are q - z with q in 0 .. 255 (Q4_0 8,
- * Q5_0 16, Q6_K 32, Q3_K 4; Q4_K, Q4_1, Q5_1 0: their codes are q), else -1. For those, row_tile takes q as VPDPBUSD's
- * unsigned operand and x's signed codes as the other, starting from -z sum4 xs (p->q4 << shift):
- * the same integer sums as x + 128 by c from -128 sum4 c, without the second VPDPBUSD per 64
- * codes of W that made -128 sum4 c, and without taking z off. One thread, cache-warm, M = 1:
- * the second model's ffn_down (Q4_K / Q6_K) 0.25 -> 0.21-0.22 ms, its gate/up (Q5_0) 0.43-0.44
- * -> 0.41-0.43 ms.
+ * Q5_0 16, Q6_K 32, Q3_K 4; Q4_K, Q4_1, Q5_1 0: their codes are q; Q8_0 and IQ4 128: their
+ * signed codes c are q - 128 for q = c with its sign bit flipped), else -1. For those, row_tile
+ * takes q as VPDPBUSD's unsigned operand and x's signed codes as the other, starting from
+ * -z sum4 xs (p->q4 << shift): the same integer sums as x + 128 by c from -128 sum4 c, without
+ * the second VPDPBUSD per 64 codes of W that made -128 sum4 c, and without taking z off. One
+ * thread, cache-warm, M = 1: the second model's ffn_down (Q4_K / Q6_K) 0.25 -> 0.21-0.22 ms,
+ * its gate/up (Q5_0) 0.43-0.44 -> 0.41-0.43 ms.
  */
 static inline int zero_shift(int type) {
 #if defined(__AVX512VNNI__)
     return type == GGML_Q4_0 ? 3 : type == GGML_Q5_0 ? 4 : type == GGML_Q6_K ? 5 : type == GGML_Q3_K ? 2
+         : type == GGML_Q8_0 || type == GGML_IQ4_NL || type == GGML_IQ4_XS ? 7
          : type == GGML_Q4_K || type == GGML_Q4_1 || type == GGML_Q5_1 ? 0 : -1;
 #else
     (void)type;
