@@ -55,6 +55,9 @@ def random_blocks(fmt: str, rows: int, k: int, seed: int, scale: str = "normal")
     elif fmt in ("Q4_1", "Q5_1"):  # d, then the (signed) offset m
         blocks[:, 0:2] = _fp16_field(scale, rng, n)
         blocks[:, 2:4] = _fp16_field(scale, rng, n)
+    elif fmt == "Q2_K":  # d, then dmin (>= 0), last
+        blocks[:, 80:82] = _fp16_field(scale, rng, n)
+        blocks[:, 82:84] = np.abs(_fp16_field(scale, rng, n).view(np.float16)).view(np.uint8)
     elif fmt == "Q3_K":  # d last
         blocks[:, 108:110] = _fp16_field(scale, rng, n)
     elif fmt in ("Q4_K", "Q5_K"):
@@ -71,14 +74,17 @@ def dequantized(fmt: str, blocks: np.ndarray) -> torch.Tensor:
 
 
 def offsets(fmt: str, blocks: np.ndarray) -> torch.Tensor:
-    """The offsets b of each weight (Q4_1, Q5_1, Q4_K, Q5_K; else 0): the blocks dequantized
-    with every code zeroed (w = a c + b with c = 0)."""
-    if fmt not in ("Q4_1", "Q5_1", "Q4_K", "Q5_K"):
+    """The offsets b of each weight (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K; else 0): the blocks
+    dequantized with every code zeroed (w = a c + b with c = 0)."""
+    if fmt not in ("Q4_1", "Q5_1", "Q2_K", "Q4_K", "Q5_K"):
         return torch.zeros(blocks.shape[0], blocks.shape[1] // BLOCK_FORMATS[fmt][2]
                            * BLOCK_FORMATS[fmt][1])
     nbytes = BLOCK_FORMATS[fmt][2]
     zeroed = blocks.reshape(-1, nbytes).copy()
-    zeroed[:, 4 if fmt in ("Q4_1", "Q5_1") else 16:] = 0  # the codes (Q5_1, Q5_K: qh too)
+    if fmt == "Q2_K":
+        zeroed[:, 16:80] = 0  # qs
+    else:
+        zeroed[:, 4 if fmt in ("Q4_1", "Q5_1") else 16:] = 0  # the codes (Q5_1, Q5_K: qh too)
     return dequantized(fmt, zeroed.reshape(blocks.shape))
 
 
@@ -147,13 +153,13 @@ def test_mixed_segments_bf16_in_and_out(variant: str) -> None:
     """A fused q/k/v: three formats stacked along N; bf16 activations and output."""
     kernels = gguf_kernels(variant)
     k = 512
-    parts = [("Q5_0", 33), ("Q4_K", 16), ("Q8_0", 7), ("Q6_K", 5)]
+    parts = [("Q5_0", 33), ("Q4_K", 16), ("Q8_0", 7), ("Q2_K", 9), ("Q6_K", 5)]
     blocks = [random_blocks(fmt, rows, k, seed=i) for i, (fmt, rows) in enumerate(parts)]
     w = torch.cat([dequantized(fmt, b) for (fmt, _), b in zip(parts, blocks)])
     b = torch.cat([offsets(fmt, b) for (fmt, _), b in zip(parts, blocks)])
     segments = segment_array([BlockRows(torch.from_numpy(b), BLOCK_FORMATS[fmt][0])
                               for (fmt, _), b in zip(parts, blocks)])
-    for m in (1, 2, 19):  # panels of 16 rows cross the segments' boundaries (33, 49, 56)
+    for m in (1, 2, 19):  # panels of 16 rows cross the segments' boundaries (33, 49, 56, 65)
         x = _activations(m, k, seed=3).to(torch.bfloat16)
         for exact in (True, False):
             out = kernels.matmul(x, segments, w.shape[0], exact, torch.bfloat16)
@@ -203,7 +209,7 @@ def test_the_result_does_not_depend_on_the_threads(variant: str) -> None:
     thread or two, the same bits, across segments of several formats."""
     kernels = gguf_kernels(variant)
     k = 256
-    parts = [("Q5_0", 301), ("Q6_K", 77), ("Q8_0", 130), ("Q4_K", 45)]
+    parts = [("Q5_0", 301), ("Q6_K", 77), ("Q8_0", 130), ("Q2_K", 23), ("Q4_K", 45)]
     blocks = [random_blocks(fmt, rows, k, seed=10 + i) for i, (fmt, rows) in enumerate(parts)]
     w = torch.cat([dequantized(fmt, b) for (fmt, _), b in zip(parts, blocks)])
     b = torch.cat([offsets(fmt, b) for (fmt, _), b in zip(parts, blocks)])

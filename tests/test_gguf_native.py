@@ -3,7 +3,7 @@ quantized tensor, the same model as transformers builds from the same file.
 
 Tiny random models are written as GGUF files whose 2D tensors take every block format heron
 reads: Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 quantized from the model's weights by gguf-py, and
-Q3_K / Q4_K / Q5_K / Q6_K / IQ4_NL / IQ4_XS as random blocks of model-like scales (gguf-py
+Q2_K / Q3_K / Q4_K / Q5_K / Q6_K / IQ4_NL / IQ4_XS as random blocks of model-like scales (gguf-py
 cannot quantize those; transformers dequantizes whatever blocks the file holds, so it is the
 same model either way).
 """
@@ -35,7 +35,7 @@ FORMATS = {"token_embd": "Q8_0", "attn_q": "Q4_K", "attn_k": "Q5_0", "attn_v": "
            "attn_output": "Q5_K", "ffn_gate": "Q4_0", "ffn_up": "Q6_K", "ffn_down": "Q4_K",
            "output": "Q6_K"}
 # the second layer's own formats: those of Q3_K_M files and of older ones
-LAYER1_FORMATS = {"attn_q": "IQ4_XS", "attn_output": "Q3_K", "ffn_gate": "Q4_1",
+LAYER1_FORMATS = {"attn_q": "IQ4_XS", "attn_k": "Q2_K", "attn_output": "Q3_K", "ffn_gate": "Q4_1",
                   "ffn_up": "IQ4_NL", "ffn_down": "Q5_1"}
 
 
@@ -98,9 +98,9 @@ def _tensor_data(arch: str, hf_name: str, gguf_name: str, value: np.ndarray, see
     if fmt in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
         return gguf.quants.quantize(value, qtype), qtype
     rows, k = value.shape
-    if fmt == "Q2_K":  # scales[16] | qs[64] | fp16 d | fp16 dmin
-        blocks = np.random.default_rng(seed).integers(0, 256, size=(rows * k // 256, 84), dtype=np.uint8)
-        blocks[:, 80:84] = np.array([1e-4, 5e-5], dtype=np.float16).view(np.uint8)
+    if fmt == "IQ2_XXS":  # fp16 d | 8 x (4 grid indices, 4 x 7 sign bits and a 4-bit scale)
+        blocks = np.random.default_rng(seed).integers(0, 256, size=(rows * k // 256, 66), dtype=np.uint8)
+        blocks[:, 0:2] = np.array([1e-4], dtype=np.float16).view(np.uint8)
         return blocks.reshape(rows, -1), qtype
     return random_blocks(fmt, rows, k, seed=seed, scale="model"), qtype
 
@@ -212,16 +212,16 @@ def test_default_model_float32_greedy_equals_transformers_on_the_same_file() -> 
 @pytest.mark.slow
 def test_a_format_the_kernels_do_not_read_is_dequantized_and_said(tmp_path: Path, caplog,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Q2_K (not among the formats heron's kernels read): that module gets float weights, the
-    log says so, and the model is still transformers' model of the file."""
+    """IQ2_XXS (not among the formats heron's kernels read): that module gets float weights,
+    the log says so, and the model is still transformers' model of the file."""
     import logging
 
-    monkeypatch.setitem(FORMATS, "ffn_up", "Q2_K")
-    path = tmp_path / "tiny-q2_k.gguf"
+    monkeypatch.setitem(FORMATS, "ffn_up", "IQ2_XXS")
+    path = tmp_path / "tiny-iq2_xxs.gguf"
     write_gguf(path, "llama", _hf_model("llama"))
     with caplog.at_level(logging.WARNING, logger="heron.loader.gguf_native"):
         llm = LLM(str(path), dtype="float32", skip_tokenizer_init=True, kv_cache_memory="64MiB")
-    assert "type Q2_K are dequantized" in caplog.text
+    assert "type IQ2_XXS are dequantized" in caplog.text
     model = llm.engine.model
     up = model.model.layers[0].mlp.gate_up_proj
     assert up.quantized is None and up.weight.device.type == "cpu"  # gate (Q4_0) and up: float

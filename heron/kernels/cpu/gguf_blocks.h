@@ -4,6 +4,8 @@
  *
  *     w[k] = a[k / 16] * c[k] + b[k / 32]        c: int8 code, a: float scale, b: float offset
  *
+ * (Q2_K: b per 16, b[k / 16]: see gguf_offset_elems)
+ *
  * which every format fits with exactly the float32 operations of gguf.quants.dequantize
  * (a = d * sc and b = -(dmin * m) are rounded once each, as there). Formats, per block:
  *
@@ -14,6 +16,8 @@
  *   Q5_0     32    22   fp16 d | u32 qh (bit k: 5th bit of k) | qs[16]     q5-16        0
  *   Q5_1     32    24   fp16 d | fp16 m | qh, qs as Q5_0's                 q5           m
  *   Q8_0     32    34   fp16 d | int8 qs[32]                               qs[k]        0
+ *   Q2_K    256    84   scales[16]: (sc | m << 4) per 16 | qs[64] |          q2    -dmin m per 16
+ *                       fp16 d | fp16 dmin; a = d sc per 16; see decode_q2_k
  *   Q3_K    256   110   hmask[32] | qs[64] | scales[12]: 16 6-bit sc | fp16 d;  q3           0
  *                       a = d * (sc - 32) per 16; see decode_q3_k
  *   Q4_K    256   144   fp16 d | fp16 dmin | scales[12]: 8 6-bit (sc, m)   nibble      -dmin m
@@ -46,7 +50,7 @@
 /* ggml type ids (gguf.GGMLQuantizationType) */
 enum {
     GGML_F32 = 0, GGML_F16 = 1, GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q5_0 = 6, GGML_Q5_1 = 7,
-    GGML_Q8_0 = 8, GGML_Q3_K = 11, GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14,
+    GGML_Q8_0 = 8, GGML_Q2_K = 10, GGML_Q3_K = 11, GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14,
     GGML_IQ4_NL = 20, GGML_IQ4_XS = 23, GGML_BF16 = 30
 };
 
@@ -84,7 +88,8 @@ static inline int gguf_block_elems(int type) {
     switch (type) {
         case GGML_Q4_0: case GGML_Q4_1: case GGML_Q5_0: case GGML_Q5_1: case GGML_Q8_0:
         case GGML_IQ4_NL: return 32;
-        case GGML_Q3_K: case GGML_Q4_K: case GGML_Q5_K: case GGML_Q6_K: case GGML_IQ4_XS: return 256;
+        case GGML_Q2_K: case GGML_Q3_K: case GGML_Q4_K: case GGML_Q5_K: case GGML_Q6_K:
+        case GGML_IQ4_XS: return 256;
         default: return 0;
     }
 }
@@ -96,6 +101,7 @@ static inline int gguf_block_bytes(int type) {
         case GGML_Q5_0: return 22;
         case GGML_Q5_1: return 24;
         case GGML_Q8_0: return 34;
+        case GGML_Q2_K: return 84;
         case GGML_Q3_K: return 110;
         case GGML_Q4_K: return 144;
         case GGML_Q5_K: return 176;
@@ -131,12 +137,18 @@ static inline int gguf_wide_codes(int type) {
     return type == GGML_Q8_0 || type == GGML_IQ4_NL || type == GGML_IQ4_XS;
 }
 
-/* Whether the format has offsets (b != 0). */
+/* Whether the format has offsets per 32 (b[k / 32] != 0). */
 static inline int gguf_has_offsets(int type) {
     return type == GGML_Q4_1 || type == GGML_Q5_1 || type == GGML_Q4_K || type == GGML_Q5_K;
 }
 
-/* One block -> c[elems], a[elems / 16], b[elems / 32] (b only where gguf_has_offsets). The
+/* Elements per offset: 32 (gguf_has_offsets), 16 (Q2_K: b[k / 16]), or 0 (no offsets). */
+static inline int gguf_offset_elems(int type) {
+    return gguf_has_offsets(type) ? 32 : type == GGML_Q2_K ? 16 : 0;
+}
+
+/* One block -> c[elems], a[elems / 16], b[elems / 32] (b only where gguf_has_offsets; Q2_K:
+ * b[elems / 16]). The
  * codes are written by 256-bit integer operations where the variant has AVX2 (avx2 and
  * avx512), by plain C elsewhere; the same bytes either way. */
 
@@ -356,6 +368,33 @@ static inline void q3_k_scales(const uint8_t *blk, float *a) {
 #endif
 }
 
+/* Q2_K: a[16] = d sc, b[16] = -(dmin m) of a block's 16 sub-blocks (scales[i]: sc in the low
+ * nibble, m in the high one). */
+static inline void q2_k_scales(const uint8_t *blk, float *a, float *b) {
+    const float d = fp16_to_fp32(load_u16(blk + 80)), dmin = fp16_to_fp32(load_u16(blk + 82));
+    for (int i = 0; i < 16; i++) {
+        a[i] = d * (float)(blk[i] & 15);
+        b[i] = -(dmin * (float)(blk[i] >> 4));
+    }
+}
+
+/* Q2_K: element e = 128 h + 32 s + l (h 0..1, s 0..3, l 0..31) is bits 2 s of qs[32 h + l]:
+ * codes 0 .. 3. */
+static inline void decode_q2_k(const uint8_t *blk, int8_t *c, float *a, float *b) {
+    const uint8_t *qs = blk + 16;
+    for (int h = 0; h < 2; h++)
+        for (int s = 0; s < 4; s++) {
+            int8_t *o = c + 32 * (4 * h + s);
+#if defined(__AVX2__)
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * h));
+            store32(o, _mm256_and_si256(_mm256_srli_epi16(q, 2 * s), _mm256_set1_epi8(3)));
+#else
+            for (int l = 0; l < 32; l++) o[l] = (int8_t)((qs[32 * h + l] >> (2 * s)) & 3);
+#endif
+        }
+    q2_k_scales(blk, a, b);
+}
+
 /* Q3_K: element e = 128 h + 32 s + l (h 0..1, s 0..3, l 0..31) has its 2 low bits at bits 2 s
  * of qs[32 h + l] and is less 4 where bit e / 32 of hmask[l] is clear: codes -4 .. 3. */
 static inline void decode_q3_k(const uint8_t *blk, int8_t *c, float *a) {
@@ -462,8 +501,8 @@ static inline void decode_iq4_xs(const uint8_t *blk, int8_t *c, float *a) {
     iq4_xs_scales(blk, a);
 }
 
-/* A row of K elements (K a multiple of the block size) -> c[K], a[K / 16], b[K / 32]; the
- * format is dispatched once per row. */
+/* A row of K elements (K a multiple of the block size) -> c[K], a[K / 16], b[K / 32] (Q2_K:
+ * b[K / 16]); the format is dispatched once per row. */
 #define DECODE_BLOCKS(call, elems, bytes) \
     for (int64_t k = 0, i = 0; k < K; k += (elems), i++) { const uint8_t *blk = row + i * (bytes); call; } \
     break;
@@ -475,6 +514,7 @@ static inline void decode_row(int type, const uint8_t *row, int64_t K, int8_t *c
         case GGML_Q5_0: DECODE_BLOCKS(decode_q5_0(blk, c + k, a + k / 16), 32, 22)
         case GGML_Q5_1: DECODE_BLOCKS(decode_q5_1(blk, c + k, a + k / 16, b + k / 32), 32, 24)
         case GGML_Q8_0: DECODE_BLOCKS(decode_q8_0(blk, c + k, a + k / 16), 32, 34)
+        case GGML_Q2_K: DECODE_BLOCKS(decode_q2_k(blk, c + k, a + k / 16, b + k / 16), 256, 84)
         case GGML_Q3_K: DECODE_BLOCKS(decode_q3_k(blk, c + k, a + k / 16), 256, 110)
         case GGML_Q4_K: DECODE_BLOCKS(decode_q4_k(blk, c + k, a + k / 16, b + k / 32), 256, 144)
         case GGML_Q5_K: DECODE_BLOCKS(decode_q5_k(blk, c + k, a + k / 16, b + k / 32), 256, 176)

@@ -3,7 +3,8 @@
  * memory-mapped file). W may be several segments of rows in different formats stacked along
  * N (a fused q/k/v whose q and v are Q5_0 and Q8_0). Built per variant (avx512, avx2,
  * portable) by heron/kernels/cpu/build.py; formats and their decoding: gguf_blocks.h, which
- * turns a row into codes c (int8), scales a (per 16) and offsets b (per 32): w = a c + b.
+ * turns a row into codes c (int8), scales a (per 16) and offsets b (per 32; Q2_K's per 16):
+ * w = a c + b.
  * Two modes:
  *
  *   exact (x float32 or bf16): each thread takes a range of W's rows; a row is decoded once
@@ -14,6 +15,7 @@
  *          a transformer's outlier features spoil 7 neighbours, not 31), exact integer sums
  *          I_g of c xq per group g of 8, then in float32 per block j of 16 elements (one a):
  *              out = sum_j a_j (s_2j I_2j + s_2j+1 I_2j+1)  +  sum_g32 b_g (sum_g32 x)
+ *          (Q2_K: + sum_j b_j (sum_j x), its offsets per 16)
  *          (the offsets b with the float sums of x), so the error against the exact result is
  *          at most sum_k |a_k c_k| s_k / 2, s_k the scale of k's group, plus float rounding.
  *          For more than a few rows of x, each thread takes panels of LANES rows of W (16; 8
@@ -74,6 +76,7 @@ typedef struct {
     float *s4;        /* int8, portable: [M, K64 / 8][4] each scale of s8 four times */
     float *s8;        /* int8: [M, K64 / 8] scale of each group of 8 */
     float *sum32;     /* int8: [M, K64 / 32] float sums of x per 32 */
+    float *sum16;     /* int8: [M, K64 / 16] float sums of x per 16 (Q2_K's offsets) */
     int32_t *q4;      /* int8, AVX-512 VNNI, M <= 2: [M, K64 / 4] minus the sums of xs per 4 */
 } xprep;
 
@@ -81,7 +84,7 @@ typedef struct {
 typedef struct {
     int8_t *c;        /* [K64] */
     float *a;         /* [K64 / 16] */
-    float *b;         /* [K64 / 32] */
+    float *b;         /* [K64 / 16]: per 32 (b[k / 32]), or per 16 (Q2_K: b[k / 16]) */
     float *wf;        /* float segments, row lookups: [K64] the values */
 } rowbuf;
 
@@ -120,9 +123,9 @@ static inline int64_t s8_index(int64_t g) {
 }
 
 /* One row of x in float -> int8 codes (also + 128 as uint8) and a scale per XGROUP
- * (max |x| / 127), float sums per 32. */
+ * (max |x| / 127), float sums per 32 and per 16. */
 static void quantize_x_row(const float *v, int64_t K64, uint8_t *xu, int8_t *xs, float *s8,
-                           float *sum32) {
+                           float *sum32, float *sum16) {
     int64_t g = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
     /* 2 groups per vector, the same operations as below (NaN is no group's maximum) */
@@ -162,6 +165,11 @@ static void quantize_x_row(const float *v, int64_t K64, uint8_t *xu, int8_t *xs,
         for (int j = 0; j < 32; j++) sum += v[32 * g + j];
         sum32[g] = sum;
     }
+    for (int64_t g = 0; g < K64 / 16; g++) {
+        float sum = 0.0f;
+        for (int j = 0; j < 16; j++) sum += v[16 * g + j];
+        sum16[g] = sum;
+    }
 }
 
 /* Portable: n int8 codes (n a multiple of 16) as int16, per 16 the even ones, then the odd
@@ -191,13 +199,14 @@ static int prepare_x(const void *x, int64_t ldx, int x_bf16, int64_t M, int64_t 
         p->xs = malloc((size_t)(M * K64));
         p->s8 = malloc(sizeof(float) * (size_t)(M * K64 / XGROUP));
         p->sum32 = malloc(sizeof(float) * (size_t)(M * K64 / 32));
+        p->sum16 = malloc(sizeof(float) * (size_t)(M * K64 / 16));
     }
 #if !defined(__AVX2__)
     p->x16 = exact ? NULL : malloc(sizeof(int16_t) * (size_t)(M * K64));
     p->s4 = exact ? NULL : malloc(sizeof(float) * (size_t)(M * K64 / 2));
     if (!exact && (!p->x16 || !p->s4)) return -2;
 #endif
-    if ((keep && !p->xf) || (!exact && (!p->xu || !p->xs || !p->s8 || !p->sum32))) return -2;
+    if ((keep && !p->xf) || (!exact && (!p->xu || !p->xs || !p->s8 || !p->sum32 || !p->sum16))) return -2;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
     if (!exact && M <= X_QUAD_ROWS && !(p->q4 = malloc(sizeof(int32_t) * (size_t)(M * K64 / 4))))
         return -2;
@@ -215,7 +224,7 @@ static int prepare_x(const void *x, int64_t ldx, int x_bf16, int64_t M, int64_t 
             load_x_row((const char *)x + (size_t)(m * ldx) * elem, x_bf16, K, K64, row);
             if (exact) continue;
             quantize_x_row(row, K64, p->xu + m * K64, p->xs + m * K64, p->s8 + m * (K64 / XGROUP),
-                           p->sum32 + m * (K64 / 32));
+                           p->sum32 + m * (K64 / 32), p->sum16 + m * (K64 / 16));
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
             if (p->q4)  /* -(1 * xs) per 4: VPDPBUSD with ones as the unsigned operand */
                 for (int64_t k = 0; k < K64; k += 64) {
@@ -235,7 +244,8 @@ static int prepare_x(const void *x, int64_t ldx, int x_bf16, int64_t M, int64_t 
 }
 
 static void free_x(xprep *p) {
-    free(p->xf), free(p->xu), free(p->xs), free(p->s8), free(p->sum32), free(p->x16), free(p->s4);
+    free(p->xf), free(p->xu), free(p->xs), free(p->s8), free(p->sum32), free(p->sum16), free(p->x16);
+    free(p->s4);
     free(p->q4);
 }
 
@@ -260,10 +270,13 @@ static inline __attribute__((always_inline)) void dot_f32_tile(
     }
 }
 
+/* Where offset b of element k is, for offsets elements per offset (gguf_offset_elems): k >> this. */
+static inline int b_shift(int offsets) { return offsets == 16 ? 4 : 5; }
+
 /*
  * Per variant, the exact mode's tile kernel over a decoded row w and rows m0 .. m0 + R - 1 of
  * x: res[r] = sum_k (a c + b)_k x_rk, the weight made float per 16 (shared by the rows), one
- * FMA per row.
+ * FMA per row. offsets: elements per offset (gguf_offset_elems).
  */
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 
@@ -275,7 +288,7 @@ static inline __attribute__((always_inline)) void dot_exact_tile(
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K64; k += 16) {
         const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w->c + k))));
-        const __m512 wk = offsets ? _mm512_fmadd_ps(c, _mm512_set1_ps(w->a[k / 16]), _mm512_set1_ps(w->b[k / 32]))
+        const __m512 wk = offsets ? _mm512_fmadd_ps(c, _mm512_set1_ps(w->a[k / 16]), _mm512_set1_ps(w->b[k >> b_shift(offsets)]))
                                   : _mm512_mul_ps(c, _mm512_set1_ps(w->a[k / 16]));
         for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * K64 + k), wk, acc[r]);
     }
@@ -296,7 +309,7 @@ static inline __attribute__((always_inline)) void dot_exact_tile(
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t k = 0; k < K64; k += 8) {
         const __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w->c + k))));
-        const __m256 wk = offsets ? _mm256_fmadd_ps(c, _mm256_set1_ps(w->a[k / 16]), _mm256_set1_ps(w->b[k / 32]))
+        const __m256 wk = offsets ? _mm256_fmadd_ps(c, _mm256_set1_ps(w->a[k / 16]), _mm256_set1_ps(w->b[k >> b_shift(offsets)]))
                                   : _mm256_mul_ps(c, _mm256_set1_ps(w->a[k / 16]));
         for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K64 + k), wk, acc[r]);
     }
@@ -312,7 +325,7 @@ static inline __attribute__((always_inline)) void dot_exact_tile(
         for (int j = 0; j < 16; j++) acc[r][j] = 0.0f;
     for (int64_t k = 0; k < K64; k += 16) {
         float wk[16];
-        const float a = w->a[k / 16], b = offsets ? w->b[k / 32] : 0.0f;
+        const float a = w->a[k / 16], b = offsets ? w->b[k >> b_shift(offsets)] : 0.0f;
         for (int j = 0; j < 16; j++) wk[j] = a * (float)w->c[k + j] + b;
         for (int r = 0; r < R; r++)
             for (int j = 0; j < 16; j++) acc[r][j] += x[r * K64 + k + j] * wk[j];
@@ -340,6 +353,7 @@ static inline void store_out(void *out, int out_bf16, int64_t index, float v) {
  *   w16   portable: [LANES][K64] the rows' codes widened (widen_codes), not interleaved
  *   corr  SIMD: [K64 / 8][LANES] -128 x the sum of each row's 8 codes (x + 128 form)
  *   a, b  [A16][LANES], [B32][LANES]: the scales per 16 and offsets per 32 of every row
+ *   b16   [A16][LANES]: offsets per 16 (Q2_K rows; zeros in the other rows where the panel has any)
  * Absent rows and float rows have all zeros (their lanes give 0: float rows are done apart).
  */
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -364,12 +378,12 @@ static inline void store_out(void *out, int out_bf16, int64_t index, float v) {
 typedef struct {
     int64_t K64, A16, B32;  /* A16, B32: K64 / 16 and K64 / 32 rounded up to LANES */
     int8_t *rows;
-    float *ra, *rb;
+    float *ra, *rb, *rb16;
     int8_t *c;
     int16_t *w16;     /* portable: [LANES][K64] the rows' codes widened (widen_codes) */
     int32_t *corr;
-    float *a, *b;
-    int offsets;      /* some row has offsets */
+    float *a, *b, *b16;
+    int offsets;      /* 1: some row has offsets per 32, 2: some row has offsets per 16 (both: 3) */
     int wide;         /* some row's codes go beyond -32 .. 31 (gguf_wide_codes) */
     unsigned floats;  /* bit l: row l is a float row */
     int narrow;       /* portable: w16 left unwritten, the codes widened as read from rows */
@@ -388,16 +402,20 @@ static int panel_alloc(panel *P, int64_t K64) {
     P->rows = alloc64((size_t)(LANES * K64));
     P->ra = alloc64(sizeof(float) * (size_t)(LANES * P->A16));
     P->rb = alloc64(sizeof(float) * (size_t)(LANES * P->B32));
+    P->rb16 = alloc64(sizeof(float) * (size_t)(LANES * P->A16));
     P->c = alloc64((size_t)(LANES * K64));
     P->corr = alloc64(sizeof(int32_t) * (size_t)(LANES * K64 / 8));
     P->w16 = WIDENED ? alloc64(sizeof(int16_t) * (size_t)(LANES * K64)) : NULL;
     P->a = alloc64(sizeof(float) * (size_t)(LANES * P->A16));
     P->b = alloc64(sizeof(float) * (size_t)(LANES * P->B32));
-    return P->rows && P->ra && P->rb && P->c && P->corr && P->a && P->b && (P->w16 || !WIDENED);
+    P->b16 = alloc64(sizeof(float) * (size_t)(LANES * P->A16));
+    return P->rows && P->ra && P->rb && P->rb16 && P->c && P->corr && P->a && P->b && P->b16 &&
+           (P->w16 || !WIDENED);
 }
 
 static void panel_free(panel *P) {
-    free(P->rows), free(P->ra), free(P->rb), free(P->c), free(P->corr), free(P->a), free(P->b);
+    free(P->rows), free(P->ra), free(P->rb), free(P->rb16), free(P->c), free(P->corr), free(P->a);
+    free(P->b), free(P->b16);
     free(P->w16);
 }
 
@@ -468,9 +486,12 @@ static void panel_interleave(panel *P, int codes) {
     if (codes != 2) {  /* 2: scales and codes are interleaved already, the sums are left */
         for (int64_t j = 0; j < P->A16; j += LANES)
             transpose_lanes(P->ra + j, P->A16, P->a + j * LANES);
-        if (P->offsets)
+        if (P->offsets)  /* (also for 2 alone: the tiles then add both kinds, these zeros) */
             for (int64_t j = 0; j < P->B32; j += LANES)
                 transpose_lanes(P->rb + j, P->B32, P->b + j * LANES);
+        if (P->offsets & 2)
+            for (int64_t j = 0; j < P->A16; j += LANES)
+                transpose_lanes(P->rb16 + j, P->A16, P->b16 + j * LANES);
     }
     if (!codes) return;
 #if defined(__AVX2__)
@@ -559,6 +580,7 @@ static void panel_decode(const heron_gguf_segment *segs, int64_t *seg, int64_t *
     P->wide = M <= 2;
     P->narrow = M <= 2;  /* each code read once or twice: widening in place costs less */
     P->floats = 0;
+    unsigned per16 = 0;  /* bit l: row l has offsets per 16 */
     for (int l = 0; l < LANES; l++) {
         int8_t *c = P->rows + l * K64;
         float *a = P->ra + l * P->A16, *b = P->rb + l * P->B32;
@@ -579,12 +601,17 @@ static void panel_decode(const heron_gguf_segment *segs, int64_t *seg, int64_t *
             memset(b, 0, sizeof(float) * (size_t)P->B32);
             continue;
         }
-        if (gguf_has_offsets(type)) P->offsets = 1;
+        const int per = gguf_offset_elems(type);
+        if (per == 32) P->offsets |= 1;
         else memset(b, 0, sizeof(float) * (size_t)P->B32);
+        if (per == 16) P->offsets |= 2, per16 |= 1u << l;
         if (gguf_wide_codes(type)) P->wide = 1;
-        decode_row(type, data, K, c, a, b);
+        decode_row(type, data, K, c, a, per == 16 ? P->rb16 + l * P->A16 : b);
         if (PREFETCH_NEXT) prefetch_next(&segs[*seg], data, n0 + l - *first);
     }
+    if (P->offsets & 2)  /* the other rows' offsets per 16 are 0 */
+        for (int l = 0; l < LANES; l++)
+            if (!(per16 >> l & 1)) memset(P->rb16 + l * P->A16, 0, sizeof(float) * (size_t)P->A16);
     panel_interleave(P, codes);
 }
 
@@ -607,6 +634,7 @@ static inline int32_t load_i32(const void *p) {
  * of 8):
  *     t = fma(I_2j+1, s_2j+1, I_2j s_2j);  acc_q = fma(t, a_j, acc_q);  then for odd j (a
  *     group of 32 ends) acc_q = fma(b_j/2, sum_j/2 x, acc_q)
+ * (offsets per 16: acc_q = fma(b_j, sum_j x, acc_q) after each j, before the above)
  * A panel runs the 4 sequences for 16 rows of W at once (a vector per q; 4 rows of x at a
  * time); a single row of W (row_tile, for up to ROW_M rows of x) runs them in the 4 lanes of
  * one vector: the same numbers. s8 is stored per 128 elements as the 8 even groups' scales,
@@ -661,7 +689,10 @@ static inline __attribute__((always_inline)) void panel_tile(
                 const __m512 i1 = _mm512_cvtepi32_ps(sums8(k1, xu + 8, xs + 8, c2, c3, wide));
                 const __m512 t = _mm512_fmadd_ps(i1, _mm512_set1_ps(s[8 + q]), _mm512_mul_ps(i0, _mm512_set1_ps(s[q])));
                 acc[r][q & 3] = _mm512_fmadd_ps(t, a, acc[r][q & 3]);
-                if (offsets && (q & 1))
+                if (offsets & 2)
+                    acc[r][q & 3] = _mm512_fmadd_ps(_mm512_load_ps(P->b16 + 16 * j),
+                                                    _mm512_set1_ps(p->sum16[m * (K64 / 16) + j]), acc[r][q & 3]);
+                if ((offsets & 1) && (q & 1))
                     acc[r][q & 3] = _mm512_fmadd_ps(_mm512_load_ps(P->b + 16 * (j / 2)),
                                                     _mm512_set1_ps(p->sum32[m * G32 + j / 2]), acc[r][q & 3]);
             }
@@ -777,6 +808,15 @@ static inline __attribute__((always_inline)) __m512i q3_codes(const uint8_t *qs,
     return unsign ? u : _mm512_sub_epi8(u, _mm512_set1_epi8(4));
 }
 
+/* 64 Q2_K codes of a half (qs: its 32 bytes): bits s0 (elements 0-31) and s0 + 2 (32-63) of
+ * each byte, s0 0 or 4: as decode_q2_k writes them. */
+static inline __attribute__((always_inline)) __m512i q2_codes(const uint8_t *qs, int s0) {
+    const __m512i q = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)qs));
+    return _mm512_and_si512(
+        _mm512_srlv_epi16(q, _mm512_inserti64x4(_mm512_set1_epi16((short)s0), _mm256_set1_epi16((short)(s0 + 2)), 1)),
+        _mm512_set1_epi8(3));
+}
+
 /* The fp16 values at p, p + stride, p + 2 stride, p + 3 stride (4 blocks' d, or Q4_1 / Q5_1's
  * m at + 2), gathered in a general register: no vector inserts. */
 static inline __m128 fp16_x4(const uint8_t *p, int64_t stride) {
@@ -786,16 +826,20 @@ static inline __m128 fp16_x4(const uint8_t *p, int64_t stride) {
 }
 
 /* 128 codes (w0, w1) and their 8 scales of a row: from the decoded row w, or (type a format
- * of 32-element blocks, K a multiple of 128; Q4_K / Q6_K / IQ4_XS, K a multiple of 256, with
- * the super-block's scales ka from the caller) straight from the row's blocks. unsign: the
- * codes before their zero point is taken off (see zero_shift). */
+ * of 32-element blocks, K a multiple of 128; Q2_K / Q3_K / Q4_K / Q6_K / IQ4_XS, K a multiple of
+ * 256, with the super-block's scales ka from the caller) straight from the row's blocks.
+ * unsign: the codes before their zero point is taken off (see zero_shift). */
 static inline __attribute__((always_inline)) void row_chunk(
         int type, const uint8_t *row, const rowbuf *w, int64_t i, const float *ka, int unsign,
         __m512i *w0, __m512i *w1, __m256 *a) {
-    if (type == GGML_Q4_K || type == GGML_Q6_K || type == GGML_IQ4_XS || type == GGML_Q3_K) {
+    if (type == GGML_Q4_K || type == GGML_Q6_K || type == GGML_IQ4_XS || type == GGML_Q3_K ||
+        type == GGML_Q2_K) {
         const int h = (int)(i & 1);  /* which half of the super-block */
         const uint8_t *blk = row + (i / 2) * gguf_block_bytes(type);
-        if (type == GGML_Q4_K) {
+        if (type == GGML_Q2_K) {
+            const uint8_t *qs = blk + 16 + 32 * h;
+            *w0 = q2_codes(qs, 0), *w1 = q2_codes(qs, 4);
+        } else if (type == GGML_Q4_K) {
             const uint8_t *qs = blk + 16 + 64 * h;
             *w0 = nibble_pairs(qs), *w1 = nibble_pairs(qs + 32);
         } else if (type == GGML_IQ4_XS) {  /* pieces 4h .. 4h + 3 */
@@ -827,7 +871,7 @@ static inline __attribute__((always_inline)) void row_chunk(
 
 /*
  * VNNI: log2 of the zero point z of a format whose codes are q - z with q in 0 .. 255 (Q4_0 8,
- * Q5_0 16, Q6_K 32, Q3_K 4; Q4_K, Q4_1, Q5_1 0: their codes are q; Q8_0 and IQ4 128: their
+ * Q5_0 16, Q6_K 32, Q3_K 4; Q2_K, Q4_K, Q4_1, Q5_1 0: their codes are q; Q8_0 and IQ4 128: their
  * signed codes c are q - 128 for q = c with its sign bit flipped), else -1. For those, row_tile
  * takes q as VPDPBUSD's unsigned operand and x's signed codes as the other, starting from
  * -z sum4 xs (p->q4 << shift): the same integer sums as x + 128 by c from -128 sum4 c, without
@@ -839,7 +883,7 @@ static inline int zero_shift(int type) {
 #if defined(__AVX512VNNI__)
     return type == GGML_Q4_0 ? 3 : type == GGML_Q5_0 ? 4 : type == GGML_Q6_K ? 5 : type == GGML_Q3_K ? 2
          : type == GGML_Q8_0 || type == GGML_IQ4_NL || type == GGML_IQ4_XS ? 7
-         : type == GGML_Q4_K || type == GGML_Q4_1 || type == GGML_Q5_1 ? 0 : -1;
+         : type == GGML_Q2_K || type == GGML_Q4_K || type == GGML_Q4_1 || type == GGML_Q5_1 ? 0 : -1;
 #else
     (void)type;
     return -1;
@@ -866,9 +910,11 @@ static inline __attribute__((always_inline)) void row_tile(
     __m128 acc[WAYS][ROW_M];
     for (int n = 0; n < NW; n++)
         for (int r = 0; r < R; r++) acc[n][r] = _mm_setzero_ps();
-    const int kquant = type == GGML_Q4_K || type == GGML_Q6_K || type == GGML_IQ4_XS || type == GGML_Q3_K;
+    const int kquant = type == GGML_Q4_K || type == GGML_Q6_K || type == GGML_IQ4_XS || type == GGML_Q3_K ||
+                       type == GGML_Q2_K;
     const int shift = zero_shift(type);
-    float ka[WAYS][16], kb[WAYS][8];  /* a K-quant super-block's scales (per 16) and offsets (per 32) */
+    /* a K-quant super-block's scales (per 16) and offsets (per 32; Q2_K: per 16) */
+    float ka[WAYS][16], kb[WAYS][16];
     for (int64_t i = 0; i < K64 / 128; i++) {
       /* unrolled: each row's accumulators stay in registers (rolled, GCC kept them on the stack
        * and every sum went through a store and a load). One thread, cache-warm, M = 1, min of
@@ -881,6 +927,8 @@ static inline __attribute__((always_inline)) void row_tile(
             const uint8_t *blk = row + (i / 2) * gguf_block_bytes(type);
             if (type == GGML_Q4_K) {
                 k_scales(blk, ka[n], kb[n]);
+            } else if (type == GGML_Q2_K) {
+                q2_k_scales(blk, ka[n], kb[n]);
             } else if (type == GGML_IQ4_XS) {
                 iq4_xs_scales(blk, ka[n]);
             } else if (type == GGML_Q3_K) {
@@ -896,7 +944,7 @@ static inline __attribute__((always_inline)) void row_tile(
         row_chunk(type, row, w, i, ka[n], shift >= 0, &w0, &w1, &a);
         const __m512i base0 = shift >= 0 ? _mm512_setzero_si512() : quad_base(w0);
         const __m512i base1 = shift >= 0 ? _mm512_setzero_si512() : quad_base(w1);
-        const __m128 b = !offsets ? _mm_setzero_ps()
+        const __m128 b = !offsets || offsets == 2 ? _mm_setzero_ps()
                          : kquant ? _mm_loadu_ps(kb[n] + 4 * (i & 1))
                          : type >= 0 ? fp16_x4(row + 4 * i * gguf_block_bytes(type) + 2, gguf_block_bytes(type))
                          : _mm_loadu_ps(w->b + 4 * i);
@@ -924,12 +972,17 @@ static inline __attribute__((always_inline)) void row_tile(
             const __m512 s = _mm512_loadu_ps(p->s8 + m * G8 + 16 * i);
             const __m256 even = _mm256_mul_ps(_mm512_castps512_ps256(f), _mm512_castps512_ps256(s));
             const __m256 t = _mm256_fmadd_ps(_mm512_extractf32x8_ps(f, 1), _mm512_extractf32x8_ps(s, 1), even);
-            const __m128 sx = offsets ? _mm_loadu_ps(p->sum32 + m * G32 + 4 * i) : _mm_setzero_ps();
+            const __m128 sx = offsets == 1 ? _mm_loadu_ps(p->sum32 + m * G32 + 4 * i) : _mm_setzero_ps();
+            const float *sx16 = p->sum16 + m * (K64 / 16) + 8 * i, *b16 = kb[n] + 8 * (i & 1);
             accn[r] = _mm_fmadd_ps(_mm256_castps256_ps128(t), _mm256_castps256_ps128(a), accn[r]);
-            if (offsets)
+            if (offsets == 2)
+                accn[r] = _mm_fmadd_ps(_mm_loadu_ps(b16), _mm_loadu_ps(sx16), accn[r]);
+            if (offsets == 1)
                 accn[r] = _mm_mask3_fmadd_ps(_mm_unpacklo_ps(b, b), _mm_unpacklo_ps(sx, sx), accn[r], (__mmask8)0xA);
             accn[r] = _mm_fmadd_ps(_mm256_extractf128_ps(t, 1), _mm256_extractf128_ps(a, 1), accn[r]);
-            if (offsets)
+            if (offsets == 2)
+                accn[r] = _mm_fmadd_ps(_mm_loadu_ps(b16 + 4), _mm_loadu_ps(sx16 + 4), accn[r]);
+            if (offsets == 1)
                 accn[r] = _mm_mask3_fmadd_ps(_mm_unpackhi_ps(b, b), _mm_unpackhi_ps(sx, sx), accn[r], (__mmask8)0xA);
         }
       }
@@ -1024,9 +1077,12 @@ static inline __attribute__((always_inline)) void panel_tile(
                 const __m256 i1 = _mm256_cvtepi32_ps(sums8(k1, xu + 8, xs + 8, c2, c3, wide));
                 const __m256 t = _mm256_fmadd_ps(i1, _mm256_set1_ps(s[1]), _mm256_mul_ps(i0, _mm256_set1_ps(s[0])));
                 acc[r] = _mm256_fmadd_ps(t, a, acc[r]);
+                if (offsets & 2)
+                    acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(P->b16 + 8 * j),
+                                             _mm256_set1_ps(p->sum16[m * (K64 / 16) + j]), acc[r]);
             }
         }
-        if (offsets) {
+        if (offsets & 1) {
             const __m256 b = _mm256_loadu_ps(P->b + 8 * j2);
             for (int r = 0; r < R; r++)
                 acc[r] = _mm256_fmadd_ps(b, _mm256_set1_ps(p->sum32[(m0 + r) * G32 + j2]), acc[r]);
@@ -1139,7 +1195,10 @@ static inline __attribute__((always_inline)) void rowform_tile(
             for (int h = 0; h < 4; h++) {  /* blocks of 16: j = k / 16 + h */
                 const int64_t j = k / 16 + h;
                 acc[r] = rowform_block(g[r], s, h, _mm256_loadu_ps(P->a + LANES * j), acc[r]);
-                if (offsets && (h & 1))
+                if (offsets & 2)
+                    acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(P->b16 + LANES * j),
+                                             _mm256_set1_ps(p->sum16[m * (K64 / 16) + j]), acc[r]);
+                if ((offsets & 1) && (h & 1))
                     acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(P->b + LANES * (j / 2)),
                                              _mm256_set1_ps(p->sum32[m * G32 + j / 2]), acc[r]);
             }
@@ -1377,8 +1436,11 @@ static inline __attribute__((always_inline)) void panel_tile(
                 quad_sums(codes, narrow, K64, p->x16 + m * K64 + 16 * j, &i0, &i1);
                 const f4 t = f4_add(f4_mul(i0, f4_load(s)), f4_mul(i1, f4_load(s + 4)));
                 sum[r] = f4_add(sum[r], f4_mul(t, a));
+                if (offsets & 2)
+                    sum[r] = f4_add(sum[r], f4_mul(f4_load(P->b16 + LANES * j + q),
+                                                   f4_set1(p->sum16[m * (K64 / 16) + j])));
             }
-            if (offsets && (j & 1)) {
+            if ((offsets & 1) && (j & 1)) {
                 const f4 b = f4_load(P->b + LANES * (j / 2) + q);
                 for (int r = 0; r < R; r++)
                     sum[r] = f4_add(sum[r], f4_mul(b, f4_set1(p->sum32[(m0 + r) * G32 + j / 2])));
@@ -1401,7 +1463,8 @@ static inline void acc_store(acc_t v, float *dst) { memcpy(dst, v.v, sizeof v.v)
 #endif
 
 #define PANEL_CASE(R) case R: \
-    if (P->offsets) { if (wide) panel_tile(P, p, m0, R, 1, 1, acc); else panel_tile(P, p, m0, R, 1, 0, acc); } \
+    if (P->offsets & 2) { if (wide) panel_tile(P, p, m0, R, 3, 1, acc); else panel_tile(P, p, m0, R, 3, 0, acc); } \
+    else if (P->offsets) { if (wide) panel_tile(P, p, m0, R, 1, 1, acc); else panel_tile(P, p, m0, R, 1, 0, acc); } \
     else { if (wide) panel_tile(P, p, m0, R, 0, 1, acc); else panel_tile(P, p, m0, R, 0, 0, acc); } \
     break;
 
@@ -1459,7 +1522,8 @@ static void panel_times_x(const panel *P, const xprep *p, int64_t M, void *out, 
         const int R = M - m0 < MTILE ? (int)(M - m0) : MTILE;
 #if defined(ROW_FORM)
         if (rowform) {
-            if (P->offsets) { if (R == 1) rowform_tile(P, p, m0, 1, 1, acc); else rowform_tile(P, p, m0, 2, 1, acc); }
+            if (P->offsets & 2) { if (R == 1) rowform_tile(P, p, m0, 1, 3, acc); else rowform_tile(P, p, m0, 2, 3, acc); }
+            else if (P->offsets) { if (R == 1) rowform_tile(P, p, m0, 1, 1, acc); else rowform_tile(P, p, m0, 2, 1, acc); }
             else { if (R == 1) rowform_tile(P, p, m0, 1, 0, acc); else rowform_tile(P, p, m0, 2, 0, acc); }
         } else
 #else
@@ -1520,7 +1584,8 @@ static void direct_times_x(int type, const uint8_t *const rows[LANES], int64_t a
 #endif
 
 #if defined(ROW_PATH)
-#define OFFSETS(T) ((T) == -1 || (T) == GGML_Q4_K || (T) == GGML_Q4_1 || (T) == GGML_Q5_1)
+/* row_tile's offsets: 1 per 32, 2 per 16 */
+#define OFFSETS(T) ((T) == GGML_Q2_K ? 2 : (T) == -1 || (T) == GGML_Q4_K || (T) == GGML_Q4_1 || (T) == GGML_Q5_1)
 #define ROW_CASE(T, R) case R: row_tile(T, rows, 1, w, p, 0, R, OFFSETS(T), res); break;
 #define ROW_TYPE(T) switch ((int)M) { ROW_CASE(T, 1) ROW_CASE(T, 2) }
 
@@ -1542,6 +1607,7 @@ static void row_int8_times_x(const heron_gguf_segment *seg, int64_t index, int64
     else if (type == GGML_Q6_K) { ROW_TYPE(GGML_Q6_K) }
     else if (type == GGML_IQ4_XS) { ROW_TYPE(GGML_IQ4_XS) }
     else if (type == GGML_Q3_K) { ROW_TYPE(GGML_Q3_K) }
+    else if (type == GGML_Q2_K) { ROW_TYPE(GGML_Q2_K) }
     else {
         decode_row(type, rows[0], K, w->c, w->a, w->b);
         if (offsets) { ROW_TYPE(-1) }
@@ -1553,7 +1619,7 @@ static void row_int8_times_x(const heron_gguf_segment *seg, int64_t index, int64
 #define WAYS_CASE(T) row_tile(T, rows, WAYS, NULL, p, 0, 1, OFFSETS(T), res); break
 
 /* out[0, n + i H] (i < WAYS) for one row of x from rows index + i H of a segment (Q4_0, Q5_0,
- * Q8_0, IQ4_NL, Q4_1, Q5_1, Q3_K, Q4_K, Q6_K, IQ4_XS; not permuted): WAYS sequential streams through the file, each followed by
+ * Q8_0, IQ4_NL, Q4_1, Q5_1, Q2_K, Q3_K, Q4_K, Q6_K, IQ4_XS; not permuted): WAYS sequential streams through the file, each followed by
  * the hardware's prefetch (rows index and index + 1 together, interleaved by 128 elements, ran
  * at a third of the speed from DRAM: the second model's LM head 5.5 -> 16.5 ms). Four rows
  * rather than two, one thread: the default model's Q8_0 LM head 7.1-7.2 -> 6.4 ms. Returns 0
@@ -1561,7 +1627,8 @@ static void row_int8_times_x(const heron_gguf_segment *seg, int64_t index, int64
 static int row_int8_ways(const heron_gguf_segment *seg, int64_t index, int64_t H, int64_t K,
                          const xprep *p, void *out, int out_bf16, int64_t n) {
     const int type = (int)seg->type;
-    const int blocks256 = type == GGML_Q4_K || type == GGML_Q6_K || type == GGML_IQ4_XS || type == GGML_Q3_K;
+    const int blocks256 = type == GGML_Q4_K || type == GGML_Q6_K || type == GGML_IQ4_XS || type == GGML_Q3_K ||
+                          type == GGML_Q2_K;
     const int signed_codes = type == GGML_Q8_0 || type == GGML_IQ4_NL || type == GGML_IQ4_XS;
     if ((zero_shift(type) < 0 && !signed_codes) || seg->row_ids || (K % 128 && !blocks256))
         return 0;
@@ -1576,6 +1643,7 @@ static int row_int8_ways(const heron_gguf_segment *seg, int64_t index, int64_t H
         case GGML_IQ4_NL: WAYS_CASE(GGML_IQ4_NL);
         case GGML_IQ4_XS: WAYS_CASE(GGML_IQ4_XS);
         case GGML_Q3_K: WAYS_CASE(GGML_Q3_K);
+        case GGML_Q2_K: WAYS_CASE(GGML_Q2_K);
         case GGML_Q4_1: WAYS_CASE(GGML_Q4_1);
         case GGML_Q5_1: WAYS_CASE(GGML_Q5_1);
         default: WAYS_CASE(GGML_Q6_K);
@@ -1614,7 +1682,7 @@ __attribute__((optimize("fp-contract=off")))
 static void expand_row(const rowbuf *w, int64_t K, int offsets) {
     for (int64_t k = 0; k < K; k++) {
         const float product = w->a[k / 16] * (float)w->c[k];
-        w->wf[k] = offsets ? product + w->b[k / 32] : product;
+        w->wf[k] = offsets ? product + w->b[k >> b_shift(offsets)] : product;
     }
 }
 
@@ -1629,13 +1697,13 @@ static void decode_into(const heron_gguf_segment *seg, int64_t row, int64_t K, i
         return;
     }
     decode_row(type, data, K, w->c, w->a, w->b);
-    if (values) expand_row(w, K, gguf_has_offsets(type));
+    if (values) expand_row(w, K, gguf_offset_elems(type));
 }
 
 static int rowbuf_alloc(rowbuf *w, int64_t K64) {
     w->c = calloc((size_t)K64, 1);
     w->a = calloc((size_t)(K64 / 16), sizeof(float));
-    w->b = calloc((size_t)(K64 / 32), sizeof(float));
+    w->b = calloc((size_t)(K64 / 16), sizeof(float));  /* per 32, or per 16 (Q2_K) */
     w->wf = calloc((size_t)K64, sizeof(float));
     return w->c && w->a && w->b && w->wf;
 }
@@ -1710,7 +1778,7 @@ static int matmul_rows(const xprep *p, int64_t M, int64_t K, const heron_gguf_se
                 }
 #endif
                 decode_into(s, at, K, 0, &w);
-                row_times_x(&w, p, M, float_rows, gguf_has_offsets(type), out, ldo, out_bf16, n);
+                row_times_x(&w, p, M, float_rows, gguf_offset_elems(type), out, ldo, out_bf16, n);
             }
         }
         rowbuf_free(&w);
@@ -1723,7 +1791,7 @@ static xprep xprep_rows(const xprep *p, int64_t m0) {
     xprep q = *p;
     const int64_t K64 = p->K64;
     if (q.xf) q.xf += m0 * K64;
-    if (q.xu) q.xu += m0 * K64, q.xs += m0 * K64, q.s8 += m0 * (K64 / XGROUP), q.sum32 += m0 * (K64 / 32);
+    if (q.xu) q.xu += m0 * K64, q.xs += m0 * K64, q.s8 += m0 * (K64 / XGROUP), q.sum32 += m0 * (K64 / 32), q.sum16 += m0 * (K64 / 16);
     if (q.x16) q.x16 += m0 * K64, q.s4 += m0 * (K64 / 2);
     if (q.q4) q.q4 += m0 * (K64 / 4);
     return q;
