@@ -372,10 +372,20 @@ static inline void q3_k_scales(const uint8_t *blk, float *a) {
  * nibble, m in the high one). */
 static inline void q2_k_scales(const uint8_t *blk, float *a, float *b) {
     const float d = fp16_to_fp32(load_u16(blk + 80)), dmin = fp16_to_fp32(load_u16(blk + 82));
+#if defined(__AVX2__)  /* 8 sub-blocks at a time: the same numbers */
+    for (int h = 0; h < 2; h++) {
+        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 8 * h)));
+        const __m256 sc = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
+        const __m256 m = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+        _mm256_storeu_ps(a + 8 * h, _mm256_mul_ps(_mm256_set1_ps(d), sc));
+        _mm256_storeu_ps(b + 8 * h, _mm256_xor_ps(_mm256_mul_ps(_mm256_set1_ps(dmin), m), _mm256_set1_ps(-0.0f)));
+    }
+#else
     for (int i = 0; i < 16; i++) {
         a[i] = d * (float)(blk[i] & 15);
         b[i] = -(dmin * (float)(blk[i] >> 4));
     }
+#endif
 }
 
 /* Q2_K: element e = 128 h + 32 s + l (h 0..1, s 0..3, l 0..31) is bits 2 s of qs[32 h + l]:
