@@ -1,7 +1,7 @@
 """A weight that is the GGUF file's own blocks: the only copy, multiplied in place.
 
-A GGUF model's quantized tensors (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL,
-IQ4_XS) stay in the memory-mapped file; a projection holds views of their rows
+A GGUF model's quantized tensors (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
+IQ4_NL, IQ4_XS) stay in the memory-mapped file; a projection holds views of their rows
 (``BlockRows``), one per checkpoint tensor it fuses (q / k / v may be different formats), and
 heron's kernels (``heron.kernels.cpu.gguf``) read the blocks for every batch size::
 
