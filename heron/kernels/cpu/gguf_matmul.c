@@ -808,6 +808,15 @@ static inline __attribute__((always_inline)) __m512i q3_codes(const uint8_t *qs,
     return unsign ? u : _mm512_sub_epi8(u, _mm512_set1_epi8(4));
 }
 
+/* 64 Q5_K codes of piece j (qs: its 32 bytes, qh: the block's; j0 = 2 j): nibble_pairs' codes
+ * with their fifth bits, bit j0 of qh[l] for the low nibbles, j0 + 1 for the high ones. */
+static inline __attribute__((always_inline)) __m512i q5k_codes(const uint8_t *qs, const uint8_t *qh, int j0) {
+    const __m512i q = nibble_pairs(qs);
+    const __m512i bit = _mm512_inserti64x4(_mm512_set1_epi8((char)(1 << j0)), _mm256_set1_epi8((char)(1 << (j0 + 1))), 1);
+    const __mmask64 set = _mm512_test_epi8_mask(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)qh)), bit);
+    return _mm512_mask_add_epi8(q, set, q, _mm512_set1_epi8(16));
+}
+
 /* 64 Q2_K codes of a half (qs: its 32 bytes): bits s0 (elements 0-31) and s0 + 2 (32-63) of
  * each byte, s0 0 or 4: as decode_q2_k writes them. */
 static inline __attribute__((always_inline)) __m512i q2_codes(const uint8_t *qs, int s0) {
@@ -826,17 +835,20 @@ static inline __m128 fp16_x4(const uint8_t *p, int64_t stride) {
 }
 
 /* 128 codes (w0, w1) and their 8 scales of a row: from the decoded row w, or (type a format
- * of 32-element blocks, K a multiple of 128; Q2_K / Q3_K / Q4_K / Q6_K / IQ4_XS, K a multiple of
- * 256, with the super-block's scales ka from the caller) straight from the row's blocks.
+ * of 32-element blocks, K a multiple of 128; Q2_K / Q3_K / Q4_K / Q5_K / Q6_K / IQ4_XS, K a
+ * multiple of 256, with the super-block's scales ka from the caller) straight from the row's blocks.
  * unsign: the codes before their zero point is taken off (see zero_shift). */
 static inline __attribute__((always_inline)) void row_chunk(
         int type, const uint8_t *row, const rowbuf *w, int64_t i, const float *ka, int unsign,
         __m512i *w0, __m512i *w1, __m256 *a) {
     if (type == GGML_Q4_K || type == GGML_Q6_K || type == GGML_IQ4_XS || type == GGML_Q3_K ||
-        type == GGML_Q2_K) {
+        type == GGML_Q2_K || type == GGML_Q5_K) {
         const int h = (int)(i & 1);  /* which half of the super-block */
         const uint8_t *blk = row + (i / 2) * gguf_block_bytes(type);
-        if (type == GGML_Q2_K) {
+        if (type == GGML_Q5_K) {  /* pieces 2h and 2h + 1 */
+            const uint8_t *qs = blk + 48 + 64 * h;
+            *w0 = q5k_codes(qs, blk + 16, 4 * h), *w1 = q5k_codes(qs + 32, blk + 16, 4 * h + 2);
+        } else if (type == GGML_Q2_K) {
             const uint8_t *qs = blk + 16 + 32 * h;
             *w0 = q2_codes(qs, 0), *w1 = q2_codes(qs, 4);
         } else if (type == GGML_Q4_K) {
@@ -871,7 +883,7 @@ static inline __attribute__((always_inline)) void row_chunk(
 
 /*
  * VNNI: log2 of the zero point z of a format whose codes are q - z with q in 0 .. 255 (Q4_0 8,
- * Q5_0 16, Q6_K 32, Q3_K 4; Q2_K, Q4_K, Q4_1, Q5_1 0: their codes are q; Q8_0 and IQ4 128: their
+ * Q5_0 16, Q6_K 32, Q3_K 4; Q2_K, Q4_K, Q5_K, Q4_1, Q5_1 0: their codes are q; Q8_0 and IQ4 128: their
  * signed codes c are q - 128 for q = c with its sign bit flipped), else -1. For those, row_tile
  * takes q as VPDPBUSD's unsigned operand and x's signed codes as the other, starting from
  * -z sum4 xs (p->q4 << shift): the same integer sums as x + 128 by c from -128 sum4 c, without
@@ -883,7 +895,8 @@ static inline int zero_shift(int type) {
 #if defined(__AVX512VNNI__)
     return type == GGML_Q4_0 ? 3 : type == GGML_Q5_0 ? 4 : type == GGML_Q6_K ? 5 : type == GGML_Q3_K ? 2
          : type == GGML_Q8_0 || type == GGML_IQ4_NL || type == GGML_IQ4_XS ? 7
-         : type == GGML_Q2_K || type == GGML_Q4_K || type == GGML_Q4_1 || type == GGML_Q5_1 ? 0 : -1;
+         : type == GGML_Q2_K || type == GGML_Q4_K || type == GGML_Q5_K || type == GGML_Q4_1 ||
+           type == GGML_Q5_1 ? 0 : -1;
 #else
     (void)type;
     return -1;
@@ -911,7 +924,7 @@ static inline __attribute__((always_inline)) void row_tile(
     for (int n = 0; n < NW; n++)
         for (int r = 0; r < R; r++) acc[n][r] = _mm_setzero_ps();
     const int kquant = type == GGML_Q4_K || type == GGML_Q6_K || type == GGML_IQ4_XS || type == GGML_Q3_K ||
-                       type == GGML_Q2_K;
+                       type == GGML_Q2_K || type == GGML_Q5_K;
     const int shift = zero_shift(type);
     /* a K-quant super-block's scales (per 16) and offsets (per 32; Q2_K: per 16) */
     float ka[WAYS][16], kb[WAYS][16];
@@ -925,7 +938,7 @@ static inline __attribute__((always_inline)) void row_tile(
         const uint8_t *row = rows[n];
         if (kquant && !(i & 1)) {  /* as decode_q4_k / decode_q6_k / decode_iq4_xs compute them */
             const uint8_t *blk = row + (i / 2) * gguf_block_bytes(type);
-            if (type == GGML_Q4_K) {
+            if (type == GGML_Q4_K || type == GGML_Q5_K) {
                 k_scales(blk, ka[n], kb[n]);
             } else if (type == GGML_Q2_K) {
                 q2_k_scales(blk, ka[n], kb[n]);
@@ -1585,7 +1598,8 @@ static void direct_times_x(int type, const uint8_t *const rows[LANES], int64_t a
 
 #if defined(ROW_PATH)
 /* row_tile's offsets: 1 per 32, 2 per 16 */
-#define OFFSETS(T) ((T) == GGML_Q2_K ? 2 : (T) == -1 || (T) == GGML_Q4_K || (T) == GGML_Q4_1 || (T) == GGML_Q5_1)
+#define OFFSETS(T) ((T) == GGML_Q2_K ? 2 : (T) == -1 || (T) == GGML_Q4_K || (T) == GGML_Q5_K || \
+                    (T) == GGML_Q4_1 || (T) == GGML_Q5_1)
 #define ROW_CASE(T, R) case R: row_tile(T, rows, 1, w, p, 0, R, OFFSETS(T), res); break;
 #define ROW_TYPE(T) switch ((int)M) { ROW_CASE(T, 1) ROW_CASE(T, 2) }
 
@@ -1608,6 +1622,7 @@ static void row_int8_times_x(const heron_gguf_segment *seg, int64_t index, int64
     else if (type == GGML_IQ4_XS) { ROW_TYPE(GGML_IQ4_XS) }
     else if (type == GGML_Q3_K) { ROW_TYPE(GGML_Q3_K) }
     else if (type == GGML_Q2_K) { ROW_TYPE(GGML_Q2_K) }
+    else if (type == GGML_Q5_K) { ROW_TYPE(GGML_Q5_K) }
     else {
         decode_row(type, rows[0], K, w->c, w->a, w->b);
         if (offsets) { ROW_TYPE(-1) }
@@ -1619,7 +1634,7 @@ static void row_int8_times_x(const heron_gguf_segment *seg, int64_t index, int64
 #define WAYS_CASE(T) row_tile(T, rows, WAYS, NULL, p, 0, 1, OFFSETS(T), res); break
 
 /* out[0, n + i H] (i < WAYS) for one row of x from rows index + i H of a segment (Q4_0, Q5_0,
- * Q8_0, IQ4_NL, Q4_1, Q5_1, Q2_K, Q3_K, Q4_K, Q6_K, IQ4_XS; not permuted): WAYS sequential streams through the file, each followed by
+ * Q8_0, IQ4_NL, Q4_1, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS; not permuted): WAYS sequential streams through the file, each followed by
  * the hardware's prefetch (rows index and index + 1 together, interleaved by 128 elements, ran
  * at a third of the speed from DRAM: the second model's LM head 5.5 -> 16.5 ms). Four rows
  * rather than two, one thread: the default model's Q8_0 LM head 7.1-7.2 -> 6.4 ms. Returns 0
@@ -1628,7 +1643,7 @@ static int row_int8_ways(const heron_gguf_segment *seg, int64_t index, int64_t H
                          const xprep *p, void *out, int out_bf16, int64_t n) {
     const int type = (int)seg->type;
     const int blocks256 = type == GGML_Q4_K || type == GGML_Q6_K || type == GGML_IQ4_XS || type == GGML_Q3_K ||
-                          type == GGML_Q2_K;
+                          type == GGML_Q2_K || type == GGML_Q5_K;
     const int signed_codes = type == GGML_Q8_0 || type == GGML_IQ4_NL || type == GGML_IQ4_XS;
     if ((zero_shift(type) < 0 && !signed_codes) || seg->row_ids || (K % 128 && !blocks256))
         return 0;
@@ -1644,6 +1659,7 @@ static int row_int8_ways(const heron_gguf_segment *seg, int64_t index, int64_t H
         case GGML_IQ4_XS: WAYS_CASE(GGML_IQ4_XS);
         case GGML_Q3_K: WAYS_CASE(GGML_Q3_K);
         case GGML_Q2_K: WAYS_CASE(GGML_Q2_K);
+        case GGML_Q5_K: WAYS_CASE(GGML_Q5_K);
         case GGML_Q4_1: WAYS_CASE(GGML_Q4_1);
         case GGML_Q5_1: WAYS_CASE(GGML_Q5_1);
         default: WAYS_CASE(GGML_Q6_K);
