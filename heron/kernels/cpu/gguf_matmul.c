@@ -76,7 +76,7 @@ typedef struct {
     float *s4;        /* int8, portable: [M, K64 / 8][4] each scale of s8 four times */
     float *s8;        /* int8: [M, K64 / 8] scale of each group of 8 */
     float *sum32;     /* int8: [M, K64 / 32] float sums of x per 32 */
-    float *sum16;     /* int8: [M, K64 / 16] float sums of x per 16 (Q2_K's offsets) */
+    float *sum16;     /* int8, a Q2_K segment: [M, K64 / 16] float sums of x per 16 (its offsets) */
     int32_t *q4;      /* int8, AVX-512 VNNI, M <= 2: [M, K64 / 4] minus the sums of xs per 4 */
 } xprep;
 
@@ -123,7 +123,7 @@ static inline int64_t s8_index(int64_t g) {
 }
 
 /* One row of x in float -> int8 codes (also + 128 as uint8) and a scale per XGROUP
- * (max |x| / 127), float sums per 32 and per 16. */
+ * (max |x| / 127), float sums per 32 and (sum16 not NULL) per 16. */
 static void quantize_x_row(const float *v, int64_t K64, uint8_t *xu, int8_t *xs, float *s8,
                            float *sum32, float *sum16) {
     int64_t g = 0;
@@ -165,7 +165,7 @@ static void quantize_x_row(const float *v, int64_t K64, uint8_t *xu, int8_t *xs,
         for (int j = 0; j < 32; j++) sum += v[32 * g + j];
         sum32[g] = sum;
     }
-    for (int64_t g = 0; g < K64 / 16; g++) {
+    for (int64_t g = 0; sum16 && g < K64 / 16; g++) {
         float sum = 0.0f;
         for (int j = 0; j < 16; j++) sum += v[16 * g + j];
         sum16[g] = sum;
@@ -187,7 +187,7 @@ static void widen_codes(const int8_t *c, int64_t n, int16_t *dst) {
 }
 
 static int prepare_x(const void *x, int64_t ldx, int x_bf16, int64_t M, int64_t K, int exact,
-                     int floats, xprep *p) {
+                     int floats, int per16, xprep *p) {
     const int64_t K64 = (K + PAD - 1) / PAD * PAD;
     p->K64 = K64;
     /* int8 mode with no float segment: the float rows are only a step on the way (no M x K64
@@ -199,14 +199,15 @@ static int prepare_x(const void *x, int64_t ldx, int x_bf16, int64_t M, int64_t 
         p->xs = malloc((size_t)(M * K64));
         p->s8 = malloc(sizeof(float) * (size_t)(M * K64 / XGROUP));
         p->sum32 = malloc(sizeof(float) * (size_t)(M * K64 / 32));
-        p->sum16 = malloc(sizeof(float) * (size_t)(M * K64 / 16));
+        p->sum16 = per16 ? malloc(sizeof(float) * (size_t)(M * K64 / 16)) : NULL;
     }
 #if !defined(__AVX2__)
     p->x16 = exact ? NULL : malloc(sizeof(int16_t) * (size_t)(M * K64));
     p->s4 = exact ? NULL : malloc(sizeof(float) * (size_t)(M * K64 / 2));
     if (!exact && (!p->x16 || !p->s4)) return -2;
 #endif
-    if ((keep && !p->xf) || (!exact && (!p->xu || !p->xs || !p->s8 || !p->sum32 || !p->sum16))) return -2;
+    if ((keep && !p->xf) || (!exact && (!p->xu || !p->xs || !p->s8 || !p->sum32 || (per16 && !p->sum16))))
+        return -2;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
     if (!exact && M <= X_QUAD_ROWS && !(p->q4 = malloc(sizeof(int32_t) * (size_t)(M * K64 / 4))))
         return -2;
@@ -224,7 +225,7 @@ static int prepare_x(const void *x, int64_t ldx, int x_bf16, int64_t M, int64_t 
             load_x_row((const char *)x + (size_t)(m * ldx) * elem, x_bf16, K, K64, row);
             if (exact) continue;
             quantize_x_row(row, K64, p->xu + m * K64, p->xs + m * K64, p->s8 + m * (K64 / XGROUP),
-                           p->sum32 + m * (K64 / 32), p->sum16 + m * (K64 / 16));
+                           p->sum32 + m * (K64 / 32), p->sum16 ? p->sum16 + m * (K64 / 16) : NULL);
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
             if (p->q4)  /* -(1 * xs) per 4: VPDPBUSD with ones as the unsigned operand */
                 for (int64_t k = 0; k < K64; k += 64) {
@@ -986,7 +987,8 @@ static inline __attribute__((always_inline)) void row_tile(
             const __m256 even = _mm256_mul_ps(_mm512_castps512_ps256(f), _mm512_castps512_ps256(s));
             const __m256 t = _mm256_fmadd_ps(_mm512_extractf32x8_ps(f, 1), _mm512_extractf32x8_ps(s, 1), even);
             const __m128 sx = offsets == 1 ? _mm_loadu_ps(p->sum32 + m * G32 + 4 * i) : _mm_setzero_ps();
-            const float *sx16 = p->sum16 + m * (K64 / 16) + 8 * i, *b16 = kb[n] + 8 * (i & 1);
+            const float *sx16 = offsets == 2 ? p->sum16 + m * (K64 / 16) + 8 * i : NULL;
+            const float *b16 = kb[n] + 8 * (i & 1);
             accn[r] = _mm_fmadd_ps(_mm256_castps256_ps128(t), _mm256_castps256_ps128(a), accn[r]);
             if (offsets == 2)
                 accn[r] = _mm_fmadd_ps(_mm_loadu_ps(b16), _mm_loadu_ps(sx16), accn[r]);
@@ -1807,7 +1809,8 @@ static xprep xprep_rows(const xprep *p, int64_t m0) {
     xprep q = *p;
     const int64_t K64 = p->K64;
     if (q.xf) q.xf += m0 * K64;
-    if (q.xu) q.xu += m0 * K64, q.xs += m0 * K64, q.s8 += m0 * (K64 / XGROUP), q.sum32 += m0 * (K64 / 32), q.sum16 += m0 * (K64 / 16);
+    if (q.xu) q.xu += m0 * K64, q.xs += m0 * K64, q.s8 += m0 * (K64 / XGROUP), q.sum32 += m0 * (K64 / 32);
+    if (q.sum16) q.sum16 += m0 * (K64 / 16);
     if (q.x16) q.x16 += m0 * K64, q.s4 += m0 * (K64 / 2);
     if (q.q4) q.q4 += m0 * (K64 / 4);
     return q;
@@ -1904,10 +1907,13 @@ int heron_gguf_matmul(const void *x, int64_t ldx, int x_bf16, int64_t M, int64_t
                       int out_bf16, int exact) {
     int status = heron_gguf_check(segs, nsegs, K);
     if (status) return status;
-    int floats = 0;
-    for (int64_t s = 0; s < nsegs; s++) floats |= gguf_float_bytes((int)segs[s].type) != 0;
+    int floats = 0, per16 = 0;
+    for (int64_t s = 0; s < nsegs; s++) {
+        floats |= gguf_float_bytes((int)segs[s].type) != 0;
+        per16 |= gguf_offset_elems((int)segs[s].type) == 16;
+    }
     xprep p = {0};
-    if (prepare_x(x, ldx, x_bf16, M, K, exact, floats, &p)) {
+    if (prepare_x(x, ldx, x_bf16, M, K, exact, floats, per16, &p)) {
         free_x(&p);
         return -2;
     }
