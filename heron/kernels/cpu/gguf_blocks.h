@@ -427,13 +427,25 @@ static inline void decode_q3_k(const uint8_t *blk, int8_t *c, float *a) {
     q3_k_scales(blk, a);
 }
 
+/* Q6_K: a[16] = d scales[i] (int8). AVX2: 8 at a time (GCC leaves the loop scalar), the same
+ * numbers. */
+static inline void q6_k_scales(const uint8_t *blk, float *a) {
+    const int8_t *sc = (const int8_t *)(blk + 192);
+    const float d = fp16_to_fp32(load_u16(blk + 208));
+#if defined(__AVX2__)
+    for (int h = 0; h < 2; h++)
+        _mm256_storeu_ps(a + 8 * h, _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(
+            _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(sc + 8 * h))))));
+#else
+    for (int i = 0; i < 16; i++) a[i] = d * (float)sc[i];
+#endif
+}
+
 /* Q6_K, per half h of 128 elements: element 128 h + 32 s + l (s 0..3, l 0..31) has its low
  * 4 bits in ql[64 h + 32 (s & 1) + l] (low nibble for s < 2, high for s >= 2) and its high 2
  * bits at bits 2 s of qh[32 h + l]. */
 static inline void decode_q6_k(const uint8_t *blk, int8_t *c, float *a) {
     const uint8_t *ql = blk, *qh = blk + 128;
-    const int8_t *sc = (const int8_t *)(blk + 192);
-    const float d = fp16_to_fp32(load_u16(blk + 208));
     for (int h = 0; h < 2; h++) {
         const uint8_t *l4 = ql + 64 * h, *h2 = qh + 32 * h;
         int8_t *o = c + 128 * h;
@@ -454,13 +466,7 @@ static inline void decode_q6_k(const uint8_t *blk, int8_t *c, float *a) {
         }
 #endif
     }
-#if defined(__AVX2__)  /* 8 scales at a time (GCC leaves the loop scalar): the same numbers */
-    for (int h = 0; h < 2; h++)
-        _mm256_storeu_ps(a + 8 * h, _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(
-            _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(sc + 8 * h))))));
-#else
-    for (int i = 0; i < 16; i++) a[i] = d * (float)sc[i];
-#endif
+    q6_k_scales(blk, a);
 }
 
 /* IQ4_NL / IQ4_XS: the 16 levels a nibble selects (llama.cpp's kvalues_iq4nl) */

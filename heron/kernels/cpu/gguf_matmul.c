@@ -948,9 +948,7 @@ static inline __attribute__((always_inline)) void row_tile(
             } else if (type == GGML_Q3_K) {
                 q3_k_scales(blk, ka[n]);
             } else {
-                /* d sc[j] for the 16 scales at once (GCC left this loop scalar): the same numbers */
-                const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 192))));
-                _mm512_storeu_ps(ka[n], _mm512_mul_ps(_mm512_set1_ps(fp16_to_fp32(load_u16(blk + 208))), sc));
+                q6_k_scales(blk, ka[n]);
             }
         }
         __m512i w0, w1;
