@@ -26,7 +26,7 @@ from heron.config import (
 from heron.engine.core import EngineCore
 from heron.engine.messages import EngineRequest, TokenLogprobs
 from heron.engine.request import Logprob, LogprobsDict
-from heron.heap import release_free_heap
+from heron.heap import keep_step_buffers, release_free_heap
 from heron.output_processor import ChoiceDelta, OutputProcessor, Prompt, RequestState
 from heron.outputs import CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from heron.pooling_params import PoolingParams
@@ -97,6 +97,7 @@ class LLM:
         self.processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         release_free_heap()  # what loading freed (see heron.heap)
+        keep_step_buffers()  # the steps' large buffers reused, not mapped anew
 
     def close(self) -> None:
         """Stop the engine processes of a data-parallel LLM (nothing to do for one engine)."""

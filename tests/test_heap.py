@@ -154,3 +154,56 @@ def test_limit_arenas(tmp_path: Path, mode: str, most: int | None) -> None:
 def test_limit_arenas_refuses_zero() -> None:
     with pytest.raises(ValueError, match="positive"):
         limit_arenas(0)
+
+
+_STEP_BUFFERS = """
+import ctypes, resource, sys
+from heron.heap import keep_step_buffers
+if sys.argv[1] == "keep":
+    assert keep_step_buffers()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+size = 40 << 20  # the second benchmark model's prefill MLP output, 2,048 rows
+def step():  # a buffer asked for, written, freed: as each layer does
+    block = libc.malloc(size)
+    libc.memset(block, 1, size)
+    libc.free(block)
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.parametrize("mode", ["keep", "default"])
+def test_keep_step_buffers_reuses_a_freed_large_block(mode: str) -> None:
+    """A 40 MB block freed and asked for again: glibc maps fresh pages each time (10,240 page
+    faults per step) unless ``keep_step_buffers`` keeps it in the heap (no faults)."""
+    out = subprocess.run([sys.executable, "-c", _STEP_BUFFERS, mode], check=True,
+                         capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    faults = int(out.stdout)
+    if mode == "keep":
+        assert faults < 100, faults
+    else:
+        assert faults >= 5 * (40 << 20) // os.sysconf("SC_PAGE_SIZE") // 2, faults
+
+
+def test_keep_step_buffers_refuses_zero() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        heap.keep_step_buffers(0)
+
+
+def test_freeze_startup_objects_leaves_them_out_of_collections() -> None:
+    import gc
+
+    table = [{"token": i} for i in range(1000)]  # a start-up's long-lived tables
+    try:
+        heap.freeze_startup_objects()
+        assert gc.get_freeze_count() >= len(table)
+        assert not any(obj is table for obj in gc.get_objects())
+    finally:
+        gc.unfreeze()

@@ -33,7 +33,7 @@ from heron.engine.messages import (
     RequestRejected,
     ShutdownCore,
 )
-from heron.heap import release_free_heap
+from heron.heap import freeze_startup_objects, keep_step_buffers, release_free_heap
 
 if TYPE_CHECKING:
     from heron.config import EngineConfig
@@ -113,6 +113,8 @@ def _build_and_run(
         core = _build_core(config)
         _build_grammar_index(core)
         release_free_heap()  # what loading and indexing freed: hundreds of MB, else resident
+        keep_step_buffers()  # a step's large buffers reused, not mapped anew (see heron.heap)
+        freeze_startup_objects()
     except BaseException as e:  # noqa: BLE001 - every startup failure is reported to the parent
         logger.exception("engine core failed to start")
         outputs.send(encoder.encode(CoreFailed(message=f"{type(e).__name__}: {e}")))

@@ -38,7 +38,7 @@ import uvicorn
 from heron.config import EngineConfig, ModelConfig, ParallelConfig
 from heron.engine.client import EngineClient, EngineError
 from heron.engine.dp_launch import open_backend
-from heron.heap import limit_arenas
+from heron.heap import freeze_startup_objects, limit_arenas
 from heron.server.config import ServerConfig
 from heron.server.router import Router, build_engine
 
@@ -106,6 +106,7 @@ async def _serve(
         http = _HttpServer(server_config, log_level, access_log)
         ctx = await _start(engine, engine_started, tokenizer_future, http.task, engine_config,
                            server_config)
+        freeze_startup_objects()  # the tokenizer's tables: see heron.heap
         http.ready(ctx, signals)
         watcher = asyncio.create_task(_exit_when_engine_dies(engine, http.server))
         try:
