@@ -321,3 +321,14 @@ def test_bad_model_path_fails_fast() -> None:
     assert "/nonexistent/model.gguf" in proc.stderr and "not found" in proc.stderr
     pids = re.findall(r"engine core process started \(pid (\d+)\)", proc.stderr)
     assert all(not pid_exists(int(p)) for p in pids)
+
+
+def test_the_api_process_runs_on_uvloop() -> None:
+    """uvloop is a dependency on Linux: the API's loop (every token passes through it twice) is
+    libuv's, with asyncio's as the fallback where it is not installed."""
+    from heron.server.launch import _run_loop
+
+    async def loop_module() -> int:
+        return 1 if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else 0
+
+    assert _run_loop(loop_module()) == 1
