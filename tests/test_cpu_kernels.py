@@ -10,7 +10,7 @@ import torch
 
 from heron.kernels import cpu as cpu_kernels
 from heron.kernels.cpu import build, isa
-from heron.layers.attention import Attention, AttentionMetadata, TorchAttentionBackend
+from heron.layers.attention import Attention, AttentionMetadata, PrefillSpan, TorchAttentionBackend
 
 
 def _variant(name: str) -> object:
@@ -123,6 +123,53 @@ def test_backend_uses_the_kernel_and_agrees_with_its_torch_path(monkeypatch) -> 
         slot_mapping=meta.slot_mapping, decode_token_idx=meta.decode_token_idx, decode_seq_lens=lens,
         decode_block_tables=tables, prefills=[], block_size=block_size))
     torch.testing.assert_close(with_kernel.float(), torch_path.float(), atol=2e-2, rtol=2e-2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads,kv_heads,dim,window", [
+    (4, 1, 256, 40),  # Gemma 3 270M's local layers: a window shorter than the chunks
+    (4, 1, 256, None),  # ... its global layers
+    (14, 2, 64, None),  # Qwen2.5-0.5B's groups of 7
+])
+def test_prefill_rows_use_the_kernel_and_agree_with_the_torch_path(monkeypatch, heads, kv_heads,
+                                                                   dim, window) -> None:
+    """Each row of a prompt chunk is a query over its own context through the decode kernel: a
+    fresh 37-token prompt and a 20-token chunk after a 50-token cached prefix, in one step with a
+    decode row, against scaled_dot_product_attention with its masks."""
+    block_size, g = 16, torch.Generator().manual_seed(heads + dim)
+    cache = torch.randn(2, 12, block_size, kv_heads, dim, generator=g).to(torch.bfloat16)
+    order = torch.randperm(12, generator=g)
+    tables = [order[0:3], order[3:8], order[8:10]]  # 37 tokens, 70 tokens, a 20-token decode
+    spans, slots, start = [], [], 1  # token 0 of the step is the decode row
+    for (cached, chunk), table in zip([(0, 37), (50, 20)], tables):
+        spans.append(PrefillSpan(start=start, end=start + chunk, seq_len=cached + chunk,
+                                 block_table=table))
+        pos = torch.arange(cached, cached + chunk)
+        slots.append(table[pos // block_size] * block_size + pos % block_size)
+        start += chunk
+    decode_slot = tables[2][19 // block_size] * block_size + 19 % block_size
+    tokens = start
+    q = torch.randn(tokens, heads, dim, generator=g).to(torch.bfloat16)
+    k = torch.randn(tokens, kv_heads, dim, generator=g).to(torch.bfloat16)
+    v = torch.randn(tokens, kv_heads, dim, generator=g).to(torch.bfloat16)
+    layer = Attention(heads, dim, kv_heads, layer_idx=0, scale=dim ** -0.5, sliding_window=window)
+
+    def run() -> torch.Tensor:
+        meta = AttentionMetadata(slot_mapping=torch.cat([decode_slot[None], *slots]),
+                                 decode_token_idx=torch.tensor([0]),
+                                 decode_seq_lens=torch.tensor([20]),
+                                 decode_block_tables=tables[2][None, :], prefills=spans,
+                                 block_size=block_size)
+        return TorchAttentionBackend().forward(layer, q, k, v, cache.clone(), meta)
+
+    calls = []
+    real = cpu_kernels.paged_decode_attention()
+    monkeypatch.setattr("heron.layers.attention.paged_decode_attention",
+                        lambda: lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    with_kernel = run()
+    assert calls == [1, 37, 20]  # the decode row, then each chunk's rows
+    monkeypatch.setattr("heron.layers.attention.paged_decode_attention", lambda: None)
+    torch.testing.assert_close(with_kernel.float(), run().float(), atol=2e-2, rtol=2e-2)
 
 
 def test_every_variant_runs_here() -> None:
