@@ -354,3 +354,22 @@ def test_avx512_without_vnni(avx512_without_vnni: GGUFKernels, fmt: str) -> None
     assert torch.equal(full, with_vnni.matmul(x, segments, 40, False, torch.float32))  # same sums
     for rows in (slice(0, 1), slice(3, 5)):
         assert torch.equal(kernels.matmul(x[rows], segments, 40, False, torch.float32), full[rows])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_avx2vnni_equals_avx2(fmt: str) -> None:
+    """The avx2vnni variant sums the same integer products with VPDPBUSD that the avx2 variant
+    sums with VPMADDUBSW / VPMADDWD (its panels, the row form and the rows read straight from
+    Q4_0 / Q5_0 / Q8_0 blocks): every result is the same, bit for bit."""
+    vnni, plain = gguf_kernels("avx2vnni"), gguf_kernels("avx2")
+    assert vnni is not None and plain is not None and vnni.variant == "avx2vnni"
+    elems = BLOCK_FORMATS[fmt][1]
+    k = 512 if elems == 256 else 384  # a multiple of 128: the straight-from-blocks row form too
+    blocks = random_blocks(fmt, rows=45, k=k, seed=11, scale="model")
+    segments = segment_array([BlockRows(torch.from_numpy(blocks), BLOCK_FORMATS[fmt][0])])
+    w, b = dequantized(fmt, blocks), offsets(fmt, blocks)
+    for m in (1, 2, 3, 16, 130):
+        x = _activations(m, k, seed=m)
+        out = vnni.matmul(x, segments, 45, False, torch.float32)
+        _check(out, x, w, False, b)
+        assert torch.equal(out, plain.matmul(x, segments, 45, False, torch.float32)), m

@@ -60,6 +60,24 @@
 #include <arm_neon.h>
 #endif
 
+/*
+ * The avx2vnni variant: the avx2 variant's code with VPDPBUSD on ymm registers (AVX-VNNI's
+ * VEX form, or AVX512-VNNI with VL's EVEX form where a CPU has that instead) where the avx2
+ * variant sums products with VPMADDUBSW and VPMADDWD. The integer sums are the same (both are
+ * exact), so the two variants' results are equal bit for bit.
+ */
+#if defined(__AVX2__) && !(defined(__AVX512F__) && defined(__AVX512BW__)) && \
+    (defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__)))
+#define AVX2_VNNI 1
+static inline __attribute__((always_inline)) __m256i dpbusd256(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+    return _mm256_dpbusd_epi32(acc, u, s);
+#endif
+}
+#endif
+
 #define PAD 128
 #define MAX_TILE 8
 #define XGROUP 8  /* elements of x per int8 scale */
@@ -517,7 +535,9 @@ static void panel_interleave(panel *P, int codes) {
 #endif
     }
 #else
+#if !defined(AVX2_VNNI)
     if (P->wide) return;  /* the sign form: no correction sums */
+#endif
     for (int64_t g = 0; g < K64 / 8; g++) {
         const __m256i ones = _mm256_set1_epi8(1);
         const __m256i c0 = _mm256_loadu_si256((const __m256i *)(P->c + 64 * g));
@@ -1057,6 +1077,12 @@ typedef __m256 acc_t;
 
 static inline __attribute__((always_inline)) __m256i sums8(
         __m256i corr, const uint8_t *xu, const int8_t *xs, __m256i c0, __m256i c1, int wide) {
+#if defined(AVX2_VNNI)
+    /* x + 128 by c from -128 sum c (the panel's corr, kept for wide panels too): sum c x */
+    (void)xs, (void)wide;
+    const __m256i s = dpbusd256(corr, _mm256_set1_epi32(load_i32(xu)), c0);
+    return dpbusd256(s, _mm256_set1_epi32(load_i32(xu + 4)), c1);
+#endif
     const __m256i ones = _mm256_set1_epi16(1);
     if (!wide) {
         const __m256i p0 = _mm256_maddubs_epi16(_mm256_set1_epi32(load_i32(xu)), c0);
@@ -1164,10 +1190,16 @@ static int panel_decode_blocks(const heron_gguf_segment *segs, int64_t *seg, int
  * VPHADDD's order: groups 0 1 4 5 | 2 3 6 7. */
 static inline __attribute__((always_inline)) __m256i sign_sums(__m256i c0, __m256i c1, __m256i x0,
                                                                __m256i x1) {
+#if defined(AVX2_VNNI)
+    const __m256i z = _mm256_setzero_si256();
+    return _mm256_hadd_epi32(dpbusd256(z, _mm256_abs_epi8(c0), _mm256_sign_epi8(x0, c0)),
+                             dpbusd256(z, _mm256_abs_epi8(c1), _mm256_sign_epi8(x1, c1)));
+#else
     const __m256i ones = _mm256_set1_epi16(1);
     const __m256i p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(c0), _mm256_sign_epi8(x0, c0));
     const __m256i p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(c1), _mm256_sign_epi8(x1, c1));
     return _mm256_hadd_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones));
+#endif
 }
 
 /* after transpose8 of 8 rows' sign_sums, vector at[g] holds group g of the 8 in 64 elements */
@@ -1294,9 +1326,16 @@ static inline __attribute__((always_inline)) void rowdirect_tile(
                     g[r][l] = sign_sums(c0, c1, x0[r], x1[r]);
                     continue;
                 }
+#if defined(AVX2_VNNI)
+                const __m256i z = _mm256_setzero_si256();
+                (void)ones;
+                g[r][l] = _mm256_sub_epi32(_mm256_hadd_epi32(dpbusd256(z, c0, x0[r]), dpbusd256(z, c1, x1[r])),
+                                           corr[r]);
+#else
                 const __m256i h = _mm256_hadd_epi16(_mm256_maddubs_epi16(c0, x0[r]),
                                                     _mm256_maddubs_epi16(c1, x1[r]));
                 g[r][l] = _mm256_sub_epi32(_mm256_madd_epi16(h, ones), corr[r]);
+#endif
             }
         }
         const __m256 d0 = direct_scales(rows, blk), d1 = direct_scales(rows, blk + bytes);

@@ -1,10 +1,15 @@
 """Which variant of heron's C kernels this machine runs, and the compiler flags of each.
 
-Every kernel source compiles into three variants, each with explicit target flags (never
-``-march=native``), so that all three build and run on a CPU that has the most features::
+Every kernel source compiles into four variants, each with explicit target flags (never
+``-march=native``), so that all four build and run on a CPU that has the most features::
 
     avx512     -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx2 -mfma -mf16c
                (+ -mavx512vnni, -mavx512bf16 where the CPU has them: VNNI dot products, bf16)
+    avx2vnni   the avx2 flags + -mavxvnni        (AVX2 CPUs with VNNI: Alder Lake and later
+                                                 Intel client CPUs, Zen 5)
+               (or + -mavx512vnni -mavx512vl where the CPU has those instead: the same
+               instructions on ymm registers, EVEX-encoded, so that an AVX-512 machine
+               builds, tests and times this variant's code)
     avx2       -mavx2 -mfma -mf16c              (x86 CPUs since 2013-2015: Haswell, Zen 1)
     portable   no target flags: the compiler vectorizes the plain C for its baseline target
                (SSE2 on x86-64, NEON on ARM64)
@@ -12,8 +17,8 @@ Every kernel source compiles into three variants, each with explicit target flag
 The CPU's features come from a tiny C probe (``probe.c``: CPUID plus XGETBV, so an OS that
 does not save the wide registers is respected), run once per process; not from
 ``/proc/cpuinfo``, which macOS lacks (it is read only where no compiler is found). The best
-variant the CPU runs is taken unless ``HERON_CPU_ISA`` names one (``avx512``, ``avx2``,
-``portable``, or ``none`` for no kernels at all: PyTorch paths everywhere); a variant the CPU
+variant the CPU runs is taken unless ``HERON_CPU_ISA`` names one (``avx512``, ``avx2vnni``,
+``avx2``, ``portable``, or ``none`` for no kernels at all: PyTorch paths everywhere); a variant the CPU
 cannot run is refused with a warning. Where no C compiler exists heron says so once and runs
 its PyTorch paths. This module is a leaf: it imports nothing from heron above ``heron.cache``.
 """
@@ -33,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 ISA_ENV_VAR = "HERON_CPU_ISA"
 DISABLE_ENV_VAR = "HERON_CPU_KERNELS"  # "0": no kernels (the older switch; as HERON_CPU_ISA=none)
-VARIANTS = ("avx512", "avx2", "portable")  # best first
+VARIANTS = ("avx512", "avx2vnni", "avx2", "portable")  # best first
 NONE = "none"
 _SOURCE_DIR = Path(__file__).parent
 _PROBE_TIMEOUT_S = 60
@@ -47,9 +52,20 @@ class VariantSpec:
     required: frozenset[str]
     flags: tuple[str, ...]
     optional: tuple[tuple[str, str], ...] = ()  # (feature, flag) added where the CPU has it
+    # the variant also needs one of these feature sets; the first the CPU has adds its flags
+    one_of: tuple[tuple[frozenset[str], tuple[str, ...]], ...] = ()
+
+    def needs(self, features: frozenset[str]) -> frozenset[str]:
+        """The features this variant needs on a CPU with ``features`` (of ``one_of``: the set
+        the CPU has, else the first)."""
+        chosen = next((needed for needed, _ in self.one_of if needed <= features),
+                      self.one_of[0][0] if self.one_of else frozenset())
+        return self.required | chosen
 
     def compile_flags(self, features: frozenset[str]) -> tuple[str, ...]:
-        return self.flags + tuple(flag for feature, flag in self.optional if feature in features)
+        chosen = next((flags for needed, flags in self.one_of if needed <= features), ())
+        return self.flags + chosen + tuple(
+            flag for feature, flag in self.optional if feature in features)
 
 
 SPECS = {
@@ -57,6 +73,11 @@ SPECS = {
         "avx512", frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"}),
         ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"),
         optional=(("avx512_vnni", "-mavx512vnni"), ("avx512_bf16", "-mavx512bf16"))),
+    "avx2vnni": VariantSpec(
+        "avx2vnni", frozenset({"avx2", "fma", "f16c"}), ("-mavx2", "-mfma", "-mf16c"),
+        one_of=((frozenset({"avx_vnni"}), ("-mavxvnni",)),
+                (frozenset({"avx512_vnni", "avx512vl"}),
+                 ("-mavx512vnni", "-mavx512vl", "-mprefer-vector-width=256")))),
     "avx2": VariantSpec("avx2", frozenset({"avx2", "fma", "f16c"}), ("-mavx2", "-mfma", "-mf16c")),
     "portable": VariantSpec("portable", frozenset(), ()),
 }
@@ -157,7 +178,7 @@ def _proc_cpuinfo_flags() -> frozenset[str]:
 
 def runnable_variants(features: frozenset[str]) -> tuple[str, ...]:
     """The variants a CPU with ``features`` runs, best first."""
-    return tuple(name for name in VARIANTS if SPECS[name].required <= features)
+    return tuple(name for name in VARIANTS if SPECS[name].needs(features) <= features)
 
 
 def selected_variant() -> str:
@@ -184,12 +205,14 @@ def _select(forced: str, off: bool, have_compiler: bool) -> str:
     features = cpu_features()
     runnable = runnable_variants(features)
     if forced and forced not in runnable:
-        missing = sorted(SPECS[forced].required - features)
+        missing = sorted(SPECS[forced].needs(features) - features)
         logger.warning("%s=%s refused: the CPU lacks %s; using %s", ISA_ENV_VAR, forced,
                        ", ".join(missing), runnable[0])
         forced = ""
     variant = forced or runnable[0]
-    extras = [f for f, _ in SPECS[variant].optional if f in features]
+    spec = SPECS[variant]
+    extras = sorted(spec.needs(features) - spec.required) + [
+        f for f, _ in spec.optional if f in features]
     logger.info("CPU kernels: %s variant%s%s", variant, f" (+{', '.join(extras)})" if extras else "",
                 f" (forced by {ISA_ENV_VAR})" if forced else "")
     return variant

@@ -35,6 +35,10 @@ int main(void) {
     const unsigned int max_sub = a, ebx7 = b, ecx7 = c;
     if (avx_state && BIT(ebx7, 5)) printf("avx2\n");
     if (BIT(ebx7, 8)) printf("bmi2\n");
+    if (avx_state && max_sub >= 1) {
+        __cpuid_count(7, 1, a, b, c, d);
+        if (BIT(a, 4)) printf("avx_vnni\n");  /* VEX-encoded VPDPBUSD on ymm (Alder Lake, Zen 5) */
+    }
     if (avx512_state) {
         if (BIT(ebx7, 16)) printf("avx512f\n");
         if (BIT(ebx7, 17)) printf("avx512dq\n");

@@ -11,7 +11,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 
 static inline __m512 bf16x16_to_fp32(__m256i bits) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
@@ -80,6 +80,6 @@ static inline __m512 exp_fp32(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-#endif  /* __AVX512F__ */
+#endif  /* __AVX512F__ && __AVX512BW__ */
 
 #endif
