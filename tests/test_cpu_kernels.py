@@ -4,6 +4,8 @@ the paged cache (sliding windows, GQA groups, scattered blocks) and the loader's
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -205,6 +207,55 @@ def test_a_variant_the_cpu_lacks_is_refused(fresh_selection, caplog) -> None:
     assert isa.selected_variant() == "portable"
 
 
+def test_avx2vnni_takes_avx_vnni_where_the_cpu_has_it(fresh_selection, caplog) -> None:
+    """An AVX2 CPU with AVX-VNNI (Alder Lake and later Intel client CPUs) runs the avx2vnni
+    variant built with -mavxvnni; an AVX-512 CPU with VNNI can run it too (the same instructions,
+    EVEX-encoded); a plain AVX2 CPU cannot and is told what it lacks."""
+    spec, avx2 = isa.SPECS["avx2vnni"], frozenset({"avx2", "fma", "f16c"})
+    alder_lake = avx2 | {"avx_vnni"}
+    assert isa.runnable_variants(alder_lake) == ("avx2vnni", "avx2", "portable")
+    assert spec.compile_flags(alder_lake) == ("-mavx2", "-mfma", "-mf16c", "-mavxvnni")
+    both = alder_lake | {"avx512_vnni", "avx512vl"}
+    assert spec.compile_flags(both) == ("-mavx2", "-mfma", "-mf16c", "-mavxvnni")
+    assert "-mavx512vnni" in spec.compile_flags(avx2 | {"avx512_vnni", "avx512vl"})
+    assert isa.runnable_variants(avx2) == ("avx2", "portable")
+    fresh_selection.setattr(isa, "cpu_features", lambda: alder_lake)
+    with caplog.at_level("INFO", logger="heron.kernels.cpu.isa"):
+        assert isa.selected_variant() == "avx2vnni"
+    assert "avx2vnni variant (+avx_vnni)" in caplog.text
+    isa._select.cache_clear()
+    fresh_selection.setattr(isa, "cpu_features", lambda: avx2)
+    fresh_selection.setenv(isa.ISA_ENV_VAR, "avx2vnni")
+    with caplog.at_level("WARNING", logger="heron.kernels.cpu.isa"):
+        assert isa.selected_variant() == "avx2"
+    assert "avx2vnni refused: the CPU lacks avx_vnni" in caplog.text
+
+
+def test_the_avx_vnni_build_compiles_to_vex_vpdpbusd(monkeypatch, tmp_path) -> None:
+    """This machine has no AVX-VNNI, so the avx2vnni variant runs here EVEX-encoded; the build an
+    AVX-VNNI CPU gets (-mavxvnni) is compiled here too, and its dot products are VEX-encoded."""
+    objdump = shutil.which("objdump")
+    assert objdump is not None, "objdump (binutils, beside the C compiler) is needed"
+    monkeypatch.setenv("HERON_CACHE_DIR", str(tmp_path))
+    features = frozenset({"avx2", "fma", "f16c", "avx_vnni"})
+    monkeypatch.setattr(isa, "cpu_features", lambda: features)
+    monkeypatch.setattr(build, "cpu_features", lambda: features)
+    build._load.cache_clear()
+    try:
+        for name in ("gguf_matmul", "fused_decode"):
+            sources = ("gguf_matmul",) if name == "gguf_matmul" else (
+                "fused_decode", "q8_gemm", "gguf_matmul", "elementwise", "paged_attention")
+            assert build.load_library(name, sources, "avx2vnni") is not None
+            (library,) = (tmp_path / "kernels").glob(f"{name}-avx2vnni-*.so")
+            code = subprocess.run([objdump, "-d", str(library)], capture_output=True, text=True,
+                                  check=True).stdout
+            dots = [line for line in code.splitlines() if "vpdpbusd" in line]
+            assert dots and all("{vex}" in line and "ymm" in line for line in dots), dots[:3]
+            assert "zmm" not in code
+    finally:
+        build._load.cache_clear()
+
+
 def test_off_switches_and_no_compiler_give_no_kernel(fresh_selection, caplog) -> None:
     fresh_selection.setenv(isa.ISA_ENV_VAR, "none")
     assert isa.selected_variant() == "none" and cpu_kernels.elementwise() is None
@@ -218,7 +269,7 @@ def test_off_switches_and_no_compiler_give_no_kernel(fresh_selection, caplog) ->
         assert isa.selected_variant() == "none"
     assert caplog.text.count("no C compiler found") == 1  # said once
     fresh_selection.setenv(isa.ISA_ENV_VAR, "sse9")
-    with pytest.raises(ValueError, match="avx512, avx2, portable, none"):
+    with pytest.raises(ValueError, match="avx512, avx2vnni, avx2, portable, none"):
         isa.selected_variant()
 
 
@@ -250,15 +301,16 @@ def test_variants_build_with_explicit_flags_and_are_cached(monkeypatch, tmp_path
         monkeypatch.setattr(build.subprocess, "run", lambda cmd, **kw: commands.append(cmd) or real(cmd, **kw))
         for variant in isa.VARIANTS:
             assert build.load_library("paged_attention", ("paged_attention",), variant) is not None
-        assert len(commands) == 3 and not any("-march=native" in c for c in commands)
-        assert "-mavx512f" in commands[0] and "-mavx2" in commands[1]
-        assert not any(flag.startswith("-m") for flag in commands[2])  # portable: no target flags
+        assert len(commands) == 4 and not any("-march=native" in c for c in commands)
+        assert "-mavx512f" in commands[0] and "-mavx2" in commands[2]
+        assert "-mavx2" in commands[1] and not any(f.startswith("-m") and "vnni" in f for f in commands[2])
+        assert not any(flag.startswith("-m") for flag in commands[-1])  # portable: no target flags
         built = sorted((tmp_path / "kernels").glob("paged_attention-*.so"))
-        assert [p.name.split("-")[1] for p in built] == ["avx2", "avx512", "portable"]
+        assert [p.name.split("-")[1] for p in built] == ["avx2", "avx2vnni", "avx512", "portable"]
         mtimes = [p.stat().st_mtime_ns for p in built]
         build._load.cache_clear()
         assert build.load_library("paged_attention", ("paged_attention",), "avx2") is not None
-        assert len(commands) == 3 and [p.stat().st_mtime_ns for p in built] == mtimes  # not rebuilt
+        assert len(commands) == 4 and [p.stat().st_mtime_ns for p in built] == mtimes  # not rebuilt
     finally:
         build._load.cache_clear()
 

@@ -1190,17 +1190,26 @@ static int panel_decode_blocks(const heron_gguf_segment *segs, int64_t *seg, int
  * VPHADDD's order: groups 0 1 4 5 | 2 3 6 7. */
 static inline __attribute__((always_inline)) __m256i sign_sums(__m256i c0, __m256i c1, __m256i x0,
                                                                __m256i x1) {
-#if defined(AVX2_VNNI)
-    const __m256i z = _mm256_setzero_si256();
-    return _mm256_hadd_epi32(dpbusd256(z, _mm256_abs_epi8(c0), _mm256_sign_epi8(x0, c0)),
-                             dpbusd256(z, _mm256_abs_epi8(c1), _mm256_sign_epi8(x1, c1)));
-#else
     const __m256i ones = _mm256_set1_epi16(1);
     const __m256i p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(c0), _mm256_sign_epi8(x0, c0));
     const __m256i p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(c1), _mm256_sign_epi8(x1, c1));
     return _mm256_hadd_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones));
-#endif
 }
+
+#if defined(AVX2_VNNI)
+/* VNNI: -128 times x's sums of 4 (lanes as VPDPBUSD's), for row_sums */
+static inline __attribute__((always_inline)) __m256i minus128_sums4(__m256i x) {
+    return _mm256_sub_epi32(_mm256_setzero_si256(),
+                            dpbusd256(_mm256_setzero_si256(), _mm256_set1_epi8((char)0x80), x));
+}
+
+/* VNNI: sign_sums' integers from c + 128 (u, unsigned: c with its sign bit flipped) by x,
+ * starting from -128 sum4 x (z, minus128_sums4): one VPDPBUSD per 32 codes and row of x. */
+static inline __attribute__((always_inline)) __m256i row_sums(__m256i u0, __m256i u1, __m256i x0,
+                                                              __m256i x1, __m256i z0, __m256i z1) {
+    return _mm256_hadd_epi32(dpbusd256(z0, u0, x0), dpbusd256(z1, u1, x1));
+}
+#endif
 
 /* after transpose8 of 8 rows' sign_sums, vector at[g] holds group g of the 8 in 64 elements */
 static const int rowform_at[8] = {0, 1, 4, 5, 2, 3, 6, 7};
@@ -1227,11 +1236,21 @@ static inline __attribute__((always_inline)) void rowform_tile(
             x0[r] = _mm256_loadu_si256((const __m256i *)(p->xs + (m0 + r) * K64 + k));
             x1[r] = _mm256_loadu_si256((const __m256i *)(p->xs + (m0 + r) * K64 + k + 32));
         }
+#if defined(AVX2_VNNI)
+        __m256i z0[ROW_M], z1[ROW_M];
+        for (int r = 0; r < R; r++) z0[r] = minus128_sums4(x0[r]), z1[r] = minus128_sums4(x1[r]);
+#endif
         for (int l = 0; l < LANES; l++) {
             const int8_t *c = P->rows + l * K64 + k;
             const __m256i c0 = _mm256_loadu_si256((const __m256i *)c);
             const __m256i c1 = _mm256_loadu_si256((const __m256i *)(c + 32));
+#if defined(AVX2_VNNI)
+            const __m256i flip = _mm256_set1_epi8((char)0x80);
+            const __m256i u0 = _mm256_xor_si256(c0, flip), u1 = _mm256_xor_si256(c1, flip);
+            for (int r = 0; r < R; r++) g[r][l] = row_sums(u0, u1, x0[r], x1[r], z0[r], z1[r]);
+#else
             for (int r = 0; r < R; r++) g[r][l] = sign_sums(c0, c1, x0[r], x1[r]);
+#endif
         }
         for (int r = 0; r < R; r++) {
             transpose8(g[r]);
@@ -1306,6 +1325,9 @@ static inline __attribute__((always_inline)) void rowdirect_tile(
         const int64_t blk = k / 32 * bytes;
         __m256i g[ROW_M][8];
         __m256i x0[ROW_M], x1[ROW_M], corr[ROW_M];
+#if defined(AVX2_VNNI)
+        __m256i z0[ROW_M], z1[ROW_M];
+#endif
         for (int r = 0; r < R; r++) {
             x0[r] = _mm256_loadu_si256((const __m256i *)(p->xs + (m0 + r) * K64 + k));
             x1[r] = _mm256_loadu_si256((const __m256i *)(p->xs + (m0 + r) * K64 + k + 32));
@@ -1313,6 +1335,9 @@ static inline __attribute__((always_inline)) void rowdirect_tile(
             const __m256i u1 = _mm256_set1_epi8(1);
             corr[r] = _mm256_madd_epi16(_mm256_hadd_epi16(_mm256_maddubs_epi16(u1, x0[r]),
                                                           _mm256_maddubs_epi16(u1, x1[r])), off);
+#if defined(AVX2_VNNI)
+            if (type == GGML_Q8_0) z0[r] = minus128_sums4(x0[r]), z1[r] = minus128_sums4(x1[r]);
+#endif
         }
         for (int l = 0; l < LANES; l++) {
             if (ahead) {
@@ -1323,7 +1348,13 @@ static inline __attribute__((always_inline)) void rowdirect_tile(
             direct_codes(type, rows[l] + blk, &c0, &c1);
             for (int r = 0; r < R; r++) {
                 if (type == GGML_Q8_0) {
+#if defined(AVX2_VNNI)
+                    const __m256i flip = _mm256_set1_epi8((char)0x80);
+                    g[r][l] = row_sums(_mm256_xor_si256(c0, flip), _mm256_xor_si256(c1, flip), x0[r],
+                                       x1[r], z0[r], z1[r]);
+#else
                     g[r][l] = sign_sums(c0, c1, x0[r], x1[r]);
+#endif
                     continue;
                 }
 #if defined(AVX2_VNNI)
