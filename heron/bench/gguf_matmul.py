@@ -69,7 +69,7 @@ def time_matmul(kernels: GGUFKernels, x: torch.Tensor, segments: ctypes.Array[Se
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", nargs="+", default=["avx512", "avx2", "portable"])
+    parser.add_argument("--variants", nargs="+", default=["avx512", "avx2vnni", "avx2", "portable"])
     parser.add_argument("--m", nargs="+", type=int, default=[1, 4, 16, 64, 256])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--reps", type=int, default=5)

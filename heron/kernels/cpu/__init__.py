@@ -2,7 +2,7 @@
 
 A kernel is one C file here (with the portable bodies its variants without AVX-512 include).
 It is built with the system C compiler into heron's cache, once per variant (``isa``: avx512,
-avx2 or portable, picked at run time from what the CPU reports, or forced with
+avx2vnni, avx2 or portable, picked at run time from what the CPU reports, or forced with
 ``HERON_CPU_ISA``), and loaded with ctypes (``build``): no build step at install time and no
 compiler at all where kernels are not wanted. Where a kernel cannot be had (no compiler,
 ``HERON_CPU_ISA=none``, ``HERON_CPU_KERNELS=0``, a failed build) the loader says why once and
