@@ -9,7 +9,8 @@ Every kernel source compiles into four variants, each with explicit target flags
                                                  Intel client CPUs, Zen 5)
                (or + -mavx512vnni -mavx512vl where the CPU has those instead: the same
                instructions on ymm registers, EVEX-encoded, so that an AVX-512 machine
-               builds, tests and times this variant's code)
+               builds, tests and times this variant's code; with 256-bit vectors and
+               registers 0-15 only, as the VEX build has)
     avx2       -mavx2 -mfma -mf16c              (x86 CPUs since 2013-2015: Haswell, Zen 1)
     portable   no target flags: the compiler vectorizes the plain C for its baseline target
                (SSE2 on x86-64, NEON on ARM64)
@@ -77,7 +78,8 @@ SPECS = {
         "avx2vnni", frozenset({"avx2", "fma", "f16c"}), ("-mavx2", "-mfma", "-mf16c"),
         one_of=((frozenset({"avx_vnni"}), ("-mavxvnni",)),
                 (frozenset({"avx512_vnni", "avx512vl"}),
-                 ("-mavx512vnni", "-mavx512vl", "-mprefer-vector-width=256")))),
+                 ("-mavx512vnni", "-mavx512vl", "-mprefer-vector-width=256",
+                  *(f"-ffixed-xmm{i}" for i in range(16, 32)))))),
     "avx2": VariantSpec("avx2", frozenset({"avx2", "fma", "f16c"}), ("-mavx2", "-mfma", "-mf16c")),
     "portable": VariantSpec("portable", frozenset(), ()),
 }
