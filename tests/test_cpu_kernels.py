@@ -224,7 +224,8 @@ def test_avx2vnni_takes_avx_vnni_where_the_cpu_has_it(fresh_selection, caplog) -
     assert spec.compile_flags(alder_lake) == ("-mavx2", "-mfma", "-mf16c", "-mavxvnni")
     both = alder_lake | {"avx512_vnni", "avx512vl"}
     assert spec.compile_flags(both) == ("-mavx2", "-mfma", "-mf16c", "-mavxvnni")
-    assert "-mavx512vnni" in spec.compile_flags(avx2 | {"avx512_vnni", "avx512vl"})
+    stand_in = spec.compile_flags(avx2 | {"avx512_vnni", "avx512vl"})
+    assert "-mavx512vnni" in stand_in and "-ffixed-xmm31" in stand_in
     assert isa.runnable_variants(avx2) == ("avx2", "portable")
     fresh_selection.setattr(isa, "cpu_features", lambda: alder_lake)
     with caplog.at_level("INFO", logger="heron.kernels.cpu.isa"):
@@ -236,6 +237,17 @@ def test_avx2vnni_takes_avx_vnni_where_the_cpu_has_it(fresh_selection, caplog) -
     with caplog.at_level("WARNING", logger="heron.kernels.cpu.isa"):
         assert isa.selected_variant() == "avx2"
     assert "avx2vnni refused: the CPU lacks avx_vnni" in caplog.text
+
+
+def test_clang_gets_no_gcc_register_flags(monkeypatch) -> None:
+    monkeypatch.setattr(isa, "cpu_features", lambda: frozenset({"avx2", "fma", "f16c", "avx512_vnni",
+                                                                "avx512vl"}))
+    monkeypatch.setattr(isa, "compiler", lambda: "clang")
+    monkeypatch.setattr(isa, "compiler_version", lambda cc: "Debian clang version 16.0.6\n")
+    flags = isa.variant_flags("avx2vnni")
+    assert "-mavx512vnni" in flags and not any(f.startswith("-ffixed") for f in flags)
+    monkeypatch.setattr(isa, "compiler_version", lambda cc: "gcc (Debian 12.2.0-14) 12.2.0\n")
+    assert "-ffixed-xmm16" in isa.variant_flags("avx2vnni")
 
 
 def test_the_avx_vnni_build_compiles_to_vex_vpdpbusd(monkeypatch, tmp_path) -> None:

@@ -221,5 +221,10 @@ def _select(forced: str, off: bool, have_compiler: bool) -> str:
 
 
 def variant_flags(variant: str) -> tuple[str, ...]:
-    """The compiler's target flags for ``variant`` on this CPU."""
-    return SPECS[variant].compile_flags(cpu_features())
+    """The compiler's target flags for ``variant`` on this CPU (without GCC's -ffixed-xmmN,
+    which clang lacks: there the stand-in avx2vnni build may use all 32 registers)."""
+    flags = SPECS[variant].compile_flags(cpu_features())
+    cc = compiler()
+    if cc is not None and "clang" in compiler_version(cc).lower():
+        flags = tuple(flag for flag in flags if not flag.startswith("-ffixed-xmm"))
+    return flags
