@@ -5,8 +5,8 @@ Every kernel source compiles into four variants, each with explicit target flags
 
     avx512     -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx2 -mfma -mf16c
                (+ -mavx512vnni, -mavx512bf16 where the CPU has them: VNNI dot products, bf16)
-    avx2vnni   the avx2 flags + -mavxvnni        (AVX2 CPUs with VNNI: Alder Lake and later
-                                                 Intel client CPUs, Zen 5)
+    avx2vnni   the avx2 flags + -mavxvnni        (AVX2 CPUs with AVX-VNNI and no AVX-512:
+                                                 Intel client CPUs since Alder Lake)
                (or + -mavx512vnni -mavx512vl where the CPU has those instead: the same
                instructions on ymm registers, EVEX-encoded, so that an AVX-512 machine
                builds, tests and times this variant's code; with 256-bit vectors and
