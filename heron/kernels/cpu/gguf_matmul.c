@@ -1137,7 +1137,7 @@ static inline void acc_store(acc_t v, float *dst) { _mm256_storeu_ps(dst, v); }
  * form, VPMADDWD, VPHADDD; avx2vnni: VPDPBUSD of c + 128 by x from -128 sum4 x, VPHADDD), 8
  * rows' sums are transposed to lanes, then the same float operations as panel_tile in the
  * same order: the same numbers. One thread, M = 1, the default model's ffn_down (Q6_K)
- * 84 us with avx2, 74 us with avx2vnni in the sign form, 70 us so.
+ * 84 us with avx2, 76 us with avx2vnni in the sign form, 70-73 us so.
  */
 #define ROW_FORM 1
 #define ROW_M 2
