@@ -80,7 +80,7 @@ class WeightRecipe:
     keep_float32: bool  # projections the quantized copy does not fully serve go float32
     q8_kernel: bool  # int8 copies are Q8Weights (heron's kernel loaded), else PackedWeights
     amx: bool  # decides the default row limit of a Q8Weight
-    cpu_isa: str  # heron's kernel variant (``heron.kernels.cpu.isa``): avx512, avx2, portable, none
+    cpu_isa: str  # heron's kernel variant (``heron.kernels.cpu.isa``): avx512, avx2vnni, avx2, portable, none
     torch_isa: str  # PyTorch's CPU capability: its int4 pack layout differs per instruction set
     torch_version: str  # PyTorch's int4 pack layout may change between versions
     code: str  # hash of the source files in ``_PRODUCERS``

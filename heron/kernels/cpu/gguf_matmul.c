@@ -1,7 +1,7 @@
 /*
  * out[M, N] = x[M, K] @ W[N, K]^T with W in GGUF's quantized blocks, read in place (the
  * memory-mapped file). W may be several segments of rows in different formats stacked along
- * N (a fused q/k/v whose q and v are Q5_0 and Q8_0). Built per variant (avx512, avx2,
+ * N (a fused q/k/v whose q and v are Q5_0 and Q8_0). Built per variant (avx512, avx2vnni, avx2,
  * portable) by heron/kernels/cpu/build.py; formats and their decoding: gguf_blocks.h, which
  * turns a row into codes c (int8), scales a (per 16) and offsets b (per 32; Q2_K's per 16):
  * w = a c + b.
