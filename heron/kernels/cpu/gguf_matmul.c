@@ -1323,25 +1323,30 @@ static inline __attribute__((always_inline)) void rowdirect_tile(
         int R, acc_t *acc) {
     const int64_t K64 = p->K64, G8 = K64 / 8;
     const int bytes = gguf_block_bytes(type);
+#if defined(AVX2_VNNI)
+    /* VPDPBUSD of u = c + z by x from -z sum4 x; z: Q8_0's 128 (its codes' sign bits flipped),
+     * Q4_0 / Q5_0's off (their unsigned codes as read) */
+    const int z = type == GGML_Q8_0 ? 128 : type == GGML_Q4_0 ? 8 : 16;
+#else
     const __m256i ones = _mm256_set1_epi16(1), off = _mm256_set1_epi16(type == GGML_Q4_0 ? 8 : 16);
+#endif
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t k = 0; k < K64; k += 64) {
         const int64_t blk = k / 32 * bytes;
         __m256i g[ROW_M][8];
-        __m256i x0[ROW_M], x1[ROW_M], corr[ROW_M];
+        __m256i x0[ROW_M], x1[ROW_M];
 #if defined(AVX2_VNNI)
         __m256i z0[ROW_M], z1[ROW_M];
+#else
+        __m256i corr[ROW_M];
 #endif
         for (int r = 0; r < R; r++) {
             x0[r] = _mm256_loadu_si256((const __m256i *)(p->xs + (m0 + r) * K64 + k));
             x1[r] = _mm256_loadu_si256((const __m256i *)(p->xs + (m0 + r) * K64 + k + 32));
-            /* off x the sums of x per 8, in the order of the sums */
 #if defined(AVX2_VNNI)
-            /* from -z sum4 x, z: Q8_0's 128 (its codes' sign bits flipped), Q4_0 / Q5_0's off */
-            const int z = type == GGML_Q8_0 ? 128 : type == GGML_Q4_0 ? 8 : 16;
             z0[r] = minus_sums4(x0[r], z), z1[r] = minus_sums4(x1[r], z);
-            (void)corr, (void)off;
 #else
+            /* off x the sums of x per 8, in the order of the sums */
             const __m256i u1 = _mm256_set1_epi8(1);
             corr[r] = _mm256_madd_epi16(_mm256_hadd_epi16(_mm256_maddubs_epi16(u1, x0[r]),
                                                           _mm256_maddubs_epi16(u1, x1[r])), off);
@@ -1354,26 +1359,23 @@ static inline __attribute__((always_inline)) void rowdirect_tile(
             }
             __m256i c0, c1;
             direct_codes(type, rows[l] + blk, &c0, &c1);
+#if defined(AVX2_VNNI)
+            if (type == GGML_Q8_0) {
+                const __m256i flip = _mm256_set1_epi8((char)0x80);
+                c0 = _mm256_xor_si256(c0, flip), c1 = _mm256_xor_si256(c1, flip);
+            }
+            for (int r = 0; r < R; r++) g[r][l] = row_sums(c0, c1, x0[r], x1[r], z0[r], z1[r]);
+#else
             for (int r = 0; r < R; r++) {
                 if (type == GGML_Q8_0) {
-#if defined(AVX2_VNNI)
-                    const __m256i flip = _mm256_set1_epi8((char)0x80);
-                    g[r][l] = row_sums(_mm256_xor_si256(c0, flip), _mm256_xor_si256(c1, flip), x0[r],
-                                       x1[r], z0[r], z1[r]);
-#else
                     g[r][l] = sign_sums(c0, c1, x0[r], x1[r]);
-#endif
                     continue;
                 }
-#if defined(AVX2_VNNI)
-                (void)ones;
-                g[r][l] = row_sums(c0, c1, x0[r], x1[r], z0[r], z1[r]);
-#else
                 const __m256i h = _mm256_hadd_epi16(_mm256_maddubs_epi16(c0, x0[r]),
                                                     _mm256_maddubs_epi16(c1, x1[r]));
                 g[r][l] = _mm256_sub_epi32(_mm256_madd_epi16(h, ones), corr[r]);
-#endif
             }
+#endif
         }
         const __m256 d0 = direct_scales(rows, blk), d1 = direct_scales(rows, blk + bytes);
         for (int r = 0; r < R; r++) {
