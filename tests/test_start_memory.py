@@ -35,15 +35,17 @@ def _maps_torch(pid: int) -> bool:
 
 
 def _thread_arenas(pid: int) -> int:
-    """glibc's malloc arenas besides the main one: each reserves 64 MiB at a 64 MiB-aligned
-    address, a read-write part followed by an inaccessible rest."""
+    """glibc's malloc arenas besides the main one. Each heap of an arena reserves 64 MiB at a
+    64 MiB-aligned address, a read-write part followed by an inaccessible rest, and starts with
+    its heap_info (the arena's pointer, then the previous heap's): an arena that outgrows its
+    first heap adds another whose previous-heap pointer is set; only first heaps are counted."""
     size = 64 << 20
     maps = []
     for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
         fields = line.split()
         low, high = (int(x, 16) for x in fields[0].split("-"))
         maps.append((low, high, fields[1], len(fields) > 5))  # named: a file or [heap] etc.
-    count = 0
+    heaps = []
     for i, (low, high, perms, named) in enumerate(maps):
         if low % size or named or not perms.startswith("rw"):
             continue
@@ -52,8 +54,13 @@ def _thread_arenas(pid: int) -> int:
             if low_next != end or named_next or not perms_next.startswith("---"):
                 break
             end = high_next
-        count += end - low == size
-    return count
+        if end - low == size:
+            heaps.append(low)
+    with open(f"/proc/{pid}/mem", "rb") as memory:  # the server is this test's child
+        def previous_heap(start: int) -> int:
+            memory.seek(start + 8)
+            return int.from_bytes(memory.read(8), "little")
+        return sum(previous_heap(start) == 0 for start in heaps)
 
 
 def test_first_start_api_process_stays_light(tiny_gguf: Path, tmp_path: Path) -> None:
