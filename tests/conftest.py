@@ -50,3 +50,19 @@ def pytest_runtest_makereport(item: pytest.Item,
         report.outcome = "failed"
         report.longrepr = (f"skipped on a CPU that has {', '.join(marker.args) or 'what it needs'} "
                            f"and a C compiler: {reason}")
+
+
+FAILED: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.failed:
+        FAILED.append(f"{report.nodeid} ({report.when})")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """After pytest's last line ("1 failed, ... passed in ..."), one more naming what failed:
+    where only a run's last line is kept (a CI summary), it still says which test to look at."""
+    if FAILED:
+        print(f"failed: {', '.join(FAILED[:20])}" + (f" and {len(FAILED) - 20} more" if len(FAILED) > 20 else ""),
+              flush=True)
