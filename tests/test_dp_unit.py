@@ -37,10 +37,11 @@ def prompt(seed: int, length: int) -> list[int]:
 # ==== routing =====================================================================================
 
 
-def test_block_hashes_cover_full_blocks_but_never_the_last_token() -> None:
-    assert len(block_hashes(list(range(16)), BLOCK)) == 0  # 16 tokens: the last is computed
+def test_block_hashes_cover_every_full_block() -> None:
+    assert len(block_hashes(list(range(15)), BLOCK)) == 0
+    assert len(block_hashes(list(range(16)), BLOCK)) == 1  # the prefix cache takes it too
     assert len(block_hashes(list(range(17)), BLOCK)) == 1
-    assert len(block_hashes(list(range(48)), BLOCK)) == 2
+    assert len(block_hashes(list(range(48)), BLOCK)) == 3
     a, b = block_hashes(list(range(40)), BLOCK), block_hashes(list(range(33)) + [999] * 7, BLOCK)
     assert a[:2] == b[:2]  # chained: equal first blocks, equal hashes
     c = block_hashes([5] + list(range(1, 40)), BLOCK)

@@ -55,6 +55,42 @@ def test_batch_invariance(llama_dir: object) -> None:
     assert small.engine.stats().num_preemptions > 0
 
 
+def test_a_prompt_sent_again_computes_only_its_last_token(llama_dir: object) -> None:
+    """Prompts whose tokens fill their blocks, sent again: every block is a prefix-cache hit and
+    only the last token is computed again (its K/V go to a scratch slot, not into the shared
+    block), with the same greedy tokens as the first time and as an engine without the cache,
+    log-probs within float32 rounding (that token's row now attends through the decode kernel,
+    not with its prompt: 4.8e-7 seen), and the cached blocks' K/V unchanged."""
+    rng = random.Random(7)
+    prompts = [[rng.randrange(3, VOCAB) for _ in range(n)] for n in (16, 32, 48)]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
+
+    def run(llm: LLM) -> list[tuple[list[int], list[dict[int, float]], int]]:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [(list(o.outputs[0].token_ids),
+                 [{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs],
+                 o.num_cached_tokens) for o in outs]
+
+    def same(ours: list[tuple[list[int], list[dict[int, float]], int]]) -> bool:
+        return all(a[0] == b[0] and all(x.keys() == y.keys() and all(abs(x[t] - y[t]) < 1e-5 for t in x)
+                                        for x, y in zip(a[1], b[1]))
+                   for a, b in zip(ours, reference))
+
+    reference = run(_llm(llama_dir, enable_prefix_caching=False))
+    llm = _llm(llama_dir)
+    first = run(llm)
+    assert same(first) and [r[2] for r in first] == [0, 0, 0]
+    kv = llm.engine.scheduler.kv_cache
+    cached = sorted(block.block_id for block in kv._cached.values())
+    assert len(cached) >= 6  # the prompts' 1 + 2 + 3 blocks, at least
+    before = [cache[:, cached].clone() for cache in llm.engine.runner.kv_caches]
+    again = run(llm)
+    assert same(again) and [r[2] for r in again] == [15, 31, 47]
+    assert llm.engine.stats().prefix_cache_hits == 15 + 31 + 47
+    for cache, old in zip(llm.engine.runner.kv_caches, before):
+        assert torch.equal(cache[:, cached], old)
+
+
 def test_outputs_shape_and_lengths(llama_dir: object) -> None:
     llm = _llm(llama_dir)
     prompts = _prompts(3, seed=3)

@@ -106,15 +106,36 @@ def test_prefix_hits_and_misses() -> None:
     assert kv.get_computed_blocks(make_request("chain", [0, 0, 0, 0] + prompt[4:8] + [1])) == ([], 0)
 
 
-def test_hit_never_covers_last_token() -> None:
+def test_hit_covers_every_token_but_the_last() -> None:
     kv = KVCacheManager(num_blocks=16, block_size=4)
     a = make_request("a", list(range(1, 10)))  # 9 tokens: 2 full blocks
     compute(kv, a, 9)
     assert kv.get_computed_blocks(make_request("b", list(range(1, 10)))) == ([0, 1], 8)
-    # 8 tokens = exactly 2 full cached blocks, but the last token must be computed.
-    assert kv.get_computed_blocks(make_request("c", list(range(1, 9)))) == ([0], 4)
-    assert kv.get_computed_blocks(make_request("d", list(range(1, 5)))) == ([], 0)
+    # 8 tokens = exactly 2 full cached blocks: both are hits, the last token is computed again
+    assert kv.get_computed_blocks(make_request("c", list(range(1, 9)))) == ([0, 1], 7)
+    assert kv.get_computed_blocks(make_request("d", list(range(1, 5)))) == ([0], 3)
     assert kv.get_computed_blocks(make_request("e", list(range(1, 6)))) == ([0], 4)
+    assert kv.get_computed_blocks(make_request("f", [1])) == ([], 0)
+
+
+def test_a_whole_hit_shares_the_last_block_and_takes_no_fresh_one() -> None:
+    kv = KVCacheManager(num_blocks=16, block_size=4)
+    a = make_request("a", list(range(1, 9)))
+    compute(kv, a, 8)
+    c = make_request("c", list(range(1, 9)))
+    hits, num_hit = kv.get_computed_blocks(c)
+    assert (hits, num_hit) == ([0, 1], 7)
+    free = kv.num_free_blocks
+    compute(kv, c, 1, hits, num_hit)  # the last prompt token: its K/V are in block 1 already
+    assert c.block_ids == [0, 1] and kv.num_free_blocks == free
+    assert c.num_shared_tokens == 8 and a.num_shared_tokens == 0
+    assert [kv.blocks[i].ref_count for i in (0, 1)] == [2, 2]
+    assert (kv.stats.requests, kv.stats.hits) == (2, 7)
+    c.append_output_token(50)
+    compute(kv, c, 1)  # the first output token opens block 2
+    assert len(c.block_ids) == 3 and c.num_shared_tokens == 8
+    kv.free(c)
+    assert c.num_shared_tokens == 0 and [kv.blocks[i].ref_count for i in (0, 1)] == [1, 1]
 
 
 def test_hash_collision_is_caught_by_token_comparison(monkeypatch: pytest.MonkeyPatch) -> None:

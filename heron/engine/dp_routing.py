@@ -28,9 +28,9 @@ REL_SLACK = 0.5  # ...or this fraction of the least loaded one's load, whichever
 
 
 def block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
-    """Chained hashes of the prompt's full blocks, first ones first (never the last token's
-    block: the engine always computes that token, as its prefix cache does)."""
-    num_blocks = min((len(token_ids) - 1) // block_size, MAX_AFFINITY_BLOCKS)
+    """Chained hashes of the prompt's full blocks, first ones first (all of them, as the
+    engine's prefix cache takes them: heron.engine.kv_cache)."""
+    num_blocks = min(len(token_ids) // block_size, MAX_AFFINITY_BLOCKS)
     hashes, prev = [], 0
     for i in range(max(num_blocks, 0)):
         prev = hash((prev, tuple(token_ids[i * block_size : (i + 1) * block_size])))

@@ -17,7 +17,12 @@ Prefix cache: every FULL block gets a chained hash ``H(parent_hash, block_token_
 so a hash names the whole prefix up to the end of that block. A lookup walks a new
 request's full blocks from the start and stops at the first miss; a hit also compares
 the stored token ids. A hit never covers the last token of a request: the model must
-compute at least that one to produce logits.
+compute at least that one to produce logits. Where all of a request's tokens are in cached
+full blocks (a prompt sent again whose length is a multiple of the block size), the hit takes
+every block and covers all tokens but the last, as llama.cpp's server does, not all but a
+block's worth (vLLM): the last token is computed again, and its K/V, which its shared block
+holds already, are written to a scratch slot instead (``Request.num_shared_tokens``, the
+runner). A 128-token prompt sent twice computes 1 token the second time, not 16.
 
 The scheduler uses three calls (``get_computed_blocks``, ``allocate_slots``, ``free``)
 plus ``usage``, ``stats`` and ``reset_prefix_cache``.
@@ -111,12 +116,13 @@ class KVCacheManager:
     def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
         """Longest cached prefix of a request without blocks: (block ids, number of tokens).
 
-        Covers whole blocks only and at most ``num_tokens - 1`` tokens. Takes nothing:
-        pass the ids to ``allocate_slots`` to claim them.
+        Covers whole blocks, but at most ``num_tokens - 1`` tokens (all blocks of a request
+        whose tokens fill them: all tokens but the last). Takes nothing: pass the ids to
+        ``allocate_slots`` to claim them.
         """
         if not self.enable_prefix_caching or request.needs_every_position:
             return [], 0  # prompt logprobs and pooling need every prompt position computed
-        max_blocks = (request.num_tokens - 1) // self.block_size
+        max_blocks = request.num_tokens // self.block_size
         hashes = self._block_hashes(request, max_blocks)
         hit_ids: list[int] = []
         for i, block_hash in enumerate(hashes[:max_blocks]):
@@ -124,7 +130,7 @@ class KVCacheManager:
             if block is None or block.token_ids != self._block_tokens(request, i):
                 break
             hit_ids.append(block.block_id)
-        return hit_ids, len(hit_ids) * self.block_size
+        return hit_ids, self._hit_tokens(request, len(hit_ids))
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        new_computed_blocks: list[int] | None = None) -> bool:
@@ -139,17 +145,19 @@ class KVCacheManager:
         hits = [self.blocks[i] for i in new_computed_blocks or ()]
         if hits and request.block_ids:
             raise ValueError(f"request {request.request_id} already has blocks; hits are for admission")
-        num_computed = request.num_computed_tokens + len(hits) * self.block_size
+        num_computed = request.num_computed_tokens + self._hit_tokens(request, len(hits))
         num_total = num_computed + num_new_tokens
         num_fresh = -(-num_total // self.block_size) - len(request.block_ids) - len(hits)
         num_hits_from_free = sum(1 for b in hits if b.ref_count == 0)
         if max(num_fresh, 0) + num_hits_from_free > len(self._free):
             return False
         if not request.block_ids:
-            self._record_admission(request, len(hits) * self.block_size)
+            self._record_admission(request, self._hit_tokens(request, len(hits)))
         for block in hits:
             self._take(block)
         request.block_ids.extend(b.block_id for b in hits)
+        if hits:
+            request.num_shared_tokens = len(hits) * self.block_size
         request.block_ids.extend(self._pop_free().block_id for _ in range(num_fresh))
         state = self._state(request)
         state.num_cached_blocks = max(state.num_cached_blocks, len(hits))
@@ -164,6 +172,7 @@ class KVCacheManager:
             if block.ref_count == 0:
                 self._free[block_id] = block
         request.block_ids.clear()
+        request.num_shared_tokens = 0
         self._requests.pop(request.request_id, None)
 
     # ------------------------------------------------------------------ stats and maintenance
@@ -196,6 +205,10 @@ class KVCacheManager:
             self.stats.requests += 1
             self.stats.queries += request.num_tokens
             self.stats.hits += num_hit_tokens
+
+    def _hit_tokens(self, request: Request, num_hit_blocks: int) -> int:
+        """Tokens that ``num_hit_blocks`` hit blocks cover: all of them but a request's last."""
+        return min(num_hit_blocks * self.block_size, request.num_tokens - 1) if num_hit_blocks else 0
 
     def _take(self, block: KVCacheBlock) -> None:
         """Add a reference to a cached block, taking it out of the free list if it was free."""

@@ -69,6 +69,9 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prefix-cache hit length at first scheduling; -1 = not yet
     block_ids: list[int] = field(default_factory=list)
+    # Tokens at the start whose K/V are in prefix-cache blocks shared since admission (0 if
+    # none): the runner writes no K/V there (heron.engine.kv_cache, the last token's hit).
+    num_shared_tokens: int = 0
     num_preemptions: int = 0
     stop_reason: int | str | None = None  # the stop token id that ended it, if any
     output_logprobs: list[LogprobsDict] = field(default_factory=list)

@@ -5,6 +5,8 @@ From the scheduler's list of (request, num_new_tokens) it builds::
     input_ids     [T]  the scheduled tokens of every request, back to back
     positions     [T]  their positions in their own sequences
     slot_mapping  [T]  cache slot = block_id * block_size + offset, where each new K/V goes
+                       (a scratch slot for a token whose shared prefix-cache block holds its
+                       K/V already: ``Request.num_shared_tokens``)
     decode group       requests with one new token: token index, context length, block table row
     prefill spans      requests with a chunk of several tokens: [start, end), context length, blocks
 
@@ -70,7 +72,8 @@ class ModelRunner:
         if device.type == "cpu":
             load_sampler_kernels()
         self._piece_rows: int | None = None  # prompt-logprob rows per piece, once the vocab is seen
-        # Scratch blocks past the pool (never handed out) take the K/V of padding tokens.
+        # Scratch blocks past the pool (never handed out) take the K/V of padding tokens, and
+        # of a token computed again whose shared block holds its K/V (never read from there).
         num_scratch = -(-POOLING_MIN_ROWS // block_size)
         self.scratch_blocks = torch.arange(num_blocks, num_blocks + num_scratch, device=device)
         # One [2, num_blocks + num_scratch, block_size, num_kv_heads, head_dim] tensor per layer.
@@ -145,7 +148,11 @@ class ModelRunner:
             pos = torch.arange(start, seq_len)  # [n]
             blocks = torch.tensor(req.block_ids[:(seq_len + bs - 1) // bs], dtype=torch.long)
             positions.append(pos)
-            slots.append(blocks[pos // bs] * bs + pos % bs)
+            slot = blocks[pos // bs] * bs + pos % bs
+            shared = req.num_shared_tokens - start
+            if shared > 0:  # the last token of a prompt whose blocks were all cached hits
+                slot[:shared] = self.scratch_blocks[0] * bs + pos[:shared] % bs
+            slots.append(slot)
             if n == 1 and not req.is_pooling:
                 decode_idx.append(flat)
                 decode_lens.append(seq_len)
