@@ -142,6 +142,11 @@ static inline int gguf_has_offsets(int type) {
     return type == GGML_Q4_1 || type == GGML_Q5_1 || type == GGML_Q4_K || type == GGML_Q5_K;
 }
 
+/* Elements per scale a: 16 (Q2_K, Q3_K, Q6_K) or 32 (the other quantized formats: a[2j] = a[2j + 1]). */
+static inline int gguf_scale_elems(int type) {
+    return type == GGML_Q2_K || type == GGML_Q3_K || type == GGML_Q6_K ? 16 : 32;
+}
+
 /* Elements per offset: 32 (gguf_has_offsets), 16 (Q2_K: b[k / 16]), or 0 (no offsets). */
 static inline int gguf_offset_elems(int type) {
     return gguf_has_offsets(type) ? 32 : type == GGML_Q2_K ? 16 : 0;

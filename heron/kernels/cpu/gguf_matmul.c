@@ -130,11 +130,17 @@ static void load_x_row(const void *x, int x_bf16, int64_t K, int64_t K64, float 
     for (int64_t k = K; k < K64; k++) dst[k] = 0.0f;
 }
 
+/* AVX-512: where block j (0-7) of 16 elements of a 128 is kept in its row path's vectors of 8:
+ * the even blocks, then the odd ones (0 2 4 6 1 3 5 7), so that a pair of blocks (32
+ * elements) is lane l of the first half and of the second. */
+#define BLOCK_AT(j) ((((j) >> 1) & 3) | (((j) & 1) << 2))
+
 /* Where the scale of group g is stored: AVX-512 keeps the even groups' scales of each 128
- * elements, then the odd ones' (its row path reads them as two vectors of 8). */
+ * elements, then the odd ones', each 8 in BLOCK_AT's order (its row path reads them as two
+ * vectors of 8). */
 static inline int64_t s8_index(int64_t g) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-    return (g & ~(int64_t)15) | ((g & 1) << 3) | ((g >> 1) & 7);
+    return (g & ~(int64_t)15) | ((g & 1) << 3) | BLOCK_AT((g >> 1) & 7);
 #else
     return g;
 #endif
@@ -405,6 +411,8 @@ typedef struct {
     int offsets;      /* 1: some row has offsets per 32, 2: some row has offsets per 16 (both: 3) */
     int wide;         /* some row's codes go beyond -32 .. 31 (gguf_wide_codes) */
     unsigned floats;  /* bit l: row l is a float row */
+    unsigned quant;   /* bit l: row l is a quantized row */
+    unsigned pairs;   /* bit l: row l is a quantized row with one scale per 32 (gguf_scale_elems) */
     int narrow;       /* portable: w16 left unwritten, the codes widened as read from rows */
 } panel;
 
@@ -600,7 +608,7 @@ static void panel_decode(const heron_gguf_segment *segs, int64_t *seg, int64_t *
     /* VPMADDUBSW: for 1-2 rows of x the sign form costs less than the correction sums */
     P->wide = M <= 2;
     P->narrow = M <= 2;  /* each code read once or twice: widening in place costs less */
-    P->floats = 0;
+    P->floats = 0, P->quant = 0, P->pairs = 0;
     unsigned per16 = 0;  /* bit l: row l has offsets per 16 */
     for (int l = 0; l < LANES; l++) {
         int8_t *c = P->rows + l * K64;
@@ -627,6 +635,8 @@ static void panel_decode(const heron_gguf_segment *segs, int64_t *seg, int64_t *
         else memset(b, 0, sizeof(float) * (size_t)P->B32);
         if (per == 16) P->offsets |= 2, per16 |= 1u << l;
         if (gguf_wide_codes(type)) P->wide = 1;
+        P->quant |= 1u << l;
+        if (gguf_scale_elems(type) == 32) P->pairs |= 1u << l;
         decode_row(type, data, K, c, a, per == 16 ? P->rb16 + l * P->A16 : b);
         if (PREFETCH_NEXT) prefetch_next(&segs[*seg], data, n0 + l - *first);
     }
@@ -686,9 +696,10 @@ static inline __attribute__((always_inline)) __m512i sums8(
 }
 
 static inline __attribute__((always_inline)) void panel_tile(
-        const panel *P, const xprep *p, int64_t m0, int R, int offsets, int wide, acc_t *out) {
+        const panel *P, const xprep *p, int64_t m0, int R, int offsets, int wide, int pairs,
+        acc_t *out) {
     const int64_t K64 = p->K64, G8 = K64 / 8, G32 = K64 / 32;
-    __m512 acc[MTILE][4];
+    __m512 acc[MTILE][4], even[MTILE];
     for (int r = 0; r < R; r++)
         for (int q = 0; q < 4; q++) acc[r][q] = _mm512_setzero_ps();
     for (int64_t j0 = 0; j0 < K64 / 16; j0 += 8) {
@@ -705,17 +716,27 @@ static inline __attribute__((always_inline)) void panel_tile(
                 const int64_t m = m0 + r;
                 const uint8_t *xu = p->xu + m * K64 + 16 * j;
                 const int8_t *xs = p->xs + m * K64 + 16 * j;
-                const float *s = p->s8 + m * G8 + 2 * j0;  /* even groups at q, odd at 8 + q */
+                const float *s = p->s8 + m * G8 + 2 * j0;  /* even groups, then odd (s8_index) */
                 const __m512 i0 = _mm512_cvtepi32_ps(sums8(k0, xu, xs, c0, c1, wide));
                 const __m512 i1 = _mm512_cvtepi32_ps(sums8(k1, xu + 8, xs + 8, c2, c3, wide));
-                const __m512 t = _mm512_fmadd_ps(i1, _mm512_set1_ps(s[8 + q]), _mm512_mul_ps(i0, _mm512_set1_ps(s[q])));
-                acc[r][q & 3] = _mm512_fmadd_ps(t, a, acc[r][q & 3]);
-                if (offsets & 2)
-                    acc[r][q & 3] = _mm512_fmadd_ps(_mm512_load_ps(P->b16 + 16 * j),
-                                                    _mm512_set1_ps(p->sum16[m * (K64 / 16) + j]), acc[r][q & 3]);
+                const __m512 t = _mm512_fmadd_ps(i1, _mm512_set1_ps(s[8 + BLOCK_AT(q)]),
+                                                 _mm512_mul_ps(i0, _mm512_set1_ps(s[BLOCK_AT(q)])));
+                __m512 *accp = &acc[r][(q >> 1) & 3];  /* the sequence of block pair j / 2 */
+                if (pairs) {
+                    if (!(q & 1)) {
+                        even[r] = t;
+                        continue;
+                    }
+                    *accp = _mm512_fmadd_ps(_mm512_add_ps(even[r], t), a, *accp);
+                } else {
+                    *accp = _mm512_fmadd_ps(t, a, *accp);
+                    if (offsets & 2)
+                        *accp = _mm512_fmadd_ps(_mm512_load_ps(P->b16 + 16 * j),
+                                                _mm512_set1_ps(p->sum16[m * (K64 / 16) + j]), *accp);
+                }
                 if ((offsets & 1) && (q & 1))
-                    acc[r][q & 3] = _mm512_fmadd_ps(_mm512_load_ps(P->b + 16 * (j / 2)),
-                                                    _mm512_set1_ps(p->sum32[m * G32 + j / 2]), acc[r][q & 3]);
+                    *accp = _mm512_fmadd_ps(_mm512_load_ps(P->b + 16 * (j / 2)),
+                                            _mm512_set1_ps(p->sum32[m * G32 + j / 2]), *accp);
             }
         }
     }
@@ -885,21 +906,21 @@ static inline __attribute__((always_inline)) void row_chunk(
             const uint8_t *ql = blk + 64 * h, *qh = blk + 128 + 32 * h;
             *w0 = q6_codes(ql, qh, 0, 0, unsign), *w1 = q6_codes(ql, qh, 4, 4, unsign);
         }
-        *a = _mm256_loadu_ps(ka + 8 * h);
+        *a = _mm256_permutevar8x32_ps(_mm256_loadu_ps(ka + 8 * h), _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
         return;
     }
     if (type < 0) {
         *w0 = _mm512_loadu_si512((const void *)(w->c + 128 * i));
         *w1 = _mm512_loadu_si512((const void *)(w->c + 128 * i + 64));
-        *a = _mm256_loadu_ps(w->a + 8 * i);
+        *a = _mm256_permutevar8x32_ps(_mm256_loadu_ps(w->a + 8 * i), _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
         return;
     }
     const int64_t bytes = gguf_block_bytes(type);
     const uint8_t *b0 = row + 4 * i * bytes, *b1 = b0 + bytes, *b2 = b1 + bytes, *b3 = b2 + bytes;
     *w0 = pair_codes_as(type, b0, b1, unsign);
     *w1 = pair_codes_as(type, b2, b3, unsign);
-    const __m128 d = fp16_x4(b0, bytes);
-    *a = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(d), _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+    const __m128 d = fp16_x4(b0, bytes);  /* a of blocks 2l and 2l + 1: lanes l and 4 + l */
+    *a = _mm256_insertf128_ps(_mm256_castps128_ps256(d), d, 1);
 }
 
 /*
@@ -935,12 +956,13 @@ static inline int zero_shift(int type) {
  */
 static inline __attribute__((always_inline)) void row_tile(
         int type, const uint8_t *const *rows, int NW, const rowbuf *w, const xprep *p, int64_t m0,
-        int R, int offsets, float *res) {
+        int R, int offsets, int pairs, float *res) {
     const int64_t K64 = p->K64, G8 = K64 / 8, G32 = K64 / 32;
-    /* quads 4h and 4h + 2 (h < 8) of u (quads 0-15) and v (16-31), then 4h + 1 and 4h + 3:
-     * their sum is the even groups' sums, then the odd groups' */
-    const __m512i first = _mm512_set_epi32(30, 26, 22, 18, 14, 10, 6, 2, 28, 24, 20, 16, 12, 8, 4, 0);
+    /* quads 4j and 4j + 2 (j < 8, lane BLOCK_AT(j)) of u (quads 0-15) and v (16-31), then
+     * 4j + 1 and 4j + 3: their sum is the even groups' sums, then the odd groups' */
+    const __m512i first = _mm512_set_epi32(30, 22, 14, 6, 26, 18, 10, 2, 28, 20, 12, 4, 24, 16, 8, 0);
     const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(1));
+    const __m256i evens = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);  /* natural order -> BLOCK_AT's */
     __m128 acc[WAYS][ROW_M];
     for (int n = 0; n < NW; n++)
         for (int r = 0; r < R; r++) acc[n][r] = _mm_setzero_ps();
@@ -1006,17 +1028,24 @@ static inline __attribute__((always_inline)) void row_tile(
             const __m256 t = _mm256_fmadd_ps(_mm512_extractf32x8_ps(f, 1), _mm512_extractf32x8_ps(s, 1), even);
             const __m128 sx = offsets == 1 ? _mm_loadu_ps(p->sum32 + m * G32 + 4 * i) : _mm_setzero_ps();
             const float *sx16 = offsets == 2 ? p->sum16 + m * (K64 / 16) + 8 * i : NULL;
-            const float *b16 = kb[n] + 8 * (i & 1);
-            accn[r] = _mm_fmadd_ps(_mm256_castps256_ps128(t), _mm256_castps256_ps128(a), accn[r]);
-            if (offsets == 2)
-                accn[r] = _mm_fmadd_ps(_mm_loadu_ps(b16), _mm_loadu_ps(sx16), accn[r]);
-            if (offsets == 1)
-                accn[r] = _mm_mask3_fmadd_ps(_mm_unpacklo_ps(b, b), _mm_unpacklo_ps(sx, sx), accn[r], (__mmask8)0xA);
-            accn[r] = _mm_fmadd_ps(_mm256_extractf128_ps(t, 1), _mm256_extractf128_ps(a, 1), accn[r]);
-            if (offsets == 2)
-                accn[r] = _mm_fmadd_ps(_mm_loadu_ps(b16 + 4), _mm_loadu_ps(sx16 + 4), accn[r]);
-            if (offsets == 1)
-                accn[r] = _mm_mask3_fmadd_ps(_mm_unpackhi_ps(b, b), _mm_unpackhi_ps(sx, sx), accn[r], (__mmask8)0xA);
+            /* t, a: the even blocks' in the first half, the odd ones' in the second (BLOCK_AT);
+             * lane l of acc: block pair l of each 128 */
+            const __m128 t_even = _mm256_castps256_ps128(t), t_odd = _mm256_extractf128_ps(t, 1);
+            if (pairs) {
+                accn[r] = _mm_fmadd_ps(_mm_add_ps(t_even, t_odd), _mm256_castps256_ps128(a), accn[r]);
+            } else {
+                const __m256 b16 = offsets == 2 ? _mm256_permutevar8x32_ps(_mm256_loadu_ps(kb[n] + 8 * (i & 1)), evens)
+                                                : _mm256_setzero_ps();
+                const __m256 s16 = offsets == 2 ? _mm256_permutevar8x32_ps(_mm256_loadu_ps(sx16), evens)
+                                                : _mm256_setzero_ps();
+                accn[r] = _mm_fmadd_ps(t_even, _mm256_castps256_ps128(a), accn[r]);
+                if (offsets == 2)
+                    accn[r] = _mm_fmadd_ps(_mm256_castps256_ps128(b16), _mm256_castps256_ps128(s16), accn[r]);
+                accn[r] = _mm_fmadd_ps(t_odd, _mm256_extractf128_ps(a, 1), accn[r]);
+                if (offsets == 2)
+                    accn[r] = _mm_fmadd_ps(_mm256_extractf128_ps(b16, 1), _mm256_extractf128_ps(s16, 1), accn[r]);
+            }
+            if (offsets == 1) accn[r] = _mm_fmadd_ps(b, sx, accn[r]);
         }
       }
     }
@@ -1067,6 +1096,7 @@ static int panel_decode_blocks(const heron_gguf_segment *segs, int64_t *seg, int
         }
     }
     P->offsets = 0, P->wide = M <= 2 || type == GGML_Q8_0, P->narrow = M <= 2, P->floats = 0;
+    P->quant = P->pairs = (1u << LANES) - 1;  /* Q4_0 / Q5_0 / Q8_0: one scale per 32 */
     panel_interleave(P, 2);
     return 1;
 }
@@ -1096,8 +1126,10 @@ static inline __attribute__((always_inline)) __m256i sums8(
 }
 
 static inline __attribute__((always_inline)) void panel_tile(
-        const panel *P, const xprep *p, int64_t m0, int R, int offsets, int wide, acc_t *acc) {
+        const panel *P, const xprep *p, int64_t m0, int R, int offsets, int wide, int pairs,
+        acc_t *acc) {
     const int64_t K64 = p->K64, G8 = K64 / 8, G32 = K64 / 32;
+    (void)pairs;  /* AVX2: one order for every format */
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t j2 = 0; j2 < G32; j2++) {
         for (int64_t j = 2 * j2; j < 2 * j2 + 2; j++) {
@@ -1184,6 +1216,7 @@ static int panel_decode_blocks(const heron_gguf_segment *segs, int64_t *seg, int
         _mm256_storeu_ps(P->a + (2 * j + 1) * LANES, a);
     }
     P->offsets = 0, P->wide = M <= 2 || type == GGML_Q8_0, P->narrow = M <= 2, P->floats = 0;
+    P->quant = P->pairs = (1u << LANES) - 1;  /* Q4_0 / Q5_0 / Q8_0: one scale per 32 */
     panel_interleave(P, 2);
     return 1;
 }
@@ -1509,8 +1542,10 @@ static inline __attribute__((always_inline)) void quad_sums(const void *w, int n
 #endif
 
 static inline __attribute__((always_inline)) void panel_tile(
-        const panel *P, const xprep *p, int64_t m0, int R, int offsets, int narrow, acc_t *acc) {
+        const panel *P, const xprep *p, int64_t m0, int R, int offsets, int narrow, int pairs,
+        acc_t *acc) {
     const int64_t K64 = p->K64, G8 = K64 / 8, G32 = K64 / 32;
+    (void)pairs;  /* portable: one order for every format */
     for (int q = 0; q < LANES; q += 4) {
         const int8_t *c = P->rows + q * K64;  /* rows q .. q + 3 */
         const int16_t *w = P->w16 + q * K64;
@@ -1553,10 +1588,41 @@ static inline void acc_store(acc_t v, float *dst) { memcpy(dst, v.v, sizeof v.v)
 #define PANEL_WIDE(P) ((P)->wide)
 #endif
 
+/* AVX-512: 1 where every quantized row of the panel has one scale per 32 (panel_tile's pairs),
+ * 0 where none has, 2 where some have (the panel runs both ways; each row takes its own) */
+static inline int pair_mode(const panel *P) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    return P->pairs == P->quant ? 1 : P->pairs ? 2 : 0;
+#else
+    (void)P;
+    return 0;
+#endif
+}
+
+/* acc[r]'s lanes in mask from both[r] */
+static inline void blend_pairs(acc_t *acc, const acc_t *both, int R, unsigned mask) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    for (int r = 0; r < R; r++) acc[r] = _mm512_mask_mov_ps(acc[r], (__mmask16)mask, both[r]);
+#else
+    (void)acc, (void)both, (void)R, (void)mask;
+#endif
+}
+
+#define PANEL_TILE(R, PAIRS, ACC) \
+    if (P->offsets & 2) { if (wide) panel_tile(P, p, m0, R, 3, 1, PAIRS, ACC); else panel_tile(P, p, m0, R, 3, 0, PAIRS, ACC); } \
+    else if (P->offsets) { if (wide) panel_tile(P, p, m0, R, 1, 1, PAIRS, ACC); else panel_tile(P, p, m0, R, 1, 0, PAIRS, ACC); } \
+    else { if (wide) panel_tile(P, p, m0, R, 0, 1, PAIRS, ACC); else panel_tile(P, p, m0, R, 0, 0, PAIRS, ACC); }
+
 #define PANEL_CASE(R) case R: \
-    if (P->offsets & 2) { if (wide) panel_tile(P, p, m0, R, 3, 1, acc); else panel_tile(P, p, m0, R, 3, 0, acc); } \
-    else if (P->offsets) { if (wide) panel_tile(P, p, m0, R, 1, 1, acc); else panel_tile(P, p, m0, R, 1, 0, acc); } \
-    else { if (wide) panel_tile(P, p, m0, R, 0, 1, acc); else panel_tile(P, p, m0, R, 0, 0, acc); } \
+    if (pairs == 1) { PANEL_TILE(R, 1, acc) } \
+    else { \
+        PANEL_TILE(R, 0, acc) \
+        if (pairs == 2) { \
+            acc_t both[MTILE]; \
+            PANEL_TILE(R, 1, both) \
+            blend_pairs(acc, both, R, P->pairs); \
+        } \
+    } \
     break;
 
 /* dst[l] = fp32_to_bf16(v[l]) for the LANES values of a tile row, in vectors: the same bits. */
@@ -1607,7 +1673,7 @@ static void store_tile(const acc_t *acc, int64_t m0, int R, unsigned floats, voi
  * rowform: the panel's codes are row-major and M <= ROW_M. */
 static void panel_times_x(const panel *P, const xprep *p, int64_t M, void *out, int64_t ldo,
                           int out_bf16, int64_t n0, int count, int rowform) {
-    const int wide = PANEL_WIDE(P);
+    const int wide = PANEL_WIDE(P), pairs = pair_mode(P);
     for (int64_t m0 = 0; m0 < M; m0 += MTILE) {
         acc_t acc[MTILE];
         const int R = M - m0 < MTILE ? (int)(M - m0) : MTILE;
@@ -1678,7 +1744,9 @@ static void direct_times_x(int type, const uint8_t *const rows[LANES], int64_t a
 /* row_tile's offsets: 1 per 32, 2 per 16 */
 #define OFFSETS(T) ((T) == GGML_Q2_K ? 2 : (T) == -1 || (T) == GGML_Q4_K || (T) == GGML_Q5_K || \
                     (T) == GGML_Q4_1 || (T) == GGML_Q5_1)
-#define ROW_CASE(T, R) case R: row_tile(T, rows, 1, w, p, 0, R, OFFSETS(T), res); break;
+/* row_tile's pairs: the format (T, or the segment's `type` for a decoded row) has a scale per 32 */
+#define PAIRS(T) (gguf_scale_elems((T) < 0 ? type : (T)) == 32)
+#define ROW_CASE(T, R) case R: row_tile(T, rows, 1, w, p, 0, R, OFFSETS(T), PAIRS(T), res); break;
 #define ROW_TYPE(T) switch ((int)M) { ROW_CASE(T, 1) ROW_CASE(T, 2) }
 
 /* out[:, n] for M <= ROW_M rows of x from row `index` of a quantized segment (int8 mode);
@@ -1709,7 +1777,7 @@ static void row_int8_times_x(const heron_gguf_segment *seg, int64_t index, int64
     for (int64_t m = 0; m < M; m++) store_out(out, out_bf16, m * ldo + n, res[m]);
 }
 
-#define WAYS_CASE(T) row_tile(T, rows, WAYS, NULL, p, 0, 1, OFFSETS(T), res); break
+#define WAYS_CASE(T) row_tile(T, rows, WAYS, NULL, p, 0, 1, OFFSETS(T), PAIRS(T), res); break
 
 /* out[0, n + i H] (i < WAYS) for one row of x from rows index + i H of a segment (Q4_0, Q5_0,
  * Q8_0, IQ4_NL, Q4_1, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS; not permuted): WAYS sequential streams through the file, each followed by
