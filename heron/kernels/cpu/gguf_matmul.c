@@ -15,7 +15,8 @@
  *          a transformer's outlier features spoil 7 neighbours, not 31), exact integer sums
  *          I_g of c xq per group g of 8, then in float32 per block j of 16 elements (one a):
  *              out = sum_j a_j (s_2j I_2j + s_2j+1 I_2j+1)  +  sum_g32 b_g (sum_g32 x)
- *          (Q2_K: + sum_j b_j (sum_j x), its offsets per 16)
+ *          (Q2_K: + sum_j b_j (sum_j x), its offsets per 16; AVX-512 multiplies a pair of
+ *          blocks with one a, a_2j = a_2j+1, as a_2j (t_2j + t_2j+1), t_j the bracket above)
  *          (the offsets b with the float sums of x), so the error against the exact result is
  *          at most sum_k |a_k c_k| s_k / 2, s_k the scale of k's group, plus float rounding.
  *          For more than a few rows of x, each thread takes panels of LANES rows of W (16; 8
@@ -661,15 +662,22 @@ static inline int32_t load_i32(const void *p) {
 
 /*
  * AVX-512: out[n, m] = (acc_0 + acc_2) + (acc_1 + acc_3), acc_q the sequence of fused
- * multiply-adds over the blocks j = q, q + 4, q + 8, ... of 16 elements (groups 2j and 2j + 1
- * of 8):
- *     t = fma(I_2j+1, s_2j+1, I_2j s_2j);  acc_q = fma(t, a_j, acc_q);  then for odd j (a
- *     group of 32 ends) acc_q = fma(b_j/2, sum_j/2 x, acc_q)
- * (offsets per 16: acc_q = fma(b_j, sum_j x, acc_q) after each j, before the above)
- * A panel runs the 4 sequences for 16 rows of W at once (a vector per q; 4 rows of x at a
- * time); a single row of W (row_tile, for up to ROW_M rows of x) runs them in the 4 lanes of
- * one vector: the same numbers. s8 is stored per 128 elements as the 8 even groups' scales,
- * then the 8 odd ones' (the row path reads them as two vectors of 8).
+ * multiply-adds over the pairs of blocks p = q, q + 4, q + 8, ... (blocks j = 2p and 2p + 1 of
+ * 16 elements, groups 2j and 2j + 1 of 8), with t_j = fma(I_2j+1, s_2j+1, I_2j s_2j):
+ *     a format with one scale per 32 (a_2p = a_2p+1; all but Q2_K, Q3_K, Q6_K: `pairs`):
+ *         acc_q = fma(t_2p + t_2p+1, a_2p, acc_q)
+ *     else: acc_q = fma(t_2p, a_2p, acc_q), then fma(t_2p+1, a_2p+1, acc_q), each followed
+ *         by acc_q = fma(b_j, sum_j x, acc_q) where the offsets are per 16 (Q2_K)
+ *     then, offsets per 32: acc_q = fma(b_p, sum_p x, acc_q)
+ * The pairs form is one FMA per 32 elements less; the FMA pipes bound the panel (4 VPDPBUSD
+ * and 3 multiplies per 16 elements, 4 rows of x by 16 of W, VCVTDQ2PS beside them on its
+ * own pipe): one thread, M = 128, the second model's gate/up (Q5_0) 9.64 -> 8.85 ms, its
+ * qkv 1.19 -> 1.10 ms. A panel runs the 4 sequences for 16 rows of W at once (a vector per
+ * q; 4 rows of x at a time); a panel with rows of both kinds runs both ways and takes each
+ * row's own (pair_mode). A single row of W (row_tile, for up to ROW_M rows of x) runs them in
+ * the 4 lanes of one vector: the same numbers. s8 is stored per 128 elements as the 8 even
+ * groups' scales, then the 8 odd ones', each in BLOCK_AT's order (the row path reads them as
+ * two vectors of 8 whose halves are the even blocks and the odd ones: the pair sum is one add).
  */
 typedef __m512 acc_t;
 
