@@ -1616,22 +1616,42 @@ static inline void blend_pairs(acc_t *acc, const acc_t *both, int R, unsigned ma
 #endif
 }
 
-#define PANEL_TILE(R, PAIRS, ACC) \
-    if (P->offsets & 2) { if (wide) panel_tile(P, p, m0, R, 3, 1, PAIRS, ACC); else panel_tile(P, p, m0, R, 3, 0, PAIRS, ACC); } \
-    else if (P->offsets) { if (wide) panel_tile(P, p, m0, R, 1, 1, PAIRS, ACC); else panel_tile(P, p, m0, R, 1, 0, PAIRS, ACC); } \
-    else { if (wide) panel_tile(P, p, m0, R, 0, 1, PAIRS, ACC); else panel_tile(P, p, m0, R, 0, 0, PAIRS, ACC); }
+#if defined(__AVX512VNNI__) || defined(AVX2_VNNI)
+#define PANEL_CALL(R, OFF, PAIRS, ACC) panel_tile(P, p, m0, R, OFF, 0, PAIRS, ACC);
+#else
+#define PANEL_CALL(R, OFF, PAIRS, ACC) \
+    { if (wide) panel_tile(P, p, m0, R, OFF, 1, PAIRS, ACC); else panel_tile(P, p, m0, R, OFF, 0, PAIRS, ACC); }
+#endif
 
-#define PANEL_CASE(R) case R: \
-    if (pairs == 1) { PANEL_TILE(R, 1, acc) } \
-    else { \
-        PANEL_TILE(R, 0, acc) \
-        if (pairs == 2) { \
-            acc_t both[MTILE]; \
-            PANEL_TILE(R, 1, both) \
-            blend_pairs(acc, both, R, P->pairs); \
+/* A tile of R rows of x in the order of every format (pairs 0) or of the formats with one scale
+ * per 32 (pairs 1: the offsets per 16 of a panel's Q2_K rows are none of theirs). */
+#define PANEL_TILE(R, PAIRS, ACC) \
+    if (PAIRS && (P->offsets & 1)) PANEL_CALL(R, 1, PAIRS, ACC) \
+    else if (PAIRS) PANEL_CALL(R, 0, PAIRS, ACC) \
+    else if (P->offsets & 2) PANEL_CALL(R, 3, PAIRS, ACC) \
+    else if (P->offsets) PANEL_CALL(R, 1, PAIRS, ACC) \
+    else PANEL_CALL(R, 0, PAIRS, ACC)
+
+#define PANEL_CASE(R, PAIRS) case R: PANEL_TILE(R, PAIRS, acc) break;
+
+/* The tiles of every form, in two functions (the pairs' forms apart): GCC's memory for one
+ * function with all of them inlined was 480 MB on the AVX-512 build (a first start's peak
+ * holds the compiler); it is 273 MB without the pairs' forms. */
+#define PANEL_TILES(NAME, PAIRS) \
+    static __attribute__((noinline)) void NAME(const panel *P, const xprep *p, int64_t m0, int R, \
+                                               int wide, acc_t *acc) { \
+        (void)wide; \
+        switch (R) { \
+            PANEL_CASE(1, PAIRS) \
+            PANEL_CASE(2, PAIRS) \
+            PANEL_CASE(3, PAIRS) \
+            PANEL_CASE(4, PAIRS) \
         } \
-    } \
-    break;
+    }
+PANEL_TILES(plain_tiles, 0)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+PANEL_TILES(pairs_tiles, 1)
+#endif
 
 /* dst[l] = fp32_to_bf16(v[l]) for the LANES values of a tile row, in vectors: the same bits. */
 static inline void bf16_lanes(const float *v, uint16_t *dst) {
@@ -1694,19 +1714,16 @@ static void panel_times_x(const panel *P, const xprep *p, int64_t M, void *out, 
 #else
         (void)rowform;
 #endif
-        switch (R) {
-            PANEL_CASE(1)
-#if MTILE > 1
-            PANEL_CASE(2)
-#endif
-#if MTILE > 2
-            PANEL_CASE(3)
-#endif
-#if MTILE > 3
-            PANEL_CASE(4)
-#endif
-#if MTILE > 4
-            PANEL_CASE(5) PANEL_CASE(6) PANEL_CASE(7) PANEL_CASE(8)
+        {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+            if (pairs != 1) plain_tiles(P, p, m0, R, wide, acc);
+            if (pairs) {
+                acc_t both[MTILE];
+                pairs_tiles(P, p, m0, R, wide, pairs == 1 ? acc : both);
+                if (pairs == 2) blend_pairs(acc, both, R, P->pairs);
+            }
+#else
+            plain_tiles(P, p, m0, R, wide, acc);
 #endif
         }
         store_tile(acc, m0, R, P->floats, out, ldo, out_bf16, n0, count);
