@@ -1634,12 +1634,19 @@ static inline void blend_pairs(acc_t *acc, const acc_t *both, int R, unsigned ma
 
 #define PANEL_CASE(R, PAIRS) case R: PANEL_TILE(R, PAIRS, acc) break;
 
-/* The tiles of every form, in two functions (the pairs' forms apart): GCC's memory for one
- * function with all of them inlined was 480 MB on the AVX-512 build (a first start's peak
- * holds the compiler); it is 273 MB without the pairs' forms. */
-#define PANEL_TILES(NAME, PAIRS) \
-    static __attribute__((noinline)) void NAME(const panel *P, const xprep *p, int64_t m0, int R, \
-                                               int wide, acc_t *acc) { \
+/* The tiles of every form: AVX-512 keeps the pairs' forms inlined into panel_times_x and the
+ * others in a function of their own (GCC's memory with all of them inlined was 480 MB, 273 MB
+ * before the pairs: a first start's peak holds the compiler; the pairs' forms in a function of
+ * their own ran 3-5 % slower at 128 rows of x, the others did not). Elsewhere all inlined, as
+ * before the pairs (as a function, the AVX2 variant's prefill was slower). */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define PLAIN_ATTR __attribute__((noinline))
+#else
+#define PLAIN_ATTR inline __attribute__((always_inline))
+#endif
+#define PANEL_TILES(NAME, PAIRS, ATTR) \
+    static ATTR void NAME(const panel *P, const xprep *p, int64_t m0, int R, int wide, \
+                          acc_t *acc) { \
         (void)wide; \
         switch (R) { \
             PANEL_CASE(1, PAIRS) \
@@ -1648,9 +1655,9 @@ static inline void blend_pairs(acc_t *acc, const acc_t *both, int R, unsigned ma
             PANEL_CASE(4, PAIRS) \
         } \
     }
-PANEL_TILES(plain_tiles, 0)
+PANEL_TILES(plain_tiles, 0, PLAIN_ATTR)
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-PANEL_TILES(pairs_tiles, 1)
+PANEL_TILES(pairs_tiles, 1, inline __attribute__((always_inline)))
 #endif
 
 /* dst[l] = fp32_to_bf16(v[l]) for the LANES values of a tile row, in vectors: the same bits. */
