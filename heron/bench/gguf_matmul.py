@@ -9,7 +9,9 @@ formats), o, gate/up fused, down (Q6_K in layer 0, Q4_K in a later layer); bf16 
 and output, int8 mode (``--exact`` for float32 activations). Prints the median microseconds
 per call and GFLOP/s (2 M N K per call); the calls are timed in C, in a row (for one row of x
 the Python around each call would add a fifth to a quarter). Run it as a file with another checkout first on
-PYTHONPATH to time that checkout's kernels (the tensors and shapes are the same).
+PYTHONPATH to time that checkout's kernels (the tensors and shapes are the same), or with ``-m``
+from outside any checkout: ``python -m`` puts the current directory first on the path, so run
+inside a checkout it times that checkout whatever PYTHONPATH says.
 """
 
 from __future__ import annotations

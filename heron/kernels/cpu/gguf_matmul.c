@@ -961,6 +961,20 @@ static inline int zero_shift(int type) {
  * points above, one thread, cache-warm, M = 1: the second model's gate/up (Q5_0, K = 896) 0.43
  * -> 0.38-0.40 ms; its Q8_0 LM head from DRAM 5.5-6.3 -> 5.1 ms. Decode at batch 1, in process
  * (3 alternating runs): default model 9.0-9.1 -> 8.6-8.7 ms a step, second 15.2-15.4 -> 14.2-14.5.
+ *
+ * Where its time goes (Zen 4, one thread, M = 1, the second model's projections, timing hacks
+ * against this code, alternating 2-3 x): it is bound by its instructions, not by memory (256
+ * rows of gate/up, L2-resident, take as long a row as 4864). Without the float work after the
+ * two VPDPBUSD (f, t, the pair sum and the FMA into acc) gate/up ran at 88 against 52 GFLOP/s
+ * and down (Q4_K) at 146 against 50: the sums of groups of 8 and the per-8 scales of x cost
+ * about 40 % of the time. Of that, the two cross-lane permutes that make the group sums cost
+ * 12-14 % (52 -> 59 GFLOP/s without them); summing adjacent quads in-lane first and one permute
+ * was slower (49); fp16_x4's scalar gather of the block scales 5-7 %. The float order is the
+ * panel's (a row's result never depends on its batch), and on Zen 4 a zmm operation costs two
+ * ymm ones, so regrouping the same operations over 2 or 4 rows of W saves nothing; a cheaper
+ * row path needs a float order both paths share (e.g. x's scales per 16, or W decoded so that
+ * VPDPBUSD chains give the group sums). Prefetching the next rows of the 4 streams
+ * (prefetch_row 2 rows ahead, all layers from DRAM, 2 threads) gained nothing.
  */
 static inline __attribute__((always_inline)) void row_tile(
         int type, const uint8_t *const *rows, int NW, const rowbuf *w, const xprep *p, int64_t m0,
