@@ -215,7 +215,7 @@ class RayLauncher:
         return self._pid
 
     def bind(
-        self, ctx: zmq.asyncio.Context, inputs: zmq.Socket, outputs: zmq.asyncio.Socket
+        self, ctx: zmq.asyncio.Context, inputs: zmq.Socket, outputs: zmq.Socket
     ) -> tuple[str, str]:
         self._auth = start_authenticator(ctx, self.client_keys.client_public)
         addrs = []
