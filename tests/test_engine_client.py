@@ -1,6 +1,6 @@
 """The API side of the engine boundary without a core process: liveness from heartbeats,
-no response queue left behind by a request that cannot be sent, metrics after the core died,
-and stale socket folders of dead servers."""
+reading the core's output socket, no response queue left behind by a request that cannot be
+sent, metrics after the core died, and stale socket folders of dead servers."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import zmq
 
 from heron.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from heron.engine.client import EngineClient, Liveness, remove_stale_ipc_dirs
+from heron.engine.client import EngineClient, Liveness, _OutputWaiter, remove_stale_ipc_dirs
 from heron.engine.messages import EngineRequest, EngineStats, Heartbeat
 from heron.sampling_params import SamplingParams
 
@@ -67,6 +69,52 @@ def _client() -> EngineClient:
 def _request(rid: str, **params: object) -> EngineRequest:
     return EngineRequest(request_id=rid, prompt_token_ids=[1, 2],
                          sampling_params=SamplingParams(**params))  # type: ignore[arg-type]
+
+
+def test_output_waiter_takes_every_message_and_wakes_on_the_next() -> None:
+    """The core's outputs are read with non-blocking reads while the socket's descriptor stays
+    registered with the loop: what arrived is taken in order, a message sent after a drain or
+    during a wait is seen well before the wait's timeout (a wait may also end with nothing to
+    read), an idle wait times out, and the descriptor is released at the end."""
+
+    async def run() -> None:
+        ctx = zmq.Context()
+        pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+        pull.bind("inproc://heron-output-waiter")
+        push.connect("inproc://heron-output-waiter")
+        loop = asyncio.get_running_loop()
+        try:
+            with _OutputWaiter(pull) as waiter:
+                assert list(waiter.ready()) == []
+                start = time.monotonic()
+                await waiter.wait(0.05)
+                assert waiter.timed_out and time.monotonic() - start >= 0.04
+                for i in range(3):
+                    push.send(b"m%d" % i)
+                assert list(waiter.ready()) == [b"m0", b"m1", b"m2"]
+                assert list(waiter.ready()) == []
+                push.send(b"after the drain")  # between a drain and the next wait
+                assert await _next_message(waiter) == b"after the drain"
+                loop.call_later(0.05, push.send, b"while waiting")
+                assert await _next_message(waiter) == b"while waiting"
+            assert loop.remove_reader(pull.getsockopt(zmq.FD)) is False
+        finally:
+            push.close(linger=0)
+            pull.close(linger=0)
+            ctx.term()
+
+    asyncio.run(run())
+
+
+async def _next_message(waiter: _OutputWaiter) -> bytes:
+    """Wait as the dispatch loop does (a wake may find nothing: wait again) for one message,
+    which must come well before the wait's timeout."""
+    start = time.monotonic()
+    while not (got := list(waiter.ready())):
+        await waiter.wait(5.0)
+        assert not waiter.timed_out
+    assert len(got) == 1 and time.monotonic() - start < 1.0
+    return got[0]
 
 
 def test_a_request_that_cannot_be_sent_leaves_no_queue() -> None:

@@ -313,8 +313,7 @@ class EngineClient:
                 if self._dead is not None and not self._launcher.may_restart():
                     self._died.set()
                     return
-                if not got:
-                    await waiter.wait(_IDLE_POLL_MS / 1000)
+                await waiter.wait(_IDLE_POLL_MS / 1000)  # after every batch: HTTP runs too
 
     def _handle(self, message: CoreMessage) -> None:
         self.liveness.heard()
