@@ -28,7 +28,7 @@ from heron.structured.tool_parsers import (
     ParsedCall,
     ToolCallStream,
 )
-from heron.structured.tools import ToolSpec, plan_tool_use
+from heron.structured.tools import ToolCallFormat, ToolSpec, plan_tool_use
 
 USER = [{"role": "user", "content": "hi"}]
 WEATHER = ToolSpec.of("get_weather", {"type": "object", "properties": {"city": {"type": "string"}},
@@ -177,6 +177,29 @@ def test_tool_grammars_compile() -> None:
                 plan = plan_tool_use([WEATHER, TIME], choice, None, True, parser, response)
                 if plan.constraint is not None:
                     validator.check(plan.constraint)
+
+
+# What pydantic writes for nested models: local "$ref"s into the schema's own "$defs".
+ORDER = ToolSpec.of("place_order", {
+    "type": "object", "properties": {"item": {"$ref": "#/$defs/Item"}}, "required": ["item"],
+    "$defs": {"Item": {"type": "object", "required": ["name"],
+                       "properties": {"name": {"type": "string", "default": {"$ref": "#/x"}},
+                                      "parts": {"type": "array", "items": {"$ref": "#/$defs/Item"}}}}},
+})
+TREE = ToolSpec.of("tree", {"type": "object", "properties": {"child": {"$ref": "#"}}})
+
+
+def test_tool_parameters_keep_their_refs_inside_a_call() -> None:
+    validator = SpecValidator()
+    for tools in ([ORDER], [ORDER, TREE, WEATHER]):
+        for choice in ("required", "auto"):
+            for parser in (None, "llama3_json"):
+                plan = plan_tool_use(tools, choice, None, True, parser, None)
+                if plan.constraint is not None:
+                    validator.check(plan.constraint)  # a dangling "$ref" does not compile
+    rules = ToolCallFormat("hermes").calls_rules([WEATHER, ORDER], True)
+    assert '"$ref": "#/anyOf/1/properties/arguments/$defs/Item"' in rules
+    assert '"default": {"$ref": "#/x"}' in rules  # data, not a schema: left as it is
 
 
 @pytest.mark.parametrize("args,message", [

@@ -128,6 +128,30 @@ def _tighten_any(value: Any) -> Any:
     return tighten_schema(value) if isinstance(value, dict) else value
 
 
+_DATA_KEYS = ("const", "enum", "default", "examples")  # their values are JSON data, not schemas
+
+
+def rebase_refs(schema: Any, pointer: str) -> Any:
+    """A copy of ``schema`` whose local ``$ref``s (``#``, ``#/$defs/X``) still find their
+    targets once it sits at JSON pointer ``pointer`` (``/properties/arguments``) inside a larger
+    schema: a tool's parameters, embedded in the schema of a whole call, name their own root."""
+    if isinstance(schema, list):
+        return [rebase_refs(item, pointer) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and (value == "#" or value.startswith("#/")):
+            out[key] = "#" + pointer + value[1:]
+        elif key in _DATA_KEYS:
+            out[key] = value
+        elif key in _SUBSCHEMA_MAPS and isinstance(value, dict):  # keys are names, not keywords
+            out[key] = {name: rebase_refs(item, pointer) for name, item in value.items()}
+        else:
+            out[key] = rebase_refs(value, pointer)
+    return out
+
+
 def describe_kind(kind: str) -> str:
     """How errors name a spec of this kind."""
     return {"json": "the JSON schema", "regex": "the regex", "choice": "the choice list"}.get(

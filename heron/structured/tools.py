@@ -86,13 +86,17 @@ class ToolCallFormat:
         return f"TEXT: /[^{first}\\s][\\s\\S]*/"
 
     def calls_rules(self, tools: list[ToolSpec], parallel: bool) -> str:
-        from heron.structured.grammar import JSON_WHITESPACE, tighten_schema
+        from heron.structured.grammar import JSON_WHITESPACE, rebase_refs, tighten_schema
 
         args_key = "arguments" if self.name == "hermes" else "parameters"
+        # Where each tool's parameters sit in the call schema (their "$ref"s move with them).
+        at = [f"/properties/{args_key}"] if len(tools) == 1 else [
+            f"/anyOf/{i}/properties/{args_key}" for i in range(len(tools))]
         options = [{"type": "object",
-                    "properties": {"name": {"const": t.name}, args_key: tighten_schema(t.parameters)},
+                    "properties": {"name": {"const": t.name},
+                                   args_key: rebase_refs(tighten_schema(t.parameters), where)},
                     "required": ["name", args_key], "additionalProperties": False}
-                   for t in tools]
+                   for t, where in zip(tools, at)]
         schema: dict[str, Any] = options[0] if len(options) == 1 else {"anyOf": options}
         schema = {**schema, "x-guidance": {"whitespace_pattern": JSON_WHITESPACE}}
         body = f"%json {json.dumps(schema)}"
