@@ -137,6 +137,35 @@ def test_completion_invalid_fields(
     check_still_serving(server)
 
 
+VLLM_EXTRAS = [
+    ("/v1/chat/completions", chat(use_beam_search=True), "use_beam_search"),
+    ("/v1/chat/completions", chat(echo=True), "echo"),
+    ("/v1/chat/completions", chat(chat_template="{{ messages }}"), "chat_template"),
+    ("/v1/completions", completion(allowed_token_ids=[1, 2]), "allowed_token_ids"),
+    ("/v1/completions", completion(bad_words=["the"]), "bad_words"),
+    ("/v1/completions", completion(prompt_logprobs=1), "prompt_logprobs"),
+    ("/v1/completions", completion(truncate_prompt_tokens=3), "truncate_prompt_tokens"),
+    ("/v1/embeddings", {"model": MODEL, "input": "hi", "truncate_prompt_tokens": 3},
+     "truncate_prompt_tokens"),
+    ("/v1/embeddings", {"model": MODEL, "input": "hi", "normalize": False}, "normalize"),
+]
+
+
+@pytest.mark.parametrize("path,body,field", VLLM_EXTRAS, ids=[f for _, _, f in VLLM_EXTRAS])
+def test_vllm_extras_we_do_not_implement_are_400s(
+    server: RemoteServer, path: str, body: dict[str, Any], field: str
+) -> None:
+    """A vLLM client sending these expects a different output: refused, never ignored."""
+    r = httpx.post(server.url(path), json=body)
+    assert r.status_code == 400, r.text
+    assert r.json() == {"error": {"message": f"{field} is not supported by this server",
+                                  "type": "invalid_request_error", "param": field,
+                                  "code": "unsupported_parameter"}}
+    idle = {**body, field: {"use_beam_search": False, "echo": False, "normalize": True,
+                            "bad_words": []}.get(field)}  # asks for nothing: served
+    assert httpx.post(server.url(path), json=idle).status_code == 200
+
+
 def test_context_length_exceeded(server: RemoteServer) -> None:
     long_prompt = "hello " * 300  # over 256 tokens
     error = check_error(

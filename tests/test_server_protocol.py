@@ -61,6 +61,7 @@ def test_chat_request_to_sampling_params_maps_every_field() -> None:
             "ignore_eos": True,
             "stop_token_ids": [7],
             "skip_special_tokens": False,
+            "spaces_between_special_tokens": False,
             "include_stop_str_in_output": True,
         }
     )
@@ -82,6 +83,7 @@ def test_chat_request_to_sampling_params_maps_every_field() -> None:
         min_tokens=2,
         logprobs=4,
         skip_special_tokens=False,
+        spaces_between_special_tokens=False,
         include_stop_str_in_output=True,
         logit_bias={17: -5.0},
     )
@@ -212,6 +214,17 @@ def test_unsupported_and_ignored_fields() -> None:
     assert CompletionRequest.model_validate({"prompt": "x", "best_of": 2}).unsupported_fields() == [
         "best_of"
     ]
+    # vLLM extras heron does not implement: refused unless they ask for nothing.
+    vllm = {"use_beam_search": True, "allowed_token_ids": [1], "bad_words": ["x"],
+            "prompt_logprobs": 1, "truncate_prompt_tokens": 5}
+    for model, prompt in ((ChatCompletionRequest, {"messages": USER}),
+                          (CompletionRequest, {"prompt": "x"})):
+        assert model.model_validate({**prompt, **vllm}).unsupported_fields() == sorted(vllm)
+        idle = model.model_validate({**prompt, "use_beam_search": False, "bad_words": []})
+        assert idle.unsupported_fields() == idle.ignored_fields() == []
+    assert ChatCompletionRequest.model_validate(
+        {"messages": USER, "echo": True, "chat_template": "{{ x }}"}
+    ).unsupported_fields() == ["chat_template", "echo"]
 
 
 # ---- errors ---------------------------------------------------------------------------------------

@@ -201,6 +201,22 @@ class StructuredOutputsRequest(BaseModel):
         return StructuredOutputsParams.json_object()
 
 
+# vLLM extras heron does not implement, with the values that ask for nothing: any other value
+# is a 400 (a vLLM client that sends one expects it to change the output).
+VLLM_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "use_beam_search": (None, False),
+    "length_penalty": (None, 1.0),
+    "allowed_token_ids": (None,),
+    "bad_words": (None, []),
+    "prompt_logprobs": (None,),
+    "truncate_prompt_tokens": (None,),
+    "logits_processors": (None, []),
+    "return_tokens_as_token_ids": (None, False),
+    "structural_tag": (None,),
+    "guided_whitespace_pattern": (None,),
+}
+
+
 class SamplingFields(RequestBody):
     """The sampling knobs chat and completions share (OpenAI's, then vLLM's extras)."""
 
@@ -225,6 +241,7 @@ class SamplingFields(RequestBody):
     ignore_eos: bool | None = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = True
+    spaces_between_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
     # Structured output: OpenAI's response_format; vLLM's structured_outputs and its older
     # guided_* spellings. At most one of them per request.
@@ -294,6 +311,7 @@ class SamplingFields(RequestBody):
             "ignore_eos": self.ignore_eos,
             "min_tokens": self.min_tokens,
             "skip_special_tokens": self.skip_special_tokens,
+            "spaces_between_special_tokens": self.spaces_between_special_tokens,
             "include_stop_str_in_output": self.include_stop_str_in_output,
             "logit_bias": self.logit_bias,
         }
@@ -472,6 +490,10 @@ class ChatCompletionRequest(SamplingFields):
         "function_call": (None, "none", "auto"),
         "audio": (None,),
         "modalities": (None, ["text"]),
+        **VLLM_UNSUPPORTED,
+        "echo": (None, False),
+        "chat_template": (None,),
+        "documents": (None, []),
     }
 
     messages: list[ChatMessage]
@@ -562,7 +584,8 @@ PromptInput = str | list[str] | list[int] | list[list[int]]
 class CompletionRequest(SamplingFields):
     """POST /v1/completions."""
 
-    UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {"suffix": (None, ""), "best_of": (None, 1)}
+    UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "suffix": (None, ""), "best_of": (None, 1), **VLLM_UNSUPPORTED}
 
     prompt: PromptInput
     echo: bool | None = False

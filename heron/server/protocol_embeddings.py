@@ -17,7 +17,9 @@ MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on inputs per request
 class EmbeddingRequest(RequestBody):
     """POST /v1/embeddings: ``input`` as a string, strings, token ids or lists of token ids."""
 
-    UNSUPPORTED: ClassVar[dict[str, tuple[object, ...]]] = {}
+    # vLLM extras: vectors are always whole inputs, always L2-normalised.
+    UNSUPPORTED: ClassVar[dict[str, tuple[object, ...]]] = {
+        "truncate_prompt_tokens": (None,), "normalize": (None, True)}
 
     model: str | None = None
     input: str | list[str] | list[int] | list[list[int]]
