@@ -101,6 +101,7 @@ def test_responses_history_comes_after_instructions() -> None:
     ({"input": "x", "tools": [{"type": "function"}]}, "tools[0].name: Field required"),
     ({"input": "x", "include": ["message.output_text.logprobs"]}, "include: 'message.output_text"),
     ({"input": "x", "max_output_tokens": 15}, "Expected a value >= 16, but got 15"),
+    ({"input": []}, "input: at least one item is required"),
 ])
 def test_responses_bad_items_name_themselves(body: dict, message: str) -> None:
     with pytest.raises(ValueError) as err:
@@ -210,6 +211,8 @@ def test_messages_tool_choice(choice: dict, expected: tuple) -> None:
     ({"messages": [{"role": "user", "content": "x"}], "thinking": {"type": "enabled",
                                                                    "budget_tokens": 1024}},
      "thinking: extended thinking is not supported"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop_sequences": ["END", ""]},
+     "stop_sequences: must be non-empty strings"),
 ])
 def test_messages_bad_requests_name_the_field(body: dict, message: str) -> None:
     with pytest.raises(ValueError) as err:

@@ -270,3 +270,38 @@ def test_preparation_errors_never_reach_the_engine(
     r = client.post("/v1/completions", json={"prompt": [[1, 9999]]})
     assert (r.status_code, r.json()["error"]["param"]) == (400, "prompt")
     assert engine.requests == []
+
+
+def test_min_tokens_past_the_context_is_a_400_without_max_tokens(
+        serve: Callable[..., tuple[TestClient, FakeEngine]]) -> None:
+    """Without max_tokens generation may fill the context, but it cannot stop before
+    min_tokens: a min_tokens that does not fit is refused, not run to the end of the context."""
+    client, engine = serve(always(*tokens("a")))
+    r = client.post("/v1/chat/completions", json={"messages": USER, "min_tokens": 300})
+    assert r.status_code == 400
+    wanted = CHAT_PROMPT_TOKENS + 300
+    assert r.json() == {"error": {
+        "message": f"This model's maximum context length is 256 tokens. However, you requested "
+                   f"{wanted} tokens ({CHAT_PROMPT_TOKENS} in the messages, at least 300 to "
+                   "generate). Please reduce the length of the messages or min_tokens.",
+        "type": "invalid_request_error", "param": "min_tokens", "code": "context_length_exceeded"}}
+    assert engine.requests == []
+
+
+def test_a_chat_template_error_names_the_messages(
+        serve: Callable[..., tuple[TestClient, FakeEngine]]) -> None:
+    """Not "the" or "chat": the field that the template could not render."""
+    engine = FakeEngine(always(*tokens("a")))
+    hf = char_tokenizer_for_serving().hf
+    refusing = Tokenizer(hf, chat_template="{{ raise_exception('roles must alternate') }}",
+                         name=MODEL)
+    ctx = serving_context(engine, refusing)
+    client = TestClient(build_app(ctx.config, ctx), base_url="http://127.0.0.1")
+    for path, body, field in (("/v1/chat/completions", {"messages": USER}, "messages"),
+                              ("/v1/responses", {"input": "Hi"}, "input")):
+        r = client.post(path, json=body)
+        assert r.status_code == 400
+        assert r.json() == {"error": {
+            "message": f"{field}: chat template error: roles must alternate",
+            "type": "invalid_request_error", "param": field, "code": None}}
+    assert engine.requests == []

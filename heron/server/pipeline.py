@@ -70,7 +70,7 @@ async def _prepare(ctx: ServingContext, request: GenerateRequest) -> PreparedReq
     prompts = await tokenize(ctx, spec.input)
     for prompt in prompts:
         refuse(check_context(ctx, len(prompt.token_ids), spec.params.max_tokens, spec.input.what,
-                             spec.max_tokens_field))
+                             spec.max_tokens_field, spec.params.min_tokens))
     plan = plan_tools(spec, ctx.config.tool_call_parser)
     await check_constraints(ctx, spec, plan)
     params = spec.params.clone(structured_outputs=plan.constraint)
@@ -111,10 +111,10 @@ async def render_chat(ctx: ServingContext, chat: ChatInput) -> Prompt:
             tools=chat.tools,
             **chat.template_kwargs,
         )
-    except ValueError:
-        raise
+    except ValueError as e:  # the message names the field: "messages: chat template error..."
+        raise ValueError(f"{chat.what}: {e}") from e
     except Exception as e:  # noqa: BLE001 - jinja raises many kinds; all mean "bad messages"
-        raise ValueError(f"the chat template could not render these messages: {e}") from e
+        raise ValueError(f"{chat.what}: the chat template could not render them: {e}") from e
     return Prompt(await ctx.encode(text, add_special_tokens=False), text)
 
 
@@ -131,24 +131,27 @@ def check_token_ids(ctx: ServingContext, ids: list[int], param: str) -> ErrorRes
 
 def check_context(
     ctx: ServingContext, num_prompt_tokens: int, max_tokens: int | None, what: str,
-    max_tokens_field: str = "max_tokens",
+    max_tokens_field: str = "max_tokens", min_tokens: int = 0,
 ) -> ErrorResponse | None:
     """400 when the prompt is empty, or it plus max_tokens (the request's ``max_tokens_field``)
-    does not fit in the context."""
+    does not fit in the context; without max_tokens, it plus min_tokens (which generation
+    cannot stop before)."""
     limit = ctx.info.max_model_len
     if num_prompt_tokens == 0:
         return bad_request(
             f"the {what} is empty: at least one token is needed", code="empty_prompt"
         )
-    wanted = num_prompt_tokens + (max_tokens or 1)
+    wanted = num_prompt_tokens + (max_tokens or max(min_tokens, 1))
     if wanted <= limit:
         return None
-    completion = f"{max_tokens} in the completion" if max_tokens else "at least 1 to generate"
+    field = max_tokens_field if max_tokens or min_tokens <= 1 else "min_tokens"
+    completion = (f"{max_tokens} in the completion" if max_tokens
+                  else f"at least {wanted - num_prompt_tokens} to generate")
     return bad_request(
         f"This model's maximum context length is {limit} tokens. However, you requested "
         f"{wanted} tokens ({num_prompt_tokens} in the {what}, {completion}). Please reduce "
-        f"the length of the {what} or {max_tokens_field}.",
-        param=max_tokens_field,
+        f"the length of the {what} or {field}.",
+        param=field,
         code="context_length_exceeded",
     )
 

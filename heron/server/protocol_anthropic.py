@@ -225,6 +225,8 @@ class MessagesRequest(CountTokensRequest):
             raise ValueError(f"max_tokens: must be at least 1, got {self.max_tokens}")
         if self.temperature is not None and not 0.0 <= self.temperature <= 1.0:
             raise ValueError(f"temperature: must be in [0, 1], got {self.temperature}")
+        if "" in (self.stop_sequences or ()):
+            raise ValueError("stop_sequences: must be non-empty strings, got an empty one")
         fields: dict[str, Any] = {"temperature": self.temperature, "top_p": self.top_p,
                                   "top_k": self.top_k,
                   "stop": self.stop_sequences}

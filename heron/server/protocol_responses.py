@@ -149,6 +149,8 @@ class ResponsesRequest(RequestBody):
         ValueError naming the field."""
         self._check_fields()
         messages = self.chat_messages(self._history)
+        if not messages:
+            raise ValueError("input: at least one item is required")
         check_chat(messages, True, False, None)
         tools = self.function_tools()
         return GenerateSpec(
