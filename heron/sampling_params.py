@@ -15,6 +15,10 @@ from heron.structured.params import StructuredOutputsParams
 # Hard caps that keep one request from taking the whole engine.
 MAX_LOGPROBS = 20
 MAX_N = 128
+# Every output step looks for each stop string and holds back text that could still become
+# one, on the API process's event loop: both are bounded, as everyone waits while they run.
+MAX_STOP_STRINGS = 256
+MAX_STOP_CHARS = 8192  # all of a request's stop strings together
 # Integers cross to the engine as msgpack int64 (seeds as uint64): every one is checked to fit.
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 _SEED_MASK = (1 << 64) - 1
@@ -129,6 +133,9 @@ class SamplingParams:
                    name, value, f"an integer in [0, {MAX_LOGPROBS}]")
         _check(all(isinstance(s, str) and s for s in self.stop or ()), "stop", self.stop,
                "non-empty strings")
+        _check(len(self.stop or ()) <= MAX_STOP_STRINGS
+               and sum(map(len, self.stop or ())) <= MAX_STOP_CHARS, "stop", self.stop,
+               f"at most {MAX_STOP_STRINGS} strings of {MAX_STOP_CHARS} characters in all")
         _check(all(t >= 0 for t in self.stop_token_ids or ()), "stop_token_ids",
                self.stop_token_ids, "non-negative token ids")
         _check(self.structured_outputs is None

@@ -7,7 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from heron.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
+from heron.sampling_params import (
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    SamplingParams,
+)
 
 INVALID: list[tuple[str, object]] = [
     ("n", 0),
@@ -62,6 +68,8 @@ INVALID: list[tuple[str, object]] = [
     ("stop", ["ok", ""]),
     ("stop", ["ok", 3]),
     ("stop", 5),
+    ("stop", ["x"] * (MAX_STOP_STRINGS + 1)),
+    ("stop", ["ab" * (MAX_STOP_CHARS // 4), "ab" * (MAX_STOP_CHARS // 4) + "!"]),
     ("stop_token_ids", [-1]),
     ("stop_token_ids", ["a"]),
     ("stop_token_ids", [None]),

@@ -320,10 +320,12 @@ class IncrementalDetokenizer:
 
     def _held_back(self) -> int:
         """Length of the longest tail of the text that is a proper prefix of a stop string."""
-        longest = 0
+        if not self._text:
+            return 0
+        last, longest = self._text[-1], 0
         for stop in self._stops:
             for size in range(min(len(stop) - 1, len(self._text)), longest, -1):
-                if self._text.endswith(stop[:size]):
+                if stop[size - 1] == last and self._text.endswith(stop[:size]):  # a slice only on a match
                     longest = size
                     break
         return longest
