@@ -83,6 +83,15 @@ def test_responses_items_become_chat_messages() -> None:
     assert (p.max_tokens, p.temperature, p.top_p, p.n) == (16, 0.5, 0.9, 1)
 
 
+def test_responses_take_chats_sampling_knobs() -> None:
+    knobs = {"seed": 7, "stop": ["."], "frequency_penalty": 0.5, "presence_penalty": 0.25,
+             "repetition_penalty": 1.1, "top_k": 5, "min_p": 0.05}
+    p = ResponsesRequest.model_validate({"input": "Hi", **knobs}).to_spec(LIMITS).params
+    assert {k: getattr(p, k) for k in knobs} == knobs
+    with pytest.raises(ValueError, match="top_k"):
+        ResponsesRequest.model_validate({"input": "Hi", "top_k": -5}).to_spec(LIMITS)
+
+
 def test_responses_history_comes_after_instructions() -> None:
     req = ResponsesRequest.model_validate({"input": "And Italy?", "instructions": "Be brief."})
     req.set_history([ChatMessage(role="user", content="Capital of France?"),

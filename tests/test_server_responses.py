@@ -101,6 +101,23 @@ def test_plain_response_is_the_chat_answer(client: openai.OpenAI, plain) -> None
         assert plain.status == "completed" and plain.incomplete_details is None
 
 
+def test_sampling_knobs_beyond_openai_are_honoured(client: openai.OpenAI) -> None:
+    """seed, stop, penalties, top_k and min_p (chat's; vLLM's Responses route takes them too)
+    give what they give on chat: sampled at temperature 1, the same text."""
+    knobs = {"seed": 11, "stop": [" "], "frequency_penalty": 0.5, "presence_penalty": 0.25}
+    extra = {"top_k": 40, "min_p": 0.01, "repetition_penalty": 1.1}
+    response = client.responses.create(model=MODEL, input=QUESTION, instructions=INSTRUCTIONS,
+                                       max_output_tokens=16, temperature=1.0,
+                                       extra_body={**knobs, **extra})
+    twin = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "system", "content": INSTRUCTIONS},
+                               {"role": "user", "content": QUESTION}],
+        max_tokens=16, temperature=1.0, extra_body=extra, **knobs)  # type: ignore[arg-type]
+    assert response.output_text == twin.choices[0].message.content
+    assert twin.choices[0].finish_reason == "stop" and " " not in response.output_text
+    assert response.status == "completed"
+
+
 def test_developer_message_is_instructions(client: openai.OpenAI, plain) -> None:  # noqa: ANN001
     r = client.responses.create(model=MODEL, max_output_tokens=16, temperature=0, input=[
         {"role": "developer", "content": INSTRUCTIONS},

@@ -135,6 +135,15 @@ class ResponsesRequest(RequestBody):
     previous_response_id: str | None = None
     include: list[str] | None = None
     reasoning: dict[str, Any] | None = None
+    # Sampling knobs outside OpenAI's Responses API that chat takes (vLLM's Responses route
+    # takes them too): honoured as there, not ignored.
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    repetition_penalty: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
 
     # The turns of ``previous_response_id``, resolved by the endpoint before preparation.
     _history: list[ChatMessage] = PrivateAttr(default_factory=list)
@@ -179,7 +188,12 @@ class ResponsesRequest(RequestBody):
             raise ValueError(f"include: {short_repr(unknown[0])} is not supported by this server")
 
     def to_sampling_params(self) -> SamplingParams:
-        fields: dict[str, Any] = {"temperature": self.temperature, "top_p": self.top_p}
+        fields: dict[str, Any] = {
+            "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
+            "stop": self.stop, "frequency_penalty": self.frequency_penalty,
+            "presence_penalty": self.presence_penalty,
+            "repetition_penalty": self.repetition_penalty, "top_k": self.top_k,
+            "min_p": self.min_p}
         return SamplingParams(max_tokens=self.max_output_tokens,
                               **{k: v for k, v in fields.items() if v is not None})
 
