@@ -229,6 +229,18 @@ def test_errors_in_anthropic_shape(server: RemoteServer, body: object, status: i
     assert payload["error"]["type"] == kind and message in payload["error"]["message"]
 
 
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens"])
+def test_a_tool_choice_naming_no_tool_is_refused_by_both_routes(server: RemoteServer,
+                                                                path: str) -> None:
+    body = {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
+            "tools": [WEATHER_TOOL], "tool_choice": {"type": "tool", "name": "get_time"}}
+    r = _post(server, body, path)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert "tool_choice" in error["message"] and "get_time" in error["message"]
+
+
 def test_the_sdk_raises_its_own_errors(client: anthropic.Anthropic) -> None:
     with pytest.raises(anthropic.BadRequestError) as err:
         client.messages.create(model=MODEL, max_tokens=5, messages=[])

@@ -22,7 +22,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from heron.output_processor import ChoiceDelta
-from heron.server.pipeline import RequestError, tokenize
+from heron.server.pipeline import RequestError, plan_tools, tokenize
 from heron.server.pipeline import prepare as prepare_request
 from heron.server.protocol import ErrorInfo, ErrorResponse
 from heron.server.protocol_anthropic import (
@@ -64,6 +64,7 @@ async def serve_count_tokens(ctx: ServingContext,
         return error
     try:
         spec = request.to_spec(ctx.limits)
+        plan_tools(spec, ctx.config.tool_call_parser)  # tools and tool_choice as /v1/messages checks them
         prompts = await tokenize(ctx, spec.input)
     except RequestError as e:
         return e.error
