@@ -12,6 +12,7 @@ import torch
 import transformers
 
 from heron import LLM, SamplingParams
+from heron.engine.request import Request
 from tests.tiny_models import VOCAB, save_tiny_model
 
 
@@ -281,3 +282,24 @@ def test_the_sampler_kernels_are_built_before_the_first_step(llama_dir: object,
     done = subprocess.run([sys.executable, "-c", _KERNELS_AT_START, str(llama_dir)], env=env,
                           capture_output=True, text=True, timeout=600, check=True)
     assert "elementwise" in done.stdout.splitlines()[-1], done.stdout + done.stderr
+
+
+def test_logit_bias_is_honoured_and_made_once_per_request(llama_dir: object) -> None:
+    """The runner turns a request's logit_bias into tensors on its first sampled step and keeps
+    them (a mapping walked every step held up everyone's step); ids past the vocabulary drop."""
+    llm = _llm(llama_dir)
+    favoured = 5
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True,
+                            logit_bias={favoured: 100.0, VOCAB + 3: 50.0})
+    out = llm.generate([{"prompt_token_ids": [1, 2, 3]}], params, use_tqdm=False)
+    assert out[0].outputs[0].token_ids == [favoured] * 6
+
+    runner = llm.engine.runner  # type: ignore[attr-defined]
+    request = Request("r", [1, 2, 3], params, max_tokens=6)
+    first = runner.sampling_batch([request], VOCAB).penalties
+    kept = request.logit_bias
+    second = runner.sampling_batch([request], VOCAB).penalties
+    assert kept is not None and request.logit_bias is kept
+    for penalties in (first, second):
+        assert penalties.bias_index.tolist() == [favoured]
+        assert penalties.bias_values.tolist() == [100.0]

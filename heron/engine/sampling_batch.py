@@ -44,10 +44,26 @@ class SamplingRow:
     token_ids: Sequence[int]  # prompt + output so far
     num_prompt_tokens: int
     generator: torch.Generator | None = None  # a seeded request's own (advances per draw)
+    logit_bias: LogitBias | None = None  # params.logit_bias as tensors; made here when None
 
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+
+@dataclass(frozen=True)
+class LogitBias:
+    """A request's ``logit_bias`` entries inside the vocabulary, as tensors. The runner makes
+    them once per request: walking a mapping of thousands of entries on every step held up the
+    step of every request in the batch."""
+
+    token_ids: torch.Tensor  # [N] int64
+    values: torch.Tensor  # [N] float32
+
+    @classmethod
+    def of(cls, bias: dict[int, float], vocab: int, device: torch.device) -> LogitBias:
+        kept = [(t, b) for t, b in bias.items() if 0 <= t < vocab]
+        return cls(_ints([t for t, _ in kept], device), _floats([b for _, b in kept], device))
 
 
 @dataclass(frozen=True)
@@ -169,8 +185,8 @@ def _any_penalty(rows: Sequence[SamplingRow]) -> bool:
 
 def _penalties(rows: Sequence[SamplingRow], vocab: int, device: torch.device) -> Penalties:
     params = [r.params for r in rows]
-    bias = [(i * vocab + t, b) for i, p in enumerate(params)
-            for t, b in (p.logit_bias or {}).items() if 0 <= t < vocab]
+    bias = [(i, r.logit_bias or LogitBias.of(r.params.logit_bias, vocab, device))
+            for i, r in enumerate(rows) if r.params.logit_bias]
     banned = [i * vocab + t for i, r in enumerate(rows)
               if r.num_output_tokens < r.params.min_tokens
               for t in r.params.all_stop_token_ids if 0 <= t < vocab]
@@ -180,8 +196,8 @@ def _penalties(rows: Sequence[SamplingRow], vocab: int, device: torch.device) ->
               if r.params.presence_penalty != 0.0 or r.params.frequency_penalty != 0.0
               for t in r.token_ids[r.num_prompt_tokens:] if 0 <= t < vocab]
     return Penalties(
-        bias_index=_ints([j for j, _ in bias], device),
-        bias_values=_floats([b for _, b in bias], device),
+        bias_index=torch.cat([b.token_ids + i * vocab for i, b in bias]) if bias else _ints([], device),
+        bias_values=torch.cat([b.values for _, b in bias]) if bias else _floats([], device),
         banned_index=_ints(banned, device),
         repetition=_floats([p.repetition_penalty for p in params], device),
         seen_index=_ints(seen, device),
