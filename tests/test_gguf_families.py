@@ -18,6 +18,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -154,6 +155,22 @@ def test_gguf_model_computes_the_hf_original(family: tuple[torch.nn.Module, Path
         logits = torch.cat([logits, session.step({0: [int(logits[-1].argmax())]})[0]])
     expected = hf_logits(hf, session.tokens[0])
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_llama_file_without_kv_head_count_has_as_many_as_heads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ``llama.attention.head_count_kv`` (a converted config without num_key_value_heads, as
+    early Llama ones): as many key/value heads as heads, as llama.cpp and transformers read it,
+    and the q/k rows un-permuted with that count."""
+    hf = make_hf_model(transformers.LlamaConfig(**{**SMALL, "num_key_value_heads": 4},
+                                                max_position_embeddings=64), seed=0)
+    monkeypatch.setattr(gguf.GGUFWriter, "add_head_count_kv", lambda self, count: None)
+    path = write_gguf(tmp_path / "no-kv-count.gguf", hf, synthetic_vocab(hf.config.vocab_size))
+    assert "llama.attention.head_count_kv" not in GGUFModel(path).file.metadata
+    model = load_model(ModelConfig(model=str(path)), torch.device("cpu"), torch.float32).model
+    prompt = list(range(5, 25))
+    logits = PagedSession(model.eval()).step({0: prompt})[0]
+    torch.testing.assert_close(logits, hf_logits(hf, prompt), atol=1e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------- llama3 RoPE

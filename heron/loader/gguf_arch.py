@@ -162,12 +162,17 @@ def gguf_to_hf_names(gguf_file: GGUFFile, hf_names: Iterable[str],
 
 def fix_config(gguf_file: GGUFFile) -> dict[str, Any]:
     """What ``fix_tensor`` reads of the config (layer and head counts), straight from the
-    file's metadata: the same values ``hf_config_dict`` renames, without importing transformers."""
+    file's metadata: the same values ``hf_config_dict`` renames, without importing transformers.
+    A file without ``head_count_kv`` (converted from a config without ``num_key_value_heads``,
+    as early Llama ones) has as many key/value heads as heads, for llama.cpp and transformers."""
     arch, meta = gguf_file.architecture, gguf_file.metadata
     keys = {"num_hidden_layers": "block_count", "num_attention_heads": "attention.head_count",
             "num_key_value_heads": "attention.head_count_kv"}
-    return {name: _config_value(meta[f"{arch}.{key}"]) for name, key in keys.items()
-            if f"{arch}.{key}" in meta}
+    config = {name: _config_value(meta[f"{arch}.{key}"]) for name, key in keys.items()
+              if f"{arch}.{key}" in meta}
+    if "num_attention_heads" in config:
+        config.setdefault("num_key_value_heads", config["num_attention_heads"])
+    return config
 
 
 def fix_tensor(gguf_file: GGUFFile, name: str, tensor: torch.Tensor,
