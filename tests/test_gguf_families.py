@@ -257,6 +257,21 @@ def test_gguf_eot_and_eom_ids_end_generation(tmp_path: Path) -> None:
         assert GGUFModel(path).generation_config()["eos_token_id"] == eos, keys
 
 
+def test_gguf_special_token_id_outside_the_vocabulary_is_ignored(tmp_path: Path) -> None:
+    """A pad id past the vocabulary (a token added after it, common in fine-tunes' files):
+    llama.cpp warns and goes without; so does the tokenizer, instead of an IndexError."""
+    vocab = synthetic_vocab(300)
+    path = tmp_path / "pad-past-the-vocabulary.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    vocab.renamed({}, padding_token_id=300).write(writer)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    tok = load_tokenizer(ModelConfig(model=str(path)))
+    assert tok.encode("w1")[0] == 1  # BOS
+    assert tok.eos_token_ids == {2, 3}
+
+
 # ---------------------------------------------------------------------------- Llama 3.2, end to end
 
 # The Llama 3 split regex, as in the original tokenizer.json (written out here, independently

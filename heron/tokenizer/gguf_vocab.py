@@ -27,6 +27,7 @@ Only tokens of the file are added: a vocabulary never grows past the model's emb
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,8 @@ from transformers import PreTrainedTokenizerFast
 
 from heron.loader.gguf_file import GGUFFile
 from heron.tokenizer.gguf_bpe import byte_level_backend, byte_level_pre_tokenizer
+
+logger = logging.getLogger(__name__)
 
 _SPACE = "\u2581"  # SentencePiece's visible space
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
@@ -177,6 +180,11 @@ def _settings(metadata: dict[str, Any], extra: tuple[tuple[str, str], ...],
     settings: dict[str, Any] = dict(extra)
     for name, key in _SPECIAL_TOKEN_IDS.items():
         token_id = metadata.get(key)
+        if token_id is not None and not 0 <= int(token_id) < len(tokens):
+            # as llama.cpp ("bad special token"): e.g. a pad token added after the vocabulary
+            logger.warning("%s = %d is not a token of the vocabulary (%d tokens): ignored",
+                           key, int(token_id), len(tokens))
+            token_id = None
         settings[name] = tokens[int(token_id)] if token_id is not None else None
     settings["add_bos_token"] = bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos))
     if "tokenizer.ggml.add_eos_token" in metadata:
