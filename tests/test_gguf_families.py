@@ -72,6 +72,12 @@ def _llama_linear() -> transformers.PretrainedConfig:
                                     tie_word_embeddings=False)
 
 
+def _llama_biases() -> transformers.PretrainedConfig:
+    # biases on q/k/v/o and the MLP ("llamafied" models): no metadata key, only the tensors
+    return transformers.LlamaConfig(**SMALL, max_position_embeddings=256, attention_bias=True,
+                                    mlp_bias=True)
+
+
 def _mistral() -> transformers.PretrainedConfig:
     # head size 32 with hidden 64 / 4 heads: the file must say it (rope.dimension_count)
     return transformers.MistralConfig(**SMALL, head_dim=32, max_position_embeddings=256,
@@ -102,7 +108,8 @@ def _gemma3() -> transformers.PretrainedConfig:
 
 
 FAMILIES: dict[str, Callable[[], transformers.PretrainedConfig]] = {
-    "llama3_rope": _llama3, "llama_linear_rope": _llama_linear, "mistral": _mistral,
+    "llama3_rope": _llama3, "llama_linear_rope": _llama_linear, "llama_biases": _llama_biases,
+    "mistral": _mistral,
     "qwen2_yarn": _qwen2_yarn, "qwen3": _qwen3, "gemma3": _gemma3,
 }
 
@@ -122,6 +129,7 @@ def _facts(config: object) -> dict[str, object]:
              "num_key_value_heads", "vocab_size", "max_position_embeddings", "tie_word_embeddings")
     facts: dict[str, object] = {name: getattr(config, name) for name in names}
     facts["head_dim"] = head_dim_of(config)
+    facts["biases"] = [bool(getattr(config, name, False)) for name in ("attention_bias", "mlp_bias")]
     facts["rms_norm_eps"] = float(np.float32(config.rms_norm_eps))  # GGUF stores a float32
     if config.model_type.startswith("gemma3"):
         layer_types = gemma3_layer_types(config)

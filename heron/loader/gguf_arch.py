@@ -5,7 +5,8 @@ architectures heron runs, over metadata already read by ``gguf_file`` (transform
 every element of the 262k-entry vocabulary arrays in Python just to build a config):
 
 - config: llama.cpp keys renamed through transformers' own ``GGUF_CONFIG_MAPPING`` table,
-  ``tie_word_embeddings`` from the absence of ``output.weight``, ``vocab_size`` from the
+  ``tie_word_embeddings`` from the absence of ``output.weight``, ``attention_bias`` / ``mlp_bias``
+  from the presence of bias tensors, ``vocab_size`` from the
   vocabulary when the file does not state it, ``gemma3`` -> ``gemma3_text``; plus the RoPE
   scaling (``gguf_rope``), which transformers drops;
 - names: GGUF tensor name -> checkpoint name, through gguf-py's ``TensorNameMap`` applied to
@@ -114,9 +115,11 @@ def hf_config_dict(gguf_file: GGUFFile) -> dict[str, Any]:
 
 def _llama_cpp_config(gguf_file: GGUFFile, config: dict[str, Any]) -> dict[str, Any]:
     """What llama.cpp reads from (or derives for) the file that transformers' table leaves out:
-    the head size of any architecture, Gemma 3's query scale and final logit softcap."""
+    the head size of any architecture, biases from their tensors, Gemma 3's query scale and
+    final logit softcap."""
     arch, metadata = gguf_file.architecture, gguf_file.metadata
     out: dict[str, Any] = {}
+    out.update(_bias_config(gguf_file))
     key_length = metadata.get(f"{arch}.attention.key_length")
     if key_length is not None and "head_dim" not in config:
         out["head_dim"] = int(key_length)
@@ -128,6 +131,26 @@ def _llama_cpp_config(gguf_file: GGUFFile, config: dict[str, Any]) -> dict[str, 
         softcap = metadata.get(f"{arch}.final_logit_softcapping")
         if softcap:
             out["final_logit_softcapping"] = float(softcap)
+    return out
+
+
+# Architectures whose attention biases are a config flag (``attention_bias``: q, k, v and o),
+# and those with an ``mlp_bias`` flag too. No metadata key says it: llama.cpp uses whichever
+# bias tensors the file has (Qwen2's q/k/v biases are part of its architecture).
+_ATTENTION_BIAS_ARCHS = ("llama", "qwen3", "gemma3")
+_MLP_BIAS_ARCHS = ("llama",)
+
+
+def _bias_config(gguf_file: GGUFFile) -> dict[str, Any]:
+    """``attention_bias`` / ``mlp_bias`` where the file has such bias tensors (Llama-architecture
+    models with biases, e.g. "llamafied" Qwen or InternLM)."""
+    arch = gguf_file.architecture
+    biases = {info.name.split(".")[-2] for info in gguf_file.tensors if info.name.endswith(".bias")}
+    out = {}
+    if arch in _ATTENTION_BIAS_ARCHS and biases & {"attn_q", "attn_k", "attn_v", "attn_output"}:
+        out["attention_bias"] = True
+    if arch in _MLP_BIAS_ARCHS and biases & {"ffn_gate", "ffn_up", "ffn_down"}:
+        out["mlp_bias"] = True
     return out
 
 
