@@ -165,16 +165,17 @@ def test_gguf_model_computes_the_hf_original(family: tuple[torch.nn.Module, Path
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_llama_file_without_kv_head_count_has_as_many_as_heads(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No ``llama.attention.head_count_kv`` (a converted config without num_key_value_heads, as
-    early Llama ones): as many key/value heads as heads, as llama.cpp and transformers read it,
-    and the q/k rows un-permuted with that count."""
-    hf = make_hf_model(transformers.LlamaConfig(**{**SMALL, "num_key_value_heads": 4},
-                                                max_position_embeddings=64), seed=0)
+@pytest.mark.parametrize("config_class", [transformers.LlamaConfig, transformers.Qwen2Config])
+def test_file_without_kv_head_count_has_as_many_as_heads(
+        config_class: type, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ``{arch}.attention.head_count_kv`` (a converted config without num_key_value_heads, as
+    early Llama ones): as many key/value heads as heads, as llama.cpp reads it (not Qwen2Config's
+    default of 32), and llama's q/k rows un-permuted with that count."""
+    hf = make_hf_model(config_class(**{**SMALL, "num_key_value_heads": 4},
+                                    max_position_embeddings=64), seed=0)
     monkeypatch.setattr(gguf.GGUFWriter, "add_head_count_kv", lambda self, count: None)
     path = write_gguf(tmp_path / "no-kv-count.gguf", hf, synthetic_vocab(hf.config.vocab_size))
-    assert "llama.attention.head_count_kv" not in GGUFModel(path).file.metadata
+    assert not any(k.endswith("head_count_kv") for k in GGUFModel(path).file.metadata)
     model = load_model(ModelConfig(model=str(path)), torch.device("cpu"), torch.float32).model
     prompt = list(range(5, 25))
     logits = PagedSession(model.eval()).step({0: prompt})[0]
