@@ -30,6 +30,7 @@ from heron.layers.rotary import rope_parameters
 from heron.loader import load_hf_config, load_model
 from heron.loader.gguf import GGUFModel
 from heron.loader.gguf_rope import llama3_divisors, llama3_from_divisors
+from heron.loader.prepared import GGUF_BLOCKS, load_prepared_model
 from heron.models.gemma3 import gemma3_layer_types
 from heron.models.llama import head_dim_of, layer_sliding_windows
 from heron.tokenizer import load_tokenizer
@@ -180,6 +181,32 @@ def test_file_without_kv_head_count_has_as_many_as_heads(
     prompt = list(range(5, 25))
     logits = PagedSession(model.eval()).step({0: prompt})[0]
     torch.testing.assert_close(logits, hf_logits(hf, prompt), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("extra", [[], ["blk.0.ffn_gate_inp.weight"]], ids=["plain", "router"])
+def test_tensors_the_model_does_not_take_are_reported(
+        extra: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A tensor of the file that no weight of the model takes (here an MoE router a dense
+    Llama has no place for) is named in a warning: the model would run without it. llama3's
+    rope_freqs (read into the config) is not such a tensor."""
+    import tests.gguf_files as files
+
+    written = files._tensors
+    monkeypatch.setattr(files, "_tensors", lambda model, arch: written(model, arch) + [
+        (name, np.zeros((4, SMALL["hidden_size"]), np.float32)) for name in extra])
+    config = transformers.LlamaConfig(**SMALL, max_position_embeddings=64,
+                                      rope_parameters={**LLAMA3_ROPE, "factor": 8.0,
+                                                       "original_max_position_embeddings": 16})
+    path = write_gguf(tmp_path / "extra.gguf", make_hf_model(config, seed=0),
+                      synthetic_vocab(SMALL["vocab_size"]))
+    with caplog.at_level("WARNING", logger="heron.loader.gguf"):
+        load_model(ModelConfig(model=str(path)), torch.device("cpu"), torch.float32)
+        load_prepared_model(ModelConfig(model=str(path)), torch.device("cpu"), torch.float32,
+                            GGUF_BLOCKS)  # the engine's way: the file's blocks as the weights
+    reported = [r.getMessage() for r in caplog.records if "are not used" in r.getMessage()]
+    assert reported == ([f"1 tensors of the file are no weight of LlamaForCausalLM and are not "
+                         f"used: {extra[0]}"] * 2 if extra else [])
 
 
 # ---------------------------------------------------------------------------- llama3 RoPE

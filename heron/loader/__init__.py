@@ -171,6 +171,7 @@ def _iter_weights(source: ModelSource, model: nn.Module,
     """How many tensors (for a GGUF file: about) and the ``(name, tensor)`` pairs."""
     if source.is_gguf:  # only the tensors the model has a place for, already in its dtype
         names = checkpoint_names(model)
+        source.gguf.report_unused(names, type(model).__name__)
         return len(names), source.gguf.weights(names, dtype)
     files = find_safetensors_files(source.path)
     return count_safetensors(files), iter_safetensors(files)

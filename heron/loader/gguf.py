@@ -29,6 +29,7 @@ int4``) are they dequantized here, and the result is cached by ``prepared``.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,6 +54,11 @@ from heron.loader.gguf_arch import (
 )
 from heron.loader.gguf_file import GGUFFile, TensorInfo
 from heron.loader.plain_config import PlainConfig, snapshot
+
+logger = logging.getLogger(__name__)
+
+# Tensors a file holds for the config, not as weights (gguf_rope reads llama3's RoPE factors).
+_CONFIG_TENSORS = frozenset({"rope_freqs.weight"})
 
 if TYPE_CHECKING:  # transformers is imported where it is used: an engine serving prepared
     # weights (``heron.loader.prepared``) never imports it (~1-2 s)
@@ -143,6 +149,22 @@ class GGUFModel:
         if not self.cache.generation_config_file.is_file():
             self._prepare_metadata()
         return json.loads(self.cache.generation_config_file.read_text())
+
+    def report_unused(self, hf_names: Iterable[str], model_name: str) -> list[str]:
+        """The file's tensors that none of ``hf_names`` (a model's whole checkpoint) takes, named
+        in a warning: a variant the model code has no place for (an MoE router in a dense
+        model, biases of a flag it lacks) would otherwise run without them, silently."""
+        if not is_fast_arch(self.file):
+            return []
+        layers = int(fix_config(self.file)["num_hidden_layers"])
+        mapping = gguf_to_hf_names(self.file, hf_names, layers)
+        unused = [info.name for info in self.file.tensors
+                  if info.name not in mapping and info.name not in _CONFIG_TENSORS]
+        if unused:
+            logger.warning("%d tensors of the file are no weight of %s and are not used: %s%s",
+                           len(unused), model_name, ", ".join(unused[:6]),
+                           ", ..." if len(unused) > 6 else "")
+        return unused
 
     def weights(self, hf_names: Iterable[str] | None = None,
                 dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:

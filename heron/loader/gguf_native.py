@@ -54,6 +54,7 @@ def load_gguf_native(model: nn.Module, gguf_model: GGUFModel, checkpoint_names: 
     or ``in_memory``: read into memory on huge pages, see ``GGUFFile.block_rows``); returns the
     bytes of the file that ``GGUFWeight``s read."""
     file = gguf_model.file
+    gguf_model.report_unused(checkpoint_names, type(model).__name__)
     config = fix_config(file)
     mapping = gguf_to_hf_names(file, checkpoint_names, int(config["num_hidden_layers"]))
     weight_mapping: WeightMapping = getattr(model, "weight_mapping", WeightMapping())
