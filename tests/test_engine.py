@@ -284,9 +284,10 @@ def test_the_sampler_kernels_are_built_before_the_first_step(llama_dir: object,
     assert "elementwise" in done.stdout.splitlines()[-1], done.stdout + done.stderr
 
 
-def test_logit_bias_is_honoured_and_made_once_per_request(llama_dir: object) -> None:
-    """The runner turns a request's logit_bias into tensors on its first sampled step and keeps
-    them (a mapping walked every step held up everyone's step); ids past the vocabulary drop."""
+def test_logit_bias_and_prompt_ids_are_made_once_per_request(llama_dir: object) -> None:
+    """The runner turns a request's logit_bias (ids past the vocabulary dropped) and, where
+    repetition_penalty reads them, its prompt ids into tensors on its first sampled step and
+    keeps them; each step adds only its output ids."""
     llm = _llm(llama_dir)
     favoured = 5
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True,
@@ -295,11 +296,15 @@ def test_logit_bias_is_honoured_and_made_once_per_request(llama_dir: object) -> 
     assert out[0].outputs[0].token_ids == [favoured] * 6
 
     runner = llm.engine.runner  # type: ignore[attr-defined]
-    request = Request("r", [1, 2, 3], params, max_tokens=6)
+    params = params.clone(repetition_penalty=1.3)
+    request = Request("r", [1, 2, VOCAB + 1, 3], params, max_tokens=6)
     first = runner.sampling_batch([request], VOCAB).penalties
-    kept = request.logit_bias
+    kept = request.fixed_tensors
+    request.token_ids.append(7)  # a step's output
     second = runner.sampling_batch([request], VOCAB).penalties
-    assert kept is not None and request.logit_bias is kept
+    assert kept is not None and request.fixed_tensors is kept
+    assert kept.prompt_ids.tolist() == [1, 2, 3]
+    assert first.seen_index.tolist() == [1, 2, 3] and second.seen_index.tolist() == [1, 2, 3, 7]
     for penalties in (first, second):
         assert penalties.bias_index.tolist() == [favoured]
         assert penalties.bias_values.tolist() == [100.0]

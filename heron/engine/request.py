@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from heron.engine.sampling_batch import LogitBias
+    from heron.engine.sampling_batch import RequestTensors
     from heron.engine.structured import Grammar
     from heron.pooling_params import PoolingParams
     from heron.sampling_params import SamplingParams
@@ -78,8 +78,8 @@ class Request:
     output_logprobs: list[LogprobsDict] = field(default_factory=list)
     # Made by the runner on a seeded request's first draw; advances only when this request draws.
     generator: torch.Generator | None = None
-    # Made by the runner on the first step that samples it: logit_bias as tensors.
-    logit_bias: LogitBias | None = None
+    # Made by the runner on its first sampled step: logit_bias and prompt ids as tensors.
+    fixed_tensors: RequestTensors | None = None
     # Prompt logprobs (one entry per prompt position; the first is None), when asked.
     prompt_logprobs: list[LogprobsDict | None] | None = None
     # Structured outputs: the request's matcher state (masks its logits, advances per token).

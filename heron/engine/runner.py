@@ -35,7 +35,7 @@ from heron.engine.request import Logprob, LogprobsDict, Request
 from heron.engine.sampler import Sampler, load_sampler_kernels
 from heron.engine.sampling_batch import (
     GrammarMask,
-    LogitBias,
+    RequestTensors,
     SamplingBatch,
     SamplingRow,
     seeded_generator,
@@ -119,7 +119,7 @@ class ModelRunner:
         """The sampler's input for the rows of ``requests``: their parameters and tokens, the
         generator of each seeded request (made on its first draw), its grammar's allowed tokens."""
         rows = [SamplingRow(r.sampling_params, r.token_ids, r.num_prompt_tokens,
-                            self._generator(r), self._logit_bias(r, vocab_size)) for r in requests]
+                            self._generator(r), self._fixed_tensors(r, vocab_size)) for r in requests]
         grammar = _grammar_mask(requests, vocab_size)
         return SamplingBatch.build(rows, vocab_size, self.device, grammar)
 
@@ -133,14 +133,12 @@ class ModelRunner:
             request.generator = seeded_generator(seed, self.device)
         return request.generator
 
-    def _logit_bias(self, request: Request, vocab_size: int) -> LogitBias | None:
-        """A request's logit_bias as tensors, made on its first sampled step and kept."""
-        if not request.sampling_params.logit_bias:
-            return None
-        if request.logit_bias is None:
-            request.logit_bias = LogitBias.of(request.sampling_params.logit_bias, vocab_size,
-                                              self.device)
-        return request.logit_bias
+    def _fixed_tensors(self, request: Request, vocab_size: int) -> RequestTensors:
+        """A request's logit_bias and prompt ids as tensors, made on its first sampled step."""
+        if request.fixed_tensors is None:
+            request.fixed_tensors = RequestTensors.of(
+                request.sampling_params, request.prompt_token_ids, vocab_size, self.device)
+        return request.fixed_tensors
 
     def _build_batch(self, sched: SchedulerOutput) -> StepBatch:
         input_ids: list[int] = []

@@ -274,15 +274,13 @@ def _apply_repetition_penalty(flat_logits: torch.Tensor, seen: torch.Tensor,
 def _apply_presence_frequency(flat_logits: torch.Tensor, penalties: Penalties, vocab: int) -> None:
     """OpenAI: x -= frequency * count + presence * (count > 0), counting output tokens only.
 
-    Counts come from one scatter_add into a [B * V] count tensor; only the positions of
-    output tokens are then read and written.
+    Counts come from the distinct positions of the output tokens (no [B, V] count tensor: 16 MB
+    to clear every step at 16 rows of a 262k vocabulary); only those positions are read and
+    written.
     """
-    index = penalties.output_index  # [O]
-    counts = torch.zeros(flat_logits.shape, dtype=torch.float32, device=flat_logits.device)
-    counts.scatter_add_(0, index, torch.ones(index.shape, dtype=torch.float32,
-                                             device=index.device))
-    row = index // vocab  # [O]
-    flat_logits[index] = (flat_logits[index] - penalties.frequency[row] * counts[index]
+    index, counts = torch.unique(penalties.output_index, return_counts=True)  # [U]
+    row = index // vocab  # [U]
+    flat_logits[index] = (flat_logits[index] - penalties.frequency[row] * counts.to(torch.float32)
                           - penalties.presence[row])
 
 

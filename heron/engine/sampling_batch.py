@@ -44,7 +44,7 @@ class SamplingRow:
     token_ids: Sequence[int]  # prompt + output so far
     num_prompt_tokens: int
     generator: torch.Generator | None = None  # a seeded request's own (advances per draw)
-    logit_bias: LogitBias | None = None  # params.logit_bias as tensors; made here when None
+    fixed: RequestTensors | None = None  # made from params and the prompt here when None
 
     @property
     def num_output_tokens(self) -> int:
@@ -52,18 +52,26 @@ class SamplingRow:
 
 
 @dataclass(frozen=True)
-class LogitBias:
-    """A request's ``logit_bias`` entries inside the vocabulary, as tensors. The runner makes
-    them once per request: walking a mapping of thousands of entries on every step held up the
-    step of every request in the batch."""
+class RequestTensors:
+    """What the penalties read of a request that does not change while it runs, as tensors the
+    runner makes once and keeps on the request: walking a large logit_bias mapping, or a long
+    prompt for repetition_penalty, on every step held up the step of every request in the batch
+    (in process, default model: 20,000 bias entries made a token 16.6 ms against 7.95; building
+    one row's penalties with repetition_penalty took 0.83 ms at an 8,000-token prompt and 3.1 ms
+    at 32,000, 0.07-0.09 ms from the kept tensors)."""
 
-    token_ids: torch.Tensor  # [N] int64
-    values: torch.Tensor  # [N] float32
+    bias_ids: torch.Tensor  # [N] int64: logit_bias entries inside the vocabulary
+    bias_values: torch.Tensor  # [N] float32
+    prompt_ids: torch.Tensor  # [P] int64: the prompt's ids inside the vocabulary where
+    #                           repetition_penalty reads them, else empty
 
     @classmethod
-    def of(cls, bias: dict[int, float], vocab: int, device: torch.device) -> LogitBias:
-        kept = [(t, b) for t, b in bias.items() if 0 <= t < vocab]
-        return cls(_ints([t for t, _ in kept], device), _floats([b for _, b in kept], device))
+    def of(cls, params: SamplingParams, prompt: Sequence[int], vocab: int,
+           device: torch.device) -> RequestTensors:
+        bias = [(t, b) for t, b in (params.logit_bias or {}).items() if 0 <= t < vocab]
+        seen = [t for t in prompt if 0 <= t < vocab] if params.repetition_penalty != 1.0 else []
+        return cls(_ints([t for t, _ in bias], device), _floats([b for _, b in bias], device),
+                   _ints(seen, device))
 
 
 @dataclass(frozen=True)
@@ -185,26 +193,37 @@ def _any_penalty(rows: Sequence[SamplingRow]) -> bool:
 
 def _penalties(rows: Sequence[SamplingRow], vocab: int, device: torch.device) -> Penalties:
     params = [r.params for r in rows]
-    bias = [(i, r.logit_bias or LogitBias.of(r.params.logit_bias, vocab, device))
-            for i, r in enumerate(rows) if r.params.logit_bias]
+    fixed = [r.fixed or RequestTensors.of(r.params, r.token_ids[:r.num_prompt_tokens], vocab, device)
+             for r in rows]
     banned = [i * vocab + t for i, r in enumerate(rows)
               if r.num_output_tokens < r.params.min_tokens
               for t in r.params.all_stop_token_ids if 0 <= t < vocab]
-    seen = [i * vocab + t for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0
-            for t in r.token_ids if 0 <= t < vocab]
-    output = [i * vocab + t for i, r in enumerate(rows)
-              if r.params.presence_penalty != 0.0 or r.params.frequency_penalty != 0.0
-              for t in r.token_ids[r.num_prompt_tokens:] if 0 <= t < vocab]
+    seen: list[torch.Tensor] = []  # repetition_penalty: prompt and output ids
+    output: list[torch.Tensor] = []  # presence / frequency: output ids
+    for i, (r, f) in enumerate(zip(rows, fixed, strict=True)):
+        repetition = r.params.repetition_penalty != 1.0
+        counted = r.params.presence_penalty != 0.0 or r.params.frequency_penalty != 0.0
+        if not (repetition or counted):
+            continue
+        out = _ints([t for t in r.token_ids[r.num_prompt_tokens:] if 0 <= t < vocab], device)
+        if repetition:
+            seen += [f.prompt_ids + i * vocab, out + i * vocab]
+        if counted:
+            output.append(out + i * vocab)
     return Penalties(
-        bias_index=torch.cat([b.token_ids + i * vocab for i, b in bias]) if bias else _ints([], device),
-        bias_values=torch.cat([b.values for _, b in bias]) if bias else _floats([], device),
+        bias_index=_cat([f.bias_ids + i * vocab for i, f in enumerate(fixed)], torch.int64, device),
+        bias_values=_cat([f.bias_values for f in fixed], torch.float32, device),
         banned_index=_ints(banned, device),
         repetition=_floats([p.repetition_penalty for p in params], device),
-        seen_index=_ints(seen, device),
+        seen_index=_cat(seen, torch.int64, device),
         frequency=_floats([p.frequency_penalty for p in params], device),
         presence=_floats([p.presence_penalty for p in params], device),
-        output_index=_ints(output, device),
+        output_index=_cat(output, torch.int64, device),
     )
+
+
+def _cat(parts: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=device)
 
 
 def _ints(values: list[int], device: torch.device) -> torch.Tensor:
