@@ -28,7 +28,7 @@ CACHE_ENV_VAR = "HERON_CACHE_DIR"
 # config built by heron from the GGUF metadata.
 # 3: config with the file's RoPE scaling, byte-level BPE tokenizers built by heron, SentencePiece
 # space prefix as llama.cpp, eos ids with <|end_of_text|> and the file's EOT / EOM ids.
-# 4: config with attention_bias / mlp_bias where the file has those bias tensors.
+# 4: config with attention_bias / mlp_bias (or heron's qkv_bias) where the file has those bias tensors.
 CACHE_FORMAT = 4
 _HASH_CHUNK = 1 << 20
 _STALE_AFTER_S = 3600.0  # a temporary this old belongs to a process that died

@@ -183,6 +183,24 @@ def test_file_without_kv_head_count_has_as_many_as_heads(
     torch.testing.assert_close(logits, hf_logits(hf, prompt), atol=1e-4, rtol=1e-4)
 
 
+def test_llama_file_with_biases_on_q_k_v_only(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A llamafied Qwen: Qwen2's weights (biases on q/k/v, none on o) in a llama-architecture
+    file, its q/k rows and biases permuted as llama.cpp's converter does. It loads as the Qwen2
+    model it is (before: a missing o_proj bias, or the q/k/v biases left unread)."""
+    import tests.gguf_files as files
+
+    monkeypatch.setitem(files.GGUF_ARCH, "qwen2", "llama")
+    hf = make_hf_model(transformers.Qwen2Config(**SMALL, max_position_embeddings=64,
+                                                tie_word_embeddings=False), seed=1)
+    path = write_gguf(tmp_path / "llamafied.gguf", hf, synthetic_vocab(SMALL["vocab_size"]))
+    assert GGUFModel(path).file.architecture == "llama"
+    model = load_model(ModelConfig(model=str(path)), torch.device("cpu"), torch.float32).model
+    prompt = list(range(5, 25))
+    logits = PagedSession(model.eval()).step({0: prompt})[0]
+    torch.testing.assert_close(logits, hf_logits(hf, prompt), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("extra", [[], ["blk.0.ffn_gate_inp.weight"]], ids=["plain", "router"])
 def test_tensors_the_model_does_not_take_are_reported(
         extra: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

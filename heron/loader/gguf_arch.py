@@ -146,12 +146,15 @@ _MLP_BIAS_ARCHS = ("llama",)
 
 def _bias_config(gguf_file: GGUFFile) -> dict[str, Any]:
     """``attention_bias`` / ``mlp_bias`` where the file has such bias tensors (Llama-architecture
-    models with biases, e.g. "llamafied" Qwen or InternLM)."""
+    models with biases, e.g. "llamafied" Qwen or InternLM); ``qkv_bias`` where only q/k/v have
+    one (a llamafied Qwen: transformers' Llama has no such flag, heron's does)."""
     arch = gguf_file.architecture
     biases = {info.name.split(".")[-2] for info in gguf_file.tensors if info.name.endswith(".bias")}
     out = {}
-    if arch in _ATTENTION_BIAS_ARCHS and biases & {"attn_q", "attn_k", "attn_v", "attn_output"}:
+    if arch in _ATTENTION_BIAS_ARCHS and "attn_output" in biases:
         out["attention_bias"] = True
+    elif arch in _ATTENTION_BIAS_ARCHS and biases & {"attn_q", "attn_k", "attn_v"}:
+        out["qkv_bias"] = True  # heron's key (models/llama.py): q/k/v only, Qwen2's layout
     if arch in _MLP_BIAS_ARCHS and biases & {"ffn_gate", "ffn_up", "ffn_down"}:
         out["mlp_bias"] = True
     return out

@@ -3,7 +3,8 @@
     embed -> N x [x += attn(norm(x)); x += mlp(norm(x))] -> norm -> lm_head (maybe tied)
 
 Differences between the families are flags, read from the HF config:
-  - Qwen2: bias on q/k/v (``LlamaVariant.qkv_bias``); Llama: ``attention_bias`` / ``mlp_bias``.
+  - Qwen2: bias on q/k/v (``LlamaVariant.qkv_bias``); Llama: ``attention_bias`` / ``mlp_bias``,
+    or heron's ``qkv_bias`` (a GGUF of a llamafied Qwen: biases on q/k/v only).
   - Qwen3: RMSNorm over each head of q and k before RoPE (``LlamaVariant.qk_norm``).
   - Mistral / Qwen2 / Qwen3: a sliding window where the config enables it.
 """
@@ -77,8 +78,8 @@ class LlamaAttention(nn.Module):
         self.head_dim = head_dim_of(config)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         bias = bool(getattr(config, "attention_bias", False))
-        self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size],
-                                     bias=bias or variant.qkv_bias)
+        qkv_bias = bias or variant.qkv_bias or bool(getattr(config, "qkv_bias", False))
+        self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=qkv_bias)
         self.o_proj = Linear(q_size, config.hidden_size, bias=bias)
         self.eps = config.rms_norm_eps
         self.head_norms: HeadNorms | None = None
