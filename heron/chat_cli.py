@@ -18,10 +18,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
@@ -176,7 +177,7 @@ class RemoteChat:
 
 
 def _sse_pieces(response: httpx.Response) -> Iterator[Piece]:
-    for line in response.iter_lines():
+    for line in sse_lines(response.iter_text()):
         if not line.startswith("data:"):
             continue
         data = line[5:].strip()
@@ -191,6 +192,29 @@ def _sse_pieces(response: httpx.Response) -> Iterator[Piece]:
         for choice in chunk.get("choices") or []:
             text = (choice.get("delta") or {}).get("content") or ""
             yield Piece(text, None, choice.get("finish_reason"))
+
+
+_SSE_LINE_END = re.compile(r"\r\n|\n|\r")
+
+
+def split_sse_lines(text: str) -> tuple[list[str], str]:
+    """The complete lines of ``text`` and what is left, split at CR LF, LF or CR only, as the
+    SSE format says: httpx's ``iter_lines`` also splits at NEL, U+2028 and the other
+    ``str.splitlines`` breaks, which a server may send raw inside a JSON string (llama.cpp's
+    server does), cutting an event in two. A CR at the end waits: it may be half of a CR LF."""
+    held = text.endswith("\r")
+    *lines, rest = _SSE_LINE_END.split(text[:-1] if held else text)
+    return lines, rest + "\r" if held else rest
+
+
+def sse_lines(chunks: Iterable[str]) -> Iterator[str]:
+    """The lines of an event stream arriving in ``chunks`` (see ``split_sse_lines``)."""
+    rest = ""
+    for chunk in chunks:
+        lines, rest = split_sse_lines(rest + chunk)
+        yield from lines
+    if rest:
+        yield rest.removesuffix("\r")
 
 
 def _error_text(response: httpx.Response) -> str:

@@ -149,6 +149,24 @@ def test_prefix_cache_hit_rate_from_usage() -> None:
         silent, ClientConfig("http://x", "m")).splitlines())
 
 
+def test_event_stream_lines_split_at_cr_and_lf_only() -> None:
+    """A JSON string may hold NEL or U+2028 raw (llama.cpp's server sends them so): the event
+    stays whole, whatever the chunks; CR LF, LF and CR end lines, split across chunks or not."""
+    text = "a\u2028b\x85c\u2029d\x0be"
+    event = "data: " + json.dumps({"text": text}, ensure_ascii=False)
+    stream = f": hi\r\n{event}\r\n\r\n{event}\n\ndata: [DONE]\r"
+    for size in (1, 3, len(stream)):
+        chunks = [stream[i:i + size] for i in range(0, len(stream), size)]
+
+        async def parsed(chunks: list[str] = chunks) -> list[dict]:
+            async def source() -> AsyncIterator[str]:
+                for chunk in chunks:
+                    yield chunk
+            return [data async for _, data in serve.sse_events(serve.sse_lines(source()))]
+
+        assert asyncio.run(parsed()) == [{"text": text}] * 2
+
+
 def test_arrival_offsets() -> None:
     assert arrival_offsets(5, math.inf, random.Random(0)) == [0.0] * 5
     offsets = arrival_offsets(2000, 4.0, random.Random(1))

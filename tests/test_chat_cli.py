@@ -4,6 +4,7 @@ an answer can be stopped halfway and a finished one compared with the API's."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from heron import chat_cli
 from tests.server_utils import REPO_ROOT, RemoteServer
 from tests.tiny_models import save_tiny_chat_model
 
@@ -164,3 +166,13 @@ def wait_idle(server: RemoteServer, timeout_s: float = 10.0) -> None:
             return
         assert time.monotonic() < deadline, "the server still runs the stopped request"
         time.sleep(0.1)
+
+
+def test_stream_lines_split_at_cr_and_lf_only() -> None:
+    """NEL and U+2028 may come raw inside an event's JSON (llama.cpp's server sends them so):
+    the event stays one line however the text arrives; CR LF, LF and CR end lines."""
+    event = "data: " + json.dumps({"text": "a\u2028b\x85c"}, ensure_ascii=False)
+    stream = f"{event}\r\n\r\n{event}\n\ndata: [DONE]\r"
+    for size in (1, 4, len(stream)):
+        chunks = [stream[i:i + size] for i in range(0, len(stream), size)]
+        assert list(chat_cli.sse_lines(chunks)) == [event, "", event, "", "data: [DONE]"]

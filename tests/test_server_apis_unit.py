@@ -14,7 +14,7 @@ import pytest
 from heron.server.inputs import ChatInput, Limits
 from heron.server.messages import _MessageBuilder
 from heron.server.models import served_endpoints
-from heron.server.protocol import ChatMessage, make_error
+from heron.server.protocol import ChatMessage, make_error, sse_event
 from heron.server.protocol_anthropic import (
     AnthropicResponse,
     AnthropicUsage,
@@ -330,3 +330,12 @@ def test_models_list_the_routes_that_serve_them() -> None:
     assert served_endpoints(ctx(None)) == text_only  # type: ignore[arg-type]
     assert served_endpoints(ctx("{{ messages }}")) == sorted(text_only + [  # type: ignore[arg-type]
         "/v1/chat/completions", "/v1/messages", "/v1/messages/count_tokens", "/v1/responses"])
+
+
+def test_sse_events_escape_the_line_breaks_json_leaves_raw() -> None:
+    """NEL, U+2028 and U+2029 go out as JSON escapes: the event is one line for any splitter,
+    and the data parses to the same string."""
+    body = {"text": "a\u2028b\x85c\u2029d"}
+    event = sse_event(json.dumps(body, ensure_ascii=False), "delta")
+    assert event.splitlines() == ["event: delta", 'data: {"text": "a\\u2028b\\u0085c\\u2029d"}', ""]
+    assert json.loads(event.splitlines()[1][len("data: "):]) == body

@@ -234,6 +234,26 @@ def test_logprobs_report_the_tokens_of_the_text(client: openai.OpenAI) -> None:
     assert all(len(top) >= 2 for top in lp.top_logprobs)
 
 
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_line_separators_in_the_text_reach_a_line_splitting_client_whole(
+        server: RemoteServer, route: str) -> None:
+    """Text holding NEL, U+2028 and U+2029 (forced by a choice here): httpx's ``iter_lines``
+    splits lines as ``str.splitlines`` does, so each must come escaped in the event's JSON (a
+    raw one cut an event in two: a failed request in ``heron bench peers``)."""
+    text = "a\u2028b\x85c\u2029d"
+    ask: dict[str, Any] = ({"prompt": "Say it:"} if route == "/v1/completions"
+                           else {"messages": [{"role": "user", "content": "Say it."}]})
+    body = {"model": MODEL, **ask, "max_tokens": 20, "stream": True, "guided_choice": [text]}
+    with httpx.stream("POST", server.url(route), json=body, timeout=60) as response:
+        assert response.status_code == 200
+        events = [line[len("data: "):] for line in response.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    choices = [json.loads(event)["choices"] for event in events]  # every event whole
+    key = "text" if route == "/v1/completions" else "delta"
+    parts = [c[0][key] if key == "text" else c[0][key].get("content") or "" for c in choices if c]
+    assert "".join(parts) == text
+
+
 def test_a_length_cut_reports_length(client: openai.OpenAI) -> None:
     answer = chat(client, ASK_PERSON, max_tokens=4, response_format={"type": "json_object"})
     assert answer.choices[0].finish_reason == "length"

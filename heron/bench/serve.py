@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from heron.bench.datasets import DATASETS, DatasetSpec, SampleRequest
+from heron.chat_cli import split_sse_lines
 
 if TYPE_CHECKING:
     import httpx
@@ -369,7 +370,7 @@ async def _read_stream(
     response: httpx.Response, record: RequestRecord, stream: _Stream, chat: bool
 ) -> None:
     last = record.start_time
-    async for now, data in sse_events(response.aiter_lines()):
+    async for now, data in sse_events(sse_lines(response.aiter_text())):
         if data.get("error"):
             stream.error = error_message(data)
             return
@@ -411,6 +412,19 @@ def _finish(record: RequestRecord, stream: _Stream, count_tokens: TokenCounter |
         record.output_tokens = count_tokens(record.generated_text)
     else:
         record.output_tokens = len(stream.texts)
+
+
+async def sse_lines(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The lines of an event stream, split at CR LF, LF or CR only (``split_sse_lines``):
+    httpx's ``aiter_lines`` also splits at NEL and U+2028, which llama.cpp's server sends raw
+    inside JSON strings; a request whose text held one counted as failed (half an event)."""
+    rest = ""
+    async for chunk in chunks:
+        lines, rest = split_sse_lines(rest + chunk)
+        for line in lines:
+            yield line
+    if rest:
+        yield rest.removesuffix("\r")
 
 
 async def sse_events(lines: AsyncIterator[str]) -> AsyncIterator[tuple[float, dict[str, Any]]]:

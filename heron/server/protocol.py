@@ -46,6 +46,20 @@ def _error_type(status: int) -> str:
     return "server_error" if status >= 500 else "invalid_request_error"
 
 
+# Line breaks for Python's str.splitlines beyond SSE's CR and LF that a JSON encoder leaves raw
+# inside strings (control characters below 0x20 it escapes already).
+_RAW_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def sse_event(json_text: str, event: str | None = None) -> str:
+    """One server-sent event whose data is ``json_text``, with NEL, LINE SEPARATOR and
+    PARAGRAPH SEPARATOR written as JSON escapes (the same string once parsed): a client that
+    splits the stream into lines as ``str.splitlines`` does (httpx's ``aiter_lines``, and the
+    clients built on it) cut an event holding one of them in two, and failed to parse it."""
+    head = f"event: {event}\n" if event is not None else ""
+    return f"{head}data: {json_text.translate(_RAW_LINE_BREAKS)}\n\n"
+
+
 class ErrorInfo(BaseModel):
     message: str
     type: str

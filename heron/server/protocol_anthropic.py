@@ -29,6 +29,7 @@ from heron.server.protocol import (
     ToolCall,
     check_chat,
     parse_part,
+    sse_event,
 )
 from heron.structured.params import StructuredOutputsParams
 from heron.structured.tools import ToolSpec
@@ -330,4 +331,4 @@ def event(event_type: str, **fields: Any) -> str:
     body: dict[str, Any] = {"type": event_type}
     for key, value in fields.items():
         body[key] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
-    return f"event: {event_type}\ndata: {json.dumps(body, ensure_ascii=False)}\n\n"
+    return sse_event(json.dumps(body, ensure_ascii=False), event_type)

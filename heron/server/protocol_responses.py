@@ -32,6 +32,7 @@ from heron.server.protocol import (
     ToolCall,
     check_chat,
     parse_part,
+    sse_event,
 )
 from heron.structured.params import StructuredOutputsParams
 from heron.structured.tools import ToolSpec
@@ -402,4 +403,4 @@ def event_json(event_type: str, sequence_number: int, **fields: Any) -> str:
     body = {"type": event_type, "sequence_number": sequence_number}
     for key, value in fields.items():
         body[key] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
-    return f"event: {event_type}\ndata: {json.dumps(body, ensure_ascii=False)}\n\n"
+    return sse_event(json.dumps(body, ensure_ascii=False), event_type)

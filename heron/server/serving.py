@@ -38,6 +38,7 @@ from heron.server.protocol import (
     bad_request,
     make_error,
     param_of,
+    sse_event,
 )
 from heron.server.response_store import ResponseStore
 from heron.structured.grammar import SpecValidator
@@ -206,7 +207,7 @@ def engine_error(e: Exception) -> ErrorResponse:
 
 
 def sse(data: str) -> str:
-    return f"data: {data}\n\n"
+    return sse_event(data)
 
 
 SSE_DONE = sse("[DONE]")
