@@ -150,14 +150,17 @@ class GGUFModel:
             self._prepare_metadata()
         return json.loads(self.cache.generation_config_file.read_text())
 
-    def report_unused(self, hf_names: Iterable[str], model_name: str) -> list[str]:
+    def report_unused(self, hf_names: Iterable[str], model_name: str,
+                      mapping: dict[str, str] | None = None) -> list[str]:
         """The file's tensors that none of ``hf_names`` (a model's whole checkpoint) takes, named
         in a warning: a variant the model code has no place for (an MoE router in a dense
-        model, biases of a flag it lacks) would otherwise run without them, silently."""
+        model, biases of a flag it lacks) would otherwise run without them, silently.
+        ``mapping``: ``gguf_to_hf_names`` of those names, where the caller has it."""
         if not is_fast_arch(self.file):
             return []
-        layers = int(fix_config(self.file)["num_hidden_layers"])
-        mapping = gguf_to_hf_names(self.file, hf_names, layers)
+        if mapping is None:
+            layers = int(fix_config(self.file)["num_hidden_layers"])
+            mapping = gguf_to_hf_names(self.file, hf_names, layers)
         unused = [info.name for info in self.file.tensors
                   if info.name not in mapping and info.name not in _CONFIG_TENSORS]
         if unused:

@@ -54,9 +54,9 @@ def load_gguf_native(model: nn.Module, gguf_model: GGUFModel, checkpoint_names: 
     or ``in_memory``: read into memory on huge pages, see ``GGUFFile.block_rows``); returns the
     bytes of the file that ``GGUFWeight``s read."""
     file = gguf_model.file
-    gguf_model.report_unused(checkpoint_names, type(model).__name__)
     config = fix_config(file)
     mapping = gguf_to_hf_names(file, checkpoint_names, int(config["num_hidden_layers"]))
+    gguf_model.report_unused(checkpoint_names, type(model).__name__, mapping)
     weight_mapping: WeightMapping = getattr(model, "weight_mapping", WeightMapping())
     by_module = _weights_by_module(model, file.tensors, mapping, weight_mapping)
     mapped, provided, native_names = 0, [], set()
