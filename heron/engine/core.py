@@ -28,6 +28,7 @@ from heron.engine.request import LogprobsDict, Request, RequestStatus
 from heron.engine.runner import ModelRunner, prompt_logprobs_chunk
 from heron.engine.scheduler import Scheduler
 from heron.engine.structured import StructuredOutputManager
+from heron.layers.rotary import yarn_context_length
 from heron.loader.prepared import load_prepared_model
 from heron.tokenizer import load_tokenizer
 from heron.tokenizer.load import tokenizer_json_path
@@ -328,11 +329,12 @@ def _vocab_size(hf_config: Any) -> int:
 
 
 def _model_max_len(hf_config: Any) -> int:
+    """The model's context length: its config's, or longer where YaRN scaling extends it."""
     cfg = _text_config(hf_config)
     for name in ("max_position_embeddings", "max_seq_len", "n_positions", "max_sequence_length"):
         value = getattr(cfg, name, None)
         if isinstance(value, int) and value > 0:
-            return value
+            return max(value, yarn_context_length(cfg) or 0)
     return 2048
 
 

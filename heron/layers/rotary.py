@@ -44,6 +44,22 @@ def rope_parameters(config: Any, layer_type: str | None = None) -> dict[str, Any
     return out
 
 
+def yarn_context_length(config: Any) -> int | None:
+    """The context YaRN stretches the RoPE of ``config`` to: ``original_max_position_embeddings
+    x factor`` (the largest over its layer types), None without YaRN. Qwen2.5 / Qwen3 enable
+    YaRN with ``max_position_embeddings`` left at the pre-trained length (32768), so that field
+    alone would cap their context at a quarter of what the scaling is for."""
+    layer_types = getattr(config, "layer_types", None) or []
+    lengths = []
+    for layer_type in {None, *layer_types}:
+        params = rope_parameters(config, layer_type)
+        if params["rope_type"] == "yarn" and params.get("original_max_position_embeddings"):
+            original = params["original_max_position_embeddings"]
+            factor = params.get("factor") or config.max_position_embeddings / original
+            lengths.append(int(original * factor))
+    return max(lengths, default=None)
+
+
 def _base_inv_freq(base: float, dim: int) -> torch.Tensor:
     """[dim // 2] float32: ``base ** (-2i / dim)``."""
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
@@ -107,7 +123,9 @@ def compute_inv_freq(params: dict[str, Any], rotary_dim: int,
         return _llama3_inv_freq(_base_inv_freq(base, rotary_dim), params), 1.0
     if rope_type == "yarn":
         return _yarn_inv_freq(base, rotary_dim, params, max_positions)
-    raise ValueError(f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    raise ValueError(f"RoPE scaling rope_type {rope_type!r} (the config's rope_scaling / "
+                     f"rope_parameters) is not supported; supported: "
+                     f"{', '.join(SUPPORTED_ROPE_TYPES)}")
 
 
 TABLE_STEP = 1024  # RotaryEmbedding's cos / sin tables grow by this many positions at a time
