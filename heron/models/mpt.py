@@ -36,6 +36,12 @@ def mpt_alibi_slopes(num_heads: int, alibi_bias_max: float = 8.0) -> torch.Tenso
     return slopes
 
 
+# Settings transformers' MPT ignores (it would load such a checkpoint and compute something
+# else than the model, or fail on the weights' shapes): heron refuses them by name.
+_PLAIN_NORMS = ("layernorm", "low_precision_layernorm")
+_PLAIN_FFNS = (None, "mptmlp")
+
+
 def _check_supported(config: Any) -> None:
     attn = config.attn_config
     if not attn.alibi:
@@ -43,6 +49,22 @@ def _check_supported(config: Any) -> None:
     for flag in ("qk_ln", "prefix_lm", "attn_uses_sequence_id"):
         if getattr(attn, flag, False):
             raise ValueError(f"MPT with attn_config.{flag}=True is not supported")
+    attn_type = getattr(attn, "attn_type", "multihead_attention")
+    if attn_type != "multihead_attention":
+        raise ValueError(f"MPT with attn_config.attn_type={attn_type!r} is not supported "
+                         "(multihead_attention only)")
+    if not getattr(config, "no_bias", True):
+        raise ValueError("MPT with no_bias=False (biases on projections and norms) is not supported")
+    if getattr(config, "logit_scale", None) is not None:
+        raise ValueError(f"MPT with logit_scale={config.logit_scale!r} is not supported")
+    norm_type = getattr(config, "norm_type", "low_precision_layernorm")
+    if norm_type not in _PLAIN_NORMS:
+        raise ValueError(f"MPT with norm_type={norm_type!r} is not supported "
+                         f"({', '.join(_PLAIN_NORMS)} only)")
+    ffn = getattr(config, "ffn_config", None) or {}
+    ffn_type = ffn.get("ffn_type") if isinstance(ffn, dict) else getattr(ffn, "ffn_type", None)
+    if ffn_type not in _PLAIN_FFNS:
+        raise ValueError(f"MPT with ffn_config.ffn_type={ffn_type!r} is not supported (mptmlp only)")
 
 
 class MptAttention(nn.Module):
