@@ -230,6 +230,22 @@ def test_float16_checkpoint_with_dtype_auto(tmp_path: Path) -> None:
     _assert_logprobs(hf, prompt, output, 1.0 if expected == torch.bfloat16 else LOGPROB_ATOL)
 
 
+def test_float16_dtype_refuses_weights_past_its_range(tmp_path: Path) -> None:
+    """``dtype="float16"`` on a bfloat16 checkpoint with a weight past 65504: a silent cast
+    would make it inf and every logit NaN; the load stops and names the weight."""
+    from safetensors.torch import load_file, save_file
+
+    _write_checkpoint(Case(_llama(), torch_dtype=torch.bfloat16), tmp_path)
+    path = tmp_path / "model" / "model.safetensors"
+    weights = load_file(path)
+    weights["model.layers.1.mlp.down_proj.weight"][3, 5] = -1e5
+    save_file(weights, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.down_proj.weight' holds values "
+                                         r"past float16's range \(\|x\| up to 9.984e\+04"):
+        heron.LLM(str(tmp_path / "model"), dtype="float16", skip_tokenizer_init=True,
+                  kv_cache_memory="8MiB")
+
+
 # Settings heron cannot run: the load stops with an error naming the setting.
 UNSUPPORTED: dict[str, tuple[dict[str, Any], str]] = {
     "dynamic_ntk": (_llama(rope_scaling={"type": "dynamic", "factor": 2.0}),

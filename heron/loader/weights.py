@@ -77,6 +77,17 @@ def _copy(target: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
         raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, "
                          f"the model expects {tuple(target.shape)}")
     target.copy_(tensor)
+    if target.dtype == torch.float16 and tensor.dtype != torch.float16:
+        _check_float16_range(target, tensor, name)
+
+
+def _check_float16_range(target: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
+    """A bfloat16 / float32 value past float16's range turns into inf when cast, and the model
+    into NaN logits: refuse it (``--dtype float16`` on such a checkpoint)."""
+    if not bool(torch.isfinite(target).all()) and bool(torch.isfinite(tensor).all()):
+        largest = float(tensor.abs().max())
+        raise ValueError(f"weight {name!r} holds values past float16's range (|x| up to "
+                         f"{largest:.4g} > 65504): load this checkpoint in bfloat16 or float32")
 
 
 def _check_complete(model: nn.Module, params: dict[str, nn.Parameter],
