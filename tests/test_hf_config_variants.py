@@ -95,6 +95,9 @@ CASES: dict[str, Callable[[], Case]] = {
         torch_dtype=torch.bfloat16, max_shard_size="40KB"),
     "llama_yarn_attention_factor": lambda: Case(_llama(rope_scaling={
         **YARN, "attention_factor": 0.8, "beta_fast": 16, "beta_slow": 2, "truncate": False})),
+    # A top-level original_max_position_embeddings (Phi-3 style) overrides rope_scaling's.
+    "llama_yarn_top_level_original": lambda: Case(_llama(
+        original_max_position_embeddings=16, rope_scaling=dict(YARN))),
     "llama3_rope_scaling": lambda: Case(_llama(rope_theta=500000.0, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 32})),

@@ -21,6 +21,9 @@ from torch import nn
 from heron.layers.norm import cpu_kernel_for, rms_norm_heads
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# The types whose original_max_position_embeddings a top-level config field of that name
+# overrides, as transformers' standardize_rope_params does.
+_PRETRAINED_LENGTH_TYPES = ("llama3", "yarn", "longrope")
 
 
 def rope_parameters(config: Any, layer_type: str | None = None) -> dict[str, Any]:
@@ -38,9 +41,11 @@ def rope_parameters(config: Any, layer_type: str | None = None) -> dict[str, Any
     out["rope_type"] = out.get("rope_type", out.get("type", "default"))
     if "partial_rotary_factor" not in out and getattr(config, "partial_rotary_factor", None):
         out["partial_rotary_factor"] = config.partial_rotary_factor
-    if "original_max_position_embeddings" not in out:
-        out["original_max_position_embeddings"] = getattr(
-            config, "original_max_position_embeddings", getattr(config, "max_position_embeddings", None))
+    top_level = getattr(config, "original_max_position_embeddings", None)
+    if top_level is not None and out["rope_type"] in _PRETRAINED_LENGTH_TYPES:
+        out["original_max_position_embeddings"] = top_level  # transformers: it wins (Phi-3 style)
+    out.setdefault("original_max_position_embeddings",
+                   top_level or getattr(config, "max_position_embeddings", None))
     return out
 
 
