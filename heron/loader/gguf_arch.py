@@ -14,7 +14,9 @@ every element of the 262k-entry vocabulary arrays in Python just to build a conf
 - fixes: llama.cpp permutes llama's q/k rows (rotary pairs adjacent) and stores Gemma norms
   as ``1 + w``; both are undone here, in float32, as transformers does.
 
-Other architectures are left to transformers (``is_fast_arch`` is False for them).
+MPT, which transformers' GGUF loader lacks, takes its config from ``gguf_mpt`` instead (its
+tensors need no fix). Other architectures are left to transformers (``is_fast_arch`` is False
+for them).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import gguf
 import numpy as np
 
 from heron.loader.gguf_file import GGUFFile
+from heron.loader.gguf_mpt import mpt_config_dict
 from heron.loader.gguf_rope import rope_config
 
 if TYPE_CHECKING:  # the fixes only call tensor methods: torch itself is never needed here
@@ -72,6 +75,7 @@ _TENSOR_FIXES: dict[str, TensorFix] = {
     "qwen2": _no_fix,
     "qwen3": _no_fix,
     "gemma3": _undo_norm_offset,
+    "mpt": _no_fix,  # config: gguf_mpt
 }
 
 
@@ -95,6 +99,8 @@ def hf_config_dict(gguf_file: GGUFFile) -> dict[str, Any]:
     from transformers.integrations import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
 
     arch = gguf_file.architecture
+    if arch == "mpt":
+        return mpt_config_dict(gguf_file)
     names = {info.name for info in gguf_file.tensors}
     config: dict[str, Any] = {"tie_word_embeddings": "output.weight" not in names}
     for key, value in GGUF_CONFIG_DEFAULTS_MAPPING.get(arch, {}).items():

@@ -11,7 +11,11 @@ pre           split regex            ignore_merges   NFC       adds BOS
 ============  =====================  ==============  ========  ============
 llama-bpe     Llama 3 (digits 1-3)   yes             no        yes
 qwen2         Qwen2 (single digits)  no              yes       no
+mpt, olmo     GPT-2                  no              yes       no
 ============  =====================  ==============  ========  ============
+
+(``olmo``: llama.cpp's converter writes it for GPT-NeoX's tokenizer, MPT's, whose check hash
+OLMo shares; llama.cpp reads both names alike.)
 
 - ``ignore_merges``: a pre-token that is a whole vocabulary entry is that token, whatever the
   merges would make of it (Llama 3: "Cửa Việt" is 3 tokens, not 5);
@@ -37,6 +41,8 @@ _CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
 _TAIL = r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 LLAMA3_SPLIT = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|" + _TAIL
 QWEN2_SPLIT = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|" + _TAIL
+# GPT-2's (byte-level ``use_regex``), which GPT-NeoX's tokenizer (MPT's) uses, NFC first
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,9 @@ class PreTokenizer:
 
 _LLAMA3 = PreTokenizer(LLAMA3_SPLIT, ignore_merges=True, nfc=False, add_bos=True)
 _QWEN2 = PreTokenizer(QWEN2_SPLIT, ignore_merges=False, nfc=True, add_bos=False)
-PRE_TOKENIZERS = {"llama-bpe": _LLAMA3, "llama3": _LLAMA3, "llama-v3": _LLAMA3, "qwen2": _QWEN2}
+_MPT = PreTokenizer(GPT2_SPLIT, ignore_merges=False, nfc=True, add_bos=False)
+PRE_TOKENIZERS = {"llama-bpe": _LLAMA3, "llama3": _LLAMA3, "llama-v3": _LLAMA3, "qwen2": _QWEN2,
+                  "mpt": _MPT, "olmo": _MPT}
 
 
 def byte_level_pre_tokenizer(metadata: dict[str, Any]) -> PreTokenizer | None:
