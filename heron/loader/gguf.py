@@ -139,7 +139,8 @@ class GGUFModel:
         import), else ``config()``, which writes the snapshot."""
         if self.cache.plain_config_file.is_file():
             try:
-                return PlainConfig(**json.loads(self.cache.plain_config_file.read_text()))
+                return PlainConfig.from_snapshot(
+                    json.loads(self.cache.plain_config_file.read_text()))
             except (OSError, ValueError, TypeError):  # unreadable: use the full config
                 pass
         return self.config()

@@ -23,16 +23,32 @@ if TYPE_CHECKING:
     AnyModelConfig: TypeAlias = "PretrainedConfig | PlainConfig"
 
 
+# Marks a nested config in a snapshot (MPT's ``attn_config``, an ``MptAttentionConfig``).
+_NESTED = "__plain_config__"
+
+
 class PlainConfig(SimpleNamespace):
     """A transformers config's attributes (see ``snapshot``); the text config of itself."""
+
+    @classmethod
+    def from_snapshot(cls, values: dict[str, Any]) -> PlainConfig:
+        """The config of a ``snapshot``, nested configs as ``PlainConfig`` too."""
+        return cls(**{name: _unnested(value) for name, value in values.items()})
 
     def get_text_config(self, *args: object, **kwargs: object) -> PlainConfig:
         return self
 
 
+def _unnested(value: Any) -> Any:
+    if isinstance(value, dict) and set(value) == {_NESTED}:
+        return PlainConfig.from_snapshot(value[_NESTED])
+    return value
+
+
 def snapshot(config: object) -> dict[str, Any] | None:
     """Every attribute of ``config`` whose value is JSON (fields, properties, ``attribute_map``
-    aliases; tuples become lists); None for configs with a separate text config (multimodal)."""
+    aliases; tuples become lists) or a nested config (its own snapshot, marked); None for
+    configs with a separate text config (multimodal)."""
     get_text_config = getattr(config, "get_text_config", None)
     if get_text_config is not None and get_text_config() is not config:
         return None
@@ -62,6 +78,9 @@ def _json_value(config: object, name: str) -> Any:
         value = getattr(config, name)
         if callable(value):
             return _SKIP
+        if callable(getattr(value, "to_dict", None)) and hasattr(value, "get_text_config"):
+            nested = snapshot(value)  # a config within the config
+            return _SKIP if nested is None else {_NESTED: nested}
         json.dumps(value)
         return value
     except Exception:  # noqa: BLE001 - a property that does not apply, a value not JSON
