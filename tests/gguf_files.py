@@ -9,7 +9,10 @@ What the converter does and this writer does too: hyperparameters under ``{arch}
 RoPE scaling as metadata (linear, YaRN) or as the ``rope_freqs`` tensor (llama3); llama's
 q/k rows permuted so that rotary pairs are adjacent; Gemma norms stored as ``1 + w``; no
 ``output.weight`` when the embedding is tied; 2-D weights in F16 (``float16``) or F32, 1-D
-tensors in F32. Mistral is written as ``llama``, as the converter does.
+tensors in F32. Mistral is written as ``llama``, as the converter does. MPT as its converter
+(``MPTModel``) writes it: ``max_seq_len`` as the context length, 4 * d_model as the feed-forward
+length and 1e-5 as the LayerNorm epsilon whatever the config says, ``clip_qkv`` as
+``clamp_kqv``, ``alibi_bias_max`` as ``max_alibi_bias``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from heron.loader.gguf_file import GGUFFile
 
 DATA = Path(__file__).parent / "data"
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-             "gemma3_text": "gemma3"}
+             "gemma3_text": "gemma3", "mpt": "mpt"}
 _ARCH_ENUM = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
 _SEPARATOR = "\n__ggml_vocab_test__\n"
 
@@ -102,9 +105,12 @@ def write_gguf(path: Path, model: nn.Module, vocab: Vocab, float16: bool = False
     arch = GGUF_ARCH[config.model_type]
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(f"tiny {config.model_type}")
-    _write_hparams(writer, config, arch)
-    rope = _full_attention_rope(config)
-    _write_rope_scaling(writer, rope)
+    rope = {} if arch == "mpt" else _full_attention_rope(config)
+    if arch == "mpt":
+        _write_mpt_hparams(writer, config)
+    else:
+        _write_hparams(writer, config, arch)
+        _write_rope_scaling(writer, rope)
     vocab.write(writer)
     for name, array in _tensors(model, arch):
         writer.add_tensor(name, array.astype(np.float16) if float16 and array.ndim == 2 else array)
@@ -139,6 +145,19 @@ def _write_hparams(writer: gguf.GGUFWriter, config: Any, arch: str) -> None:
         writer.add_sliding_window(config.sliding_window)
         if config.final_logit_softcapping:
             writer.add_final_logit_softcapping(config.final_logit_softcapping)
+
+
+def _write_mpt_hparams(writer: gguf.GGUFWriter, config: Any) -> None:
+    writer.add_context_length(config.max_seq_len)
+    writer.add_embedding_length(config.d_model)
+    writer.add_block_count(config.n_layers)
+    writer.add_feed_forward_length(4 * config.d_model)
+    writer.add_head_count(config.n_heads)
+    writer.add_layer_norm_eps(1e-5)
+    attn = config.attn_config
+    if attn.clip_qkv is not None:
+        writer.add_clamp_kqv(attn.clip_qkv)
+    writer.add_max_alibi_bias(float(attn.alibi_bias_max) if attn.alibi else 0.0)
 
 
 def _full_attention_rope(config: Any) -> dict[str, Any]:
