@@ -183,6 +183,21 @@ def test_file_without_kv_head_count_has_as_many_as_heads(
     torch.testing.assert_close(logits, hf_logits(hf, prompt), atol=1e-4, rtol=1e-4)
 
 
+def test_llama_file_named_mistral_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A llama file whose general.name is exactly "mistral": transformers renames such a file's
+    architecture to "mistral" and then finds no gguf-py tensor names for it ("Unknown gguf
+    model_type: mistral"); heron reads it as the llama file it is."""
+    hf = make_hf_model(_mistral(), seed=2)
+    written = gguf.GGUFWriter.add_name
+    monkeypatch.setattr(gguf.GGUFWriter, "add_name", lambda self, name: written(self, "mistral"))
+    path = write_gguf(tmp_path / "named-mistral.gguf", hf, synthetic_vocab(SMALL["vocab_size"]))
+    assert GGUFModel(path).file.metadata["general.name"] == "mistral"
+    model = load_model(ModelConfig(model=str(path)), torch.device("cpu"), torch.float32).model
+    prompt = list(range(5, 25))
+    logits = PagedSession(model.eval()).step({0: prompt})[0]
+    torch.testing.assert_close(logits, hf_logits(hf, prompt), atol=1e-4, rtol=1e-4)
+
+
 def test_llama_file_with_biases_on_q_k_v_only(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """A llamafied Qwen: Qwen2's weights (biases on q/k/v, none on o) in a llama-architecture

@@ -82,12 +82,9 @@ _TENSOR_FIXES: dict[str, TensorFix] = {
 def is_fast_arch(gguf_file: GGUFFile) -> bool:
     """Whether heron converts this file itself (else transformers does, slowly)."""
     arch = gguf_file.architecture
-    return arch in _TENSOR_FIXES and not _renamed_to_mistral(gguf_file)
-
-
-def _renamed_to_mistral(gguf_file: GGUFFile) -> bool:
-    # transformers' test (``"mistral" in [general.name]``): only a name of exactly "mistral"
-    return gguf_file.architecture == "llama" and gguf_file.metadata.get("general.name") == "mistral"
+    # A llama file named exactly "mistral" is one too: transformers renames its architecture to
+    # "mistral", for which its own weight mapping has no gguf-py name (it fails to load)
+    return arch in _TENSOR_FIXES
 
 
 # ----------------------------------------------------------------------------- config
