@@ -15,6 +15,7 @@ import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
 from heron.config import ParallelConfig
+from heron.engine import dp_launch
 from heron.engine.dp_launch import cpu_split
 from heron.engine.dp_ray import (
     CurveKeys,
@@ -110,6 +111,17 @@ def test_cpu_split() -> None:
         cpu_split(2, 2, [0, 1])
     with pytest.raises(ValueError, match="need at least 3 CPUs"):
         cpu_split(3, None, [0, 1])
+
+
+def test_engine_threads_share_the_cgroups_cpu_quota(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two engines on 16 CPUs each of a host, in a container with --cpus=5: 2 threads each."""
+    monkeypatch.setattr(dp_launch, "cpu_quota", lambda: 5.0)
+    assert dp_launch._engine_threads(16, 2) == 2
+    assert dp_launch._engine_threads(1, 2) == 1
+    monkeypatch.setattr(dp_launch, "cpu_quota", lambda: 1.0)
+    assert dp_launch._engine_threads(8, 4) == 1  # never none
+    monkeypatch.setattr(dp_launch, "cpu_quota", lambda: None)
+    assert dp_launch._engine_threads(16, 2) == 16
 
 
 def test_parallel_config_validates() -> None:

@@ -18,17 +18,33 @@ GiB, MiB = 1 << 30, 1 << 20
 def test_kv_budget_is_a_capped_share_of_available_ram(monkeypatch: pytest.MonkeyPatch) -> None:
     per_token, plenty = 1024, 10**9
     assert memory.kv_budget(3 * GiB, per_token, plenty).nbytes == 3 * GiB  # --kv-cache-memory
-    monkeypatch.setattr(memory, "available_ram", lambda: 5 * GiB)
+    monkeypatch.setattr(memory, "memory_headroom", lambda: None)  # no container limit
+    monkeypatch.setattr(memory, "_host_available_ram", lambda: 5 * GiB)
     auto = memory.kv_budget(None, per_token, plenty)
     assert auto.nbytes == int(5 * GiB * memory.KV_AUTO_SHARE) and "20% of 5.0 GiB" in auto.reason
-    monkeypatch.setattr(memory, "available_ram", lambda: 64 * GiB)
+    monkeypatch.setattr(memory, "_host_available_ram", lambda: 64 * GiB)
     assert memory.kv_budget(None, per_token, plenty).nbytes == memory.KV_AUTO_CAP
-    monkeypatch.setattr(memory, "available_ram", lambda: 10 * MiB)
+    monkeypatch.setattr(memory, "_host_available_ram", lambda: 10 * MiB)
     assert memory.kv_budget(None, per_token, plenty).nbytes == memory.KV_AUTO_FLOOR
-    monkeypatch.setattr(memory, "available_ram", lambda: None)
+    monkeypatch.setattr(memory, "_host_available_ram", lambda: None)
     assert memory.kv_budget(None, per_token, plenty).nbytes == memory.KV_AUTO_CAP
     small = memory.kv_budget(None, per_token, 1000)  # a tiny model needs less than the share
     assert small.nbytes == 1000 * per_token and "need" in small.reason
+
+
+def test_kv_budget_fits_a_containers_memory_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 64 GiB host, a container limited to 3 GiB of which 1 GiB is left: the pool is a share
+    of the 1 GiB (the host's share would be the 2 GiB cap, past the limit: an OOM kill)."""
+    per_token, plenty = 1024, 10**9
+    monkeypatch.setattr(memory, "_host_available_ram", lambda: 64 * GiB)
+    monkeypatch.setattr(memory, "memory_headroom", lambda: 1 * GiB)
+    auto = memory.kv_budget(None, per_token, plenty)
+    assert auto.nbytes == int(1 * GiB * memory.KV_AUTO_SHARE)
+    assert "20% of 1.0 GiB available under the cgroup's memory limit" in auto.reason
+    assert memory.available_ram() == 1 * GiB
+    monkeypatch.setattr(memory, "memory_headroom", lambda: 100 * GiB)  # a limit past the RAM
+    assert memory.available_ram() == 64 * GiB
+    assert "cgroup" not in memory.kv_budget(None, per_token, plenty).reason
 
 
 def test_resident_bytes_of_a_mapped_file(tmp_path: Path) -> None:

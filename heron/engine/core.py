@@ -7,6 +7,7 @@ process; the server drives it in its own process through ``engine/client.py``.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from heron.config import EngineConfig, ModelConfig
+from heron.engine.cgroups import cpu_quota, quota_threads
 from heron.engine.memory import kv_budget, memory_report, weight_bytes
 from heron.engine.messages import (
     EngineInfo,
@@ -42,6 +44,8 @@ class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = resolve_device(config.model.device)
+        if self.device.type == "cpu":
+            fit_threads_to_cpu_quota()
         self.quantization = resolve_quantization(config.model, self.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device,
                                    torch_int4=_runs_torch_int4(self.quantization, self.device),
@@ -71,8 +75,9 @@ class EngineCore:
             lambda: load_tokenizer(config.model).hf, self.info.vocab_size, self.eos_token_ids,
             tokenizer_json=lambda: tokenizer_json_path(config.model))
         self._rejected: list[RequestRejected] = []
-        logger.info("engine ready in %.1f s: %s on %s, weights %s, KV cache %d blocks of %d",
+        logger.info("engine ready in %.1f s: %s on %s%s, weights %s, KV cache %d blocks of %d",
                     time.monotonic() - start, self.info.dtype, self.device,
+                    _threads_label() if self.device.type == "cpu" else "",
                     _weights_kind(self.model), num_blocks, block_size)
         per_block = ModelRunner.kv_bytes_per_block(self.model, block_size, self.dtype)
         logger.info(memory_report(weight_bytes(self.model), num_blocks * per_block,
@@ -214,6 +219,24 @@ class EngineCore:
             logger.warning("max_model_len %d capped to the KV cache size (%d tokens)", wanted, cache_tokens)
             wanted = cache_tokens
         return wanted
+
+
+def fit_threads_to_cpu_quota() -> None:
+    """No more threads than the cgroup's CPU quota (a container's ``--cpus``), which PyTorch's
+    default (the cores it may run on) ignores; ``OMP_NUM_THREADS`` is the user's word and stays."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    threads = torch.get_num_threads()
+    fitted = quota_threads(threads)
+    if fitted < threads:
+        torch.set_num_threads(fitted)
+        logger.info("threads: %d, the cgroup's CPU quota (%.2g CPUs); PyTorch would take %d",
+                    fitted, cpu_quota(), threads)
+
+
+def _threads_label() -> str:
+    threads = torch.get_num_threads()
+    return f" ({threads} thread{'s' if threads > 1 else ''})"
 
 
 def resolve_device(device: str) -> torch.device:

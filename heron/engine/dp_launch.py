@@ -10,9 +10,11 @@ CUDA each engine sees one GPU (``CUDA_VISIBLE_DEVICES``).
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import TYPE_CHECKING, Protocol
 
+from heron.engine.cgroups import cpu_quota
 from heron.engine.client import CoreLauncher, ProcessLauncher, engine_label
 
 if TYPE_CHECKING:
@@ -50,7 +52,7 @@ class ProcessBackend:
         gpus = gpu_split(config, n)
         self.launchers: list[CoreLauncher] = []
         for i in range(n):
-            env = {} if cpus is None else {"OMP_NUM_THREADS": str(len(cpus[i]))}
+            env = {} if cpus is None else {"OMP_NUM_THREADS": str(_engine_threads(len(cpus[i]), n))}
             if gpus is not None:
                 env["CUDA_VISIBLE_DEVICES"] = gpus[i]
             self.launchers.append(
@@ -65,6 +67,12 @@ class ProcessBackend:
 
     def close(self) -> None:
         pass
+
+
+def _engine_threads(cpus: int, engines: int) -> int:
+    """An engine's threads: its CPUs, and its share of the cgroup's CPU quota where one is set."""
+    quota = cpu_quota()
+    return cpus if quota is None else max(1, min(cpus, math.floor(quota / engines)))
 
 
 def cpu_split(n: int, per_engine: int | None, available: list[int]) -> list[list[int]] | None:

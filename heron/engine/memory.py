@@ -9,7 +9,7 @@ At start the engine logs one line::
   are the OS page cache's, shared, and read in as they are used) or read once into memory on
   huge pages (``--gguf-memory``), never converted;
 - KV cache: the pool ``--kv-cache-memory`` sets; by default a share of the RAM still available
-  once the weights are loaded, capped, and never more than ``max_num_seqs`` full-length
+  once the weights are loaded (in a container, of what its memory limit leaves), capped, and never more than ``max_num_seqs`` full-length
   sequences need. Its pages are taken on first use (see ``runner._zeros``);
 - overhead: the process's resident memory besides those (Python, PyTorch, buffers).
 """
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
+
+from heron.engine.cgroups import memory_headroom
 
 KV_AUTO_SHARE = 0.2  # of the RAM available after loading the weights
 KV_AUTO_CAP = 2 << 30
@@ -65,7 +67,21 @@ def weight_bytes(model: nn.Module) -> WeightBytes:
 
 
 def available_ram() -> int | None:
-    """Bytes the OS can give without swapping (Linux MemAvailable; elsewhere free pages)."""
+    """Bytes this process can still take without swapping or being OOM-killed: the host's
+    (Linux MemAvailable; elsewhere free pages), and no more than its cgroup's limit leaves (a
+    container's ``--memory``; ``cgroups.memory_headroom``)."""
+    return _available()[0]
+
+
+def _available() -> tuple[int | None, str]:
+    """``available_ram`` and what bounds it, for the log."""
+    host, headroom = _host_available_ram(), memory_headroom()
+    if headroom is not None and (host is None or headroom < host):
+        return headroom, " under the cgroup's memory limit"
+    return host, ""
+
+
+def _host_available_ram() -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -122,10 +138,11 @@ def kv_budget(configured: int | None, per_token: int, max_tokens_needed: int) ->
     between the floor and the cap, and no more than ``max_tokens_needed`` tokens take."""
     if configured is not None:
         return KVBudget(configured, "--kv-cache-memory")
-    available = available_ram()
+    available, bound = _available()
     share = KV_AUTO_CAP if available is None else int(available * KV_AUTO_SHARE)
     budget = max(KV_AUTO_FLOOR, min(KV_AUTO_CAP, share))
-    reason = (f"auto: {KV_AUTO_SHARE:.0%} of {_human(available)} available" if available is not None
+    reason = (f"auto: {KV_AUTO_SHARE:.0%} of {_human(available)} available{bound}"
+              if available is not None
               else "auto: available RAM unknown") + f", at most {_human(KV_AUTO_CAP)}"
     needed = max_tokens_needed * per_token
     if needed < budget:
