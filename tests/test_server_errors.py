@@ -64,7 +64,7 @@ def completion(**fields: Any) -> dict[str, Any]:
 
 
 BAD_CHAT = [
-    (chat(messages=[{"role": "wizard", "content": "hi"}]), "messages.0.role"),
+    (chat(messages=[{"role": "wizard", "content": "hi"}]), "messages[0].role"),
     (chat(messages=[]), None),
     (chat(messages="hello"), "messages"),
     (
@@ -73,7 +73,7 @@ BAD_CHAT = [
                 {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
             ]
         ),
-        "messages.0.content.0.type",
+        "messages[0].content[0].type",
     ),
     (chat(messages=[{"role": "user"}]), None),
     (chat(temperature=3.5), "temperature"),

@@ -68,18 +68,18 @@ def in_flight(server: RemoteServer) -> float:
 
 SURROGATES = [
     ("/v1/chat/completions", chat(messages=[{"role": "user", "content": "a\ud800"}]),
-     "messages.0.content"),
+     "messages[0].content"),
     ("/v1/chat/completions", chat(messages=[{"role": "user", "content": [
-        {"type": "text", "text": "\udfff"}]}]), "messages.0.content.0.text"),
+        {"type": "text", "text": "\udfff"}]}]), "messages[0].content[0].text"),
     ("/v1/completions", completion(prompt="x\ud800y"), "prompt"),
-    ("/v1/completions", completion(prompt=["ok", "\ud800"]), "prompt.1"),
+    ("/v1/completions", completion(prompt=["ok", "\ud800"]), "prompt[1]"),
     ("/tokenize", {"prompt": "\ud800"}, "prompt"),
     ("/v1/completions", completion(model="m\ud800"), "model"),
-    ("/v1/chat/completions", chat(stop=["fine", "\udc00"]), "stop.1"),
+    ("/v1/chat/completions", chat(stop=["fine", "\udc00"]), "stop[1]"),
     ("/v1/completions", completion(**{"odd\ud800key": 1}), "odd\\ud800key"),
-    ("/v1/responses", {"input": [{"role": "user", "content": "a\ud800"}]}, "input.0.content"),
+    ("/v1/responses", {"input": [{"role": "user", "content": "a\ud800"}]}, "input[0].content"),
     ("/v1/responses", {"input": "x", "instructions": "\udfff"}, "instructions"),
-    ("/v1/embeddings", {"input": ["ok", "\ud800"]}, "input.1"),
+    ("/v1/embeddings", {"input": ["ok", "\ud800"]}, "input[1]"),
 ]
 
 
@@ -181,7 +181,7 @@ def test_stop_strings_are_bounded(server: RemoteServer) -> None:
 
 @pytest.mark.parametrize("body,param", [
     (chat(model="m" * 100_000), "model"),
-    (chat(messages=[{"role": "r" * 100_000, "content": "x"}]), "messages.0.role"),
+    (chat(messages=[{"role": "r" * 100_000, "content": "x"}]), "messages[0].role"),
     (chat(temperature=[0.5] * 50_000), "temperature"),
     (chat(stop=["ok"] * 30_000 + [""]), "stop"),
     (chat(logit_bias={"9" * 5000: 1}), "logit_bias"),

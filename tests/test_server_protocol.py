@@ -31,7 +31,12 @@ from heron.sampling_params import SamplingParams
 from heron.server.app import validation_error
 from heron.server.config import ServerConfig
 from heron.server.metrics import StatsLogger
-from heron.server.protocol import ChatCompletionRequest, CompletionRequest, param_of
+from heron.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    param_of,
+    parse_part,
+)
 from heron.server.serving import top_logprobs
 
 USER = [{"role": "user", "content": "hi"}]
@@ -239,16 +244,78 @@ def test_validation_error_prefers_our_messages_and_strips_union_labels() -> None
         )
     error = validation_error([{**e, "loc": ("body", *e["loc"])} for e in info.value.errors()])
     assert error.status_code == 400
-    assert error.error.param == "messages.0.content.0.type"
+    assert error.error.param == "messages[0].content[0].type"
     assert "content parts of type 'image_url' are not supported" in error.error.message
     assert error.model_dump() == {
         "error": {
             "message": error.error.message,
             "type": "invalid_request_error",
-            "param": "messages.0.content.0.type",
+            "param": "messages[0].content[0].type",
             "code": None,
         }
     }
+
+
+def _validation_error_of(model: type, body: dict, dotted: bool = False) -> tuple[str | None, str]:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as info:
+        model.model_validate(body)
+    errors = [{**e, "loc": ("body", *e["loc"])} for e in info.value.errors()]
+    error = validation_error(errors, dotted).error
+    return error.param, error.message
+
+
+USER_TURNS = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+
+
+@pytest.mark.parametrize("body,param,message", [
+    # A union's members each fail; the error names the place, OpenAI's way, both alternatives.
+    ({"messages": [*USER_TURNS, {"role": "user", "content": 5}]}, "messages[2].content",
+     "messages[2].content: Input should be a valid string or a valid list"),
+    # The member the input meant (a list of parts) goes deepest: its error wins.
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+     "messages[0].content[0].text", "messages[0].content[0].text: Input should be a valid string"),
+    ({"messages": USER_TURNS, "stop": ["x", 1]}, "stop[1]",
+     "stop[1]: Input should be a valid string"),
+    # A model's class name (the union member NamedToolChoice) never shows.
+    ({"messages": USER_TURNS, "tool_choice": {"type": "function", "function": {}}},
+     "tool_choice.function.name", "tool_choice.function.name: Field required"),
+    ({"messages": USER_TURNS, "tool_choice": 3}, "tool_choice",
+     "tool_choice: Input should be 'none', 'auto' or 'required' or a valid dictionary"),
+    ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [
+        {"id": "a", "function": {"name": "f"}}]}]}, "messages[0].tool_calls[0].function.arguments",
+     "messages[0].tool_calls[0].function.arguments: Field required"),
+])
+def test_validation_error_names_the_deepest_field_openai_style(
+    body: dict, param: str, message: str
+) -> None:
+    assert _validation_error_of(ChatCompletionRequest, body) == (param, message)
+
+
+def test_validation_error_paths_of_prompts_and_anthropic_bodies() -> None:
+    from heron.server.protocol_anthropic import MessagesRequest
+
+    assert _validation_error_of(CompletionRequest, {"prompt": [[1, "a"]]}) == (
+        "prompt[0][1]", "prompt[0][1]: Input should be a valid integer")
+    body = {"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": 5}]}
+    assert _validation_error_of(MessagesRequest, body, dotted=True) == (
+        "messages.0.content", "messages.0.content: Input should be a valid string or a valid list")
+
+
+def test_parse_part_paths_have_no_type_labels() -> None:
+    from heron.server.protocol_anthropic import ToolResultBlock
+    from heron.server.protocol_responses import ResponsesRequest
+
+    request = ResponsesRequest.model_validate({"input": [{"role": "user", "content": 5}]})
+    with pytest.raises(ValueError) as info:
+        request.input_messages()
+    assert str(info.value) == "input[0].content: Input should be a valid string or a valid list"
+    with pytest.raises(ValueError) as info:
+        parse_part(ToolResultBlock, {"type": "tool_result", "tool_use_id": "t",
+                                     "content": [{"type": "image"}]}, "messages.0.content.0",
+                   dotted=True)
+    assert str(info.value) == "messages.0.content.0.content.0.type: Input should be 'text'"
 
 
 def test_validation_error_json() -> None:
@@ -268,7 +335,13 @@ def test_validation_error_json() -> None:
 
 def test_param_of() -> None:
     assert param_of("temperature must be in [0, 2], got 3") == "temperature"
-    assert param_of("messages[0].content is required") is None
+    assert param_of("messages[0].content is required") == "messages[0].content"
+    assert param_of("input[2].content[0]: content parts of type 'x'") == "input[2].content[0]"
+    assert param_of("tools.0.type: 'x' is not supported") == "tools.0.type"
+    assert param_of("tools[0]type is wrong") is None
+    # With the request's fields: a message that starts with another word names no field.
+    assert param_of("the prompt is empty", {"prompt"}) is None
+    assert param_of("prompt must not be empty", {"prompt"}) == "prompt"
 
 
 # ---- wire messages --------------------------------------------------------------------------------

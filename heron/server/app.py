@@ -29,7 +29,12 @@ from heron.server.chat import serve_chat
 from heron.server.completions import serve_completion
 from heron.server.config import ServerConfig
 from heron.server.embeddings import serve_embeddings
-from heron.server.messages import AnthropicErrorMiddleware, serve_count_tokens, serve_messages
+from heron.server.messages import (
+    MESSAGES_PATH,
+    AnthropicErrorMiddleware,
+    serve_count_tokens,
+    serve_messages,
+)
 from heron.server.metrics import HTTPCountMiddleware, ServerMetrics, StatsLogger
 from heron.server.models import model_card, model_cards
 from heron.server.protocol import (
@@ -48,6 +53,7 @@ from heron.server.protocol import (
     TokenizeResponse,
     VersionResponse,
     make_error,
+    telling_error,
 )
 from heron.server.protocol_anthropic import (
     AnthropicResponse,
@@ -314,7 +320,8 @@ def _error_json(error: ErrorResponse) -> JSONResponse:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error_json(validation_error(exc.errors()))
+        dotted = request.url.path.startswith(MESSAGES_PATH)  # Anthropic's spelling
+        return _error_json(validation_error(exc.errors(), dotted))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -331,35 +338,20 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error_json(make_error(500, f"internal error: {type(exc).__name__}"))
 
 
-def validation_error(errors: Any) -> ErrorResponse:
-    """pydantic/FastAPI validation errors -> one 400 naming the most telling bad field.
-
-    Our own validators' messages (value errors) win over type mismatches, which for a union
-    field are reported once per member ("not a string", "not a list"...).
-    """
+def validation_error(errors: Any, dotted: bool = False) -> ErrorResponse:
+    """pydantic/FastAPI validation errors -> one 400 naming the most telling bad field
+    (``telling_error``), as OpenAI names it: ``messages[2].content`` (``dotted``:
+    ``messages.2.content``, as Anthropic's API does)."""
     errors = list(errors) or [{"loc": (), "msg": "invalid request", "type": ""}]
     named = next((e for e in errors if e.get("type") == FIELD_ERROR), None)
     if named is not None:  # a model-level check that names its field
         return make_error(400, str(named.get("msg")), param=named["ctx"]["param"])
-    first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
+    first = errors[0]
     if first.get("type") == "json_invalid":
         detail = first.get("ctx", {}).get("error", first.get("msg"))
         return make_error(400, f"the request body is not valid JSON: {detail}", code="invalid_json")
-    param = ".".join(str(p) for p in first.get("loc", ()) if not _is_union_label(p)) or None
-    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    return make_error(400, f"{param}: {message}" if param else message, param=param)
-
-
-def _is_union_label(part: object) -> bool:
-    """'body' and the union-member tags pydantic puts in a location ('str', 'list[int]'...)."""
-    if not isinstance(part, str):
-        return False
-    return (
-        part == "body"
-        or "[" in part
-        or "-" in part
-        or part in ("str", "int", "float", "bool", "list", "dict", "none")
-    )
+    path, message = telling_error(errors, dotted)
+    return make_error(400, f"{path}: {message}" if path else message, param=path or None)
 
 
 # ==== middleware ==================================================================================

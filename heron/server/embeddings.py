@@ -40,7 +40,7 @@ async def serve_embeddings(ctx: ServingContext, request: EmbeddingRequest) -> (
     except RequestError as e:
         return e.error
     except ValueError as e:
-        return value_error(e)
+        return value_error(e, request)
     for i, prompt in enumerate(prompts):
         error = _check_length(ctx, len(prompt.token_ids), "input" if len(prompts) == 1
                               else f"input[{i}]")

@@ -33,7 +33,7 @@ def _escape_char(char: str) -> str:
 
 
 def lone_surrogate_path(body: object) -> str | None:
-    """The dotted path ("messages.0.content") of the first string, or key, in ``body`` that is
+    """The path ("messages[0].content") of the first string, or key, in ``body`` that is
     not valid Unicode (a lone UTF-16 surrogate such as ``"\\ud800"``, which JSON can spell but
     UTF-8 cannot encode); None when there is none."""
     stack: list[tuple[object, str]] = [(body, "")]
@@ -50,7 +50,7 @@ def lone_surrogate_path(body: object) -> str | None:
                     return where
                 stack.append((item, where))
         elif isinstance(value, list):
-            stack.extend((item, f"{path}.{i}" if path else str(i)) for i, item in enumerate(value))
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
     return None
 
 

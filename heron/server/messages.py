@@ -69,7 +69,7 @@ async def serve_count_tokens(ctx: ServingContext,
     except RequestError as e:
         return e.error
     except ValueError as e:
-        return value_error(e)
+        return value_error(e, request)
     return TokenCount(input_tokens=sum(len(p.token_ids) for p in prompts))
 
 

@@ -61,7 +61,7 @@ async def prepare(ctx: ServingContext, request: GenerateRequest) -> PreparedRequ
     except RequestError as e:
         return e.error
     except ValueError as e:
-        return value_error(e)
+        return value_error(e, request)
 
 
 async def _prepare(ctx: ServingContext, request: GenerateRequest) -> PreparedRequest:

@@ -14,9 +14,11 @@ Errors are values: ``ErrorResponse`` carries its HTTP status and renders as
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
@@ -87,22 +89,95 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return make_error(400, message, param=param, code=code)
 
 
-def param_of(message: str) -> str | None:
-    """'temperature must be in [0, 2], got 3' -> 'temperature' (SamplingParams' message style)."""
-    head = message.split(" ", 1)[0].removesuffix(":")  # "tools: ..." names tools too
-    return head if head.isidentifier() else None
+_PATH_HEAD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\[[0-9]+\]|\.[A-Za-z0-9_]+)*")
 
 
-def parse_part(model: type[BaseModelT], raw: Any, where: str) -> BaseModelT:
+def param_of(message: str, fields: Collection[str] | None = None) -> str | None:
+    """The field a message starts with: 'temperature must be in [0, 2], got 3' ->
+    'temperature', 'input[2].call_id: Field required' -> 'input[2].call_id'. With ``fields``
+    (the request's top-level names), a head whose first name is not one of them is no field."""
+    match = _PATH_HEAD.match(message)
+    if match is None or message[match.end():match.end() + 1] not in ("", " ", ":"):
+        return None
+    path = match.group(0)
+    root = re.split(r"[.\[]", path, maxsplit=1)[0]
+    return path if fields is None or root in fields else None
+
+
+# Type names pydantic puts into an error's location for the member of a union that failed
+# ('str', 'list[ContentPart]', 'function-after[...]', a model's class name): no field names.
+_BUILTIN_LABELS = frozenset(("str", "int", "float", "bool", "list", "dict", "none", "body"))
+
+
+def _is_type_label(part: str) -> bool:
+    return (part in _BUILTIN_LABELS or "[" in part or "-" in part
+            or (part[:1].isupper() and part in _model_names()))
+
+
+@functools.cache
+def _model_names() -> frozenset[str]:
+    names: set[str] = set()
+    stack: list[type] = [BaseModel]
+    while stack:
+        cls = stack.pop()
+        names.add(cls.__name__)
+        stack.extend(cls.__subclasses__())
+    return frozenset(names)
+
+
+def loc_path(loc: Iterable[object], dotted: bool = False) -> str:
+    """An error location as a field path: ('body', 'messages', 2, 'list[Part]', 0, 'text') ->
+    'messages[2][0].text' (OpenAI's spelling), or 'messages.2.0.text' with ``dotted``
+    (Anthropic's); type labels of union members are left out."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int) and not dotted:
+            out += f"[{part}]"
+        elif isinstance(part, int) or not _is_type_label(part):
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def telling_error(errors: Sequence[Any], dotted: bool = False) -> tuple[str, str]:
+    """(field path, message) of the most telling of pydantic's errors: the deepest one, since
+    a union reports each member's failure and the member the input meant goes deepest; the
+    members' messages at that place joined ('Input should be a valid string or a valid
+    list'). Our own validators' messages win over type mismatches."""
+    own = [e for e in errors if e.get("type") == "value_error"]
+    pool = own or list(errors)
+    located = [(loc_path(e.get("loc", ()), dotted), e) for e in pool]
+    depth = max(_depth(path) for path, _ in located)
+    path = next(p for p, _ in located if _depth(p) == depth)
+    messages = list(dict.fromkeys(_message(e) for p, e in located if p == path))
+    return path, _join_alternatives(messages)
+
+
+def _depth(path: str) -> int:
+    return path.count(".") + path.count("[") + (1 if path else 0)
+
+
+def _message(error: Any) -> str:
+    text = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    return re.sub(r" or instance of \w+", "", text)
+
+
+def _join_alternatives(messages: list[str]) -> str:
+    head = "Input should be "
+    if len(messages) > 1 and all(m.startswith(head) for m in messages):
+        return head + " or ".join(m.removeprefix(head) for m in messages)
+    return messages[0]
+
+
+def parse_part(model: type[BaseModelT], raw: Any, where: str, dotted: bool = False) -> BaseModelT:
     """Validate one part of a request (an input item, a content block) as ``model``; a bad
     part is a ValueError naming where it is: ``input[2].call_id: Field required``."""
     try:
         return model.model_validate(raw)
     except ValidationError as e:
-        first = e.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise ValueError(f"{where}.{field}: {first['msg']}" if field else
-                         f"{where}: {first['msg']}") from None
+        path, message = telling_error(e.errors(), dotted)
+        if path and not path.startswith("["):
+            path = "." + path
+        raise ValueError(f"{where}{path}: {message}") from None
 
 
 # ==== shared request parts ========================================================================

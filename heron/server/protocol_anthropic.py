@@ -169,7 +169,7 @@ class CountTokensRequest(RequestBody):
             if kind not in (None, "custom"):
                 raise ValueError(f"tools.{i}.type: {short_repr(kind)} is not supported: this server offers "
                                  "custom tools (name, description, input_schema) only")
-            tools.append(parse_part(CustomTool, raw, f"tools.{i}"))
+            tools.append(parse_part(CustomTool, raw, f"tools.{i}", dotted=True))
         return tools
 
     def tool_use(self, tools: list[CustomTool]) -> ToolUse | None:
@@ -251,16 +251,16 @@ def _convert_message(message: AnthropicMessage, where: str) -> list[ChatMessage]
         kind = raw.get("type") if isinstance(raw, dict) else None
         at = f"{where}.content.{j}"
         if kind == "text":
-            texts.append(parse_part(TextBlock, raw, at).text)
+            texts.append(parse_part(TextBlock, raw, at, dotted=True).text)
         elif kind == "tool_use" and message.role == "assistant":
-            use = parse_part(ToolUseBlock, raw, at)
+            use = parse_part(ToolUseBlock, raw, at, dotted=True)
             calls.append(ToolCall(id=use.id, function=FunctionCall(
                 name=use.name, arguments=json.dumps(use.input, ensure_ascii=False))))
         elif kind == "tool_result" and message.role == "user":
             if texts:
                 out.append(ChatMessage(role="user", content="".join(texts)))
                 texts = []
-            result = parse_part(ToolResultBlock, raw, at)
+            result = parse_part(ToolResultBlock, raw, at, dotted=True)
             out.append(ChatMessage(role="tool", tool_call_id=result.tool_use_id,
                                    content=result.text()))
         else:

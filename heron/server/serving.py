@@ -113,9 +113,14 @@ class ServingContext:
         return list(self.tokenizer.token_strings(ids))
 
 
-def value_error(e: ValueError) -> ErrorResponse:
+def value_error(e: ValueError, request: object = None) -> ErrorResponse:
+    """A 400 whose ``param`` is the field path the message starts with (one of ``request``'s
+    fields when it is given: "the prompt..." names no field)."""
     message = str(e)
-    return bad_request(message, param=param_of(message))
+    fields = None
+    if isinstance(request, BaseModel):
+        fields = {*type(request).model_fields, *(request.model_extra or {})}
+    return bad_request(message, param=param_of(message, fields))
 
 
 # ==== the generation driver =======================================================================

@@ -26,7 +26,7 @@ async def serve_tokenize(
     try:
         ids = (await tokenize(ctx, request.to_input()))[0].token_ids
     except ValueError as e:
-        return value_error(e)
+        return value_error(e, request)
     strs = ctx.token_strings(ids) if request.return_token_strs else None
     return TokenizeResponse(
         count=len(ids), max_model_len=ctx.info.max_model_len, tokens=ids, token_strs=strs
