@@ -305,3 +305,28 @@ def test_a_chat_template_error_names_the_messages(
             "message": f"{field}: chat template error: roles must alternate",
             "type": "invalid_request_error", "param": field, "code": None}}
     assert engine.requests == []
+
+
+# ---- bodies that are not JSON a parser takes ------------------------------------------------------
+
+
+def test_bodies_that_do_not_parse_say_why(
+        serve: Callable[..., tuple[TestClient, FakeEngine]]) -> None:
+    """Not FastAPI's 'There was an error parsing the body': which byte is not UTF-8, or that
+    the nesting is too deep; in Anthropic's shape on /v1/messages."""
+    client, engine = serve(always(*tokens("a")))
+    json_type = {"Content-Type": "application/json"}
+    bad_utf8 = b'{"prompt": "ab\xff"}'
+    r = client.post("/v1/completions", content=bad_utf8, headers=json_type)
+    assert (r.status_code, r.json()) == (400, {"error": {
+        "message": "the request body is not valid UTF-8: byte 0xff at offset 14 (invalid start "
+                   "byte)", "type": "invalid_request_error", "param": None, "code": "invalid_json"}})
+    deep = b'{"prompt": "x", "a": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    message = ("the request body nests JSON arrays and objects too deeply (the parser stops "
+               "short of 1000 levels)")
+    r = client.post("/v1/chat/completions", content=deep, headers=json_type)
+    assert (r.status_code, r.json()["error"]["message"]) == (400, message)
+    r = client.post("/v1/messages", content=deep, headers=json_type)
+    assert (r.status_code, r.json()) == (400, {"type": "error", "error": {
+        "type": "invalid_request_error", "message": message}})
+    assert engine.requests == []

@@ -327,6 +327,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if isinstance(exc.detail, ErrorResponse):
             return _error_json(exc.detail)
+        unreadable = body_error(exc.__cause__)
+        if unreadable is not None:
+            return _error_json(unreadable)
         message = str(exc.detail)
         if exc.status_code in (404, 405):
             message = f"{message}: {request.method} {request.url.path}"
@@ -336,6 +339,20 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s", request.url.path)
         return _error_json(make_error(500, f"internal error: {type(exc).__name__}"))
+
+
+def body_error(cause: BaseException | None) -> ErrorResponse | None:
+    """Why FastAPI could not parse a body (it answers 'There was an error parsing the body'
+    for anything but a JSON syntax error): bytes that are not UTF-8, arrays and objects
+    nested past the depth Python's JSON parser takes. None for any other cause."""
+    if isinstance(cause, UnicodeDecodeError):
+        byte = cause.object[cause.start:cause.start + 1].hex()
+        return make_error(400, f"the request body is not valid UTF-8: byte 0x{byte} at offset "
+                               f"{cause.start} ({cause.reason})", code="invalid_json")
+    if isinstance(cause, RecursionError):
+        return make_error(400, "the request body nests JSON arrays and objects too deeply "
+                               "(the parser stops short of 1000 levels)", code="invalid_json")
+    return None
 
 
 def validation_error(errors: Any, dotted: bool = False) -> ErrorResponse:
