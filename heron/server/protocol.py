@@ -216,15 +216,23 @@ def field_error(param: str, message: str) -> PydanticCustomError:
 
 
 class RequestBody(OpenAIBaseModel):
-    """A whole request body: every string and key in it must be valid Unicode.
+    """A whole request body: every string and key in it must be valid Unicode, and the
+    mappings named in ``MAX_ENTRIES`` hold at most that many entries.
 
     JSON can spell a lone UTF-16 surrogate (``"\\ud800"``); Python keeps it in a str that no
     tokenizer, log line or UTF-8 response can take. Such a body is a 400 naming the field.
+    Sizes are checked first, before anything walks the body.
     """
+
+    MAX_ENTRIES: ClassVar[dict[str, int]] = {}
 
     @model_validator(mode="before")
     @classmethod
     def _unicode_only(cls, data: Any) -> Any:
+        for name, limit in cls.MAX_ENTRIES.items():
+            value = data.get(name) if isinstance(data, dict) else None
+            if isinstance(value, dict) and len(value) > limit:
+                raise field_error(name, f"at most {limit} entries are allowed, got {len(value)}")
         path = lone_surrogate_path(data)
         if path is not None:
             raise field_error(path, "the text holds a lone UTF-16 surrogate (such as \\ud800), "
@@ -290,6 +298,12 @@ class StructuredOutputsRequest(BaseModel):
         return StructuredOutputsParams.json_object()
 
 
+# logit_bias entries a request may hold. OpenAI documents no limit but refuses more than 300;
+# each entry costs the API process's event loop ~6 us to validate and convert (200,000 held
+# every stream on the server up ~1.3 s there, ~2.9 s in all). Banning many tokens is a job for
+# structured outputs (a regex, a grammar).
+MAX_LOGIT_BIAS = 1024
+
 # vLLM extras heron does not implement, with the values that ask for nothing: any other value
 # is a 400 (a vLLM client that sends one expects it to change the output).
 VLLM_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
@@ -308,6 +322,8 @@ VLLM_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 
 class SamplingFields(RequestBody):
     """The sampling knobs chat and completions share (OpenAI's, then vLLM's extras)."""
+
+    MAX_ENTRIES: ClassVar[dict[str, int]] = {"logit_bias": MAX_LOGIT_BIAS}
 
     model: str | None = None
     frequency_penalty: float | None = 0.0
