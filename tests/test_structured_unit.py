@@ -494,3 +494,25 @@ def test_json_text_of_tool_constraint_is_stable() -> None:
     b = plan_tool_use([WEATHER, TIME], "required", None, True, None, None).constraint
     assert a == b and a is not None
     assert '"name": {"const": "get_weather"}' in a.spec and '"name": {"const": "get_time"}' in a.spec
+
+
+@pytest.mark.parametrize("spec,message", [
+    (S.regex("a" * 300 + "("),
+     'the regex does not compile: at 1(8): invalid regex "' + "a" * 39 + "..." + "a" * 15
+     + '(" (in regex): regex parse error: ' + "a" * 40 + "..." + "a" * 16
+     + "( error: unclosed group"),
+    (S.grammar("start: \"x\" | undefined_" + "z" * 300),
+     'the grammar does not compile: at 1(8): unknown name: "undefined_' + "z" * 29 + "..."
+     + "z" * 16 + '"'),
+    (S.regex("(abc"), 'the regex does not compile: at 1(8): invalid regex "(abc" (in regex): '
+                      "regex parse error: (abc error: unclosed group"),
+    (S.grammar('start: foo\nfoo: "a" | bar'),
+     'the grammar does not compile: at 2(6): unknown name: "bar"'),
+])
+def test_grammar_errors_keep_the_reason_after_a_long_quote(spec: S, message: str) -> None:
+    """llguidance quotes the spec (twice, with carets under it); a long spec cut at 500
+    characters hid the reason ('unclosed group') behind the quote. Long quotes are cut in the
+    middle, the re-quoted source lines and carets dropped."""
+    with pytest.raises(ValueError) as info:
+        SpecValidator().check(spec)
+    assert str(info.value) == message

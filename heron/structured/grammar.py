@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 JSON_WHITESPACE = r"(?:\n {0,16}| )?"
 _JSON_OPTIONS: JsonCompileOptions = {"whitespace_pattern": JSON_WHITESPACE}
 _MAX_ERROR_CHARS = 500
+_MAX_RUN_CHARS = 60  # a longer quote without blanks is cut in the middle
 
 
 # ==== spec -> grammar text ======================================================================
@@ -158,11 +159,26 @@ def describe_kind(kind: str) -> str:
         kind, "the grammar")
 
 
+_SOURCE_LINE = re.compile(r"\s*\d+ \| ")  # "   1 | start: /(abc/": the grammar quoted again
+_MARKER_LINE = re.compile(r"\s*[\^~]+\s*")  # the caret under the quoted line
+_LONG_RUN = re.compile(rf"\S{{{_MAX_RUN_CHARS + 1},}}")
+
+
 def short_error(message: str) -> str:
-    """llguidance errors can quote whole grammars and dump the parser state: one line, without
-    the state dump, capped."""
-    text = re.sub(r"\s+", " ", message.split("<state>", 1)[0]).strip()
+    """llguidance errors can quote whole grammars and dump the parser state: one line without
+    the state dump, the re-quoted source lines and their carets, each long quote cut in the
+    middle (so that the reason after it, 'error: unclosed group', stays), capped."""
+    lines = message.split("<state>", 1)[0].splitlines()
+    kept = [line for line in lines
+            if not _SOURCE_LINE.match(line) and not _MARKER_LINE.fullmatch(line)]
+    text = re.sub(r"\s+", " ", " ".join(kept)).strip()
+    text = _LONG_RUN.sub(lambda m: _cut_middle(m.group(0)), text)
     return text if len(text) <= _MAX_ERROR_CHARS else text[:_MAX_ERROR_CHARS - 3] + "..."
+
+
+def _cut_middle(run: str) -> str:
+    head = _MAX_RUN_CHARS * 2 // 3
+    return f"{run[:head]}...{run[-(_MAX_RUN_CHARS - head - 3):]}"
 
 
 # ==== validation without a tokenizer =============================================================
