@@ -111,7 +111,7 @@ def test_dimensions_cut_and_renormalise(client: openai.OpenAI) -> None:
     ({"dimensions": HIDDEN + 1}, "dimensions", f"got {HIDDEN + 1}"),
     ({"input": []}, "input", "input must not be empty"),
     ({"input": ""}, "input", "input is empty"),
-    ({"input": ["a", ""]}, None, "input[1] is empty"),
+    ({"input": ["a", ""]}, "input[1]", "input[1] is empty"),
     ({"input": [[1, 2], [300000]]}, "input", "token id 300000 is outside the vocabulary"),
     ({"input": ["a"] * 2049}, "input", "at most 2048 per request"),
     ({"encoding_format": "int8"}, "encoding_format", "encoding_format"),

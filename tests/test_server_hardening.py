@@ -222,20 +222,19 @@ def test_a_constraint_that_cannot_be_met_is_a_400_up_front(
 # ---- item 7: unknown field names ------------------------------------------------------------------
 
 
-def test_unknown_field_names_are_escaped_cut_and_bounded(server: RemoteServer) -> None:
+def test_unknown_field_names_are_400s_escaped_and_cut(server: RemoteServer) -> None:
+    """An unknown field is refused (as OpenAI does) with its name escaped and cut, and
+    nothing is logged of it: a name that forges a log line, or 300 names of 1000
+    characters, cost no log lines."""
     forged = "evil\n2099-01-01 00:00:00 INFO heron: forged line " + "x" * 200_000
-    r = post(server, "/v1/completions", completion(**{forged: 1}))
-    assert r.status_code == 200, r.text
-    many = {f"field_{i:04d}_" + "y" * 1000: i for i in range(300)}  # past the 256 remembered
-    assert post(server, "/v1/completions", completion(**many)).status_code == 200
-    later = {f"later_{i}": i for i in range(10)}
-    assert post(server, "/v1/completions", completion(**later)).status_code == 200
+    message = check_400(post(server, "/v1/completions", completion(**{forged: 1})),
+                        "evil\\n2099-01-01 00:00:00 INFO heron: forged line " + "x" * 11 + "...")
+    assert message.startswith("Unknown parameter: 'evil\\n2099-01-01")
+    many = {f"field_{i:04d}_" + "y" * 1000: i for i in range(300)}
+    assert post(server, "/v1/completions", completion(**many)).status_code == 400
     log = server.log_text()
-    assert "evil\\n2099-01-01" in log
+    assert "evil" not in log and "field_0000" not in log
     assert not any(line.startswith("2099-01-01") for line in log.splitlines())
-    assert max(len(line) for line in log.splitlines()) < 64 * 300
-    assert "further ones are ignored silently" in log
-    assert "later_0" not in log
 
 
 def test_unknown_field_names_cost_no_memory(server: RemoteServer) -> None:
@@ -245,7 +244,7 @@ def test_unknown_field_names_cost_no_memory(server: RemoteServer) -> None:
     before = api.memory_info().rss
     for i in range(40):
         name = f"{i}" + "z" * (1 << 20)
-        assert post(server, "/v1/completions", completion(**{name: 1})).status_code == 200
+        assert post(server, "/v1/completions", completion(**{name: 1})).status_code == 400
     grown = api.memory_info().rss - before
     assert grown < 24 << 20, f"the API process grew by {grown >> 20} MiB"
 

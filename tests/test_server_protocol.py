@@ -205,8 +205,14 @@ def test_unsupported_and_ignored_fields() -> None:
             "metadata": {},
         }
     )
-    assert req.unsupported_fields() == []
+    assert req.unsupported_fields() == [] == req.unknown_fields()
     assert req.ignored_fields() == ["metadata", "store"]
+    # Known to OpenAI's API but not to heron: refused or ignored; unknown to both: refused.
+    req = ChatCompletionRequest.model_validate(
+        {"messages": USER, "web_search_options": {}, "prompt_cache_options": {}, "temprature": 0})
+    assert req.unsupported_fields() == ["web_search_options"]
+    assert req.ignored_fields() == ["prompt_cache_options"]
+    assert req.unknown_fields() == ["temprature"]
     req = ChatCompletionRequest.model_validate(
         {
             "messages": USER,

@@ -353,3 +353,118 @@ def test_logit_bias_entries_are_capped_before_the_body_is_walked(
     r = client.post("/v1/completions", json={"prompt": "Hi", "logit_bias": at_cap})
     assert r.status_code == 200, r.text
     assert len(engine.requests[0].sampling_params.logit_bias or {}) == MAX_LOGIT_BIAS
+
+
+# ---- fields: unknown, ignored, unsupported: one rule on every route -------------------------------
+
+ROUTES = [("/v1/chat/completions", {"messages": USER, "max_tokens": 2}),
+          ("/v1/completions", {"prompt": "Hi", "max_tokens": 2}),
+          ("/v1/responses", {"input": "Hi", "max_output_tokens": 16}),
+          ("/v1/messages", {"model": MODEL, "messages": USER, "max_tokens": 2}),
+          ("/v1/messages/count_tokens", {"model": MODEL, "messages": USER}),
+          ("/tokenize", {"prompt": "Hi"}),
+          ("/detokenize", {"tokens": [5]})]
+
+
+@pytest.mark.parametrize("path,body", ROUTES, ids=[p for p, _ in ROUTES])
+def test_unknown_fields_are_a_400_naming_them_on_every_route(
+        serve: Callable[..., tuple[TestClient, FakeEngine]], path: str, body: dict[str, Any]
+) -> None:
+    """As OpenAI answers (Responses' wording, which names the field): a typo such as
+    'max_token' or another server's knob ('mirostat') was ignored, and the answer came out
+    as if it had not been sent."""
+    client, engine = serve(always(*tokens("a")))
+    r = client.post(path, json={**body, "max_token": 5, "mirostat": 2})
+    assert r.status_code == 400
+    if path.startswith("/v1/messages"):
+        assert r.json() == {"type": "error", "error": {
+            "type": "invalid_request_error", "message": "Unknown parameter: 'max_token'."}}
+    else:
+        assert r.json() == {"error": {"message": "Unknown parameter: 'max_token'.",
+                                      "type": "invalid_request_error", "param": "max_token",
+                                      "code": "unknown_parameter"}}
+    assert engine.requests == []
+    assert client.post(path, json=body).status_code == 200
+
+
+def test_an_unknown_field_name_is_escaped_and_cut_in_the_error(
+        serve: Callable[..., tuple[TestClient, FakeEngine]]) -> None:
+    client, _ = serve(always(*tokens("a")))
+    forged = "evil\n2099-01-01 INFO forged " + "x" * 100_000
+    r = client.post("/v1/completions", json={"prompt": "Hi", forged: 1})
+    error = r.json()["error"]
+    assert error["param"] == "evil\\n2099-01-01 INFO forged " + "x" * 32 + "..."
+    assert error["message"] == f"Unknown parameter: '{error['param']}'."
+
+
+IGNORED_FIELDS = [
+    ("/v1/chat/completions", {"messages": USER, "store": True, "metadata": {"a": "b"},
+                              "service_tier": "flex", "prediction": {"type": "content",
+                                                                     "content": "Hi"},
+                              "verbosity": "low", "prompt_cache_key": "k",
+                              "prompt_cache_retention": "24h", "safety_identifier": "s",
+                              "prompt_cache_options": {"ttl": "1h"}, "user": "u",
+                              "reasoning_effort": "minimal"}),
+    ("/v1/completions", {"prompt": "Hi", "user": "u"}),
+    ("/v1/responses", {"input": "Hi", "service_tier": "auto", "prompt_cache_key": "k",
+                       "safety_identifier": "s", "max_tool_calls": 3, "metadata": {"a": "b"},
+                       "reasoning": {"effort": "none"}, "context_management": [
+                           {"type": "compaction"}], "text": {"verbosity": "low"}}),
+    ("/v1/messages", {"model": MODEL, "messages": USER, "max_tokens": 2, "service_tier": "auto",
+                      "cache_control": {"type": "ephemeral"}, "speed": "fast",
+                      "metadata": {"user_id": "u"}, "inference_geo": "us",
+                      "context_management": {"edits": []}}),
+    # A count takes a whole Messages request (clients send one body to both routes).
+    ("/v1/messages/count_tokens", {"model": MODEL, "messages": USER, "speed": "fast",
+                                   "max_tokens": 5, "temperature": 0.5, "stream": True,
+                                   "output_config": {"format": {"type": "json_schema",
+                                                                "schema": {}}}}),
+]
+
+
+@pytest.mark.parametrize("path,body", IGNORED_FIELDS, ids=[p for p, _ in IGNORED_FIELDS])
+def test_fields_that_mean_nothing_here_are_accepted(
+        serve: Callable[..., tuple[TestClient, FakeEngine]], path: str, body: dict[str, Any]
+) -> None:
+    client, _ = serve(always(*tokens("a")))
+    r = client.post(path, json=body)
+    assert r.status_code == 200, r.text
+
+
+UNHONOURED = [
+    ("/v1/chat/completions", {"messages": USER, "web_search_options": {}},
+     "web_search_options", "web_search_options is not supported by this server"),
+    ("/v1/chat/completions", {"messages": USER, "moderation": {"model": "m"}},
+     "moderation", "moderation is not supported by this server"),
+    ("/v1/chat/completions", {"messages": USER, "reasoning_effort": "high"}, "reasoning_effort",
+     "reasoning_effort: 'high' is not supported: this model does not reason (none and minimal "
+     "are accepted)"),
+    ("/v1/chat/completions", {"messages": USER, "store": "yes"}, "store",
+     "store: Input should be a valid boolean"),
+    ("/v1/chat/completions", {"messages": USER, "metadata": {"a": 1}}, "metadata.a",
+     "metadata.a: Input should be a valid string"),
+    ("/v1/responses", {"input": "Hi", "reasoning": {"effort": "low"}}, "reasoning.effort",
+     "reasoning.effort: 'low' is not supported: this model does not reason (none and minimal "
+     "are accepted)"),
+    ("/v1/responses", {"input": "Hi", "reasoning": {"summary": "auto"}}, "reasoning.summary",
+     "reasoning.summary is not supported: this model does not reason"),
+    ("/v1/responses", {"input": "Hi", "background_options": {"window": "2h"}},
+     "background_options", "background_options is not supported by this server"),
+    ("/v1/messages", {"model": MODEL, "messages": USER, "max_tokens": 2,
+                      "thread": {"type": "create"}}, None,
+     "thread is not supported by this server"),
+]
+
+
+@pytest.mark.parametrize("path,body,param,message", UNHONOURED, ids=[u[3][:40] for u in UNHONOURED])
+def test_fields_asking_for_what_heron_cannot_do_are_400s(
+        serve: Callable[..., tuple[TestClient, FakeEngine]], path: str, body: dict[str, Any],
+        param: str | None, message: str) -> None:
+    client, engine = serve(always(*tokens("a")))
+    r = client.post(path, json=body)
+    assert r.status_code == 400
+    if path.startswith("/v1/messages"):
+        assert r.json()["error"]["message"] == message
+    else:
+        assert (r.json()["error"]["param"], r.json()["error"]["message"]) == (param, message)
+    assert engine.requests == []

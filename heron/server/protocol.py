@@ -4,9 +4,11 @@ Requests convert themselves: ``to_spec`` gives the request in neutral terms (the
 render or tokenize, ``SamplingParams``, tools, output constraint; ``heron.server.inputs``)
 for the preparation pipeline (``heron.server.pipeline``). Fields marked "vLLM extra" are not OpenAI's
 but follow vLLM's names and meanings. Unknown fields are accepted (OpenAI clients send many)
-and reported by ``ignored_fields()`` so the server can log them; fields that ask for
-something heron cannot do (legacy ``functions``, audio...) are refused by
-``unsupported_fields()`` with a 400, never silently dropped.
+and sorted by the server: fields of the API that mean nothing here (``store``,
+``service_tier``...) are ``IGNORED`` and logged once; fields that ask for something heron
+cannot do (legacy ``functions``, audio...) are refused by ``unsupported_fields()`` with a 400;
+fields the API does not have are refused by ``unknown_fields()`` with a 400, as OpenAI does.
+None is silently dropped.
 
 Errors are values: ``ErrorResponse`` carries its HTTP status and renders as
 ``{"error": {"message", "type", "param", "code"}}``.
@@ -133,7 +135,7 @@ def loc_path(loc: Iterable[object], dotted: bool = False) -> str:
     for part in loc:
         if isinstance(part, int) and not dotted:
             out += f"[{part}]"
-        elif isinstance(part, int) or not _is_type_label(part):
+        elif isinstance(part, int) or not _is_type_label(str(part)):
             out += f".{part}" if out else str(part)
     return out
 
@@ -180,22 +182,46 @@ def parse_part(model: type[BaseModelT], raw: Any, where: str, dotted: bool = Fal
         raise ValueError(f"{where}{path}: {message}") from None
 
 
+# Reasoning efforts a model that does not reason honours.
+NO_REASONING: tuple[Any, ...] = (None, "none", "minimal")
+
+
+def check_no_reasoning(effort: Any, param: str) -> None:
+    """ValueError naming ``param`` unless ``effort`` asks for no (or minimal) reasoning."""
+    if effort not in NO_REASONING:
+        raise ValueError(f"{param}: {short_repr(effort)} is not supported: this model does not "
+                         "reason (none and minimal are accepted)")
+
+
 # ==== shared request parts ========================================================================
 
 
 class OpenAIBaseModel(BaseModel):
-    """Unknown fields are kept (``model_extra``) so they can be logged, then ignored.
+    """Fields the model does not declare are kept (``model_extra``): inside a message they
+    reach the chat template; at the top of a request body the server sorts them
+    (``unknown_fields``, ``unsupported_fields``, ``ignored_fields``).
 
     Types are strict, as OpenAI's are: ``"4"`` or ``true`` is no integer, ``"yes"`` no bool.
     """
 
     model_config = ConfigDict(extra="allow", strict=True)
 
-    # Fields OpenAI clients may send whose non-default values heron cannot honour.
+    # Fields clients may send whose non-default values heron cannot honour: a 400.
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {}
+    # Fields of the API that mean nothing here (billing, caching hints, tracing ids...):
+    # accepted (typed where the model declares them) and logged once.
+    IGNORED: ClassVar[frozenset[str]] = frozenset()
 
     def ignored_fields(self) -> list[str]:
-        return sorted(k for k in (self.model_extra or {}) if k not in self.UNSUPPORTED)
+        """The IGNORED fields this request sets."""
+        extra = self.model_extra or {}
+        return sorted(k for k in self.IGNORED if k in extra or getattr(self, k, None) is not None)
+
+    def unknown_fields(self) -> list[str]:
+        """Fields the API does not have (a typo, another server's knob): OpenAI refuses
+        them, and so does heron, rather than answer as if they were not there."""
+        known = self.UNSUPPORTED.keys() | self.IGNORED
+        return sorted(k for k in (self.model_extra or {}) if k not in known)
 
     def unsupported_fields(self) -> list[str]:
         """Extra fields set to something other than a harmless value (None, [], "none"...)."""
@@ -599,7 +625,12 @@ class ChatCompletionRequest(SamplingFields):
         "echo": (None, False),
         "chat_template": (None,),
         "documents": (None, []),
+        "web_search_options": (None,),
+        "moderation": (None,),
     }
+    IGNORED: ClassVar[frozenset[str]] = frozenset((
+        "store", "metadata", "service_tier", "prediction", "verbosity", "prompt_cache_key",
+        "prompt_cache_retention", "prompt_cache_options", "safety_identifier", "user"))
 
     messages: list[ChatMessage]
     tools: list[ChatCompletionTool] | None = None
@@ -608,6 +639,17 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool | None = False
     top_logprobs: int | None = None
     max_completion_tokens: int | None = None
+    reasoning_effort: str | None = None  # none and minimal: what this model does
+    # OpenAI's, accepted and ignored (IGNORED): billing, caching, tracing, style hints.
+    # Predicted outputs only speed OpenAI up: the output is the same without them.
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    prediction: dict[str, Any] | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    safety_identifier: str | None = None
     # vLLM extras
     add_generation_prompt: bool | None = True
     continue_final_message: bool | None = False
@@ -628,6 +670,7 @@ class ChatCompletionRequest(SamplingFields):
         """The request in neutral terms; ValueError naming the field when a value is wrong."""
         self.check_messages()
         self.check_limits(limits.max_n, limits.max_logprobs, limits.vocab_size)
+        check_no_reasoning(self.reasoning_effort, "reasoning_effort")
         return GenerateSpec(
             input=self.chat_input(),
             params=self.to_sampling_params(self.requested_max_tokens(), limits.max_logprobs),
@@ -691,6 +734,7 @@ class CompletionRequest(SamplingFields):
 
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
         "suffix": (None, ""), "best_of": (None, 1), **VLLM_UNSUPPORTED}
+    IGNORED: ClassVar[frozenset[str]] = frozenset(("user",))
 
     prompt: PromptInput
     echo: bool | None = False

@@ -108,13 +108,28 @@ class Thinking(OpenAIBaseModel):
     budget_tokens: int | None = None
 
 
+# The fields a Messages request has beyond what makes its prompt.
+_GENERATION_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "stop_sequences", "stream",
+                      "metadata", "output_config")
+
+
 class CountTokensRequest(RequestBody):
     """POST /v1/messages/count_tokens: what the prompt of a Messages request would hold."""
 
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
         "mcp_servers": (None, []),
         "container": (None,),
+        "compaction": (None,),  # asks for a summary instead of an answer
+        "thread": (None,),  # server-held conversations: the earlier turns would be missing
     }
+    # Anthropic's, accepted and ignored: caching, billing, routing and tracing settings, speed
+    # modes; context_management clears old tool results of long conversations (here they are
+    # kept whole). A count also takes the rest of a Messages request (the same body sent to
+    # both routes): its prompt does not depend on them.
+    IGNORED: ClassVar[frozenset[str]] = frozenset((
+        "cache_control", "speed", "user_profile_id", "workspace_id", "service_tier",
+        "inference_geo", "diagnostics", "billing_policy", "fallbacks", "fallback_credit_token",
+        "context_management", *_GENERATION_FIELDS))
 
     model: str
     messages: list[AnthropicMessage]
@@ -205,6 +220,8 @@ class OutputConfig(OpenAIBaseModel):
 
 class MessagesRequest(CountTokensRequest):
     """POST /v1/messages."""
+
+    IGNORED: ClassVar[frozenset[str]] = CountTokensRequest.IGNORED - set(_GENERATION_FIELDS)
 
     max_tokens: int
     temperature: float | None = None

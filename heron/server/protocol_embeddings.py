@@ -20,6 +20,7 @@ class EmbeddingRequest(RequestBody):
     # vLLM extras: vectors are always whole inputs, always L2-normalised.
     UNSUPPORTED: ClassVar[dict[str, tuple[object, ...]]] = {
         "truncate_prompt_tokens": (None,), "normalize": (None, True)}
+    IGNORED: ClassVar[frozenset[str]] = frozenset(("user",))
 
     model: str | None = None
     input: str | list[str] | list[int] | list[list[int]]

@@ -31,6 +31,7 @@ from heron.server.protocol import (
     RequestBody,
     ToolCall,
     check_chat,
+    check_no_reasoning,
     parse_part,
     sse_event,
 )
@@ -109,15 +110,23 @@ class _FunctionCallOutputItem(OpenAIBaseModel):
 class ResponsesRequest(RequestBody):
     """POST /v1/responses."""
 
-    # Fields whose non-default values heron cannot honour (anything else unknown is ignored).
+    # Fields whose non-default values heron cannot honour: a 400.
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
         "background": (None, False),
+        "background_options": (None,),
         "conversation": (None,),
         "prompt": (None,),
         "truncation": (None, "disabled"),
         "top_logprobs": (None, 0),
-        "max_tool_calls": (None,),
+        "moderation": (None,),
     }
+    # OpenAI's, accepted and ignored: billing, caching, tracing; max_tool_calls counts calls
+    # of built-in tools (none here); context_management compacts long conversations (here they
+    # are kept whole); image and access_programs set options of tools heron does not offer.
+    IGNORED: ClassVar[frozenset[str]] = frozenset((
+        "metadata", "user", "service_tier", "prompt_cache_key", "prompt_cache_retention",
+        "prompt_cache_options", "safety_identifier", "stream_options", "max_tool_calls",
+        "context_management", "image", "access_programs"))
 
     model: str | None = None
     input: str | list[dict[str, Any]]
@@ -136,6 +145,12 @@ class ResponsesRequest(RequestBody):
     previous_response_id: str | None = None
     include: list[str] | None = None
     reasoning: dict[str, Any] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    safety_identifier: str | None = None
+    max_tool_calls: int | None = None
+    stream_options: dict[str, Any] | None = None
     # Sampling knobs outside OpenAI's Responses API that chat takes (vLLM's Responses route
     # takes them too): honoured as there, not ignored.
     seed: int | None = None
@@ -182,8 +197,11 @@ class ResponsesRequest(RequestBody):
                              f">= {MIN_OUTPUT_TOKENS}, but got {short_repr(limit)} instead.")
         if limit is not None and limit > INT64_MAX:
             raise ValueError(f"max_output_tokens must be a 64-bit integer, got {short_repr(limit)}")
-        if self.reasoning and any(v is not None for v in self.reasoning.values()):
-            raise ValueError("reasoning is not supported: this model does not reason")
+        reasoning = self.reasoning or {}
+        check_no_reasoning(reasoning.get("effort"), "reasoning.effort")
+        asked = sorted(k for k, v in reasoning.items() if k != "effort" and v is not None)
+        if asked:
+            raise ValueError(f"reasoning.{asked[0]} is not supported: this model does not reason")
         unknown = sorted(set(self.include or []) - {"reasoning.encrypted_content"})
         if unknown:
             raise ValueError(f"include: {short_repr(unknown[0])} is not supported by this server")

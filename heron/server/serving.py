@@ -91,7 +91,13 @@ class ServingContext:
                       self.config.max_seqs_per_request)
 
     def check_fields(self, request: RequestFields) -> ErrorResponse | None:
-        """Refuse fields we cannot honour; log (once per name) fields we ignore."""
+        """Refuse fields the API does not have and fields we cannot honour; log (once per
+        name) fields we ignore."""
+        unknown = request.unknown_fields()
+        if unknown:
+            name = printable(unknown[0])
+            return bad_request(f"Unknown parameter: '{name}'.", param=name,
+                               code="unknown_parameter")
         unsupported = request.unsupported_fields()
         if unsupported:
             return bad_request(

@@ -18,7 +18,7 @@ async def serve_tokenize(
     ctx: ServingContext, request: TokenizeRequest
 ) -> TokenizeResponse | ErrorResponse:
     """``prompt`` is encoded as is; ``messages`` are rendered with the chat template first."""
-    error = ctx.check_model(request.model)
+    error = ctx.check_model(request.model) or ctx.check_fields(request)
     if error is not None:
         return error
     if (request.prompt is None) == (request.messages is None):
@@ -36,7 +36,8 @@ async def serve_tokenize(
 async def serve_detokenize(
     ctx: ServingContext, request: DetokenizeRequest
 ) -> DetokenizeResponse | ErrorResponse:
-    error = ctx.check_model(request.model) or check_token_ids(ctx, request.tokens, "tokens")
+    error = (ctx.check_model(request.model) or ctx.check_fields(request)
+             or check_token_ids(ctx, request.tokens, "tokens"))
     if error is not None:
         return error
     return DetokenizeResponse(prompt=ctx.tokenizer.decode(request.tokens))
