@@ -339,3 +339,23 @@ def test_sse_events_escape_the_line_breaks_json_leaves_raw() -> None:
     event = sse_event(json.dumps(body, ensure_ascii=False), "delta")
     assert event.splitlines() == ["event: delta", 'data: {"text": "a\\u2028b\\u0085c\\u2029d"}', ""]
     assert json.loads(event.splitlines()[1][len("data: "):]) == body
+
+
+def test_messages_thinking_blocks_of_assistant_turns_are_dropped() -> None:
+    """A conversation begun with a model that thinks comes back with thinking blocks in its
+    assistant turns; Anthropic leaves earlier turns' thinking out of the prompt, and so does
+    heron (they were a 400). In a user turn they stay a 400."""
+    turns = [{"role": "user", "content": "hi"},
+             {"role": "assistant", "content": [
+                 {"type": "thinking", "thinking": "hmm", "signature": "s"},
+                 {"type": "redacted_thinking", "data": "xyz"},
+                 {"type": "text", "text": "Hello"}]},
+             {"role": "user", "content": "more"}]
+    req = MessagesRequest.model_validate({"model": "m", "max_tokens": 5, "messages": turns})
+    spec = req.to_spec(LIMITS)
+    assert [(m["role"], m["content"]) for m in spec.input.messages] == [  # type: ignore[union-attr]
+        ("user", "hi"), ("assistant", "Hello"), ("user", "more")]
+    turns[0] = {"role": "user", "content": [{"type": "thinking", "thinking": "x"}]}
+    with pytest.raises(ValueError, match="'thinking' blocks are not supported in user messages"):
+        MessagesRequest.model_validate({"model": "m", "max_tokens": 5,
+                                        "messages": turns}).to_spec(LIMITS)

@@ -252,13 +252,18 @@ class MessagesRequest(CountTokensRequest):
                               **{k: v for k, v in fields.items() if v is not None})
 
 
+# An assistant turn's thinking, sent back by clients that keep whole turns (from a model that
+# thinks: this one does not).
+_THINKING_BLOCKS = ("thinking", "redacted_thinking")
+
 _TOOL_CHOICES: dict[str, Literal["none", "auto", "required"]] = {
     "auto": "auto", "any": "required", "none": "none"}
 
 
 def _convert_message(message: AnthropicMessage, where: str) -> list[ChatMessage]:
     """One Anthropic turn as chat messages: a user turn's tool results become tool messages
-    (in order, around its text); an assistant turn's tool_use blocks become its tool calls."""
+    (in order, around its text); an assistant turn's tool_use blocks become its tool calls,
+    its thinking blocks are dropped."""
     if isinstance(message.content, str):
         return [ChatMessage(role=message.role, content=message.content)]
     out: list[ChatMessage] = []
@@ -273,6 +278,8 @@ def _convert_message(message: AnthropicMessage, where: str) -> list[ChatMessage]
             use = parse_part(ToolUseBlock, raw, at, dotted=True)
             calls.append(ToolCall(id=use.id, function=FunctionCall(
                 name=use.name, arguments=json.dumps(use.input, ensure_ascii=False))))
+        elif kind in _THINKING_BLOCKS and message.role == "assistant":
+            continue  # as Anthropic does with earlier turns' thinking: not part of the prompt
         elif kind == "tool_result" and message.role == "user":
             if texts:
                 out.append(ChatMessage(role="user", content="".join(texts)))
