@@ -1,9 +1,9 @@
-"""Input guards of the HTTP layer: text that is not Unicode, and unknown field names.
+"""Input guards of the HTTP layer: text that is not Unicode, and field names in errors and logs.
 
 Both run on whatever a client sends, before any serving code, so both are bounded: the
-surrogate scan walks the parsed body once, and ``FieldNameLog`` remembers and logs a capped
-number of capped, escaped names (a 1 MiB field name, or one holding a newline that would forge
-a log line, costs neither memory nor a log line of that size).
+surrogate scan walks the parsed body once; ``printable`` escapes and cuts a name before an
+error quotes it (a 1 MiB field name, or one holding a newline, is an error of 64 characters),
+and ``FieldNameLog`` remembers and logs a capped number of ignored field names.
 """
 
 from __future__ import annotations
@@ -68,8 +68,9 @@ def _has_surrogate(text: str) -> bool:
 
 
 class FieldNameLog:
-    """Logs each unknown request field name once, escaped and cut; remembers at most
-    ``capacity`` names, then says once that it stops logging them."""
+    """Logs each ignored request field name once, escaped and cut; remembers at most
+    ``capacity`` names, then says once that it stops logging them. (The names come from the
+    routes' fixed IGNORED lists; unknown names are refused, never logged.)"""
 
     def __init__(self, capacity: int = MAX_REMEMBERED_FIELDS) -> None:
         self.capacity = capacity
