@@ -288,8 +288,8 @@ def test_get_and_delete(client: openai.OpenAI, plain) -> None:  # noqa: ANN001
      "needs a schema"),
     ({"background": True}, "background", "background is not supported"),
     ({"truncation": "auto"}, "truncation", "truncation is not supported"),
-    ({"reasoning": {"effort": "high"}}, "reasoning.effort",
-     "reasoning.effort: 'high' is not supported: this model does not reason"),
+    ({"reasoning": {"effort": "extreme"}}, "reasoning.effort",
+     "reasoning.effort: 'extreme' is not one of none, minimal, low, medium, high"),
     ({"temperature": 3}, "temperature", "temperature must be in [0, 2]"),
 ])
 def test_bad_requests_name_the_field(server: RemoteServer, fields: dict, param: str | None,

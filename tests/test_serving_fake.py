@@ -307,6 +307,29 @@ def test_a_chat_template_error_names_the_messages(
     assert engine.requests == []
 
 
+def test_a_reasoning_effort_reaches_the_chat_template() -> None:
+    """As vLLM passes it: ``reasoning_effort`` itself (gpt-oss's templates) and
+    ``enable_thinking`` (Qwen3's switch, off for none / minimal); chat_template_kwargs win."""
+    engine = FakeEngine(always(*tokens("a")))
+    hf = char_tokenizer_for_serving().hf
+    template = "{{ enable_thinking | default('u') }}/{{ reasoning_effort | default('u') }}"
+    ctx = serving_context(engine, Tokenizer(hf, chat_template=template, name=MODEL))
+    client = TestClient(build_app(ctx.config, ctx), base_url="http://127.0.0.1")
+    cases = [
+        ("/v1/chat/completions", {"messages": USER}, "u/u"),
+        ("/v1/chat/completions", {"messages": USER, "reasoning_effort": "none"}, "False/none"),
+        ("/v1/chat/completions", {"messages": USER, "reasoning_effort": "high",
+                                  "chat_template_kwargs": {"enable_thinking": False}},
+         "False/high"),
+        ("/v1/responses", {"input": "Hi", "reasoning": {"effort": "low"}}, "True/low"),
+        ("/v1/responses", {"input": "Hi", "reasoning": {"summary": "auto"}}, "u/u"),
+    ]
+    for path, body, rendered in cases:
+        r = client.post(path, json=body)
+        assert r.status_code == 200, r.text
+        assert hf.decode(engine.requests[-1].prompt_token_ids) == rendered, body
+
+
 # ---- bodies that are not JSON a parser takes ------------------------------------------------------
 
 
@@ -408,7 +431,7 @@ IGNORED_FIELDS = [
     ("/v1/completions", {"prompt": "Hi", "user": "u"}),
     ("/v1/responses", {"input": "Hi", "service_tier": "auto", "prompt_cache_key": "k",
                        "safety_identifier": "s", "max_tool_calls": 3, "metadata": {"a": "b"},
-                       "reasoning": {"effort": "none"}, "context_management": [
+                       "reasoning": {"effort": "none", "summary": "auto"}, "context_management": [
                            {"type": "compaction"}], "text": {"verbosity": "low"}}),
     ("/v1/messages", {"model": MODEL, "messages": USER, "max_tokens": 2, "service_tier": "auto",
                       "cache_control": {"type": "ephemeral"}, "speed": "fast",
@@ -436,18 +459,14 @@ UNHONOURED = [
      "web_search_options", "web_search_options is not supported by this server"),
     ("/v1/chat/completions", {"messages": USER, "moderation": {"model": "m"}},
      "moderation", "moderation is not supported by this server"),
-    ("/v1/chat/completions", {"messages": USER, "reasoning_effort": "high"}, "reasoning_effort",
-     "reasoning_effort: 'high' is not supported: this model does not reason (none and minimal "
-     "are accepted)"),
+    ("/v1/chat/completions", {"messages": USER, "reasoning_effort": "max"}, "reasoning_effort",
+     "reasoning_effort: 'max' is not one of none, minimal, low, medium, high"),
     ("/v1/chat/completions", {"messages": USER, "store": "yes"}, "store",
      "store: Input should be a valid boolean"),
     ("/v1/chat/completions", {"messages": USER, "metadata": {"a": 1}}, "metadata.a",
      "metadata.a: Input should be a valid string"),
-    ("/v1/responses", {"input": "Hi", "reasoning": {"effort": "low"}}, "reasoning.effort",
-     "reasoning.effort: 'low' is not supported: this model does not reason (none and minimal "
-     "are accepted)"),
-    ("/v1/responses", {"input": "Hi", "reasoning": {"summary": "auto"}}, "reasoning.summary",
-     "reasoning.summary is not supported: this model does not reason"),
+    ("/v1/responses", {"input": "Hi", "reasoning": {"effort": 3}}, "reasoning.effort",
+     "reasoning.effort: 3 is not one of none, minimal, low, medium, high"),
     ("/v1/responses", {"input": "Hi", "background_options": {"window": "2h"}},
      "background_options", "background_options is not supported by this server"),
     ("/v1/messages", {"model": MODEL, "messages": USER, "max_tokens": 2,

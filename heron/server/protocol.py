@@ -182,15 +182,23 @@ def parse_part(model: type[BaseModelT], raw: Any, where: str, dotted: bool = Fal
         raise ValueError(f"{where}{path}: {message}") from None
 
 
-# Reasoning efforts a model that does not reason honours.
-NO_REASONING: tuple[Any, ...] = (None, "none", "minimal")
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
 
 
-def check_no_reasoning(effort: Any, param: str) -> None:
-    """ValueError naming ``param`` unless ``effort`` asks for no (or minimal) reasoning."""
-    if effort not in NO_REASONING:
-        raise ValueError(f"{param}: {short_repr(effort)} is not supported: this model does not "
-                         "reason (none and minimal are accepted)")
+def reasoning_template_kwargs(effort: Any, param: str,
+                              explicit: dict[str, Any] | None) -> dict[str, Any]:
+    """What a reasoning effort tells the chat template, as vLLM passes it: ``reasoning_effort``
+    (templates that take it, as gpt-oss's) and ``enable_thinking`` (Qwen3's switch: off for
+    none and minimal); keys the request's ``chat_template_kwargs`` set win. A template that
+    takes neither ignores them (a model that does not reason). ValueError naming ``param`` for
+    a value that is no effort."""
+    if effort is None:
+        return {}
+    if effort not in REASONING_EFFORTS:
+        raise ValueError(f"{param}: {short_repr(effort)} is not one of "
+                         f"{', '.join(REASONING_EFFORTS)}")
+    kwargs = {"reasoning_effort": effort, "enable_thinking": effort not in ("none", "minimal")}
+    return {k: v for k, v in kwargs.items() if k not in (explicit or {})}
 
 
 # ==== shared request parts ========================================================================
@@ -639,7 +647,7 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool | None = False
     top_logprobs: int | None = None
     max_completion_tokens: int | None = None
-    reasoning_effort: str | None = None  # none and minimal: what this model does
+    reasoning_effort: str | None = None  # to the chat template (reasoning_template_kwargs)
     # OpenAI's, accepted and ignored (IGNORED): billing, caching, tracing, style hints.
     # Predicted outputs only speed OpenAI up: the output is the same without them.
     store: bool | None = None
@@ -670,7 +678,6 @@ class ChatCompletionRequest(SamplingFields):
         """The request in neutral terms; ValueError naming the field when a value is wrong."""
         self.check_messages()
         self.check_limits(limits.max_n, limits.max_logprobs, limits.vocab_size)
-        check_no_reasoning(self.reasoning_effort, "reasoning_effort")
         return GenerateSpec(
             input=self.chat_input(),
             params=self.to_sampling_params(self.requested_max_tokens(), limits.max_logprobs),
@@ -688,7 +695,9 @@ class ChatCompletionRequest(SamplingFields):
             tools=self.template_tools(),
             add_generation_prompt=bool(self.add_generation_prompt),
             continue_final_message=bool(self.continue_final_message),
-            template_kwargs=dict(self.chat_template_kwargs or {}),
+            template_kwargs={**reasoning_template_kwargs(
+                self.reasoning_effort, "reasoning_effort", self.chat_template_kwargs),
+                **(self.chat_template_kwargs or {})},
         )
 
     def tool_specs(self) -> list[ToolSpec]:

@@ -7,7 +7,7 @@ tools become chat tools, ``text.format`` the output constraint. The preparation 
 renders, tokenizes and checks it like any chat request.
 
 Items of other kinds (images, files, built-in tools, reasoning, item references) and fields
-heron cannot honour (``background``, ``truncation: auto``, reasoning effort...) are refused
+heron cannot honour (``background``, ``truncation: auto``...) are refused
 with a 400 naming the field.
 """
 
@@ -31,8 +31,8 @@ from heron.server.protocol import (
     RequestBody,
     ToolCall,
     check_chat,
-    check_no_reasoning,
     parse_part,
+    reasoning_template_kwargs,
     sse_event,
 )
 from heron.structured.params import StructuredOutputsParams
@@ -182,6 +182,7 @@ class ResponsesRequest(RequestBody):
             input=ChatInput(
                 messages=[m.to_template_dict() for m in messages],
                 tools=[_chat_tool(t) for t in tools] or None,
+                template_kwargs=self.reasoning_kwargs(),
                 what="input",
             ),
             params=self.to_sampling_params(),
@@ -197,14 +198,16 @@ class ResponsesRequest(RequestBody):
                              f">= {MIN_OUTPUT_TOKENS}, but got {short_repr(limit)} instead.")
         if limit is not None and limit > INT64_MAX:
             raise ValueError(f"max_output_tokens must be a 64-bit integer, got {short_repr(limit)}")
-        reasoning = self.reasoning or {}
-        check_no_reasoning(reasoning.get("effort"), "reasoning.effort")
-        asked = sorted(k for k, v in reasoning.items() if k != "effort" and v is not None)
-        if asked:
-            raise ValueError(f"reasoning.{asked[0]} is not supported: this model does not reason")
+        self.reasoning_kwargs()  # a value that is no effort: ValueError
         unknown = sorted(set(self.include or []) - {"reasoning.encrypted_content"})
         if unknown:
             raise ValueError(f"include: {short_repr(unknown[0])} is not supported by this server")
+
+    def reasoning_kwargs(self) -> dict[str, Any]:
+        """``reasoning.effort`` for the chat template (as chat's ``reasoning_effort``);
+        ``summary`` is accepted and gives none (no reasoning item is returned)."""
+        effort = (self.reasoning or {}).get("effort")
+        return reasoning_template_kwargs(effort, "reasoning.effort", None)
 
     def to_sampling_params(self) -> SamplingParams:
         fields: dict[str, Any] = {
