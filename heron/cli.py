@@ -34,6 +34,7 @@ from heron.config import (
 from heron.pooling_params import POOLING_TYPES
 from heron.sampling_params import MAX_LOGPROBS, MAX_N
 from heron.server.config import TOOL_CALL_PARSERS, ServerConfig
+from heron.server.reasoning import REASONING_PARSERS
 
 _SERVE_EPILOG = """\
 examples:
@@ -169,6 +170,15 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         choices=TOOL_CALL_PARSERS,
         help="read tool calls the model writes in its own format (tool_choice auto); default: "
         "auto constrains the output to text or a hermes-style <tool_call> block",
+    )
+    http.add_argument(
+        "--reasoning-parser",
+        default="auto",
+        choices=REASONING_PARSERS,
+        help="split a thinking model's <think>...</think> off the answer (reasoning_content, "
+        "reasoning items, thinking blocks): qwen3 (the output or the prompt opens <think>), "
+        "deepseek_r1 (the output starts inside it), none; auto (default): qwen3 when the chat "
+        "template holds <think>",
     )
     http.add_argument(
         "--pooling",
@@ -401,6 +411,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_seqs_per_request=args.max_seqs_per_request,
         max_logprobs=args.max_logprobs,
         tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
         pooling=args.pooling,
         enable_web_ui=not args.disable_web_ui,
     )

@@ -26,7 +26,7 @@ outputs per request); the offline ``LLM`` drives many through ``OutputProcessor`
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -130,8 +130,12 @@ class RequestState:
     """
 
     def __init__(self, request_id: str, prompts: list[Prompt], params: SamplingParams,
-                 tokenizer: Tokenizer | None, arrival_time: float = 0.0) -> None:
+                 tokenizer: Tokenizer | None, arrival_time: float = 0.0,
+                 content_start: Callable[[], Callable[[str], int | None]] | None = None) -> None:
+        """``content_start``: makes, per choice, the detokenizer's guide to where a thinking
+        model's content starts (stop strings apply there only); None: all text is content."""
         self.request_id = request_id
+        self._content_start = content_start
         self.prompts = prompts
         self.n = params.n
         self.requests: list[EngineRequest] = []
@@ -149,7 +153,8 @@ class RequestState:
         child = params.clone(n=1, seed=None if params.seed is None else params.seed + i)
         seq_id = f"{self.request_id}-{p}-{i}"
         detok = None if tokenizer is None else IncrementalDetokenizer(
-            tokenizer, prompt.token_ids, child)
+            tokenizer, prompt.token_ids, child,
+            None if self._content_start is None else self._content_start())
         self.choices[seq_id] = _Choice(p * self.n + i, p, detok,
                                        frozenset(child.stop_token_ids or ()))
         self.requests.append(EngineRequest(request_id=seq_id, prompt_token_ids=prompt.token_ids,

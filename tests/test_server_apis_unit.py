@@ -104,7 +104,7 @@ def test_responses_history_comes_after_instructions() -> None:
 
 
 @pytest.mark.parametrize("body,message", [
-    ({"input": [{"type": "reasoning", "summary": []}]}, "input[0].type 'reasoning' is not"),
+    ({"input": [{"type": "item_reference", "id": "x"}]}, "input[0].type 'item_reference' is not"),
     ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]},
      "input[0].call_id: Field required"),
     ({"input": "x", "tools": [{"type": "function"}]}, "tools[0].name: Field required"),

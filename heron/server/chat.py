@@ -4,6 +4,12 @@ With tools, the request's ``ToolPlan`` says how the output is constrained and wh
 reads tool calls out of it; calls become ``message.tool_calls`` (streamed as OpenAI does:
 a first delta with id, type and name, then argument pieces) and ``finish_reason`` becomes
 "tool_calls" when the model stopped after calling.
+
+A model that thinks (``heron.server.reasoning``): its reasoning goes to ``message.reasoning``
+and ``message.reasoning_content`` (streamed as ``delta.reasoning`` / ``reasoning_content``
+pieces before the content's), tool calls are read from the content only, the content is null
+when a finish came inside the reasoning, and usage counts ``completion_tokens_details.
+reasoning_tokens``.
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ from heron.server.protocol import (
     FunctionCall,
     ToolCall,
     TopLogprob,
+    UsageInfo,
 )
+from heron.server.reasoning import ReasoningStream
 from heron.server.serving import (
     Generation,
     ServingContext,
@@ -48,7 +56,8 @@ async def serve_chat(ctx: ServingContext, request: ChatCompletionRequest) -> Cha
     prepared = await prepare(ctx, request)
     if isinstance(prepared, ErrorResponse):
         return prepared
-    gen = Generation(ctx, new_request_id("chatcmpl"), prepared.prompts, prepared.params)
+    gen = Generation(ctx, new_request_id("chatcmpl"), prepared.prompts, prepared.params,
+                     prepared.reasoning)
     formatter = _ChatFormatter(ctx, request, gen, prepared.tool_parser)
     if request.stream:
         return formatter.stream()
@@ -76,16 +85,20 @@ class _ChatFormatter(StreamFormatter[ChatCompletionRequest, ChatCompletionChunk]
         self.parser = parser
         self.top_k = (request.top_logprobs or 0) if request.logprobs else None
         self.tool_streams: dict[int, ToolCallStream] = {}
+        self.reasoning_streams: dict[int, ReasoningStream] = {}
 
     # ---- one JSON response ----------------------------------------------------------------
 
     async def full(self) -> ChatCompletionResponse | ErrorResponse:
         texts = [""] * self.gen.num_choices
+        reasonings = [""] * len(texts)
         logprobs: list[list[ChatTokenLogprob]] = [[] for _ in texts]
         finish: list[tuple[str | None, int | str | None]] = [(None, None)] * len(texts)
         try:
             async for d in self.gen.run():
-                texts[d.index] += d.text
+                reasoning, content = self._split_reasoning(d)
+                texts[d.index] += content
+                reasonings[d.index] += reasoning
                 logprobs[d.index] += self._logprobs(d.logprobs)
                 if d.finish_reason is not None:
                     finish[d.index] = (d.finish_reason, d.stop_reason)
@@ -93,7 +106,7 @@ class _ChatFormatter(StreamFormatter[ChatCompletionRequest, ChatCompletionChunk]
             return engine_error(e)
         choices = []
         for i, text in enumerate(texts):
-            message = self._message(text)
+            message = self._message(text, reasonings[i])
             choices.append(
                 ChatCompletionChoice(
                     index=i,
@@ -110,11 +123,19 @@ class _ChatFormatter(StreamFormatter[ChatCompletionRequest, ChatCompletionChunk]
             created=self.created,
             model=self.model,
             choices=choices,
-            usage=self.gen.usage(),
+            usage=self._usage(),
         )
 
-    def _message(self, text: str) -> ChatResponseMessage:
-        """The assistant message: tool calls parsed out of ``text`` when the request has tools."""
+    def _message(self, text: str, reasoning: str = "") -> ChatResponseMessage:
+        """The assistant message: tool calls parsed out of ``text`` (the content) when the
+        request has tools; the reasoning under both its names."""
+        message = self._content_message(text)
+        if reasoning:
+            message.reasoning = message.reasoning_content = reasoning
+            message.content = message.content or None
+        return message
+
+    def _content_message(self, text: str) -> ChatResponseMessage:
         if self.parser is None:
             return ChatResponseMessage(content=text)
         parsed = self.parser.parse(text, final=True)
@@ -125,6 +146,18 @@ class _ChatFormatter(StreamFormatter[ChatCompletionRequest, ChatCompletionChunk]
             for c in parsed.calls
         ]
         return ChatResponseMessage(content=parsed.content or None, tool_calls=calls)
+
+    def _split_reasoning(self, d: ChoiceDelta) -> tuple[str, str]:
+        """(reasoning, content) that this delta adds; all content without a reasoning parser."""
+        if self.gen.reasoning is None:
+            return "", d.text
+        stream = self.reasoning_streams.setdefault(d.index, ReasoningStream(self.gen.reasoning))
+        return stream.feed(d.text, len(d.token_ids), final=d.finish_reason is not None)
+
+    def _usage(self) -> UsageInfo:
+        if self.gen.reasoning is None:
+            return self.gen.usage()
+        return self.gen.usage(sum(s.reasoning_tokens for s in self.reasoning_streams.values()))
 
     # ---- SSE ------------------------------------------------------------------------------
 
@@ -141,15 +174,17 @@ class _ChatFormatter(StreamFormatter[ChatCompletionRequest, ChatCompletionChunk]
                 )
             )
         logprobs = self._logprobs(d.logprobs)
-        text, calls, has_calls = self._split_tool_calls(d)
-        if text or logprobs or calls:
+        reasoning, content = self._split_reasoning(d)
+        text, calls, has_calls = self._split_tool_calls(d, content)
+        if reasoning or text or logprobs or calls:
             chunks.append(
                 self._chunk(
                     [
                         ChatStreamChoice(
                             index=d.index,
                             delta=DeltaMessage(
-                                content=text if text or not calls else None,
+                                content=text if text or not (calls or reasoning) else None,
+                                reasoning=reasoning or None,
                                 tool_calls=[_delta_tool_call(c) for c in calls] or None,
                             ),
                             logprobs=ChatChoiceLogprobs(content=logprobs)
@@ -174,12 +209,14 @@ class _ChatFormatter(StreamFormatter[ChatCompletionRequest, ChatCompletionChunk]
             )
         return chunks
 
-    def _split_tool_calls(self, d: ChoiceDelta) -> tuple[str, list[ToolCallDelta], bool]:
-        """(content to send, tool-call pieces to send, whether the choice has calls so far)."""
+    def _split_tool_calls(self, d: ChoiceDelta,
+                          content: str) -> tuple[str, list[ToolCallDelta], bool]:
+        """(content to send, tool-call pieces to send, whether the choice has calls so far)
+        of the delta's ``content``."""
         if self.parser is None:
-            return d.text, [], False
+            return content, [], False
         stream = self.tool_streams.setdefault(d.index, ToolCallStream(self.parser))
-        text, calls = stream.feed(d.text, final=d.finish_reason is not None)
+        text, calls = stream.feed(content, final=d.finish_reason is not None)
         return text, calls, bool(stream.call_ids)
 
     # ---- logprobs -------------------------------------------------------------------------

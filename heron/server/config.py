@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from heron.pooling_params import POOLING_TYPES
 from heron.sampling_params import MAX_LOGPROBS, MAX_N
+from heron.server.reasoning import REASONING_PARSERS
 
 TOOL_CALL_PARSERS = ("hermes", "llama3_json")
 
@@ -32,6 +33,9 @@ class ServerConfig:
     # tool_choice "auto": read calls in this format from free text (hermes, llama3_json); None:
     # constrain the output to "text or a call" in the hermes format (the built-in template's).
     tool_call_parser: str | None = None
+    # How a model's <think>...</think> is read out of its output (heron.server.reasoning):
+    # auto, none, qwen3, deepseek_r1.
+    reasoning_parser: str = "auto"
     # /v1/embeddings: how the final hidden states become one vector (mean or last token).
     pooling: str = "mean"
     enable_web_ui: bool = True  # the chat page at /
@@ -65,3 +69,6 @@ class ServerConfig:
         if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
             raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}, "
                              f"got {self.tool_call_parser!r}")
+        if self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, "
+                             f"got {self.reasoning_parser!r}")

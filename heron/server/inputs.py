@@ -26,6 +26,7 @@ class Limits:
     max_logprobs: int
     vocab_size: int
     max_seqs_per_request: int = 256  # prompts x n: each one engine sequence
+    thinks: bool = False  # the model thinks (a reasoning parser runs): Anthropic's thinking
 
 
 @dataclass(frozen=True)

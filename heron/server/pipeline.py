@@ -10,8 +10,9 @@
       4. context length            each prompt plus max_tokens fits the model's context
       5. tool plan                 what constrains the output, what reads tool calls out of it
       6. constraints compile       tools' parameter schemas, then the plan's constraint
-    -> PreparedRequest (prompts, SamplingParams with the constraint, tool-call parser)
-       or ErrorResponse
+      7. reasoning                 how a thinking model's output is split (chat routes)
+    -> PreparedRequest (prompts, SamplingParams with the constraint, tool-call parser,
+       reasoning parser) or ErrorResponse
 
 Endpoints differ only in how their protocol model converts itself (``to_spec``) and how they
 format what the engine generates.
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING
 from heron.output_processor import Prompt
 from heron.server.inputs import ChatInput, GenerateRequest, GenerateSpec, TextInput
 from heron.server.protocol import ErrorResponse, bad_request
+from heron.server.reasoning import ReasoningParser
 from heron.server.serving import ServingContext, value_error
 from heron.structured.tools import ToolPlan, plan_tool_use
 
@@ -38,12 +40,14 @@ if TYPE_CHECKING:
 @dataclass
 class PreparedRequest:
     """A request ready for the engine: its prompts (one choice group each), the sampling
-    parameters every choice starts from, and the parser that reads tool calls (or None)."""
+    parameters every choice starts from, the parser that reads tool calls (or None) and the
+    one that splits off the reasoning (or None)."""
 
     spec: GenerateSpec
     prompts: list[Prompt]
     params: SamplingParams
     tool_parser: ToolParser | None
+    reasoning: ReasoningParser | None = None
 
 
 class RequestError(Exception):
@@ -74,7 +78,8 @@ async def _prepare(ctx: ServingContext, request: GenerateRequest) -> PreparedReq
     plan = plan_tools(spec, ctx.config.tool_call_parser)
     await check_constraints(ctx, spec, plan)
     params = spec.params.clone(structured_outputs=plan.constraint)
-    return PreparedRequest(spec, prompts, params, plan.parser)
+    return PreparedRequest(spec, prompts, params, plan.parser,
+                           plan_reasoning(ctx.reasoning_parser, spec, prompts, plan))
 
 
 def refuse(error: ErrorResponse | None) -> None:
@@ -195,3 +200,16 @@ async def check_constraint(
     except ValueError as e:
         return bad_request(f"{param}: {e}", param=param, code="invalid_constraint")
     return None
+
+
+# ==== 7. reasoning ================================================================================
+
+
+def plan_reasoning(name: str | None, spec: GenerateSpec, prompts: list[Prompt],
+                   plan: ToolPlan) -> ReasoningParser | None:
+    """The reasoning parser of a chat request (``name``: the server's, None for none). An output
+    a grammar constrains is not taken to start inside the reasoning: the grammar decides it from
+    its first token."""
+    if name is None or not isinstance(spec.input, ChatInput):
+        return None
+    return ReasoningParser.of(name, prompts[0].text, plan.constraint is not None)

@@ -810,11 +810,26 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
 
 
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
 class UsageInfo(BaseModel):
+    """Token counts; ``completion_tokens_details`` only for a model that thinks (left out of
+    the JSON otherwise)."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
     prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: CompletionTokensDetails | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_details(self, handler: Any) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        if out.get("completion_tokens_details") is None:
+            out.pop("completion_tokens_details", None)
+        return out
 
 
 class TopLogprob(BaseModel):
@@ -833,10 +848,15 @@ class ChatChoiceLogprobs(BaseModel):
 
 
 class ChatResponseMessage(BaseModel):
+    """The assistant's message; a model that thinks puts its thinking in ``reasoning`` (vLLM's
+    name now) and ``reasoning_content`` (DeepSeek's and llama.cpp's, vLLM's before)."""
+
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
     tool_calls: list[ToolCall] = Field(default_factory=list)
+    reasoning: str | None = None
+    reasoning_content: str | None = None
 
 
 class ChatCompletionChoice(BaseModel):
@@ -887,12 +907,15 @@ class DeltaMessage(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning: str | None = None  # a thinking model's reasoning piece, under both names
     tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer
     def _drop_none(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None
+            k: v for k, v in (("role", self.role), ("content", self.content),
+                              ("reasoning", self.reasoning),
+                              ("reasoning_content", self.reasoning)) if v is not None
         }
         if self.tool_calls:
             out["tool_calls"] = [c.model_dump() for c in self.tool_calls]

@@ -6,6 +6,12 @@ The request converts itself into chat terms (``to_spec``): ``system`` is a syste
 as JSON text), a user's ``tool_result`` blocks are tool messages; custom tools (``input_schema``)
 become functions. ``tool_choice`` maps as auto -> auto, any -> required, tool -> named,
 none -> none. The preparation pipeline then renders, tokenizes and checks it like chat.
+
+``thinking`` goes to the chat template of a model that thinks as Qwen3's switch:
+``enabled`` -> ``enable_thinking`` true, ``disabled`` -> false, ``adaptive`` -> the template's
+default (``budget_tokens`` is not enforced: the model thinks within ``max_tokens``). A model
+that does not think refuses ``enabled`` with a 400. Its reasoning comes back as ``thinking``
+blocks (empty ``signature``), unless ``display`` is ``omitted``.
 """
 
 from __future__ import annotations
@@ -106,6 +112,20 @@ class ToolChoice(OpenAIBaseModel):
 class Thinking(OpenAIBaseModel):
     type: str
     budget_tokens: int | None = None
+    display: Literal["summarized", "omitted"] | None = None  # omitted: no thinking blocks
+
+    def template_kwargs(self, thinks: bool) -> dict[str, Any]:
+        """What the setting tells the chat template (``thinks``: the model thinks, a reasoning
+        parser runs); ValueError when it asks for thinking a model cannot do."""
+        if self.type not in ("enabled", "disabled", "adaptive"):
+            raise ValueError(f"thinking.type: {short_repr(self.type)} is not one of enabled, "
+                             "disabled, adaptive")
+        if not thinks:
+            # "adaptive" leaves thinking to the model: this one never does, which honours it.
+            if self.type == "enabled":
+                raise ValueError("thinking: extended thinking is not supported by this model")
+            return {}
+        return {} if self.type == "adaptive" else {"enable_thinking": self.type == "enabled"}
 
 
 # The fields a Messages request has beyond what makes its prompt.
@@ -140,16 +160,16 @@ class CountTokensRequest(RequestBody):
 
     def to_spec(self, limits: Limits) -> GenerateSpec:
         """The request in neutral terms; ValueError naming the field."""
-        # "adaptive" leaves thinking to the model: this one never does, which honours it.
-        if self.thinking is not None and self.thinking.type not in ("disabled", "adaptive"):
-            raise ValueError("thinking: extended thinking is not supported by this model")
+        template_kwargs = ({} if self.thinking is None
+                           else self.thinking.template_kwargs(limits.thinks))
         messages = self.chat_messages()
         check_chat(messages, True, False, None)
         tools = self.custom_tools()
         template_tools = [_chat_tool(t) for t in tools] or None
         return GenerateSpec(
             input=ChatInput(messages=[m.to_template_dict() for m in messages],
-                            tools=template_tools, what="messages"),
+                            tools=template_tools, template_kwargs=template_kwargs,
+                            what="messages"),
             params=self.to_sampling_params(),
             tools=self.tool_use(tools),
             constraint=self.constraint_source(),
@@ -252,8 +272,7 @@ class MessagesRequest(CountTokensRequest):
                               **{k: v for k, v in fields.items() if v is not None})
 
 
-# An assistant turn's thinking, sent back by clients that keep whole turns (from a model that
-# thinks: this one does not).
+# An assistant turn's thinking, sent back by clients that keep whole turns.
 _THINKING_BLOCKS = ("thinking", "redacted_thinking")
 
 _TOOL_CHOICES: dict[str, Literal["none", "auto", "required"]] = {
@@ -311,6 +330,14 @@ class TextContent(BaseModel):
     text: str
 
 
+class ThinkingContent(BaseModel):
+    """A thinking model's reasoning; no signature (nothing here checks one sent back)."""
+
+    type: Literal["thinking"] = "thinking"
+    thinking: str
+    signature: str = ""
+
+
 class ToolUseContent(BaseModel):
     type: Literal["tool_use"] = "tool_use"
     id: str
@@ -328,7 +355,7 @@ class AnthropicResponse(BaseModel):
     type: Literal["message"] = "message"
     role: Literal["assistant"] = "assistant"
     model: str
-    content: list[TextContent | ToolUseContent] = Field(default_factory=list)
+    content: list[ThinkingContent | TextContent | ToolUseContent] = Field(default_factory=list)
     stop_reason: Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"] | None = None
     stop_sequence: str | None = None
     usage: AnthropicUsage

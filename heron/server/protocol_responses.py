@@ -6,9 +6,10 @@ assistant message's tool calls, ``function_call_output`` items tool messages), f
 tools become chat tools, ``text.format`` the output constraint. The preparation pipeline then
 renders, tokenizes and checks it like any chat request.
 
-Items of other kinds (images, files, built-in tools, reasoning, item references) and fields
-heron cannot honour (``background``, ``truncation: auto``...) are refused
-with a 400 naming the field.
+``reasoning`` items (a thinking model's earlier output, sent back whole) are left out of the
+prompt, as thinking templates leave out earlier turns' reasoning. Items of other kinds (images,
+files, built-in tools, item references) and fields heron cannot honour (``background``,
+``truncation: auto``...) are refused with a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -205,7 +206,8 @@ class ResponsesRequest(RequestBody):
 
     def reasoning_kwargs(self) -> dict[str, Any]:
         """``reasoning.effort`` for the chat template (as chat's ``reasoning_effort``);
-        ``summary`` is accepted and gives none (no reasoning item is returned)."""
+        ``summary`` is accepted and gives none (a thinking model's reasoning item holds its
+        text whole, with an empty summary)."""
         effort = (self.reasoning or {}).get("effort")
         return reasoning_template_kwargs(effort, "reasoning.effort", None)
 
@@ -273,13 +275,15 @@ def _append_item(messages: list[ChatMessage], raw: dict[str, Any], where: str) -
             last.tool_calls.append(tool_call)
         else:
             messages.append(ChatMessage(role="assistant", content="", tool_calls=[tool_call]))
+    elif kind == "reasoning":
+        return  # an earlier turn's thinking: not part of the prompt
     elif kind == "function_call_output":
         out = parse_part(_FunctionCallOutputItem, raw, where)
         messages.append(ChatMessage(role="tool", tool_call_id=out.call_id,
                                     content=_text_of(out.output, f"{where}.output")))
     else:
         raise ValueError(f"{where}.type {short_repr(kind)} is not supported: this server takes message, "
-                         "function_call and function_call_output items")
+                         "function_call, function_call_output and reasoning items")
 
 
 def _text_of(content: str | list[dict[str, Any]], where: str) -> str:
@@ -331,7 +335,23 @@ class FunctionCallOutput(BaseModel):
     status: Literal["in_progress", "completed", "incomplete"] = "completed"
 
 
-OutputItem = OutputMessage | FunctionCallOutput
+class ReasoningText(BaseModel):
+    type: Literal["reasoning_text"] = "reasoning_text"
+    text: str
+
+
+class ReasoningOutput(BaseModel):
+    """A thinking model's reasoning (``reasoning`` item, before the message): its text whole,
+    no summary."""
+
+    type: Literal["reasoning"] = "reasoning"
+    id: str
+    summary: list[Any] = Field(default_factory=list)
+    content: list[ReasoningText] = Field(default_factory=list)
+    status: Literal["in_progress", "completed", "incomplete"] = "completed"
+
+
+OutputItem = ReasoningOutput | OutputMessage | FunctionCallOutput
 
 
 class InputTokensDetails(BaseModel):

@@ -11,6 +11,7 @@ or SSE chunks.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -31,6 +32,7 @@ from heron.sampling_params import MAX_QUOTE_CHARS
 from heron.server.guards import FieldNameLog, printable
 from heron.server.inputs import Limits, RequestFields
 from heron.server.protocol import (
+    CompletionTokensDetails,
     ErrorResponse,
     PromptTokensDetails,
     SamplingFields,
@@ -40,6 +42,7 @@ from heron.server.protocol import (
     param_of,
     sse_event,
 )
+from heron.server.reasoning import ReasoningParser, resolve_reasoning_parser
 from heron.server.response_store import ResponseStore
 from heron.structured.grammar import SpecValidator
 
@@ -88,7 +91,12 @@ class ServingContext:
     @property
     def limits(self) -> Limits:
         return Limits(self.config.max_n, self.config.max_logprobs, self.info.vocab_size,
-                      self.config.max_seqs_per_request)
+                      self.config.max_seqs_per_request, self.reasoning_parser is not None)
+
+    @functools.cached_property
+    def reasoning_parser(self) -> str | None:
+        """The reasoning parser that runs (``--reasoning-parser``, auto resolved); None: none."""
+        return resolve_reasoning_parser(self.config.reasoning_parser, self.tokenizer.chat_template)
 
     def check_fields(self, request: RequestFields) -> ErrorResponse | None:
         """Refuse fields the API does not have and fields we cannot honour; log (once per
@@ -137,12 +145,16 @@ class Generation:
     through the engine client, with the server's metrics and usage."""
 
     def __init__(
-        self, ctx: ServingContext, request_id: str, prompts: list[Prompt], params: SamplingParams
+        self, ctx: ServingContext, request_id: str, prompts: list[Prompt], params: SamplingParams,
+        reasoning: ReasoningParser | None = None,
     ) -> None:
         self.ctx = ctx
         self.request_id = request_id
         self.arrival = time.monotonic()
-        self.state = RequestState(request_id, prompts, params, ctx.tokenizer, self.arrival)
+        self.reasoning = reasoning  # how the output's thinking is read (None: all content)
+        content_start = None if reasoning is None else (lambda: reasoning.scanner().advance)
+        self.state = RequestState(request_id, prompts, params, ctx.tokenizer, self.arrival,
+                                  content_start)
         self._last_token_time: dict[int, float] = {}
 
     @property
@@ -190,7 +202,9 @@ class Generation:
                 len(self.state.choice(delta.index).token_ids),
             )
 
-    def usage(self) -> UsageInfo:
+    def usage(self, reasoning_tokens: int | None = None) -> UsageInfo:
+        """The request's usage; ``reasoning_tokens`` (a model that thinks) adds
+        ``completion_tokens_details``."""
         prompt_tokens = sum(len(p.token_ids) for p in self.prompts)
         choices = self.state.choices.values()
         completion = sum(len(c.token_ids) for c in choices)
@@ -202,6 +216,8 @@ class Generation:
             completion_tokens=completion,
             total_tokens=prompt_tokens + completion,
             prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(cached.values())),
+            completion_tokens_details=None if reasoning_tokens is None
+            else CompletionTokensDetails(reasoning_tokens=reasoning_tokens),
         )
 
 
@@ -267,8 +283,11 @@ class StreamFormatter(Generic[RequestT, ChunkT]):
             created=self.created,
             model=self.model,
             choices=choices,
-            usage=self.gen.usage() if with_usage else None,
+            usage=self._usage() if with_usage else None,
         )
+
+    def _usage(self) -> UsageInfo:
+        return self.gen.usage()
 
     def _dump(self, chunk: ChunkT) -> str:
         exclude = None if self.request.include_usage else {"usage"}

@@ -18,7 +18,7 @@ ends in U+FFFD keeps a multi-byte character that spans byte-fallback tokens whol
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -217,10 +217,16 @@ class IncrementalDetokenizer:
     matched stop string is cut off (kept with ``include_stop_str_in_output``). Stop strings
     are looked for only once more than ``min_tokens`` tokens were generated, and only in
     text that new tokens added (plus the stop string's length of look-behind).
+
+    ``content_start`` (a model that thinks; ``heron.server.reasoning``): given the text so far,
+    where its content begins (None while inside the reasoning); stop strings are looked for,
+    and held back, in the content only.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], params: SamplingParams,
+                 content_start: Callable[[str], int | None] | None = None) -> None:
         self._tokenizer = tokenizer
+        self._content_start = content_start
         self._skip_special = params.skip_special_tokens
         self._spaces = params.spaces_between_special_tokens
         self._stops: list[str] = list(params.stop or [])
@@ -305,10 +311,17 @@ class IncrementalDetokenizer:
         self._prefix_offset, self._read_offset = 0, len(self._ids)
         return full_text[len(prefix_text):]
 
+    def _stop_floor(self) -> int | None:
+        """Where stop strings may begin: the content's start (None: none yet)."""
+        return 0 if self._content_start is None else self._content_start(self._text)
+
     def _check_stop(self, before: int) -> str | None:
         if not self._stops or self.num_output_tokens <= self._min_tokens:
             return None
-        start = max(0, before - self._max_stop_len + 1)
+        floor = self._stop_floor()
+        if floor is None:
+            return None
+        start = max(floor, before - self._max_stop_len + 1)
         found = [(index, stop) for stop in self._stops
                  if (index := self._text.find(stop, start)) != -1]
         if not found:
@@ -320,11 +333,12 @@ class IncrementalDetokenizer:
 
     def _held_back(self) -> int:
         """Length of the longest tail of the text that is a proper prefix of a stop string."""
-        if not self._text:
+        floor = self._stop_floor() if self._stops else None
+        if not self._text or floor is None:
             return 0
         last, longest = self._text[-1], 0
         for stop in self._stops:
-            for size in range(min(len(stop) - 1, len(self._text)), longest, -1):
+            for size in range(min(len(stop) - 1, len(self._text) - floor), longest, -1):
                 if stop[size - 1] == last and self._text.endswith(stop[:size]):  # a slice only on a match
                     longest = size
                     break
