@@ -72,11 +72,13 @@ class ChatSettings:
 
 @dataclass(frozen=True)
 class Piece:
-    """Text an answer adds; ``tokens``: the answer's token count so far, where known."""
+    """Text an answer adds; ``tokens``: the answer's token count so far, where known;
+    ``reasoning``: a thinking model's reasoning it adds (the server's reasoning parser)."""
 
     text: str
     tokens: int | None = None
     finish_reason: str | None = None
+    reasoning: str = ""
 
 
 class Backend(Protocol):
@@ -190,8 +192,9 @@ def _sse_pieces(response: httpx.Response) -> Iterator[Piece]:
         if "completion_tokens" in usage:
             yield Piece("", int(usage["completion_tokens"]))
         for choice in chunk.get("choices") or []:
-            text = (choice.get("delta") or {}).get("content") or ""
-            yield Piece(text, None, choice.get("finish_reason"))
+            delta = choice.get("delta") or {}
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
+            yield Piece(delta.get("content") or "", None, choice.get("finish_reason"), reasoning)
 
 
 _SSE_LINE_END = re.compile(r"\r\n|\n|\r")
@@ -383,9 +386,19 @@ class ChatSession:
     def _stream(self, messages: Messages, stats: _Stats, pieces: list[str],
                 stop: _StopOnInterrupt) -> None:
         stream = self.backend.stream(messages, self.settings)
+        thinking = False
         try:
             for piece in stream:
+                if piece.reasoning:  # shown, dimmed on a terminal; not kept in the history
+                    stats.first = stats.first or time.monotonic()
+                    self.out.write(self._dim(piece.reasoning if thinking
+                                             else "thinking: " + piece.reasoning))
+                    self.out.flush()
+                    thinking = True
                 if piece.text:
+                    if thinking:
+                        self.out.write("\n\n")
+                        thinking = False
                     stats.first = stats.first or time.monotonic()
                     stats.chunks += 1
                     pieces.append(piece.text)
@@ -396,8 +409,14 @@ class ChatSession:
                 if stop.stopped:
                     break
         finally:
+            if thinking:  # no answer after the reasoning (a finish or a stop inside it)
+                self.out.write("\n")
             with contextlib.suppress(Exception):
                 stream.close()  # type: ignore[attr-defined]
+
+    def _dim(self, text: str) -> str:
+        isatty = getattr(self.out, "isatty", None)
+        return f"\x1b[2m{text}\x1b[0m" if isatty is not None and isatty() else text
 
 
 def read_message(prompt: str = ">>> ", more: str = "... ") -> str | None:

@@ -4,6 +4,7 @@ an answer can be stopped halfway and a finished one compared with the API's."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -176,3 +177,31 @@ def test_stream_lines_split_at_cr_and_lf_only() -> None:
     for size in (1, 4, len(stream)):
         chunks = [stream[i:i + size] for i in range(0, len(stream), size)]
         assert list(chat_cli.sse_lines(chunks)) == [event, "", event, "", "data: [DONE]"]
+
+
+def test_a_thinking_models_reasoning_is_shown_apart_from_its_answer() -> None:
+    """The server's reasoning deltas (reasoning_content, or vLLM's reasoning) print before the
+    answer, apart from it; only the answer joins the conversation."""
+    from heron.chat_cli import ChatSession, ChatSettings, Piece, _sse_pieces
+
+    def chunk(**delta: str) -> str:
+        return "data: " + json.dumps({"choices": [{"index": 0, "delta": delta}]}) + "\n\n"
+
+    body = (chunk(reasoning_content="Plan") + chunk(reasoning=" it.") + chunk(content="Hi")
+            + chunk(content=" there") + "data: [DONE]\n\n")
+    pieces = list(_sse_pieces(httpx.Response(200, text=body)))
+    assert [(p.reasoning, p.text) for p in pieces] == [
+        ("Plan", ""), (" it.", ""), ("", "Hi"), ("", " there")]
+
+    class Scripted:
+        name = "scripted"
+        interrupt_anywhere = False
+
+        def stream(self, messages: object, settings: object) -> Iterator[Piece]:
+            return iter(pieces)
+
+    out = io.StringIO()
+    session = ChatSession(Scripted(), ChatSettings(), out=out)  # type: ignore[arg-type]
+    session.answer("Hello")
+    assert out.getvalue().startswith("thinking: Plan it.\n\nHi there\n")
+    assert session.history[-1] == {"role": "assistant", "content": "Hi there"}

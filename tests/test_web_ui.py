@@ -77,7 +77,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(model_dir: Path) -> Iterator[RemoteServer]:
-    with RemoteServer([str(model_dir), "--kv-cache-memory", "16MiB"], api_key=KEY) as srv:
+    # qwen3's parser: an answer that writes <think>...</think> first has its reasoning apart
+    with RemoteServer([str(model_dir), "--kv-cache-memory", "16MiB", "--reasoning-parser",
+                       "qwen3"], api_key=KEY) as srv:
         yield srv
 
 
@@ -239,6 +241,29 @@ def test_model_html_is_shown_as_text(page: Any, forced: str) -> None:
         assert content.locator("a").count() == 0
         assert content.inner_text() == (
             "bold <script>alert(2)</script> [x](javascript:alert(3)) <b>code</b>")
+
+
+def test_reasoning_is_shown_apart_and_folded(page: Any) -> None:
+    """A thinking model's reasoning (forced through the real stream by a regex) shows in a
+    folded "Thinking" block as plain text, above the answer; only the answer is sent back."""
+    extra = json.dumps({"structured_outputs": {"regex": "<think><b>Plan</b> it\\.</think>Hi"}})
+    set_settings(page, temperature="0", max_tokens="100", extra=extra)
+    answer = send(page, "Say it")
+    expect(answer).to_have_attribute("data-state", "done")
+    stored = stored_conversation(page)[1]
+    assert (stored["reasoning"], stored["content"]) == ("<b>Plan</b> it.", "Hi")
+    reasoning = answer.locator("details.reasoning")
+    assert reasoning.get_attribute("open") is None  # folded once the answer came
+    assert reasoning.locator("b").count() == 0  # text, not HTML
+    reasoning.locator("summary").click()
+    expect(reasoning.locator("div")).to_have_text("<b>Plan</b> it.")
+    assert answer.locator(".content").inner_text() == "Hi"
+    bodies: list[dict[str, Any]] = []
+    page.on("request", lambda r: bodies.append(json.loads(r.post_data))
+            if r.url.endswith("/v1/chat/completions") else None)
+    send(page, "Again")
+    expect(page.locator("article.assistant").nth(1)).to_have_attribute("data-state", "done")
+    assert bodies[0]["messages"][1] == {"role": "assistant", "content": "Hi"}
 
 
 RENDERER_CASES = [

@@ -214,6 +214,12 @@ function onEvent(event, answer, timing) {
   const chunk = JSON.parse(data);
   if (chunk.error) throw new Error(chunk.error.message || "error");
   const choice = chunk.choices?.[0];
+  const thought = choice?.delta?.reasoning_content ?? choice?.delta?.reasoning;
+  if (thought) {  // a thinking model's reasoning (--reasoning-parser), before its answer
+    timing.first ??= performance.now();
+    answer.reasoning = (answer.reasoning || "") + thought;
+    scheduleRender();
+  }
   const text = choice?.delta?.content;
   if (text) {
     timing.first ??= performance.now();
@@ -259,8 +265,8 @@ function scheduleRender() {
 }
 
 function save() {
-  store.set(KEYS.chat, state.messages.map(({ role, content, state: s, stats, error }) =>
-    ({ role, content, state: s, stats, error })));
+  store.set(KEYS.chat, state.messages.map(({ role, content, reasoning, state: s, stats, error }) =>
+    ({ role, content, reasoning, state: s, stats, error })));
 }
 
 /** Bring the message list in line with state.messages (only changed messages are rebuilt). */
@@ -268,7 +274,8 @@ function render() {
   const list = $("messages");
   const follow = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
   state.messages.forEach((message, index) => {
-    const key = `${message.content.length}|${message.state}|${JSON.stringify(message.stats)}`
+    const key = `${message.content.length}|${(message.reasoning || "").length}|${message.state}`
+      + `|${JSON.stringify(message.stats)}`
       + `|${index === state.messages.length - 1}`;
     const view = state.views[index];
     if (view && view.message === message && view.key === key) return;
@@ -285,6 +292,7 @@ function messageNode(message, index) {
   const node = document.createElement("article");
   node.className = `message ${message.role}`;
   node.dataset.state = message.state || "done";
+  if (message.role === "assistant" && message.reasoning) node.appendChild(reasoningNode(message));
   const content = document.createElement("div");
   content.className = "content";
   if (message.role === "assistant") content.appendChild(renderMarkdown(message.content));
@@ -300,6 +308,23 @@ function messageNode(message, index) {
     node.appendChild(footer(message, index));
   }
   return node;
+}
+
+/** The model's reasoning as plain text, folded away once the answer has begun. */
+function reasoningNode(message) {
+  const details = document.createElement("details");
+  details.className = "reasoning";
+  const unfolded = message.state === "streaming" && !message.content;  // while it thinks
+  details.open = message.showReasoning ?? unfolded;
+  details.addEventListener("toggle", () => {  // the user's choice (not the open set here)
+    if (details.open !== unfolded) message.showReasoning = details.open;
+  });
+  const summary = document.createElement("summary");
+  summary.textContent = "Thinking";
+  const text = document.createElement("div");
+  text.textContent = message.reasoning;
+  details.append(summary, text);
+  return details;
 }
 
 function footer(message, index) {
