@@ -37,6 +37,22 @@ from heron.server.messages import (
 )
 from heron.server.metrics import HTTPCountMiddleware, ServerMetrics, StatsLogger
 from heron.server.models import model_card, model_cards
+from heron.server.ollama import (
+    NDJSONStream,
+    OllamaErrorMiddleware,
+    pull_model,
+    refuse_management,
+    running_models,
+    serve_embed,
+    serve_embeddings_legacy,
+    serve_generate,
+    show_model,
+)
+from heron.server.ollama import (
+    list_models as ollama_models,
+)
+from heron.server.ollama import serve_chat as serve_ollama_chat
+from heron.server.ollama import version as ollama_version
 from heron.server.protocol import (
     FIELD_ERROR,
     ChatCompletionRequest,
@@ -62,6 +78,22 @@ from heron.server.protocol_anthropic import (
     TokenCount,
 )
 from heron.server.protocol_embeddings import EmbeddingRequest, EmbeddingResponse
+from heron.server.protocol_ollama import (
+    ChatLine,
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    EmbedRequest,
+    EmbedResponse,
+    GenerateLine,
+    ModelRequest,
+    OllamaVersion,
+    RunningList,
+    ShowResponse,
+    StatusResponse,
+)
+from heron.server.protocol_ollama import ChatRequest as OllamaChatRequest
+from heron.server.protocol_ollama import GenerateRequest as OllamaGenerateRequest
+from heron.server.protocol_ollama import ModelList as OllamaModelList
 from heron.server.protocol_responses import DeletedResponse, ResponseObject, ResponsesRequest
 from heron.server.responses import delete_response, retrieve_response, serve_responses
 from heron.server.router import Router
@@ -108,8 +140,8 @@ def build_app(config: ServerConfig, ctx: ServingContext | None = None) -> FastAP
     if config.enable_web_ui:
         app.include_router(webui.router)
     _add_error_handlers(app)
-    # Added innermost first: Host (outermost) -> CORS -> Anthropic error shape -> auth -> body
-    # checks -> counting -> routes.
+    # Added innermost first: Host (outermost) -> CORS -> Anthropic and Ollama error shapes ->
+    # auth -> body checks -> counting -> routes.
     app.add_middleware(HTTPCountMiddleware, metrics=lambda: _metrics(app))
     app.add_middleware(BodyCheckMiddleware, max_bytes=config.max_request_bytes)
     if config.api_key:
@@ -117,6 +149,7 @@ def build_app(config: ServerConfig, ctx: ServingContext | None = None) -> FastAP
             AuthMiddleware, api_key=config.api_key, public_page=config.enable_web_ui
         )
     app.add_middleware(AnthropicErrorMiddleware)
+    app.add_middleware(OllamaErrorMiddleware)
     if config.allowed_origins:
         app.add_middleware(StrictCORSMiddleware, allowed_origins=config.allowed_origins)
     app.add_middleware(HostCheckMiddleware, check=HostCheck(config.host, config.allowed_hosts))
@@ -221,6 +254,71 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> Response:
     return to_response(await serve_detokenize(_ctx(request), body))
 
 
+# ---- Ollama's API (heron.server.ollama) -------------------------------------------------------
+
+
+@router.post("/api/generate", response_model=GenerateLine, responses=_ERRORS)
+async def ollama_generate(body: OllamaGenerateRequest, request: Request) -> Response:
+    return await respond(request, serve_generate(_ctx(request), body))
+
+
+@router.post("/api/chat", response_model=ChatLine, responses=_ERRORS)
+async def ollama_chat(body: OllamaChatRequest, request: Request) -> Response:
+    return await respond(request, serve_ollama_chat(_ctx(request), body))
+
+
+@router.post("/api/embed", response_model=EmbedResponse, responses=_ERRORS)
+async def ollama_embed(body: EmbedRequest, request: Request) -> Response:
+    return await respond(request, serve_embed(_ctx(request), body))
+
+
+@router.post("/api/embeddings", response_model=EmbeddingsResponse, responses=_ERRORS)
+async def ollama_embeddings(body: EmbeddingsRequest, request: Request) -> Response:
+    return await respond(request, serve_embeddings_legacy(_ctx(request), body))
+
+
+@router.api_route("/api/tags", methods=["GET", "HEAD"], response_model=OllamaModelList,
+                  responses=_ERRORS)
+async def ollama_tags(request: Request) -> Response:
+    return to_response(ollama_models(_ctx(request)))
+
+
+@router.get("/api/ps", response_model=RunningList, responses=_ERRORS)
+async def ollama_ps(request: Request) -> Response:
+    return to_response(running_models(_ctx(request)))
+
+
+@router.post("/api/show", response_model=ShowResponse, responses=_ERRORS)
+async def ollama_show(body: ModelRequest, request: Request) -> Response:
+    return to_response(show_model(_ctx(request), body))
+
+
+@router.api_route("/api/version", methods=["GET", "HEAD"], response_model=OllamaVersion)
+async def ollama_api_version() -> OllamaVersion:
+    return ollama_version()
+
+
+@router.post("/api/pull", response_model=StatusResponse, responses=_ERRORS)
+async def ollama_pull(body: ModelRequest, request: Request) -> Response:
+    return to_response(pull_model(_ctx(request), body))
+
+
+_MANAGEMENT = {("POST", "/api/push"): "push", ("POST", "/api/create"): "create",
+               ("POST", "/api/copy"): "copy", ("DELETE", "/api/delete"): "delete",
+               ("POST", "/api/blobs/{digest}"): "upload blobs for",
+               ("HEAD", "/api/blobs/{digest}"): "keep blobs for"}
+
+
+async def _refuse_management(request: Request) -> Response:
+    path = request.scope["route"].path
+    return to_response(refuse_management(_ctx(request), _MANAGEMENT[request.method, path]))
+
+
+for (_method, _path) in _MANAGEMENT:
+    router.add_api_route(_path, _refuse_management, methods=[_method], responses=_ERRORS,
+                         response_class=Response)
+
+
 _HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"model": HealthStatus, "description": "Alive and stepping. One engine: an empty body; "
           "several: their report (status ok, or degraded while at least one is up)."},
@@ -280,7 +378,10 @@ class SSEResponse(StreamingResponse):
                 await aclose()
 
 
-def to_response(result: BaseModel | AsyncIterator[str]) -> Response:
+def to_response(result: BaseModel | AsyncIterator[str] | NDJSONStream) -> Response:
+    if isinstance(result, NDJSONStream):
+        return SSEResponse(result.lines, media_type="application/x-ndjson",
+                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     if isinstance(result, ErrorResponse):
         return JSONResponse(result.model_dump(mode="json"), status_code=result.status_code)
     if isinstance(result, BaseModel):
@@ -288,7 +389,8 @@ def to_response(result: BaseModel | AsyncIterator[str]) -> Response:
     return SSEResponse(result, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def respond(request: Request, work: Awaitable[BaseModel | AsyncIterator[str]]) -> Response:
+async def respond(request: Request,
+                  work: Awaitable[BaseModel | AsyncIterator[str] | NDJSONStream]) -> Response:
     """Run a serving function, cancelling it (which aborts its requests) if the client leaves."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))

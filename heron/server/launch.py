@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from heron.engine.messages import EngineInfo
+    from heron.server.model_facts import ModelFacts
     from heron.server.serving import ServingContext
     from heron.tokenizer.tokenizer import Tokenizer
 
@@ -222,6 +223,7 @@ async def _start(
 
     display = model_display_name(engine_config.model)
     names = server_config.served_model_names or (display,)
+    facts = await asyncio.to_thread(_model_facts, engine_config.model)
     ctx = ServingContext(
         config=server_config,
         engine=engine,
@@ -230,6 +232,7 @@ async def _start(
         model_names=tuple(names),
         model_root=engine_config.model.model or display,
         metrics=ServerMetrics(engine, names[0]),
+        facts=facts,
     )
     scheme_host = f"http://{server_config.host}:{server_config.port}"
     logger.info(
@@ -249,6 +252,18 @@ async def _start(
     if server_config.enable_web_ui:
         logger.info("chat page at %s/", scheme_host)
     return ctx
+
+
+def _model_facts(model_config: ModelConfig) -> ModelFacts | None:
+    """The model's catalogue entry (Ollama's /api/tags); None, and a warning, when its files
+    cannot be read (the routes then show what the engine knows)."""
+    from heron.server.model_facts import read_model_facts
+
+    try:
+        return read_model_facts(model_config)
+    except (OSError, ValueError, KeyError) as e:
+        logger.warning("could not read the model's details for /api/tags: %s", e)
+        return None
 
 
 def _import_http_layer() -> None:

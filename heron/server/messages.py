@@ -22,12 +22,13 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from heron.output_processor import ChoiceDelta
+from heron.server.error_shape import ErrorShapeMiddleware
 from heron.server.pipeline import RequestError, plan_tools, tokenize
 from heron.server.pipeline import prepare as prepare_request
-from heron.server.protocol import ErrorInfo, ErrorResponse
+from heron.server.protocol import ErrorResponse
 from heron.server.protocol_anthropic import (
     AnthropicResponse,
     AnthropicUsage,
@@ -218,51 +219,14 @@ class _MessageRun:
         return events
 
 
-class AnthropicErrorMiddleware:
+class AnthropicErrorMiddleware(ErrorShapeMiddleware):
     """Error answers on the Messages routes in Anthropic's shape: every JSON error body the
     server writes there (bad JSON, validation, auth, size limits, engine errors) is rewritten
     from ``{"error": {...}}`` to ``{"type": "error", "error": {"type", "message"}}``."""
 
     def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "") if scope["type"] == "http" else ""
-        if not (path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/")):
-            await self.app(scope, receive, send)
-            return
-        held: Message | None = None
-        body: list[bytes] = []
-
-        async def rewriting_send(message: Message) -> None:
-            nonlocal held
-            if message["type"] == "http.response.start" and _is_json_error(message):
-                held = message
-                return
-            if held is None:
-                await send(message)
-                return
-            body.append(message.get("body", b""))
-            if not message.get("more_body"):
-                await _send_rewritten(send, held, b"".join(body))
-
-        await self.app(scope, receive, rewriting_send)
+        super().__init__(app, _is_messages_path, anthropic_error)
 
 
-def _is_json_error(start: Message) -> bool:
-    headers = dict(start.get("headers", []))
-    return start["status"] >= 400 and headers.get(b"content-type", b"").startswith(
-        b"application/json")
-
-
-async def _send_rewritten(send: Send, start: Message, body: bytes) -> None:
-    try:
-        info = ErrorInfo.model_validate(json.loads(body)["error"])
-        error = ErrorResponse(error=info, status_code=start["status"])
-        body = json.dumps(anthropic_error(error)).encode()
-    except (ValueError, KeyError, TypeError):
-        pass  # not our error shape: pass it on as it is
-    headers = [(k, v) for k, v in start.get("headers", []) if k != b"content-length"]
-    headers.append((b"content-length", str(len(body)).encode()))
-    await send({**start, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+def _is_messages_path(path: str) -> bool:
+    return path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/")

@@ -64,6 +64,12 @@ def sse_event(json_text: str, event: str | None = None) -> str:
     return f"{head}data: {json_text.translate(_RAW_LINE_BREAKS)}\n\n"
 
 
+def ndjson_line(json_text: str) -> str:
+    """One line of a newline-delimited JSON stream (Ollama's), with the line breaks
+    ``str.splitlines`` knows written as JSON escapes (see ``sse_event``)."""
+    return json_text.translate(_RAW_LINE_BREAKS) + "\n"
+
+
 class ErrorInfo(BaseModel):
     message: str
     type: str

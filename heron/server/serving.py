@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from heron.sampling_params import SamplingParams
     from heron.server.config import ServerConfig
     from heron.server.metrics import ServerMetrics
+    from heron.server.model_facts import ModelFacts
     from heron.server.router import Router
     from heron.tokenizer.tokenizer import Tokenizer
 
@@ -72,6 +73,7 @@ class ServingContext:
     specs: SpecValidator = field(default_factory=SpecValidator)
     ignored_fields: FieldNameLog = field(default_factory=FieldNameLog)
     responses: ResponseStore = field(default_factory=ResponseStore)  # /v1/responses state
+    facts: ModelFacts | None = None  # the model's catalogue entry (Ollama's /api/tags)
 
     @property
     def default_model(self) -> str:
