@@ -326,10 +326,12 @@ def test_models_list_the_routes_that_serve_them() -> None:
     def ctx(template: str | None) -> object:
         return SimpleNamespace(tokenizer=SimpleNamespace(chat_template=template))
 
-    text_only = ["/detokenize", "/tokenize", "/v1/completions", "/v1/embeddings"]
+    text_only = ["/api/embed", "/api/embeddings", "/api/generate", "/detokenize", "/tokenize",
+                 "/v1/completions", "/v1/embeddings"]
     assert served_endpoints(ctx(None)) == text_only  # type: ignore[arg-type]
     assert served_endpoints(ctx("{{ messages }}")) == sorted(text_only + [  # type: ignore[arg-type]
-        "/v1/chat/completions", "/v1/messages", "/v1/messages/count_tokens", "/v1/responses"])
+        "/api/chat", "/v1/chat/completions", "/v1/messages", "/v1/messages/count_tokens",
+        "/v1/responses"])
 
 
 def test_sse_events_escape_the_line_breaks_json_leaves_raw() -> None:

@@ -277,10 +277,14 @@ async def ollama_embeddings(body: EmbeddingsRequest, request: Request) -> Respon
     return await respond(request, serve_embeddings_legacy(_ctx(request), body))
 
 
-@router.api_route("/api/tags", methods=["GET", "HEAD"], response_model=OllamaModelList,
-                  responses=_ERRORS)
+@router.get("/api/tags", response_model=OllamaModelList, responses=_ERRORS)
 async def ollama_tags(request: Request) -> Response:
     return to_response(ollama_models(_ctx(request)))
+
+
+@router.head("/api/tags", response_class=Response, responses=_ERRORS)
+async def ollama_tags_head(request: Request) -> Response:
+    return await ollama_tags(request)
 
 
 @router.get("/api/ps", response_model=RunningList, responses=_ERRORS)
@@ -293,9 +297,14 @@ async def ollama_show(body: ModelRequest, request: Request) -> Response:
     return to_response(show_model(_ctx(request), body))
 
 
-@router.api_route("/api/version", methods=["GET", "HEAD"], response_model=OllamaVersion)
+@router.get("/api/version", response_model=OllamaVersion)
 async def ollama_api_version() -> OllamaVersion:
     return ollama_version()
+
+
+@router.head("/api/version", response_class=Response)
+async def ollama_api_version_head() -> Response:
+    return to_response(ollama_version())
 
 
 @router.post("/api/pull", response_model=StatusResponse, responses=_ERRORS)

@@ -19,8 +19,10 @@ def model_card(ctx: ServingContext, model_id: str) -> ModelCard | ErrorResponse:
 
 
 CHAT_ENDPOINTS = ("/v1/chat/completions", "/v1/responses", "/v1/messages",
-                  "/v1/messages/count_tokens")
-TEXT_ENDPOINTS = ("/v1/completions", "/v1/embeddings", "/tokenize", "/detokenize")
+                  "/v1/messages/count_tokens", "/api/chat")
+# /api/generate renders its prompt with the chat template unless it is raw.
+TEXT_ENDPOINTS = ("/v1/completions", "/v1/embeddings", "/tokenize", "/detokenize",
+                  "/api/generate", "/api/embed", "/api/embeddings")
 
 
 def served_endpoints(ctx: ServingContext) -> list[str]:
