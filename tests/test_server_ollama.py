@@ -14,9 +14,16 @@ from collections.abc import Iterator
 import httpx
 import ollama
 import pytest
+from fastapi.testclient import TestClient
 
+from heron.engine.client import EngineError
+from heron.engine.messages import EngineOutput
+from heron.server.app import build_app
 from heron.server.ollama import tagged
+from heron.server.protocol import ndjson_line
 from heron.server.protocol_ollama import OllamaOptions, human_count
+from tests.fake_engine import MODEL as FAKE_MODEL
+from tests.fake_engine import FakeEngine, char_tokenizer_for_serving, serving_context, tokens
 from tests.server_utils import DEFAULT_MODEL_NAME, RemoteServer
 
 MODEL = DEFAULT_MODEL_NAME
@@ -83,6 +90,30 @@ def test_names_and_sizes_as_ollama_shows_them() -> None:
     assert tagged("llama3.2:3b") == "llama3.2:3b" and tagged("a/b") == "a/b:latest"
     assert [human_count(n) for n in (268098176, 8030261248, 999, 0)] == [
         "268.10M", "8.0B", "999", "unknown"]
+
+
+def test_ndjson_lines_escape_the_line_breaks_json_leaves_raw() -> None:
+    line = ndjson_line(json.dumps({"response": "a\u2028b\x85c\u2029d"}, ensure_ascii=False))
+    assert line.splitlines() == ['{"response": "a\\u2028b\\u0085c\\u2029d"}']
+    assert json.loads(line) == {"response": "a\u2028b\x85c\u2029d"}
+
+
+def fake_client(*outputs: EngineOutput | Exception) -> TestClient:
+    engine = FakeEngine(lambda request: list(outputs))
+    ctx = serving_context(engine, char_tokenizer_for_serving())
+    return TestClient(build_app(ctx.config, ctx), base_url="http://127.0.0.1")
+
+
+def test_an_engine_failure_mid_stream_is_the_last_line() -> None:
+    body = {"model": FAKE_MODEL, "prompt": "Hi", "raw": True}
+    died = EngineError("the engine core process died")
+    r = fake_client(*tokens("ab", finish=None), died).post("/api/generate", json=body)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/x-ndjson"
+    lines = [json.loads(line) for line in r.text.splitlines()]
+    assert [line.get("response") for line in lines[:-1]] == ["ab"]
+    assert lines[-1] == {"error": "the engine is unavailable: the engine core process died"}
+    whole = fake_client(died).post("/api/generate", json={**body, "stream": False})
+    assert whole.status_code == 503 and whole.json() == lines[-1]
 
 
 # ---- the server -------------------------------------------------------------------------------

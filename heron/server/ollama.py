@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from pydantic import BaseModel
 from starlette.types import ASGIApp
 
 import heron
@@ -68,7 +69,7 @@ class NDJSONStream:
     lines: AsyncIterator[str]
 
 
-OllamaResult = Any  # a pydantic answer, an ErrorResponse or an NDJSONStream
+OllamaResult = BaseModel | NDJSONStream  # an answer (or an ErrorResponse), or a stream
 
 
 class OllamaErrorMiddleware(ErrorShapeMiddleware):
@@ -351,8 +352,9 @@ def pull_model(ctx: ServingContext, request: ModelRequest) -> OllamaResult:
     if not name or check_model(ctx, name) is not None:
         return refuse_management(ctx, "pull")
     status = StatusResponse(status="success")
-    return NDJSONStream(_one_line(status.model_dump_json())) if request.stream is not False \
-        else status
+    if request.stream is False:
+        return status
+    return NDJSONStream(_one_line(status.model_dump_json()))
 
 
 async def _one_line(text: str) -> AsyncIterator[str]:
