@@ -19,9 +19,10 @@ from fastapi.testclient import TestClient
 from heron.engine.client import EngineError
 from heron.engine.messages import EngineOutput
 from heron.server.app import build_app
+from heron.server.inputs import Limits
 from heron.server.ollama import tagged
 from heron.server.protocol import ndjson_line
-from heron.server.protocol_ollama import OllamaOptions, human_count
+from heron.server.protocol_ollama import ChatRequest, GenerateRequest, OllamaOptions, human_count
 from tests.fake_engine import MODEL as FAKE_MODEL
 from tests.fake_engine import FakeEngine, char_tokenizer_for_serving, serving_context, tokens
 from tests.server_utils import DEFAULT_MODEL_NAME, RemoteServer
@@ -98,10 +99,29 @@ def test_ndjson_lines_escape_the_line_breaks_json_leaves_raw() -> None:
     assert json.loads(line) == {"response": "a\u2028b\x85c\u2029d"}
 
 
-def fake_client(*outputs: EngineOutput | Exception) -> TestClient:
+def fake_client(*outputs: EngineOutput | Exception, **config: object) -> TestClient:
     engine = FakeEngine(lambda request: list(outputs))
-    ctx = serving_context(engine, char_tokenizer_for_serving())
+    ctx = serving_context(engine, char_tokenizer_for_serving(), **config)
     return TestClient(build_app(ctx.config, ctx), base_url="http://127.0.0.1")
+
+
+def test_think_false_turns_a_templates_thinking_off() -> None:
+    limits = Limits(max_n=1, max_logprobs=0, vocab_size=100)
+    chat = ChatRequest.model_validate({"model": "m", "messages": [{"role": "user",
+                                                                   "content": "x"}]})
+    generate = GenerateRequest.model_validate({"model": "m", "prompt": "x"})
+    for request in (chat, generate):
+        assert request.to_spec(limits).input.template_kwargs == {}  # type: ignore[union-attr]
+        off = request.model_copy(update={"think": False}).to_spec(limits)
+        assert off.input.template_kwargs == {"enable_thinking": False}  # type: ignore[union-attr]
+
+
+def test_thinking_asked_of_a_model_that_thinks_is_refused_for_now() -> None:
+    body = {"model": FAKE_MODEL, "messages": [{"role": "user", "content": "x"}], "think": True}
+    r = fake_client(*tokens("ab"), reasoning_parser="qwen3").post("/api/chat", json=body)
+    assert r.status_code == 400 and r.json() == {"error": (
+        "think: True is not supported: not supported on the Ollama routes yet: "
+        "/v1/chat/completions returns a thinking model's reasoning (reasoning_content)")}
 
 
 def test_an_engine_failure_mid_stream_is_the_last_line() -> None:

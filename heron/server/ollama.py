@@ -26,6 +26,7 @@ from starlette.types import ASGIApp
 
 import heron
 from heron.output_processor import ChoiceDelta
+from heron.sampling_params import short_repr
 from heron.server.embeddings import serve_embeddings
 from heron.server.error_shape import ErrorShapeMiddleware
 from heron.server.model_facts import ModelFacts
@@ -122,7 +123,7 @@ async def serve_chat(ctx: ServingContext, request: ChatRequest) -> OllamaResult:
 
 async def _serve(ctx: ServingContext, request: GenerateRequest | ChatRequest,
                  chat: bool) -> OllamaResult:
-    error = _checked(ctx, request)
+    error = _checked(ctx, request) or _check_think(ctx, request.think)
     if error is not None:
         return error
     model = request.model or ""
@@ -136,6 +137,20 @@ async def _serve(ctx: ServingContext, request: GenerateRequest | ChatRequest,
     gen = Generation(ctx, f"ollama-{new_call_id()}", prepared.prompts, prepared.params)
     run = _OllamaRun(model, gen, prepared.tool_parser if chat else None, chat)
     return NDJSONStream(run.stream()) if request.stream is not False else await run.full()
+
+
+def _check_think(ctx: ServingContext, think: bool | str | None) -> ErrorResponse | None:
+    """``think`` false or absent is fine; thinking asked for is a 400: Ollama's words for a
+    model that does not think; for one that does, these routes do not split its thinking off
+    yet (the OpenAI and Anthropic routes do)."""
+    if think in (None, False):
+        return None
+    if ctx.reasoning_parser is None:
+        message = f'"{ctx.default_model}" does not support thinking'
+    else:
+        message = ("not supported on the Ollama routes yet: /v1/chat/completions returns a "
+                   "thinking model's reasoning (reasoning_content)")
+    return bad_request(f"think: {short_repr(think)} is not supported: {message}", param="think")
 
 
 class _OllamaRun:

@@ -181,10 +181,10 @@ class GenerationRequest(OllamaRequest):
     truncate: bool | None = None  # the prompt is never cut: a prompt too long is a 400
     shift: bool | None = None
 
-    def check_think(self) -> None:
-        if self.think not in (None, False):
-            raise ValueError(f"think: {short_repr(self.think)} is not supported: "
-                             f"\"{self.model}\" does not support thinking")
+    def template_kwargs(self) -> dict[str, Any]:
+        """``think: false`` turns a thinking template's thinking off (Qwen3's switch, as
+        ``reasoning_effort: none`` does on chat); a template without it ignores it."""
+        return {"enable_thinking": False} if self.think is False else {}
 
     def sampling_params(self) -> SamplingParams:
         options = self.options or OllamaOptions()
@@ -228,7 +228,6 @@ class GenerateRequest(GenerationRequest):
                           ("images", "this server takes text only")):
             if getattr(self, name):
                 raise ValueError(f"{name}: not supported by this server: {why}")
-        self.check_think()
 
     def _input(self) -> ChatInput | TextInput:
         prompt = self.prompt or ""
@@ -236,7 +235,8 @@ class GenerateRequest(GenerationRequest):
             return TextInput(prompts=[prompt], what="prompt")
         messages = [{"role": "system", "content": self.system}] if self.system else []
         messages.append({"role": "user", "content": prompt})
-        return ChatInput(messages=messages, what="prompt")
+        return ChatInput(messages=messages, template_kwargs=self.template_kwargs(),
+                         what="prompt")
 
 
 class OllamaFunction(OpenAIBaseModel):
@@ -290,7 +290,6 @@ class ChatRequest(GenerationRequest):
         return not self.messages
 
     def to_spec(self, limits: Limits) -> GenerateSpec:
-        self.check_think()
         messages = [m.to_chat_message(f"messages[{i}]")
                     for i, m in enumerate(self.messages or [])]
         check_chat(messages, True, False, None)
@@ -300,7 +299,7 @@ class ChatRequest(GenerationRequest):
         template_tools = [t.model_dump(exclude_none=True) for t in tools] or None
         return GenerateSpec(
             input=ChatInput(messages=[m.to_template_dict() for m in messages],
-                            tools=template_tools),
+                            tools=template_tools, template_kwargs=self.template_kwargs()),
             params=self.sampling_params(),
             tools=ToolUse(specs) if specs else None,
             constraint=self.constraint_source(),
