@@ -116,12 +116,51 @@ def test_think_false_turns_a_templates_thinking_off() -> None:
         assert off.input.template_kwargs == {"enable_thinking": False}  # type: ignore[union-attr]
 
 
-def test_thinking_asked_of_a_model_that_thinks_is_refused_for_now() -> None:
-    body = {"model": FAKE_MODEL, "messages": [{"role": "user", "content": "x"}], "think": True}
-    r = fake_client(*tokens("ab"), reasoning_parser="qwen3").post("/api/chat", json=body)
-    assert r.status_code == 400 and r.json() == {"error": (
-        "think: True is not supported: not supported on the Ollama routes yet: "
-        "/v1/chat/completions returns a thinking model's reasoning (reasoning_content)")}
+def test_a_thinking_models_reasoning_is_its_thinking_field() -> None:
+    """With a reasoning parser, ``<think>...</think>`` goes to ``message.thinking`` (chat) or
+    ``thinking`` (generate), streamed and whole, as Ollama answers; ``think: false`` drops it."""
+    cases = (("/api/chat", {"messages": [{"role": "user", "content": "x"}]},
+              lambda j: j["message"]["content"], lambda j: j["message"].get("thinking")),
+             ("/api/generate", {"prompt": "x"}, lambda j: j["response"], lambda j: j.get("thinking")))
+    for path, body, text_of, thinking_of in cases:
+        client = fake_client(*tokens("<think>Plan", " it.</thi", "nk>Hi"), reasoning_parser="qwen3")
+        request = {"model": FAKE_MODEL, **body}
+        whole = client.post(path, json={**request, "stream": False}).json()
+        assert (thinking_of(whole), text_of(whole)) == ("Plan it.", "Hi")
+        lines = [json.loads(line) for line in client.post(path, json=request).text.splitlines()]
+        assert "".join(thinking_of(line) or "" for line in lines) == "Plan it."
+        assert "".join(text_of(line) for line in lines) == "Hi" and lines[-1]["done"]
+        off = client.post(path, json={**request, "think": False, "stream": False}).json()
+        assert (thinking_of(off), text_of(off)) == (None, "Hi")
+
+
+def test_fields_ollama_does_not_have_are_ignored_as_ollama_ignores_them() -> None:
+    """Top level and inside a message (Ollama's JSON decoding drops them; its clients may send
+    some): the same answer as without them, where the OpenAI routes answer a 400."""
+    client = fake_client(*tokens("ab"))
+    user = {"role": "user", "content": "x"}
+    plain = client.post("/api/chat", json={"model": FAKE_MODEL, "messages": [user],
+                                           "stream": False})
+    extra = client.post("/api/chat", json={"model": FAKE_MODEL, "stream": False,
+                                           "messages": [{**user, "id": 7}], "tool_choice": "x"})
+    assert plain.status_code == extra.status_code == 200, extra.text
+    assert extra.json()["message"] == plain.json()["message"] == {"role": "assistant",
+                                                                   "content": "ab"}
+    openai = client.post("/v1/chat/completions", json={"model": FAKE_MODEL, "messages": [user],
+                                                       "tool_choice_x": 1})
+    assert openai.status_code == 400
+
+
+def test_think_maps_onto_the_chat_template() -> None:
+    limits = Limits(max_n=1, max_logprobs=0, vocab_size=100)
+    chat = ChatRequest.model_validate({"model": "m", "messages": [{"role": "user",
+                                                                   "content": "x"}]})
+    for think, kwargs in ((True, {"enable_thinking": True}),
+                          ("high", {"reasoning_effort": "high", "enable_thinking": True})):
+        spec = chat.model_copy(update={"think": think}).to_spec(limits)
+        assert spec.input.template_kwargs == kwargs  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="think: 'max' is not one of none, minimal, low"):
+        chat.model_copy(update={"think": "max"}).to_spec(limits)
 
 
 def test_an_engine_failure_mid_stream_is_the_last_line() -> None:
@@ -369,8 +408,6 @@ USER = [{"role": "user", "content": "x"}]
      "format: invalid format 'yaml': expected \"json\" or a JSON schema"),
     ("POST", "/api/chat", {"model": MODEL, "messages": USER, "logprobs": True}, 400,
      "logprobs is not supported by this server"),
-    ("POST", "/api/chat", {"model": MODEL, "messages": USER, "tool_choice": "auto"}, 400,
-     "Unknown parameter: 'tool_choice'."),
     ("POST", "/api/pull", {"model": "llama3.2"}, 501, CANNOT.format("pull")),
     ("POST", "/api/push", {"model": MODEL}, 501, CANNOT.format("push")),
     ("POST", "/api/create", {"model": "m", "from": MODEL}, 501, CANNOT.format("create")),

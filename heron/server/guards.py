@@ -70,7 +70,8 @@ def _has_surrogate(text: str) -> bool:
 class FieldNameLog:
     """Logs each ignored request field name once, escaped and cut; remembers at most
     ``capacity`` names, then says once that it stops logging them. (The names come from the
-    routes' fixed IGNORED lists; unknown names are refused, never logged.)"""
+    routes' fixed IGNORED lists, and on the Ollama routes from the client: unknown names are
+    ignored there, as Ollama ignores them; elsewhere they are refused, never logged.)"""
 
     def __init__(self, capacity: int = MAX_REMEMBERED_FIELDS) -> None:
         self.capacity = capacity

@@ -59,6 +59,7 @@ from heron.server.protocol_ollama import (
     human_count,
     ollama_error,
 )
+from heron.server.reasoning import ReasoningStream
 from heron.server.serving import Generation, ServingContext, engine_error
 from heron.structured.tool_parsers import ParsedCall, ToolCallStream, ToolParser, new_call_id
 
@@ -134,34 +135,35 @@ async def _serve(ctx: ServingContext, request: GenerateRequest | ChatRequest,
     prepared = await prepare(ctx, request.model_copy(update={"model": served}))
     if isinstance(prepared, ErrorResponse):
         return prepared
-    gen = Generation(ctx, f"ollama-{new_call_id()}", prepared.prompts, prepared.params)
-    run = _OllamaRun(model, gen, prepared.tool_parser if chat else None, chat)
+    gen = Generation(ctx, f"ollama-{new_call_id()}", prepared.prompts, prepared.params,
+                     prepared.reasoning)
+    run = _OllamaRun(model, gen, prepared.tool_parser if chat else None, chat,
+                     show_thinking=request.think is not False)
     return NDJSONStream(run.stream()) if request.stream is not False else await run.full()
 
 
 def _check_think(ctx: ServingContext, think: bool | str | None) -> ErrorResponse | None:
-    """``think`` false or absent is fine; thinking asked for is a 400: Ollama's words for a
-    model that does not think; for one that does, these routes do not split its thinking off
-    yet (the OpenAI and Anthropic routes do)."""
-    if think in (None, False):
+    """``think`` asked of a model that does not think (no reasoning parser runs) is a 400 in
+    Ollama's words; false or absent is always fine."""
+    if think in (None, False) or ctx.reasoning_parser is not None:
         return None
-    if ctx.reasoning_parser is None:
-        message = f'"{ctx.default_model}" does not support thinking'
-    else:
-        message = ("not supported on the Ollama routes yet: /v1/chat/completions returns a "
-                   "thinking model's reasoning (reasoning_content)")
-    return bad_request(f"think: {short_repr(think)} is not supported: {message}", param="think")
+    return bad_request(f'think: {short_repr(think)} is not supported: "{ctx.default_model}" '
+                       "does not support thinking", param="think")
 
 
 class _OllamaRun:
     """One generation written as Ollama's lines (``GenerateLine`` or ``ChatLine``)."""
 
     def __init__(self, model: str, gen: Generation, parser: ToolParser | None,
-                 chat: bool) -> None:
+                 chat: bool, show_thinking: bool = True) -> None:
         self.model = model
         self.gen = gen
         self.chat = chat
         self.tool_stream = ToolCallStream(parser) if parser is not None else None
+        # a thinking model's reasoning goes to `thinking` (dropped where `think` was false)
+        self.reasoning = ReasoningStream(gen.reasoning) if gen.reasoning is not None else None
+        self.show_thinking = show_thinking
+        self.thinking = ""
         self.text = ""
         self.first_token: float | None = None
         self.last_token = gen.arrival
@@ -190,12 +192,16 @@ class _OllamaRun:
     def _consume(self, d: ChoiceDelta) -> list[GenerateLine | ChatLine]:
         self._clock(d)
         final = d.finish_reason is not None
-        text, calls = d.text, []
+        text, calls, thinking = d.text, [], ""
+        if self.reasoning is not None:
+            thinking, text = self.reasoning.feed(d.text, len(d.token_ids), final=final)
+            thinking = thinking if self.show_thinking else ""
+            self.thinking += thinking
         if self.tool_stream is not None:
             text, _ = self.tool_stream.feed(d.text, final=final)
             calls = self.tool_stream.parsed.calls if final else []
         self.text += text
-        lines = [self._line(text)] if text else []
+        lines = [self._line(text, thinking=thinking or None)] if text or thinking else []
         if calls:
             lines.append(self._line("", [_tool_call(i, c) for i, c in enumerate(calls)]))
         if final:
@@ -209,12 +215,11 @@ class _OllamaRun:
                 self.first_token = self.last_token
 
     def _line(self, text: str, calls: list[OllamaToolCallOut] | None = None,
-              **fields: Any) -> GenerateLine | ChatLine:
+              thinking: str | None = None, **fields: Any) -> GenerateLine | ChatLine:
         if self.chat:
-            return ChatLine(model=self.model, message=OllamaMessageOut(content=text,
-                                                                       tool_calls=calls),
-                            **fields)
-        return GenerateLine(model=self.model, response=text, **fields)
+            message = OllamaMessageOut(content=text, thinking=thinking, tool_calls=calls)
+            return ChatLine(model=self.model, message=message, **fields)
+        return GenerateLine(model=self.model, response=text, thinking=thinking, **fields)
 
     def _last(self, reason: str) -> GenerateLine | ChatLine:
         usage = self.gen.usage()
@@ -229,10 +234,12 @@ class _OllamaRun:
 
     def _whole(self, final: GenerateLine | ChatLine,
                calls: list[OllamaToolCallOut]) -> GenerateLine | ChatLine:
+        thinking = self.thinking or None
         if isinstance(final, ChatLine):
-            final.message = OllamaMessageOut(content=self.text, tool_calls=calls or None)
+            final.message = OllamaMessageOut(content=self.text, thinking=thinking,
+                                             tool_calls=calls or None)
         else:
-            final.response = self.text
+            final.response, final.thinking = self.text, thinking
         return final
 
 

@@ -44,6 +44,7 @@ from heron.server.protocol import (
     ToolCall,
     check_chat,
     parse_part,
+    reasoning_template_kwargs,
 )
 from heron.structured.params import StructuredOutputsParams
 from heron.structured.tool_parsers import new_call_id
@@ -162,8 +163,15 @@ class OllamaRequest(RequestBody):
     keep_alive: float | str | None = None
     options: OllamaOptions | None = None
 
+    def unknown_fields(self) -> list[str]:
+        """None: Ollama ignores fields it does not know (its clients send some), so these
+        routes do too, logging them (``ignored_fields``), unlike the OpenAI routes."""
+        return []
+
     def ignored_fields(self) -> list[str]:
-        names = super().ignored_fields()
+        known = self.UNSUPPORTED.keys() | self.IGNORED
+        names = super().ignored_fields() + sorted(k for k in self.model_extra or {}
+                                                  if k not in known)
         return names + [f"options.{k}" for k in (self.options.ignored() if self.options else [])]
 
 
@@ -182,9 +190,12 @@ class GenerationRequest(OllamaRequest):
     shift: bool | None = None
 
     def template_kwargs(self) -> dict[str, Any]:
-        """``think: false`` turns a thinking template's thinking off (Qwen3's switch, as
-        ``reasoning_effort: none`` does on chat); a template without it ignores it."""
-        return {"enable_thinking": False} if self.think is False else {}
+        """``think`` for the chat template: a bool is Qwen3's ``enable_thinking`` switch, a
+        level (gpt-oss's low / medium / high) is chat's ``reasoning_effort``; a template that
+        takes neither ignores them."""
+        if isinstance(self.think, bool):
+            return {"enable_thinking": self.think}
+        return reasoning_template_kwargs(self.think, "think", None)
 
     def sampling_params(self) -> SamplingParams:
         options = self.options or OllamaOptions()
@@ -259,6 +270,8 @@ class OllamaToolCall(OpenAIBaseModel):
 
 
 class OllamaMessage(OpenAIBaseModel):
+    """A turn of /api/chat; fields Ollama does not have are dropped, as Ollama drops them."""
+
     role: Literal["system", "user", "assistant", "tool"]
     content: str | None = None
     images: list[str] | None = None
@@ -270,9 +283,6 @@ class OllamaMessage(OpenAIBaseModel):
     def to_chat_message(self, where: str) -> ChatMessage:
         if self.images:
             raise ValueError(f"{where}.images: not supported by this server: it takes text only")
-        unknown = sorted(self.model_extra or {})
-        if unknown:
-            raise ValueError(f"{where}: unknown field {short_repr(unknown[0])}")
         calls = [c.to_tool_call() for c in self.tool_calls] if self.tool_calls else None
         return ChatMessage(role=self.role, content=self.content or "", name=self.tool_name,
                            tool_calls=calls, tool_call_id=self.tool_call_id)
@@ -369,6 +379,7 @@ class OllamaToolCallOut(BaseModel):
 class OllamaMessageOut(_Compact):
     role: Literal["assistant"] = "assistant"
     content: str = ""
+    thinking: str | None = None  # a thinking model's reasoning (the reasoning parser's)
     tool_calls: list[OllamaToolCallOut] | None = None
 
 
@@ -390,6 +401,7 @@ class _Line(_Compact):
 
 class GenerateLine(_Line):
     response: str = ""
+    thinking: str | None = None
 
 
 class ChatLine(_Line):
