@@ -359,7 +359,7 @@ def test_catalogue(server: RemoteServer, client: ollama.Client) -> None:
     running = client.ps().models
     assert [(m.model, m.context_length) for m in running] == [(TAGGED, max_len)]
     version = httpx.get(server.url("/api/version"), headers=AUTH).json()
-    assert version == {"version": "0.5.0", "heron_version": "0.1.0"}
+    assert version == {"version": "0.9.0", "heron_version": "0.1.0"}
     assert httpx.head(server.url("/api/tags"), headers=AUTH).status_code == 200
 
 

@@ -52,8 +52,9 @@ from heron.structured.tools import ToolSpec
 
 OLLAMA_PREFIX = "/api/"
 # The Ollama API level heron answers GET /api/version with: the release whose routes and
-# fields heron speaks (tools, JSON-schema formats, /api/embed).
-OLLAMA_API_VERSION = "0.5.0"
+# fields heron speaks (tools, JSON-schema formats, /api/embed, think and thinking: 0.9); clients
+# that gate a feature on the version see one that has what these routes do.
+OLLAMA_API_VERSION = "0.9.0"
 
 
 def ollama_error(error: ErrorResponse) -> dict[str, Any]:
