@@ -19,9 +19,12 @@ Linux) the functions return None and callers keep the host's figures.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+T = TypeVar("T", int, float)
 _NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded LONG_MAX
 
 
@@ -52,22 +55,18 @@ def cgroup_dirs(controller: str, root: Path = Path("/")) -> list[Path]:
 def memory_headroom(root: Path = Path("/")) -> int | None:
     """Bytes the cgroup still lets this process take (limit minus what it uses, page cache
     that can be dropped not counted); None without a limit."""
-    headroom = None
-    for directory in cgroup_dirs("memory", root):
-        room = _memory_room(directory)
-        if room is not None:
-            headroom = room if headroom is None else min(headroom, room)
-    return headroom
+    return _tightest(cgroup_dirs("memory", root), _memory_room)
 
 
 def cpu_quota(root: Path = Path("/")) -> float | None:
     """CPUs' worth of time per period the cgroup allows (2.0: two CPUs); None without a quota."""
-    quota = None
-    for directory in cgroup_dirs("cpu", root):
-        cpus = _cpu_limit(directory)
-        if cpus is not None:
-            quota = cpus if quota is None else min(quota, cpus)
-    return quota
+    return _tightest(cgroup_dirs("cpu", root), _cpu_limit)
+
+
+def _tightest(directories: list[Path], limit_of: Callable[[Path], T | None]) -> T | None:
+    """The smallest limit any of ``directories`` sets (None: none sets one)."""
+    limits = [limit for limit in map(limit_of, directories) if limit is not None]
+    return min(limits, default=None)
 
 
 def quota_threads(threads: int, root: Path = Path("/")) -> int:
