@@ -130,6 +130,24 @@ def test_which_parser_runs() -> None:
 # ---- chat completions -----------------------------------------------------------------------------
 
 
+def test_ollama_tool_calls_are_read_from_the_content_only() -> None:
+    """As on chat: the thinking is message.thinking, neither content nor a call (the tool
+    parser read the whole output, tags and thinking included, into content and calls)."""
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "%s"}}</tool_call>'
+    client, _ = serve(tokens("<think>", "maybe " + call % "Rome", "</think>", "\n" + call % "Paris",
+                             [EOS], finish="stop", stop_reason=EOS), tool_call_parser="hermes")
+    body = {"model": MODEL, "messages": USER, "tools": [WEATHER_TOOL]}
+    message = client.post("/api/chat", json={**body, "stream": False}).json()["message"]
+    assert (message["thinking"], message["content"]) == ("maybe " + call % "Rome", "")
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in message["tool_calls"]] \
+        == [("get_weather", {"city": "Paris"})]
+    lines = [json.loads(line) for line in client.post("/api/chat", json=body).text.splitlines()]
+    assert "".join(line["message"]["content"] for line in lines) == ""
+    assert "".join(line["message"].get("thinking", "") for line in lines) == "maybe " + call % "Rome"
+    assert [c["function"]["arguments"] for line in lines
+            for c in line["message"].get("tool_calls", [])] == [{"city": "Paris"}]
+
+
 def test_chat_message_has_reasoning_apart() -> None:
     client, engine = serve(thought())
     r = client.post("/v1/chat/completions", json={"messages": USER})

@@ -198,7 +198,7 @@ class _OllamaRun:
             thinking = thinking if self.show_thinking else ""
             self.thinking += thinking
         if self.tool_stream is not None:
-            text, _ = self.tool_stream.feed(d.text, final=final)
+            text, _ = self.tool_stream.feed(text, final=final)
             calls = self.tool_stream.parsed.calls if final else []
         self.text += text
         lines = [self._line(text, thinking=thinking or None)] if text or thinking else []
