@@ -105,6 +105,17 @@ def fake_client(*outputs: EngineOutput | Exception, **config: object) -> TestCli
     return TestClient(build_app(ctx.config, ctx), base_url="http://127.0.0.1")
 
 
+def test_show_lists_thinking_where_a_reasoning_parser_runs() -> None:
+    """Ollama's clients read ``capabilities`` before they send ``think`` (which these routes
+    refuse unless a reasoning parser runs); "thinking" was never listed."""
+    for config, capabilities in (({}, ["completion", "tools"]),
+                                 ({"reasoning_parser": "qwen3"}, ["completion", "tools", "thinking"])):
+        client = fake_client(*tokens("a"), **config)
+        shown = client.post("/api/show", json={"model": FAKE_MODEL})
+        assert shown.status_code == 200, shown.text
+        assert shown.json()["capabilities"] == capabilities
+
+
 def test_think_false_turns_a_templates_thinking_off() -> None:
     limits = Limits(max_n=1, max_logprobs=0, vocab_size=100)
     chat = ChatRequest.model_validate({"model": "m", "messages": [{"role": "user",

@@ -336,8 +336,15 @@ def show_model(ctx: ServingContext, request: ModelRequest) -> ShowResponse | Err
         modelfile=f"# heron serves {ctx.model_root}; it was started with it (no Modelfile)\n"
                   f"FROM {ctx.model_root}\n",
         template=template or "", details=_details(facts), model_info=info,
-        capabilities=["completion", "tools"] if template is not None else ["completion"],
+        capabilities=_capabilities(ctx),
         modified_at=_date(facts.modified_at))
+
+
+def _capabilities(ctx: ServingContext) -> list[str]:
+    """Ollama's capability names: ``tools`` with a chat template, ``thinking`` where a
+    reasoning parser runs (what ``think`` needs; clients read it before they send ``think``)."""
+    tools = ["tools"] if ctx.tokenizer.chat_template is not None else []
+    return ["completion", *tools, *(["thinking"] if ctx.reasoning_parser is not None else [])]
 
 
 def _entry(ctx: ServingContext, name: str) -> ModelEntry:
