@@ -369,3 +369,64 @@ def test_messages_thinking_refused_for_a_model_that_does_not_think() -> None:
     assert r.json()["error"]["message"] == ("thinking.type: 'sometimes' is not one of enabled, "
                                             "disabled, adaptive")
     assert engine.requests == []
+
+
+# ---- an earlier turn's reasoning, sent back -------------------------------------------------------
+
+# A template that renders an assistant turn's reasoning_content (Qwen3's does for the turns after
+# the last user message: the tool calls in progress).
+REPLAY_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{% if m.reasoning_content "
+                   "%}<think>{{ m.reasoning_content }}</think>{% endif %}{{ m['content'] }}{% for c "
+                   "in m.tool_calls or [] %}<call>{{ c.function.name }}</call>{% endfor %}"
+                   "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+TOOL_LOOP_PROMPT = "<user>Hi<assistant><think>Plan it.</think><call>get_weather</call><tool>sunny<assistant>"
+ROME = '{"city": "Rome"}'
+
+
+def test_reasoning_sent_back_reaches_the_template_on_every_route() -> None:
+    """A tool-calling turn's thinking, sent back as each API sends it (chat's reasoning_content,
+    a Responses reasoning item, Anthropic thinking blocks, Ollama's thinking), is the assistant
+    turn's reasoning_content for the template: the same prompt on every route. (The other
+    routes dropped it, so a template such as Qwen3's lost the thinking of the calls in
+    progress, which Anthropic and Ollama keep.)"""
+    client, engine = serve(thought(), REPLAY_TEMPLATE, tool_call_parser="hermes")
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ROME}}
+    bodies = {
+        "/v1/chat/completions": {"messages": [
+            *USER, {"role": "assistant", "content": None, "reasoning_content": "Plan it.",
+                    "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]},
+        "/v1/responses": {"input": [
+            *USER, {"type": "reasoning", "id": "rs_1", "summary": [],
+                    "content": [{"type": "reasoning_text", "text": "Plan it."}]},
+            {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": ROME},
+            {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}]},
+        "/v1/messages": messages_body(messages=[
+            *USER, {"role": "assistant", "content": [
+                {"type": "redacted_thinking", "data": "opaque"},
+                {"type": "thinking", "thinking": "Plan it.", "signature": ""},
+                {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Rome"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1",
+                                          "content": "sunny"}]}]),
+        "/api/chat": {"model": MODEL, "stream": False, "messages": [
+            *USER, {"role": "assistant", "content": "", "thinking": "Plan it.", "tool_calls": [
+                {"function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]},
+            {"role": "tool", "tool_name": "get_weather", "content": "sunny"}]},
+    }
+    for path, body in bodies.items():
+        r = client.post(path, json=body)
+        assert r.status_code == 200, (path, r.text)
+        assert prompt_text(engine) == TOOL_LOOP_PROMPT, path
+
+
+def test_responses_reasoning_kept_alike_by_previous_response_id_and_input() -> None:
+    """previous_response_id replays the stored turn's reasoning as the item sent back does."""
+    client, engine = serve(thought(), REPLAY_TEMPLATE)
+    first = client.post("/v1/responses", json={"input": "Hi"}).json()
+    assert [item["type"] for item in first["output"]] == ["reasoning", "message"]
+    client.post("/v1/responses", json={"input": "More", "previous_response_id": first["id"]})
+    expected = "<user>Hi<assistant><think>Plan it.</think>Hi<user>More<assistant>"
+    assert prompt_text(engine) == expected
+    client.post("/v1/responses", json={"input": [*USER, *first["output"],
+                                                 {"role": "user", "content": "More"}]})
+    assert prompt_text(engine) == expected

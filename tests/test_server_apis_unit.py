@@ -343,10 +343,11 @@ def test_sse_events_escape_the_line_breaks_json_leaves_raw() -> None:
     assert json.loads(event.splitlines()[1][len("data: "):]) == body
 
 
-def test_messages_thinking_blocks_of_assistant_turns_are_dropped() -> None:
+def test_messages_thinking_blocks_of_assistant_turns_are_their_reasoning() -> None:
     """A conversation begun with a model that thinks comes back with thinking blocks in its
-    assistant turns; Anthropic leaves earlier turns' thinking out of the prompt, and so does
-    heron (they were a 400). In a user turn they stay a 400."""
+    assistant turns (they were a 400): their text is the turn's reasoning_content for the chat
+    template, which decides whether it is part of the prompt; redacted thinking is left out.
+    In a user turn they stay a 400."""
     turns = [{"role": "user", "content": "hi"},
              {"role": "assistant", "content": [
                  {"type": "thinking", "thinking": "hmm", "signature": "s"},
@@ -357,6 +358,7 @@ def test_messages_thinking_blocks_of_assistant_turns_are_dropped() -> None:
     spec = req.to_spec(LIMITS)
     assert [(m["role"], m["content"]) for m in spec.input.messages] == [  # type: ignore[union-attr]
         ("user", "hi"), ("assistant", "Hello"), ("user", "more")]
+    assert spec.input.messages[1]["reasoning_content"] == "hmm"  # type: ignore[union-attr]
     turns[0] = {"role": "user", "content": [{"type": "thinking", "thinking": "x"}]}
     with pytest.raises(ValueError, match="'thinking' blocks are not supported in user messages"):
         MessagesRequest.model_validate({"model": "m", "max_tokens": 5,

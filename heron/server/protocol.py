@@ -491,6 +491,10 @@ _TOKEN_ID_KEY = re.compile(r"[0-9]{1,19}")  # ASCII digits only: no sign, blanks
 # ==== chat completions ============================================================================
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+# The key of an assistant message's earlier reasoning in the dict a chat template sees: the one
+# thinking templates read (Qwen3's renders it for the turns after the last user message, the
+# tool calls in progress, as Anthropic and Ollama keep the thinking of those turns).
+REASONING_KEY = "reasoning_content"
 # Template arguments the server sets itself; chat_template_kwargs may not override them.
 RESERVED_TEMPLATE_KWARGS = (
     "messages",
@@ -559,6 +563,15 @@ class ChatMessage(OpenAIBaseModel):
         if isinstance(self.content, str):
             return self.content
         return "\n".join(part.text or "" for part in self.content)
+
+    @classmethod
+    def assistant(cls, content: str, tool_calls: list[ToolCall] | None = None,
+                  reasoning: str = "") -> ChatMessage:
+        """An assistant turn; ``reasoning``, its thinking sent back (a Responses reasoning
+        item, Anthropic thinking blocks, Ollama's ``thinking``), reaches the chat template
+        under ``REASONING_KEY``, as chat's ``reasoning_content`` does."""
+        extra = {REASONING_KEY: reasoning} if reasoning else {}
+        return cls(role="assistant", content=content, tool_calls=tool_calls, **extra)
 
     def to_template_dict(self) -> dict[str, Any]:
         """The dict a chat template sees: text content; 'developer' is a system message."""

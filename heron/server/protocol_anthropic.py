@@ -72,6 +72,13 @@ class TextBlock(OpenAIBaseModel):
     text: str
 
 
+class ThinkingBlock(OpenAIBaseModel):
+    """An assistant turn's thinking sent back (its ``signature`` is not checked)."""
+
+    type: Literal["thinking"]
+    thinking: str
+
+
 class ToolUseBlock(OpenAIBaseModel):
     type: Literal["tool_use"]
     id: str
@@ -272,9 +279,6 @@ class MessagesRequest(CountTokensRequest):
                               **{k: v for k, v in fields.items() if v is not None})
 
 
-# An assistant turn's thinking, sent back by clients that keep whole turns.
-_THINKING_BLOCKS = ("thinking", "redacted_thinking")
-
 _TOOL_CHOICES: dict[str, Literal["none", "auto", "required"]] = {
     "auto": "auto", "any": "required", "none": "none"}
 
@@ -282,12 +286,14 @@ _TOOL_CHOICES: dict[str, Literal["none", "auto", "required"]] = {
 def _convert_message(message: AnthropicMessage, where: str) -> list[ChatMessage]:
     """One Anthropic turn as chat messages: a user turn's tool results become tool messages
     (in order, around its text); an assistant turn's tool_use blocks become its tool calls,
-    its thinking blocks are dropped."""
+    its thinking blocks its reasoning for the template (``ChatMessage.assistant``); a
+    ``redacted_thinking`` block holds nothing readable and is left out."""
     if isinstance(message.content, str):
         return [ChatMessage(role=message.role, content=message.content)]
     out: list[ChatMessage] = []
     texts: list[str] = []
     calls: list[ToolCall] = []
+    thoughts: list[str] = []
     for j, raw in enumerate(message.content):
         kind = raw.get("type") if isinstance(raw, dict) else None
         at = f"{where}.content.{j}"
@@ -297,8 +303,10 @@ def _convert_message(message: AnthropicMessage, where: str) -> list[ChatMessage]
             use = parse_part(ToolUseBlock, raw, at, dotted=True)
             calls.append(ToolCall(id=use.id, function=FunctionCall(
                 name=use.name, arguments=json.dumps(use.input, ensure_ascii=False))))
-        elif kind in _THINKING_BLOCKS and message.role == "assistant":
-            continue  # as Anthropic does with earlier turns' thinking: not part of the prompt
+        elif kind == "thinking" and message.role == "assistant":
+            thoughts.append(parse_part(ThinkingBlock, raw, at, dotted=True).thinking)
+        elif kind == "redacted_thinking" and message.role == "assistant":
+            continue  # encrypted by Anthropic: nothing here can read it
         elif kind == "tool_result" and message.role == "user":
             if texts:
                 out.append(ChatMessage(role="user", content="".join(texts)))
@@ -310,9 +318,10 @@ def _convert_message(message: AnthropicMessage, where: str) -> list[ChatMessage]
             raise ValueError(f"{at}.type: {short_repr(kind)} blocks are not supported in {message.role} "
                              "messages; this server takes text, tool_use (assistant) and "
                              "tool_result (user) blocks")
-    if texts or calls or not out:
-        out.append(ChatMessage(role=message.role, content="".join(texts),
-                               tool_calls=calls or None))
+    if message.role == "assistant":
+        out.append(ChatMessage.assistant("".join(texts), calls or None, "\n".join(thoughts)))
+    elif texts or not out:
+        out.append(ChatMessage(role=message.role, content="".join(texts)))
     return out
 
 

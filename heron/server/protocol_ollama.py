@@ -276,7 +276,7 @@ class OllamaMessage(OpenAIBaseModel):
     role: Literal["system", "user", "assistant", "tool"]
     content: str | None = None
     images: list[str] | None = None
-    thinking: str | None = None  # an earlier turn's: not part of the prompt (as in Ollama)
+    thinking: str | None = None  # an earlier turn's: the template decides (as in Ollama)
     tool_calls: list[OllamaToolCall] | None = None
     tool_name: str | None = None
     tool_call_id: str | None = None  # LangChain's ChatOllama sends it
@@ -285,6 +285,8 @@ class OllamaMessage(OpenAIBaseModel):
         if self.images:
             raise ValueError(f"{where}.images: not supported by this server: it takes text only")
         calls = [c.to_tool_call() for c in self.tool_calls] if self.tool_calls else None
+        if self.role == "assistant":
+            return ChatMessage.assistant(self.content or "", calls, self.thinking or "")
         return ChatMessage(role=self.role, content=self.content or "", name=self.tool_name,
                            tool_calls=calls, tool_call_id=self.tool_call_id)
 

@@ -6,8 +6,9 @@ assistant message's tool calls, ``function_call_output`` items tool messages), f
 tools become chat tools, ``text.format`` the output constraint. The preparation pipeline then
 renders, tokenizes and checks it like any chat request.
 
-``reasoning`` items (a thinking model's earlier output, sent back whole) are left out of the
-prompt, as thinking templates leave out earlier turns' reasoning. Items of other kinds (images,
+A ``reasoning`` item (a thinking model's earlier output, sent back whole) is the reasoning of
+the assistant turn it opens (``ChatMessage.assistant``): the chat template decides whether it
+is part of the prompt (Qwen3's keeps it for the tool calls after the last user message). Items of other kinds (images,
 files, built-in tools, item references) and fields heron cannot honour (``background``,
 ``truncation: auto``...) are refused with a 400 naming the field.
 """
@@ -24,6 +25,7 @@ from pydantic import BaseModel, Field, PrivateAttr, computed_field
 from heron.sampling_params import INT64_MAX, SamplingParams, short_repr
 from heron.server.inputs import ChatInput, GenerateSpec, Limits, ToolUse
 from heron.server.protocol import (
+    REASONING_KEY,
     ChatCompletionTool,
     ChatMessage,
     FunctionCall,
@@ -93,6 +95,19 @@ class _InputMessage(OpenAIBaseModel):
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
     content: str | list[dict[str, Any]]
+
+
+class _ReasoningItem(OpenAIBaseModel):
+    """A reasoning item sent back: its ``content`` texts (``reasoning_text``), else its
+    ``summary`` texts (OpenAI's models send summaries only)."""
+
+    type: Literal["reasoning"]
+    summary: list[dict[str, Any]] = Field(default_factory=list)
+    content: list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        parts = self.content or self.summary
+        return "\n".join(p["text"] for p in parts if isinstance(p.get("text"), str))
 
 
 class _FunctionCallItem(OpenAIBaseModel):
@@ -262,21 +277,27 @@ class ResponsesRequest(RequestBody):
 def _append_item(messages: list[ChatMessage], raw: dict[str, Any], where: str) -> None:
     """One input item as chat messages: consecutive function calls share an assistant turn."""
     kind = raw.get("type", "message")
+    last = messages[-1] if messages else None
     if kind == "message":
         item = parse_part(_InputMessage, raw, where)
-        messages.append(ChatMessage(role=item.role,
-                                    content=_text_of(item.content, f"{where}.content")))
+        text = _text_of(item.content, f"{where}.content")
+        if item.role == "assistant" and last is not None and _thought_only(last):
+            last.content = text
+        else:
+            messages.append(ChatMessage(role=item.role, content=text))
     elif kind == "function_call":
         call = parse_part(_FunctionCallItem, raw, where)
         tool_call = ToolCall(id=call.call_id, function=FunctionCall(name=call.name,
                                                                     arguments=call.arguments))
-        last = messages[-1] if messages else None
-        if last is not None and last.role == "assistant" and last.tool_calls is not None:
-            last.tool_calls.append(tool_call)
+        if last is not None and last.role == "assistant" and (last.tool_calls is not None
+                                                              or _thought_only(last)):
+            last.tool_calls = [*(last.tool_calls or []), tool_call]
         else:
             messages.append(ChatMessage(role="assistant", content="", tool_calls=[tool_call]))
     elif kind == "reasoning":
-        return  # an earlier turn's thinking: not part of the prompt
+        reasoning = parse_part(_ReasoningItem, raw, where).text()
+        if reasoning:  # the assistant turn it opens; its message or calls follow
+            messages.append(ChatMessage.assistant("", reasoning=reasoning))
     elif kind == "function_call_output":
         out = parse_part(_FunctionCallOutputItem, raw, where)
         messages.append(ChatMessage(role="tool", tool_call_id=out.call_id,
@@ -284,6 +305,12 @@ def _append_item(messages: list[ChatMessage], raw: dict[str, Any], where: str) -
     else:
         raise ValueError(f"{where}.type {short_repr(kind)} is not supported: this server takes message, "
                          "function_call, function_call_output and reasoning items")
+
+
+def _thought_only(message: ChatMessage) -> bool:
+    """An assistant turn opened by a reasoning item, with no text or calls yet."""
+    return (message.role == "assistant" and not message.content and message.tool_calls is None
+            and REASONING_KEY in (message.model_extra or {}))
 
 
 def _text_of(content: str | list[dict[str, Any]], where: str) -> str:
@@ -426,11 +453,14 @@ class ResponseObject(BaseModel):
 
 
 def output_as_messages(output: list[OutputItem]) -> list[ChatMessage]:
-    """A response's output as the chat turn it adds to a conversation."""
+    """A response's output as the chat turn it adds to a conversation (its reasoning
+    included, as a reasoning item sent back in ``input`` is)."""
     text = "".join(p.text for item in output if isinstance(item, OutputMessage) for p in item.content)
     calls = [ToolCall(id=item.call_id, function=FunctionCall(name=item.name, arguments=item.arguments))
              for item in output if isinstance(item, FunctionCallOutput)]
-    return [ChatMessage(role="assistant", content=text, tool_calls=calls or None)]
+    reasoning = "\n".join(p.text for item in output if isinstance(item, ReasoningOutput)
+                          for p in item.content)
+    return [ChatMessage.assistant(text, calls or None, reasoning)]
 
 
 class DeletedResponse(BaseModel):
