@@ -116,6 +116,25 @@ def test_show_lists_thinking_where_a_reasoning_parser_runs() -> None:
         assert shown.json()["capabilities"] == capabilities
 
 
+def test_curl_d_is_read_as_json_on_the_ollama_routes() -> None:
+    """``curl URL -d '{...}'`` (how Ollama's docs write every call) labels the body a form:
+    read as JSON on /api/ paths (it was a 415). With an Origin (a browser's form post) and on
+    the OpenAI routes it stays a 415."""
+    client = fake_client(*tokens("ab"))
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    body = json.dumps({"model": FAKE_MODEL, "prompt": "x", "raw": True, "stream": False})
+    r = client.post("/api/generate", content=body, headers=form)
+    assert r.status_code == 200, r.text
+    assert r.json()["response"] == "ab"
+    refused = {"error": "Content-Type must be application/json, got "
+                        "'application/x-www-form-urlencoded'"}
+    r = client.post("/api/generate", content=body,
+                    headers={**form, "origin": "http://page.example"})
+    assert (r.status_code, r.json()) == (415, refused)
+    r = client.post("/v1/completions", content=json.dumps({"prompt": "x"}), headers=form)
+    assert r.status_code == 415
+
+
 def test_think_false_turns_a_templates_thinking_off() -> None:
     limits = Limits(max_n=1, max_logprobs=0, vocab_size=100)
     chat = ChatRequest.model_validate({"model": "m", "messages": [{"role": "user",

@@ -79,6 +79,7 @@ from heron.server.protocol_anthropic import (
 )
 from heron.server.protocol_embeddings import EmbeddingRequest, EmbeddingResponse
 from heron.server.protocol_ollama import (
+    OLLAMA_PREFIX,
     ChatLine,
     EmbeddingsRequest,
     EmbeddingsResponse,
@@ -526,8 +527,20 @@ class AuthMiddleware:
         await self.app(scope, receive, send)
 
 
+def _curl_form_to_ollama(path: str, headers: dict[bytes, bytes]) -> bool:
+    """A body curl's ``-d`` labels as a form, posted to an Ollama route by no browser."""
+    ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+    return (ctype == b"application/x-www-form-urlencoded" and b"origin" not in headers
+            and path.startswith(OLLAMA_PREFIX))
+
+
 class BodyCheckMiddleware:
-    """JSON bodies only (415 otherwise) and at most ``max_bytes`` of them (413)."""
+    """JSON bodies only (415 otherwise) and at most ``max_bytes`` of them (413).
+
+    One exception, for Ollama's routes: ``curl URL -d '{...}'``, as every example of Ollama's
+    API is written (Ollama reads any body as JSON), sends ``application/x-www-form-urlencoded``;
+    on an ``/api/`` path without an ``Origin`` header it is read as JSON. Browsers send
+    ``Origin`` with every POST, so a web page still cannot post a form to these routes."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -538,6 +551,10 @@ class BodyCheckMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
+        if _curl_form_to_ollama(scope["path"], headers):
+            scope = {**scope, "headers": [(k, b"application/json" if k == b"content-type" else v)
+                                          for k, v in scope["headers"]]}
+            headers = dict(scope["headers"])
         error = self._check_headers(headers)
         if error is not None:
             await send_error(send, error)
