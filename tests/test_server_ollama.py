@@ -189,8 +189,8 @@ def test_think_maps_onto_the_chat_template() -> None:
                           ("high", {"reasoning_effort": "high", "enable_thinking": True})):
         spec = chat.model_copy(update={"think": think}).to_spec(limits)
         assert spec.input.template_kwargs == kwargs  # type: ignore[union-attr]
-    with pytest.raises(ValueError, match="think: 'max' is not one of none, minimal, low"):
-        chat.model_copy(update={"think": "max"}).to_spec(limits)
+    with pytest.raises(ValueError, match="think: 'extreme' is not one of none, minimal, low"):
+        chat.model_copy(update={"think": "extreme"}).to_spec(limits)
 
 
 def test_an_engine_failure_mid_stream_is_the_last_line() -> None:

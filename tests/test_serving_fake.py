@@ -322,6 +322,9 @@ def test_a_reasoning_effort_reaches_the_chat_template() -> None:
                                   "chat_template_kwargs": {"enable_thinking": False}},
          "False/high"),
         ("/v1/responses", {"input": "Hi", "reasoning": {"effort": "low"}}, "True/low"),
+        # the openai SDK's other levels (a 400 before)
+        ("/v1/chat/completions", {"messages": USER, "reasoning_effort": "xhigh"}, "True/xhigh"),
+        ("/v1/responses", {"input": "Hi", "reasoning": {"effort": "max"}}, "True/max"),
         ("/v1/responses", {"input": "Hi", "reasoning": {"summary": "auto"}}, "u/u"),
     ]
     for path, body, rendered in cases:
@@ -459,14 +462,14 @@ UNHONOURED = [
      "web_search_options", "web_search_options is not supported by this server"),
     ("/v1/chat/completions", {"messages": USER, "moderation": {"model": "m"}},
      "moderation", "moderation is not supported by this server"),
-    ("/v1/chat/completions", {"messages": USER, "reasoning_effort": "max"}, "reasoning_effort",
-     "reasoning_effort: 'max' is not one of none, minimal, low, medium, high"),
+    ("/v1/chat/completions", {"messages": USER, "reasoning_effort": "extreme"}, "reasoning_effort",
+     "reasoning_effort: 'extreme' is not one of none, minimal, low, medium, high, xhigh, max"),
     ("/v1/chat/completions", {"messages": USER, "store": "yes"}, "store",
      "store: Input should be a valid boolean"),
     ("/v1/chat/completions", {"messages": USER, "metadata": {"a": 1}}, "metadata.a",
      "metadata.a: Input should be a valid string"),
     ("/v1/responses", {"input": "Hi", "reasoning": {"effort": 3}}, "reasoning.effort",
-     "reasoning.effort: 3 is not one of none, minimal, low, medium, high"),
+     "reasoning.effort: 3 is not one of none, minimal, low, medium, high, xhigh, max"),
     ("/v1/responses", {"input": "Hi", "background_options": {"window": "2h"}},
      "background_options", "background_options is not supported by this server"),
     ("/v1/messages", {"model": MODEL, "messages": USER, "max_tokens": 2,

@@ -188,7 +188,8 @@ def parse_part(model: type[BaseModelT], raw: Any, where: str, dotted: bool = Fal
         raise ValueError(f"{where}{path}: {message}") from None
 
 
-REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+# OpenAI's effort levels (its SDK's ReasoningEffort; Codex CLI sends xhigh).
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 
 
 def reasoning_template_kwargs(effort: Any, param: str,
