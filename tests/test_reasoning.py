@@ -386,37 +386,39 @@ ROME = '{"city": "Rome"}'
 def test_reasoning_sent_back_reaches_the_template_on_every_route() -> None:
     """A tool-calling turn's thinking, sent back as each API sends it (chat's reasoning_content,
     a Responses reasoning item, Anthropic thinking blocks, Ollama's thinking), is the assistant
-    turn's reasoning_content for the template: the same prompt on every route. (The other
-    routes dropped it, so a template such as Qwen3's lost the thinking of the calls in
-    progress, which Anthropic and Ollama keep.)"""
+    turn's reasoning_content for the template: the same prompt on every route (chat's
+    vLLM-named ``reasoning`` too: transformers aliases it). The other routes dropped it, so a
+    template such as Qwen3's lost the thinking of the calls in progress, which Anthropic and
+    Ollama keep."""
     client, engine = serve(thought(), REPLAY_TEMPLATE, tool_call_parser="hermes")
     call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ROME}}
-    bodies = {
-        "/v1/chat/completions": {"messages": [
-            *USER, {"role": "assistant", "content": None, "reasoning_content": "Plan it.",
-                    "tool_calls": [call]},
-            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]},
-        "/v1/responses": {"input": [
+    chat = [{"role": "assistant", "content": None, key: "Plan it.", "tool_calls": [call]}
+            for key in ("reasoning_content", "reasoning")]  # DeepSeek's name, vLLM's
+    tool = {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}
+    bodies = [
+        ("/v1/chat/completions", {"messages": [*USER, chat[0], tool]}),
+        ("/v1/chat/completions", {"messages": [*USER, chat[1], tool]}),
+        ("/v1/responses", {"input": [
             *USER, {"type": "reasoning", "id": "rs_1", "summary": [],
                     "content": [{"type": "reasoning_text", "text": "Plan it."}]},
             {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": ROME},
-            {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}]},
-        "/v1/messages": messages_body(messages=[
+            {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}]}),
+        ("/v1/messages", messages_body(messages=[
             *USER, {"role": "assistant", "content": [
                 {"type": "redacted_thinking", "data": "opaque"},
                 {"type": "thinking", "thinking": "Plan it.", "signature": ""},
                 {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Rome"}}]},
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1",
-                                          "content": "sunny"}]}]),
-        "/api/chat": {"model": MODEL, "stream": False, "messages": [
+                                          "content": "sunny"}]}])),
+        ("/api/chat", {"model": MODEL, "stream": False, "messages": [
             *USER, {"role": "assistant", "content": "", "thinking": "Plan it.", "tool_calls": [
                 {"function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]},
-            {"role": "tool", "tool_name": "get_weather", "content": "sunny"}]},
-    }
-    for path, body in bodies.items():
+            {"role": "tool", "tool_name": "get_weather", "content": "sunny"}]}),
+    ]
+    for path, body in bodies:
         r = client.post(path, json=body)
         assert r.status_code == 200, (path, r.text)
-        assert prompt_text(engine) == TOOL_LOOP_PROMPT, path
+        assert prompt_text(engine) == TOOL_LOOP_PROMPT, body
 
 
 def test_responses_reasoning_kept_alike_by_previous_response_id_and_input() -> None:
