@@ -18,6 +18,7 @@ from heron.server.reasoning import (
     ReasoningStream,
     resolve_reasoning_parser,
 )
+from heron.structured.params import StructuredOutputsParams
 from heron.tokenizer.tokenizer import Tokenizer
 from tests.fake_engine import (
     EOS,
@@ -119,10 +120,15 @@ def test_which_parser_runs() -> None:
     assert resolve_reasoning_parser("auto", None) is None
     assert resolve_reasoning_parser("none", QWEN_TEMPLATE) is None
     assert resolve_reasoning_parser("deepseek_r1", PLAIN_TEMPLATE) == "deepseek_r1"
-    assert ReasoningParser.of("qwen3", "<assistant><think>\n", constrained=False).opened
-    assert not ReasoningParser.of("qwen3", "<assistant><think></think>", False).opened
-    assert ReasoningParser.of("deepseek_r1", "<assistant>", constrained=False).opened
-    assert not ReasoningParser.of("deepseek_r1", "<assistant>", constrained=True).opened
+    assert ReasoningParser.of("qwen3", "<assistant><think>\n") == ReasoningParser(True)
+    assert ReasoningParser.of("qwen3", "<assistant>") == ReasoningParser(False)
+    assert ReasoningParser.of("deepseek_r1", "<assistant>") == ReasoningParser(True)
+    # A prompt that closed an empty reasoning: thinking off, whatever the parser.
+    for name in ("qwen3", "deepseek_r1"):
+        assert ReasoningParser.of(name, "<assistant><think>\n\n</think>\n\n") == \
+            ReasoningParser(False, thinking=False)
+    assert [ReasoningParser(True).grammar_mode, ReasoningParser(False).grammar_mode,
+            ReasoningParser(False, thinking=False).grammar_mode] == ["opened", "may_open", ""]
     with pytest.raises(ValueError, match="reasoning_parser must be one of auto, none, qwen3"):
         serve(thought(), reasoning_parser="r1")
 
@@ -238,16 +244,68 @@ def test_reasoning_parser_none_leaves_the_text_whole() -> None:
     assert "completion_tokens_details" not in r.json()["usage"]
 
 
-def test_a_constrained_output_is_all_content() -> None:
-    """A grammar decides the output from its first token: the JSON is the content even when
-    the prompt opened the thinking."""
-    client, _ = serve(tokens('{"a": 1}', [EOS], finish="stop", stop_reason=EOS),
-                      OPENED_TEMPLATE)
+@pytest.mark.parametrize("template,kwargs,think", [
+    (OPENED_TEMPLATE, {}, "opened"),
+    (QWEN_TEMPLATE, {}, "may_open"),
+    (PLAIN_TEMPLATE, {"reasoning_parser": "deepseek_r1"}, "opened"),
+])
+def test_a_constrained_output_thinks_first(template: str, kwargs: dict[str, Any],
+                                           think: str) -> None:
+    """With thinking on, the grammar lets the reasoning come first (the engine gets the
+    constraint with ``think`` set): the output splits as free text, the JSON is the content."""
+    output = ("Plan.", "</think>", '\n\n{"a": 1}', [EOS])
+    if think == "may_open":
+        output = ("<think>", *output)
+    client, engine = serve(tokens(*output, finish="stop", stop_reason=EOS), template, **kwargs)
     r = client.post("/v1/chat/completions", json={
         "messages": USER, "response_format": {"type": "json_object"}})
     message = r.json()["choices"][0]["message"]
+    assert (message["reasoning"], message["content"]) == ("Plan.", '{"a": 1}')
+    assert r.json()["usage"]["completion_tokens_details"] == {
+        "reasoning_tokens": len("".join(output[:-2]))}
+    constraint = engine.requests[-1].sampling_params.structured_outputs
+    assert constraint == StructuredOutputsParams("json", '{"type": "object"}', think=think)
+
+
+@pytest.mark.parametrize("route,body", [
+    ("/v1/chat/completions", {"messages": USER, "reasoning_effort": "none"}),
+    ("/v1/chat/completions", {"messages": USER,
+                              "chat_template_kwargs": {"enable_thinking": False}}),
+    ("/v1/messages", {"model": MODEL, "messages": USER, "max_tokens": 16,
+                      "thinking": {"type": "disabled"}}),
+])
+def test_a_constrained_output_without_thinking_is_all_content(route: str,
+                                                               body: dict[str, Any]) -> None:
+    """Thinking off (the prompt closed an empty reasoning): the grammar is the plain one, from
+    the first token, and the JSON is all content."""
+    client, engine = serve(tokens('{"a": 1}', [EOS], finish="stop", stop_reason=EOS))
+    fmt = ({"output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}
+           if route == "/v1/messages" else {"response_format": {"type": "json_object"}})
+    r = client.post(route, json={**body, **fmt})
+    assert r.status_code == 200, r.text
+    assert prompt_text(engine).endswith("<think></think>")
+    assert engine.requests[-1].sampling_params.structured_outputs.think == ""
+    if route == "/v1/messages":
+        assert [b["type"] for b in r.json()["content"]] == ["text"]
+        assert r.json()["content"][0]["text"] == '{"a": 1}'
+        return
+    message = r.json()["choices"][0]["message"]
     assert (message["content"], message["reasoning"]) == ('{"a": 1}', None)
     assert r.json()["usage"]["completion_tokens_details"] == {"reasoning_tokens": 0}
+
+
+def test_a_named_tool_call_is_read_after_the_thinking() -> None:
+    """tool_choice named: the arguments are the content after </think>, not the reasoning."""
+    client, engine = serve(tokens("<think>", 'city {"city": "Rome"}?', "</think>",
+                                  '{"city": "Paris"}', [EOS], finish="stop", stop_reason=EOS))
+    r = client.post("/v1/chat/completions", json={
+        "messages": USER, "tools": [WEATHER_TOOL],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
+    (choice,) = r.json()["choices"]
+    assert choice["message"]["reasoning"] == 'city {"city": "Rome"}?'
+    assert [(c["function"]["name"], c["function"]["arguments"])
+            for c in choice["message"]["tool_calls"]] == [("get_weather", '{"city": "Paris"}')]
+    assert engine.requests[-1].sampling_params.structured_outputs.think == "may_open"
 
 
 # ---- Responses ------------------------------------------------------------------------------------

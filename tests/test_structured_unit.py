@@ -516,3 +516,135 @@ def test_grammar_errors_keep_the_reason_after_a_long_quote(spec: S, message: str
     with pytest.raises(ValueError) as info:
         SpecValidator().check(spec)
     assert str(info.value) == message
+
+
+# ---- a thinking model: the reasoning first, then the constraint -----------------------------------
+
+THINK, UNTHINK, THINK_EOS = 256, 257, 258  # a byte vocabulary plus Qwen3-like tag tokens
+
+
+class _ThinkVocabulary:
+    """What llguidance's ``TokenizerWrapper`` reads: the 256 bytes, ``<think>`` and
+    ``</think>`` as special tokens (as in Qwen3's and DeepSeek-R1's vocabularies), an end."""
+
+    eos_token_id = THINK_EOS
+    bos_token_id = None
+    tokens = [bytes([b]) for b in range(256)] + [b"<think>", b"</think>", b"</s>"]
+    special_token_ids = [THINK, UNTHINK, THINK_EOS]
+
+    def __call__(self, text: str | bytes) -> list[int]:
+        return list(text.encode() if isinstance(text, str) else text)
+
+
+def _think_tokenizer() -> object:
+    from llguidance import LLTokenizer
+    from llguidance._tokenizer import TokenizerWrapper
+
+    return LLTokenizer(TokenizerWrapper(_ThinkVocabulary()), n_vocab=THINK_EOS + 1,
+                       eos_token=THINK_EOS)
+
+
+AB_SCHEMA = S.json_schema({"type": "object", "properties": {"a": {"type": "integer"}},
+                           "required": ["a"]})
+
+
+def _walk(spec: S, pieces: list[str | int], tokens: bool) -> tuple[bool, bool]:
+    """(every token fits, the output may end there): ``pieces`` are text (one token a byte) or
+    tag token ids; ``tokens``: the vocabulary has the tag tokens (else the byte one, text tags)."""
+    from llguidance import LLMatcher
+
+    from heron.structured.grammar import _byte_tokenizer, grammar_text
+
+    matcher = LLMatcher(_think_tokenizer() if tokens else _byte_tokenizer(),
+                        grammar_text(spec, think_tokens=tokens))
+    assert not matcher.is_error(), matcher.get_error()
+    ids = [t for p in pieces for t in ([p] if isinstance(p, int) else list(p.encode()))]
+    fits = all(matcher.consume_token(t) for t in ids)
+    return fits, fits and matcher.is_accepting()
+
+
+def _tags(tokens: bool) -> tuple[str | int, str | int]:
+    return (THINK, UNTHINK) if tokens else ("<think>", "</think>")
+
+
+@pytest.mark.parametrize("tokens", [True, False], ids=["tag-tokens", "text-tags"])
+def test_think_first_reasoning_then_the_constraint(tokens: bool) -> None:
+    """may_open: a reasoning block (any text, newlines, '<' included) may come first, then the
+    JSON; the JSON alone still fits; JSON broken after the reasoning does not."""
+    opening, closing = _tags(tokens)
+    spec = S(AB_SCHEMA.kind, AB_SCHEMA.spec, think="may_open")
+    assert _walk(spec, [opening, "any <b>text</b>\n{", closing, "\n\n", '{"a": 1}'],
+                 tokens) == (True, True)
+    assert _walk(spec, [opening, closing, '{"a": 1}'], tokens) == (True, True)
+    assert _walk(spec, ['{"a": 1}'], tokens) == (True, True)
+    assert _walk(spec, [opening, "x", closing, '{"a": "1"}'], tokens)[0] is False
+    assert _walk(spec, [opening, "x", closing, "\n\n", "Sure: "], tokens)[0] is False
+    assert _walk(spec, [opening, "x", closing, "\n\n\n\n\n"], tokens)[0] is False  # bounded gap
+    assert _walk(spec, [opening, "x", closing, '{"a": 1}', opening], tokens)[0] is False
+
+
+@pytest.mark.parametrize("tokens", [True, False], ids=["tag-tokens", "text-tags"])
+def test_think_first_reasoning_ends_at_the_first_closing_tag(tokens: bool) -> None:
+    """The reasoning parser ends the reasoning at the first "</think>" of the text: the grammar
+    does too (with tag tokens, the tag spelled as text is not allowed inside)."""
+    opening, closing = _tags(tokens)
+    spec = S(AB_SCHEMA.kind, AB_SCHEMA.spec, think="may_open")
+    if tokens:
+        assert _walk(spec, [opening, "a </think>"], tokens)[0] is False
+    else:  # the text "</think>" closes it: what follows is the answer
+        assert _walk(spec, ["<think>a </think> b</think>"], tokens)[0] is False
+        assert _walk(spec, ['<think>a </think>{"a": 2}'], tokens) == (True, True)
+
+
+@pytest.mark.parametrize("tokens", [True, False], ids=["tag-tokens", "text-tags"])
+def test_think_first_inside_an_opened_reasoning(tokens: bool) -> None:
+    """opened (the prompt opened <think>): the output must close the reasoning before the
+    answer; a repeated leading <think> is allowed (the parsers drop it)."""
+    opening, closing = _tags(tokens)
+    spec = S(AB_SCHEMA.kind, AB_SCHEMA.spec, think="opened")
+    assert _walk(spec, ["plan it", closing, '\n{"a": 1}'], tokens) == (True, True)
+    assert _walk(spec, [opening, "plan", closing, '{"a": 1}'], tokens) == (True, True)
+    assert _walk(spec, ['{"a": 1}'], tokens) == (True, False)  # still the reasoning
+    assert _walk(spec, ["plan", closing, '{"a": }'], tokens)[0] is False
+
+
+@pytest.mark.parametrize("tokens", [True, False], ids=["tag-tokens", "text-tags"])
+def test_no_reasoning_when_thinking_is_off(tokens: bool) -> None:
+    """think "" (no parser, or the prompt closed the reasoning): the constraint from the first
+    token, so a reasoning block is refused."""
+    opening, closing = _tags(tokens)
+    assert _walk(AB_SCHEMA, [opening, "x", closing, '{"a": 1}'], tokens)[0] is False
+    assert _walk(AB_SCHEMA, ['{"a": 1}'], tokens) == (True, True)
+
+
+def test_think_first_wraps_every_kind_of_constraint() -> None:
+    """regex, choice, GBNF / Lark grammars and tool-call grammars all follow the reasoning."""
+    tools = plan_tool_use([WEATHER, TIME], "required", None, True, None, None).constraint
+    assert tools is not None
+    call = '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+    cases = [(S.regex("a/b+"), "a/bb"), (S.choice(["yes", "no"]), "no"),
+             (S.grammar('root ::= "on" | "off"'), "off"),
+             (S.grammar('start: "n=" %json {"type": "integer"}'), "n=12"), (tools, call)]
+    for spec, answer in cases:
+        for tokens in (True, False):
+            opening, closing = _tags(tokens)
+            for mode, head in (("may_open", [opening]), ("opened", [])):
+                wrapped = S(spec.kind, spec.spec, think=mode)
+                assert _walk(wrapped, [*head, "hmm", closing, "\n\n", answer], tokens) == (
+                    True, True), (spec.kind, mode, tokens)
+                assert _walk(wrapped, [*head, "hmm", closing, "?" + answer], tokens)[0] is False
+
+
+def test_the_engine_spells_the_tags_as_the_vocabulary_has_them() -> None:
+    """The engine compiles with the tag tokens; a vocabulary without them (the byte one) gets
+    the tags as text."""
+    from heron.engine.structured import StructuredOutputManager
+    from heron.structured.grammar import _byte_tokenizer
+
+    spec = S(AB_SCHEMA.kind, AB_SCHEMA.spec, think="may_open")
+    for tokenizer, output in ((_think_tokenizer(), [THINK, *b"x", UNTHINK, *b'{"a": 1}']),
+                              (_byte_tokenizer(), list(b'<think>x</think>{"a": 1}'))):
+        manager = StructuredOutputManager(lambda: None, THINK_EOS + 1, [THINK_EOS])
+        manager._ll_tokenizer = tokenizer  # type: ignore[assignment]
+        matcher = manager._compile(spec)
+        assert all(matcher.consume_token(t) for t in output) and matcher.is_accepting()

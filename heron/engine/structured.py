@@ -212,7 +212,10 @@ class StructuredOutputManager:
         index = self._tokenizer()
         if self._vocabulary is not None and self._vocabulary.encoder.pid is None:
             self._start_encoder(self._vocabulary.encoder)
-        matcher = LLMatcher(index, grammar_text(params))
+        matcher = LLMatcher(index, grammar_text(params, think_tokens=bool(params.think)))
+        if params.think and "unknown special token" in matcher.get_error():
+            # This vocabulary has no <think> / </think> tokens: the tags are text.
+            matcher = LLMatcher(index, grammar_text(params))
         if matcher.is_error():
             raise ValueError(f"{describe_kind(params.kind)} does not compile: "
                              f"{short_error(matcher.get_error())}")

@@ -10,7 +10,8 @@
       4. context length            each prompt plus max_tokens fits the model's context
       5. tool plan                 what constrains the output, what reads tool calls out of it
       6. constraints compile       tools' parameter schemas, then the plan's constraint
-      7. reasoning                 how a thinking model's output is split (chat routes)
+      7. reasoning                 how a thinking model's output is split (chat routes); with
+                                   thinking on, the constraint applies after the reasoning
     -> PreparedRequest (prompts, SamplingParams with the constraint, tool-call parser,
        reasoning parser) or ErrorResponse
 
@@ -21,6 +22,7 @@ format what the engine generates.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -77,9 +79,9 @@ async def _prepare(ctx: ServingContext, request: GenerateRequest) -> PreparedReq
                              spec.max_tokens_field, spec.params.min_tokens))
     plan = plan_tools(spec, ctx.config.tool_call_parser)
     await check_constraints(ctx, spec, plan)
-    params = spec.params.clone(structured_outputs=plan.constraint)
-    return PreparedRequest(spec, prompts, params, plan.parser,
-                           plan_reasoning(ctx.reasoning_parser, spec, prompts, plan))
+    reasoning = plan_reasoning(ctx.reasoning_parser, spec, prompts)
+    params = spec.params.clone(structured_outputs=think_first(plan.constraint, reasoning))
+    return PreparedRequest(spec, prompts, params, plan.parser, reasoning)
 
 
 def refuse(error: ErrorResponse | None) -> None:
@@ -205,11 +207,19 @@ async def check_constraint(
 # ==== 7. reasoning ================================================================================
 
 
-def plan_reasoning(name: str | None, spec: GenerateSpec, prompts: list[Prompt],
-                   plan: ToolPlan) -> ReasoningParser | None:
-    """The reasoning parser of a chat request (``name``: the server's, None for none). An output
-    a grammar constrains is not taken to start inside the reasoning: the grammar decides it from
-    its first token."""
+def plan_reasoning(name: str | None, spec: GenerateSpec,
+                   prompts: list[Prompt]) -> ReasoningParser | None:
+    """The reasoning parser of a chat request (``name``: the server's, None for none)."""
     if name is None or not isinstance(spec.input, ChatInput):
         return None
-    return ReasoningParser.of(name, prompts[0].text, plan.constraint is not None)
+    return ReasoningParser.of(name, prompts[0].text)
+
+
+def think_first(constraint: StructuredOutputsParams | None,
+                reasoning: ReasoningParser | None) -> StructuredOutputsParams | None:
+    """The constraint as the engine applies it: after the reasoning when a parser splits one off
+    and thinking is on (vLLM starts the grammar after ``</think>``), from the first token
+    otherwise. The constraint was checked as sent; the reasoning block around it is fixed."""
+    if constraint is None or reasoning is None or not reasoning.grammar_mode:
+        return constraint
+    return dataclasses.replace(constraint, think=reasoning.grammar_mode)

@@ -11,8 +11,12 @@
     auto         qwen3 when the chat template holds "<think>", else none (the default)
     none         no parsing: the thinking stays in the content
 
-An output the grammar of a structured output decides from its first token (``response_format``,
-tools) is not taken to start inside the reasoning: only a ``<think>`` it writes opens it.
+A prompt that ends with ``</think>`` closed an empty reasoning (Qwen3's template with
+``enable_thinking`` false, DeepSeek-V3.1's non-thinking mode): thinking is off, and the output
+does not start inside the reasoning, whatever the parser (a ``<think>`` it writes still opens
+one). With thinking on, a structured output's grammar (``response_format``, tools) lets the
+reasoning come first and applies after ``</think>`` (``ReasoningParser.grammar_mode``), so the
+output splits as free text does.
 
 The reasoning is the text between the tags, whitespace around it dropped; the content is what
 follows ``</think>``, leading whitespace dropped (Qwen3's template strips both the same way when
@@ -47,18 +51,27 @@ def resolve_reasoning_parser(name: str, chat_template: str | None) -> str | None
 
 @dataclass(frozen=True)
 class ReasoningParser:
-    """How one request's output is read: ``opened`` when it starts inside the reasoning."""
+    """How one request's output is read: ``opened`` when it starts inside the reasoning;
+    ``thinking`` false when the prompt closed the reasoning (thinking off)."""
 
     opened: bool
+    thinking: bool = True
 
     @classmethod
-    def of(cls, name: str, prompt_text: str, constrained: bool) -> ReasoningParser:
-        """The parser ``name`` for a prompt; ``constrained``: a grammar decides the output."""
-        if constrained:
-            return cls(False)
-        if name == "deepseek_r1":
-            return cls(True)
-        return cls(prompt_text.rstrip(_WS).endswith(THINK_OPEN))
+    def of(cls, name: str, prompt_text: str) -> ReasoningParser:
+        """The parser ``name`` for a prompt."""
+        prompt = prompt_text.rstrip(_WS)
+        if prompt.endswith(THINK_CLOSE):
+            return cls(False, thinking=False)
+        return cls(name == "deepseek_r1" or prompt.endswith(THINK_OPEN))
+
+    @property
+    def grammar_mode(self) -> str:
+        """How a structured output's grammar lets the reasoning come first (``think`` of
+        ``StructuredOutputsParams``): "" with thinking off."""
+        if not self.thinking:
+            return ""
+        return "opened" if self.opened else "may_open"
 
     def scanner(self) -> ThinkScanner:
         return ThinkScanner(self.opened)

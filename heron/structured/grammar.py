@@ -37,8 +37,15 @@ _MAX_RUN_CHARS = 60  # a longer quote without blanks is cut in the middle
 # ==== spec -> grammar text ======================================================================
 
 
-def grammar_text(params: StructuredOutputsParams) -> str:
-    """The llguidance grammar for a spec; ValueError when the spec is malformed."""
+def grammar_text(params: StructuredOutputsParams, think_tokens: bool = False) -> str:
+    """The llguidance grammar for a spec; ValueError when the spec is malformed. With
+    ``params.think``, the spec's grammar follows a reasoning block (``think_first``), whose
+    tags are the vocabulary's ``<think>`` / ``</think>`` tokens when ``think_tokens``."""
+    body = _spec_grammar(params)
+    return think_first(body, params.think, think_tokens) if params.think else body
+
+
+def _spec_grammar(params: StructuredOutputsParams) -> str:
     from llguidance import LLMatcher
 
     if params.kind == "json":
@@ -50,6 +57,43 @@ def grammar_text(params: StructuredOutputsParams) -> str:
     if params.kind == "choice":
         return LLMatcher.grammar_from_regex(choice_regex(json.loads(params.spec)))
     return LLMatcher.grammar_from_lark(lark_of(params.spec))
+
+
+# The reasoning's text: anything but the closing tag spelled out (the reasoning parser ends the
+# reasoning at the first "</think>" in the text, token or not, so the grammar must agree).
+_THINK_TEXT = r"THINK_TEXT: /(?s:.*)/ & ~/(?s:.*)<\/think>(?s:.*)/"
+# Between "</think>" and the answer: Qwen3 writes "\n\n"; bounded, so no loop on blanks.
+_THINK_GAP = r"THINK_GAP: /[ \t\r\n]{1,4}/"
+
+
+def think_first(body: str, mode: str, tokens: bool) -> str:
+    """A grammar that allows a reasoning block, then ``body`` (llguidance grammar text).
+
+    ``mode`` "may_open": ``<think>...</think>`` may come first; "opened": the output starts
+    inside the reasoning, closes it (a leading ``<think>`` repeated is allowed, as the parsers
+    drop one), then ``body``. ``tokens``: the tags are special tokens of the vocabulary
+    (``<think>`` in llguidance's Lark; Qwen3's, DeepSeek-R1's); otherwise they are text, and the
+    reasoning is one lazy lexeme that ends at the first ``</think>``. ``body`` becomes the
+    second grammar of a multi-grammar, referenced as ``@body``."""
+    if tokens:
+        head = "<think>? THINK_TEXT </think>" if mode == "opened" else "<think> THINK_TEXT </think>"
+        rules = f"{_THINK_TEXT}\n"
+    else:
+        pattern = r"(<think>)?(?s:.*)<\/think>" if mode == "opened" else r"<think>(?s:.*)<\/think>"
+        head, rules = "think", f"think[lazy]: /{pattern}/\n"
+    start = f"{head} THINK_GAP? @body" if mode == "opened" else f"({head} THINK_GAP?)? @body"
+    lark = f"start: {start}\n{rules}{_THINK_GAP}\n"
+    return json.dumps({"grammars": [{"name": "reasoning", "lark_grammar": lark},
+                                    {**_single_grammar(body), "name": "body"}]})
+
+
+def _single_grammar(text: str) -> dict[str, Any]:
+    """One grammar entry of llguidance's multi-grammar form, from grammar text (Lark, or the
+    JSON form that holds one grammar)."""
+    if text.lstrip().startswith("{"):
+        (grammar,) = json.loads(text)["grammars"]
+        return dict(grammar)
+    return {"lark_grammar": text}
 
 
 def choice_regex(choices: list[str]) -> str:

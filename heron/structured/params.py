@@ -10,6 +10,14 @@ HTTP request, only one of these. Kinds (vLLM's names)::
     grammar  a context-free grammar: GBNF/EBNF (llama.cpp style) or Lark (llguidance style)
 
 ``json_object`` mode is ``json`` with the schema ``{"type": "object"}``.
+
+``think``: a thinking model (a reasoning parser runs, thinking is on) reasons before the
+constraint applies, as vLLM starts the grammar after ``</think>``::
+
+    ""          the constraint governs the output from its first token
+    "may_open"  a reasoning block ``<think>...</think>`` may come first (the output opens it)
+    "opened"    the output starts inside the reasoning (the prompt opened it): it closes with
+                ``</think>`` (a repeated leading ``<think>`` allowed), then the constraint
 """
 
 from __future__ import annotations
@@ -19,16 +27,19 @@ from dataclasses import dataclass
 from typing import Any
 
 KINDS = ("json", "regex", "choice", "grammar")
+THINK_MODES = ("", "may_open", "opened")
 JSON_OBJECT_SCHEMA = '{"type": "object"}'
 
 
 @dataclass(frozen=True)
 class StructuredOutputsParams:
-    """One output constraint: ``kind`` (see ``KINDS``) and its ``spec`` text. Hashable: the
-    grammar caches key on it."""
+    """One output constraint: ``kind`` (see ``KINDS``) and its ``spec`` text, and whether a
+    reasoning block comes first (``think``, see ``THINK_MODES``). Hashable: the grammar caches
+    key on it."""
 
     kind: str
     spec: str
+    think: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -36,6 +47,8 @@ class StructuredOutputsParams:
                              f"got {self.kind!r}")
         if not isinstance(self.spec, str) or not self.spec.strip():
             raise ValueError(f"a {self.kind} constraint needs a non-empty spec, got {self.spec!r}")
+        if self.think not in THINK_MODES:
+            raise ValueError(f"think must be one of {THINK_MODES}, got {self.think!r}")
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any] | bool | str) -> StructuredOutputsParams:
@@ -67,4 +80,4 @@ class StructuredOutputsParams:
     def describe(self) -> str:
         """A short label for logs and errors: the kind and the spec's first characters."""
         spec = self.spec if len(self.spec) <= 60 else self.spec[:57] + "..."
-        return f"{self.kind} {spec!r}"
+        return f"{self.kind} {spec!r}" + (f" after reasoning ({self.think})" if self.think else "")
