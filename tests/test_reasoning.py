@@ -236,6 +236,16 @@ def test_output_that_starts_inside_the_thinking(template: str, parser: str) -> N
     assert (message["reasoning"], message["content"]) == ("Plan.", "Hi")
 
 
+def test_a_prompt_that_closed_the_thinking_starts_no_reasoning() -> None:
+    """deepseek_r1 reads the output as inside the reasoning, unless the prompt closed an empty
+    one (thinking off): then the answer is the content (it was all reasoning)."""
+    client, _ = serve(tokens("Hi", [EOS], finish="stop", stop_reason=EOS),
+                      reasoning_parser="deepseek_r1")
+    message = client.post("/v1/chat/completions", json={
+        "messages": USER, "reasoning_effort": "none"}).json()["choices"][0]["message"]
+    assert (message["reasoning"], message["content"]) == (None, "Hi")
+
+
 def test_reasoning_parser_none_leaves_the_text_whole() -> None:
     client, _ = serve(thought(), reasoning_parser="none")
     r = client.post("/v1/chat/completions", json={"messages": USER})

@@ -1,10 +1,13 @@
-"""Reasoning end to end: `heron serve` (the tiny Llama, its character tokenizer, a chat template
-that opens ``<think>`` as DeepSeek-R1's does) through the real ``openai`` and ``anthropic``
-SDKs. A regex forces an exact thinking output on chat; the other routes run greedy, and each
-must split the same output the same way."""
+"""Reasoning end to end: `heron serve` (the tiny Llama, its character tokenizer with ``<think>``
+and ``</think>`` tokens as Qwen3's, a chat template that opens ``<think>`` as DeepSeek-R1's
+does) through the real ``openai`` and ``anthropic`` SDKs. A grammar forces an exact thinking
+output on chat (thinking off, so that it governs the whole output); the other routes run
+greedy, and each must split the same output the same way. A structured output with thinking on
+reasons first: greedy until max_tokens, or closed at once by a logit_bias on ``</think>``."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +16,7 @@ import openai
 import pytest
 
 from tests.server_utils import RemoteServer
-from tests.tiny_models import save_tiny_server_model
+from tests.tiny_models import THINK_TAGS, char_tokenizer, save_tiny_server_model
 
 USER = [{"role": "user", "content": "Hi"}]
 # The prompt opens the thinking; enable_thinking false closes an empty one (Qwen3's switch).
@@ -21,14 +24,22 @@ TEMPLATE = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['conten
             "{% endfor %}{% if add_generation_prompt %}<assistant>{% if enable_thinking is "
             "defined and not enable_thinking %}<think></think>{% else %}<think>\n{% endif %}"
             "{% endif %}")
-FORCED = "<think>Plan it.</think>Hi"
+# The grammar is the whole output only with thinking off (the prompt closes an empty reasoning).
+# The tags are the vocabulary's tokens: a regex forcing the text "<think>" cannot be enforced
+# (llguidance tokenizes the forced text to the <think> token, which is no text to it).
+FORCING = {"structured_outputs": {"grammar": 'start: <think> "Plan it." </think> "Hi"'},
+           "chat_template_kwargs": {"enable_thinking": False}}
+FORCED_TOKENS = 1 + len("Plan it.") + 1 + len("Hi")
+CLOSE_ID = char_tokenizer(think_tags=True).convert_tokens_to_ids(THINK_TAGS[1])
+A_IS_1 = {"type": "json_schema", "json_schema": {"name": "a", "schema": {
+    "type": "object", "properties": {"a": {"const": 1}}, "required": ["a"]}}}
 MAX_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteServer]:
     root: Path = tmp_path_factory.mktemp("tiny-thinking")
-    model = save_tiny_server_model(root / "model")
+    model = save_tiny_server_model(root / "model", think_tags=True)
     (root / "template.jinja").write_text(TEMPLATE)
     args = [str(model), "--kv-cache-memory", "16MiB", "--chat-template",
             str(root / "template.jinja")]
@@ -63,20 +74,20 @@ def model_of(client: openai.OpenAI) -> str:
 def test_chat_reasoning_content_through_the_sdk(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(
         model=model_of(client), messages=USER, max_tokens=40, temperature=0,
-        extra_body={"structured_outputs": {"regex": FORCED.replace(".", "\\.")}})
+        extra_body=FORCING)
     message = r.choices[0].message
     assert message.content == "Hi"
     assert (message.model_extra or {})["reasoning_content"] == "Plan it."
     assert r.choices[0].finish_reason == "stop"
     assert r.usage is not None and r.usage.completion_tokens_details is not None
-    assert r.usage.completion_tokens_details.reasoning_tokens == len("<think>Plan it.</think>")
-    assert r.usage.completion_tokens == len(FORCED)
+    assert r.usage.completion_tokens_details.reasoning_tokens == FORCED_TOKENS - len("Hi")
+    assert r.usage.completion_tokens == FORCED_TOKENS
 
 
 def test_chat_stream_reasoning_through_the_sdk(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
         model=model_of(client), messages=USER, max_tokens=40, temperature=0, stream=True,
-        extra_body={"structured_outputs": {"regex": FORCED.replace(".", "\\.")}})
+        extra_body=FORCING)
     reasoning, content = [], []
     for chunk in stream:
         for choice in chunk.choices:
@@ -86,6 +97,31 @@ def test_chat_stream_reasoning_through_the_sdk(client: openai.OpenAI) -> None:
     # Every reasoning piece comes before the first content piece.
     last_reasoning = max(i for i, piece in enumerate(reasoning) if piece)
     assert all(not piece for piece in content[:last_reasoning + 1])
+
+
+def test_json_after_the_reasoning_through_the_sdk(client: openai.OpenAI) -> None:
+    """Thinking on, a JSON schema: the grammar lets the model close the reasoning (here at once,
+    </think> biased), then holds it to the schema; the content is the JSON alone."""
+    r = client.chat.completions.create(
+        model=model_of(client), messages=USER, max_tokens=40, temperature=0,
+        response_format=A_IS_1, logit_bias={str(CLOSE_ID): 100})  # type: ignore[arg-type]
+    message, choice = r.choices[0].message, r.choices[0]
+    assert message.content is not None and json.loads(message.content) == {"a": 1}
+    assert (message.model_extra or {}).get("reasoning_content") is None  # an empty reasoning
+    assert choice.finish_reason == "stop"
+    assert r.usage is not None and r.usage.completion_tokens_details is not None
+    assert r.usage.completion_tokens_details.reasoning_tokens == 1  # </think>
+
+
+def test_a_structured_output_may_think_first(client: openai.OpenAI, greedy_thought: str) -> None:
+    """The schema waits for </think>: the greedy model thinks exactly as without it, until
+    max_tokens (the JSON would have been the whole output before the grammar waited)."""
+    r = client.chat.completions.create(
+        model=model_of(client), messages=USER, max_tokens=MAX_TOKENS, temperature=0,
+        response_format=A_IS_1)  # type: ignore[arg-type]
+    message = r.choices[0].message
+    assert message.content is None and r.choices[0].finish_reason == "length"
+    assert (message.model_extra or {})["reasoning_content"] == greedy_thought
 
 
 def test_responses_reasoning_item_through_the_sdk(client: openai.OpenAI,

@@ -40,21 +40,37 @@ def save_char_tokenizer(path: Path) -> None:
     char_tokenizer().save_pretrained(path)
 
 
-def char_tokenizer() -> PreTrainedTokenizerFast:
+THINK_TAGS = ("<think>", "</think>")  # ids 104 and 105 in char_tokenizer(think_tags=True)
+
+
+def char_tokenizer(think_tags: bool = False) -> PreTrainedTokenizerFast:
     """One token per printable character (ids 4..103; 0-3 are <pad> <s> </s> <unk>), filler
     tokens "[i]" up to the model's vocabulary; encoding adds <s>. Its decoder (byte fallback,
     then fuse: the same text as fuse alone here) is one llguidance reads, so structured output
-    can force an exact answer."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    can force an exact answer. ``think_tags``: ``<think>`` and ``</think>`` are tokens 104 and
+    105, added tokens that are not special (as in Qwen3's vocabulary)."""
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+    )
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
     vocab.update({c: len(vocab) + i for i, c in enumerate(string.printable)})
+    if think_tags:
+        vocab.update({tag: len(vocab) + i for i, tag in enumerate(THINK_TAGS)})
     vocab.update({f"[{i}]": i for i in range(len(vocab), VOCAB)})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
     tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    if think_tags:
+        tok.add_tokens([AddedToken(tag, special=False, normalized=False) for tag in THINK_TAGS])
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
@@ -66,10 +82,10 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     return hf
 
 
-def save_tiny_server_model(path: Path) -> Path:
+def save_tiny_server_model(path: Path, think_tags: bool = False) -> Path:
     """The tiny Llama with its character tokenizer: a directory `heron serve` can serve."""
     save_tiny_model(path)
-    save_char_tokenizer(path)
+    char_tokenizer(think_tags).save_pretrained(path)
     return path
 
 
