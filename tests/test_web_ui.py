@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from tests.server_utils import REPO_ROOT, RemoteServer
-from tests.tiny_models import save_tiny_chat_model
+from tests.tiny_models import CHAT_TEMPLATE, save_tiny_chat_model
 
 KEY = "sk-web-test"
 SCREENSHOT = REPO_ROOT / "docs" / "chat-page.png"  # written when HERON_UPDATE_SCREENSHOT=1
@@ -75,11 +75,19 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
 
 
+# The tiny model's template, with Qwen3's switch: enable_thinking false closes an empty
+# reasoning in the prompt (thinking off: a structured output then governs the whole answer).
+THINKING_SWITCH = ("{% if add_generation_prompt and enable_thinking is defined and not "
+                   "enable_thinking %}<think></think>{% endif %}")
+
+
 @pytest.fixture(scope="module")
 def server(model_dir: Path) -> Iterator[RemoteServer]:
     # qwen3's parser: an answer that writes <think>...</think> first has its reasoning apart
+    template = model_dir / "thinking-switch.jinja"
+    template.write_text(CHAT_TEMPLATE + THINKING_SWITCH)
     with RemoteServer([str(model_dir), "--kv-cache-memory", "16MiB", "--reasoning-parser",
-                       "qwen3"], api_key=KEY) as srv:
+                       "qwen3", "--chat-template", str(template)], api_key=KEY) as srv:
         yield srv
 
 
@@ -244,9 +252,11 @@ def test_model_html_is_shown_as_text(page: Any, forced: str) -> None:
 
 
 def test_reasoning_is_shown_apart_and_folded(page: Any) -> None:
-    """A thinking model's reasoning (forced through the real stream by a regex) shows in a
-    folded "Thinking" block as plain text, above the answer; only the answer is sent back."""
-    extra = json.dumps({"structured_outputs": {"regex": "<think><b>Plan</b> it\\.</think>Hi"}})
+    """A thinking model's reasoning (forced through the real stream by a regex, thinking off
+    so that the regex is the whole output) shows in a folded "Thinking" block as plain text,
+    above the answer; only the answer is sent back."""
+    extra = json.dumps({"structured_outputs": {"regex": "<think><b>Plan</b> it\\.</think>Hi"},
+                        "chat_template_kwargs": {"enable_thinking": False}})
     set_settings(page, temperature="0", max_tokens="100", extra=extra)
     answer = send(page, "Say it")
     expect(answer).to_have_attribute("data-state", "done")
