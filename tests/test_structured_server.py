@@ -281,6 +281,25 @@ def test_named_tool_choice(client: openai.OpenAI) -> None:
     assert name == "get_time" and isinstance(args["tz"], str)
 
 
+def test_allowed_tools_limit_the_calls_on_chat_and_responses(client: openai.OpenAI) -> None:
+    """allowed_tools required with get_time only: asked for Rome's weather, the model (which
+    calls get_weather when both may be called, above) calls get_time; both tools reach the
+    template. The same through the Responses API's flat form."""
+    choice: Any = {"type": "allowed_tools", "allowed_tools": {
+        "mode": "required", "tools": [{"type": "function", "function": {"name": "get_time"}}]}}
+    answer = chat(client, ASK_WEATHER, tools=TOOLS, tool_choice=choice, max_tokens=40)
+    calls = check_calls(answer.choices[0].message, answer.choices[0].finish_reason)
+    assert {name for name, _ in calls} == {"get_time"}
+    flat: Any = [{"type": "function", "name": t["function"]["name"],
+                  "parameters": t["function"]["parameters"]} for t in TOOLS]
+    response = client.responses.create(
+        model=MODEL, input=ASK_WEATHER[0]["content"], tools=flat, max_output_tokens=40,
+        temperature=0, tool_choice={"type": "allowed_tools", "mode": "required",
+                                    "tools": [{"type": "function", "name": "get_time"}]})
+    items = [(item.type, getattr(item, "name", None)) for item in response.output]
+    assert items and set(items) == {("function_call", "get_time")}
+
+
 def test_auto_answers_in_text_or_a_valid_call(client: openai.OpenAI) -> None:
     answer = chat(client, ASK_WEATHER, tools=TOOLS, max_tokens=30)
     message = answer.choices[0].message

@@ -59,13 +59,15 @@ class ToolUse:
     """The functions a request offers and how the model may use them.
 
     ``choice``: "none", "auto", "required", or None when the request did not say; ``named``:
-    the one function a named choice forces. (The chat template shows the tools from
-    ``ChatInput.tools``.)"""
+    the one function a named choice forces; ``allowed``: the only functions calls may name
+    (OpenAI's ``allowed_tools`` choice; None: all). (The chat template shows the tools from
+    ``ChatInput.tools``, all of them.)"""
 
     specs: list[ToolSpec]
     choice: Literal["none", "auto", "required"] | None = None
     named: str | None = None
     parallel: bool = True
+    allowed: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -174,7 +174,7 @@ def plan_tools(spec: GenerateSpec, tool_call_parser: str | None) -> ToolPlan:
     if tools is None:
         return ToolPlan(response, None)
     return plan_tool_use(tools.specs, tools.choice, tools.named, tools.parallel,
-                         tool_call_parser, response)
+                         tool_call_parser, response, tools.allowed)
 
 
 # ==== 6. constraints compile ======================================================================

@@ -38,7 +38,7 @@ from heron.sampling_params import SamplingParams, short_repr
 from heron.server.guards import lone_surrogate_path
 from heron.server.inputs import ChatInput, GenerateSpec, Limits, TextInput, ToolUse
 from heron.structured.params import StructuredOutputsParams
-from heron.structured.tools import ToolSpec
+from heron.structured.tools import ToolSpec, check_allowed
 
 BaseModelT = TypeVar("BaseModelT", bound=BaseModel)
 
@@ -641,6 +641,27 @@ class NamedToolChoice(OpenAIBaseModel):
     function: NamedFunction
 
 
+class AllowedFunction(OpenAIBaseModel):
+    """An entry of chat's allowed tools: ``{"type": "function", "function": {"name": ...}}``."""
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class AllowedTools(OpenAIBaseModel):
+    mode: Literal["auto", "required"]
+    tools: list[AllowedFunction]
+
+
+class AllowedToolsChoice(OpenAIBaseModel):
+    """``{"type": "allowed_tools", "allowed_tools": {"mode", "tools"}}``: calls may name only
+    the listed functions (mode auto: or answer in text; required: call one); the template still
+    shows every tool."""
+
+    type: Literal["allowed_tools"]
+    allowed_tools: AllowedTools
+
+
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
@@ -662,7 +683,8 @@ class ChatCompletionRequest(SamplingFields):
 
     messages: list[ChatMessage]
     tools: list[ChatCompletionTool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tool_choice: (Literal["none", "auto", "required"] | NamedToolChoice | AllowedToolsChoice
+                  | None) = None
     parallel_tool_calls: bool | None = True
     logprobs: bool | None = False
     top_logprobs: int | None = None
@@ -731,9 +753,16 @@ class ChatCompletionRequest(SamplingFields):
         """The tools and tool_choice (None without tools or tool_choice)."""
         if not self.tools and self.tool_choice is None:
             return None
-        named = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
-        choice = None if isinstance(self.tool_choice, NamedToolChoice) else self.tool_choice
-        return ToolUse(self.tool_specs(), choice, named, self.parallel_tool_calls is not False)
+        parallel = self.parallel_tool_calls is not False
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            return ToolUse(self.tool_specs(), None, choice.function.name, parallel)
+        if isinstance(choice, AllowedToolsChoice):
+            allowed = tuple(t.function.name for t in choice.allowed_tools.tools)
+            check_allowed([t.function.name for t in self.tools or []], allowed,
+                          "tool_choice.allowed_tools.tools", ".function.name")
+            return ToolUse(self.tool_specs(), choice.allowed_tools.mode, None, parallel, allowed)
+        return ToolUse(self.tool_specs(), choice, None, parallel)
 
     def to_sampling_params(
         self,

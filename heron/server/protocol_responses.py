@@ -39,7 +39,7 @@ from heron.server.protocol import (
     sse_event,
 )
 from heron.structured.params import StructuredOutputsParams
-from heron.structured.tools import ToolSpec
+from heron.structured.tools import ToolSpec, check_allowed
 
 MIN_OUTPUT_TOKENS = 16  # OpenAI refuses a smaller max_output_tokens
 _TEXT_PARTS = ("input_text", "output_text", "text")
@@ -65,6 +65,27 @@ class FunctionTool(OpenAIBaseModel):
 class NamedFunctionChoice(OpenAIBaseModel):
     type: Literal["function"]
     name: str
+
+
+class AllowedToolsChoice(OpenAIBaseModel):
+    """``{"type": "allowed_tools", "mode", "tools": [{"type": "function", "name"}, ...]}``:
+    calls may name only the listed functions (mode auto: or answer in text; required: call
+    one); the template still shows every tool."""
+
+    type: Literal["allowed_tools"]
+    mode: Literal["auto", "required"]
+    tools: list[dict[str, Any]]
+
+    def names(self) -> tuple[str, ...]:
+        """The functions listed; ValueError naming an entry that is no function tool."""
+        names = []
+        for i, raw in enumerate(self.tools):
+            kind = raw.get("type")
+            if kind != "function":
+                raise ValueError(f"tool_choice.tools[{i}].type {short_repr(kind)} is not "
+                                 "supported: this server offers function tools only")
+            names.append(parse_part(NamedFunctionChoice, raw, f"tool_choice.tools[{i}]").name)
+        return tuple(names)
 
 
 class TextFormat(OpenAIBaseModel):
@@ -151,7 +172,8 @@ class ResponsesRequest(RequestBody):
     temperature: float | None = None
     top_p: float | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
+    tool_choice: (Literal["none", "auto", "required"] | NamedFunctionChoice | AllowedToolsChoice
+                  | None) = None
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
     stream: bool | None = False
@@ -263,10 +285,16 @@ class ResponsesRequest(RequestBody):
     def tool_use(self, tools: list[FunctionTool]) -> ToolUse | None:
         if not tools and self.tool_choice is None:
             return None
-        named = self.tool_choice.name if isinstance(self.tool_choice, NamedFunctionChoice) else None
-        choice = None if isinstance(self.tool_choice, NamedFunctionChoice) else self.tool_choice
         specs = [ToolSpec.of(t.name, t.parameters) for t in tools]
-        return ToolUse(specs, choice, named, self.parallel_tool_calls is not False)
+        parallel = self.parallel_tool_calls is not False
+        choice = self.tool_choice
+        if isinstance(choice, NamedFunctionChoice):
+            return ToolUse(specs, None, choice.name, parallel)
+        if isinstance(choice, AllowedToolsChoice):
+            allowed = choice.names()
+            check_allowed([t.name for t in tools], allowed, "tool_choice.tools")
+            return ToolUse(specs, choice.mode, None, parallel, allowed)
+        return ToolUse(specs, choice, None, parallel)
 
     def constraint_source(self) -> tuple[str, StructuredOutputsParams] | None:
         fmt = self.text.format if self.text is not None else None

@@ -12,6 +12,11 @@
     required      calls (a response format waits for a later turn)   the format's parser
     named         the function's parameter schema (json)            NamedParser
 
+``allowed`` (OpenAI's ``allowed_tools`` choice, mode auto or required): the calls may name only
+those functions (the chat template still shows every tool, so the prompt, and its cache, stay
+the same whichever tools a turn allows); auto with a subset is constrained even under
+--tool-call-parser, else the model could call a tool it may not.
+
 ``calls`` are one call, or several when ``parallel_tool_calls``, in a ``ToolCallFormat``:
 hermes (``<tool_call>{"name": ..., "arguments": ...}</tool_call>``, the built-in Gemma
 template's format and the default) or llama3_json. A call's JSON is constrained to a known
@@ -111,11 +116,13 @@ class ToolCallFormat:
 
 def plan_tool_use(tools: list[ToolSpec], tool_choice: str | None, named: str | None,
                   parallel: bool, parser_name: str | None,
-                  response: StructuredOutputsParams | None) -> ToolPlan:
+                  response: StructuredOutputsParams | None,
+                  allowed: tuple[str, ...] | None = None) -> ToolPlan:
     """The constraint and parser for a request. ``tool_choice``: "none", "auto", "required", or
-    None when unset; ``named``: the function a named tool_choice asks for. ValueError (naming
-    the field) for choices that do not fit the tools."""
-    _check_choice(tools, tool_choice, named)
+    None when unset; ``named``: the function a named tool_choice asks for; ``allowed``: the
+    only functions the calls may name (None: all). ValueError (naming the field) for choices
+    that do not fit the tools."""
+    _check_choice(tools, tool_choice, named, allowed)
     if not tools or tool_choice == "none":
         return ToolPlan(response, None)
     # A forced call is the whole output: a response format governs messages, and this turn
@@ -124,10 +131,11 @@ def plan_tool_use(tools: list[ToolSpec], tool_choice: str | None, named: str | N
         tool = next(t for t in tools if t.name == named)
         return ToolPlan(tool.parameters_constraint(), NamedParser(tool.name))
     fmt = ToolCallFormat(parser_name or "hermes")
-    rules = fmt.calls_rules(tools, parallel)
+    callable_tools = tools if allowed is None else [t for t in tools if t.name in allowed]
+    rules = fmt.calls_rules(callable_tools, parallel)
     if tool_choice == "required":
         return ToolPlan(StructuredOutputsParams.grammar(f"start: calls\n{rules}"), fmt.parser())
-    if parser_name is not None and response is None:
+    if parser_name is not None and response is None and len(callable_tools) == len(tools):
         return ToolPlan(None, fmt.parser())  # auto: the model writes calls its own way
     return ToolPlan(StructuredOutputsParams.grammar(_auto_grammar(fmt, rules, response)), fmt.parser())
 
@@ -147,7 +155,8 @@ def _auto_grammar(fmt: ToolCallFormat, rules: str, response: StructuredOutputsPa
     return f"start: doc | calls\ndoc: %json {json.dumps(schema)}\n{rules}"
 
 
-def _check_choice(tools: list[ToolSpec], tool_choice: str | None, named: str | None) -> None:
+def _check_choice(tools: list[ToolSpec], tool_choice: str | None, named: str | None,
+                  allowed: tuple[str, ...] | None) -> None:
     names = [t.name for t in tools]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -161,3 +170,17 @@ def _check_choice(tools: list[ToolSpec], tool_choice: str | None, named: str | N
     if named is not None and named not in names:
         raise ValueError(f"tool_choice names the function {named!r}, which is not among the "
                          f"tools ({', '.join(names)})")
+    if allowed is not None:
+        check_allowed(names, allowed, "tool_choice.tools")
+
+
+def check_allowed(names: list[str], allowed: tuple[str, ...], field: str,
+                  name_at: str = ".name") -> None:
+    """ValueError naming the entry of ``field`` (a list, each entry's name at ``name_at``)
+    when the allowed list is empty or names a function that is not among the tools."""
+    if not allowed:
+        raise ValueError(f"{field}: the allowed tools must name at least one function")
+    for i, name in enumerate(allowed):
+        if name not in names:
+            raise ValueError(f"{field}[{i}]{name_at}: the function {name!r} is not among the "
+                             f"tools ({', '.join(names) or 'none were given'})")
