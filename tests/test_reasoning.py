@@ -49,7 +49,7 @@ WEATHER_TOOL = {"type": "function", "function": {
 
 def serve(outputs: list[EngineOutput], template: str = QWEN_TEMPLATE,
           **config: object) -> tuple[TestClient, FakeEngine]:
-    engine = FakeEngine(lambda request: list(outputs))
+    engine = FakeEngine(lambda request: list(outputs), max_model_len=4096)
     hf = char_tokenizer_for_serving().hf
     ctx = serving_context(engine, Tokenizer(hf, chat_template=template, name=MODEL), **config)
     return TestClient(build_app(ctx.config, ctx), base_url="http://127.0.0.1"), engine
@@ -376,7 +376,7 @@ def test_responses_reasoning_items_sent_back_are_left_out() -> None:
 
 
 def messages_body(**fields: object) -> dict[str, Any]:
-    return {"model": MODEL, "max_tokens": 64, "messages": USER, **fields}
+    return {"model": MODEL, "max_tokens": 2048, "messages": USER, **fields}  # > budget_tokens
 
 
 def test_messages_thinking_blocks() -> None:

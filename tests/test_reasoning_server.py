@@ -8,6 +8,7 @@ reasons first: greedy until max_tokens, or closed at once by a logit_bias on ``<
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -124,6 +125,27 @@ def test_a_structured_output_may_think_first(client: openai.OpenAI, greedy_thoug
     assert (message.model_extra or {})["reasoning_content"] == greedy_thought
 
 
+@pytest.mark.parametrize("budget", [0, 5])
+def test_thinking_token_budget_closes_the_reasoning(client: openai.OpenAI, greedy_thought: str,
+                                                    budget: int) -> None:
+    """thinking_token_budget N: the greedy model thinks as without it for N tokens, then
+    </think> is forced and the answer follows, unconstrained (it never closes by itself). The
+    prompt opened the reasoning: a repeated <think> (which the parser drops) is allowed first."""
+    r = client.chat.completions.create(
+        model=model_of(client), messages=USER, max_tokens=MAX_TOKENS, temperature=0,
+        extra_body={"thinking_token_budget": budget})
+    message, choice = r.choices[0].message, r.choices[0]
+    reasoning = (message.model_extra or {}).get("reasoning_content") or ""
+    assert r.usage is not None and r.usage.completion_tokens_details is not None
+    # The N tokens and </think>, and a <think> written again (the model does at budget 0).
+    assert r.usage.completion_tokens_details.reasoning_tokens in (budget + 1, budget + 2)
+    # One token a character or a filler "[i]" (filler text does not encode back to it).
+    assert len(re.findall(r"\[\d+\]|.", reasoning, re.S)) <= budget
+    assert greedy_thought.startswith(reasoning)
+    assert message.content and choice.finish_reason == "length"
+    assert r.usage.completion_tokens == MAX_TOKENS
+
+
 def test_responses_reasoning_item_through_the_sdk(client: openai.OpenAI,
                                                   greedy_thought: str) -> None:
     r = client.responses.create(model=model_of(client), input="Hi", temperature=0,
@@ -144,7 +166,9 @@ def test_responses_reasoning_item_through_the_sdk(client: openai.OpenAI,
 def test_messages_thinking_through_the_sdk(server: RemoteServer, client: openai.OpenAI,
                                            greedy_thought: str) -> None:
     claude = anthropic.Anthropic(base_url=server.base_url, api_key="EMPTY", max_retries=0)
-    thinking: anthropic.types.ThinkingConfigParam = {"type": "enabled", "budget_tokens": 1024}
+    # adaptive: the template's default, thinking on. (enabled needs budget_tokens >= 1024 and
+    # max_tokens above it: past this model's context of 1024.)
+    thinking: anthropic.types.ThinkingConfigParam = {"type": "adaptive"}
     greedy = {"temperature": 0}  # this SDK takes no temperature argument any more
     message = claude.messages.create(model=model_of(client), max_tokens=MAX_TOKENS,
                                      messages=USER,  # type: ignore[arg-type]

@@ -71,19 +71,32 @@ class ToolUse:
 
 
 @dataclass(frozen=True)
+class ThinkingBudget:
+    """A bound on the reasoning: at most ``tokens`` between ``<think>`` and ``</think>``.
+    ``field``: the request's name for it (errors name it); ``strict``: refuse (400) where it
+    cannot be enforced (tags that are text, a model that does not think) rather than ignore it."""
+
+    tokens: int
+    field: str
+    strict: bool = True
+
+
+@dataclass(frozen=True)
 class GenerateSpec:
     """One request to generate, in neutral terms.
 
     ``params``: validated sampling parameters whose ``max_tokens`` is what the request asked
     for (None: up to the context); the pipeline adds the output constraint. ``constraint``:
     the response format the request asked for, with the name of the field that set it.
-    ``max_tokens_field``: the request's name for ``params.max_tokens`` (errors name it)."""
+    ``max_tokens_field``: the request's name for ``params.max_tokens`` (errors name it).
+    ``thinking_budget``: the bound the request puts on the reasoning, if any."""
 
     input: ChatInput | TextInput
     params: SamplingParams
     tools: ToolUse | None = None
     constraint: tuple[str, StructuredOutputsParams] | None = None
     max_tokens_field: str = "max_tokens"
+    thinking_budget: ThinkingBudget | None = None
 
 
 class RequestFields(Protocol):

@@ -11,7 +11,8 @@
       5. tool plan                 what constrains the output, what reads tool calls out of it
       6. constraints compile       tools' parameter schemas, then the plan's constraint
       7. reasoning                 how a thinking model's output is split (chat routes); with
-                                   thinking on, the constraint applies after the reasoning
+                                   thinking on, the constraint applies after the reasoning,
+                                   which a thinking budget bounds
     -> PreparedRequest (prompts, SamplingParams with the constraint, tool-call parser,
        reasoning parser) or ErrorResponse
 
@@ -27,15 +28,21 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from heron.output_processor import Prompt
-from heron.server.inputs import ChatInput, GenerateRequest, GenerateSpec, TextInput
+from heron.server.inputs import (
+    ChatInput,
+    GenerateRequest,
+    GenerateSpec,
+    TextInput,
+    ThinkingBudget,
+)
 from heron.server.protocol import ErrorResponse, bad_request
 from heron.server.reasoning import ReasoningParser
 from heron.server.serving import ServingContext, value_error
+from heron.structured.params import StructuredOutputsParams
 from heron.structured.tools import ToolPlan, plan_tool_use
 
 if TYPE_CHECKING:
     from heron.sampling_params import SamplingParams
-    from heron.structured.params import StructuredOutputsParams
     from heron.structured.tool_parsers import ToolParser
 
 
@@ -80,7 +87,8 @@ async def _prepare(ctx: ServingContext, request: GenerateRequest) -> PreparedReq
     plan = plan_tools(spec, ctx.config.tool_call_parser)
     await check_constraints(ctx, spec, plan)
     reasoning = plan_reasoning(ctx.reasoning_parser, spec, prompts)
-    params = spec.params.clone(structured_outputs=think_first(plan.constraint, reasoning))
+    budget = thinking_budget(spec.thinking_budget, reasoning, ctx.think_tags_are_tokens)
+    params = spec.params.clone(structured_outputs=think_first(plan.constraint, reasoning, budget))
     return PreparedRequest(spec, prompts, params, plan.parser, reasoning)
 
 
@@ -215,11 +223,36 @@ def plan_reasoning(name: str | None, spec: GenerateSpec,
     return ReasoningParser.of(name, prompts[0].text)
 
 
-def think_first(constraint: StructuredOutputsParams | None,
-                reasoning: ReasoningParser | None) -> StructuredOutputsParams | None:
+def thinking_budget(budget: ThinkingBudget | None, reasoning: ReasoningParser | None,
+                    tag_tokens: bool) -> int | None:
+    """The bound to enforce on the reasoning (None: none). It holds where the output may think
+    (a parser runs, thinking on) and the tags are tokens of the vocabulary; thinking off leaves
+    nothing to bound. A strict budget (OpenAI's ``thinking_token_budget``) is a 400 where it
+    cannot hold; Anthropic's ``budget_tokens`` (which ``enabled`` requires) is then ignored."""
+    if budget is None or (reasoning is not None and not reasoning.grammar_mode):
+        return None
+    if reasoning is None:
+        problem = "this model does not think (no reasoning parser runs)"
+    elif not tag_tokens:
+        problem = ("this model's vocabulary has no <think> / </think> tokens, and a budget is "
+                   "enforced on those tokens only")
+    else:
+        return budget.tokens
+    if budget.strict:
+        raise ValueError(f"{budget.field}: {problem}")
+    return None
+
+
+def think_first(constraint: StructuredOutputsParams | None, reasoning: ReasoningParser | None,
+                budget: int | None = None) -> StructuredOutputsParams | None:
     """The constraint as the engine applies it: after the reasoning when a parser splits one off
     and thinking is on (vLLM starts the grammar after ``</think>``), from the first token
-    otherwise. The constraint was checked as sent; the reasoning block around it is fixed."""
-    if constraint is None or reasoning is None or not reasoning.grammar_mode:
+    otherwise. The constraint was checked as sent; the reasoning block around it is fixed.
+    ``budget``: at most that many tokens of reasoning; without a constraint, the output is then
+    any text after a bounded reasoning."""
+    if reasoning is None or not reasoning.grammar_mode:
         return constraint
-    return dataclasses.replace(constraint, think=reasoning.grammar_mode)
+    if constraint is None:
+        return None if budget is None else StructuredOutputsParams.free_text(
+            reasoning.grammar_mode, budget)
+    return dataclasses.replace(constraint, think=reasoning.grammar_mode, think_budget=budget)

@@ -36,7 +36,14 @@ from pydantic_core import PydanticCustomError
 
 from heron.sampling_params import SamplingParams, short_repr
 from heron.server.guards import lone_surrogate_path
-from heron.server.inputs import ChatInput, GenerateSpec, Limits, TextInput, ToolUse
+from heron.server.inputs import (
+    ChatInput,
+    GenerateSpec,
+    Limits,
+    TextInput,
+    ThinkingBudget,
+    ToolUse,
+)
 from heron.structured.params import StructuredOutputsParams
 from heron.structured.tools import ToolSpec, check_allowed
 
@@ -704,6 +711,7 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool | None = True
     continue_final_message: bool | None = False
     chat_template_kwargs: dict[str, Any] | None = None
+    thinking_token_budget: int | None = None  # at most this many reasoning tokens; -1: unbounded
 
     def requested_max_tokens(self) -> int | None:
         """``max_completion_tokens``, or the older ``max_tokens``; OpenAI refuses both at once."""
@@ -725,7 +733,18 @@ class ChatCompletionRequest(SamplingFields):
             params=self.to_sampling_params(self.requested_max_tokens(), limits.max_logprobs),
             tools=self.tool_use(),
             constraint=self.constraint_source(),
+            thinking_budget=self.thinking_budget(),
         )
+
+    def thinking_budget(self) -> ThinkingBudget | None:
+        """vLLM's ``thinking_token_budget``: a non-negative number of tokens, or -1 (none)."""
+        budget = self.thinking_token_budget
+        if budget is None or budget == -1:
+            return None
+        if budget < 0:
+            raise ValueError(f"thinking_token_budget: must be a non-negative integer or -1 for "
+                             f"unlimited, got {short_repr(budget)}")
+        return ThinkingBudget(budget, "thinking_token_budget")
 
     def check_messages(self) -> None:
         check_chat(self.messages, bool(self.add_generation_prompt),

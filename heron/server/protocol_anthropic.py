@@ -9,13 +9,16 @@ none -> none. The preparation pipeline then renders, tokenizes and checks it lik
 
 ``thinking`` goes to the chat template of a model that thinks as Qwen3's switch:
 ``enabled`` -> ``enable_thinking`` true, ``disabled`` -> false, ``adaptive`` -> the template's
-default (``budget_tokens`` is not enforced: the model thinks within ``max_tokens``). A model
-that does not think refuses ``enabled`` with a 400. Its reasoning comes back as ``thinking``
+default. ``enabled`` requires ``budget_tokens`` (at least 1024, below ``max_tokens``, as
+Anthropic checks): the reasoning holds at most that many tokens, then ``</think>`` is forced,
+where the vocabulary has ``<think>`` / ``</think>`` tokens (ignored where the tags are text). A
+model that does not think refuses ``enabled`` with a 400. Its reasoning comes back as ``thinking``
 blocks (empty ``signature``), unless ``display`` is ``omitted``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from typing import Any, ClassVar, Literal
@@ -23,7 +26,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, Field
 
 from heron.sampling_params import SamplingParams, short_repr
-from heron.server.inputs import ChatInput, GenerateSpec, Limits, ToolUse
+from heron.server.inputs import ChatInput, GenerateSpec, Limits, ThinkingBudget, ToolUse
 from heron.server.protocol import (
     ChatCompletionTool,
     ChatMessage,
@@ -127,6 +130,8 @@ class Thinking(OpenAIBaseModel):
         if self.type not in ("enabled", "disabled", "adaptive"):
             raise ValueError(f"thinking.type: {short_repr(self.type)} is not one of enabled, "
                              "disabled, adaptive")
+        if self.type == "enabled":
+            self.check_budget()
         if not thinks:
             # "adaptive" leaves thinking to the model: this one never does, which honours it.
             if self.type == "enabled":
@@ -134,6 +139,26 @@ class Thinking(OpenAIBaseModel):
             return {}
         return {} if self.type == "adaptive" else {"enable_thinking": self.type == "enabled"}
 
+    def check_budget(self) -> None:
+        """Anthropic's checks of ``enabled``'s ``budget_tokens`` (its messages)."""
+        if self.budget_tokens is None:
+            raise ValueError("thinking.enabled.budget_tokens: Field required")
+        if self.budget_tokens < MIN_THINKING_BUDGET:
+            raise ValueError("thinking.enabled.budget_tokens: Input should be greater than or "
+                             f"equal to {MIN_THINKING_BUDGET}")
+
+    def budget(self, max_tokens: int) -> ThinkingBudget | None:
+        """The bound on the reasoning (``enabled`` only); ValueError unless below max_tokens."""
+        if self.type != "enabled" or self.budget_tokens is None:
+            return None
+        if self.budget_tokens >= max_tokens:
+            raise ValueError("`max_tokens` must be greater than `thinking.budget_tokens`. Please "
+                             "consult our documentation at https://docs.claude.com/en/docs/"
+                             "build-with-claude/extended-thinking#max-tokens-and-context-window-size")
+        return ThinkingBudget(self.budget_tokens, "thinking.budget_tokens", strict=False)
+
+
+MIN_THINKING_BUDGET = 1024  # Anthropic's least budget_tokens
 
 # The fields a Messages request has beyond what makes its prompt.
 _GENERATION_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "stop_sequences", "stream",
@@ -258,6 +283,11 @@ class MessagesRequest(CountTokensRequest):
     stream: bool | None = False
     metadata: dict[str, Any] | None = None
     output_config: OutputConfig | None = None
+
+    def to_spec(self, limits: Limits) -> GenerateSpec:
+        spec = super().to_spec(limits)
+        budget = None if self.thinking is None else self.thinking.budget(self.max_tokens)
+        return dataclasses.replace(spec, thinking_budget=budget)
 
     def constraint_source(self) -> tuple[str, StructuredOutputsParams] | None:
         fmt = self.output_config.format if self.output_config is not None else None

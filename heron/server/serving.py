@@ -42,7 +42,12 @@ from heron.server.protocol import (
     param_of,
     sse_event,
 )
-from heron.server.reasoning import ReasoningParser, resolve_reasoning_parser
+from heron.server.reasoning import (
+    THINK_CLOSE,
+    THINK_OPEN,
+    ReasoningParser,
+    resolve_reasoning_parser,
+)
 from heron.server.response_store import ResponseStore
 from heron.structured.grammar import SpecValidator
 
@@ -94,6 +99,13 @@ class ServingContext:
     def limits(self) -> Limits:
         return Limits(self.config.max_n, self.config.max_logprobs, self.info.vocab_size,
                       self.config.max_seqs_per_request, self.reasoning_parser is not None)
+
+    @functools.cached_property
+    def think_tags_are_tokens(self) -> bool:
+        """``<think>`` and ``</think>`` are added tokens of the vocabulary (Qwen3's, R1's), as
+        the engine's grammars spell them (a thinking budget is enforced on them only)."""
+        added = self.tokenizer.hf.get_added_vocab()
+        return THINK_OPEN in added and THINK_CLOSE in added
 
     @functools.cached_property
     def reasoning_parser(self) -> str | None:

@@ -40,9 +40,13 @@ _MAX_RUN_CHARS = 60  # a longer quote without blanks is cut in the middle
 def grammar_text(params: StructuredOutputsParams, think_tokens: bool = False) -> str:
     """The llguidance grammar for a spec; ValueError when the spec is malformed. With
     ``params.think``, the spec's grammar follows a reasoning block (``think_first``), whose
-    tags are the vocabulary's ``<think>`` / ``</think>`` tokens when ``think_tokens``."""
-    body = _spec_grammar(params)
-    return think_first(body, params.think, think_tokens) if params.think else body
+    tags are the vocabulary's ``<think>`` / ``</think>`` tokens when ``think_tokens`` (and then
+    ``params.think_budget`` bounds it)."""
+    body = None if params.kind == "text" else _spec_grammar(params)
+    if not params.think:
+        return _FREE_TEXT_GRAMMAR if body is None else body
+    budget = params.think_budget if think_tokens else None
+    return think_first(body, params.think, think_tokens, budget)
 
 
 def _spec_grammar(params: StructuredOutputsParams) -> str:
@@ -66,25 +70,46 @@ _THINK_TEXT = r"THINK_TEXT: /(?s:.*)/ & ~/(?s:.*)<\/think>(?s:.*)/"
 _THINK_GAP = r"THINK_GAP: /[ \t\r\n]{1,4}/"
 
 
-def think_first(body: str, mode: str, tokens: bool) -> str:
-    """A grammar that allows a reasoning block, then ``body`` (llguidance grammar text).
+# The answer after a reasoning with nothing to constrain it: any text. A mask of it costs about
+# what no constraint does (llguidance allows every token at once: ~2 us for Qwen's 151k tokens).
+_ANSWER = r"ANSWER: /(?s:.*)/"
+_FREE_TEXT_GRAMMAR = f"start: ANSWER\n{_ANSWER}\n"
+
+
+def think_first(body: str | None, mode: str, tokens: bool, budget: int | None = None) -> str:
+    """A grammar that allows a reasoning block, then ``body`` (llguidance grammar text; None:
+    any text).
 
     ``mode`` "may_open": ``<think>...</think>`` may come first; "opened": the output starts
     inside the reasoning, closes it (a leading ``<think>`` repeated is allowed, as the parsers
     drop one), then ``body``. ``tokens``: the tags are special tokens of the vocabulary
     (``<think>`` in llguidance's Lark; Qwen3's, DeepSeek-R1's); otherwise they are text, and the
-    reasoning is one lazy lexeme that ends at the first ``</think>``. ``body`` becomes the
-    second grammar of a multi-grammar, referenced as ``@body``."""
-    if tokens:
-        head = "<think>? THINK_TEXT </think>" if mode == "opened" else "<think> THINK_TEXT </think>"
-        rules = f"{_THINK_TEXT}\n"
-    else:
-        pattern = r"(<think>)?(?s:.*)<\/think>" if mode == "opened" else r"<think>(?s:.*)<\/think>"
-        head, rules = "think", f"think[lazy]: /{pattern}/\n"
+    reasoning is one lazy lexeme that ends at the first ``</think>``. ``budget`` (tag tokens
+    only): at most that many tokens of reasoning, then ``</think>`` is forced (llguidance's
+    ``max_tokens`` on the reasoning's rule). ``body`` becomes the second grammar of a
+    multi-grammar, referenced as ``@body``."""
+    head, rules = _think_head(mode, tokens, budget)
+    if body is None:
+        start = f"{head} ANSWER" if mode == "opened" else f"({head})? ANSWER"
+        return f"start: {start}\n{rules}{_ANSWER}\n"
     start = f"{head} THINK_GAP? @body" if mode == "opened" else f"({head} THINK_GAP?)? @body"
     lark = f"start: {start}\n{rules}{_THINK_GAP}\n"
     return json.dumps({"grammars": [{"name": "reasoning", "lark_grammar": lark},
                                     {**_single_grammar(body), "name": "body"}]})
+
+
+def _think_head(mode: str, tokens: bool, budget: int | None) -> tuple[str, str]:
+    """The reasoning block's expression and the rules it needs."""
+    if not tokens:
+        pattern = r"(<think>)?(?s:.*)<\/think>" if mode == "opened" else r"<think>(?s:.*)<\/think>"
+        return "think", f"think[lazy]: /{pattern}/\n"
+    opening = "<think>?" if mode == "opened" else "<think>"
+    if budget is None:
+        return f"{opening} THINK_TEXT </think>", f"{_THINK_TEXT}\n"
+    if budget == 0:
+        return f"{opening} </think>", ""
+    return (f"{opening} think_text </think>",
+            f"think_text[max_tokens={budget}]: THINK_TEXT\n{_THINK_TEXT}\n")
 
 
 def _single_grammar(text: str) -> dict[str, Any]:
