@@ -205,6 +205,27 @@ def test_an_engine_failure_mid_stream_is_the_last_line() -> None:
     assert whole.status_code == 503 and whole.json() == lines[-1]
 
 
+FN_TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize("arguments", ['{"a": ' + "1" * 5000 + "}", "[" * 3000 + "]" * 3000],
+                         ids=["int-past-4300-digits", "nested-3000-deep"])
+def test_tool_call_arguments_python_cannot_read_are_an_empty_object(arguments: str) -> None:
+    """The model writes the arguments: an integer past Python's 4300 digits (a ValueError, not
+    a JSONDecodeError) or nesting past the recursion limit was a 500 (an error line when
+    streamed) on /api/chat; they are ``{}``, as arguments that are no JSON are."""
+    text = '<tool_call>{"name": "f", "arguments": ' + arguments + "}</tool_call>"
+    body = {"model": FAKE_MODEL, "messages": USER, "tools": [FN_TOOL]}
+    for stream in (False, True):
+        client = fake_client(*tokens(text, finish="stop"), tool_call_parser="hermes")
+        r = client.post("/api/chat", json={**body, "stream": stream})
+        assert r.status_code == 200, r.text
+        lines = [json.loads(line) for line in r.text.splitlines()]
+        calls = [c for line in lines for c in line["message"].get("tool_calls", [])]
+        assert [c["function"] for c in calls] == [{"index": 0, "name": "f", "arguments": {}}]
+        assert lines[-1]["done"] and lines[-1]["done_reason"] == "stop"
+
+
 # ---- the server -------------------------------------------------------------------------------
 
 

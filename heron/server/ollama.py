@@ -248,9 +248,12 @@ def _ns(seconds: float) -> int:
 
 
 def _tool_call(index: int, call: ParsedCall) -> OllamaToolCallOut:
+    """A parsed call with its ``arguments`` as an object (Ollama's shape); arguments that are
+    no JSON object, or JSON Python cannot read (integers past 4300 digits, nesting past the
+    recursion limit: the model wrote them), are ``{}``."""
     try:
         arguments = json.loads(call.arguments) if call.arguments else {}
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
         arguments = {}
     return OllamaToolCallOut(id=new_call_id(), function=OllamaFunctionOut(
         index=index, name=call.name, arguments=arguments if isinstance(arguments, dict) else {}))
