@@ -213,6 +213,50 @@ def test_tool_call_whole_response(serve: Callable[..., tuple[TestClient, FakeEng
     assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Rome"}'}
 
 
+# Tool-call arguments that are JSON Python's json.loads cannot read: it raises ValueError (not
+# JSONDecodeError) past 4300 digits and RecursionError past its nesting limit.
+UNREADABLE_ARGUMENTS = ['{"city": ' + "1" * 5000 + "}", "[" * 3000 + "]" * 3000]
+UNREADABLE_IDS = ["int-past-4300-digits", "nested-3000-deep"]
+
+
+@pytest.mark.parametrize("arguments", UNREADABLE_ARGUMENTS, ids=UNREADABLE_IDS)
+def test_tool_use_input_python_cannot_read_is_an_empty_object(
+    serve: Callable[..., tuple[TestClient, FakeEngine]], arguments: str
+) -> None:
+    """/v1/messages turns the model's arguments into tool_use ``input``: these were a 500 (an
+    error event when streamed); they are ``{}``, as arguments that are no JSON are."""
+    text = '<tool_call>{"name": "get_weather", "arguments": ' + arguments + "}</tool_call>"
+    client, _ = serve(always(*tokens(text, [EOS], finish="stop", stop_reason=EOS)))
+    tool = {"name": "get_weather", "input_schema": WEATHER_TOOL["function"]["parameters"]}
+    body = {"model": MODEL, "messages": USER, "max_tokens": 200, "tools": [tool]}
+    r = client.post("/v1/messages", json=body)
+    assert r.status_code == 200, r.text
+    assert [(b["type"], b["name"], b["input"]) for b in r.json()["content"]] == [
+        ("tool_use", "get_weather", {})]
+    streamed = client.post("/v1/messages", json={**body, "stream": True})
+    assert streamed.status_code == 200 and "event: error" not in streamed.text, streamed.text[-300:]
+    assert '"stop_reason": "tool_use"' in streamed.text
+
+
+@pytest.mark.parametrize("arguments", UNREADABLE_ARGUMENTS, ids=UNREADABLE_IDS)
+def test_tool_call_arguments_sent_back_that_python_cannot_read_reach_the_template_as_text(
+    serve: Callable[..., tuple[TestClient, FakeEngine]], arguments: str
+) -> None:
+    """An assistant turn's arguments text goes to the template as a mapping when it is a JSON
+    object: text Python cannot read was a 500 (nesting) or a 400 quoting Python's internals
+    (digits) on chat and on Ollama's chat; it goes as the text, as text that is no JSON does."""
+    client, engine = serve(always(*tokens("ok", finish="stop")))
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather",
+                                                         "arguments": arguments}}
+    messages = [*USER, {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "Sunny"}]
+    r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    r = client.post("/api/chat", json={"model": MODEL, "messages": messages, "stream": False})
+    assert r.status_code == 200, r.text
+    assert len(engine.requests) == 2
+
+
 # ---- logprobs -------------------------------------------------------------------------------------
 
 

@@ -161,10 +161,11 @@ class _MessageBuilder:
 
 
 def _arguments(text: str) -> dict[str, Any]:
-    """A call's JSON arguments as the tool_use input (an object; {} if cut off or not one)."""
+    """A call's JSON arguments as the tool_use input (an object; {} if cut off or not one, or
+    JSON Python cannot read: integers past 4300 digits, nesting past the recursion limit)."""
     try:
         value = json.loads(text) if text else {}
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
         return {}
     return value if isinstance(value, dict) else {}
 

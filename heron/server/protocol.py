@@ -619,7 +619,7 @@ def _template_tool_call(call: ToolCall) -> dict[str, Any]:
     """A call as templates expect it: arguments as a mapping when they are a JSON object."""
     try:
         arguments: Any = json.loads(call.function.arguments)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # no JSON, or JSON Python cannot read: the text
         arguments = call.function.arguments
     if not isinstance(arguments, dict):
         arguments = call.function.arguments
