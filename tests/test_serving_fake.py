@@ -257,6 +257,29 @@ def test_tool_call_arguments_sent_back_that_python_cannot_read_reach_the_templat
     assert len(engine.requests) == 2
 
 
+def test_an_unexpected_error_is_a_500_in_the_shape_of_the_routes_api(
+    serve: Callable[..., tuple[TestClient, FakeEngine]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Starlette answers an unexpected exception from outside every middleware, so the shape
+    middlewares never saw it: /api/ and /v1/messages answered OpenAI's shape."""
+    import heron.server.app as app_module
+
+    def broken(*args: object) -> None:
+        raise RecursionError("deep")
+
+    for name in ("serve_ollama_chat", "serve_messages", "serve_chat"):
+        monkeypatch.setattr(app_module, name, broken)
+    client, _ = serve(always(*tokens("a")))
+    client = TestClient(client.app, base_url="http://127.0.0.1", raise_server_exceptions=False)
+    r = client.post("/api/chat", json={"model": MODEL, "messages": USER})
+    assert (r.status_code, r.json()) == (500, {"error": "internal error: RecursionError"})
+    r = client.post("/v1/messages", json={"model": MODEL, "messages": USER, "max_tokens": 2})
+    assert (r.status_code, r.json()) == (500, {"type": "error", "error": {
+        "type": "api_error", "message": "internal error: RecursionError"}})
+    r = client.post("/v1/chat/completions", json={"messages": USER})
+    assert (r.status_code, r.json()["error"]["message"]) == (500, "internal error: RecursionError")
+
+
 # ---- logprobs -------------------------------------------------------------------------------------
 
 

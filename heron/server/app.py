@@ -32,6 +32,7 @@ from heron.server.embeddings import serve_embeddings
 from heron.server.messages import (
     MESSAGES_PATH,
     AnthropicErrorMiddleware,
+    is_messages_path,
     serve_count_tokens,
     serve_messages,
 )
@@ -76,6 +77,7 @@ from heron.server.protocol_anthropic import (
     CountTokensRequest,
     MessagesRequest,
     TokenCount,
+    anthropic_error,
 )
 from heron.server.protocol_embeddings import EmbeddingRequest, EmbeddingResponse
 from heron.server.protocol_ollama import (
@@ -91,6 +93,7 @@ from heron.server.protocol_ollama import (
     RunningList,
     ShowResponse,
     StatusResponse,
+    ollama_error,
 )
 from heron.server.protocol_ollama import ChatRequest as OllamaChatRequest
 from heron.server.protocol_ollama import GenerateRequest as OllamaGenerateRequest
@@ -450,7 +453,20 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s", request.url.path)
-        return _error_json(make_error(500, f"internal error: {type(exc).__name__}"))
+        return _shaped_error(request.url.path,
+                             make_error(500, f"internal error: {type(exc).__name__}"))
+
+
+def _shaped_error(path: str, error: ErrorResponse) -> JSONResponse:
+    """``error`` in the shape of the API ``path`` belongs to, for an answer that passes no shape
+    middleware: Starlette sends an unexpected exception's answer from outside them all."""
+    if is_messages_path(path):
+        body = anthropic_error(error)
+    elif path.startswith(OLLAMA_PREFIX):
+        body = ollama_error(error)
+    else:
+        body = error.model_dump(mode="json")
+    return JSONResponse(body, status_code=error.status_code)
 
 
 def body_error(cause: BaseException | None) -> ErrorResponse | None:

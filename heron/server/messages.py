@@ -226,8 +226,8 @@ class AnthropicErrorMiddleware(ErrorShapeMiddleware):
     from ``{"error": {...}}`` to ``{"type": "error", "error": {"type", "message"}}``."""
 
     def __init__(self, app: ASGIApp) -> None:
-        super().__init__(app, _is_messages_path, anthropic_error)
+        super().__init__(app, is_messages_path, anthropic_error)
 
 
-def _is_messages_path(path: str) -> bool:
+def is_messages_path(path: str) -> bool:
     return path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/")
