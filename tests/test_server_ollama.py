@@ -86,6 +86,24 @@ def test_options_that_would_change_the_output_are_refused(options: dict, message
     assert str(err.value).startswith(message)
 
 
+@pytest.mark.parametrize("options,message", [
+    ({"seed": 2**64}, "options.seed must fit in 64 bits, got 18446744073709551616"),
+    ({"seed": -(2**63) - 1}, "options.seed must fit in 64 bits, got -9223372036854775809"),
+    ({"num_predict": 2**64}, "options.num_predict must be a 64-bit integer, got 1844674407"),
+    ({"repeat_penalty": 0}, "options.repeat_penalty must be in (0, 2], got 0"),
+    ({"repeat_penalty": float("nan")}, "options.repeat_penalty must be in (0, 2], got nan"),
+    ({"top_k": -5}, "options.top_k must be -1, 0 (disabled) or a positive integer, got -5"),
+    ({"temperature": float("inf")}, "options.temperature must be in [0, 2], got inf"),
+])
+def test_options_out_of_range_are_refused_in_ollamas_names(options: dict, message: str) -> None:
+    """A seed past 64 bits was taken (masked) where /v1 refuses it; num_predict and
+    repeat_penalty errors named heron's max_tokens and repetition_penalty."""
+    with pytest.raises(ValueError) as err:
+        OllamaOptions.model_validate(options).to_sampling_params()
+    assert str(err.value).startswith(message), err.value
+    assert OllamaOptions(seed=2**64 - 1).to_sampling_params().seed == 2**64 - 1
+
+
 def test_names_and_sizes_as_ollama_shows_them() -> None:
     assert tagged("gemma-3-270m") == "gemma-3-270m:latest"
     assert tagged("llama3.2:3b") == "llama3.2:3b" and tagged("a/b") == "a/b:latest"

@@ -129,13 +129,25 @@ class OllamaOptions(BaseModel):
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
         }
+        if self.seed is not None and not -(1 << 63) <= self.seed < (1 << 64):
+            raise ValueError(f"options.seed must fit in 64 bits, got {short_repr(self.seed)}")
         # num_predict -1 (the default: no limit) and -2 (fill the context): up to the context.
         limit = self.num_predict if self.num_predict is not None and self.num_predict > 0 else None
         try:
             return SamplingParams(max_tokens=limit,
                                   **{k: v for k, v in fields.items() if v is not None})
         except ValueError as e:
-            raise ValueError(f"options.{e}") from None
+            raise ValueError(f"options.{_ollama_spelling(str(e))}") from None
+
+
+# SamplingParams' names for options Ollama spells otherwise (its errors start with the name).
+_SPELLINGS = {"max_tokens": "num_predict", "repetition_penalty": "repeat_penalty"}
+
+
+def _ollama_spelling(message: str) -> str:
+    """A SamplingParams error as the option was sent: "max_tokens must..." -> "num_predict..."."""
+    name, _, rest = message.partition(" ")
+    return f"{_SPELLINGS[name]} {rest}" if name in _SPELLINGS else message
 
 
 # ==== requests ====================================================================================
