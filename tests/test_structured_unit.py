@@ -518,6 +518,14 @@ def test_grammar_errors_keep_the_reason_after_a_long_quote(spec: S, message: str
     assert str(info.value) == message
 
 
+def test_a_value_llguidance_cannot_read_is_cut_in_the_error() -> None:
+    """llguidance's ValueError for a schema bound past 64 bits quotes the number: a 4000-digit
+    bound (in a 4 MiB body, any length) came back whole in the 400 on /v1 and /api/chat."""
+    with pytest.raises(ValueError) as info:
+        SpecValidator().check(S.json_schema({"type": "integer", "maximum": int("9" * 4000)}))
+    assert str(info.value) == "Value is not JSON serializable: " + "9" * 40 + "..." + "9" * 17
+
+
 # ---- a thinking model: the reasoning first, then the constraint -----------------------------------
 
 THINK, UNTHINK, THINK_EOS = 256, 257, 258  # a byte vocabulary plus Qwen3-like tag tokens

@@ -240,7 +240,11 @@ def short_error(message: str) -> str:
     lines = message.split("<state>", 1)[0].splitlines()
     kept = [line for line in lines
             if not _SOURCE_LINE.match(line) and not _MARKER_LINE.fullmatch(line)]
-    text = re.sub(r"\s+", " ", " ".join(kept)).strip()
+    return cut_quotes(re.sub(r"\s+", " ", " ".join(kept)).strip())
+
+
+def cut_quotes(text: str) -> str:
+    """``text`` with each long quote cut in the middle, capped."""
     text = _LONG_RUN.sub(lambda m: _cut_middle(m.group(0)), text)
     return text if len(text) <= _MAX_ERROR_CHARS else text[:_MAX_ERROR_CHARS - 3] + "..."
 
@@ -276,8 +280,8 @@ class SpecValidator:
 
         try:
             error = LLMatcher.validate_grammar(grammar_text(params))
-        except ValueError:
-            raise
+        except ValueError as e:  # heron's, or llguidance's quoting a value (a 4000-digit bound)
+            raise ValueError(cut_quotes(str(e))) from None
         except Exception as e:  # noqa: BLE001 - the grammar engine's own errors mean "bad spec"
             error = str(e)
         if error:
