@@ -405,8 +405,9 @@ def test_a_reasoning_effort_reaches_the_chat_template() -> None:
 
 def test_bodies_that_do_not_parse_say_why(
         serve: Callable[..., tuple[TestClient, FakeEngine]]) -> None:
-    """Not FastAPI's 'There was an error parsing the body': which byte is not UTF-8, or that
-    the nesting is too deep; in Anthropic's shape on /v1/messages."""
+    """Not FastAPI's 'There was an error parsing the body': which byte is not UTF-8, that the
+    nesting is too deep, or that an integer is too long for Python (it said the generic words);
+    in Anthropic's shape on /v1/messages, Ollama's on /api/."""
     client, engine = serve(always(*tokens("a")))
     json_type = {"Content-Type": "application/json"}
     bad_utf8 = b'{"prompt": "ab\xff"}'
@@ -422,6 +423,10 @@ def test_bodies_that_do_not_parse_say_why(
     r = client.post("/v1/messages", content=deep, headers=json_type)
     assert (r.status_code, r.json()) == (400, {"type": "error", "error": {
         "type": "invalid_request_error", "message": message}})
+    digits = b'{"model": "m", "messages": [], "options": {"seed": ' + b"1" * 5000 + b"}}"
+    r = client.post("/api/chat", content=digits, headers=json_type)
+    assert (r.status_code, r.json()) == (400, {
+        "error": "the request body holds an integer of more than 4300 digits"})
     assert engine.requests == []
 
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import sys
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
@@ -472,7 +473,8 @@ def _shaped_error(path: str, error: ErrorResponse) -> JSONResponse:
 def body_error(cause: BaseException | None) -> ErrorResponse | None:
     """Why FastAPI could not parse a body (it answers 'There was an error parsing the body'
     for anything but a JSON syntax error): bytes that are not UTF-8, arrays and objects
-    nested past the depth Python's JSON parser takes. None for any other cause."""
+    nested past the depth Python's JSON parser takes, an integer longer than Python converts.
+    None for any other cause."""
     if isinstance(cause, UnicodeDecodeError):
         byte = cause.object[cause.start:cause.start + 1].hex()
         return make_error(400, f"the request body is not valid UTF-8: byte 0x{byte} at offset "
@@ -480,6 +482,9 @@ def body_error(cause: BaseException | None) -> ErrorResponse | None:
     if isinstance(cause, RecursionError):
         return make_error(400, "the request body nests JSON arrays and objects too deeply "
                                "(the parser stops short of 1000 levels)", code="invalid_json")
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return make_error(400, "the request body holds an integer of more than "
+                               f"{sys.get_int_max_str_digits()} digits", code="invalid_json")
     return None
 
 
