@@ -427,6 +427,10 @@ def test_bodies_that_do_not_parse_say_why(
     r = client.post("/api/chat", content=digits, headers=json_type)
     assert (r.status_code, r.json()) == (400, {
         "error": "the request body holds an integer of more than 4300 digits"})
+    for path in ("/api/chat", "/api/generate", "/v1/chat/completions"):  # said "Field required"
+        r = client.post(path, content=b"", headers=json_type)
+        assert r.status_code == 400, r.text
+        assert "the request body is empty: send a JSON object" in r.text
     assert engine.requests == []
 
 

@@ -501,6 +501,9 @@ def validation_error(errors: Any, dotted: bool = False) -> ErrorResponse:
         detail = first.get("ctx", {}).get("error", first.get("msg"))
         return make_error(400, f"the request body is not valid JSON: {detail}", code="invalid_json")
     path, message = telling_error(errors, dotted)
+    if not path and first.get("type") == "missing":  # FastAPI's "Field required" for no body
+        return make_error(400, "the request body is empty: send a JSON object",
+                          code="invalid_json")
     return make_error(400, f"{path}: {message}" if path else message, param=path or None)
 
 
