@@ -70,6 +70,19 @@ def hf_logits(hf_model: nn.Module, tokens: list[int]) -> torch.Tensor:
     return out.logits[0].float()
 
 
+def prompt_and_greedy_logits(model: nn.Module, vocab: int, steps: int = 3,
+                             length: int = 40) -> tuple[torch.Tensor, list[int]]:
+    """heron's logits at every position of a seeded random ``length``-token prompt and of
+    ``steps`` greedy decode steps over a paged KV cache, and the tokens they cover (for
+    ``hf_logits``)."""
+    session = PagedSession(model.eval())
+    prompt = torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(4)).tolist()
+    logits = session.step({0: prompt})[0]
+    for _ in range(steps):
+        logits = torch.cat([logits, session.step({0: [int(logits[-1].argmax())]})[0]])
+    return logits, session.tokens[0]
+
+
 @torch.no_grad()
 def argmax_continuation(hf_model: nn.Module, prompt: list[int], n: int) -> list[int]:
     """transformers' argmax at each of n steps over the whole text (no cache), EOS included:

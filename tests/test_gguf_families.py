@@ -43,7 +43,13 @@ from tests.gguf_files import (
     vocab_test_vectors,
     write_gguf,
 )
-from tests.model_harness import PagedSession, argmax_continuation, hf_logits, make_hf_model
+from tests.model_harness import (
+    PagedSession,
+    argmax_continuation,
+    hf_logits,
+    make_hf_model,
+    prompt_and_greedy_logits,
+)
 
 SMALL = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_attention_heads=4,
              num_key_value_heads=2, num_hidden_layers=2)
@@ -156,13 +162,8 @@ def test_gguf_model_computes_the_hf_original(family: tuple[torch.nn.Module, Path
     3 decode steps = transformers on the original."""
     hf, path = family
     model = load_model(ModelConfig(model=str(path)), torch.device("cpu"), torch.float32).model
-    session = PagedSession(model.eval())
-    prompt = torch.randint(0, hf.config.vocab_size, (40,),
-                           generator=torch.Generator().manual_seed(4)).tolist()
-    logits = session.step({0: prompt})[0]
-    for _ in range(3):
-        logits = torch.cat([logits, session.step({0: [int(logits[-1].argmax())]})[0]])
-    expected = hf_logits(hf, session.tokens[0])
+    logits, tokens = prompt_and_greedy_logits(model, hf.config.vocab_size)
+    expected = hf_logits(hf, tokens)
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
 
 

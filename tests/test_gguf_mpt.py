@@ -25,7 +25,12 @@ from heron.loader.gguf import GGUFModel
 from heron.loader.gguf_file import GGUFFile
 from heron.tokenizer import load_tokenizer
 from tests.gguf_files import DATA, Vocab, vocab_test_vectors, write_gguf
-from tests.model_harness import PagedSession, argmax_continuation, hf_logits, make_hf_model
+from tests.model_harness import (
+    argmax_continuation,
+    hf_logits,
+    make_hf_model,
+    prompt_and_greedy_logits,
+)
 
 MPT_VOCAB = DATA / "ggml-vocab-mpt.gguf"
 _NEOX_TOKENS = 50277  # GPT-NeoX's tokenizer; the model's 50,432 rows are padded with [PADn]
@@ -80,20 +85,15 @@ def test_mpt_gguf_model_computes_the_hf_original(mpt: tuple[torch.nn.Module, Pat
     """Logits at every position of a 40-token prompt and 3 decode steps = transformers."""
     hf, path = mpt
     model = load_model(ModelConfig(model=str(path)), torch.device("cpu"), torch.float32).model
-    session = PagedSession(model.eval())
-    prompt = torch.randint(0, _NEOX_TOKENS, (40,),
-                           generator=torch.Generator().manual_seed(4)).tolist()
-    logits = session.step({0: prompt})[0]
-    for _ in range(3):
-        logits = torch.cat([logits, session.step({0: [int(logits[-1].argmax())]})[0]])
-    expected = hf_logits(hf, session.tokens[0])
+    logits, tokens = prompt_and_greedy_logits(model, _NEOX_TOKENS)
+    expected = hf_logits(hf, tokens)
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
     clip = hf.config.attn_config.clip_qkv
     if clip is not None:  # the clamp decides the result: without it the logits differ
         hf.config.attn_config.clip_qkv = None
         for block in hf.transformer.blocks:
             block.attn.clip_qkv = None
-        unclipped = hf_logits(hf, session.tokens[0])
+        unclipped = hf_logits(hf, tokens)
         for block in hf.transformer.blocks:
             block.attn.clip_qkv = clip
         hf.config.attn_config.clip_qkv = clip
