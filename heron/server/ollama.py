@@ -26,7 +26,7 @@ from starlette.types import ASGIApp
 
 import heron
 from heron.output_processor import ChoiceDelta
-from heron.sampling_params import short_repr
+from heron.sampling_params import MAX_QUOTE_CHARS
 from heron.server.embeddings import serve_embeddings
 from heron.server.error_shape import ErrorShapeMiddleware
 from heron.server.model_facts import ModelFacts
@@ -147,7 +147,8 @@ def _check_think(ctx: ServingContext, think: bool | str | None) -> ErrorResponse
     Ollama's words; false or absent is always fine."""
     if think in (None, False) or ctx.reasoning_parser is not None:
         return None
-    return bad_request(f'think: {short_repr(think)} is not supported: "{ctx.default_model}" '
+    value = json.dumps(think)[:MAX_QUOTE_CHARS]  # JSON's spelling, as the client sent it
+    return bad_request(f'think: {value} is not supported: "{ctx.default_model}" '
                        "does not support thinking", param="think")
 
 
