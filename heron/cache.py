@@ -29,7 +29,9 @@ CACHE_ENV_VAR = "HERON_CACHE_DIR"
 # 3: config with the file's RoPE scaling, byte-level BPE tokenizers built by heron, SentencePiece
 # space prefix as llama.cpp, eos ids with <|end_of_text|> and the file's EOT / EOM ids.
 # 4: config with attention_bias / mlp_bias (or heron's qkv_bias) where the file has those bias tensors.
-CACHE_FORMAT = 4
+# 5: byte-level BPE tokenizers for more pre-tokenizers (deepseek-llm, deepseek-coder, smollm,
+# tekken, deepseek-r1-qwen, falcon3, pixtral, smaug-bpe, dbrx), which transformers built wrong.
+CACHE_FORMAT = 5
 _HASH_CHUNK = 1 << 20
 _STALE_AFTER_S = 3600.0  # a temporary this old belongs to a process that died
 

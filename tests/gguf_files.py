@@ -72,6 +72,16 @@ class Vocab:
                 writer.add_string(key, value)
 
 
+def write_vocab_gguf(path: Path, vocab: Vocab, arch: str = "llama") -> Path:
+    """A vocabulary-only GGUF (as llama.cpp's ``ggml-vocab-*.gguf``): no tensors."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    vocab.write(writer)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    return path
+
+
 def synthetic_vocab(size: int) -> Vocab:
     """A SentencePiece vocabulary of ``size`` tokens: <unk> <s> </s> <|im_end|>, 256 bytes,
     then pieces."""

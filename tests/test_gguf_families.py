@@ -42,6 +42,7 @@ from tests.gguf_files import (
     synthetic_vocab,
     vocab_test_vectors,
     write_gguf,
+    write_vocab_gguf,
 )
 from tests.model_harness import (
     PagedSession,
@@ -274,7 +275,8 @@ def test_rope_freqs_of_another_kind_are_refused() -> None:
 # ---------------------------------------------------------------------------- tokenizers
 
 
-@pytest.mark.parametrize("name", ["llama-bpe", "qwen2", "llama-spm"])
+@pytest.mark.parametrize("name", ["llama-bpe", "qwen2", "llama-spm", "deepseek-llm",
+                                  "deepseek-coder"])
 def test_gguf_tokenizer_passes_llama_cpp_vectors(name: str) -> None:
     """Built from the file, then reloaded from the cache: the ids of the original HF tokenizer
     for llama.cpp's texts (Llama 3's ``ignore_merges``: "Cửa Việt" is 3 tokens), the text back,
@@ -288,6 +290,53 @@ def test_gguf_tokenizer_passes_llama_cpp_vectors(name: str) -> None:
             ids = tok.encode(text, add_special_tokens=False)
             assert ids == expected, (start, text)
             assert tok.decode(ids) == text, (start, text)
+
+
+# Llama 3's vocabulary under other pre-tokenizer names: the ids llama.cpp's `llama-tokenize`
+# (the anchors' build, llama-cpp-python 0.3.36's sources, `--no-bos`) gives for _PRE_TEXT from
+# the same file. Each name splits the text its own way (case runs, digits alone or in threes,
+# punctuation before letters, newlines alone), and all but falcon3 / pixtral (Llama 3's) differ
+# from llama-bpe; transformers, which built these before, splits them all as GPT-2.
+_PRE_TEXT = "x=.HelloWorld XMLHttpRequest 12345678 Cửa Việt\n\n  end"
+_LLAMA3_IDS = [87, 47034, 9906, 10343, 46938, 220, 4513, 10961, 2495, 356, 91163, 101798, 271,
+               220, 842]
+_NO_IGNORE_MERGES = [87, 47034, 9906, 10343, 46938, 220, 4513, 10961, 2495, 356, 91163, 11655,
+                     26298, 83, 271, 220, 842]
+_SINGLE_DIGITS = [87, 47034, 9906, 10343, 46938, 220, 16, 17, 18, 19, 20, 21, 22, 23, 356, 91163,
+                  11655, 26298, 83, 271, 220, 842]
+
+
+@pytest.mark.parametrize(("pre", "expected"), [
+    ("falcon3", _LLAMA3_IDS),
+    ("pixtral", _LLAMA3_IDS),
+    ("smaug-bpe", _NO_IGNORE_MERGES),
+    ("dbrx", _NO_IGNORE_MERGES),
+    ("deepseek-r1-qwen", _SINGLE_DIGITS),
+    ("smollm", _SINGLE_DIGITS),
+    ("tekken", [87, 47034, 9906, 10343, 12138, 2977, 1939, 220, 16, 17, 18, 19, 20, 21, 22, 23,
+                356, 91163, 101798, 271, 220, 842]),
+    ("deepseek-llm", [87, 47034, 9906, 10343, 46938, 220, 4513, 10961, 2495, 356, 51774, 64,
+                      11655, 26298, 83, 198, 198, 220, 842]),
+    ("deepseek-coder", [87, 28, 13, 9906, 10343, 46938, 220, 16, 17, 18, 19, 20, 21, 22, 23, 356,
+                        51774, 64, 11655, 26298, 83, 198, 198, 220, 842]),
+])
+def test_gguf_pre_tokenizers_split_as_llama_cpp(tmp_path: Path, pre: str,
+                                                expected: list[int]) -> None:
+    path = write_vocab_gguf(tmp_path / f"llama3-vocab-as-{pre}.gguf",
+                            Vocab.from_file(DATA / "ggml-vocab-llama-bpe.gguf").renamed({}, pre=pre))
+    for start in ("built", "reloaded"):
+        tok = load_tokenizer(ModelConfig(model=str(path)))
+        assert tok.encode(_PRE_TEXT, add_special_tokens=False) == expected, start
+        assert tok.decode(expected) == _PRE_TEXT, start
+
+
+def test_gguf_unknown_pre_tokenizer_is_named_in_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write_vocab_gguf(tmp_path / "llama3-vocab-as-made-up.gguf", Vocab.from_file(
+        DATA / "ggml-vocab-llama-bpe.gguf").renamed({}, pre="made-up"))
+    with caplog.at_level("WARNING"):
+        load_tokenizer(ModelConfig(model=str(path)))
+    assert "this GGUF's pre-tokenizer 'made-up' is not one heron builds" in caplog.text
 
 
 @pytest.mark.parametrize(("name", "text", "expected"), [
@@ -330,13 +379,8 @@ def test_gguf_eot_and_eom_ids_end_generation(tmp_path: Path) -> None:
 def test_gguf_special_token_id_outside_the_vocabulary_is_ignored(tmp_path: Path) -> None:
     """A pad id past the vocabulary (a token added after it, common in fine-tunes' files):
     llama.cpp warns and goes without; so does the tokenizer, instead of an IndexError."""
-    vocab = synthetic_vocab(300)
-    path = tmp_path / "pad-past-the-vocabulary.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    vocab.renamed({}, padding_token_id=300).write(writer)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.close()
+    path = write_vocab_gguf(tmp_path / "pad-past-the-vocabulary.gguf",
+                            synthetic_vocab(300).renamed({}, padding_token_id=300))
     tok = load_tokenizer(ModelConfig(model=str(path)))
     assert tok.encode("w1")[0] == 1  # BOS
     assert tok.eos_token_ids == {2, 3}
