@@ -39,6 +39,7 @@ from heron.server.messages import (
 )
 from heron.server.metrics import HTTPCountMiddleware, ServerMetrics, StatsLogger
 from heron.server.models import model_card, model_cards
+from heron.server.offload import HeavyLane, LaneRoute
 from heron.server.ollama import (
     NDJSONStream,
     OllamaErrorMiddleware,
@@ -117,7 +118,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 500, 503)
 }
 
-router = APIRouter()
+router = APIRouter(route_class=LaneRoute)  # large bodies: parsed off the event loop
 
 
 def build_app(config: ServerConfig, ctx: ServingContext | None = None) -> FastAPI:
@@ -130,6 +131,7 @@ def build_app(config: ServerConfig, ctx: ServingContext | None = None) -> FastAP
             yield
         finally:
             task.cancel()
+            app.state.lane.close()
 
     app = FastAPI(
         title="heron",
@@ -139,6 +141,7 @@ def build_app(config: ServerConfig, ctx: ServingContext | None = None) -> FastAP
     )
     app.state.ready = asyncio.Event()
     app.state.ctx = None
+    app.state.lane = HeavyLane()  # large requests' CPU work (heron.server.offload)
     if ctx is not None:
         mark_ready(app, ctx)
     app.include_router(router)

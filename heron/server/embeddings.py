@@ -15,6 +15,7 @@ from heron.engine.client import new_request_id
 from heron.engine.messages import EngineRequest
 from heron.output_processor import Prompt
 from heron.pooling_params import PoolingParams
+from heron.server.offload import offload
 from heron.server.pipeline import RequestError, tokenize
 from heron.server.protocol import ErrorResponse, bad_request
 from heron.server.protocol_embeddings import (
@@ -34,7 +35,7 @@ async def serve_embeddings(ctx: ServingContext, request: EmbeddingRequest) -> (
     if error is not None:
         return error
     try:
-        source = request.to_input()
+        source = await offload(request.to_input)
         request.check_dimensions(ctx.info.hidden_size)
         prompts = await tokenize(ctx, source)
     except RequestError as e:

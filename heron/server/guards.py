@@ -49,8 +49,9 @@ def lone_surrogate_path(body: object) -> str | None:
                 if _has_surrogate(name):
                     return where
                 stack.append((item, where))
-        elif isinstance(value, list):
-            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
+        elif isinstance(value, list):  # numbers hold no text: no path for them (700,000 ids)
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(value)
+                         if isinstance(item, str | dict | list))
     return None
 
 

@@ -26,6 +26,7 @@ from starlette.types import ASGIApp
 
 from heron.output_processor import ChoiceDelta
 from heron.server.error_shape import ErrorShapeMiddleware
+from heron.server.offload import offload
 from heron.server.pipeline import RequestError, plan_tools, tokenize
 from heron.server.pipeline import prepare as prepare_request
 from heron.server.protocol import ErrorResponse
@@ -71,8 +72,9 @@ async def serve_count_tokens(ctx: ServingContext,
     if error is not None:
         return error
     try:
-        spec = request.to_spec(ctx.limits)
-        plan_tools(spec, ctx.config.tool_call_parser)  # tools and tool_choice as /v1/messages checks them
+        spec = await offload(request.to_spec, ctx.limits)
+        # tools and tool_choice as /v1/messages checks them
+        await offload(plan_tools, spec, ctx.config.tool_call_parser)
         prompts = await tokenize(ctx, spec.input)
     except RequestError as e:
         return e.error

@@ -35,6 +35,7 @@ from heron.server.inputs import (
     TextInput,
     ThinkingBudget,
 )
+from heron.server.offload import leave_lane, offload, on_lane
 from heron.server.protocol import ErrorResponse, bad_request
 from heron.server.reasoning import ReasoningParser
 from heron.server.serving import ServingContext, value_error
@@ -68,23 +69,26 @@ class RequestError(Exception):
 
 
 async def prepare(ctx: ServingContext, request: GenerateRequest) -> PreparedRequest | ErrorResponse:
-    """Run the steps in order; the first that refuses the request answers."""
+    """Run the steps in order; the first that refuses the request answers. A large request
+    runs its heavy steps on the heavy lane (``heron.server.offload``) and leaves it here."""
     try:
         return await _prepare(ctx, request)
     except RequestError as e:
         return e.error
     except ValueError as e:
         return value_error(e, request)
+    finally:
+        leave_lane()
 
 
 async def _prepare(ctx: ServingContext, request: GenerateRequest) -> PreparedRequest:
     refuse(ctx.check_model(request.model) or ctx.check_fields(request))
-    spec = request.to_spec(ctx.limits)
+    spec = await offload(request.to_spec, ctx.limits)
     prompts = await tokenize(ctx, spec.input)
     for prompt in prompts:
         refuse(check_context(ctx, len(prompt.token_ids), spec.params.max_tokens, spec.input.what,
                              spec.max_tokens_field, spec.params.min_tokens))
-    plan = plan_tools(spec, ctx.config.tool_call_parser)
+    plan = await offload(plan_tools, spec, ctx.config.tool_call_parser)
     await check_constraints(ctx, spec, plan)
     reasoning = plan_reasoning(ctx.reasoning_parser, spec, prompts)
     budget = thinking_budget(spec.thinking_budget, reasoning, ctx.think_tags_are_tokens)
@@ -105,21 +109,40 @@ async def tokenize(ctx: ServingContext, source: ChatInput | TextInput) -> list[P
     ValueError for a template error; RequestError for a token id outside the vocabulary."""
     if isinstance(source, ChatInput):
         return [await render_chat(ctx, source)]
+    if on_lane():
+        return await offload(lambda: [text_prompt(ctx, item, source) for item in source.prompts])
     prompts = []
     for item in source.prompts:
         if isinstance(item, str):
             prompts.append(Prompt(await ctx.encode(item, source.add_special_tokens), item))
-            continue
-        ids = [int(t) for t in item]
-        refuse(check_token_ids(ctx, ids, source.what))
-        prompts.append(Prompt(ids, ctx.tokenizer.decode(ids) if source.decode_token_prompts else ""))
+        else:
+            prompts.append(text_prompt(ctx, item, source))
     return prompts
+
+
+def text_prompt(ctx: ServingContext, item: str | list[int], source: TextInput) -> Prompt:
+    """One prompt of a text input, tokenized here (token ids: checked against the vocabulary,
+    RequestError outside it)."""
+    if isinstance(item, str):
+        return Prompt(ctx.tokenizer.encode(item, source.add_special_tokens), item)
+    ids = [int(t) for t in item]
+    refuse(check_token_ids(ctx, ids, source.what))
+    # A prompt as long as the context is refused (check_context): not decoded (the tokenizer
+    # holds the GIL while it decodes, ~0.5 s for 700,000 ids).
+    decode = source.decode_token_prompts and len(ids) < ctx.info.max_model_len
+    return Prompt(ids, ctx.tokenizer.decode(ids) if decode else "")
 
 
 async def render_chat(ctx: ServingContext, chat: ChatInput) -> Prompt:
     """The chat template applied to the messages, tokenized. ValueError on a template error."""
+    text = await offload(apply_template, ctx, chat)
+    return Prompt(await ctx.encode(text, add_special_tokens=False), text)
+
+
+def apply_template(ctx: ServingContext, chat: ChatInput) -> str:
+    """The chat's text; ValueError naming the messages when the template fails."""
     try:
-        text = ctx.tokenizer.apply_chat_template(
+        return ctx.tokenizer.apply_chat_template(
             chat.messages,
             add_generation_prompt=chat.add_generation_prompt,
             continue_final_message=chat.continue_final_message,
@@ -130,7 +153,6 @@ async def render_chat(ctx: ServingContext, chat: ChatInput) -> Prompt:
         raise ValueError(f"{chat.what}: {e}") from e
     except Exception as e:  # noqa: BLE001 - jinja raises many kinds; all mean "bad messages"
         raise ValueError(f"{chat.what}: the chat template could not render them: {e}") from e
-    return Prompt(await ctx.encode(text, add_special_tokens=False), text)
 
 
 def check_token_ids(ctx: ServingContext, ids: list[int], param: str) -> ErrorResponse | None:

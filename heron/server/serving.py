@@ -31,6 +31,7 @@ from heron.output_processor import ChoiceDelta, Prompt, RequestState
 from heron.sampling_params import MAX_QUOTE_CHARS
 from heron.server.guards import FieldNameLog, printable
 from heron.server.inputs import Limits, RequestFields
+from heron.server.offload import offload, on_lane
 from heron.server.protocol import (
     CompletionTokensDetails,
     ErrorResponse,
@@ -131,6 +132,10 @@ class ServingContext:
         return None
 
     async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        """``text``'s token ids: on the heavy lane for a large request, on a thread for a
+        long text, else here."""
+        if on_lane():
+            return await offload(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
         if len(text) > _THREAD_TOKENIZE_CHARS:
             return await asyncio.to_thread(
                 self.tokenizer.encode, text, add_special_tokens=add_special_tokens

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from heron.server.offload import offload
 from heron.server.pipeline import check_token_ids, tokenize
 from heron.server.protocol import (
     DetokenizeRequest,
@@ -24,7 +25,7 @@ async def serve_tokenize(
     if (request.prompt is None) == (request.messages is None):
         return bad_request("give exactly one of prompt or messages", param="prompt")
     try:
-        ids = (await tokenize(ctx, request.to_input()))[0].token_ids
+        ids = (await tokenize(ctx, await offload(request.to_input)))[0].token_ids
     except ValueError as e:
         return value_error(e, request)
     strs = ctx.token_strings(ids) if request.return_token_strs else None
@@ -36,8 +37,12 @@ async def serve_tokenize(
 async def serve_detokenize(
     ctx: ServingContext, request: DetokenizeRequest
 ) -> DetokenizeResponse | ErrorResponse:
-    error = (ctx.check_model(request.model) or ctx.check_fields(request)
-             or check_token_ids(ctx, request.tokens, "tokens"))
+    error = ctx.check_model(request.model) or ctx.check_fields(request)
     if error is not None:
         return error
-    return DetokenizeResponse(prompt=ctx.tokenizer.decode(request.tokens))
+    return await offload(_detokenize, ctx, request.tokens)
+
+
+def _detokenize(ctx: ServingContext, tokens: list[int]) -> DetokenizeResponse | ErrorResponse:
+    return check_token_ids(ctx, tokens, "tokens") or DetokenizeResponse(
+        prompt=ctx.tokenizer.decode(tokens))
