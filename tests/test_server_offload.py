@@ -22,12 +22,14 @@ import pytest
 from heron.server import pipeline, protocol
 from heron.server.app import build_app
 from heron.server.offload import LANE_SLOTS, LARGE_BODY_BYTES
+from heron.server.protocol import MAX_MESSAGES, MAX_TOOLS
 from heron.tokenizer.tokenizer import Tokenizer
 from tests.fake_engine import MODEL, FakeEngine, char_tokenizer_for_serving, serving_context, tokens
 
 GATE_TIMEOUT_S = 10.0  # how long a gate blocks when nobody opens it (only without the fix)
 TEXT = "word " * (LARGE_BODY_BYTES // 5 + 100)  # one string past the large-body size
 PAD = "x" * (LARGE_BODY_BYTES + 100)
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 
 
 class Gate:
@@ -267,3 +269,71 @@ def test_a_large_body_that_is_not_utf8_names_the_byte(client: httpx.AsyncClient)
         "message": f"the request body is not valid UTF-8: byte 0xff at offset {offset} "
                    "(invalid start byte)", "type": "invalid_request_error", "param": None,
         "code": "invalid_json"}})
+
+
+# ---- caps -------------------------------------------------------------------------------------
+
+
+def _too_long(param: str, limit: int) -> str:
+    return (f"Invalid '{param}': array too long. Expected an array with maximum length {limit}, "
+            f"but got an array with length {limit + 1} instead.")
+
+
+MESSAGE = {"role": "user", "content": "Hi"}
+CAPS = [
+    ("/v1/chat/completions", {"messages": [MESSAGE] * (MAX_MESSAGES + 1)}, "messages",
+     MAX_MESSAGES),
+    ("/v1/chat/completions", {"messages": [MESSAGE], "tools": [TOOL] * (MAX_TOOLS + 1)},
+     "tools", MAX_TOOLS),
+    ("/v1/responses", {"input": [MESSAGE] * (MAX_MESSAGES + 1)}, "input", MAX_MESSAGES),
+    ("/v1/responses", {"input": "Hi", "tools": [{"type": "function", "name": "f"}] *
+                       (MAX_TOOLS + 1)}, "tools", MAX_TOOLS),
+    ("/tokenize", {"messages": [MESSAGE] * (MAX_MESSAGES + 1)}, "messages", MAX_MESSAGES),
+]
+
+
+@pytest.mark.parametrize("path,body,param,limit", CAPS,
+                         ids=[f"{p}-{param}" for p, _, param, _ in CAPS])
+def test_lists_past_their_cap_are_refused_before_the_body_is_walked(
+        client: httpx.AsyncClient, engine: FakeEngine, monkeypatch: pytest.MonkeyPatch,
+        path: str, body: dict[str, Any], param: str, limit: int) -> None:
+    """OpenAI's answer to a list past its limit, before the Unicode walk and validation."""
+    walked: list[object] = []
+    monkeypatch.setattr(protocol, "lone_surrogate_path", lambda data: walked.append(data))
+    r = asyncio.run(client.post(path, json=body))
+    assert (r.status_code, r.json()) == (400, {"error": {
+        "message": _too_long(param, limit), "type": "invalid_request_error", "param": param,
+        "code": "array_above_max_length"}})
+    assert walked == [] and engine.requests == []
+
+
+def test_caps_in_anthropic_and_ollama_shapes(client: httpx.AsyncClient) -> None:
+    async def post(path: str, body: dict[str, Any]) -> httpx.Response:
+        return await client.post(path, json=body)
+
+    many = [MESSAGE] * (MAX_MESSAGES + 1)
+    for path in ("/v1/messages", "/v1/messages/count_tokens"):
+        r = asyncio.run(post(path, {"model": MODEL, "messages": many, "max_tokens": 1}))
+        assert (r.status_code, r.json()) == (400, {"type": "error", "error": {
+            "type": "invalid_request_error", "message": _too_long("messages", MAX_MESSAGES)}})
+    r = asyncio.run(post("/v1/messages", {"model": MODEL, "messages": [MESSAGE], "max_tokens": 1,
+                                          "tools": [{"name": "f", "input_schema": {}}] *
+                                          (MAX_TOOLS + 1)}))
+    assert (r.status_code, r.json()["error"]["message"]) == (400, _too_long("tools", MAX_TOOLS))
+    r = asyncio.run(post("/api/chat", {"model": MODEL, "messages": many}))
+    assert (r.status_code, r.json()) == (400, {"error": _too_long("messages", MAX_MESSAGES)})
+    r = asyncio.run(post("/api/chat", {"model": MODEL, "messages": [MESSAGE],
+                                       "tools": [TOOL] * (MAX_TOOLS + 1)}))
+    assert (r.status_code, r.json()) == (400, {"error": _too_long("tools", MAX_TOOLS)})
+
+
+def test_lists_at_their_cap_are_served(client: httpx.AsyncClient, engine: FakeEngine) -> None:
+    """At the cap the request goes on (here to the context check: the fake's context is 256)."""
+    async def post(path: str, body: dict[str, Any]) -> httpx.Response:
+        return await client.post(path, json=body)
+
+    r = asyncio.run(post("/v1/chat/completions", {"messages": [MESSAGE] * MAX_MESSAGES}))
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "context_length_exceeded")
+    r = asyncio.run(post("/v1/chat/completions", {"messages": [MESSAGE], "max_tokens": 1,
+                                                  "tools": [TOOL] * MAX_TOOLS}))
+    assert r.status_code in (200, 400) and "array too long" not in r.text, r.text

@@ -498,7 +498,8 @@ def validation_error(errors: Any, dotted: bool = False) -> ErrorResponse:
     errors = list(errors) or [{"loc": (), "msg": "invalid request", "type": ""}]
     named = next((e for e in errors if e.get("type") == FIELD_ERROR), None)
     if named is not None:  # a model-level check that names its field
-        return make_error(400, str(named.get("msg")), param=named["ctx"]["param"])
+        return make_error(400, str(named.get("msg")), param=named["ctx"]["param"],
+                          code=named["ctx"].get("code"))
     first = errors[0]
     if first.get("type") == "json_invalid":
         detail = first.get("ctx", {}).get("error", first.get("msg"))

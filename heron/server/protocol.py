@@ -263,9 +263,26 @@ def field_error(param: str, message: str) -> PydanticCustomError:
                                {"param": param, "message": message})
 
 
+def array_too_long(param: str, limit: int, length: int) -> PydanticCustomError:
+    """OpenAI's 400 for a list past its limit (``array_above_max_length``)."""
+    return PydanticCustomError(
+        FIELD_ERROR, "Invalid '{param}': array too long. Expected an array with maximum length "
+        "{limit}, but got an array with length {length} instead.",
+        {"param": param, "limit": limit, "length": length, "code": "array_above_max_length"})
+
+
+# Lists a request may hold, checked before anything walks the body. Every item costs CPU in
+# the API process (validation, conversion, the chat template) before the context check can
+# refuse the prompt: 100,000 messages, ~3.4 MB of JSON, cost seconds of it. No chat that fits a
+# context comes near these; OpenAI refuses more than 128 tools.
+MAX_MESSAGES = 16_384  # messages (the Responses API: input items)
+MAX_TOOLS = 1024
+
+
 class RequestBody(OpenAIBaseModel):
-    """A whole request body: every string and key in it must be valid Unicode, and the
-    mappings named in ``MAX_ENTRIES`` hold at most that many entries.
+    """A whole request body: every string and key in it must be valid Unicode, the mappings
+    named in ``MAX_ENTRIES`` hold at most that many entries, and the lists named in
+    ``MAX_ITEMS`` at most that many items.
 
     JSON can spell a lone UTF-16 surrogate (``"\\ud800"``); Python keeps it in a str that no
     tokenizer, log line or UTF-8 response can take. Such a body is a 400 naming the field.
@@ -273,6 +290,7 @@ class RequestBody(OpenAIBaseModel):
     """
 
     MAX_ENTRIES: ClassVar[dict[str, int]] = {}
+    MAX_ITEMS: ClassVar[dict[str, int]] = {}
 
     @model_validator(mode="before")
     @classmethod
@@ -281,6 +299,10 @@ class RequestBody(OpenAIBaseModel):
             value = data.get(name) if isinstance(data, dict) else None
             if isinstance(value, dict) and len(value) > limit:
                 raise field_error(name, f"at most {limit} entries are allowed, got {len(value)}")
+        for name, limit in cls.MAX_ITEMS.items():
+            value = data.get(name) if isinstance(data, dict) else None
+            if isinstance(value, list) and len(value) > limit:
+                raise array_too_long(name, limit, len(value))
         path = lone_surrogate_path(data)
         if path is not None:
             raise field_error(path, "the text holds a lone UTF-16 surrogate (such as \\ud800), "
@@ -688,6 +710,8 @@ class ChatCompletionRequest(SamplingFields):
         "store", "metadata", "service_tier", "prediction", "verbosity", "prompt_cache_key",
         "prompt_cache_retention", "prompt_cache_options", "safety_identifier", "user"))
 
+    MAX_ITEMS: ClassVar[dict[str, int]] = {"messages": MAX_MESSAGES, "tools": MAX_TOOLS}
+
     messages: list[ChatMessage]
     tools: list[ChatCompletionTool] | None = None
     tool_choice: (Literal["none", "auto", "required"] | NamedToolChoice | AllowedToolsChoice
@@ -1062,6 +1086,8 @@ class ModelList(BaseModel):
 
 class TokenizeRequest(RequestBody):
     """POST /tokenize: either ``prompt`` or chat ``messages`` (rendered with the template)."""
+
+    MAX_ITEMS: ClassVar[dict[str, int]] = {"messages": MAX_MESSAGES}
 
     model: str | None = None
     prompt: str | None = None

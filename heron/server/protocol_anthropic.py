@@ -28,6 +28,8 @@ from pydantic import BaseModel, Field
 from heron.sampling_params import SamplingParams, short_repr
 from heron.server.inputs import ChatInput, GenerateSpec, Limits, ThinkingBudget, ToolUse
 from heron.server.protocol import (
+    MAX_MESSAGES,
+    MAX_TOOLS,
     ChatCompletionTool,
     ChatMessage,
     ErrorResponse,
@@ -167,6 +169,8 @@ _GENERATION_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "stop_seque
 
 class CountTokensRequest(RequestBody):
     """POST /v1/messages/count_tokens: what the prompt of a Messages request would hold."""
+
+    MAX_ITEMS: ClassVar[dict[str, int]] = {"messages": MAX_MESSAGES, "tools": MAX_TOOLS}
 
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
         "mcp_servers": (None, []),

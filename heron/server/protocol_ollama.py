@@ -35,6 +35,8 @@ from pydantic import (
 from heron.sampling_params import SamplingParams, short_repr
 from heron.server.inputs import ChatInput, GenerateSpec, Limits, TextInput, ToolUse
 from heron.server.protocol import (
+    MAX_MESSAGES,
+    MAX_TOOLS,
     ChatCompletionTool,
     ChatMessage,
     ErrorResponse,
@@ -305,6 +307,8 @@ class OllamaMessage(OpenAIBaseModel):
 
 class ChatRequest(GenerationRequest):
     """POST /api/chat: no tool_choice in Ollama's API, so tools are offered as "auto"."""
+
+    MAX_ITEMS: ClassVar[dict[str, int]] = {"messages": MAX_MESSAGES, "tools": MAX_TOOLS}
 
     messages: list[OllamaMessage] | None = None
     tools: list[dict[str, Any]] | None = None

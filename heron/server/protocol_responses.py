@@ -25,6 +25,8 @@ from pydantic import BaseModel, Field, PrivateAttr, computed_field
 from heron.sampling_params import INT64_MAX, SamplingParams, short_repr
 from heron.server.inputs import ChatInput, GenerateSpec, Limits, ToolUse
 from heron.server.protocol import (
+    MAX_MESSAGES,
+    MAX_TOOLS,
     REASONING_KEY,
     ChatCompletionTool,
     ChatMessage,
@@ -146,6 +148,8 @@ class _FunctionCallOutputItem(OpenAIBaseModel):
 
 class ResponsesRequest(RequestBody):
     """POST /v1/responses."""
+
+    MAX_ITEMS: ClassVar[dict[str, int]] = {"input": MAX_MESSAGES, "tools": MAX_TOOLS}
 
     # Fields whose non-default values heron cannot honour: a 400.
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
