@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from heron.lora import LoRARequest
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -117,10 +119,36 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA adapters beside the base projections (vLLM's flags): ``enable_lora``; at most
+    ``max_loras`` distinct adapters among the running requests (and as many kept loaded that
+    no request uses); ranks up to ``max_lora_rank``; ``preload``: adapters the engine loads,
+    and so checks, before it reports ready (the server's ``--lora-modules``)."""
+
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    preload: tuple[LoRARequest, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be positive, got {self.max_loras}")
+        if self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be positive, got {self.max_lora_rank}")
+        if self.preload and not self.enable_lora:
+            raise ValueError("LoRA modules were given but LoRA is not enabled (--enable-lora)")
+        ids = [r.lora_int_id for r in self.preload]
+        names = [r.lora_name for r in self.preload]
+        if len(set(ids)) != len(ids) or len(set(names)) != len(names):
+            raise ValueError("each LoRA module needs its own name and lora_int_id")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig
     scheduler: SchedulerConfig
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 DP_BACKENDS = ("mp", "ray")

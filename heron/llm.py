@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from heron.config import (
     CacheConfig,
     EngineConfig,
+    LoRAConfig,
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
@@ -27,6 +28,7 @@ from heron.engine.core import EngineCore
 from heron.engine.messages import EngineRequest, TokenLogprobs
 from heron.engine.request import Logprob, LogprobsDict
 from heron.heap import keep_step_buffers, release_free_heap
+from heron.lora import LoRARequest
 from heron.output_processor import ChoiceDelta, OutputProcessor, Prompt, RequestState
 from heron.outputs import CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from heron.pooling_params import PoolingParams
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from heron.llm_dp import DataParallelEngine
 
 PromptType = str | dict[str, Any]
+LoRAArg = LoRARequest | Sequence[LoRARequest | None] | None
 Conversation = list[dict[str, Any]]
 
 
@@ -47,7 +50,9 @@ class LLM:
     ``LLM()`` serves the embedded default model (Gemma 3 270M); ``LLM("/path/to/hf_dir")`` or
     ``LLM("/path/to/model.gguf")`` a local model. ``data_parallel_size=N`` spreads ``generate``
     over N engine cores in their own processes (``data_parallel_backend="ray"``: Ray actors),
-    routed as the server routes; ``close()`` stops them.
+    routed as the server routes; ``close()`` stops them. ``enable_lora=True``: ``generate``
+    and ``chat`` take ``lora_request`` (``heron.lora.LoRARequest``, one or one per prompt), at
+    most ``max_loras`` adapters running at once, of rank up to ``max_lora_rank``.
     """
 
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None,
@@ -60,7 +65,8 @@ class LLM:
                  max_num_batched_tokens: int = 2048, skip_tokenizer_init: bool = False,
                  data_parallel_size: int = 1, data_parallel_backend: str = "mp",
                  cpus_per_engine: int | None = None, ray_address: str = "auto",
-                 router: str = "prefix") -> None:
+                 router: str = "prefix", enable_lora: bool = False, max_loras: int = 1,
+                 max_lora_rank: int = 16) -> None:
         self.model_config = ModelConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, device=device,
             max_model_len=max_model_len, seed=seed, load_format=load_format,
@@ -74,7 +80,9 @@ class LLM:
                               enable_prefix_caching=enable_prefix_caching,
                               num_gpu_blocks_override=num_gpu_blocks_override),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
-                                      max_num_batched_tokens=max_num_batched_tokens))
+                                      max_num_batched_tokens=max_num_batched_tokens),
+            lora=LoRAConfig(enable_lora=enable_lora, max_loras=max_loras,
+                            max_lora_rank=max_lora_rank))
         parallel = ParallelConfig(data_parallel_size=data_parallel_size,
                                   backend=data_parallel_backend, cpus_per_engine=cpus_per_engine,
                                   ray_address=ray_address, router=router)
@@ -114,19 +122,24 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Complete each prompt: a string, or ``{"prompt_token_ids": [...]}`` (vLLM's TokensPrompt)."""
+                 use_tqdm: bool = True,
+                 lora_request: LoRAArg = None) -> list[RequestOutput]:
+        """Complete each prompt: a string, or ``{"prompt_token_ids": [...]}`` (vLLM's TokensPrompt);
+        with ``lora_request``'s adapter (one for all, or one per prompt; None: the base model)."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         encoded = [self._encode(p) for p in prompts]
-        return self._run(encoded, _per_prompt(sampling_params, len(encoded)), use_tqdm)
+        return self._run(encoded, _per_prompt(sampling_params, len(encoded)), use_tqdm,
+                         _loras_per_prompt(lora_request, len(encoded)))
 
     def chat(self, messages: Conversation | Sequence[Conversation],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True,
              continue_final_message: bool = False, tools: list[dict] | None = None,
-             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
-        """Answer one conversation (a list of messages) or a list of conversations."""
+             chat_template_kwargs: dict[str, Any] | None = None,
+             lora_request: LoRAArg = None) -> list[RequestOutput]:
+        """Answer one conversation (a list of messages) or a list of conversations (with
+        ``lora_request`` as in ``generate``)."""
         one = bool(messages) and isinstance(messages[0], dict)
         conversations = cast(list[Conversation], [messages] if one else list(messages))
         encoded: list[tuple[str | None, list[int]]] = [
@@ -134,7 +147,8 @@ class LLM:
                               continue_final_message=continue_final_message, tools=tools,
                               **(chat_template_kwargs or {}))
             for conv in conversations]
-        return self._run(encoded, _per_prompt(sampling_params, len(encoded)), use_tqdm)
+        return self._run(encoded, _per_prompt(sampling_params, len(encoded)), use_tqdm,
+                         _loras_per_prompt(lora_request, len(encoded)))
 
     def stream_chat(self, messages: Conversation, sampling_params: SamplingParams | None = None,
                     **template_kwargs: Any) -> Iterator[CompletionOutput]:
@@ -203,19 +217,22 @@ class LLM:
                          f"got {type(prompt).__name__}")
 
     def _run(self, encoded: list[tuple[str | None, list[int]]], params: list[SamplingParams],
-             use_tqdm: bool) -> list[RequestOutput]:
+             use_tqdm: bool, loras: list[LoRARequest | None] | None = None) -> list[RequestOutput]:
         states: list[RequestState] = []
+        loras = loras or [None] * len(encoded)
         try:
-            for (text, ids), p in zip(encoded, params):
-                states.append(self._add(text or "", ids, p))
+            for (text, ids), p, lora in zip(encoded, params, loras):
+                states.append(self._add(text or "", ids, p, lora))
             self._drive(states, use_tqdm)
         finally:
             self._release(states)
         return [self._result(state, text) for state, (text, _) in zip(states, encoded)]
 
-    def _add(self, text: str, ids: list[int], params: SamplingParams) -> RequestState:
+    def _add(self, text: str, ids: list[int], params: SamplingParams,
+             lora: LoRARequest | None = None) -> RequestState:
         """Register a request with the output processor and its n sequences with the engine."""
-        state = self.processor.add_request(str(next(self._ids)), [Prompt(ids, text)], params)
+        state = self.processor.add_request(str(next(self._ids)), [Prompt(ids, text)], params,
+                                           lora_request=lora)
         try:
             for request in state.requests:
                 self.engine.add_request(request)
@@ -290,6 +307,14 @@ def _step_output(state: RequestState, deltas: list[ChoiceDelta]) -> CompletionOu
                             token_ids=[t for d in deltas for t in d.token_ids],
                             cumulative_logprob=choice.cumulative_logprob, logprobs=None,
                             finish_reason=choice.finish_reason, stop_reason=choice.stop_reason)
+
+
+def _loras_per_prompt(lora: LoRAArg, count: int) -> list[LoRARequest | None]:
+    if lora is None or isinstance(lora, LoRARequest):
+        return [lora] * count
+    if len(lora) != count:
+        raise ValueError(f"got {len(lora)} LoRA requests for {count} prompts")
+    return list(lora)
 
 
 def _per_prompt(params: SamplingParams | Sequence[SamplingParams] | None, count: int) -> list[SamplingParams]:

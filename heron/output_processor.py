@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 from heron.engine.messages import EngineOutput, EngineRequest, TokenLogprobs
 
 if TYPE_CHECKING:
+    from heron.lora import LoRARequest
     from heron.sampling_params import SamplingParams
     from heron.tokenizer.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -131,10 +132,13 @@ class RequestState:
 
     def __init__(self, request_id: str, prompts: list[Prompt], params: SamplingParams,
                  tokenizer: Tokenizer | None, arrival_time: float = 0.0,
-                 content_start: Callable[[], Callable[[str], int | None]] | None = None) -> None:
+                 content_start: Callable[[], Callable[[str], int | None]] | None = None,
+                 lora_request: LoRARequest | None = None) -> None:
         """``content_start``: makes, per choice, the detokenizer's guide to where a thinking
-        model's content starts (stop strings apply there only); None: all text is content."""
+        model's content starts (stop strings apply there only); None: all text is content.
+        ``lora_request``: the adapter every sequence runs with (None: the base model)."""
         self.request_id = request_id
+        self.lora_request = lora_request
         self._content_start = content_start
         self.prompts = prompts
         self.n = params.n
@@ -159,7 +163,8 @@ class RequestState:
                                        frozenset(child.stop_token_ids or ()))
         self.requests.append(EngineRequest(request_id=seq_id, prompt_token_ids=prompt.token_ids,
                                            sampling_params=child, arrival_time=arrival_time,
-                                           group=self.request_id))
+                                           group=self.request_id,
+                                           lora_request=self.lora_request))
 
     @property
     def num_choices(self) -> int:
@@ -209,8 +214,10 @@ class OutputProcessor:
         return len(self._by_sequence)
 
     def add_request(self, request_id: str, prompts: list[Prompt], params: SamplingParams,
-                    arrival_time: float = 0.0) -> RequestState:
-        state = RequestState(request_id, prompts, params, self.tokenizer, arrival_time)
+                    arrival_time: float = 0.0,
+                    lora_request: LoRARequest | None = None) -> RequestState:
+        state = RequestState(request_id, prompts, params, self.tokenizer, arrival_time,
+                             lora_request=lora_request)
         taken = [sid for sid in state.choices if sid in self._by_sequence]
         if taken:
             raise ValueError(f"request id {taken[0]!r} is already in flight")

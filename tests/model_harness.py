@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from heron.layers.attention import AttentionMetadata, ForwardContext, PrefillSpan
+from heron.layers.lora import AdapterWeights, LoRABatch, LoRAGroup
 from heron.loader.weights import load_weights
 from heron.models.registry import get_model_class
 
@@ -71,15 +72,17 @@ def hf_logits(hf_model: nn.Module, tokens: list[int]) -> torch.Tensor:
 
 
 def prompt_and_greedy_logits(model: nn.Module, vocab: int, steps: int = 3,
-                             length: int = 40) -> tuple[torch.Tensor, list[int]]:
+                             length: int = 40, lora: AdapterWeights | None = None,
+                             ) -> tuple[torch.Tensor, list[int]]:
     """heron's logits at every position of a seeded random ``length``-token prompt and of
     ``steps`` greedy decode steps over a paged KV cache, and the tokens they cover (for
-    ``hf_logits``)."""
+    ``hf_logits``); ``lora``: with that adapter."""
     session = PagedSession(model.eval())
+    loras = None if lora is None else {0: lora}
     prompt = torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(4)).tolist()
-    logits = session.step({0: prompt})[0]
+    logits = session.step({0: prompt}, loras)[0]
     for _ in range(steps):
-        logits = torch.cat([logits, session.step({0: [int(logits[-1].argmax())]})[0]])
+        logits = torch.cat([logits, session.step({0: [int(logits[-1].argmax())]}, loras)[0]])
     return logits, session.tokens[0]
 
 
@@ -121,9 +124,12 @@ class PagedSession:
         self.block_tables[req] = list(self.block_tables[source][:num_blocks])
         self.tokens[req] = list(self.tokens[source][:num_tokens])
 
-    def step(self, chunks: dict[int, list[int]]) -> dict[int, torch.Tensor]:
-        """Feed each request its next tokens in one forward; logits [len(chunk), vocab] each."""
+    def step(self, chunks: dict[int, list[int]],
+             loras: dict[int, AdapterWeights] | None = None) -> dict[int, torch.Tensor]:
+        """Feed each request its next tokens in one forward; logits [len(chunk), vocab] each.
+        ``loras``: the LoRA adapter of some requests (their rows form one group each)."""
         input_ids, positions, slots = [], [], []
+        groups = []
         decodes, prefills = [], []
         for req, chunk in chunks.items():
             start = len(self.tokens.setdefault(req, []))
@@ -134,13 +140,17 @@ class PagedSession:
                 slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
             input_ids += chunk
             self.tokens[req] += chunk
+            if loras and req in loras:
+                rows = torch.arange(flat_start, len(input_ids))
+                groups.append(LoRAGroup(rows, loras[req]))
             if len(chunk) == 1:
                 decodes.append((flat_start, start + 1, table))
             else:
                 prefills.append(PrefillSpan(flat_start, len(input_ids), start + len(chunk),
                                             torch.tensor(table, dtype=torch.int64)))
         meta = self._metadata(slots, decodes, prefills)
-        ctx = ForwardContext(attn_metadata=meta, kv_caches=self.kv_caches)
+        ctx = ForwardContext(attn_metadata=meta, kv_caches=self.kv_caches,
+                             lora=LoRABatch(tuple(groups)) if groups else None)
         with torch.no_grad():
             hidden = self.model(torch.tensor(input_ids), torch.tensor(positions), ctx)
             logits = self.model.compute_logits(hidden)  # [T, vocab]

@@ -17,6 +17,7 @@ import torch
 
 from heron.config import EngineConfig, ModelConfig
 from heron.engine.cgroups import cpu_quota, quota_threads
+from heron.engine.lora import LoRAManager
 from heron.engine.memory import kv_budget, memory_report, weight_bytes
 from heron.engine.messages import (
     EngineInfo,
@@ -59,10 +60,15 @@ class EngineCore:
         num_blocks, kv_reason = self._num_kv_blocks()
         block_size = config.cache.block_size
         self.max_model_len = self._max_model_len(num_blocks * block_size)
+        # LoRA: adapters beside the projections; --lora-modules are read (and checked) here.
+        self.lora = (LoRAManager(self.model, config.lora, self.device)
+                     if config.lora.enable_lora else None)
+        self._lora_users: dict[str, int] = {}  # request id -> the lora_int_id it holds
         self.runner = ModelRunner(self.model, self.device, self.dtype, num_blocks, block_size,
-                                  seed=config.model.seed)
+                                  seed=config.model.seed, lora=self.lora)
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.max_model_len,
-                                   prompt_logprobs_chunk=prompt_logprobs_chunk(_vocab_size(self.hf_config)))
+                                   prompt_logprobs_chunk=prompt_logprobs_chunk(_vocab_size(self.hf_config)),
+                                   max_loras=config.lora.max_loras if self.lora else None)
         self.info = EngineInfo(
             max_model_len=self.max_model_len, vocab_size=_vocab_size(self.hf_config),
             num_kv_blocks=num_blocks, block_size=block_size, device=str(self.device),
@@ -100,17 +106,46 @@ class EngineCore:
         req = Request(request_id=request.request_id, prompt_token_ids=list(prompt),
                       sampling_params=params, max_tokens=max_tokens,
                       pooling_params=request.pooling_params,
-                      group=request.group or request.request_id)
+                      group=request.group or request.request_id,
+                      lora_request=request.lora_request)
         if request.arrival_time:
             req.arrival_time = request.arrival_time
-        if self.structured.prepare(req):
-            self.scheduler.add_request(req)
+        if req.request_id in self.scheduler.requests or req.request_id in self._lora_users:
+            raise ValueError(f"request id {req.request_id!r} is already in the engine")
+        self._acquire_lora(req)
+        try:
+            if self.structured.prepare(req):
+                self.scheduler.add_request(req)
+        except BaseException:
+            self._release_lora([req.request_id])
+            raise
         self._prompt_tokens_total += len(prompt)
+
+    def _acquire_lora(self, req: Request) -> None:
+        """Load the request's adapter (ValueError if it cannot be served) and hold it."""
+        lora = req.lora_request
+        if lora is None:
+            return
+        if self.lora is None:
+            raise ValueError(f"LoRA adapter {lora.lora_name!r} was asked for, but LoRA is not "
+                             "enabled (enable_lora=True, --enable-lora)")
+        self.lora.acquire(lora)
+        self._lora_users[req.request_id] = lora.lora_int_id
+
+    def _release_lora(self, request_ids: Iterable[str]) -> None:
+        """Requests that left the engine no longer hold their adapters."""
+        if self.lora is None:
+            return
+        for request_id in request_ids:
+            lora_int_id = self._lora_users.pop(request_id, None)
+            if lora_int_id is not None:
+                self.lora.release(lora_int_id)
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
         request_ids = list(request_ids)
         self.structured.abort(request_ids)
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+        self._release_lora(request_ids)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or self.structured.num_pending > 0
@@ -132,6 +167,7 @@ class EngineCore:
         sampled, logprobs = self.runner.execute(sched)
         updated = self.scheduler.update_from_output(sched, sampled, logprobs)
         self._generation_tokens_total += len(sampled)
+        self._release_lora(r.request_id for r in updated if r.is_finished)
         return [self._output(req, sampled) for req in updated]
 
     def stats(self) -> EngineStats:
@@ -153,6 +189,7 @@ class EngineCore:
         for req in ready:
             self.scheduler.add_request(req)
         self._rejected += [RequestRejected(request_id=r.request_id, message=m) for r, m in failed]
+        self._release_lora(r.request_id for r, _ in failed)
 
     def _output(self, req: Request, sampled: dict[str, int]) -> EngineOutput:
         got_token = req.request_id in sampled

@@ -14,7 +14,9 @@ handed out again. A request's blocks are freed last block first, so its deepest
 (least shareable) blocks sit nearer the front and are evicted before its first ones.
 
 Prefix cache: every FULL block gets a chained hash ``H(parent_hash, block_token_ids)``,
-so a hash names the whole prefix up to the end of that block. A lookup walks a new
+so a hash names the whole prefix up to the end of that block. The chain of a request with a
+LoRA adapter starts from the adapter's own root (``chain_root``): the same tokens under another
+adapter, or under none, have other K/V and never share blocks. A lookup walks a new
 request's full blocks from the start and stops at the first miss; a hit also compares
 the stored token ids. A hit never covers the last token of a request: the model must
 compute at least that one to produce logits. Where all of a request's tokens are in cached
@@ -38,6 +40,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from heron.engine.request import Request
+    from heron.lora import LoRARequest
 
 BlockHash = bytes
 
@@ -51,6 +54,16 @@ def hash_block(parent_hash: BlockHash | None, token_ids: tuple[int, ...]) -> Blo
     digest = hashlib.blake2b(digest_size=16)
     digest.update(parent_hash if parent_hash is not None else b"\x00" * 16)
     digest.update(array("q", token_ids).tobytes())
+    return digest.digest()
+
+
+def chain_root(lora: LoRARequest | None) -> BlockHash | None:
+    """The parent hash of a request's first block: None for the base model, else a digest of
+    its adapter (id, name and path: an id given to another adapter later starts another chain)."""
+    if lora is None:
+        return None
+    digest = hashlib.blake2b(digest_size=16, person=b"heron-lora")
+    digest.update(f"{lora.lora_int_id}\0{lora.lora_name}\0{lora.lora_path}".encode())
     return digest.digest()
 
 
@@ -237,7 +250,7 @@ class KVCacheManager:
         """Hashes of the request's first ``num_blocks`` full blocks (memoised, extended lazily)."""
         hashes = self._state(request).block_hashes
         while len(hashes) < num_blocks:
-            parent = hashes[-1] if hashes else None
+            parent = hashes[-1] if hashes else chain_root(request.lora_request)
             hashes.append(hash_block(parent, self._block_tokens(request, len(hashes))))
         return hashes
 

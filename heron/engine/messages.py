@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
+from heron.lora import LoRARequest
 from heron.pooling_params import PoolingParams
 from heron.sampling_params import SamplingParams
 
@@ -28,6 +29,7 @@ class EngineRequest(msgspec.Struct, kw_only=True):
     # The API request it belongs to ("" = itself): the scheduler admits waiting sequences in
     # fair turns across groups, so one request of many prompts x n cannot hold others back.
     group: str = ""
+    lora_request: LoRARequest | None = None  # the adapter beside the base model (None: none)
 
 
 class TokenLogprobs(msgspec.Struct, array_like=True):

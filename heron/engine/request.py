@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from heron.engine.sampling_batch import RequestTensors
     from heron.engine.structured import Grammar
+    from heron.lora import LoRARequest
     from heron.pooling_params import PoolingParams
     from heron.sampling_params import SamplingParams
 
@@ -92,6 +93,8 @@ class Request:
     # and its place in the waiting queue, (turn within its group, arrival number).
     group: str = ""
     admit_key: tuple[int, int] = (0, 0)
+    # The LoRA adapter its tokens run with (None: the base model alone).
+    lora_request: LoRARequest | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -116,6 +119,11 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def lora_id(self) -> int:
+        """Its adapter's ``lora_int_id``; 0 for the base model."""
+        return 0 if self.lora_request is None else self.lora_request.lora_int_id
 
     @property
     def is_pooling(self) -> bool:

@@ -9,6 +9,7 @@ From the scheduler's list of (request, num_new_tokens) it builds::
                        K/V already: ``Request.num_shared_tokens``)
     decode group       requests with one new token: token index, context length, block table row
     prefill spans      requests with a chunk of several tokens: [start, end), context length, blocks
+    LoRA rows          the flat indices of each adapter's requests (``ForwardContext.lora``)
 
 then runs the model once over all T tokens and samples one token for each
 request whose tokens are all computed after this step (its prompt is complete).
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from heron.engine.lora import LoRAManager
 from heron.engine.request import Logprob, LogprobsDict, Request
 from heron.engine.sampler import Sampler, load_sampler_kernels
 from heron.engine.sampling_batch import (
@@ -44,6 +46,7 @@ from heron.engine.scheduler import SchedulerOutput
 from heron.engine.structured import fill_bitmask
 from heron.heap import no_huge_pages
 from heron.layers.attention import AttentionMetadata, ForwardContext, PrefillSpan
+from heron.layers.lora import LoRABatch
 from heron.models.base import CausalLM
 
 
@@ -59,6 +62,7 @@ class StepBatch:
     # (request, flat index, position, length) of each request that wants prompt logprobs
     prompt_logprob_rows: list[tuple[Request, int, int, int]]
     pool_rows: list[tuple[Request, int, int, int]]  # pooling requests: the same tuple
+    lora_rows: dict[int, list[int]]  # lora_int_id -> flat indices of its requests' tokens
 
 
 POOLING_MIN_ROWS = 16
@@ -68,8 +72,10 @@ class ModelRunner:
     """Owns the model, the KV cache tensors and the sampler."""
 
     def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype,
-                 num_blocks: int, block_size: int, seed: int = 0) -> None:
+                 num_blocks: int, block_size: int, seed: int = 0,
+                 lora: LoRAManager | None = None) -> None:
         self.model = model
+        self.lora = lora  # the engine's adapters (None: LoRA not enabled)
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
@@ -97,7 +103,8 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> tuple[dict[str, int], dict[str, LogprobsDict]]:
         """Run one step; returns the sampled token (and logprobs, when asked) per request id."""
         batch = self._build_batch(sched)
-        ctx = ForwardContext(attn_metadata=batch.attn_metadata, kv_caches=self.kv_caches)
+        ctx = ForwardContext(attn_metadata=batch.attn_metadata, kv_caches=self.kv_caches,
+                             lora=self._lora_batch(batch))
         hidden = self.model(batch.input_ids, batch.positions, ctx)  # [T, hidden]
         if batch.prompt_logprob_rows:
             self._prompt_logprobs(hidden, batch)
@@ -114,6 +121,13 @@ class ModelRunner:
             if lp is not None:
                 logprobs[req.request_id] = lp
         return sampled, logprobs
+
+    def _lora_batch(self, batch: StepBatch) -> LoRABatch | None:
+        if not batch.lora_rows:
+            return None
+        if self.lora is None:
+            raise ValueError("a request names a LoRA adapter but LoRA is not enabled")
+        return self.lora.batch(batch.lora_rows, int(batch.input_ids.numel()))
 
     def sampling_batch(self, requests: list[Request], vocab_size: int) -> SamplingBatch:
         """The sampler's input for the rows of ``requests``: their parameters and tokens, the
@@ -152,6 +166,7 @@ class ModelRunner:
         sample_requests: list[Request] = []
         prompt_rows: list[tuple[Request, int, int, int]] = []
         pool_rows: list[tuple[Request, int, int, int]] = []
+        lora_rows: dict[int, list[int]] = {}
         bs = self.block_size
         for item in sched.scheduled:
             req, n = item.request, item.num_new_tokens
@@ -179,6 +194,8 @@ class ModelRunner:
                 sample_requests.append(req)
             if _wants_prompt_logprobs(req, start):
                 prompt_rows.append((req, flat, start, n))
+            if req.lora_id:
+                lora_rows.setdefault(req.lora_id, []).extend(range(flat, flat + n))
         if pool_rows and len(input_ids) < POOLING_MIN_ROWS:
             prefills.append(self._padding(input_ids, positions, slots))
         max_blocks = max((len(t) for t in decode_tables), default=0)
@@ -201,6 +218,7 @@ class ModelRunner:
             sample_requests=sample_requests,
             prompt_logprob_rows=prompt_rows,
             pool_rows=pool_rows,
+            lora_rows=lora_rows,
         )
 
     def _padding(self, input_ids: list[int], positions: list[torch.Tensor],

@@ -11,7 +11,8 @@ Order within a step::
     running (admission order)  -> each gets its tokens; if blocks run out, the newest
                                   running request is preempted (repeatedly) to make room
     waiting (FIFO, preempted   -> admitted while budget, blocks and max_num_seqs last
-             ones at the front)   (none at all if this step preempted someone)
+             ones at the front)   (none at all if this step preempted someone), and while
+                                  the running requests use at most ``max_loras`` adapters
 """
 
 from __future__ import annotations
@@ -68,17 +69,21 @@ class Scheduler:
     ``prompt_logprobs_chunk``: a request that wants prompt logprobs computes at most this many
     prompt tokens per step. Each such token costs a row of vocabulary logits, so a long
     ``echo`` + ``logprobs`` prompt advances in small steps and the others keep stepping.
+
+    ``max_loras``: a request with a LoRA adapter is admitted only while the running requests
+    use fewer distinct adapters, or its own already (None: no limit).
     """
 
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
                  num_blocks: int, max_model_len: int,
-                 prompt_logprobs_chunk: int | None = None) -> None:
+                 prompt_logprobs_chunk: int | None = None, max_loras: int | None = None) -> None:
         if max_model_len > num_blocks * cache_config.block_size:
             raise ValueError(f"max_model_len ({max_model_len}) exceeds the KV cache capacity "
                              f"({num_blocks} blocks of {cache_config.block_size} tokens)")
         self.config = scheduler_config
         self.max_model_len = max_model_len
         self.prompt_logprobs_chunk = prompt_logprobs_chunk
+        self.max_loras = max_loras
         self.kv_cache = KVCacheManager(num_blocks, cache_config.block_size,
                                        cache_config.enable_prefix_caching)
         self.requests: dict[str, Request] = {}
@@ -182,6 +187,8 @@ class Scheduler:
         """Admit waiting requests in order while budget, blocks and ``max_num_seqs`` allow."""
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if not self._lora_fits(request):
+                break  # FIFO: it waits until a running adapter is done
             hit_blocks, num_hit = self.kv_cache.get_computed_blocks(request)
             num_new = request.num_tokens - num_hit
             whole = not self.config.enable_chunked_prefill or request.is_pooling
@@ -201,6 +208,13 @@ class Scheduler:
                 request.num_cached_tokens = num_hit
             out.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
+
+    def _lora_fits(self, request: Request) -> bool:
+        """Whether ``request``'s adapter may run now (``max_loras``)."""
+        if self.max_loras is None or not request.lora_id:
+            return True
+        running = {r.lora_id for r in self.running} - {0}
+        return request.lora_id in running or len(running) < self.max_loras
 
     def _chunk_cap(self, request: Request) -> int:
         """The most tokens ``request`` may compute this step (prompt logprobs: a few)."""

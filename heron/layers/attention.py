@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from heron.kernels.cpu import paged_decode_attention
+from heron.layers.lora import LoRABatch
 
 # Decode attention whose gathered K/V (all requests together) has at most this many slots runs
 # in float32: CPU bf16 matmuls of these tiny shapes pay ~50 us of fixed cost (measured, 1 request
@@ -136,6 +137,7 @@ class ForwardContext:
 
     attn_metadata: AttentionMetadata
     kv_caches: list[torch.Tensor]  # one [2, num_blocks, block_size, num_kv_heads, head_dim] per layer
+    lora: LoRABatch | None = None  # the step's rows that use LoRA adapters (None: no such row)
 
 
 class AttentionBackend:

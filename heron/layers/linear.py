@@ -17,7 +17,7 @@ without native bf16 that float weight is kept in float32 under bf16 activations
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -71,15 +71,22 @@ def use_only_quantized(module: Linear | LMHead | Embedding, quantized: Quantized
                                  requires_grad=False)
 
 
+# What adds LoRA adapters' products to a projection's output: (x, base output) -> output.
+LoRAHook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 class Linear(nn.Linear):
-    """``nn.Linear`` that may hold a quantized copy of its weight (set by ``quantize_model``)."""
+    """``nn.Linear`` that may hold a quantized copy of its weight (set by ``quantize_model``)
+    and LoRA adapters beside it (``lora``, set by ``heron.layers.lora.attach_lora``)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__(in_features, out_features, bias=bias)
         self.quantized: QuantizedWeight | None = None
+        self.lora: LoRAHook | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.quantized)
+        out = linear(x, self.weight, self.bias, self.quantized)
+        return out if self.lora is None else self.lora(x, out)
 
 
 def keep_float32_weights(model: nn.Module) -> int:

@@ -7,6 +7,7 @@ The contract (``CausalLM``)::
     num_layers, num_kv_heads, head_dim         the KV cache shape per layer
     weight_mapping                             checkpoint names -> parameter names (``WeightMapping``)
     prepare_decode(kv_caches) -> bool          the one-call decode step where it applies
+    enable_lora() -> LoRASlot                  LoRA layers beside the projections (ctx.lora)
 
 A model file holds only its architecture and its ``WeightMapping``; loading is generic
 (``heron.loader.weights``).
@@ -22,6 +23,7 @@ from torch import nn
 
 from heron.layers.attention import ForwardContext
 from heron.layers.linear import LMHead
+from heron.layers.lora import LoRASlot, attach_lora
 from heron.models.fused_decode import FusedDecode
 
 
@@ -78,6 +80,7 @@ class CausalLM(nn.Module):
         self.num_layers, self.num_kv_heads, self.head_dim = kv.num_layers, kv.num_kv_heads, kv.head_dim
         ignored = (r"^lm_head\.weight$",) if self.tie_word_embeddings else ()
         self.weight_mapping = WeightMapping(stacked=stacked, ignored=ignored)
+        self.lora_slot: LoRASlot | None = None  # set by enable_lora
 
     @property
     def backbone(self) -> nn.Module:
@@ -85,7 +88,19 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
-        return self.backbone(input_ids, positions, ctx)  # [T, hidden]
+        if ctx.lora is None:
+            return self.backbone(input_ids, positions, ctx)  # [T, hidden]
+        if self.lora_slot is None:
+            raise ValueError("this model has no LoRA layers: load it with LoRA enabled")
+        with self.lora_slot.active(ctx.lora):  # its projections add the adapters' products
+            return self.backbone(input_ids, positions, ctx)
+
+    def enable_lora(self) -> LoRASlot:
+        """Give every projection a LoRA layer (``heron.layers.lora``); the batch of a forward
+        whose ``ctx.lora`` is set reaches them through the returned slot."""
+        if self.lora_slot is None:
+            self.lora_slot = attach_lora(self)
+        return self.lora_slot
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)  # [N, vocab] float32

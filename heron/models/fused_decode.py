@@ -30,7 +30,7 @@ import torch
 
 from heron.kernels.cpu import Elementwise, fused_decode
 from heron.layers.activation import Activation, kernel_name
-from heron.layers.attention import Attention, AttentionMetadata
+from heron.layers.attention import Attention, AttentionMetadata, ForwardContext
 from heron.layers.gguf_weight import GGUFWeight
 from heron.layers.linear import Linear
 from heron.layers.norm import RMSNorm
@@ -188,9 +188,11 @@ class FusedDecode:
             raise RuntimeError(f"fused_decode failed (status {status})")
         return out
 
-    def applies_to(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
-        """Whether this step can take the fused path: decodes only, within the row limit."""
-        return meta.decode_only and x.shape[0] <= self.max_rows and x.is_contiguous()
+    def applies_to(self, x: torch.Tensor, ctx: ForwardContext) -> bool:
+        """Whether this step can take the fused path: decodes only, within the row limit, and
+        no row with a LoRA adapter (the C step runs the base projections only)."""
+        return (ctx.attn_metadata.decode_only and ctx.lora is None
+                and x.shape[0] <= self.max_rows and x.is_contiguous())
 
 
 def _applies(stack: DecoderStack, kv_caches: Sequence[torch.Tensor]) -> bool:

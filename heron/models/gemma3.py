@@ -150,7 +150,7 @@ class Gemma3TextModel(nn.Module):
         x = x * self.embed_scale.to(x.dtype)
         rotary = cast(Mapping[str, RotaryEmbedding], self.rotary)
         cos_sin = {t: rope.cos_sin(positions, x.dtype) for t, rope in rotary.items()}
-        if self.fused_decode is not None and self.fused_decode.applies_to(x, ctx.attn_metadata):
+        if self.fused_decode is not None and self.fused_decode.applies_to(x, ctx):
             return self.fused_decode(x, cos_sin, ctx.attn_metadata)  # the layers below in one call
         layers = cast(Sequence[Gemma3DecoderLayer], self.layers)
         x, normed = add_rms_norm(x, None, None, layers[0].input_layernorm)

@@ -155,7 +155,7 @@ class LlamaModel(nn.Module):
                 ctx: ForwardContext) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, hidden]
         cos_sin = self.rotary.cos_sin(positions, x.dtype)
-        if self.fused_decode is not None and self.fused_decode.applies_to(x, ctx.attn_metadata):
+        if self.fused_decode is not None and self.fused_decode.applies_to(x, ctx):
             return self.fused_decode(x, {ROPE_KEY: cos_sin}, ctx.attn_metadata)  # all layers
         layers = cast(Sequence[LlamaDecoderLayer], self.layers)
         x, normed = add_rms_norm(x, None, None, layers[0].input_layernorm)
