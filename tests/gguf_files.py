@@ -109,8 +109,11 @@ def vocab_test_vectors(name: str) -> list[tuple[str, list[int]]]:
 # ----------------------------------------------------------------------------- the writer
 
 
-def write_gguf(path: Path, model: nn.Module, vocab: Vocab, float16: bool = False) -> Path:
-    """``model`` (a transformers causal LM) as a GGUF file at ``path``; returns ``path``."""
+def write_gguf(path: Path, model: nn.Module, vocab: Vocab, float16: bool = False,
+               block_format: str | None = None) -> Path:
+    """``model`` (a transformers causal LM) as a GGUF file at ``path``; returns ``path``.
+    ``block_format`` (e.g. "Q8_0"): the layers' 2-D weights in that quantized format (see
+    ``round_to_blocks_`` for the model they then stand for)."""
     config = model.config
     arch = GGUF_ARCH[config.model_type]
     writer = gguf.GGUFWriter(str(path), arch)
@@ -123,6 +126,10 @@ def write_gguf(path: Path, model: nn.Module, vocab: Vocab, float16: bool = False
         _write_rope_scaling(writer, rope)
     vocab.write(writer)
     for name, array in _tensors(model, arch):
+        if block_format is not None and name.startswith("blk.") and array.ndim == 2:
+            qtype = gguf.GGMLQuantizationType[block_format]
+            writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+            continue
         writer.add_tensor(name, array.astype(np.float16) if float16 and array.ndim == 2 else array)
     if rope.get("rope_type") == "llama3":
         writer.add_tensor("rope_freqs.weight", llama3_rope_freqs(config))
@@ -239,4 +246,16 @@ def round_to_float16_(model: nn.Module) -> nn.Module:
         for param in model.parameters():
             if param.dim() == 2:
                 param.copy_(param.half().float())
+    return model
+
+
+def round_to_blocks_(model: nn.Module, block_format: str) -> nn.Module:
+    """Replace every 2-D weight of the layers by its ``block_format`` blocks dequantized, in
+    place: a GGUF written with ``block_format`` then holds exactly these values."""
+    qtype = gguf.GGMLQuantizationType[block_format]
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".layers." in name and param.dim() == 2:
+                blocks = gguf.quants.quantize(param.numpy(), qtype)
+                param.copy_(torch.from_numpy(gguf.quants.dequantize(blocks, qtype).copy()))
     return model

@@ -20,11 +20,10 @@ from heron.config import ModelConfig
 from heron.engine.kv_cache import KVCacheManager
 from heron.engine.request import Request
 from heron.layers.lora import AdapterWeights
-from heron.loader import load_model
 from heron.loader.lora import load_adapter
 from heron.lora import LoRARequest
 from heron.sampling_params import SamplingParams
-from tests.gguf_files import synthetic_vocab, write_gguf
+from tests.gguf_files import round_to_blocks_, synthetic_vocab, write_gguf
 from tests.model_harness import (
     PagedSession,
     hf_logits,
@@ -60,7 +59,7 @@ def save_adapter(hf: torch.nn.Module, path: Path, seed: int, r: int = 8, alpha: 
     with torch.no_grad():  # a visible effect: products of the size of the base outputs
         for name, param in model.named_parameters():
             if "lora_" in name:
-                param.normal_(0.0, 0.5 / param.shape[1] ** 0.5)
+                param.normal_(0.0, 0.5 / param.shape[-1] ** 0.5)
     model.save_pretrained(path)
     return model.eval()
 
@@ -91,3 +90,179 @@ def test_adapter_logits_equal_peft(family, rslora: bool) -> None:
     torch.testing.assert_close(logits, hf_logits(reference, tokens), atol=ATOL, rtol=RTOL)
     assert (logits - hf_logits(hf, tokens)).abs().max() > 0.1
 
+
+
+# ---- the one-call decode step ---------------------------------------------------------------
+
+
+def test_decode_steps_with_lora_rows_take_the_modules(tmp_path: Path, monkeypatch) -> None:
+    """bf16 on int8 copies, where decode steps run the fused C step: a step with a LoRA row runs
+    the modules (its logits equal the modules' to the bit, and carry the adapter); a step
+    without one still takes the fused step."""
+    from heron.layers.quant import quantize_model
+    from heron.models.fused_decode import FusedDecode
+    from tests.test_fused_decode import CONFIGS, needs_kernel
+
+    needs_kernel(lambda: None)  # the same condition as the fused decode tests
+    hf = make_hf_model(CONFIGS["qwen2"](), seed=3)
+    model = load_heron_model(hf, tmp_path / "base").to(torch.bfloat16)
+    quantize_model(model, "int8")
+    model.enable_lora()
+    save_adapter(hf, tmp_path / "adapter", seed=2)
+    lora = heron_adapter(model, tmp_path / "adapter")
+    session = PagedSession(model, num_blocks=48, block_size=4, dtype=torch.bfloat16)
+    assert model.prepare_decode(session.kv_caches)
+    calls = []
+    fused_call = FusedDecode.__call__
+    monkeypatch.setattr(FusedDecode, "__call__",
+                        lambda self, *a: calls.append(1) or fused_call(self, *a))
+    session.step({0: [5, 6, 7, 8, 9], 1: [5, 6, 7, 8, 9]}, {0: lora})
+    before = [cache.clone() for cache in session.kv_caches]
+    tokens = {req: list(t) for req, t in session.tokens.items()}
+    with_plan = session.step({0: [10], 1: [10]}, {0: lora})
+    assert calls == []
+    for cache, saved in zip(session.kv_caches, before):
+        cache.copy_(saved)
+    session.tokens = tokens
+    plan, model.model.fused_decode = model.model.fused_decode, None
+    modules = session.step({0: [10], 1: [10]}, {0: lora})
+    model.model.fused_decode = plan
+    assert torch.equal(with_plan[0], modules[0]) and torch.equal(with_plan[1], modules[1])
+    assert (with_plan[0] - with_plan[1]).abs().max() > 0.1  # the adapter's row is another
+    session.step({0: [11], 1: [11]})  # no LoRA row: the fused step
+    assert calls == [1]
+
+
+# ---- a GGUF base --------------------------------------------------------------------------------
+
+
+def test_adapter_on_gguf_blocks_equals_peft_on_the_dequantized_model(tmp_path: Path) -> None:
+    """A GGUF file's Q8_0 blocks stay the weights (read by heron's kernels); the adapter runs
+    beside them and gives transformers + peft on the dequantized model."""
+    from heron.layers.gguf_weight import GGUFWeight
+    from heron.loader.prepared import load_prepared_model
+
+    hf = round_to_blocks_(make_hf_model(FAMILIES["llama"](), seed=3), "Q8_0")
+    path = write_gguf(tmp_path / "model.gguf", hf, synthetic_vocab(hf.config.vocab_size),
+                      block_format="Q8_0")
+    loaded, _ = load_prepared_model(ModelConfig(model=str(path), quantization="gguf", dtype="float32"),
+                                    torch.device("cpu"), torch.float32, "gguf")
+    model = loaded.model
+    assert isinstance(model.model.layers[0].self_attn.qkv_proj.quantized, GGUFWeight)
+    model.enable_lora()
+    reference = save_adapter(hf, tmp_path / "adapter", seed=4)
+    logits, tokens = prompt_and_greedy_logits(model, hf.config.vocab_size,
+                                              lora=heron_adapter(model, tmp_path / "adapter"))
+    torch.testing.assert_close(logits, hf_logits(reference, tokens), atol=ATOL, rtol=RTOL)
+    assert (logits - hf_logits(hf, tokens)).abs().max() > 0.1
+
+
+# ---- what is refused ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory):
+    hf = make_hf_model(FAMILIES["llama"](), seed=3)
+    model = load_heron_model(hf, tmp_path_factory.mktemp("llama"))
+    model.enable_lora()
+    return hf, model
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"use_dora": True}, "use_dora=True is not supported"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save=['lm_head'] is not supported"),
+    ({"bias": "lora_only"}, "bias='lora_only' is not supported (only 'none')"),
+    ({"targets": ["embed_tokens", "q_proj"]},
+     "target_modules 'embed_tokens' is not supported (projections only"),
+    ({"targets": ["lm_head"]}, "target_modules 'lm_head' is not supported"),
+    ({"rank_pattern": {"q_proj": 4}}, "rank_pattern={'q_proj': 4} is not supported"),
+    ({"r": 32}, "rank r=32 exceeds max_lora_rank=16 (raise --max-lora-rank)"),
+])
+def test_unsupported_adapters_are_refused_by_name(llama, tmp_path: Path, options: dict,
+                                                  message: str) -> None:
+    hf, model = llama
+    save_adapter(hf, tmp_path / "x", seed=0, **options)
+    with pytest.raises(ValueError) as e:
+        heron_adapter(model, tmp_path / "x", name="x")
+    assert f"LoRA adapter 'x' ({tmp_path / 'x'}): " in str(e.value)
+    assert message in str(e.value)
+
+
+def test_pickled_adapter_is_refused(llama, tmp_path: Path) -> None:
+    hf, model = llama
+    reference = save_adapter(hf, tmp_path / "ok", seed=0)
+    reference.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert (tmp_path / "bin" / "adapter_model.bin").is_file()
+    with pytest.raises(ValueError, match=r"adapter_model.bin is a pickle, which heron does not "
+                                         r"load; save the adapter as adapter_model.safetensors"):
+        heron_adapter(model, tmp_path / "bin")
+
+
+def test_adapter_of_another_shape_is_refused(llama, tmp_path: Path) -> None:
+    hf, model = llama
+    other = make_hf_model(transformers.LlamaConfig(**{**SMALL, "intermediate_size": 80}))
+    save_adapter(other, tmp_path / "other", seed=0)
+    with pytest.raises(ValueError, match=r"base_model.model.model.layers.0.mlp.down_proj.lora_A"
+                                         r".weight has shape \(8, 80\), the base model expects "
+                                         r"\(8, 96\)"):
+        heron_adapter(model, tmp_path / "other")
+
+
+def test_adapter_tensors_that_are_not_projections_are_refused(llama, tmp_path: Path) -> None:
+    hf, model = llama
+    save_adapter(hf, tmp_path / "x", seed=0)
+    weights = load_file(tmp_path / "x" / "adapter_model.safetensors")
+    weights["base_model.model.model.norm.lora_A.weight"] = torch.zeros(8, 64)
+    weights["base_model.model.model.norm.lora_B.weight"] = torch.zeros(64, 8)
+    save_file(weights, tmp_path / "x" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="targets 'model.norm', which is not a projection"):
+        heron_adapter(model, tmp_path / "x")
+
+
+def test_missing_adapter_directory_and_config(llama, tmp_path: Path) -> None:
+    _, model = llama
+    with pytest.raises(ValueError, match=r"\(.*nowhere\): no such directory"):
+        heron_adapter(model, tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no adapter_config.json"):
+        heron_adapter(model, tmp_path / "empty")
+    (tmp_path / "empty" / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    with pytest.raises(ValueError, match="no adapter_model.safetensors"):
+        heron_adapter(model, tmp_path / "empty")
+
+
+# ---- the prefix cache and the router --------------------------------------------------------
+
+
+def test_prefix_cache_keeps_adapters_apart() -> None:
+    """The same 32 tokens under adapter a, adapter b and none: no block shared across them."""
+    kv = KVCacheManager(num_blocks=32, block_size=8)
+    a, b = LoRARequest("a", 1, "/a"), LoRARequest("b", 2, "/b")
+
+    def admit(request_id: str, lora: LoRARequest | None) -> int:
+        req = Request(request_id, list(range(33)), SamplingParams(), max_tokens=4,
+                      lora_request=lora)
+        hits, num_hit = kv.get_computed_blocks(req)
+        assert kv.allocate_slots(req, req.num_tokens - num_hit, hits)
+        return num_hit
+
+    assert admit("base", None) == 0
+    assert admit("a1", a) == 0
+    assert admit("b1", b) == 0
+    assert admit("a2", a) == 32
+    assert admit("base2", None) == 32
+    assert admit("a-moved", LoRARequest("a", 1, "/elsewhere")) == 0  # another adapter, same id
+
+
+def test_router_keeps_an_adapters_prefix_apart() -> None:
+    from heron.engine.dp_routing import PrefixAffinity, block_hashes
+
+    prompt = list(range(40))
+    assert block_hashes(prompt, 16) != block_hashes(prompt, 16, "a")
+    assert block_hashes(prompt, 16, "a") != block_hashes(prompt, 16, "b")
+    policy = PrefixAffinity(2, 16)
+    base = policy.pick(prompt, [0, 0], [True, True])
+    assert policy.affine_engine(prompt) == base
+    assert policy.affine_engine(prompt, "a") is None  # the base model's prefix is not a's
+    adapted = policy.pick(prompt, [1, 0], [True, True], "a")
+    assert policy.affine_engine(prompt, "a") == adapted

@@ -12,7 +12,10 @@ A new prompt goes to the engine of its longest remembered prefix, unless that en
 (sequences in flight) exceeds the least loaded engine's by more than
 ``max(min_slack, rel_slack * least)``; then, and when nothing is remembered, it goes to the
 least loaded engine (ties broken round robin). The same prefix therefore keeps landing on the
-same engine while the load stays within the bound. Pure bookkeeping: no I/O, no engines.
+same engine while the load stays within the bound. A prompt with a LoRA adapter chains from the
+adapter's name (``salt``), as the engines' prefix caches chain from the adapter: its prefix is
+cached apart from the same tokens under another adapter or none. Pure bookkeeping: no I/O, no
+engines.
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ MIN_SLACK = 8  # an engine may carry this many more sequences than the least loa
 REL_SLACK = 0.5  # ...or this fraction of the least loaded one's load, whichever is more
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
+def block_hashes(token_ids: Sequence[int], block_size: int, salt: str | None = None) -> list[int]:
     """Chained hashes of the prompt's full blocks, first ones first (all of them, as the
-    engine's prefix cache takes them: heron.engine.kv_cache)."""
+    engine's prefix cache takes them: heron.engine.kv_cache); ``salt``: the LoRA adapter's
+    name (None: the base model)."""
     num_blocks = min(len(token_ids) // block_size, MAX_AFFINITY_BLOCKS)
-    hashes, prev = [], 0
+    hashes, prev = [], 0 if salt is None else hash(("lora", salt))
     for i in range(max(num_blocks, 0)):
         prev = hash((prev, tuple(token_ids[i * block_size : (i + 1) * block_size])))
         hashes.append(prev)
@@ -47,7 +51,9 @@ class RoutingPolicy:
         self.num_engines = num_engines
         self._turn = itertools.count()
 
-    def pick(self, token_ids: Sequence[int], loads: Sequence[int], up: Sequence[bool]) -> int:
+    def pick(self, token_ids: Sequence[int], loads: Sequence[int], up: Sequence[bool],
+             salt: str | None = None) -> int:
+        """``salt``: the request's LoRA adapter name (None: the base model)."""
         raise NotImplementedError
 
     def _least_loaded(self, loads: Sequence[int], up: Sequence[bool]) -> int:
@@ -63,7 +69,8 @@ class RoutingPolicy:
 class RoundRobin(RoutingPolicy):
     """Engines in turn, skipping those that are down (``--router round-robin``)."""
 
-    def pick(self, token_ids: Sequence[int], loads: Sequence[int], up: Sequence[bool]) -> int:
+    def pick(self, token_ids: Sequence[int], loads: Sequence[int], up: Sequence[bool],
+             salt: str | None = None) -> int:
         for _ in range(self.num_engines):
             i = next(self._turn) % self.num_engines
             if up[i]:
@@ -80,17 +87,19 @@ class PrefixAffinity(RoutingPolicy):
         self.table_size = table_size
         self._owner: OrderedDict[int, int] = OrderedDict()  # block hash -> engine index
 
-    def pick(self, token_ids: Sequence[int], loads: Sequence[int], up: Sequence[bool]) -> int:
-        hashes = block_hashes(token_ids, self.block_size)
+    def pick(self, token_ids: Sequence[int], loads: Sequence[int], up: Sequence[bool],
+             salt: str | None = None) -> int:
+        hashes = block_hashes(token_ids, self.block_size, salt)
         chosen = self._affine(hashes, up)
         if chosen is None or self._overloaded(chosen, loads, up):
             chosen = self._least_loaded(loads, up)
         self._remember(hashes, chosen)
         return chosen
 
-    def affine_engine(self, token_ids: Sequence[int]) -> int | None:
+    def affine_engine(self, token_ids: Sequence[int], salt: str | None = None) -> int | None:
         """The engine that last got this prompt's longest remembered prefix (None: no prefix)."""
-        return self._affine(block_hashes(token_ids, self.block_size), [True] * self.num_engines)
+        return self._affine(block_hashes(token_ids, self.block_size, salt),
+                            [True] * self.num_engines)
 
     def _affine(self, hashes: list[int], up: Sequence[bool]) -> int | None:
         owner = None

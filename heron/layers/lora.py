@@ -29,6 +29,7 @@ from torch import nn
 
 from heron.layers.linear import Linear
 
+
 @dataclass(frozen=True)
 class LoRAPair:
     """One adapter's low-rank pair for one projection (or one shard of a fused one)."""

@@ -103,22 +103,23 @@ class Router:
         """Submit the sequences of one request to one engine; iterate the returned stream."""
         if not requests:
             raise ValueError("nothing to stream")
+        lora = requests[0].lora_request
         for _ in self.engines:
-            index = self.pick(requests[0].prompt_token_ids)
+            index = self.pick(requests[0].prompt_token_ids, None if lora is None else lora.lora_name)
             try:
                 return self.engines[index].stream(requests)
             except EngineError:
                 continue  # it died since is_alive was read: pick again among the others
         raise EngineError(self._down_reason())
 
-    def pick(self, token_ids: list[int]) -> int:
-        """The engine for a prompt among those serving now: alive and stepping (raises
-        EngineError when none is)."""
+    def pick(self, token_ids: list[int], salt: str | None = None) -> int:
+        """The engine for a prompt (``salt``: its LoRA adapter's name) among those serving now:
+        alive and stepping (raises EngineError when none is)."""
         up = [e.health() is None for e in self.engines]
         if not any(up):
             raise EngineError(self._down_reason())
         loads = [e.num_in_flight for e in self.engines]
-        return self.policy.pick(token_ids, loads, up)
+        return self.policy.pick(token_ids, loads, up, salt)
 
     # ---- state ----------------------------------------------------------------------------
 
