@@ -266,3 +266,119 @@ def test_router_keeps_an_adapters_prefix_apart() -> None:
     assert policy.affine_engine(prompt, "a") is None  # the base model's prefix is not a's
     adapted = policy.pick(prompt, [1, 0], [True, True], "a")
     assert policy.affine_engine(prompt, "a") == adapted
+
+
+# ---- the offline LLM: LLM(enable_lora=True).generate(..., lora_request=...) ----------------------
+
+PROMPT = "The quick brown fox jumps over the lazy dog, twice."  # 52 tokens: 3 full blocks
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny server model (char tokenizer), two adapters on it, and their references."""
+    from tests.tiny_models import save_tiny_server_model
+
+    root = tmp_path_factory.mktemp("served")
+    path = save_tiny_server_model(root / "model")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    refs = {name: save_adapter(hf, root / name, seed=seed) for name, seed in (("a", 5), ("b", 6))}
+    loras = {name: LoRARequest(name, i + 1, str(root / name)) for i, name in enumerate(refs)}
+    return path, hf, refs, loras
+
+
+@pytest.fixture(scope="module")
+def llm(served):
+    from heron.llm import LLM
+
+    path = served[0]
+    return LLM(str(path), dtype="float32", enable_lora=True, max_loras=2, block_size=16)
+
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=0)
+
+
+def _ids(out) -> list[int]:
+    return list(out.outputs[0].token_ids)
+
+
+def _logprobs(out) -> list[float]:
+    return [next(iter(d.values())).logprob for d in out.outputs[0].logprobs]
+
+
+def test_llm_generate_with_an_adapter_is_peft_greedy(served, llm) -> None:
+    from tests.model_harness import argmax_continuation
+
+    _, hf, refs, loras = served
+    prompt = llm.get_tokenizer().encode(PROMPT)
+    adapted = llm.generate(PROMPT, GREEDY, use_tqdm=False, lora_request=loras["a"])[0]
+    base = llm.generate(PROMPT, GREEDY, use_tqdm=False)[0]
+    assert _ids(adapted) == argmax_continuation(refs["a"], prompt, 8)
+    assert _ids(base) == argmax_continuation(hf, prompt, 8)
+    assert _ids(adapted) != _ids(base)
+
+
+def test_mixed_batch_gives_each_row_its_own_adapter(llm, served) -> None:
+    """Adapter a, adapter b and none in one step: each row's tokens are exactly those it gets
+    alone, its logprobs the same within float rounding."""
+    loras = served[3]
+    prompts = [PROMPT, PROMPT[:30], "Another prompt, no adapter."]
+    order = [loras["a"], loras["b"], None]
+    together = llm.generate(prompts, GREEDY, use_tqdm=False, lora_request=order)
+    for prompt, lora, out in zip(prompts, order, together):
+        alone = llm.generate(prompt, GREEDY, use_tqdm=False, lora_request=lora)[0]
+        assert _ids(out) == _ids(alone)
+        torch.testing.assert_close(_logprobs(out), _logprobs(alone), atol=1e-5, rtol=0)
+    same = llm.generate([PROMPT] * 3, GREEDY, use_tqdm=False, lora_request=order)
+    assert len({tuple(_ids(o)) for o in same}) == 3  # one prompt, three models: three answers
+
+
+def test_prefix_cache_is_not_shared_across_adapters(served) -> None:
+    """The same prompt under the base model, then adapter a: a's blocks are its own (nothing
+    cached for it at first, its answer is a's), then cached for a's next request."""
+    from heron.llm import LLM
+    from tests.model_harness import argmax_continuation
+
+    path, hf, refs, loras = served
+    llm = LLM(str(path), dtype="float32", enable_lora=True, block_size=16)
+    prompt = llm.get_tokenizer().encode(PROMPT)
+    base = llm.generate(PROMPT, GREEDY, use_tqdm=False)[0]
+    first = llm.generate(PROMPT, GREEDY, use_tqdm=False, lora_request=loras["a"])[0]
+    again = llm.generate(PROMPT, GREEDY, use_tqdm=False, lora_request=loras["a"])[0]
+    other = llm.generate(PROMPT, GREEDY, use_tqdm=False, lora_request=loras["b"])[0]
+    base_again = llm.generate(PROMPT, GREEDY, use_tqdm=False)[0]
+    assert first.num_cached_tokens == 0 and other.num_cached_tokens == 0
+    assert again.num_cached_tokens == base_again.num_cached_tokens == 48
+    assert _ids(first) == _ids(again) == argmax_continuation(refs["a"], prompt, 8)
+    assert _ids(other) == argmax_continuation(refs["b"], prompt, 8)
+    assert _ids(base) == _ids(base_again) == argmax_continuation(hf, prompt, 8)
+
+
+def test_max_loras_one_runs_two_adapters_in_turn(served) -> None:
+    from heron.llm import LLM
+
+    path, _, _, loras = served
+    llm = LLM(str(path), dtype="float32", enable_lora=True, max_loras=1, block_size=16)
+    order = [loras["a"], loras["b"], loras["a"], None]
+    together = llm.generate([PROMPT] * 4, GREEDY, use_tqdm=False, lora_request=order)
+    for lora, out in zip(order, together):
+        assert _ids(out) == _ids(llm.generate(PROMPT, GREEDY, use_tqdm=False, lora_request=lora)[0])
+    assert llm.engine.lora is not None and len(llm.engine.lora.loaded) == 1
+
+
+def test_lora_request_without_enable_lora_is_refused(served) -> None:
+    from heron.llm import LLM
+
+    path, _, _, loras = served
+    llm = LLM(str(path), dtype="float32")
+    with pytest.raises(ValueError, match=r"LoRA adapter 'a' was asked for, but LoRA is not enabled "
+                                         r"\(enable_lora=True, --enable-lora\)"):
+        llm.generate(PROMPT, GREEDY, use_tqdm=False, lora_request=loras["a"])
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_one_id_is_one_adapter(llm, served) -> None:
+    loras = served[3]
+    clash = LoRARequest("c", loras["a"].lora_int_id, loras["b"].lora_path)
+    llm.generate(PROMPT, GREEDY, use_tqdm=False, lora_request=loras["a"])
+    with pytest.raises(ValueError, match="lora_int_id 1 is LoRA adapter 'a'"):
+        llm.generate(PROMPT, GREEDY, use_tqdm=False, lora_request=clash)
