@@ -25,12 +25,14 @@ from heron.config import (
     ROUTERS,
     CacheConfig,
     EngineConfig,
+    LoRAConfig,
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
     gguf_memory_for,
     parse_size,
 )
+from heron.lora import LoRARequest
 from heron.pooling_params import POOLING_TYPES
 from heron.sampling_params import MAX_LOGPROBS, MAX_N
 from heron.server.config import TOOL_CALL_PARSERS, ServerConfig
@@ -209,6 +211,7 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         help="do not serve the chat page at / (the API is unchanged)",
     )
     add_engine_args(p)
+    _add_lora_args(p)
     add_parallel_args(p)
     p.set_defaults(func=_run_serve)
 
@@ -371,6 +374,21 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_lora_args(p: argparse.ArgumentParser) -> None:
+    """vLLM's LoRA flags."""
+    g = p.add_argument_group("LoRA adapters")
+    g.add_argument("--enable-lora", action="store_true",
+                   help="run PEFT LoRA adapters beside the base model's projections")
+    g.add_argument(
+        "--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+        help="adapters a request's model field can name: name=path, or vLLM's JSON "
+        '\'{"name": ..., "path": ..., "base_model_name": ...}\' (needs --enable-lora)')
+    g.add_argument("--max-loras", type=int, default=1,
+                   help="most distinct adapters among running requests (default: %(default)s)")
+    g.add_argument("--max-lora-rank", type=int, default=16,
+                   help="largest adapter rank accepted (default: %(default)s)")
+
+
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """EngineConfig from ``add_engine_args`` flags (ValueError on bad values)."""
     model = ModelConfig(
@@ -395,7 +413,49 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     scheduler = SchedulerConfig(
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens
     )
-    return EngineConfig(model=model, cache=cache, scheduler=scheduler)
+    return EngineConfig(model=model, cache=cache, scheduler=scheduler,
+                        lora=lora_config_from_args(args))
+
+
+def lora_config_from_args(args: argparse.Namespace) -> LoRAConfig:
+    """LoRAConfig from the LoRA flags; each --lora-modules adapter's files and config checked
+    now (ValueError: a clear error before the model loads)."""
+    from heron.lora.adapter_config import check_adapter
+
+    modules = lora_modules(getattr(args, "lora_modules", None) or [])
+    config = LoRAConfig(enable_lora=getattr(args, "enable_lora", False),
+                        max_loras=getattr(args, "max_loras", 1),
+                        max_lora_rank=getattr(args, "max_lora_rank", 16), preload=modules)
+    for request in modules:
+        check_adapter(request, config.max_lora_rank)
+    return config
+
+
+def lora_modules(values: Sequence[str]) -> tuple[LoRARequest, ...]:
+    """``--lora-modules`` words, ``name=path`` or a JSON object, as LoRARequests numbered 1.."""
+    modules = []
+    for i, value in enumerate(values, start=1):
+        if value.lstrip().startswith("{"):
+            modules.append(_json_lora_module(value, i))
+            continue
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora-modules: {value!r} is not name=path or a JSON object")
+        modules.append(LoRARequest(name, i, path))
+    return tuple(modules)
+
+
+def _json_lora_module(value: str, lora_int_id: int) -> LoRARequest:
+    try:
+        spec = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--lora-modules: cannot read {value!r} as JSON: {e}") from e
+    unknown = sorted(set(spec) - {"name", "path", "base_model_name"}) if isinstance(spec, dict) else []
+    if not isinstance(spec, dict) or unknown or not isinstance(spec.get("name"), str) \
+            or not isinstance(spec.get("path"), str):
+        raise ValueError(f"--lora-modules: {value!r} needs string fields name and path "
+                         f"(and optionally base_model_name){f'; unknown: {unknown}' if unknown else ''}")
+    return LoRARequest(spec["name"], lora_int_id, spec["path"], spec.get("base_model_name"))
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:

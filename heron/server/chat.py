@@ -57,7 +57,7 @@ async def serve_chat(ctx: ServingContext, request: ChatCompletionRequest) -> Cha
     if isinstance(prepared, ErrorResponse):
         return prepared
     gen = Generation(ctx, new_request_id("chatcmpl"), prepared.prompts, prepared.params,
-                     prepared.reasoning)
+                     prepared.reasoning, prepared.lora)
     formatter = _ChatFormatter(ctx, request, gen, prepared.tool_parser)
     if request.stream:
         return formatter.stream()

@@ -33,7 +33,8 @@ async def serve_completion(ctx: ServingContext, request: CompletionRequest) -> C
     prepared = await prepare(ctx, request)
     if isinstance(prepared, ErrorResponse):
         return prepared
-    gen = Generation(ctx, new_request_id("cmpl"), prepared.prompts, prepared.params)
+    gen = Generation(ctx, new_request_id("cmpl"), prepared.prompts, prepared.params,
+                     lora=prepared.lora)
     formatter = _CompletionFormatter(ctx, request, gen)
     if request.stream:
         return formatter.stream()

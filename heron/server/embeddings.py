@@ -13,6 +13,7 @@ import numpy as np
 
 from heron.engine.client import new_request_id
 from heron.engine.messages import EngineRequest
+from heron.lora import LoRARequest
 from heron.output_processor import Prompt
 from heron.pooling_params import PoolingParams
 from heron.server.offload import offload
@@ -48,7 +49,8 @@ async def serve_embeddings(ctx: ServingContext, request: EmbeddingRequest) -> (
         if error is not None:
             return error
     try:
-        vectors = await embed(ctx, prompts, PoolingParams(ctx.config.pooling))
+        vectors = await embed(ctx, prompts, PoolingParams(ctx.config.pooling),
+                              ctx.lora_for(request.model))
     except Exception as e:  # noqa: BLE001 - engine errors become error values
         return engine_error(e)
     data = [EmbeddingData(index=i, embedding=encode_vector(v, request.dimensions,
@@ -59,14 +61,15 @@ async def serve_embeddings(ctx: ServingContext, request: EmbeddingRequest) -> (
                              usage=EmbeddingUsage(prompt_tokens=num_tokens, total_tokens=num_tokens))
 
 
-async def embed(ctx: ServingContext, prompts: list[Prompt],
-                params: PoolingParams) -> list[np.ndarray]:
-    """One pooling request per prompt, all submitted together; the vectors in prompt order.
-    Leaving early (a disconnect) aborts the ones still running."""
+async def embed(ctx: ServingContext, prompts: list[Prompt], params: PoolingParams,
+                lora: LoRARequest | None = None) -> list[np.ndarray]:
+    """One pooling request per prompt (with ``lora``'s adapter), all submitted together; the
+    vectors in prompt order. Leaving early (a disconnect) aborts the ones still running."""
     request_id = new_request_id("embd")
     arrival = time.monotonic()
     requests = [EngineRequest(request_id=f"{request_id}-{i}", prompt_token_ids=p.token_ids,
-                              pooling_params=params, arrival_time=arrival, group=request_id)
+                              pooling_params=params, arrival_time=arrival, group=request_id,
+                              lora_request=lora)
                 for i, p in enumerate(prompts)]
     index = {r.request_id: i for i, r in enumerate(requests)}
     vectors: list[np.ndarray | None] = [None] * len(requests)

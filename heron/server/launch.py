@@ -233,6 +233,7 @@ async def _start(
         model_root=engine_config.model.model or display,
         metrics=ServerMetrics(engine, names[0]),
         facts=facts,
+        loras={lora.lora_name: lora for lora in engine_config.lora.preload},
     )
     scheme_host = f"http://{server_config.host}:{server_config.port}"
     logger.info(

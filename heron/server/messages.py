@@ -59,7 +59,7 @@ async def serve_messages(ctx: ServingContext, request: MessagesRequest) -> Messa
     if isinstance(prepared, ErrorResponse):
         return prepared
     gen = Generation(ctx, new_message_id(), prepared.prompts, prepared.params,
-                     prepared.reasoning)
+                     prepared.reasoning, prepared.lora)
     shown = request.thinking is None or request.thinking.display != "omitted"
     run = _MessageRun(request.model, gen, prepared.tool_parser, shown)
     return run.stream() if request.stream else await run.full()

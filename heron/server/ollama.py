@@ -91,7 +91,7 @@ def tagged(name: str) -> str:
 
 def served_name(ctx: ServingContext, name: str | None) -> str | None:
     """The served name ``name`` means (it matches with or without ``:latest``), or None."""
-    return next((s for s in ctx.model_names if name in (s, tagged(s))), None)
+    return next((s for s in (*ctx.model_names, *ctx.loras) if name in (s, tagged(s))), None)
 
 
 def check_model(ctx: ServingContext, name: str | None) -> ErrorResponse | None:
@@ -101,7 +101,7 @@ def check_model(ctx: ServingContext, name: str | None) -> ErrorResponse | None:
         return bad_request("model is required", param="model")
     if served_name(ctx, name) is not None:
         return None
-    served = ", ".join(f'"{tagged(n)}"' for n in ctx.model_names)
+    served = ", ".join(f'"{tagged(n)}"' for n in (*ctx.model_names, *ctx.loras))
     return make_error(404, f'model "{name}" not found: this server serves {served} only (heron '
                            "serves the model it was started with; it cannot pull others)",
                       param="model", code="model_not_found")
@@ -136,7 +136,7 @@ async def _serve(ctx: ServingContext, request: GenerateRequest | ChatRequest,
     if isinstance(prepared, ErrorResponse):
         return prepared
     gen = Generation(ctx, f"ollama-{new_call_id()}", prepared.prompts, prepared.params,
-                     prepared.reasoning)
+                     prepared.reasoning, prepared.lora)
     run = _OllamaRun(model, gen, prepared.tool_parser if chat else None, chat,
                      show_thinking=request.think is not False)
     return NDJSONStream(run.stream()) if request.stream is not False else await run.full()
@@ -277,8 +277,8 @@ async def serve_embed(ctx: ServingContext, request: EmbedRequest) -> OllamaResul
     model = request.model or ""
     if texts == [""]:  # Ollama's way to load an embedding model
         return EmbedResponse(model=model, embeddings=[], total_duration=0, prompt_eval_count=0)
-    result = await serve_embeddings(ctx, EmbeddingRequest(input=texts,
-                                                          dimensions=request.dimensions))
+    result = await serve_embeddings(ctx, EmbeddingRequest(
+        input=texts, dimensions=request.dimensions, model=served_name(ctx, model)))
     if isinstance(result, ErrorResponse):
         return result
     vectors = [_floats(d.embedding) for d in result.data]
@@ -294,7 +294,8 @@ async def serve_embeddings_legacy(ctx: ServingContext, request: EmbeddingsReques
         return error
     if not request.prompt:
         return EmbeddingsResponse(embedding=[])
-    result = await serve_embeddings(ctx, EmbeddingRequest(input=[request.prompt]))
+    result = await serve_embeddings(ctx, EmbeddingRequest(
+        input=[request.prompt], model=served_name(ctx, request.model)))
     if isinstance(result, ErrorResponse):
         return result
     return EmbeddingsResponse(embedding=_floats(result.data[0].embedding))

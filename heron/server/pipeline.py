@@ -43,6 +43,7 @@ from heron.structured.params import StructuredOutputsParams
 from heron.structured.tools import ToolPlan, plan_tool_use
 
 if TYPE_CHECKING:
+    from heron.lora import LoRARequest
     from heron.sampling_params import SamplingParams
     from heron.structured.tool_parsers import ToolParser
 
@@ -58,6 +59,7 @@ class PreparedRequest:
     params: SamplingParams
     tool_parser: ToolParser | None
     reasoning: ReasoningParser | None = None
+    lora: LoRARequest | None = None  # the adapter the request's model names (None: the base)
 
 
 class RequestError(Exception):
@@ -93,7 +95,8 @@ async def _prepare(ctx: ServingContext, request: GenerateRequest) -> PreparedReq
     reasoning = plan_reasoning(ctx.reasoning_parser, spec, prompts)
     budget = thinking_budget(spec.thinking_budget, reasoning, ctx.think_tags_are_tokens)
     params = spec.params.clone(structured_outputs=think_first(plan.constraint, reasoning, budget))
-    return PreparedRequest(spec, prompts, params, plan.parser, reasoning)
+    return PreparedRequest(spec, prompts, params, plan.parser, reasoning,
+                           ctx.lora_for(request.model))
 
 
 def refuse(error: ErrorResponse | None) -> None:

@@ -69,7 +69,7 @@ async def serve_responses(ctx: ServingContext, request: ResponsesRequest) -> Res
     if isinstance(prepared, ErrorResponse):
         return prepared
     gen = Generation(ctx, new_item_id("resp"), prepared.prompts, prepared.params,
-                     prepared.reasoning)
+                     prepared.reasoning, prepared.lora)
     run = _ResponseRun(ctx, request, gen, prepared.tool_parser, history)
     return run.stream() if request.stream else await run.full()
 

@@ -53,6 +53,7 @@ from heron.server.response_store import ResponseStore
 from heron.structured.grammar import SpecValidator
 
 if TYPE_CHECKING:
+    from heron.lora import LoRARequest
     from heron.sampling_params import SamplingParams
     from heron.server.config import ServerConfig
     from heron.server.metrics import ServerMetrics
@@ -80,21 +81,28 @@ class ServingContext:
     ignored_fields: FieldNameLog = field(default_factory=FieldNameLog)
     responses: ResponseStore = field(default_factory=ResponseStore)  # /v1/responses state
     facts: ModelFacts | None = None  # the model's catalogue entry (Ollama's /api/tags)
+    # LoRA adapters a request's ``model`` may name (--lora-modules), by name
+    loras: dict[str, LoRARequest] = field(default_factory=dict)
 
     @property
     def default_model(self) -> str:
         return self.model_names[0]
 
     def check_model(self, name: str | None) -> ErrorResponse | None:
-        if name is None or name in self.model_names:
+        if name is None or name in self.model_names or name in self.loras:
             return None
+        served = ", ".join((*self.model_names, *self.loras))
         return make_error(
             404,
             f"The model `{printable(name, MAX_QUOTE_CHARS)}` does not exist; this server serves "
-            f"{', '.join(self.model_names)}.",
+            f"{served}.",
             param="model",
             code="model_not_found",
         )
+
+    def lora_for(self, name: str | None) -> LoRARequest | None:
+        """The adapter a request's ``model`` names (None: the base model)."""
+        return None if name is None else self.loras.get(name)
 
     @property
     def limits(self) -> Limits:
@@ -165,7 +173,7 @@ class Generation:
 
     def __init__(
         self, ctx: ServingContext, request_id: str, prompts: list[Prompt], params: SamplingParams,
-        reasoning: ReasoningParser | None = None,
+        reasoning: ReasoningParser | None = None, lora: LoRARequest | None = None,
     ) -> None:
         self.ctx = ctx
         self.request_id = request_id
@@ -173,7 +181,7 @@ class Generation:
         self.reasoning = reasoning  # how the output's thinking is read (None: all content)
         content_start = None if reasoning is None else (lambda: reasoning.scanner().advance)
         self.state = RequestState(request_id, prompts, params, ctx.tokenizer, self.arrival,
-                                  content_start)
+                                  content_start, lora)
         self._last_token_time: dict[int, float] = {}
 
     @property
