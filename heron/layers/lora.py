@@ -117,7 +117,7 @@ def _add_rows(view: torch.Tensor, rows: torch.Tensor | None, delta: torch.Tensor
         view.index_copy_(0, rows, (view.index_select(0, rows).float() + delta).to(view.dtype))
 
 
-def lora_targets(model: nn.Module) -> dict[str, nn.Linear]:
+def lora_targets(model: nn.Module) -> dict[str, Linear]:
     """The projections an adapter may target: every ``Linear`` of the model (the LM head and
     the embedding are not ``Linear``s), by module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, Linear)}

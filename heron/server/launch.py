@@ -223,6 +223,10 @@ async def _start(
 
     display = model_display_name(engine_config.model)
     names = server_config.served_model_names or (display,)
+    clash = [lora.lora_name for lora in engine_config.lora.preload if lora.lora_name in names]
+    if clash:
+        raise ValueError(f"--lora-modules: {clash[0]!r} is the served model's name; "
+                         "give the adapter another")
     facts = await asyncio.to_thread(_model_facts, engine_config.model)
     ctx = ServingContext(
         config=server_config,
@@ -252,6 +256,8 @@ async def _start(
     )
     if server_config.enable_web_ui:
         logger.info("chat page at %s/", scheme_host)
+    for lora in engine_config.lora.preload:
+        logger.info("LoRA adapter %s from %s", lora.lora_name, lora.lora_path)
     return ctx
 
 
