@@ -387,6 +387,11 @@ def _add_lora_args(p: argparse.ArgumentParser) -> None:
                    help="most distinct adapters among running requests (default: %(default)s)")
     g.add_argument("--max-lora-rank", type=int, default=16,
                    help="largest adapter rank accepted (default: %(default)s)")
+    g.add_argument(
+        "--allow-runtime-lora", action="store_true",
+        default=os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true"),
+        help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (guarded by "
+        "--api-key when set; default: $VLLM_ALLOW_RUNTIME_LORA_UPDATING)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -459,6 +464,8 @@ def _json_lora_module(value: str, lora_int_id: int) -> LoRARequest:
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    if args.allow_runtime_lora and not args.enable_lora:
+        raise ValueError("--allow-runtime-lora needs --enable-lora")
     return ServerConfig(
         host=args.host,
         port=args.port,
@@ -474,6 +481,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         reasoning_parser=args.reasoning_parser,
         pooling=args.pooling,
         enable_web_ui=not args.disable_web_ui,
+        allow_runtime_lora=args.allow_runtime_lora,
     )
 
 

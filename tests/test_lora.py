@@ -31,6 +31,7 @@ from tests.model_harness import (
     make_hf_model,
     prompt_and_greedy_logits,
 )
+from tests.test_fused_decode import CONFIGS, needs_kernel
 
 ATOL = RTOL = 1e-4  # as the model reference tests (tests/test_gguf_families.py)
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -95,15 +96,14 @@ def test_adapter_logits_equal_peft(family, rslora: bool) -> None:
 # ---- the one-call decode step ---------------------------------------------------------------
 
 
+@needs_kernel
 def test_decode_steps_with_lora_rows_take_the_modules(tmp_path: Path, monkeypatch) -> None:
     """bf16 on int8 copies, where decode steps run the fused C step: a step with a LoRA row runs
     the modules (its logits equal the modules' to the bit, and carry the adapter); a step
     without one still takes the fused step."""
     from heron.layers.quant import quantize_model
     from heron.models.fused_decode import FusedDecode
-    from tests.test_fused_decode import CONFIGS, needs_kernel
 
-    needs_kernel(lambda: None)  # the same condition as the fused decode tests
     hf = make_hf_model(CONFIGS["qwen2"](), seed=3)
     model = load_heron_model(hf, tmp_path / "base").to(torch.bfloat16)
     quantize_model(model, "int8")

@@ -25,6 +25,7 @@ from tests.tiny_models import save_tiny_server_model
 
 MESSAGES = [{"role": "user", "content": "Tell me about adapters, please."}]
 MAX_TOKENS = 16  # the Responses API takes no fewer
+KEY = "sk-lora"
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +49,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(files: Path) -> Iterator[RemoteServer]:
     chat = json.dumps({"name": "chat", "path": str(files / "chat"), "base_model_name": "tiny"})
     with RemoteServer([str(files / "model"), "--dtype", "float32", "--served-model-name", "tiny",
-                       "--enable-lora", "--max-loras", "2",
-                       "--lora-modules", f"sql={files / 'sql'}", chat]) as srv:
+                       "--enable-lora", "--max-loras", "2", "--allow-runtime-lora",
+                       "--lora-modules", f"sql={files / 'sql'}", chat], api_key=KEY) as srv:
         yield srv
 
 
@@ -74,26 +75,27 @@ def test_chat_with_an_adapter_is_the_offline_llm(server: RemoteServer, offline) 
         assert out.choices[0].message.content == offline[name]
 
 
+def post(server: RemoteServer, path: str, body: dict) -> dict:
+    r = httpx.post(server.url(path), json=body, headers=server.headers(), timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
 def test_every_generating_route_takes_the_adapter(server: RemoteServer, offline) -> None:
-    """Completions (the chat template applied by hand), Responses, Anthropic messages and
+    """Completions (over the chat rendered by /tokenize), Responses, Anthropic messages and
     Ollama's /api/chat: model "sql" gives the offline answer under sql."""
-    prompt = server.client().completions.create(  # the rendered chat, via /tokenize
-        model="sql", prompt="x", max_tokens=1).model  # an adapter name is accepted here too
-    assert prompt == "sql"
-    rendered = httpx.post(server.url("/tokenize"), json={"model": "sql", "messages": MESSAGES,
-                                                         "add_generation_prompt": True}).json()
-    completion = httpx.post(server.url("/v1/completions"), json={
-        "model": "sql", "prompt": rendered["tokens"], "max_tokens": MAX_TOKENS,
-        "temperature": 0}, timeout=60).json()
-    responses = httpx.post(server.url("/v1/responses"), json={
-        "model": "sql", "input": MESSAGES, "max_output_tokens": MAX_TOKENS, "temperature": 0},
-        timeout=60).json()
-    messages = httpx.post(server.url("/v1/messages"), json={
-        "model": "sql", "messages": MESSAGES, "max_tokens": MAX_TOKENS, "temperature": 0},
-        timeout=60).json()
-    ollama = httpx.post(server.url("/api/chat"), json={
+    rendered = post(server, "/tokenize", {"model": "sql", "messages": MESSAGES,
+                                          "add_generation_prompt": True})
+    completion = post(server, "/v1/completions", {
+        "model": "sql", "prompt": rendered["tokens"], "max_tokens": MAX_TOKENS, "temperature": 0})
+    responses = post(server, "/v1/responses", {
+        "model": "sql", "input": MESSAGES, "max_output_tokens": MAX_TOKENS, "temperature": 0})
+    messages = post(server, "/v1/messages", {
+        "model": "sql", "messages": MESSAGES, "max_tokens": MAX_TOKENS, "temperature": 0})
+    ollama = post(server, "/api/chat", {
         "model": "sql", "messages": MESSAGES, "stream": False,
-        "options": {"num_predict": MAX_TOKENS, "temperature": 0}}, timeout=60).json()
+        "options": {"num_predict": MAX_TOKENS, "temperature": 0}})
+    assert completion["model"] == "sql"
     assert completion["choices"][0]["text"] == offline["sql"]
     assert responses["output"][-1]["content"][0]["text"] == offline["sql"]
     assert messages["content"][0]["text"] == offline["sql"]
@@ -107,11 +109,12 @@ def test_models_lists_adapters_with_their_parent(server: RemoteServer, files: Pa
     assert cards["sql"].model_extra["root"] == str(files / "sql")
     assert cards["chat"].model_extra["parent"] == "tiny"
     assert cards["tiny"].model_extra["parent"] is None
-    assert httpx.get(server.url("/v1/models/sql")).json()["parent"] == "tiny"
+    card = httpx.get(server.url("/v1/models/sql"), headers=server.headers()).json()
+    assert card["parent"] == "tiny"
 
 
 def test_unknown_model_is_still_404(server: RemoteServer) -> None:
-    r = httpx.post(server.url("/v1/chat/completions"),
+    r = httpx.post(server.url("/v1/chat/completions"), headers=server.headers(),
                    json={"model": "nope", "messages": MESSAGES, "max_tokens": 2})
     assert r.status_code == 404
     error = r.json()["error"]
@@ -158,3 +161,49 @@ def test_adapter_of_another_model_stops_the_engine(files: Path) -> None:
     assert proc.returncode == 1, proc.stderr
     assert (f"LoRA adapter 'x' ({files}/other): base_model.model.model.layers.0.mlp.down_proj."
             "lora_A.weight has shape (8, 64), the base model expects (8, 128)") in proc.stderr
+
+
+def test_adapters_load_and_unload_at_run_time(server: RemoteServer, files: Path, offline) -> None:
+    """--allow-runtime-lora: vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter, behind
+    the API key; a loaded name serves at once, an unloaded one is a 404 again."""
+    load, unload = server.url("/v1/load_lora_adapter"), server.url("/v1/unload_lora_adapter")
+    body = {"lora_name": "live", "lora_path": str(files / "chat")}
+    assert httpx.post(load, json=body).status_code == 401
+    r = httpx.post(load, json=body, headers=server.headers())
+    assert (r.status_code, r.text) == (200, "Success: LoRA adapter 'live' added successfully.")
+    cards = {m.id: m for m in server.client().models.list().data}
+    assert cards["live"].model_extra["parent"] == "tiny"
+    out = server.client().chat.completions.create(model="live", messages=MESSAGES,
+                                                  max_tokens=MAX_TOKENS, temperature=0)
+    assert out.choices[0].message.content == offline["chat"]
+    again = httpx.post(load, json=body, headers=server.headers())
+    assert again.status_code == 400
+    assert again.json()["error"]["message"] == "The lora adapter 'live' has already been loaded."
+    bad = httpx.post(load, json={"lora_name": "big", "lora_path": str(files / "big")},
+                     headers=server.headers())
+    assert bad.status_code == 400
+    assert bad.json()["error"]["message"] == (
+        f"LoRA adapter 'big' ({files}/big): rank r=32 exceeds max_lora_rank=16 "
+        "(raise --max-lora-rank)")
+    r = httpx.post(unload, json={"lora_name": "live"}, headers=server.headers())
+    assert (r.status_code, r.text) == (200, "Success: LoRA adapter 'live' removed successfully.")
+    gone = httpx.post(server.url("/v1/chat/completions"), headers=server.headers(),
+                      json={"model": "live", "messages": MESSAGES, "max_tokens": 2})
+    assert gone.status_code == 404
+    missing = httpx.post(unload, json={"lora_name": "live"}, headers=server.headers())
+    assert missing.status_code == 404
+    assert missing.json()["error"]["message"] == "The lora adapter 'live' cannot be found."
+
+
+def test_runtime_lora_routes_need_the_flag() -> None:
+    from fastapi.testclient import TestClient
+
+    from heron.server.app import build_app
+    from heron.server.config import ServerConfig
+
+    client = TestClient(build_app(ServerConfig()), base_url="http://127.0.0.1:8000")
+    r = client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/x"})
+    assert r.status_code == 404
+    proc = _serve("--allow-runtime-lora")
+    assert proc.returncode == 2
+    assert "heron: error: --allow-runtime-lora needs --enable-lora" in proc.stderr

@@ -19,7 +19,7 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -38,7 +38,12 @@ from heron.server.messages import (
     serve_messages,
 )
 from heron.server.metrics import HTTPCountMiddleware, ServerMetrics, StatsLogger
-from heron.server.models import model_card, model_cards
+from heron.server.models import (
+    load_lora_adapter,
+    model_card,
+    model_cards,
+    unload_lora_adapter,
+)
 from heron.server.offload import HeavyLane, LaneRoute
 from heron.server.ollama import (
     NDJSONStream,
@@ -66,10 +71,12 @@ from heron.server.protocol import (
     DetokenizeResponse,
     ErrorResponse,
     HealthStatus,
+    LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    UnloadLoRAAdapterRequest,
     VersionResponse,
     make_error,
     telling_error,
@@ -145,6 +152,8 @@ def build_app(config: ServerConfig, ctx: ServingContext | None = None) -> FastAP
     if ctx is not None:
         mark_ready(app, ctx)
     app.include_router(router)
+    if config.allow_runtime_lora:
+        app.include_router(lora_router)
     if config.enable_web_ui:
         app.include_router(webui.router)
     _add_error_handlers(app)
@@ -250,6 +259,24 @@ async def list_models(request: Request) -> Response:
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_ERRORS)
 async def retrieve_model(model_id: str, request: Request) -> Response:
     return to_response(model_card(_ctx(request), model_id))
+
+
+lora_router = APIRouter()  # only with --allow-runtime-lora
+
+
+@lora_router.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=_ERRORS)
+async def load_lora(body: LoadLoRAAdapterRequest, request: Request) -> Response:
+    return _text_or_error(load_lora_adapter(_ctx(request), body))
+
+
+@lora_router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse,
+                  responses=_ERRORS)
+async def unload_lora(body: UnloadLoRAAdapterRequest, request: Request) -> Response:
+    return _text_or_error(unload_lora_adapter(_ctx(request), body))
+
+
+def _text_or_error(result: str | ErrorResponse) -> Response:
+    return PlainTextResponse(result) if isinstance(result, str) else to_response(result)
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)

@@ -39,6 +39,9 @@ class ServerConfig:
     # /v1/embeddings: how the final hidden states become one vector (mean or last token).
     pooling: str = "mean"
     enable_web_ui: bool = True  # the chat page at /
+    # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's, behind its
+    # VLLM_ALLOW_RUNTIME_LORA_UPDATING): off unless asked for
+    allow_runtime_lora: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -238,6 +238,7 @@ async def _start(
         metrics=ServerMetrics(engine, names[0]),
         facts=facts,
         loras={lora.lora_name: lora for lora in engine_config.lora.preload},
+        max_lora_rank=engine_config.lora.max_lora_rank if engine_config.lora.enable_lora else None,
     )
     scheme_host = f"http://{server_config.host}:{server_config.port}"
     logger.info(

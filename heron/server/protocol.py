@@ -1079,6 +1079,20 @@ class ModelCard(BaseModel):
     endpoints: list[str] = Field(default_factory=list)
 
 
+class LoadLoRAAdapterRequest(RequestBody):
+    """POST /v1/load_lora_adapter (vLLM's): a PEFT directory served under a new name."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(RequestBody):
+    """POST /v1/unload_lora_adapter (vLLM's): stop serving an adapter's name."""
+
+    lora_name: str
+    lora_int_id: int | None = None
+
+
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]

@@ -83,6 +83,8 @@ class ServingContext:
     facts: ModelFacts | None = None  # the model's catalogue entry (Ollama's /api/tags)
     # LoRA adapters a request's ``model`` may name (--lora-modules), by name
     loras: dict[str, LoRARequest] = field(default_factory=dict)
+    max_lora_rank: int | None = None  # None: LoRA is not enabled
+    last_lora_id: int = 0  # the largest lora_int_id handed out (ids are never reused)
 
     @property
     def default_model(self) -> str:
