@@ -455,11 +455,11 @@ def _json_lora_module(value: str, lora_int_id: int) -> LoRARequest:
         spec = json.loads(value)
     except json.JSONDecodeError as e:
         raise ValueError(f"--lora-modules: cannot read {value!r} as JSON: {e}") from e
-    unknown = sorted(set(spec) - {"name", "path", "base_model_name"}) if isinstance(spec, dict) else []
-    if not isinstance(spec, dict) or unknown or not isinstance(spec.get("name"), str) \
-            or not isinstance(spec.get("path"), str):
-        raise ValueError(f"--lora-modules: {value!r} needs string fields name and path "
-                         f"(and optionally base_model_name){f'; unknown: {unknown}' if unknown else ''}")
+    fields = {"name", "path", "base_model_name"}
+    if (not isinstance(spec, dict) or set(spec) - fields
+            or not all(isinstance(spec.get(k), str) for k in ("name", "path"))):
+        raise ValueError(f"--lora-modules: {value!r} needs string fields name and path, and "
+                         "optionally base_model_name (no others)")
     return LoRARequest(spec["name"], lora_int_id, spec["path"], spec.get("base_model_name"))
 
 

@@ -145,8 +145,8 @@ def test_adapter_on_gguf_blocks_equals_peft_on_the_dequantized_model(tmp_path: P
     hf = round_to_blocks_(make_hf_model(FAMILIES["llama"](), seed=3), "Q8_0")
     path = write_gguf(tmp_path / "model.gguf", hf, synthetic_vocab(hf.config.vocab_size),
                       block_format="Q8_0")
-    loaded, _ = load_prepared_model(ModelConfig(model=str(path), quantization="gguf", dtype="float32"),
-                                    torch.device("cpu"), torch.float32, "gguf")
+    config = ModelConfig(model=str(path), quantization="gguf", dtype="float32")  # exact mode
+    loaded, _ = load_prepared_model(config, torch.device("cpu"), torch.float32, "gguf")
     model = loaded.model
     assert isinstance(model.model.layers[0].self_attn.qkv_proj.quantized, GGUFWeight)
     model.enable_lora()
@@ -382,3 +382,15 @@ def test_one_id_is_one_adapter(llm, served) -> None:
     llm.generate(PROMPT, GREEDY, use_tqdm=False, lora_request=loras["a"])
     with pytest.raises(ValueError, match="lora_int_id 1 is LoRA adapter 'a'"):
         llm.generate(PROMPT, GREEDY, use_tqdm=False, lora_request=clash)
+
+
+def test_lora_modules_flag_forms() -> None:
+    """``--lora-modules``: name=path and vLLM's JSON object, numbered from 1; others refused."""
+    from heron.cli import lora_modules
+
+    spec = '{"name": "b", "path": "/p/b", "base_model_name": "base"}'
+    assert lora_modules(["a=/p/a", spec]) == (LoRARequest("a", 1, "/p/a"),
+                                              LoRARequest("b", 2, "/p/b", "base"))
+    for bad in ("a", "=/p", '{"name": "b"}', '{"name": "b", "path": "/p", "x": 1}', "{oops"):
+        with pytest.raises(ValueError, match="--lora-modules: "):
+            lora_modules([bad])

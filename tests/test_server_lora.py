@@ -119,7 +119,8 @@ def test_unknown_model_is_still_404(server: RemoteServer) -> None:
     assert r.status_code == 404
     error = r.json()["error"]
     assert error["code"] == "model_not_found" and error["param"] == "model"
-    assert error["message"] == "The model `nope` does not exist; this server serves tiny, sql, chat."
+    assert error["message"] == ("The model `nope` does not exist; this server serves tiny, sql, "
+                                "chat.")
 
 
 def _serve(*args: str) -> subprocess.CompletedProcess[str]:
@@ -185,6 +186,12 @@ def test_adapters_load_and_unload_at_run_time(server: RemoteServer, files: Path,
     assert bad.json()["error"]["message"] == (
         f"LoRA adapter 'big' ({files}/big): rank r=32 exceeds max_lora_rank=16 "
         "(raise --max-lora-rank)")
+    other = {"lora_name": "other", "lora_path": str(files / "other")}  # fits another model
+    assert httpx.post(load, json=other, headers=server.headers()).status_code == 200
+    misfit = httpx.post(server.url("/v1/chat/completions"), headers=server.headers(),
+                        json={"model": "other", "messages": MESSAGES, "max_tokens": 2})
+    assert misfit.status_code == 400
+    assert "lora_A.weight has shape (8, 64), the base model expects (8, 128)" in misfit.text
     r = httpx.post(unload, json={"lora_name": "live"}, headers=server.headers())
     assert (r.status_code, r.text) == (200, "Success: LoRA adapter 'live' removed successfully.")
     gone = httpx.post(server.url("/v1/chat/completions"), headers=server.headers(),

@@ -104,8 +104,9 @@ class Router:
         if not requests:
             raise ValueError("nothing to stream")
         lora = requests[0].lora_request
+        salt = None if lora is None else lora.lora_name
         for _ in self.engines:
-            index = self.pick(requests[0].prompt_token_ids, None if lora is None else lora.lora_name)
+            index = self.pick(requests[0].prompt_token_ids, salt)
             try:
                 return self.engines[index].stream(requests)
             except EngineError:
