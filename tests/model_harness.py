@@ -43,11 +43,12 @@ def randomize_(model: nn.Module, seed: int) -> None:
 
 
 def make_hf_model(config: transformers.PretrainedConfig, seed: int = 0) -> nn.Module:
-    """A transformers causal LM in float32 with seeded random weights, eager attention."""
+    """A transformers causal LM (or vision-language model, for a config with a text config) in
+    float32 with seeded random weights, eager attention."""
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager",
-                                                          dtype=torch.float32)
+    model = auto_model_class(config).from_config(config, attn_implementation="eager",
+                                                 dtype=torch.float32)
     randomize_(model, seed)
     return model.eval()
 
@@ -62,6 +63,14 @@ def load_heron_model(hf_model: nn.Module, directory: Path) -> nn.Module:
         weights.update(load_file(path))
     load_weights(model, weights.items())
     return model.eval()
+
+
+def auto_model_class(config: transformers.PretrainedConfig) -> type:
+    """transformers' auto class for ``config``: image-text-to-text where the config holds a
+    separate text config (Mistral3 has no causal-LM class), else causal LM."""
+    if config.get_text_config() is not config:
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
 
 
 @torch.no_grad()

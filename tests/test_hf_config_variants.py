@@ -6,7 +6,8 @@ Each config is written as published checkpoints write it (transformers 4.x keys:
 the reference model is what transformers builds from that very file. Each case bundles several
 variants; every prompt set has one prompt past the sliding window (8) and past
 ``original_max_position_embeddings`` (32). Settings heron cannot run must stop the load with an
-error naming them.
+error naming them. Vision-language checkpoints (Gemma 3 4B+, Mistral Small 3.1) are served
+text-only: their reference is transformers' vision-language model on the same text.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import transformers
 
 import heron
 from heron.engine.core import resolve_dtype
-from tests.model_harness import argmax_continuation, make_hf_model
+from tests.model_harness import argmax_continuation, auto_model_class, make_hf_model
 
 LOGPROB_ATOL = 2e-4
 PROMPT_LENS = (40, 7)  # 40: past every window and every original_max_position_embeddings
@@ -75,11 +76,49 @@ def _mpt(attn: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
             "logit_scale": None, "attn_config": attn_config, **fields}
 
 
+# Vision towers of vision-language checkpoints (4 image tokens); heron skips their weights.
+SIGLIP = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+          "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 28, "patch_size": 14,
+          "vision_use_head": False}
+PIXTRAL = {"model_type": "pixtral", "hidden_size": 32, "intermediate_size": 64, "head_dim": 16,
+           "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 28, "patch_size": 14}
+
+
+def _text_config(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k != "architectures"}
+
+
+def _gemma3_vision(**fields: Any) -> dict[str, Any]:
+    """Gemma 3 4B-IT's config.json: the text model under text_config (4.x keys), a SigLIP tower."""
+    return {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+            "boi_token_index": 255999, "eoi_token_index": 256000, "image_token_index": 262144,
+            "mm_tokens_per_image": 4, "text_config": _text_config(_gemma3(**fields)),
+            "vision_config": SIGLIP}
+
+
+def _mistral3_vision(text: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Mistral Small 3.1's config.json, a Pixtral tower; untied: its language_model.lm_head
+    weight is loaded. (The published file leaves the top-level tie_word_embeddings out, which
+    transformers 5 reads as tied; it is written here so that the reference agrees.)"""
+    return {"architectures": ["Mistral3ForConditionalGeneration"], "model_type": "mistral3",
+            "image_token_index": 10, "multimodal_projector_bias": False,
+            "projector_hidden_act": "gelu", "spatial_merge_size": 2, "vision_feature_layer": -1,
+            "text_config": text or _text_config(_mistral(head_dim=32, sliding_window=None)),
+            "vision_config": PIXTRAL, "tie_word_embeddings": False}
+
+
+# transformers 4.52-4.57 saved vision-language models under these prefixes instead.
+LAYOUT_4_52 = {"language_model.model.": "model.language_model.",
+               "language_model.lm_head.": "lm_head.", "vision_tower.": "model.vision_tower.",
+               "multi_modal_projector.": "model.multi_modal_projector."}
+
+
 @dataclass(frozen=True)
 class Case:
     config: dict[str, Any]
     torch_dtype: torch.dtype = torch.float32  # the checkpoint's dtype (and config torch_dtype)
     max_shard_size: str | None = None  # set: several shards and model.safetensors.index.json
+    prefixes: dict[str, str] | None = None  # set: tensor names renamed by prefix after saving
 
 
 CASES: dict[str, Callable[[], Case]] = {
@@ -118,6 +157,13 @@ CASES: dict[str, Callable[[], Case]] = {
     # ones, every 2nd layer global, query_pre_attn_scalar != head_dim, null softcaps, untied.
     "gemma3_published_4x": lambda: Case(_gemma3(tie_word_embeddings=False)),
     "mpt_clip_qkv": lambda: Case(_mpt(attn={"clip_qkv": 0.5})),
+    # Vision-language checkpoints served text-only: the language model of each, the vision
+    # weights skipped, in the layout of the published files and in transformers 4.52's.
+    "gemma3_vision_language_bf16": lambda: Case(_gemma3_vision(), torch_dtype=torch.bfloat16),
+    "gemma3_vision_language_4_52_layout": lambda: Case(_gemma3_vision(), prefixes=LAYOUT_4_52),
+    "mistral3_vision_language_shards": lambda: Case(_mistral3_vision(), max_shard_size="40KB"),
+    "mistral3_vision_language_4_52_layout": lambda: Case(_mistral3_vision(),
+                                                         prefixes=LAYOUT_4_52),
 }
 
 
@@ -137,8 +183,23 @@ def _write_checkpoint(case: Case, path: Path) -> torch.nn.Module:
     torch_dtype = str(case.torch_dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps({**case.config, "torch_dtype": torch_dtype}))
     assert (out / "model.safetensors.index.json").is_file() == (case.max_shard_size is not None)
-    return transformers.AutoModelForCausalLM.from_pretrained(
+    reference = auto_model_class(hf.config).from_pretrained(
         out, dtype=torch.float32, attn_implementation="eager").eval()
+    if case.prefixes:
+        _rename_weights(out, case.prefixes)
+    return reference
+
+
+def _rename_weights(directory: Path, prefixes: dict[str, str]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    def renamed(name: str) -> str:
+        old = next((p for p in prefixes if name.startswith(p)), "")
+        return prefixes.get(old, "") + name[len(old):]
+
+    for path in directory.glob("*.safetensors"):
+        weights = {renamed(name): tensor for name, tensor in load_file(path).items()}
+        save_file(weights, path, metadata={"format": "pt"})
 
 
 def _llm(path: Path, dtype: str = "float32") -> heron.LLM:
@@ -165,7 +226,7 @@ def test_published_config_matches_transformers(name: str, tmp_path: Path) -> Non
     case = CASES[name]()
     hf = _write_checkpoint(case, tmp_path)
     llm = _llm(tmp_path / "model")
-    prompts = _prompts(hf.config.vocab_size)
+    prompts = _prompts(hf.config.get_text_config().vocab_size)
     params = heron.SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True,
                                   logprobs=5, prompt_logprobs=5)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -266,6 +327,10 @@ UNSUPPORTED: dict[str, tuple[dict[str, Any], str]] = {
     "mpt_logit_scale": (_mpt(logit_scale="inv_sqrt_d_model"), "logit_scale='inv_sqrt_d_model'"),
     "mpt_rmsnorm": (_mpt(norm_type="rmsnorm"), "norm_type='rmsnorm'"),
     "mpt_glu": (_mpt(ffn_config={"ffn_type": "mptglu"}), "ffn_config.ffn_type='mptglu'"),
+    # Ministral 3's text model (position-dependent query scaling) is not Mistral's.
+    "mistral3_ministral3_text": (_mistral3_vision({**_text_config(_mistral()),
+                                                   "model_type": "ministral3"}),
+                                 "Mistral3ForConditionalGeneration with a 'ministral3' text model"),
 }
 
 

@@ -1,8 +1,9 @@
 """The generic weight loader: Hugging Face tensor names in, a model's parameters filled.
 
 A model file declares only a ``WeightMapping`` (as its ``weight_mapping`` attribute): which
-checkpoint modules it fuses (``q_proj``/``k_proj``/``v_proj`` -> shards of ``qkv_proj``) and
-which checkpoint tensors it does not use. Every other tensor name must equal a parameter name.
+checkpoint prefixes it renames (``language_model.model.`` -> ``model.``), which checkpoint
+modules it fuses (``q_proj``/``k_proj``/``v_proj`` -> shards of ``qkv_proj``) and which
+checkpoint tensors it does not use. Every other tensor name must equal a parameter name.
 
     checkpoint                                   model
     model.layers.0.self_attn.q_proj.weight  ->  model.layers.0.self_attn.qkv_proj.weight, shard 0
@@ -39,9 +40,10 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
     loaded: set[tuple[str, int | None]] = {(name, None) for name in provided}
     with torch.no_grad():
         for name, tensor in weights:
-            if ignored.search(name):
+            renamed = mapping.renamed(name)  # a vision-language checkpoint's language model
+            if ignored.search(renamed):
                 continue
-            param_name, shard = resolve(name, mapping)
+            param_name, shard = resolve(renamed, mapping)
             if param_name not in params:
                 raise ValueError(f"unexpected weight {name!r}: {type(model).__name__} has no "
                                  f"parameter {param_name!r}")

@@ -15,7 +15,7 @@ A model file holds only its architecture and its ``WeightMapping``; loading is g
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -41,13 +41,30 @@ class WeightMapping:
     """How a model's parameter names differ from its checkpoint's tensor names."""
 
     stacked: tuple[StackedParam, ...] = ()
-    ignored: tuple[str, ...] = ()  # regexes of checkpoint names to skip (e.g. a tied lm_head)
+    ignored: tuple[str, ...] = ()  # regexes of (renamed) checkpoint names to skip: a tied lm_head
+    # (checkpoint prefix, parameter prefix): the first that starts a name renames it
+    prefixes: tuple[tuple[str, str], ...] = ()
+
+    def renamed(self, name: str) -> str:
+        """``name`` with its prefix replaced where ``prefixes`` lists it."""
+        for old, new in self.prefixes:
+            if name.startswith(old):
+                return new + name[len(old):]
+        return name
 
 
 QKV_STACKED = (StackedParam("qkv_proj", "q_proj", 0), StackedParam("qkv_proj", "k_proj", 1),
                StackedParam("qkv_proj", "v_proj", 2))
 GATE_UP_STACKED = (StackedParam("gate_up_proj", "gate_proj", 0),
                    StackedParam("gate_up_proj", "up_proj", 1))
+
+# A vision-language checkpoint's language model, in either layout transformers writes:
+# ``language_model.model.*`` / ``language_model.lm_head.*`` (the published checkpoints, and what
+# transformers 5 saves) or ``model.language_model.*`` / ``lm_head.*`` (transformers 4.52-4.57).
+LANGUAGE_MODEL_PREFIXES = (("language_model.model.", "model."),
+                           ("language_model.lm_head.", "lm_head."),
+                           ("model.language_model.", "model."))
+VISION_WEIGHTS = r"^(model\.)?(vision_tower|multi_modal_projector)\."
 
 
 @dataclass(frozen=True)
@@ -81,6 +98,12 @@ class CausalLM(nn.Module):
         ignored = (r"^lm_head\.weight$",) if self.tie_word_embeddings else ()
         self.weight_mapping = WeightMapping(stacked=stacked, ignored=ignored)
         self.lora_slot: LoRASlot | None = None  # set by enable_lora
+
+    def serve_text_only(self) -> None:
+        """Load the language model of a vision-language checkpoint: its weights under
+        ``LANGUAGE_MODEL_PREFIXES``, the vision tower and projector skipped (heron takes text)."""
+        self.weight_mapping = replace(self.weight_mapping, prefixes=LANGUAGE_MODEL_PREFIXES,
+                                      ignored=self.weight_mapping.ignored + (VISION_WEIGHTS,))
 
     @property
     def backbone(self) -> nn.Module:

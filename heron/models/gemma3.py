@@ -177,3 +177,12 @@ class Gemma3ForCausalLM(CausalLM):
                          hidden_size=config.hidden_size, tie_default=True,
                          stacked=QKV_STACKED + GATE_UP_STACKED,
                          softcap=getattr(config, "final_logit_softcapping", None))
+
+
+class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
+    """Gemma 3 4B / 12B / 27B, vision-language checkpoints: their language model alone (the
+    config's ``text_config``), which is the whole model for text; the vision weights are skipped."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config.get_text_config())
+        self.serve_text_only()

@@ -196,3 +196,17 @@ class Qwen3ForCausalLM(LlamaForCausalLM):
     """Qwen3: per-head RMSNorm on q and k; ``attention_bias`` from the config."""
 
     variant = LlamaVariant(qk_norm=True)
+
+
+class Mistral3ForConditionalGeneration(MistralForCausalLM):
+    """Mistral Small 3.1 / 3.2, vision-language checkpoints: their Mistral language model alone
+    (the config's ``text_config``), which is the whole model for text; the vision weights are
+    skipped."""
+
+    def __init__(self, config: Any) -> None:
+        text_config = config.get_text_config()
+        if text_config.model_type != "mistral":
+            raise ValueError(f"Mistral3ForConditionalGeneration with a {text_config.model_type!r} "
+                             "text model is not supported; its text model must be 'mistral'")
+        super().__init__(text_config)
+        self.serve_text_only()

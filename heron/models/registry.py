@@ -19,6 +19,9 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen2ForCausalLM": ("heron.models.llama", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("heron.models.llama", "Qwen3ForCausalLM"),
     "Gemma3ForCausalLM": ("heron.models.gemma3", "Gemma3ForCausalLM"),
+    # vision-language checkpoints, served text-only
+    "Gemma3ForConditionalGeneration": ("heron.models.gemma3", "Gemma3ForConditionalGeneration"),
+    "Mistral3ForConditionalGeneration": ("heron.models.llama", "Mistral3ForConditionalGeneration"),
     "MptForCausalLM": ("heron.models.mpt", "MptForCausalLM"),
 }
 
