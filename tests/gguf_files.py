@@ -110,13 +110,18 @@ def vocab_test_vectors(name: str) -> list[tuple[str, list[int]]]:
 
 
 def write_gguf(path: Path, model: nn.Module, vocab: Vocab, float16: bool = False,
-               block_format: str | None = None) -> Path:
+               block_format: str | None = None, layers_only: bool = True,
+               split_max_tensors: int = 0, small_first_shard: bool = False) -> Path:
     """``model`` (a transformers causal LM) as a GGUF file at ``path``; returns ``path``.
-    ``block_format`` (e.g. "Q8_0"): the layers' 2-D weights in that quantized format (see
-    ``round_to_blocks_`` for the model they then stand for)."""
+    ``block_format`` (e.g. "Q8_0"): the layers' 2-D weights (``layers_only=False``: every 2-D
+    weight) in that quantized format (see ``round_to_blocks_`` for the model they then stand
+    for). ``split_max_tensors``: split into parts of at most that many tensors, as
+    ``gguf-split`` does (``small_first_shard``: a first part with the metadata alone); returns
+    the first."""
     config = model.config
     arch = GGUF_ARCH[config.model_type]
-    writer = gguf.GGUFWriter(str(path), arch)
+    writer = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors,
+                             small_first_shard=small_first_shard)
     writer.add_name(f"tiny {config.model_type}")
     rope = {} if arch == "mpt" else _full_attention_rope(config)
     if arch == "mpt":
@@ -126,7 +131,8 @@ def write_gguf(path: Path, model: nn.Module, vocab: Vocab, float16: bool = False
         _write_rope_scaling(writer, rope)
     vocab.write(writer)
     for name, array in _tensors(model, arch):
-        if block_format is not None and name.startswith("blk.") and array.ndim == 2:
+        blocks = block_format is not None and array.ndim == 2
+        if blocks and (name.startswith("blk.") or not layers_only):
             qtype = gguf.GGMLQuantizationType[block_format]
             writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
             continue
@@ -137,7 +143,7 @@ def write_gguf(path: Path, model: nn.Module, vocab: Vocab, float16: bool = False
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return path
+    return writer.format_shard_names(path)[0]
 
 
 def head_dim(config: Any) -> int:
@@ -249,13 +255,14 @@ def round_to_float16_(model: nn.Module) -> nn.Module:
     return model
 
 
-def round_to_blocks_(model: nn.Module, block_format: str) -> nn.Module:
-    """Replace every 2-D weight of the layers by its ``block_format`` blocks dequantized, in
-    place: a GGUF written with ``block_format`` then holds exactly these values."""
+def round_to_blocks_(model: nn.Module, block_format: str, layers_only: bool = True) -> nn.Module:
+    """Replace every 2-D weight of the layers (``layers_only=False``: every 2-D weight) by its
+    ``block_format`` blocks dequantized, in place: a GGUF written with ``block_format`` then
+    holds exactly these values (blocks of 32 along a row, as a row permutation leaves them)."""
     qtype = gguf.GGMLQuantizationType[block_format]
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if ".layers." in name and param.dim() == 2:
+            if (".layers." in name or not layers_only) and param.dim() == 2:
                 blocks = gguf.quants.quantize(param.numpy(), qtype)
                 param.copy_(torch.from_numpy(gguf.quants.dequantize(blocks, qtype).copy()))
     return model

@@ -26,6 +26,8 @@ import transformers
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from heron.config import ModelConfig
+from heron.layers.gguf_weight import GGUFWeight
+from heron.layers.linear import Linear
 from heron.layers.rotary import rope_parameters
 from heron.loader import load_hf_config, load_model
 from heron.loader.gguf import GGUFModel
@@ -33,11 +35,13 @@ from heron.loader.gguf_rope import llama3_divisors, llama3_from_divisors
 from heron.loader.prepared import GGUF_BLOCKS, load_prepared_model
 from heron.models.gemma3 import gemma3_layer_types
 from heron.models.llama import head_dim_of, layer_sliding_windows
+from heron.server.model_facts import read_model_facts
 from heron.tokenizer import load_tokenizer
 from tests.gguf_files import (
     DATA,
     Vocab,
     llama3_rope_freqs,
+    round_to_blocks_,
     round_to_float16_,
     synthetic_vocab,
     vocab_test_vectors,
@@ -166,6 +170,49 @@ def test_gguf_model_computes_the_hf_original(family: tuple[torch.nn.Module, Path
     logits, tokens = prompt_and_greedy_logits(model, hf.config.vocab_size)
     expected = hf_logits(hf, tokens)
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("small_first_shard", [False, True], ids=["tensors", "metadata_only"])
+def test_split_file_loads_as_one(small_first_shard: bool, tmp_path: Path) -> None:
+    """A file in parts (llama.cpp's gguf-split: NAME-00001-of-00004.gguf...; the first may hold
+    the metadata alone) loads from its first part as the whole model, in both of the engine's
+    ways: dequantized and the file's blocks as the weights; the model catalogue counts every
+    part. Before, the tensors of the other parts were missing ("checkpoint is missing 50
+    weight(s)")."""
+    hf = round_to_blocks_(make_hf_model(_gemma3(), seed=3), "Q8_0", layers_only=False)
+    path = write_gguf(tmp_path / "model.gguf", hf, synthetic_vocab(SMALL["vocab_size"]),
+                      block_format="Q8_0", layers_only=False, split_max_tensors=30,
+                      small_first_shard=small_first_shard)
+    parts = sorted(p.name for p in tmp_path.glob("*.gguf"))
+    assert parts == [f"model-0000{i}-of-0000{len(parts)}.gguf" for i in range(1, len(parts) + 1)]
+    assert path.name == parts[0] and len(parts) == (4 if small_first_shard else 3)
+    facts = read_model_facts(ModelConfig(model=str(path)))  # Ollama's /api/show: every part
+    assert facts.size == sum(p.stat().st_size for p in tmp_path.glob("*.gguf"))
+    assert facts.parameter_count == sum(t.numel() for name, t in hf.state_dict().items()
+                                        if name != "lm_head.weight")  # tied: not in the file
+    config = ModelConfig(model=str(path), dtype="float32")  # the blocks times float32 activations
+    blocks = load_prepared_model(config, torch.device("cpu"), torch.float32, GGUF_BLOCKS)[0].model
+    linears = [m for m in blocks.modules() if isinstance(m, Linear)]
+    assert linears and all(isinstance(m.quantized, GGUFWeight) for m in linears)
+    for model in (load_model(config, torch.device("cpu"), torch.float32).model, blocks):
+        logits, tokens = prompt_and_greedy_logits(model, SMALL["vocab_size"])
+        torch.testing.assert_close(logits, hf_logits(hf, tokens), atol=1e-4, rtol=1e-4)
+
+
+def test_split_file_parts_are_checked(tmp_path: Path) -> None:
+    """Another part than the first, or a first part without all the others: an error naming
+    the file to pass or the files missing."""
+    hf = make_hf_model(_qwen3(), seed=3)
+    path = write_gguf(tmp_path / "model.gguf", hf, synthetic_vocab(SMALL["vocab_size"]),
+                      split_max_tensors=10)
+    second = path.with_name("model-00002-of-00003.gguf")
+    with pytest.raises(ValueError, match=rf"{second} is part 2 of 3 of a split GGUF file; pass "
+                                         rf"its first part, {path}"):
+        load_hf_config(ModelConfig(model=str(second)))
+    second.unlink()
+    with pytest.raises(ValueError, match=rf"{path} is the first of 3 parts of a split GGUF file; "
+                                         rf"missing: {second}$"):
+        load_hf_config(ModelConfig(model=str(path)))
 
 
 @pytest.mark.parametrize("config_class", [transformers.LlamaConfig, transformers.Qwen2Config])

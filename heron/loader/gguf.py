@@ -28,6 +28,7 @@ int4``) are they dequantized here, and the result is cached by ``prepared``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterable, Iterator
@@ -52,7 +53,7 @@ from heron.loader.gguf_arch import (
     hf_config_dict,
     is_fast_arch,
 )
-from heron.loader.gguf_file import GGUFFile, TensorInfo
+from heron.loader.gguf_file import GGUFFile, TensorInfo, split_parts
 from heron.loader.plain_config import PlainConfig, snapshot
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ class GGUFModel:
         if not path.is_file():
             raise ValueError(f"GGUF file not found: {path}")
         self.path = path
-        self.cache = GGUFCache(entry_dir(sha256 or file_sha256(path, root), root))
+        self.cache = GGUFCache(entry_dir(sha256 or gguf_digest(path, root), root))
         remove_stale_temporaries(self.cache.directory)
 
     @cached_property
@@ -229,6 +230,16 @@ class GGUFModel:
                                       model_to_load=_transformers_skeleton(self.config()),
                                       torch_dtype=torch.float32)
         return {name: tensor.contiguous() for name, tensor in parsed["tensors"].items()}
+
+
+def gguf_digest(path: Path, root: Path | None = None) -> str:
+    """The file's sha256; for a split file, the sha256 of its parts' (the first part of a split
+    file may hold the metadata alone, the same for every quantization)."""
+    parts = split_parts(path)
+    if len(parts) == 1:
+        return file_sha256(path, root)
+    digests = "".join(file_sha256(part, root) for part in parts)
+    return hashlib.sha256(digests.encode()).hexdigest()
 
 
 @contextmanager

@@ -8,6 +8,11 @@
     padding to ``general.alignment`` (32 by default)
     tensor data:  each tensor at data start + its offset, rows of quantized blocks
 
+A model split by llama.cpp's ``gguf-split`` (or a converter's ``--split-max-size``) is one file
+in several parts, ``NAME-00001-of-00003.gguf`` and on: the first holds the metadata, each part
+a header (``split.no`` / ``split.count`` / ``split.tensors.count``) and its own tensor table
+and data. ``GGUFFile.read`` of the first part reads them all (``split_parts``).
+
 ``gguf.GGUFReader`` builds a numpy view per array element, which for a 262k-token vocabulary
 (three such arrays) takes seconds; here the header is walked once with ``struct`` over an mmap,
 numeric arrays come out as numpy arrays and string arrays as lists of ``str``.
@@ -21,6 +26,7 @@ in torch (the same single float32 multiply per element, so the same bits). It ru
 from __future__ import annotations
 
 import mmap
+import re
 import struct
 from dataclasses import dataclass
 from functools import cached_property
@@ -43,6 +49,8 @@ _SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?
 _STRING, _ARRAY = 8, 9
 _READ_BYTES = 64 << 20  # a read into memory (--gguf-memory copy) at a time
 _CHUNK_ELEMENTS = 1 << 18  # elements dequantized per step: float32 temporaries stay in cache
+_SPLIT_NAME = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
+_SPLIT_COUNT, _SPLIT_NO, _SPLIT_TENSORS = "split.count", "split.no", "split.tensors.count"
 
 
 @dataclass(frozen=True)
@@ -52,8 +60,9 @@ class TensorInfo:
     name: str  # GGUF name, e.g. "blk.0.attn_q.weight"
     shape: tuple[int, ...]  # torch order (GGUF lists the fastest-moving dimension first)
     ggml_type: gguf.GGMLQuantizationType
-    offset: int  # absolute, in bytes from the start of the file
+    offset: int  # absolute, in bytes from the start of the file (of its part)
     nbytes: int
+    part: int = 0  # which part of a split file holds it (``GGUFFile.parts``)
 
 
 @dataclass(frozen=True)
@@ -61,56 +70,51 @@ class GGUFFile:
     """A GGUF file's metadata and tensor table (tensor data stays on disk until asked for).
 
     ``metadata`` values: ``int`` / ``float`` / ``bool`` / ``str`` scalars, numeric arrays as
-    numpy arrays, string arrays as ``list[str]``.
+    numpy arrays, string arrays as ``list[str]``. ``parts``: the files of a split model (the
+    first is ``path``), else ``path`` alone.
     """
 
     path: Path
     metadata: dict[str, Any]
     tensors: tuple[TensorInfo, ...]
+    parts: tuple[Path, ...] = ()
 
     @classmethod
     def read(cls, path: Path) -> GGUFFile:
-        with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            if buf[:4] != b"GGUF":
-                raise ValueError(f"{path} is not a GGUF file (no GGUF magic bytes)")
-            version, tensor_count, metadata_count = struct.unpack_from("<IQQ", buf, 4)
-            if version not in _VERSIONS:
-                raise ValueError(f"{path} is GGUF version {version}; heron reads versions 2 and 3")
-            metadata, pos = _read_metadata(buf, 24, metadata_count)
-            table, pos = _read_tensor_table(buf, pos, tensor_count)
-        alignment = int(metadata.get("general.alignment", _DEFAULT_ALIGNMENT))
-        data_start = -(-pos // alignment) * alignment
-        tensors = tuple(_tensor_info(name, dims, type_id, data_start + offset)
-                        for name, dims, type_id, offset in table)
-        return cls(path, metadata, tensors)
+        parts = split_parts(path)
+        metadata, tensors = _read_part(path, 0)
+        count = int(metadata.get(_SPLIT_COUNT, 1))
+        if count != len(parts):
+            raise ValueError(f"{path} says it is {count} part(s) of a split GGUF file, its name "
+                             f"{len(parts)}")
+        for index, part in enumerate(parts[1:], start=1):
+            part_metadata, part_tensors = _read_part(part, index)
+            if int(part_metadata.get(_SPLIT_NO, -1)) != index:
+                raise ValueError(f"{part} is not part {index + 1} of the split GGUF file {path}")
+            tensors += part_tensors
+        expected = int(metadata.get(_SPLIT_TENSORS, len(tensors)))
+        if expected != len(tensors):
+            raise ValueError(f"the {len(parts)} parts of {path} hold {len(tensors)} tensors, "
+                             f"the first says {expected}")
+        return cls(path, metadata, tensors, parts)
 
     @property
     def architecture(self) -> str:
         return str(self.metadata["general.architecture"])
 
-    @cached_property
-    def _mapped(self) -> np.ndarray:
-        """The whole file, memory-mapped copy-on-write (never written: pages stay the page
-        cache's, shared by every process that maps the file)."""
-        return np.memmap(self.path, dtype=np.uint8, mode="c")
+    def _part_path(self, info: TensorInfo) -> Path:
+        return self.parts[info.part] if self.parts else self.path
 
     @cached_property
-    def _in_memory(self) -> tuple[np.ndarray, int]:
-        """(the file's tensor data read into anonymous memory on 2 MiB pages, its offset in the
-        file): read once, the only copy this process holds."""
-        from heron.heap import anonymous_huge
+    def _mapped(self) -> dict[Path, np.ndarray]:
+        """Each part's whole file, memory-mapped copy-on-write (never written: pages stay the
+        page cache's, shared by every process that maps the file), on first use."""
+        return {}
 
-        start = min((t.offset for t in self.tensors), default=0)
-        data = anonymous_huge(self.path.stat().st_size - start)
-        with self.path.open("rb") as handle:
-            handle.seek(start)
-            view, done = data.data, 0  # the array's buffer
-            while done < len(data):
-                read = handle.readinto(view[done:done + _READ_BYTES])
-                if not read:
-                    raise OSError(f"{self.path}: the file ended {len(data) - done} bytes early")
-                done += read
-        return data, start
+    @cached_property
+    def _in_memory(self) -> dict[Path, tuple[np.ndarray, int]]:
+        """Each part's tensor data read into anonymous memory (``_read_into_memory``), on first use."""
+        return {}
 
     def block_rows(self, info: TensorInfo, in_memory: bool = False) -> torch.Tensor:
         """The tensor's stored rows as they lie in the file: [rows, row bytes] uint8, a view of
@@ -120,16 +124,81 @@ class GGUFFile:
 
         row_elements = info.shape[-1] if info.shape else 1
         block_size, type_size = gguf.GGML_QUANT_SIZES[info.ggml_type]
-        source, base = self._in_memory if in_memory else (self._mapped, 0)
+        path = self._part_path(info)
+        if in_memory:
+            if path not in self._in_memory:
+                self._in_memory[path] = _read_into_memory(path, self._part_start(info.part))
+            source, base = self._in_memory[path]
+        else:
+            if path not in self._mapped:
+                self._mapped[path] = np.memmap(path, dtype=np.uint8, mode="c")
+            source, base = self._mapped[path], 0
         raw = source[info.offset - base:info.offset - base + info.nbytes]
         return torch.from_numpy(raw.reshape(-1, row_elements // block_size * type_size))
+
+    def _part_start(self, part: int) -> int:
+        return min((t.offset for t in self.tensors if t.part == part), default=0)
 
     def dequantized(self, info: TensorInfo, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor's values (bit for bit those of ``gguf.quants.dequantize``) in ``dtype``
         (default float32)."""
-        raw = np.memmap(self.path, dtype=np.uint8, mode="c", offset=info.offset,
+        raw = np.memmap(self._part_path(info), dtype=np.uint8, mode="c", offset=info.offset,
                         shape=(info.nbytes,))
         return dequantize(raw, info.ggml_type, info.shape, dtype)
+
+
+def split_parts(path: Path) -> tuple[Path, ...]:
+    """The files of the model ``path`` names: every part where its name is a split file's
+    first part (``NAME-00001-of-00003.gguf``), else ``path`` alone. Raises on another part or
+    a missing one, naming it."""
+    match = _SPLIT_NAME.match(path.name)
+    if match is None or int(match["count"]) < 2:
+        return (path,)
+    number, count = int(match["no"]), int(match["count"])
+    if number != 1:
+        first = path.with_name(f"{match['stem']}-00001-of-{match['count']}.gguf")
+        raise ValueError(f"{path} is part {number} of {count} of a split GGUF file; pass its "
+                         f"first part, {first}")
+    parts = tuple(path.with_name(f"{match['stem']}-{i:05d}-of-{match['count']}.gguf")
+                  for i in range(1, count + 1))
+    missing = [str(part) for part in parts if not part.is_file()]
+    if missing:
+        raise ValueError(f"{path} is the first of {count} parts of a split GGUF file; missing: "
+                         f"{', '.join(missing)}")
+    return parts
+
+
+def _read_part(path: Path, part: int) -> tuple[dict[str, Any], tuple[TensorInfo, ...]]:
+    """One file's metadata and tensor table (offsets absolute within that file)."""
+    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file (no GGUF magic bytes)")
+        version, tensor_count, metadata_count = struct.unpack_from("<IQQ", buf, 4)
+        if version not in _VERSIONS:
+            raise ValueError(f"{path} is GGUF version {version}; heron reads versions 2 and 3")
+        metadata, pos = _read_metadata(buf, 24, metadata_count)
+        table, pos = _read_tensor_table(buf, pos, tensor_count)
+    alignment = int(metadata.get("general.alignment", _DEFAULT_ALIGNMENT))
+    data_start = -(-pos // alignment) * alignment
+    return metadata, tuple(_tensor_info(name, dims, type_id, data_start + offset, part)
+                           for name, dims, type_id, offset in table)
+
+
+def _read_into_memory(path: Path, start: int) -> tuple[np.ndarray, int]:
+    """(the file's bytes from ``start`` on, read into anonymous memory on 2 MiB pages,
+    ``start``): read once, the only copy this process holds."""
+    from heron.heap import anonymous_huge
+
+    data = anonymous_huge(path.stat().st_size - start)
+    with path.open("rb") as handle:
+        handle.seek(start)
+        view, done = data.data, 0  # the array's buffer
+        while done < len(data):
+            read = handle.readinto(view[done:done + _READ_BYTES])
+            if not read:
+                raise OSError(f"{path}: the file ended {len(data) - done} bytes early")
+            done += read
+    return data, start
 
 
 # ----------------------------------------------------------------------------- header
@@ -208,7 +277,8 @@ def _read_tensor_table(buf: mmap.mmap, pos: int, count: int) -> tuple[list[tuple
     return table, pos
 
 
-def _tensor_info(name: str, dims: tuple[int, ...], type_id: int, offset: int) -> TensorInfo:
+def _tensor_info(name: str, dims: tuple[int, ...], type_id: int, offset: int,
+                 part: int) -> TensorInfo:
     try:
         ggml_type = gguf.GGMLQuantizationType(type_id)
     except ValueError:
@@ -216,7 +286,7 @@ def _tensor_info(name: str, dims: tuple[int, ...], type_id: int, offset: int) ->
     block_size, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
     elements = int(np.prod(dims, dtype=np.int64)) if dims else 1
     return TensorInfo(name, tuple(int(d) for d in reversed(dims)), ggml_type, offset,
-                      elements // block_size * type_size)
+                      elements // block_size * type_size, part)
 
 
 # ----------------------------------------------------------------------------- dequantization

@@ -52,10 +52,10 @@ def _modified(paths: list[Path]) -> datetime:
 def _gguf_facts(path: Path, sha256: str | None) -> ModelFacts:
     import gguf
 
-    from heron.cache import file_sha256
+    from heron.loader.gguf import gguf_digest
     from heron.loader.gguf_file import GGUFFile
 
-    file = GGUFFile.read(path)
+    file = GGUFFile.read(path)  # every part of a split file
     file_type = file.metadata.get("general.file_type", -1)
     try:
         quantization = gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
@@ -64,8 +64,8 @@ def _gguf_facts(path: Path, sha256: str | None) -> ModelFacts:
     return ModelFacts(
         format="gguf", family=file.architecture,
         parameter_count=sum(math.prod(t.shape) for t in file.tensors),
-        quantization=quantization, size=path.stat().st_size,
-        digest=sha256 or file_sha256(path), modified_at=_modified([path]))
+        quantization=quantization, size=sum(part.stat().st_size for part in file.parts),
+        digest=sha256 or gguf_digest(path), modified_at=_modified(list(file.parts)))
 
 
 def _directory_facts(directory: Path) -> ModelFacts:
