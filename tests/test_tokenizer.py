@@ -304,6 +304,38 @@ def test_chat_template_override(tmp_path: Path) -> None:
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "HI"
 
 
+def test_named_chat_templates_tool_use_for_requests_with_tools(tmp_path: Path) -> None:
+    """tokenizer_config.json's chat_template as a list of named templates (Hermes 2 Pro's
+    "default" and "tool_use"): a request with tools renders "tool_use", as transformers picks
+    it; before, heron rendered "default", which has no tools, so the model never saw them."""
+    import json
+
+    from tests.tiny_models import save_char_tokenizer
+
+    save_char_tokenizer(tmp_path)
+    (tmp_path / "chat_template.jinja").unlink()  # it would take precedence
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"],
+                                                      "model_type": "llama"}))
+    config_file = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["chat_template"] = [
+        {"name": "default", "template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"},
+        {"name": "tool_use", "template": "{{ tools | map(attribute='function.name') | join(',') }}"
+                                         "|{% for m in messages %}{{ m['content'] }}{% endfor %}"}]
+    config_file.write_text(json.dumps(config))
+    messages = [{"role": "user", "content": "hi"}]
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {}}}]
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    tok = load_tokenizer(ModelConfig(model=str(tmp_path)))
+    assert tok.apply_chat_template(messages, tools=tools) == "get_time|hi" == (
+        reference.apply_chat_template(messages, tools=tools, tokenize=False))
+    assert tok.apply_chat_template(messages) == "hi" == (
+        reference.apply_chat_template(messages, tokenize=False))
+    override = "[{{ messages[0]['content'] }}]"
+    literal = load_tokenizer(ModelConfig(model=str(tmp_path), chat_template=override))
+    assert literal.apply_chat_template(messages, tools=tools) == "[hi]"  # --chat-template wins
+
+
 def test_chat_template_path_that_does_not_exist() -> None:
     with pytest.raises(ValueError, match="cannot be read"):
         read_chat_template("/no/such/template.jinja")

@@ -69,6 +69,7 @@ def finish_tokenizer(model_config: ModelConfig, hf_tokenizer: PreTrainedTokenize
         chat_template=_chat_template(model_config, hf_tokenizer.chat_template, hf_config),
         model_max_length=getattr(hf_config, "max_position_embeddings", None),
         name=model_display_name(model_config),
+        tool_chat_template=_tool_chat_template(model_config, hf_tokenizer.chat_template),
     )
 
 
@@ -95,6 +96,15 @@ def _chat_template(model_config: ModelConfig, own: str | dict[str, str] | None,
     if str(getattr(hf_config, "model_type", "")).startswith("gemma"):
         return GEMMA_CHAT_TEMPLATE
     return None
+
+
+def _tool_chat_template(model_config: ModelConfig, own: str | dict[str, str] | None) -> str | None:
+    """The model's template named ``tool_use`` (Hermes 2 Pro, Command R: named templates, the
+    default one renders no tools), which transformers takes for requests with tools; None
+    under ``--chat-template``."""
+    if model_config.chat_template is not None or not isinstance(own, dict):
+        return None
+    return own.get("tool_use")
 
 
 def gguf_tokenizer(model: GGUFModel) -> PreTrainedTokenizerBase:

@@ -120,11 +120,13 @@ class Tokenizer:
 
     def __init__(self, hf_tokenizer: PreTrainedTokenizerBase, *, generation_eos: int | list[int] | None = None,
                  chat_template: str | None = None, model_max_length: int | None = None,
-                 name: str = "") -> None:
+                 name: str = "", tool_chat_template: str | None = None) -> None:
         self.hf = hf_tokenizer
         self.name = name or str(getattr(hf_tokenizer, "name_or_path", ""))
         self._backend = getattr(hf_tokenizer, "backend_tokenizer", None)
         self.chat_template = chat_template
+        # a model's own template for requests with tools, where it names one ("tool_use")
+        self.tool_chat_template = tool_chat_template
         self.vocab_size = len(hf_tokenizer)
         self.bos_token_id: int | None = hf_tokenizer.bos_token_id
         self.eos_token_ids = _eos_ids(hf_tokenizer.eos_token_id, generation_eos)
@@ -171,10 +173,11 @@ class Tokenizer:
                              "(a file path or the Jinja text), or use the completions API")
         from jinja2 import TemplateError
 
+        template = self.tool_chat_template if tools and self.tool_chat_template else self.chat_template
         try:
             rendered = self.hf.apply_chat_template(
                 messages, tools=None if tools is None else list(tools),
-                chat_template=self.chat_template, tokenize=False,
+                chat_template=template, tokenize=False,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message, **template_kwargs)
         except TemplateError as err:
