@@ -7,6 +7,7 @@ tests hold it, freshly built and reloaded from the cache, to transformers' own G
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -447,3 +448,41 @@ def test_chat_template_tokens_are_single_tokens(fresh: Tokenizer) -> None:
     ids = fresh.encode(prompt, add_special_tokens=False)
     assert ids[:3] == [2, 105, 2364]  # <bos> <start_of_turn> user
     assert ids.count(105) == 2 and ids.count(106) == 1  # two turns opened, one closed
+
+
+def test_gemma_vocabulary_with_tokenizer_json_merges(tok: Tokenizer, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Gemma 3 GGUF converted from a directory with tokenizer.json alone: llama.cpp writes its
+    vocabulary as type "gemma4" with tokenizer.json's merges (no tokenizer.model to read), no
+    space prefix, BOS added. heron builds the tokenizer of the SentencePiece file from it (the
+    default model's, held to transformers above); before, transformers' GGUF path built it and
+    failed ("Error while initializing BPE: Token `▁▁` out of vocabulary")."""
+    import gguf
+
+    from heron.loader.gguf import GGUFModel
+    from heron.loader.gguf_file import GGUFFile
+    from heron.tokenizer.load import gguf_tokenizer
+
+    monkeypatch.setenv("HERON_CACHE_DIR", str(tmp_path / "cache"))
+    source = GGUFFile.read(locate_default_model().path).metadata
+    merges = json.loads(tok.hf.backend_tokenizer.to_str())["model"]["merges"]
+    writer = gguf.GGUFWriter(str(tmp_path / "gemma4-vocab.gguf"), "gemma3")
+    writer.add_tokenizer_model("gemma4")
+    writer.add_token_list(source["tokenizer.ggml.tokens"])
+    writer.add_token_scores(source["tokenizer.ggml.scores"].tolist())
+    writer.add_token_types(source["tokenizer.ggml.token_type"].tolist())
+    writer.add_token_merges([" ".join(merge) for merge in merges])
+    for key in ("bos", "eos", "unknown", "padding"):
+        name = f"tokenizer.ggml.{key}_token_id"
+        writer.add_uint32(name, int(source[name]))
+    writer.add_add_space_prefix(False)
+    writer.add_add_bos_token(True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    built = gguf_tokenizer(GGUFModel(tmp_path / "gemma4-vocab.gguf"))
+    for text in VARIED_TEXTS + TEXTS + _random_texts(50, seed=7):
+        ids = tok.hf.encode(text)
+        assert built.encode(text) == ids, text
+        assert built.decode(ids) == tok.hf.decode(ids), text

@@ -3,7 +3,9 @@
 Two kinds of vocabulary are built here (others go to transformers):
 
 - byte-level BPE (``tokenizer.ggml.model == "gpt2"``: Llama 3, Qwen2/2.5/3): see ``gguf_bpe``;
-- SentencePiece BPE (``"llama"``: Llama 2, Mistral, Gemma), described below.
+- SentencePiece BPE (``"llama"``: Llama 2, Mistral, Gemma), described below; and Gemma's
+  tokenizer.json BPE (``"gemma4"``: a Gemma 3 / 4 converted without tokenizer.model), the
+  same tokenizer with the file's own merges.
 
 A SentencePiece vocabulary (tokens, scores, token types) usually comes without merges.
 transformers (5.x) turns it into a BPE tokenizer with byte fallback whose merges it derives from
@@ -43,6 +45,9 @@ logger = logging.getLogger(__name__)
 _SPACE = "\u2581"  # SentencePiece's visible space
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 _GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
+# llama.cpp's converter writes a Gemma vocabulary read from tokenizer.json alone (no
+# tokenizer.model) as this type: the same tokens, with tokenizer.json's merges
+_GEMMA_BPE = "gemma4"
 # GGUF key -> tokenizer setting naming that token
 _SPECIAL_TOKEN_IDS = {"bos_token": "tokenizer.ggml.bos_token_id",
                       "eos_token": "tokenizer.ggml.eos_token_id",
@@ -83,6 +88,8 @@ def build_gguf_tokenizer(gguf_file: GGUFFile) -> PreTrainedTokenizerFast | None:
     pre = byte_level_pre_tokenizer(metadata)
     if pre is not None:
         return _wrap(byte_level_backend(metadata, pre), _settings(metadata, (), pre.add_bos))
+    if metadata.get("tokenizer.ggml.model") == _GEMMA_BPE and "tokenizer.ggml.merges" in metadata:
+        return _wrap(_backend(metadata, _GEMMA), _settings(metadata, _GEMMA.extra_settings, True))
     if metadata.get("tokenizer.ggml.model") != "llama" or "tokenizer.ggml.merges" in metadata:
         return None
     arch = gguf_file.architecture
@@ -107,7 +114,10 @@ def _backend(metadata: dict[str, Any], family: _Family) -> Tokenizer:
     else:
         scores = dict(zip(tokens, metadata["tokenizer.ggml.scores"].tolist()))
     vocab = {token: index for index, token in enumerate(tokens)}
-    bpe = models.BPE(vocab=vocab, merges=derive_merges(vocab, scores), fuse_unk=True,
+    stored = metadata.get("tokenizer.ggml.merges")  # "gemma4" files: tokenizer.json's merges
+    merges = (derive_merges(vocab, scores) if stored is None
+              else [tuple(merge.split(" ", 1)) for merge in stored])
+    bpe = models.BPE(vocab=vocab, merges=merges, fuse_unk=True,
                      byte_fallback=True, dropout=None,
                      unk_token="<unk>" if family.gemma else None)
     backend = Tokenizer(bpe)
