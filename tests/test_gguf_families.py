@@ -215,6 +215,23 @@ def test_split_file_parts_are_checked(tmp_path: Path) -> None:
         load_hf_config(ModelConfig(model=str(path)))
 
 
+def test_mmproj_file_is_named_as_such(tmp_path: Path) -> None:
+    """A vision-language model's mmproj file (llama.cpp writes the vision part apart, as
+    architecture "clip") passed as the model: said to be one, not transformers' "architecture
+    clip is not supported yet"."""
+    path = tmp_path / "mmproj-model-f16.gguf"
+    writer = gguf.GGUFWriter(str(path), "clip")
+    writer.add_string("clip.projector_type", "gemma3")
+    writer.add_tensor("v.patch_embd.weight", np.zeros((4, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match=rf"^{path} is a vision encoder and projector \(an mmproj "
+                                         r"file, general.architecture 'clip'\), not a language model"):
+        load_hf_config(ModelConfig(model=str(path)))
+
+
 @pytest.mark.parametrize("config_class", [transformers.LlamaConfig, transformers.Qwen2Config])
 def test_file_without_kv_head_count_has_as_many_as_heads(
         config_class: type, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

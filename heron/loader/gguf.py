@@ -74,6 +74,7 @@ END_OF_TURN_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>",
 # Keys naming more ids that end generation (llama.cpp's EOT / EOM tokens).
 _END_ID_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
 _CONTROL_TOKEN_TYPE = 3  # llama.cpp's token type for control (special) tokens
+_PROJECTOR_ARCH = "clip"  # llama.cpp's mmproj files (the vision part of a vision-language model)
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,10 @@ class GGUFModel:
     def _build_config(self) -> PretrainedConfig:
         from transformers import AutoConfig
 
+        if self.file.architecture == _PROJECTOR_ARCH:
+            raise ValueError(f"{self.path} is a vision encoder and projector (an mmproj file, "
+                             f"general.architecture {_PROJECTOR_ARCH!r}), not a language model: "
+                             "pass the model's own GGUF file (heron serves text only)")
         if is_fast_arch(self.file):
             return _with_architectures(_config_from_dict(hf_config_dict(self.file)))
         config = AutoConfig.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
