@@ -46,7 +46,7 @@ from heron.server.serving import (
     engine_error,
     top_logprobs,
 )
-from heron.structured.tool_parsers import ToolCallDelta, ToolCallStream, ToolParser, new_call_id
+from heron.structured.tool_parsers import ToolCallDelta, ToolCallStream, ToolParser
 
 ChatResult = ChatCompletionResponse | ErrorResponse | AsyncIterator[str]
 
@@ -142,7 +142,8 @@ class _ChatFormatter(StreamFormatter[ChatCompletionRequest, ChatCompletionChunk]
         if not parsed.calls:
             return ChatResponseMessage(content=parsed.content)
         calls = [
-            ToolCall(id=new_call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
+            ToolCall(id=c.id or self.parser.new_call_id(),
+                     function=FunctionCall(name=c.name, arguments=c.arguments))
             for c in parsed.calls
         ]
         return ChatResponseMessage(content=parsed.content or None, tool_calls=calls)

@@ -8,7 +8,7 @@ from heron.pooling_params import POOLING_TYPES
 from heron.sampling_params import MAX_LOGPROBS, MAX_N
 from heron.server.reasoning import REASONING_PARSERS
 
-TOOL_CALL_PARSERS = ("hermes", "llama3_json")
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,8 @@ class ServerConfig:
     stats_interval_s: float = 5.0  # period of the "running/waiting/KV/tok/s" log line while busy
     startup_timeout_s: float | None = None  # engine load; None waits as long as it takes
     graceful_shutdown_s: float = 5.0
-    # tool_choice "auto": read calls in this format from free text (hermes, llama3_json); None:
+    # tool_choice "auto": read calls in this format from free text (hermes, llama3_json,
+    # mistral, pythonic); None:
     # constrain the output to "text or a call" in the hermes format (the built-in template's).
     tool_call_parser: str | None = None
     # How a model's <think>...</think> is read out of its output (heron.server.reasoning):

@@ -198,13 +198,15 @@ class _OllamaRun:
             thinking, text = self.reasoning.feed(d.text, len(d.token_ids), final=final)
             thinking = thinking if self.show_thinking else ""
             self.thinking += thinking
+        ids: list[str] = []
         if self.tool_stream is not None:
             text, _ = self.tool_stream.feed(text, final=final)
             calls = self.tool_stream.parsed.calls if final else []
+            ids = self.tool_stream.call_ids
         self.text += text
         lines = [self._line(text, thinking=thinking or None)] if text or thinking else []
         if calls:
-            lines.append(self._line("", [_tool_call(i, c) for i, c in enumerate(calls)]))
+            lines.append(self._line("", [_tool_call(i, c, ids[i]) for i, c in enumerate(calls)]))
         if final:
             lines.append(self._last(d.finish_reason or "stop"))
         return lines
@@ -248,7 +250,7 @@ def _ns(seconds: float) -> int:
     return int(seconds * 1e9)
 
 
-def _tool_call(index: int, call: ParsedCall) -> OllamaToolCallOut:
+def _tool_call(index: int, call: ParsedCall, call_id: str) -> OllamaToolCallOut:
     """A parsed call with its ``arguments`` as an object (Ollama's shape); arguments that are
     no JSON object, or JSON Python cannot read (integers past 4300 digits, nesting past the
     recursion limit: the model wrote them), are ``{}``."""
@@ -256,7 +258,7 @@ def _tool_call(index: int, call: ParsedCall) -> OllamaToolCallOut:
         arguments = json.loads(call.arguments) if call.arguments else {}
     except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
         arguments = {}
-    return OllamaToolCallOut(id=new_call_id(), function=OllamaFunctionOut(
+    return OllamaToolCallOut(id=call_id, function=OllamaFunctionOut(
         index=index, name=call.name, arguments=arguments if isinstance(arguments, dict) else {}))
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from heron.output_processor import Prompt
 from heron.server.inputs import (
@@ -40,7 +40,8 @@ from heron.server.protocol import ErrorResponse, bad_request
 from heron.server.reasoning import ReasoningParser
 from heron.server.serving import ServingContext, value_error
 from heron.structured.params import StructuredOutputsParams
-from heron.structured.tools import ToolPlan, plan_tool_use
+from heron.structured.tool_parsers import MistralParser, mistral_template_id
+from heron.structured.tools import MarkerTokens, ToolPlan, plan_tool_use
 
 if TYPE_CHECKING:
     from heron.lora import LoRARequest
@@ -90,11 +91,13 @@ async def _prepare(ctx: ServingContext, request: GenerateRequest) -> PreparedReq
     for prompt in prompts:
         refuse(check_context(ctx, len(prompt.token_ids), spec.params.max_tokens, spec.input.what,
                              spec.max_tokens_field, spec.params.min_tokens))
-    plan = await offload(plan_tools, spec, ctx.config.tool_call_parser)
+    plan = await offload(plan_tools, spec, ctx.config.tool_call_parser, ctx.tool_markers)
     await check_constraints(ctx, spec, plan)
     reasoning = plan_reasoning(ctx.reasoning_parser, spec, prompts)
     budget = thinking_budget(spec.thinking_budget, reasoning, ctx.think_tags_are_tokens)
     params = spec.params.clone(structured_outputs=think_first(plan.constraint, reasoning, budget))
+    if isinstance(plan.parser, MistralParser):  # its [TOOL_CALLS] is a special token: keep it
+        params = params.clone(skip_special_tokens=False)
     return PreparedRequest(spec, prompts, params, plan.parser, reasoning,
                            ctx.lora_for(request.model))
 
@@ -144,9 +147,12 @@ async def render_chat(ctx: ServingContext, chat: ChatInput) -> Prompt:
 
 def apply_template(ctx: ServingContext, chat: ChatInput) -> str:
     """The chat's text; ValueError naming the messages when the template fails."""
+    messages = chat.messages
+    if ctx.config.tool_call_parser == "mistral":
+        messages = [mistral_ids(m) for m in messages]
     try:
         return ctx.tokenizer.apply_chat_template(
-            chat.messages,
+            messages,
             add_generation_prompt=chat.add_generation_prompt,
             continue_final_message=chat.continue_final_message,
             tools=chat.tools,
@@ -156,6 +162,21 @@ def apply_template(ctx: ServingContext, chat: ChatInput) -> str:
         raise ValueError(f"{chat.what}: {e}") from e
     except Exception as e:  # noqa: BLE001 - jinja raises many kinds; all mean "bad messages"
         raise ValueError(f"{chat.what}: the chat template could not render them: {e}") from e
+
+
+def mistral_ids(message: dict[str, Any]) -> dict[str, Any]:
+    """``message`` with its call ids as Mistral's templates accept them (9 letters and digits;
+    ``mistral_template_id``): ids other servers, clients or heron's other routes made (``call_``
+    + hex, ``toolu_...``) would make the template refuse the conversation."""
+    out = dict(message)
+    if isinstance(out.get("tool_call_id"), str):
+        out["tool_call_id"] = mistral_template_id(out["tool_call_id"])
+    calls = out.get("tool_calls")
+    if isinstance(calls, list):
+        out["tool_calls"] = [{**c, "id": mistral_template_id(c["id"])}
+                             if isinstance(c, dict) and isinstance(c.get("id"), str) else c
+                             for c in calls]
+    return out
 
 
 def check_token_ids(ctx: ServingContext, ids: list[int], param: str) -> ErrorResponse | None:
@@ -199,15 +220,17 @@ def check_context(
 # ==== 5. tool plan ================================================================================
 
 
-def plan_tools(spec: GenerateSpec, tool_call_parser: str | None) -> ToolPlan:
+def plan_tools(spec: GenerateSpec, tool_call_parser: str | None,
+               markers: MarkerTokens | None = None) -> ToolPlan:
     """The output constraint and the tool-call parser (ValueError when tools, tool_choice and
-    the response format do not fit together). ``tool_call_parser``: the server's setting."""
+    the response format do not fit together). ``tool_call_parser``: the server's setting;
+    ``markers``: its call markers that are tokens of the vocabulary."""
     tools = spec.tools
     response = spec.constraint[1] if spec.constraint is not None else None
     if tools is None:
         return ToolPlan(response, None)
     return plan_tool_use(tools.specs, tools.choice, tools.named, tools.parallel,
-                         tool_call_parser, response, tools.allowed)
+                         tool_call_parser, response, tools.allowed, markers)
 
 
 # ==== 6. constraints compile ======================================================================

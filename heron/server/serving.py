@@ -51,6 +51,7 @@ from heron.server.reasoning import (
 )
 from heron.server.response_store import ResponseStore
 from heron.structured.grammar import SpecValidator
+from heron.structured.tools import MarkerTokens
 
 if TYPE_CHECKING:
     from heron.lora import LoRARequest
@@ -117,6 +118,21 @@ class ServingContext:
         the engine's grammars spell them (a thinking budget is enforced on them only)."""
         added = self.tokenizer.hf.get_added_vocab()
         return THINK_OPEN in added and THINK_CLOSE in added
+
+    @functools.cached_property
+    def tool_markers(self) -> MarkerTokens | None:
+        """Under --tool-call-parser mistral: the ids of ``[TOOL_CALLS]`` and ``[ARGS]`` where
+        they are special tokens of the vocabulary (grammars name them; ``[ARGS]``: a v11+
+        vocabulary, whose calls are ``name[ARGS]{...}``)."""
+        if self.config.tool_call_parser != "mistral":
+            return None
+        added = self.tokenizer.hf.get_added_vocab()
+        special = self.tokenizer.special_token_ids
+
+        def token(text: str) -> int | None:
+            return added[text] if added.get(text) in special else None
+
+        return MarkerTokens(token("[TOOL_CALLS]"), token("[ARGS]"))
 
     @functools.cached_property
     def reasoning_parser(self) -> str | None:

@@ -14,15 +14,28 @@ Formats::
 
     hermes       <tool_call>{"name": "f", "arguments": {...}}</tool_call>   (content may precede)
     llama3_json  {"name": "f", "parameters": {...}}; {"name": "g", ...}     (the whole output)
+    mistral      [TOOL_CALLS] [{"name": "f", "arguments": {...}}, ...]      (tokenizer v3 / v7)
+                 [TOOL_CALLS]f[ARGS]{...}[TOOL_CALLS]g[CALL_ID]id[ARGS]{...}  (v11+; content
+                 may precede either)
+    pythonic     [f(a="x", b=[1, None]), g()]   (Python literals only; <|python_start|> may
+                 open it, Llama 4's; the list must be the output's start)
     named        the whole output is the arguments of one known function
+
+Call ids: ``call_`` and 24 hex digits; the mistral parser's are 9 letters and digits (Mistral's
+chat templates refuse others), or the id the model wrote after ``[CALL_ID]``.
 """
 
 from __future__ import annotations
 
+import ast
 import json
+import math
+import secrets
+import string
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 _WS = " \t\n\r"
 _SCALAR_END = ",}] \t\n\r"
@@ -35,6 +48,7 @@ class ParsedCall:
 
     name: str
     arguments: str
+    id: str | None = None  # the id the model wrote (Mistral's [CALL_ID]); None: heron makes one
 
 
 @dataclass
@@ -50,9 +64,25 @@ class ToolParser(Protocol):
         """Content and calls of ``text``; ``final``: no more text will come."""
         ...
 
+    def new_call_id(self) -> str:
+        """An id for a call the model wrote none for."""
+        ...
+
 
 def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
+
+
+_ALPHANUMERIC = string.ascii_letters + string.digits
+
+
+def new_mistral_call_id() -> str:
+    """9 letters and digits: the only ids Mistral's chat templates and tokenizers accept."""
+    return "".join(secrets.choice(_ALPHANUMERIC) for _ in range(9))
+
+
+def is_mistral_call_id(call_id: str) -> bool:
+    return len(call_id) == 9 and call_id.isascii() and call_id.isalnum()
 
 
 # ==== a small scanner for JSON objects that may still be growing =================================
@@ -184,6 +214,7 @@ class HermesParser:
     open_tag = "<tool_call>"
     close_tag = "</tool_call>"
     args_keys = ("arguments", "parameters")
+    new_call_id = staticmethod(new_call_id)
 
     def parse(self, text: str, final: bool) -> ParsedOutput:
         first = text.find(self.open_tag)
@@ -218,6 +249,7 @@ class Llama3JsonParser:
     ``;`` (an optional ``<|python_tag|>`` first). Output not opening with ``{`` is content."""
 
     args_keys = ("parameters", "arguments")
+    new_call_id = staticmethod(new_call_id)
 
     def parse(self, text: str, final: bool) -> ParsedOutput:
         start = _skip_ws(text, 0)
@@ -250,18 +282,298 @@ class Llama3JsonParser:
 
 
 class NamedParser:
-    """``tool_choice`` named one function: the whole output is its arguments."""
+    """``tool_choice`` named one function: the whole output is its arguments. ``call_ids``
+    makes the call's id (the server's format's kind of id)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, call_ids: Callable[[], str] = new_call_id) -> None:
         self.name = name
+        self.new_call_id = call_ids
 
     def parse(self, text: str, final: bool) -> ParsedOutput:
         return ParsedOutput("", [ParsedCall(self.name, text.strip())])
 
 
-PARSERS: dict[str, type[HermesParser] | type[Llama3JsonParser]] = {
+class MistralParser:
+    """Mistral's calls after ``[TOOL_CALLS]`` (a special token of v3+ vocabularies, kept in the
+    text for this parser; else plain text); the text before it is the content.
+
+    Tokenizer v3 / v7 (Mistral 7B v0.3, Nemo): a JSON list of ``{"name", "arguments"}`` objects.
+    v11+ (Mistral Small 3.2, Magistral): ``name[ARGS]{...}`` after each ``[TOOL_CALLS]``, with
+    ``[CALL_ID]id`` before ``[ARGS]`` in v11. A call's name is complete at ``[ARGS]`` (or
+    at the ``{`` of its arguments when ``[ARGS]`` is missing); its arguments are the JSON
+    object as far as written, or the raw text when they are no object."""
+
+    marker = "[TOOL_CALLS]"
+    args_marker = "[ARGS]"
+    id_marker = "[CALL_ID]"
+    new_call_id = staticmethod(new_mistral_call_id)
+
+    def parse(self, text: str, final: bool) -> ParsedOutput:
+        first = text.find(self.marker)
+        if first < 0:
+            return ParsedOutput(text if final else _hold_back(text, self.marker))
+        body = _skip_ws(text, first + len(self.marker))
+        if body < len(text) and text[body] in "[{":
+            calls = self._json_calls(text, body)
+        else:
+            calls = self._named_calls(text, first, final)
+        if not calls and final:
+            return ParsedOutput(text)
+        return ParsedOutput(text[:first].rstrip(), calls)
+
+    @staticmethod
+    def _json_calls(text: str, pos: int) -> list[ParsedCall]:
+        """``[{...}, {...}]`` (or objects without the list) from ``pos``."""
+        if text[pos] == "[":
+            pos = _skip_ws(text, pos + 1)
+        calls = []
+        while pos < len(text) and text[pos] == "{":
+            members, end = scan_object(text, pos)
+            call = call_of(text, members, ("arguments", "parameters"))
+            if call is None:
+                break
+            calls.append(call)
+            if end is None:
+                break
+            pos = _skip_ws(text, end)
+            pos = _skip_ws(text, pos + 1) if pos < len(text) and text[pos] == "," else len(text)
+        return calls
+
+    def _named_calls(self, text: str, first: int, final: bool) -> list[ParsedCall]:
+        """``[TOOL_CALLS]name[CALL_ID]id[ARGS]{...}`` groups from ``first``."""
+        calls = []
+        starts = _find_all(text, self.marker, first)
+        for i, start in enumerate(starts):
+            end = starts[i + 1] if i + 1 < len(starts) else len(text)
+            call = self._named_call(text[start + len(self.marker):end], final or end < len(text))
+            if call is None:
+                break
+            calls.append(call)
+        return calls
+
+    def _named_call(self, group: str, complete: bool) -> ParsedCall | None:
+        head_end, args_start = _mistral_head(group, self.args_marker)
+        if head_end is None:
+            return None
+        name, _, call_id = group[:head_end].partition(self.id_marker)
+        name, call_id = name.strip(), call_id.strip()
+        if not name or not _is_name(name):
+            return None
+        start = _skip_ws(group, args_start)
+        if start < len(group) and group[start] == "{":
+            end = _value_end(group, start)
+            arguments = group[start:end if end is not None else len(group)]
+        else:
+            arguments = group[start:] if complete else _hold_back(group[start:], self.marker)
+            arguments = arguments.rstrip()
+        return ParsedCall(name, arguments, call_id if is_mistral_call_id(call_id) else None)
+
+
+def _mistral_head(group: str, args_marker: str) -> tuple[int | None, int]:
+    """Where a v11 call's name (and id) ends, and where its arguments start: at ``[ARGS]``, or at
+    the first ``{`` when there is none; (None, 0) while neither is written."""
+    at = group.find(args_marker)
+    brace = group.find("{")
+    if at >= 0 and (brace < 0 or at < brace):
+        return at, at + len(args_marker)
+    return (brace, brace) if brace >= 0 else (None, 0)
+
+
+def _find_all(text: str, marker: str, start: int) -> list[int]:
+    found = []
+    pos = text.find(marker, start)
+    while pos >= 0:
+        found.append(pos)
+        pos = text.find(marker, pos + len(marker))
+    return found
+
+
+def _is_name(name: str) -> bool:
+    return len(name) <= 64 and all(c.isascii() and (c.isalnum() or c in "_-") for c in name)
+
+
+def mistral_template_id(call_id: str) -> str:
+    """The id a Mistral chat template sees for ``call_id``: itself when it is 9 letters and
+    digits; else its last 9 characters when those are (``call_`` + hex, Anthropic's
+    ``toolu_...``); else 9 characters derived from it. The same id always maps the same way,
+    so a call and its result still pair up."""
+    if is_mistral_call_id(call_id):
+        return call_id
+    if is_mistral_call_id(call_id[-9:]):
+        return call_id[-9:]
+    import hashlib
+
+    number = int.from_bytes(hashlib.sha256(call_id.encode()).digest()[:8], "big")
+    digits = []
+    for _ in range(9):
+        number, digit = divmod(number, len(_ALPHANUMERIC))
+        digits.append(_ALPHANUMERIC[digit])
+    return "".join(digits)
+
+
+# ==== pythonic ======================================================================================
+
+_PYTHON_START = "<|python_start|>"
+_PYTHON_END = "<|python_end|>"
+_JSON_NAMES = {"true": True, "false": False, "null": None}
+
+
+class _NotLiteral(ValueError):
+    """A call's text is not ``name(key=literal, ...)``."""
+
+
+class PythonicParser:
+    """``[f(a=1, b="x"), g()]``: a Python list of calls with keyword arguments whose values are
+    literals (strings, numbers, True / False / None, lists, tuples, dicts; JSON's true / false /
+    null too), read with ``ast`` (nothing is evaluated). The list must open the output
+    (``<|python_start|>`` may come first); text after it is content.
+
+    A call is reported once its closing parenthesis is read and it checks out, its arguments
+    then whole (a JSON object); a call that does not check out ends the list. Output whose first
+    call does not check out, or that is no list of calls, is content."""
+
+    new_call_id = staticmethod(new_call_id)
+
+    def parse(self, text: str, final: bool) -> ParsedOutput:
+        start = _skip_ws(text, 0)
+        if text.startswith(_PYTHON_START, start):
+            start = _skip_ws(text, start + len(_PYTHON_START))
+        if start >= len(text) or text[start] != "[":
+            undecided = not final and (start >= len(text) or _PYTHON_START.startswith(text[start:]))
+            return ParsedOutput("" if undecided else (text if final else text.rstrip()))
+        calls, rest, broken = self._calls(text, start + 1)
+        if not calls:
+            return ParsedOutput(text if final or broken else "")
+        if rest is None:
+            return ParsedOutput("", calls)
+        return ParsedOutput(self._after_list(text[rest:], final), calls)
+
+    @staticmethod
+    def _calls(text: str, pos: int) -> tuple[list[ParsedCall], int | None, bool]:
+        """The calls of the list opened before ``pos``, where the text after its ``]`` starts
+        (None while it is open or after a call that does not check out), and whether one
+        did not."""
+        calls: list[ParsedCall] = []
+        while True:
+            pos = _skip_ws(text, pos)
+            open_paren = text.find("(", pos)
+            if open_paren < 0:
+                return calls, None, not _could_be_name(text[pos:])
+            end = _python_value_end(text, open_paren)
+            if end is None:
+                return calls, None, not text[pos:open_paren].strip().isidentifier()
+            try:
+                calls.append(_python_call(text[pos:end]))
+            except _NotLiteral:
+                return calls, None, True
+            pos = _skip_ws(text, end)
+            if pos < len(text) and text[pos] == "]":
+                return calls, pos + 1, False
+            if pos >= len(text) or text[pos] != ",":
+                return calls, None, pos < len(text)
+            pos += 1
+
+    @staticmethod
+    def _after_list(rest: str, final: bool) -> str:
+        rest = rest.strip()
+        if rest.startswith(_PYTHON_END):
+            rest = rest[len(_PYTHON_END):].lstrip()
+        elif not final and _PYTHON_END.startswith(rest):
+            return ""
+        return rest if final else rest.rstrip()
+
+
+def _could_be_name(text: str) -> bool:
+    stripped = text.strip()
+    return not stripped or stripped.isidentifier()
+
+
+def _python_value_end(s: str, i: int) -> int | None:
+    """One past the bracket closing the one at ``s[i]``, skipping Python strings; None if open."""
+    depth, j = 0, i
+    while j < len(s):
+        c = s[j]
+        if c in "'\"":
+            j = _python_string_end(s, j)
+            if j < 0:
+                return None
+            continue
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+            if depth == 0:
+                return j + 1
+        j += 1
+    return None
+
+
+def _python_string_end(s: str, i: int) -> int:
+    """One past the end of the string literal opening at ``s[i]`` (triple quotes too); -1 if open."""
+    quote = s[i] * 3 if s.startswith(s[i] * 3, i) else s[i]
+    j = i + len(quote)
+    while j < len(s):
+        if s[j] == "\\":
+            j += 2
+        elif s.startswith(quote, j):
+            return j + len(quote)
+        else:
+            j += 1
+    return -1
+
+
+def _python_call(source: str) -> ParsedCall:
+    """``name(key=literal, ...)`` as a call with JSON arguments; _NotLiteral otherwise."""
+    try:
+        node = ast.parse(source.strip(), mode="eval").body
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+        raise _NotLiteral(str(e)) from None
+    if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
+        raise _NotLiteral("not a call with keyword arguments")
+    arguments: dict[str, Any] = {}
+    for keyword in node.keywords:
+        if keyword.arg is None or keyword.arg in arguments:  # **spread, or a key twice
+            raise _NotLiteral("keyword arguments must be named once each")
+        arguments[keyword.arg] = _literal(keyword.value)
+    return ParsedCall(node.func.id, json.dumps(arguments, ensure_ascii=False))
+
+
+def _literal(node: ast.expr) -> Any:
+    """The JSON value of a literal node; _NotLiteral for anything else."""
+    if isinstance(node, ast.Constant) and _is_json_scalar(node.value):
+        return node.value
+    if isinstance(node, ast.Name) and node.id in _JSON_NAMES:
+        return _JSON_NAMES[node.id]
+    if (isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd))
+            and isinstance(node.operand, ast.Constant) and _is_number(node.operand.value)):
+        number: float = node.operand.value  # type: ignore[assignment]  # int or float
+        return -number if isinstance(node.op, ast.USub) else number
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_literal(item) for item in node.elts]
+    if isinstance(node, ast.Dict):
+        out = {}
+        for key, value in zip(node.keys, node.values):
+            if not (isinstance(key, ast.Constant) and isinstance(key.value, str)):
+                raise _NotLiteral("dict keys must be strings")
+            out[key.value] = _literal(value)
+        return out
+    raise _NotLiteral(f"not a literal: {type(node).__name__}")
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, float) and math.isfinite(value))
+
+
+def _is_json_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (str, bool)) or _is_number(value)
+
+
+PARSERS: dict[str, Callable[[], ToolParser]] = {
     "hermes": HermesParser,
     "llama3_json": Llama3JsonParser,
+    "mistral": MistralParser,
+    "pythonic": PythonicParser,
 }
 
 
@@ -305,7 +617,7 @@ class ToolCallStream:
         deltas = []
         for index, call in enumerate(self.parsed.calls):
             if index == len(self.call_ids):
-                self.call_ids.append(new_call_id())
+                self.call_ids.append(call.id or self.parser.new_call_id())
                 self._args_sent.append(len(call.arguments))
                 deltas.append(ToolCallDelta(index, call.arguments, self.call_ids[index], call.name))
             elif len(call.arguments) > self._args_sent[index]:
