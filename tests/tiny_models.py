@@ -43,12 +43,14 @@ def save_char_tokenizer(path: Path) -> None:
 THINK_TAGS = ("<think>", "</think>")  # ids 104 and 105 in char_tokenizer(think_tags=True)
 
 
-def char_tokenizer(think_tags: bool = False) -> PreTrainedTokenizerFast:
+def char_tokenizer(think_tags: bool = False,
+                   special_tags: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
     """One token per printable character (ids 4..103; 0-3 are <pad> <s> </s> <unk>), filler
     tokens "[i]" up to the model's vocabulary; encoding adds <s>. Its decoder (byte fallback,
     then fuse: the same text as fuse alone here) is one llguidance reads, so structured output
     can force an exact answer. ``think_tags``: ``<think>`` and ``</think>`` are tokens 104 and
-    105, added tokens that are not special (as in Qwen3's vocabulary)."""
+    105, added tokens that are not special (as in Qwen3's vocabulary). ``special_tags``: added
+    special tokens after those (Mistral's ``[TOOL_CALLS]``, ``[ARGS]``)."""
     from tokenizers import (
         AddedToken,
         Regex,
@@ -64,6 +66,7 @@ def char_tokenizer(think_tags: bool = False) -> PreTrainedTokenizerFast:
     vocab.update({c: len(vocab) + i for i, c in enumerate(string.printable)})
     if think_tags:
         vocab.update({tag: len(vocab) + i for i, tag in enumerate(THINK_TAGS)})
+    vocab.update({tag: len(vocab) + i for i, tag in enumerate(special_tags)})
     vocab.update({f"[{i}]": i for i in range(len(vocab), VOCAB)})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
@@ -71,6 +74,7 @@ def char_tokenizer(think_tags: bool = False) -> PreTrainedTokenizerFast:
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     if think_tags:
         tok.add_tokens([AddedToken(tag, special=False, normalized=False) for tag in THINK_TAGS])
+    tok.add_special_tokens([AddedToken(tag, special=True, normalized=False) for tag in special_tags])
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",

@@ -340,52 +340,50 @@ class MistralParser:
         return calls
 
     def _named_calls(self, text: str, first: int, final: bool) -> list[ParsedCall]:
-        """``[TOOL_CALLS]name[CALL_ID]id[ARGS]{...}`` groups from ``first``."""
+        """``[TOOL_CALLS]name[CALL_ID]id[ARGS]{...}`` groups from ``first`` (a marker inside the
+        arguments' JSON strings starts no call)."""
         calls = []
-        starts = _find_all(text, self.marker, first)
-        for i, start in enumerate(starts):
-            end = starts[i + 1] if i + 1 < len(starts) else len(text)
-            call = self._named_call(text[start + len(self.marker):end], final or end < len(text))
+        pos = first
+        while pos >= 0:
+            call, end = self._named_call(text, pos + len(self.marker), final)
             if call is None:
                 break
             calls.append(call)
+            pos = text.find(self.marker, end) if end is not None else -1
         return calls
 
-    def _named_call(self, group: str, complete: bool) -> ParsedCall | None:
-        head_end, args_start = _mistral_head(group, self.args_marker)
-        if head_end is None:
-            return None
-        name, _, call_id = group[:head_end].partition(self.id_marker)
+    def _named_call(self, text: str, start: int, final: bool) -> tuple[ParsedCall | None, int | None]:
+        """The call whose name starts at ``start`` and where its arguments end (None: open)."""
+        next_marker = text.find(self.marker, start)
+        head_end, args_start = _mistral_head(text, start, self.args_marker)
+        if head_end is None or (0 <= next_marker < head_end):
+            return None, None
+        name, _, call_id = text[start:head_end].partition(self.id_marker)
         name, call_id = name.strip(), call_id.strip()
         if not name or not _is_name(name):
-            return None
-        start = _skip_ws(group, args_start)
-        if start < len(group) and group[start] == "{":
-            end = _value_end(group, start)
-            arguments = group[start:end if end is not None else len(group)]
+            return None, None
+        begin = _skip_ws(text, args_start)
+        if begin < len(text) and text[begin] == "{":
+            end = _value_end(text, begin)
+            arguments = text[begin:end if end is not None else len(text)]
         else:
-            arguments = group[start:] if complete else _hold_back(group[start:], self.marker)
+            end = next_marker if next_marker >= 0 else None
+            arguments = text[begin:end if end is not None else len(text)]
+            if end is None and not final:
+                arguments = _hold_back(arguments, self.marker)
             arguments = arguments.rstrip()
-        return ParsedCall(name, arguments, call_id if is_mistral_call_id(call_id) else None)
+        return ParsedCall(name, arguments, call_id if is_mistral_call_id(call_id) else None), end
 
 
-def _mistral_head(group: str, args_marker: str) -> tuple[int | None, int]:
-    """Where a v11 call's name (and id) ends, and where its arguments start: at ``[ARGS]``, or at
-    the first ``{`` when there is none; (None, 0) while neither is written."""
-    at = group.find(args_marker)
-    brace = group.find("{")
+def _mistral_head(text: str, start: int, args_marker: str) -> tuple[int | None, int]:
+    """Where a v11 call's name (and id) from ``start`` ends, and where its arguments start: at
+    ``[ARGS]``, or at the first ``{`` when there is none before it; (None, 0) while neither
+    is written."""
+    at = text.find(args_marker, start)
+    brace = text.find("{", start)
     if at >= 0 and (brace < 0 or at < brace):
         return at, at + len(args_marker)
     return (brace, brace) if brace >= 0 else (None, 0)
-
-
-def _find_all(text: str, marker: str, start: int) -> list[int]:
-    found = []
-    pos = text.find(marker, start)
-    while pos >= 0:
-        found.append(pos)
-        pos = text.find(marker, pos + len(marker))
-    return found
 
 
 def _is_name(name: str) -> bool:
