@@ -4,7 +4,8 @@
 ``grammar``      spec -> llguidance grammar text; validation without a tokenizer (API side)
 ``backend``      engine side: compilation off the hot loop, per-request matchers, bitmasks
 ``tools``        request side: response_format / tools / tool_choice -> constraint and parser
-``tool_parsers`` tool calls out of generated text (hermes, llama3_json, named), for streaming too
+``tool_parsers`` tool calls out of generated text (hermes, llama3_json, mistral, pythonic,
+               named), for streaming too
 """
 
 from __future__ import annotations
