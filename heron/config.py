@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 
 from heron.lora import LoRARequest
+from heron.scoring import HFOverrides
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -54,8 +55,12 @@ class ModelConfig:
     # process's memory on 2 MiB pages (fewer TLB misses: faster decode); "auto", copy where
     # Linux has transparent huge pages, else mapped.
     gguf_memory: str = "auto"
+    # vLLM's --hf-overrides JSON, limited to a causal LM served as a reranker
+    # (``heron.scoring.HFOverrides``); None: the checkpoint as it is.
+    hf_overrides: str | None = None
 
     def __post_init__(self) -> None:
+        HFOverrides.parse(self.hf_overrides)  # ValueError naming the bad key
         if self.gguf_memory not in GGUF_MEMORY:
             raise ValueError(f"gguf_memory must be one of {', '.join(GGUF_MEMORY)}, "
                              f"got {self.gguf_memory!r}")

@@ -1,5 +1,5 @@
 """The offline API: ``LLM(model).generate(prompts, params)``, ``.chat(conversations, params)``
-and ``.embed(prompts)``.
+``.embed(prompts)`` and ``.score(text_1, text_2)``.
 
 Runs the same EngineCore as the server, in process (no HTTP, no ZMQ), and the same output
 processor (``heron.output_processor``): same request, same choices.
@@ -8,6 +8,7 @@ processor (``heron.output_processor``): same request, same choices.
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -30,9 +31,17 @@ from heron.engine.request import Logprob, LogprobsDict
 from heron.heap import keep_step_buffers, release_free_heap
 from heron.lora import LoRARequest
 from heron.output_processor import ChoiceDelta, OutputProcessor, Prompt, RequestState
-from heron.outputs import CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
+from heron.outputs import (
+    CompletionOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    RequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
+)
 from heron.pooling_params import PoolingParams
 from heron.sampling_params import SamplingParams
+from heron.scoring import check_scorable, cosine, pair_texts, score_of
 from heron.tokenizer import load_tokenizer
 from heron.tokenizer.tokenizer import Tokenizer
 
@@ -53,6 +62,8 @@ class LLM:
     routed as the server routes; ``close()`` stops them. ``enable_lora=True``: ``generate``
     and ``chat`` take ``lora_request`` (``heron.lora.LoRARequest``, one or one per prompt), at
     most ``max_loras`` adapters running at once, of rank up to ``max_lora_rank``.
+    ``hf_overrides`` (vLLM's, as a dict or JSON): a causal LM served as a reranker
+    (``heron.scoring.HFOverrides``).
     """
 
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None,
@@ -66,12 +77,16 @@ class LLM:
                  data_parallel_size: int = 1, data_parallel_backend: str = "mp",
                  cpus_per_engine: int | None = None, ray_address: str = "auto",
                  router: str = "prefix", enable_lora: bool = False, max_loras: int = 1,
-                 max_lora_rank: int = 16) -> None:
+                 max_lora_rank: int = 16,
+                 hf_overrides: dict[str, Any] | str | None = None) -> None:
+        if isinstance(hf_overrides, dict):
+            hf_overrides = json.dumps(hf_overrides)
         self.model_config = ModelConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, device=device,
             max_model_len=max_model_len, seed=seed, load_format=load_format,
             chat_template=chat_template, quantization=quantization,
-            gguf_memory=gguf_memory_for(gguf_memory, data_parallel_size))
+            gguf_memory=gguf_memory_for(gguf_memory, data_parallel_size),
+            hf_overrides=hf_overrides)
         config = EngineConfig(
             model=self.model_config,
             cache=CacheConfig(block_size=block_size,
@@ -175,14 +190,47 @@ class LLM:
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         params = pooling_params or PoolingParams()
-        requests = [EngineRequest(request_id=f"embed-{next(self._ids)}",
-                                  prompt_token_ids=self._encode(p)[1], pooling_params=params)
-                    for p in prompts]
+        encoded = [self._encode(p)[1] for p in prompts]
+        vectors = self._pool(encoded, params, "Embedded prompts", use_tqdm)
+        return [EmbeddingRequestOutput(
+            request_id=f"embed-{next(self._ids)}", prompt_token_ids=ids,
+            outputs=EmbeddingOutput(v.tolist())) for ids, v in zip(encoded, vectors)]
+
+    def score(self, text_1: str | Sequence[str], text_2: str | Sequence[str],
+              use_tqdm: bool = True) -> list[ScoringRequestOutput]:
+        """One score per pair (``heron.scoring.pair_texts``: one text against each of the
+        others, or two lists zipped), as ``/v1/score`` computes it: a cross-encoder's
+        classifier score of the pair, else the cosine similarity of the two embeddings."""
+        pairs = pair_texts(text_1 if isinstance(text_1, str) else list(text_1),
+                           text_2 if isinstance(text_2, str) else list(text_2))
+        num_labels = self.engine.info.num_labels
+        check_scorable(num_labels)
+        tokenizer = self.get_tokenizer()
+        if num_labels:
+            encoded = [tokenizer.encode_pair(a, b) for a, b in pairs]
+            logits = self._pool(encoded, PoolingParams.classifier(), "Scored pairs", use_tqdm)
+            scores = [score_of(v.tolist()) for v in logits]
+        else:
+            texts = sorted({t for pair in pairs for t in pair})
+            vectors = self._pool([tokenizer.encode(t) for t in texts], PoolingParams(),
+                                 "Embedded texts", use_tqdm)
+            by_text = dict(zip(texts, vectors))
+            scores = [cosine(by_text[a].tolist(), by_text[b].tolist()) for a, b in pairs]
+            encoded = [[] for _ in pairs]
+        return [ScoringRequestOutput(request_id=f"score-{next(self._ids)}",
+                                     prompt_token_ids=ids, outputs=ScoringOutput(score))
+                for ids, score in zip(encoded, scores)]
+
+    def _pool(self, encoded: list[list[int]], params: PoolingParams, desc: str,
+              use_tqdm: bool) -> list[np.ndarray]:
+        """One pooling request per prompt, all in the engine at once: their vectors in order."""
+        requests = [EngineRequest(request_id=f"pool-{next(self._ids)}", prompt_token_ids=ids,
+                                  pooling_params=params) for ids in encoded]
         vectors: dict[str, bytes] = {}
         try:
             for request in requests:
                 self.engine.add_request(request)
-            with tqdm(total=len(requests), desc="Embedded prompts", disable=not use_tqdm) as bar:
+            with tqdm(total=len(requests), desc=desc, disable=not use_tqdm) as bar:
                 while len(vectors) < len(requests) and self.engine.has_unfinished_requests():
                     for out in self.engine.step():
                         if out.embedding is not None:
@@ -192,10 +240,7 @@ class LLM:
             unfinished = [r.request_id for r in requests if r.request_id not in vectors]
             if unfinished:
                 self.engine.abort_requests(unfinished)
-        return [EmbeddingRequestOutput(
-            request_id=r.request_id, prompt_token_ids=r.prompt_token_ids,
-            outputs=EmbeddingOutput(np.frombuffer(vectors[r.request_id], dtype="<f4").tolist()))
-            for r in requests]
+        return [np.frombuffer(vectors[r.request_id], dtype="<f4") for r in requests]
 
     # ---- the loop -------------------------------------------------------------------------
 

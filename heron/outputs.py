@@ -56,3 +56,22 @@ class EmbeddingRequestOutput:
     prompt_token_ids: list[int]
     outputs: EmbeddingOutput
     finished: bool = True
+
+
+@dataclass
+class ScoringOutput:
+    """A pair's score (``LLM.score``), as ``/v1/score`` computes it."""
+
+    score: float
+
+
+@dataclass
+class ScoringRequestOutput:
+    """One pair of ``LLM.score`` (vLLM's shape: ``.outputs.score``); ``prompt_token_ids``:
+    the pair as the cross-encoder read it (empty where the score is a cosine of two
+    embeddings)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: ScoringOutput
+    finished: bool = True

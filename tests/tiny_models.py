@@ -105,3 +105,51 @@ def save_tiny_chat_model(path: Path) -> Path:
     weights["lm_head.weight"][2].zero_()  # eos_token_id=2
     save_file(weights, str(weights_file), metadata={"format": "pt"})
     return path
+
+
+def _tiny_config(family: str, **extra: object) -> transformers.PretrainedConfig:
+    """A 2-layer GQA config of ``family`` ("llama" or "qwen3") over ``VOCAB`` tokens."""
+    common: dict[str, object] = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra)
+    if family == "qwen3":
+        return transformers.Qwen3Config(head_dim=16, **common)
+    return transformers.LlamaConfig(**common)
+
+
+def _widen(model: torch.nn.Module, head_std: float = 0.08) -> None:
+    """Random weights away from near-flat outputs; ``score.weight`` at ``head_std``."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, head_std if name.startswith("score.") else 0.08)
+
+
+def save_tiny_classifier(path: Path, family: str, num_labels: int, seed: int = 0) -> Path:
+    """A random ``*ForSequenceClassification`` (``family``: "llama" or "qwen3") with
+    ``num_labels`` labels and the character tokenizer, whose pairs read ``<s> A </s> B``."""
+    from tokenizers import processors
+
+    torch.manual_seed(seed)
+    config = _tiny_config(family, num_labels=num_labels)
+    model = transformers.AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    _widen(model, head_std=0.15)
+    model.save_pretrained(path)
+    tokenizer = char_tokenizer()
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A </s> $B:1", special_tokens=[("<s>", 1), ("</s>", 2)])
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_tiny_qwen3(path: Path, seed: int = 0) -> Path:
+    """A random Qwen3ForCausalLM (tied head, as Qwen3-Reranker-0.6B) with the character
+    tokenizer (pairs: the two texts back to back, as Qwen's tokenizer joins them)."""
+    torch.manual_seed(seed)
+    config = _tiny_config("qwen3", tie_word_embeddings=True)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _widen(model)
+    model.save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path

@@ -33,6 +33,9 @@ from heron.engine.scheduler import Scheduler
 from heron.engine.structured import StructuredOutputManager
 from heron.layers.rotary import yarn_context_length
 from heron.loader.prepared import load_prepared_model
+from heron.models.base import CausalLM
+from heron.models.score_head import two_token_head
+from heron.scoring import HFOverrides
 from heron.tokenizer import load_tokenizer
 from heron.tokenizer.load import tokenizer_json_path
 
@@ -56,6 +59,7 @@ class EngineCore:
         loaded, _ = load_prepared_model(config.model, self.device, self.dtype, self.quantization)
         self.model = loaded.model
         self.hf_config = loaded.hf_config
+        _attach_two_token_head(self.model, self.hf_config, config.model)
         self.eos_token_ids = _eos_token_ids(loaded.hf_config, loaded.generation_config)
         num_blocks, kv_reason = self._num_kv_blocks()
         block_size = config.cache.block_size
@@ -73,7 +77,8 @@ class EngineCore:
             max_model_len=self.max_model_len, vocab_size=_vocab_size(self.hf_config),
             num_kv_blocks=num_blocks, block_size=block_size, device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."), eos_token_ids=sorted(self.eos_token_ids),
-            hidden_size=int(_text_config(self.hf_config).hidden_size))
+            hidden_size=int(_text_config(self.hf_config).hidden_size),
+            num_labels=self.model.num_labels)
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         # Structured outputs: constrained requests wait here while their grammar compiles.
@@ -96,6 +101,7 @@ class EngineCore:
         params = request.sampling_params
         prompt = request.prompt_token_ids
         pooling = request.pooling_params is not None
+        self._check_task(request)
         self._validate_prompt(prompt, params.max_tokens, pooling)
         max_tokens = 0 if pooling else self.max_model_len - len(prompt)
         if params.max_tokens is not None and not pooling:
@@ -205,6 +211,16 @@ class EngineCore:
             new_logprobs=new_logprobs, prompt_logprobs=prompt_logprobs,
             finish_reason=req.finish_reason, stop_reason=req.stop_reason,
             num_cached_tokens=max(req.num_cached_tokens, 0), embedding=_embedding(req))
+
+    def _check_task(self, request: EngineRequest) -> None:
+        """ValueError for what the model cannot do: generate (a sequence classifier) or
+        classify (no classification head)."""
+        pooling = request.pooling_params
+        if pooling is None and not self.model.generates:
+            raise ValueError("this model is a sequence classifier: it scores (/v1/score, "
+                             "/v1/rerank) and embeds, it does not generate text")
+        if pooling is not None and pooling.classify and self.model.num_labels == 0:
+            raise ValueError("this model has no classification head to score with")
 
     def _validate_prompt(self, prompt: list[int], max_tokens: int | None, pooling: bool) -> None:
         if not prompt:
@@ -396,6 +412,21 @@ def _model_max_len(hf_config: Any) -> int:
         if isinstance(value, int) and value > 0:
             return max(value, yarn_context_length(cfg) or 0)
     return 2048
+
+
+def _attach_two_token_head(model: CausalLM, hf_config: Any, model_config: ModelConfig) -> None:
+    """``--hf-overrides``: a causal LM served as a reranker gets its two-token score head
+    (``heron.models.score_head.two_token_head``), its tokens looked up in its vocabulary."""
+    overrides = HFOverrides.parse(model_config.hf_overrides)
+    if overrides is None:
+        return
+    overrides.check_family(list(getattr(hf_config, "architectures", None) or []))
+    vocab = load_tokenizer(model_config).hf.get_vocab()
+    missing = [t for t in (overrides.false_token, overrides.true_token) if t not in vocab]
+    if missing:
+        raise ValueError(f"--hf-overrides: classifier_from_token {missing[0]!r} is not a token "
+                         "of this model's vocabulary")
+    model.score = two_token_head(model, vocab[overrides.false_token], vocab[overrides.true_token])
 
 
 def _embedding(req: Request) -> bytes | None:

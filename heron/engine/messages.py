@@ -82,6 +82,7 @@ class EngineInfo(msgspec.Struct, kw_only=True):
     dtype: str
     eos_token_ids: list[int]
     hidden_size: int = 0  # the length of a pooled vector
+    num_labels: int = 0  # the classification head's (0: none): a classify request's vector
 
 
 # ---- the engine client <-> engine core protocol (msgspec msgpack over ZMQ) ----------------------

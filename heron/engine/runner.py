@@ -109,7 +109,7 @@ class ModelRunner:
         if batch.prompt_logprob_rows:
             self._prompt_logprobs(hidden, batch)
         for req, flat, start, n in batch.pool_rows:
-            _pool(req, hidden[flat:flat + n], start)
+            _pool(req, hidden[flat:flat + n], start, self.model)
         if not batch.sample_requests:
             return {}, {}
         logits = self.model.compute_logits(hidden[batch.sample_idx])  # [num_sampled, vocab]
@@ -275,9 +275,10 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.from_numpy(buffer).view(dtype).view(shape)
 
 
-def _pool(req: Request, hidden: torch.Tensor, start: int) -> None:
+def _pool(req: Request, hidden: torch.Tensor, start: int, model: CausalLM) -> None:
     """Fold one chunk of a pooling request's final hidden states ([n, hidden], positions
-    ``start..start + n``) into ``req.pooled``; after its last chunk that is the final vector."""
+    ``start..start + n``) into ``req.pooled``; after its last chunk that is the final vector
+    (a classify request's: ``model``'s classifier logits of it)."""
     params = req.pooling_params
     if params is None:
         raise ValueError(f"request {req.request_id!r} has pool rows but no pooling params")
@@ -293,6 +294,8 @@ def _pool(req: Request, hidden: torch.Tensor, start: int) -> None:
         req.pooled = req.pooled / req.num_tokens
     if params.normalize:
         req.pooled = F.normalize(req.pooled, dim=0)
+    if params.classify:
+        req.pooled = model.classify(req.pooled)  # [num_labels]
     req.pooled = req.pooled.cpu()
 
 

@@ -4,6 +4,7 @@ The contract (``CausalLM``)::
 
     forward(input_ids [T], positions [T], ctx) -> hidden [T, hidden]
     compute_logits(hidden [N, hidden])        -> logits [N, vocab] float32
+    classify(pooled [hidden])                  -> logits [num_labels] float32 (``score`` head)
     num_layers, num_kv_heads, head_dim         the KV cache shape per layer
     weight_mapping                             checkpoint names -> parameter names (``WeightMapping``)
     prepare_decode(kv_caches) -> bool          the one-call decode step where it applies
@@ -16,7 +17,7 @@ A model file holds only its architecture and its ``WeightMapping``; loading is g
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,6 +26,9 @@ from heron.layers.attention import ForwardContext
 from heron.layers.linear import LMHead
 from heron.layers.lora import LoRASlot, attach_lora
 from heron.models.fused_decode import FusedDecode
+
+if TYPE_CHECKING:
+    from heron.models.score_head import ScoreHead
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,10 @@ class CausalLM(nn.Module):
         ignored = (r"^lm_head\.weight$",) if self.tie_word_embeddings else ()
         self.weight_mapping = WeightMapping(stacked=stacked, ignored=ignored)
         self.lora_slot: LoRASlot | None = None  # set by enable_lora
+        # A classification head (``heron.models.score_head``): a sequence-classification
+        # checkpoint's, or a reranker's made from two LM head rows. None: no head.
+        self.score: ScoreHead | None = None
+        self.generates = True  # False: a sequence classifier, whose LM head is a stand-in
 
     def serve_text_only(self) -> None:
         """Load the language model of a vision-language checkpoint: its weights under
@@ -127,6 +135,17 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)  # [N, vocab] float32
+
+    @property
+    def num_labels(self) -> int:
+        """The classification head's labels; 0 without one."""
+        return 0 if self.score is None else self.score.num_labels
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        """A pooled final hidden state [hidden] -> classifier logits [num_labels] float32."""
+        if self.score is None:
+            raise ValueError("this model has no classification head")
+        return self.score(pooled)  # [num_labels]
 
     def prepare_decode(self, kv_caches: list[torch.Tensor]) -> bool:
         """Set up the one-call decode step (``FusedDecode``) over ``kv_caches`` where the

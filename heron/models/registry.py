@@ -23,6 +23,11 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Gemma3ForConditionalGeneration": ("heron.models.gemma3", "Gemma3ForConditionalGeneration"),
     "Mistral3ForConditionalGeneration": ("heron.models.llama", "Mistral3ForConditionalGeneration"),
     "MptForCausalLM": ("heron.models.mpt", "MptForCausalLM"),
+    # cross-encoders: the family's decoder and a ``score`` head (heron.models.score_head)
+    "LlamaForSequenceClassification": ("heron.models.score_head", "LLAMA"),
+    "MistralForSequenceClassification": ("heron.models.score_head", "MISTRAL"),
+    "Qwen2ForSequenceClassification": ("heron.models.score_head", "QWEN2"),
+    "Qwen3ForSequenceClassification": ("heron.models.score_head", "QWEN3"),
 }
 
 

@@ -137,6 +137,11 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
+    def encode_pair(self, text: str, pair: str) -> list[int]:
+        """Two texts as one input, joined as the tokenizer pairs them (a cross-encoder's
+        query and document: its separators and special tokens)."""
+        return list(self.hf(text, pair, add_special_tokens=True)["input_ids"])
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True,
                spaces_between_special_tokens: bool = False) -> str:
         """Text of ``ids``; with ``spaces_between_special_tokens`` (and specials kept) each
