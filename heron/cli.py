@@ -285,6 +285,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="a Jinja chat template file, or the template text itself",
     )
     g.add_argument(
+        "--hf-overrides",
+        default=None,
+        metavar="JSON",
+        help="vLLM's flag, for a causal LM served as a reranker (Qwen3-Reranker): "
+        '\'{"architectures": ["Qwen3ForSequenceClassification"], "classifier_from_token": '
+        '["no", "yes"], "is_original_qwen3_reranker": true}\': /v1/score and /v1/rerank '
+        "score sigmoid(logit_yes - logit_no); no other keys",
+    )
+    g.add_argument(
         "--grammar-index",
         default="start",
         choices=GRAMMAR_INDEX,
@@ -405,6 +414,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         seed=args.seed,
         load_format=args.load_format,
         chat_template=args.chat_template,
+        hf_overrides=getattr(args, "hf_overrides", None),
         quantization=args.quantization,
         grammar_index=getattr(args, "grammar_index", "start"),
         gguf_memory=gguf_memory_for(args.gguf_memory, getattr(args, "data_parallel_size", 1)),

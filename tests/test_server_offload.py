@@ -149,6 +149,8 @@ ENCODE_ROUTES = [
     ("/v1/completions", {"prompt": MANY_PROMPTS, "max_tokens": 1}),
     ("/v1/embeddings", {"input": MANY_PROMPTS}),
     ("/api/embed", {"model": MODEL, "input": MANY_PROMPTS}),
+    ("/v1/score", {"text_1": "q", "text_2": MANY_PROMPTS}),
+    ("/v1/rerank", {"query": "q", "documents": MANY_PROMPTS}),
 ]
 
 
@@ -159,6 +161,18 @@ def test_tokenizing_a_large_body_runs_off_the_event_loop(
     """Many short prompts (each below the length that went to a thread on its own)."""
     gate = Gate(tokenizer.encode)
     monkeypatch.setattr(tokenizer, "encode", gate)
+    large, other = asyncio.run(answered_while_blocked(client, gate, path, body))
+    assert_ran_on_the_lane(gate, other)
+    assert large.status_code in (200, 400), large.text
+
+
+@pytest.mark.parametrize("path,body", ENCODE_ROUTES[-2:], ids=["score", "rerank"])
+def test_a_cross_encoders_pairs_of_a_large_body_are_tokenized_off_the_event_loop(
+        client: httpx.AsyncClient, engine: FakeEngine, tokenizer: Tokenizer,
+        monkeypatch: pytest.MonkeyPatch, path: str, body: dict[str, Any]) -> None:
+    monkeypatch.setattr(engine.info, "num_labels", 1)  # a cross-encoder: pairs, not texts
+    gate = Gate(tokenizer.encode_pair)
+    monkeypatch.setattr(tokenizer, "encode_pair", gate)
     large, other = asyncio.run(answered_while_blocked(client, gate, path, body))
     assert_ran_on_the_lane(gate, other)
     assert large.status_code in (200, 400), large.text

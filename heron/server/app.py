@@ -108,8 +108,15 @@ from heron.server.protocol_ollama import ChatRequest as OllamaChatRequest
 from heron.server.protocol_ollama import GenerateRequest as OllamaGenerateRequest
 from heron.server.protocol_ollama import ModelList as OllamaModelList
 from heron.server.protocol_responses import DeletedResponse, ResponseObject, ResponsesRequest
+from heron.server.protocol_score import (
+    RerankRequest,
+    RerankResponse,
+    ScoreRequest,
+    ScoreResponse,
+)
 from heron.server.responses import delete_response, retrieve_response, serve_responses
 from heron.server.router import Router
+from heron.server.score import serve_rerank, serve_score
 from heron.server.security import (
     HostCheck,
     HostCheckMiddleware,
@@ -249,6 +256,20 @@ async def count_message_tokens(body: CountTokensRequest, request: Request) -> Re
 @router.post("/v1/embeddings", response_model=EmbeddingResponse, responses=_ERRORS)
 async def create_embedding(body: EmbeddingRequest, request: Request) -> Response:
     return await respond(request, serve_embeddings(_ctx(request), body))
+
+
+@router.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS)
+@router.post("/score", response_model=ScoreResponse, responses=_ERRORS, include_in_schema=False)
+async def create_score(body: ScoreRequest, request: Request) -> Response:
+    return await respond(request, serve_score(_ctx(request), body))
+
+
+@router.post("/v1/rerank", response_model=RerankResponse, responses=_ERRORS)
+@router.post("/rerank", response_model=RerankResponse, responses=_ERRORS, include_in_schema=False)
+@router.post("/v2/rerank", response_model=RerankResponse, responses=_ERRORS,
+             include_in_schema=False)
+async def create_rerank(body: RerankRequest, request: Request) -> Response:
+    return await respond(request, serve_rerank(_ctx(request), body))
 
 
 @router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
