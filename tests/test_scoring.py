@@ -137,3 +137,11 @@ def test_hf_overrides_of_another_family_refused(tmp_path: Path) -> None:
     path = save_tiny_server_model(tmp_path)  # a Llama
     with pytest.raises(ValueError, match="the checkpoint is \\['LlamaForCausalLM'\\]"):
         _llm(path, hf_overrides=RERANKER)
+
+
+def test_classifier_of_three_labels_is_refused(tmp_path: Path) -> None:
+    llm = _llm(save_tiny_classifier(tmp_path, "llama", 3))
+    assert llm.engine.info.num_labels == 3
+    with pytest.raises(ValueError, match="classifies into 3 labels, which give no single"):
+        llm.score(QUERY, DOCS, use_tqdm=False)
+    assert len(llm.embed(QUERY, use_tqdm=False)[0].outputs.embedding) == 64  # it still embeds

@@ -323,15 +323,19 @@ def test_embedding_inputs() -> None:
 
 
 def test_models_list_the_routes_that_serve_them() -> None:
-    def ctx(template: str | None) -> object:
-        return SimpleNamespace(tokenizer=SimpleNamespace(chat_template=template))
+    def ctx(template: str | None, num_labels: int = 0) -> object:
+        return SimpleNamespace(tokenizer=SimpleNamespace(chat_template=template),
+                               info=SimpleNamespace(num_labels=num_labels))
 
-    text_only = ["/api/embed", "/api/embeddings", "/api/generate", "/detokenize", "/tokenize",
-                 "/v1/completions", "/v1/embeddings"]
+    unscored = ["/api/embed", "/api/embeddings", "/api/generate", "/detokenize", "/tokenize",
+                "/v1/completions", "/v1/embeddings"]
+    text_only = sorted(unscored + ["/v1/rerank", "/v1/score"])
     assert served_endpoints(ctx(None)) == text_only  # type: ignore[arg-type]
     assert served_endpoints(ctx("{{ messages }}")) == sorted(text_only + [  # type: ignore[arg-type]
         "/api/chat", "/v1/chat/completions", "/v1/messages", "/v1/messages/count_tokens",
         "/v1/responses"])
+    assert served_endpoints(ctx(None, num_labels=2)) == text_only  # type: ignore[arg-type]
+    assert served_endpoints(ctx(None, num_labels=3)) == unscored  # type: ignore[arg-type]
 
 
 def test_sse_events_escape_the_line_breaks_json_leaves_raw() -> None:

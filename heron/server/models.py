@@ -35,10 +35,16 @@ TEXT_ENDPOINTS = ("/v1/completions", "/v1/embeddings", "/tokenize", "/detokenize
                   "/api/generate", "/api/embed", "/api/embeddings")
 
 
+# A classifier of more than 2 labels gives no single score (heron.scoring.check_scorable).
+SCORE_ENDPOINTS = ("/v1/score", "/v1/rerank")
+
+
 def served_endpoints(ctx: ServingContext) -> list[str]:
-    """Every route that can serve the model: those that render chats need its chat template."""
+    """Every route that can serve the model: those that render chats need its chat template;
+    scoring needs a head of at most 2 labels, or none (the cosine of embeddings)."""
     chat = CHAT_ENDPOINTS if ctx.tokenizer.chat_template is not None else ()
-    return sorted(chat + TEXT_ENDPOINTS)
+    score = SCORE_ENDPOINTS if ctx.info.num_labels <= 2 else ()
+    return sorted(chat + TEXT_ENDPOINTS + score)
 
 
 def _card(ctx: ServingContext, name: str) -> ModelCard:
