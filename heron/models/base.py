@@ -17,7 +17,7 @@ A model file holds only its architecture and its ``WeightMapping``; loading is g
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,10 +25,8 @@ from torch import nn
 from heron.layers.attention import ForwardContext
 from heron.layers.linear import LMHead
 from heron.layers.lora import LoRASlot, attach_lora
+from heron.layers.score import ScoreHead
 from heron.models.fused_decode import FusedDecode
-
-if TYPE_CHECKING:
-    from heron.models.score_head import ScoreHead
 
 
 @dataclass(frozen=True)
