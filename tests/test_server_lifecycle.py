@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from heron.engine.client import remove_stale_ipc_dirs
-from tests.server_utils import DEFAULT_MODEL_NAME, REPO_ROOT, RemoteServer, pid_exists
+from tests.server_utils import DEFAULT_MODEL_NAME, REPO_ROOT, RemoteServer, free_port, pid_exists
 
 pytestmark = pytest.mark.slow
 
@@ -309,8 +309,11 @@ def test_engine_death_fails_requests_then_the_server_exits_3() -> None:
 
 
 def test_bad_model_path_fails_fast() -> None:
+    """Exit 1 naming the path. A free port: with a port some other process holds (port 1 before,
+    taken by a concurrent run), uvicorn's failed bind could stop the start first (exit 3)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "heron.cli", "serve", "/nonexistent/model.gguf", "--port", "1"],
+        [sys.executable, "-m", "heron.cli", "serve", "/nonexistent/model.gguf",
+         "--port", str(free_port())],
         capture_output=True,
         text=True,
         timeout=120,
