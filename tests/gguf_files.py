@@ -109,15 +109,42 @@ def vocab_test_vectors(name: str) -> list[tuple[str, list[int]]]:
 # ----------------------------------------------------------------------------- the writer
 
 
+@dataclass(frozen=True)
+class RankHead:
+    """A reranker's head as llama.cpp's converter writes it (``Qwen3Model`` with
+    ``is_rerank``): ``cls.output.weight`` [num_labels, hidden] (Qwen3-Reranker's: the LM head
+    rows of "yes" then "no"), ``<arch>.pooling_type`` RANK and, where given,
+    ``<arch>.classifier.output_labels``."""
+
+    rows: np.ndarray | None  # [num_labels, hidden] float32; None: the metadata alone
+    labels: tuple[str, ...] = ()
+    block_format: str | None = None  # e.g. "Q8_0"; None: F32
+
+    def write(self, writer: gguf.GGUFWriter) -> None:
+        writer.add_pooling_type(gguf.PoolingType.RANK)
+        if self.labels:
+            writer.add_classifier_output_labels(list(self.labels))
+        if self.rows is None:
+            return
+        rows = np.ascontiguousarray(self.rows, dtype=np.float32)
+        if self.block_format is None:
+            writer.add_tensor("cls.output.weight", rows)
+            return
+        qtype = gguf.GGMLQuantizationType[self.block_format]
+        writer.add_tensor("cls.output.weight", gguf.quants.quantize(rows, qtype), raw_dtype=qtype)
+
+
 def write_gguf(path: Path, model: nn.Module, vocab: Vocab, float16: bool = False,
                block_format: str | None = None, layers_only: bool = True,
-               split_max_tensors: int = 0, small_first_shard: bool = False) -> Path:
+               split_max_tensors: int = 0, small_first_shard: bool = False,
+               rank_head: RankHead | None = None) -> Path:
     """``model`` (a transformers causal LM) as a GGUF file at ``path``; returns ``path``.
     ``block_format`` (e.g. "Q8_0"): the layers' 2-D weights (``layers_only=False``: every 2-D
     weight) in that quantized format (see ``round_to_blocks_`` for the model they then stand
     for). ``split_max_tensors``: split into parts of at most that many tensors, as
     ``gguf-split`` does (``small_first_shard``: a first part with the metadata alone); returns
-    the first."""
+    the first. ``rank_head``: a reranker (a sequence classifier's backbone: its ``score.weight``
+    is left out), written as llama.cpp's converter writes Qwen3-Reranker."""
     config = model.config
     arch = GGUF_ARCH[config.model_type]
     writer = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors,
@@ -130,6 +157,8 @@ def write_gguf(path: Path, model: nn.Module, vocab: Vocab, float16: bool = False
         _write_hparams(writer, config, arch)
         _write_rope_scaling(writer, rope)
     vocab.write(writer)
+    if rank_head is not None:
+        rank_head.write(writer)
     for name, array in _tensors(model, arch):
         blocks = block_format is not None and array.ndim == 2
         if blocks and (name.startswith("blk.") or not layers_only):
@@ -224,6 +253,8 @@ def _tensors(model: nn.Module, arch: str) -> list[tuple[str, np.ndarray]]:
     out = []
     for hf_name, tensor in model.state_dict().items():
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if hf_name == "score.weight":  # a sequence classifier's head: ``RankHead``
             continue
         base, _, suffix = hf_name.rpartition(".")
         gguf_base = names.get_name(base)

@@ -32,9 +32,11 @@ from heron.engine.runner import ModelRunner, prompt_logprobs_chunk
 from heron.engine.scheduler import Scheduler
 from heron.engine.structured import StructuredOutputManager
 from heron.layers.rotary import yarn_context_length
+from heron.loader.gguf import rank_head
+from heron.loader.gguf_file import GGUFFile
 from heron.loader.prepared import load_prepared_model
 from heron.models.base import CausalLM
-from heron.models.score_head import two_token_head
+from heron.models.score_head import file_rank_head, two_token_head
 from heron.scoring import HFOverrides
 from heron.tokenizer import load_tokenizer
 from heron.tokenizer.load import tokenizer_json_path
@@ -59,7 +61,7 @@ class EngineCore:
         loaded, _ = load_prepared_model(config.model, self.device, self.dtype, self.quantization)
         self.model = loaded.model
         self.hf_config = loaded.hf_config
-        _attach_two_token_head(self.model, self.hf_config, config.model)
+        _attach_score_head(self.model, self.hf_config, config.model)
         self.eos_token_ids = _eos_token_ids(loaded.hf_config, loaded.generation_config)
         num_blocks, kv_reason = self._num_kv_blocks()
         block_size = config.cache.block_size
@@ -414,12 +416,23 @@ def _model_max_len(hf_config: Any) -> int:
     return 2048
 
 
-def _attach_two_token_head(model: CausalLM, hf_config: Any, model_config: ModelConfig) -> None:
-    """``--hf-overrides``: a causal LM served as a reranker gets its two-token score head
-    (``heron.models.score_head.two_token_head``), its tokens looked up in its vocabulary."""
+def _attach_score_head(model: CausalLM, hf_config: Any, model_config: ModelConfig) -> None:
+    """A causal LM served as a reranker gets its score head: from ``--hf-overrides``
+    (``_attach_two_token_head``), else a GGUF reranker's from its file (``file_rank_head``)."""
     overrides = HFOverrides.parse(model_config.hf_overrides)
-    if overrides is None:
+    if overrides is not None:
+        _attach_two_token_head(model, hf_config, model_config, overrides)
         return
+    path = _model_file(model_config)
+    rows = rank_head(GGUFFile.read(path)) if path is not None else None
+    if rows is not None:
+        model.score = file_rank_head(rows, int(_text_config(hf_config).hidden_size))
+
+
+def _attach_two_token_head(model: CausalLM, hf_config: Any, model_config: ModelConfig,
+                           overrides: HFOverrides) -> None:
+    """``--hf-overrides``: the two-token score head (``two_token_head``), its tokens looked up
+    in the model's vocabulary."""
     overrides.check_family(list(getattr(hf_config, "architectures", None) or []))
     vocab = load_tokenizer(model_config).hf.get_vocab()
     missing = [t for t in (overrides.false_token, overrides.true_token) if t not in vocab]

@@ -52,6 +52,7 @@ from heron.loader.gguf_arch import (
     gguf_to_hf_names,
     hf_config_dict,
     is_fast_arch,
+    rank_head_name,
 )
 from heron.loader.gguf_file import GGUFFile, TensorInfo, split_parts
 from heron.loader.plain_config import PlainConfig, snapshot
@@ -164,8 +165,9 @@ class GGUFModel:
         if mapping is None:
             layers = int(fix_config(self.file)["num_hidden_layers"])
             mapping = gguf_to_hf_names(self.file, hf_names, layers)
-        unused = [info.name for info in self.file.tensors
-                  if info.name not in mapping and info.name not in _CONFIG_TENSORS]
+        head = rank_head_name(self.file)  # the engine reads it (``rank_head``)
+        unused = [info.name for info in self.file.tensors if info.name not in mapping
+                  and info.name not in _CONFIG_TENSORS and info.name != head]
         if unused:
             logger.warning("%d tensors of the file are no weight of %s and are not used: %s%s",
                            len(unused), model_name, ", ".join(unused[:6]),
@@ -235,6 +237,18 @@ class GGUFModel:
                                       model_to_load=_transformers_skeleton(self.config()),
                                       torch_dtype=torch.float32)
         return {name: tensor.contiguous() for name, tensor in parsed["tensors"].items()}
+
+
+def rank_head(file: GGUFFile) -> torch.Tensor | None:
+    """A reranker file's classification head (``gguf_arch.rank_head_name``), float32
+    [num_labels, hidden]; None for any other file."""
+    import torch
+
+    name = rank_head_name(file)
+    if name is None:
+        return None
+    info = next(info for info in file.tensors if info.name == name)
+    return file.dequantized(info, torch.float32)
 
 
 def gguf_digest(path: Path, root: Path | None = None) -> str:

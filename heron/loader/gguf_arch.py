@@ -39,6 +39,10 @@ TensorFix = Callable[[str, "torch.Tensor", dict[str, Any]], "torch.Tensor"]
 _TOKENS_KEY = "tokenizer.ggml.tokens"
 _GGUF_TO_HF_MODEL_TYPE = {"gemma3": "gemma3_text"}  # the file holds the text model only
 _GEMMA3_27B_LAYERS = 62  # llama.cpp tells Gemma 3 27B by its layer count
+RANK_POOLING = 4  # llama.cpp's LLAMA_POOLING_TYPE_RANK: a reranker, scored by its head
+RANK_HEAD = "cls.output.weight"  # the head of such a file: [num_labels, hidden]
+# llama.cpp's head tensors of BERT-like rerankers, which no decoder family of its reads
+_DENSE_HEAD = ("cls.weight", "cls.bias", "cls.output.bias")
 
 
 def _unpermute_qk(name: str, tensor: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
@@ -171,6 +175,24 @@ def _config_value(value: Any) -> Any:
     if isinstance(value, list) and len(value) == 1:
         return value[0]
     return value
+
+
+def rank_head_name(gguf_file: GGUFFile) -> str | None:
+    """``RANK_HEAD`` for a reranker file (``<arch>.pooling_type`` RANK, as llama.cpp's converter
+    writes Qwen3-Reranker), None for any other file. ValueError for a reranker whose head heron
+    cannot run as llama.cpp does: none, or a dense layer or bias before it."""
+    arch = gguf_file.architecture
+    if _config_value(gguf_file.metadata.get(f"{arch}.pooling_type")) != RANK_POOLING:
+        return None
+    names = {info.name for info in gguf_file.tensors}
+    if RANK_HEAD not in names:
+        raise ValueError(f"the file's pooling type is RANK (a reranker) but it has no {RANK_HEAD} "
+                         "tensor to score with")
+    extra = [name for name in _DENSE_HEAD if name in names]
+    if extra:
+        raise ValueError(f"this {arch} reranker's head has {', '.join(extra)}, which llama.cpp "
+                         f"does not read for {arch} and heron does not serve: only {RANK_HEAD}")
+    return RANK_HEAD
 
 
 # ----------------------------------------------------------------------------- tensors

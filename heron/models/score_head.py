@@ -10,6 +10,11 @@ A ``*ForSequenceClassification`` checkpoint is its family's decoder stack and ``
 A causal LM served as a reranker (``--hf-overrides``) keeps its LM head and gains a
 ``ScoreHead`` of one row, ``lm_head[true] - lm_head[false]`` (``two_token_head``): the two
 logits it compares, without projecting on the whole vocabulary.
+
+A GGUF reranker (``<arch>.pooling_type`` RANK) brings its head as ``cls.output.weight``: the
+causal LM gains a ``ScoreHead`` of it (``file_rank_head``). llama.cpp's converter writes
+Qwen3-Reranker's as the two rows ``[lm_head[yes], lm_head[no]]``, and llama.cpp's rerank score
+is the first of their softmax: the head becomes the one row ``row0 - row1``, whose sigmoid that is.
 """
 
 from __future__ import annotations
@@ -64,4 +69,19 @@ def two_token_head(model: CausalLM, false_id: int, true_id: int) -> ScoreHead:
     head = ScoreHead(1, int(rows.shape[1]))
     head.weight = nn.Parameter((rows[0] - rows[1])[None, :].to(torch.float32),
                                requires_grad=False)
+    return head
+
+
+def file_rank_head(rows: torch.Tensor, hidden_size: int) -> ScoreHead:
+    """A GGUF reranker's head ``rows`` [num_labels, hidden] as a ``ScoreHead``: two rows fold
+    into ``rows[0] - rows[1]`` (sigmoid of its logit = softmax(logits)[0], llama.cpp's score);
+    other counts are kept as they are. ValueError for rows of another width than the model's."""
+    if rows.dim() != 2 or rows.shape[1] != hidden_size:
+        raise ValueError(f"the file's rerank head is {list(rows.shape)}, not [num_labels, "
+                         f"{hidden_size}] for this model's hidden size")
+    rows = rows.detach().float()
+    if rows.shape[0] == 2:
+        rows = (rows[0] - rows[1])[None, :]
+    head = ScoreHead(int(rows.shape[0]), int(rows.shape[1]))
+    head.weight = nn.Parameter(rows.contiguous(), requires_grad=False)
     return head
