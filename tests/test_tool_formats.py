@@ -364,3 +364,81 @@ def test_mistral_history_renders_whatever_ids_it_carries() -> None:
         {**history[1], "tool_calls": [{**history[1]["tool_calls"][0], "id": "call_1"}]}],
         "tools": CHAT_TOOLS, "tool_choice": "none"})
     assert r.status_code == 400 and "length 9" in r.json()["error"]["message"]
+
+
+# ---- pythonic: names Python cannot read ------------------------------------------------------------
+
+UNREADABLE = (" is not a Python identifier, which --tool-call-parser pythonic needs to write a "
+              "call (name(key=value, ...)) for tool_choice required; rename it, or name the "
+              "function in tool_choice (its arguments are then JSON)")
+DASHED = {"type": "function", "function": {"name": "get-weather", "parameters": WEATHER.parameters}}
+KEYWORD_PARAM = {"type": "function", "function": {"name": "get_class", "parameters": {
+    "type": "object", "properties": {"class": {"type": "string"}}}}}
+
+
+def test_pythonic_required_with_unreadable_names_is_a_400_in_each_routes_shape() -> None:
+    """``[get-weather(city="Rome")]`` is ``get - weather(...)`` to ``ast``: tool_choice required
+    would force a call the parser leaves as content. Each route refuses it in its error shape,
+    naming the tool; the same tools under hermes are served."""
+    client, engine = serve("pythonic", PYTHONIC_OUT)
+    ask = [{"role": "user", "content": "Weather in Rome?"}]
+    tools = [CHAT_TOOLS[1], DASHED]
+    r = client.post("/v1/chat/completions", json={"messages": ask, "tools": tools,
+                                                  "tool_choice": "required"})
+    assert (r.status_code, r.json()) == (400, {"error": {
+        "message": "tools[1]: the function name 'get-weather'" + UNREADABLE,
+        "type": "invalid_request_error", "param": "tools[1]", "code": None}})
+    r = client.post("/v1/responses", json={"input": "Weather?", "tool_choice": "required", "tools": [
+        {"type": "function", **KEYWORD_PARAM["function"]}]})
+    assert (r.status_code, r.json()) == (400, {"error": {
+        "message": "tools[0]: the parameter name 'class' of 'get_class'" + UNREADABLE,
+        "type": "invalid_request_error", "param": "tools[0]", "code": None}})
+    r = client.post("/v1/messages", json={
+        "model": "fake-model", "max_tokens": 50, "messages": ask, "tool_choice": {"type": "any"},
+        "tools": [{"name": "get-weather", "input_schema": WEATHER.parameters}]})
+    assert (r.status_code, r.json()) == (400, {"type": "error", "error": {
+        "type": "invalid_request_error",
+        "message": "tools[0]: the function name 'get-weather'" + UNREADABLE}})
+    assert not engine.requests
+    # An allowed_tools subset without the unreadable one forces readable calls only.
+    r = client.post("/v1/chat/completions", json={"messages": ask, "tools": tools, "tool_choice": {
+        "type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
+            {"type": "function", "function": {"name": "get_time"}}]}}})
+    assert r.status_code == 200, r.text
+    hermes, _ = serve("hermes", '<tool_call>{"name": "get-weather", "arguments": {}}</tool_call>')
+    r = hermes.post("/v1/chat/completions", json={"messages": ask, "tools": tools,
+                                                  "tool_choice": "required"})
+    assert r.json()["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get-weather"
+
+
+def test_pythonic_named_choice_of_an_unreadable_name_is_served() -> None:
+    """A named choice writes the arguments as JSON, not in the pythonic format: no 400."""
+    client, engine = serve("pythonic", '{"city": "Rome"}')
+    r = client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "Weather?"}], "tools": [DASHED],
+        "tool_choice": {"type": "function", "function": {"name": "get-weather"}}})
+    (call,) = r.json()["choices"][0]["message"]["tool_calls"]
+    assert (call["function"]["name"], call["function"]["arguments"]) == (
+        "get-weather", '{"city": "Rome"}')
+    assert engine.requests[-1].sampling_params.structured_outputs is not None
+
+
+def test_pythonic_auto_with_unreadable_names_warns_and_answers(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Under auto the model may answer in text: served, with a warning naming the tool; its
+    call, if the model writes one, is content."""
+    from heron.structured.tools import _warn_unreadable
+
+    _warn_unreadable.cache_clear()  # it warns once per name
+    output = '[get-weather(city="Rome")]'
+    client, _ = serve("pythonic", output)
+    with caplog.at_level("WARNING", logger="heron.structured.tools"):
+        r = client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Weather?"}], "tools": [KEYWORD_PARAM, DASHED]})
+    message = r.json()["choices"][0]["message"]
+    assert (message["content"], message["tool_calls"]) == (output, [])
+    warned = [rec.getMessage() for rec in caplog.records]
+    assert "tools: the parameter name 'class' of 'get_class' is not a Python identifier: a call " \
+           "to it in the pythonic format (--tool-call-parser pythonic) cannot be read and comes " \
+           "back as content" in warned
+    assert any("the function name 'get-weather'" in w for w in warned)

@@ -29,7 +29,10 @@ calls never share a prefix.
 
 from __future__ import annotations
 
+import functools
 import json
+import keyword
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +40,8 @@ from typing import Any
 
 from heron.structured.params import StructuredOutputsParams
 from heron.structured.tool_parsers import PARSERS, NamedParser, ToolParser
+
+logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
@@ -205,6 +210,46 @@ def _pythonic_call_rules(rule: str, tool: ToolSpec) -> list[str]:
             *_ordered_rules(rule, optional)]
 
 
+def _check_pythonic_names(tools: list[ToolSpec], callable_tools: list[ToolSpec],
+                          forced: bool) -> None:
+    """A pythonic call is read with ``ast``: a function or parameter name that is no Python
+    identifier (``get-weather``, ``class``) makes text it cannot read, left as content. Where
+    such a call would be forced (tool_choice required), ValueError naming the tool (``tools[i]``);
+    under auto a warning (once per name): the model may still answer in text."""
+    for tool in callable_tools:
+        bad = _unreadable_name(tool)
+        if bad is None:
+            continue
+        if forced:
+            index = next(i for i, t in enumerate(tools) if t is tool)
+            raise ValueError(f"tools[{index}]: {bad} is not a Python identifier, which "
+                             "--tool-call-parser pythonic needs to write a call "
+                             "(name(key=value, ...)) for tool_choice required; rename it, or "
+                             "name the function in tool_choice (its arguments are then JSON)")
+        _warn_unreadable(bad)
+
+
+def _unreadable_name(tool: ToolSpec) -> str | None:
+    """'the function name ...' / 'the parameter ... of ...' that Python cannot read; None."""
+    if not _is_identifier(tool.name):
+        return f"the function name {tool.name!r}"
+    properties = tool.parameters.get("properties")
+    for key in properties if isinstance(properties, dict) else ():
+        if not _is_identifier(str(key)):
+            return f"the parameter name {key!r} of {tool.name!r}"
+    return None
+
+
+def _is_identifier(name: str) -> bool:
+    return name.isidentifier() and not keyword.iskeyword(name)
+
+
+@functools.lru_cache(maxsize=256)
+def _warn_unreadable(what: str) -> None:
+    logger.warning("tools: %s is not a Python identifier: a call to it in the pythonic format "
+                   "(--tool-call-parser pythonic) cannot be read and comes back as content", what)
+
+
 def _pointer(key: str) -> str:
     return key.replace("~", "~0").replace("/", "~1")
 
@@ -243,6 +288,8 @@ def plan_tool_use(tools: list[ToolSpec], tool_choice: str | None, named: str | N
         tool = next(t for t in tools if t.name == named)
         return ToolPlan(tool.parameters_constraint(), NamedParser(tool.name, fmt.call_ids()))
     callable_tools = tools if allowed is None else [t for t in tools if t.name in allowed]
+    if fmt.name == "pythonic":
+        _check_pythonic_names(tools, callable_tools, forced=tool_choice == "required")
     rules = fmt.calls_rules(callable_tools, parallel)
     if tool_choice == "required":
         return ToolPlan(StructuredOutputsParams.grammar(f"start: calls\n{rules}"), fmt.parser())
