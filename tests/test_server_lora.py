@@ -1,7 +1,7 @@
 """LoRA adapters on a real server (`heron serve --enable-lora --lora-modules ...`), through the
 openai client and every generating route: a request whose ``model`` names an adapter gets
 exactly what the offline ``LLM`` gives with that adapter; ``/v1/models`` lists each adapter with
-the served model as its ``parent``; bad ``--lora-modules`` stop the start with a clear error."""
+the served model as its ``parent`` (Ollama's /api/tags its ``details.parent_model``); bad ``--lora-modules`` stop the start with a clear error."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import ollama
 import pytest
 import torch
 import transformers
@@ -111,6 +112,31 @@ def test_models_lists_adapters_with_their_parent(server: RemoteServer, files: Pa
     assert cards["tiny"].model_extra["parent"] is None
     card = httpx.get(server.url("/v1/models/sql"), headers=server.headers()).json()
     assert card["parent"] == "tiny"
+
+
+def test_ollama_lists_adapters_a_client_can_pick(server: RemoteServer, files: Path,
+                                                offline) -> None:
+    """Ollama's /api/tags, /api/ps and /api/show through the ollama client: each adapter after
+    the served model, ``details.parent_model`` the model it adapts, its files in the size, a
+    digest of its own; the name as listed serves the adapter on /api/chat."""
+    client = ollama.Client(host=server.base_url, headers=server.headers())
+    listed = client.list().models
+    assert [m.model for m in listed] == ["tiny:latest", "sql:latest", "chat:latest"]
+    base, sql, chat = listed
+    assert [m.details.parent_model for m in listed] == ["", "tiny:latest", "tiny:latest"]
+    adapter_bytes = sum(p.stat().st_size for p in (files / "sql").glob("adapter_*"))
+    assert sql.size == base.size + adapter_bytes and adapter_bytes > 0
+    assert len({base.digest, sql.digest, chat.digest}) == 3
+    assert all(len(m.digest or "") == 64 for m in listed)
+    assert sql.details.family == base.details.family == "llama"
+    assert [m.model for m in client.ps().models] == [m.model for m in listed]
+    shown = client.show("sql:latest")
+    assert shown.details.parent_model == "tiny:latest"
+    assert shown.modelfile is not None and f"ADAPTER {files / 'sql'}\n" in shown.modelfile
+    assert client.show("tiny").details.parent_model == ""
+    answer = client.chat(model=sql.model, messages=MESSAGES,
+                         options={"num_predict": MAX_TOKENS, "temperature": 0})
+    assert answer.message.content == offline["sql"]
 
 
 def test_unknown_model_is_still_404(server: RemoteServer) -> None:

@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -42,6 +42,18 @@ def read_model_facts(model_config: ModelConfig) -> ModelFacts:
     if source.is_gguf:
         return _gguf_facts(source.path, source.gguf_sha256)
     return _directory_facts(source.path)
+
+
+def adapter_facts(base: ModelFacts, adapter_path: str) -> ModelFacts:
+    """A LoRA adapter served beside the model, as Ollama lists a model built with ``ADAPTER``:
+    the base's facts, the adapter's files added to its size, the newer of their times, and
+    a digest of the base's and the adapter files' names, sizes and times."""
+    directory = Path(adapter_path)
+    files = sorted(p for p in directory.glob("adapter_*") if p.is_file())
+    stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    digest = hashlib.sha256(json.dumps([base.digest, str(directory), stamp]).encode()).hexdigest()
+    return replace(base, size=base.size + sum(s for _, s, _ in stamp), digest=digest,
+                   modified_at=max(base.modified_at, _modified(files)))
 
 
 def _modified(paths: list[Path]) -> datetime:

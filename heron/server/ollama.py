@@ -25,11 +25,12 @@ from pydantic import BaseModel
 from starlette.types import ASGIApp
 
 import heron
+from heron.lora import LoRARequest
 from heron.output_processor import ChoiceDelta
 from heron.sampling_params import MAX_QUOTE_CHARS
 from heron.server.embeddings import serve_embeddings
 from heron.server.error_shape import ErrorShapeMiddleware
-from heron.server.model_facts import ModelFacts
+from heron.server.model_facts import ModelFacts, adapter_facts
 from heron.server.pipeline import prepare
 from heron.server.protocol import ErrorResponse, bad_request, make_error, ndjson_line
 from heron.server.protocol_embeddings import EmbeddingRequest
@@ -316,33 +317,37 @@ def version() -> OllamaVersion:
 
 
 def list_models(ctx: ServingContext) -> ModelList:
-    return ModelList(models=[_entry(ctx, name) for name in ctx.model_names])
+    """The served names, then each LoRA adapter (``details.parent_model``: the model it adapts),
+    as /v1/models lists them."""
+    return ModelList(models=[_entry(ctx, name) for name in (*ctx.model_names, *ctx.loras)])
 
 
 def running_models(ctx: ServingContext) -> RunningList:
-    """The served model, loaded while the server runs (no expiry)."""
+    """The served model and its adapters, loaded while the server runs (no expiry)."""
     gpu = ctx.info.device.startswith("cuda")
     return RunningList(models=[
-        RunningModel(**_entry(ctx, name).model_dump(), size_vram=_facts(ctx).size if gpu else 0,
+        RunningModel(**entry.model_dump(), size_vram=entry.size if gpu else 0,
                      context_length=ctx.info.max_model_len)
-        for name in ctx.model_names])
+        for entry in list_models(ctx).models])
 
 
 def show_model(ctx: ServingContext, request: ModelRequest) -> ShowResponse | ErrorResponse:
     error = check_model(ctx, request.model_name) or ctx.check_fields(request)
     if error is not None:
         return error
-    facts = _facts(ctx)
+    name = served_name(ctx, request.model_name) or ""
+    facts, lora = _facts(ctx, name), _adapter(ctx, name)
     family = facts.family
     template = ctx.tokenizer.chat_template
     info: dict[str, Any] = {
         "general.architecture": family, "general.parameter_count": facts.parameter_count,
         f"{family}.context_length": ctx.info.max_model_len,
         f"{family}.embedding_length": ctx.info.hidden_size}
+    adapter = "" if lora is None else f"ADAPTER {lora.lora_path}\n"
     return ShowResponse(
         modelfile=f"# heron serves {ctx.model_root}; it was started with it (no Modelfile)\n"
-                  f"FROM {ctx.model_root}\n",
-        template=template or "", details=_details(facts), model_info=info,
+                  f"FROM {ctx.model_root}\n{adapter}",
+        template=template or "", details=_details(facts, _parent(ctx, lora)), model_info=info,
         capabilities=_capabilities(ctx),
         modified_at=_date(facts.modified_at))
 
@@ -355,23 +360,37 @@ def _capabilities(ctx: ServingContext) -> list[str]:
 
 
 def _entry(ctx: ServingContext, name: str) -> ModelEntry:
-    facts = _facts(ctx)
+    facts = _facts(ctx, name)
     return ModelEntry(name=tagged(name), model=tagged(name), modified_at=_date(facts.modified_at),
-                      size=facts.size, digest=facts.digest, details=_details(facts))
+                      size=facts.size, digest=facts.digest,
+                      details=_details(facts, _parent(ctx, _adapter(ctx, name))))
 
 
-def _facts(ctx: ServingContext) -> ModelFacts:
-    """The facts read at start-up, or what the engine knows when they could not be read."""
+def _adapter(ctx: ServingContext, name: str) -> LoRARequest | None:
+    """The LoRA adapter ``name`` (a served name) means, or None for the model itself."""
+    return None if name in ctx.model_names else ctx.loras.get(name)
+
+
+def _parent(ctx: ServingContext, lora: LoRARequest | None) -> str:
+    """An adapter's ``details.parent_model``: the model it adapts, as /v1/models names its
+    ``parent``, tagged as Ollama lists names; "" for the model itself."""
+    return "" if lora is None else tagged(lora.base_model_name or ctx.default_model)
+
+
+def _facts(ctx: ServingContext, name: str | None = None) -> ModelFacts:
+    """The facts read at start-up (an adapter's: with its files, ``adapter_facts``), or what
+    the engine knows when they could not be read."""
+    lora = None if name is None else _adapter(ctx, name)
     if ctx.facts is not None:
-        return ctx.facts
+        return ctx.facts if lora is None else adapter_facts(ctx.facts, lora.lora_path)
     return ModelFacts(format="unknown", family="unknown", parameter_count=0,
                       quantization=ctx.info.dtype.upper(), size=0, digest="",
                       modified_at=datetime.fromtimestamp(0, timezone.utc))
 
 
-def _details(facts: ModelFacts) -> ModelDetails:
-    return ModelDetails(format=facts.format, family=facts.family, families=[facts.family],
-                        parameter_size=human_count(facts.parameter_count),
+def _details(facts: ModelFacts, parent: str = "") -> ModelDetails:
+    return ModelDetails(parent_model=parent, format=facts.format, family=facts.family,
+                        families=[facts.family], parameter_size=human_count(facts.parameter_count),
                         quantization_level=facts.quantization)
 
 
