@@ -18,6 +18,7 @@ import torch
 import transformers
 
 from heron.llm import LLM
+from heron.loader.gguf import GGUFModel
 from heron.loader.gguf_arch import rank_head_name
 from heron.loader.gguf_file import GGUFFile
 from tests.gguf_files import RankHead, synthetic_vocab, write_gguf
@@ -128,9 +129,15 @@ def _file(tmp_path: Path, rank_head: RankHead | None, extra: dict[str, np.ndarra
 
 
 def test_head_is_read_only_where_the_pooling_type_is_rank(tmp_path: Path) -> None:
+    """The cached config records llama.cpp's pooling type (the engine opens the file for the
+    head only where it is RANK)."""
     plain = _file(tmp_path, None, {"cls.output.weight": np.zeros((1, 64), np.float32)})
     assert rank_head_name(GGUFFile.read(plain)) is None
-    assert LLM(str(plain), dtype="float32", kv_cache_memory="16MiB").engine.info.num_labels == 0
+    llm = LLM(str(plain), dtype="float32", kv_cache_memory="16MiB")
+    assert llm.engine.info.num_labels == 0
+    assert llm.engine.hf_config.gguf_pooling_type == 0
+    ranked = _file(tmp_path, RankHead(np.ones((1, 64), np.float32)), {})
+    assert GGUFModel(ranked).config().gguf_pooling_type == 4
 
 
 @pytest.mark.parametrize(("extra", "message"), [

@@ -33,6 +33,7 @@ from heron.engine.scheduler import Scheduler
 from heron.engine.structured import StructuredOutputManager
 from heron.layers.rotary import yarn_context_length
 from heron.loader.gguf import rank_head
+from heron.loader.gguf_arch import RANK_POOLING
 from heron.loader.gguf_file import GGUFFile
 from heron.loader.prepared import load_prepared_model
 from heron.models.base import CausalLM
@@ -424,7 +425,10 @@ def _attach_score_head(model: CausalLM, hf_config: Any, model_config: ModelConfi
         _attach_two_token_head(model, hf_config, model_config, overrides)
         return
     path = _model_file(model_config)
-    rows = rank_head(GGUFFile.read(path)) if path is not None else None
+    pooling = getattr(_text_config(hf_config), "gguf_pooling_type", None)  # None: not recorded
+    if path is None or pooling not in (None, RANK_POOLING):
+        return
+    rows = rank_head(GGUFFile.read(path))
     if rows is not None:
         model.score = file_rank_head(rows, int(_text_config(hf_config).hidden_size))
 

@@ -122,7 +122,7 @@ def hf_config_dict(gguf_file: GGUFFile) -> dict[str, Any]:
 
 def _llama_cpp_config(gguf_file: GGUFFile, config: dict[str, Any]) -> dict[str, Any]:
     """What llama.cpp reads from (or derives for) the file that transformers' table leaves out:
-    the head size of any architecture, biases from their tensors, as many key/value heads as
+    the head size of any architecture, llama.cpp's pooling type, biases from their tensors, as many key/value heads as
     heads where the file does not say (the config classes' defaults differ: 32 for Qwen2),
     Gemma 3's query scale and final logit softcap."""
     arch, metadata = gguf_file.architecture, gguf_file.metadata
@@ -130,6 +130,9 @@ def _llama_cpp_config(gguf_file: GGUFFile, config: dict[str, Any]) -> dict[str, 
     out.update(_bias_config(gguf_file))
     if "num_key_value_heads" not in config and "num_attention_heads" in config:
         out["num_key_value_heads"] = config["num_attention_heads"]  # llama.cpp's default
+    # llama.cpp's pooling type (0: none), so that the engine reads a reranker's head
+    # (``rank_head_name``) without opening the file again for every other model
+    out["gguf_pooling_type"] = int(_config_value(metadata.get(f"{arch}.pooling_type", 0)))
     key_length = metadata.get(f"{arch}.attention.key_length")
     if key_length is not None and "head_dim" not in config:
         out["head_dim"] = int(key_length)
