@@ -308,3 +308,15 @@ def test_logit_bias_and_prompt_ids_are_made_once_per_request(llama_dir: object) 
     for penalties in (first, second):
         assert penalties.bias_index.tolist() == [favoured]
         assert penalties.bias_values.tolist() == [100.0]
+
+
+def test_prompt_logprobs_of_a_one_token_prompt(llama_dir: object) -> None:
+    """A one-token prompt has no token to score: its prompt logprobs are ``[None]`` (as vLLM
+    gives), not None as if none had been asked for; a two-token prompt scores its second."""
+    llm = _llm(llama_dir)
+    params = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=2, ignore_eos=True)
+    one, two = llm.generate([{"prompt_token_ids": [7]}, {"prompt_token_ids": [7, 9]}], params,
+                            use_tqdm=False)
+    assert one.prompt_logprobs == [None]
+    assert two.prompt_logprobs is not None and two.prompt_logprobs[0] is None
+    assert len(two.prompt_logprobs) == 2 and 9 in two.prompt_logprobs[1]

@@ -99,6 +99,8 @@ class Request:
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
+        if self.prompt_logprobs is None and self.sampling_params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]  # the first token has none (a 1-token prompt: all)
 
     @property
     def num_prompt_tokens(self) -> int:

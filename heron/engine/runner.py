@@ -239,7 +239,7 @@ class ModelRunner:
         kept, never a [rows, vocabulary] block for the whole chunk."""
         for req, flat, start, n in batch.prompt_logprob_rows:
             if req.prompt_logprobs is None:
-                req.prompt_logprobs = [None]
+                raise ValueError(f"request {req.request_id!r} has prompt logprob rows but no list")
             first = len(req.prompt_logprobs) - 1  # position whose next token is still unscored
             end = min(req.num_prompt_tokens - 1, start + n)
             k = req.sampling_params.prompt_logprobs or 0
