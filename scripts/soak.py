@@ -40,7 +40,7 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=None, help="stop starting seeds after this")
     parser.add_argument("--model", default=None, help="one model (e.g. llama-f32, gemma3-gguf)")
     parser.add_argument("--requests", type=int, default=None, help="requests per seed")
-    parser.add_argument("--models-dir", default=str(Path(tempfile.gettempdir()) / "heron-soak"))
+    parser.add_argument("--models-dir", default=str(Path(tempfile.gettempdir()) / "heron-soak-2"))
     parser.add_argument("--server", action="store_true",
                         help="through a real `heron serve` with concurrent clients that hang up")
     parser.add_argument("-v", "--verbose", action="store_true")

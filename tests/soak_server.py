@@ -43,7 +43,7 @@ MODEL_NAME = "soak"
 def serve_args(case: Case, kv_bytes: int) -> list[str]:
     s = case.settings
     args = [s.model.path, "--served-model-name", MODEL_NAME, "--tokenizer", s.model.tokenizer,
-            "--dtype", s.model.dtype, "--max-model-len", str(s.max_model_len),
+            "--dtype", s.model.dtype, "--quantization", s.model.quantization, "--max-model-len", str(s.max_model_len),
             "--block-size", str(s.block_size), "--max-num-seqs", str(s.max_num_seqs),
             "--max-num-batched-tokens", str(s.max_num_batched_tokens),
             "--kv-cache-memory", str(kv_bytes)]

@@ -21,7 +21,7 @@ from tests.soak_server import run_server_case
 from tests.soak_workload import SoakModel, build_models, make_case, run_case
 
 CASES = [(101, "llama-gguf"), (102, "gemma3-gguf"), (103, "qwen2-gguf"), (104, "llama-f32"),
-         (105, "gemma3-f32"), (106, "qwen2-f32")]
+         (105, "gemma3-f32"), (106, "qwen2-f32"), (107, "llama-int8")]
 
 
 @pytest.fixture(scope="module")
