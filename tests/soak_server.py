@@ -168,6 +168,12 @@ def metrics(server: RemoteServer) -> dict[str, float]:
     return found
 
 
+def _counter(server: RemoteServer, name: str) -> float:
+    text = httpx.get(server.url("/metrics"), timeout=10).text
+    match = re.search(rf"^heron:{name}_total\{{[^}}]*\}} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else float("nan")
+
+
 def settle(server: RemoteServer, timeout_s: float = 20.0) -> dict[str, float]:
     """/metrics once nothing runs, waits or is in flight (or the last reading at the timeout)."""
     deadline = time.monotonic() + timeout_s
@@ -206,12 +212,12 @@ def compare_answer(spec: Spec, answer: dict, alone: RequestOutput, tol: float) -
 
 def run_server_case(case: Case) -> Report:
     """Serve the case's model with its settings, send its requests concurrently, check."""
-    report = Report(case.seed, case.settings, requests=len(case.specs))
     reference = case.settings.make()
     engine = reference.engine
     kv_bytes = case.settings.num_blocks * ModelRunner.kv_bytes_per_block(
         engine.model, case.settings.block_size, engine.dtype)
-    specs = [http_params(s) for s in case.specs]
+    specs = [http_params(s) for s in case.specs if s.pooling is None]  # completions only
+    report = Report(case.seed, case.settings, requests=len(specs))
     with RemoteServer(serve_args(case, kv_bytes), env={"OMP_NUM_THREADS": "1"}) as server:
         answers = asyncio.run(_send_all(server.base_url, specs, case.seed))
         if httpx.get(server.url("/health"), timeout=10).status_code != 200:
@@ -219,6 +225,8 @@ def run_server_case(case: Case) -> Report:
         m = settle(server)
         if any(m[k] != 0 for k in m):
             report.failures.append(f"/metrics after the load: {m}")
+        report.preemptions = int(_counter(server, "num_preemptions"))
+        report.prefix_hits = int(_counter(server, "prefix_cache_hits"))
         # still serving, and right: one more request after the storm
         last = Spec(-1, case.specs[0].prompt, case.specs[0].params.clone(
             temperature=0.0, n=1, prompt_logprobs=None, structured_outputs=None), "greedy", 0)

@@ -30,11 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import transformers
 
 from heron import LLM, SamplingParams
+from heron.engine.messages import EngineRequest
 from heron.outputs import RequestOutput
+from heron.pooling_params import PoolingParams
 from heron.structured.params import StructuredOutputsParams
 from tests.model_harness import randomize_
 from tests.tiny_models import VOCAB, char_tokenizer
@@ -159,16 +162,18 @@ class Spec:
     rid: int
     prompt: list[int]
     params: SamplingParams
-    kind: str  # "greedy" | "seeded" | "random" (unseeded sampling: checked, not compared)
+    kind: str  # "greedy" | "seeded" | "random" (unseeded: checked, not compared) | "embed"
     arrive: int
     abort_after: int | None = None
+    pooling: PoolingParams | None = None  # kind "embed": an embedding request
 
     def describe(self) -> str:
         p = self.params
         fields = {k: v for k, v in vars(p).items()
                   if k != "all_stop_token_ids" and v != getattr(_DEFAULTS, k)}
+        what = self.pooling if self.kind == "embed" else fields
         return (f"rid={self.rid} kind={self.kind} arrive={self.arrive} "
-                f"abort_after={self.abort_after} prompt({len(self.prompt)})={self.prompt} {fields}")
+                f"abort_after={self.abort_after} prompt({len(self.prompt)})={self.prompt} {what}")
 
 
 _DEFAULTS = SamplingParams()
@@ -241,11 +246,16 @@ class _Generator:
     def spec(self, rid: int) -> Spec:
         rng = self.rng
         prompt = self.prompt()
-        kind = rng.choice(("greedy", "greedy", "seeded", "seeded", "random"))
-        params = self.params(kind, len(prompt))
+        kind = rng.choice(("greedy", "greedy", "seeded", "seeded", "random", "embed"))
+        pooling = None
+        if kind == "embed":
+            pooling = PoolingParams(rng.choice(("mean", "last")), rng.random() < 0.7)
+            params = SamplingParams()
+        else:
+            params = self.params(kind, len(prompt))
         self.arrival += rng.choice((0, 0, 0, 1, 2, 5))
         abort = rng.choice((0, 1, 2, 4, 9)) if rng.random() < 0.12 else None
-        return Spec(rid, prompt, params, kind, self.arrival, abort)
+        return Spec(rid, prompt, params, kind, self.arrival, abort, pooling)
 
     def params(self, kind: str, prompt_len: int) -> SamplingParams:
         rng = self.rng
@@ -311,8 +321,38 @@ _STRUCTURED = (
 @dataclass
 class Result:
     spec: Spec
-    output: RequestOutput | None  # None: aborted before it finished
+    output: RequestOutput | None  # None: aborted before it finished, or an embedding
     aborted: bool = False
+    embedding: list[float] | None = None  # kind "embed"
+
+
+class _Embedding:
+    """An embedding request in the mix: added to the engine directly, its vector caught from
+    the step's outputs."""
+
+    def __init__(self, llm: LLM, spec: Spec) -> None:
+        self.request_id = f"embed-{spec.rid}"
+        self.vector: list[float] | None = None
+        llm.engine.add_request(EngineRequest(request_id=self.request_id,
+                                             prompt_token_ids=list(spec.prompt),
+                                             pooling_params=spec.pooling))
+
+    @property
+    def finished(self) -> bool:
+        return self.vector is not None
+
+
+def _step(llm: LLM, embeddings: dict[str, _Embedding]) -> None:
+    """``LLM._step`` that also hands each embedding request its vector."""
+    outputs = llm.engine.step()
+    for rejected in llm.engine.pop_rejected():
+        raise ValueError(rejected.message)
+    for out in outputs:
+        if out.embedding is not None:
+            embeddings[out.request_id].vector = np.frombuffer(out.embedding, "<f4").tolist()
+    processed = llm.processor.process_outputs(outputs)
+    if processed.to_abort:
+        llm.engine.abort_requests(processed.to_abort)
 
 
 def run_mixed(llm: LLM, specs: list[Spec]) -> dict[int, Result]:
@@ -320,23 +360,35 @@ def run_mixed(llm: LLM, specs: list[Spec]) -> dict[int, Result]:
     are aborted a few steps later; returns each request's result."""
     pending = sorted(specs, key=lambda s: s.arrive)
     live: dict[int, tuple[Spec, Any, int]] = {}  # rid -> (spec, RequestState, step added)
+    embeddings: dict[str, _Embedding] = {}
     results: dict[int, Result] = {}
     step = 0
     while pending or live:
         while pending and pending[0].arrive <= step:
             spec = pending.pop(0)
-            live[spec.rid] = (spec, llm._add("", list(spec.prompt), spec.params.clone()), step)
+            if spec.pooling is not None:
+                state: Any = _Embedding(llm, spec)
+                embeddings[state.request_id] = state
+            else:
+                state = llm._add("", list(spec.prompt), spec.params.clone())
+            live[spec.rid] = (spec, state, step)
         for rid, (spec, state, added) in list(live.items()):
-            if state.finished:
+            if isinstance(state, _Embedding) and state.finished:
+                results[rid] = Result(spec, None, embedding=state.vector)
+                del live[rid]
+            elif state.finished:
                 results[rid] = Result(spec, llm._result(state, None))
                 llm._release([state])
                 del live[rid]
             elif spec.abort_after is not None and step - added >= spec.abort_after:
-                llm._release([state])
+                if isinstance(state, _Embedding):
+                    llm.engine.abort_requests([state.request_id])
+                else:
+                    llm._release([state])
                 results[rid] = Result(spec, None, aborted=True)
                 del live[rid]
         if live:
-            llm._step()
+            _step(llm, embeddings)
         step += 1
         if step > MAX_STEPS:
             raise RuntimeError(f"the workload did not finish in {MAX_STEPS} steps")
@@ -380,19 +432,34 @@ def run_case(case: Case, reference: LLM | None = None) -> Report:
     ref = reference or case.settings.make()
     for rid in sorted(results):
         result = results[rid]
-        if result.aborted or result.output is None:
+        if result.aborted:
             report.aborted += 1
             continue
+        f32 = case.settings.model.dtype == "float32"
+        if result.embedding is not None:
+            alone_vector = ref.embed([{"prompt_token_ids": result.spec.prompt}],
+                                     result.spec.pooling, use_tqdm=False)[0].outputs.embedding
+            report.compared += 1
+            diff = _max_diff(result.embedding, alone_vector)
+            if diff > (LOGPROB_TOL_F32 if f32 else LOGPROB_TOL):
+                report.failures.append(f"{result.spec.describe()}: embedding differs alone "
+                                       f"by up to {diff}")
+            continue
+        if result.output is None:
+            raise ValueError(f"request {rid} has no output")
         problems = check_own_params(result.spec, result.output, case.settings,
                                     llm.engine.eos_token_ids)
         if result.spec.kind != "random":
             alone = run_alone(ref, result.spec)
-            f32 = case.settings.model.dtype == "float32"
             problems += compare(result.output, alone, LOGPROB_TOL_F32 if f32 else LOGPROB_TOL)
             report.compared += 1
         report.failures += [f"{result.spec.describe()}: {p}" for p in problems]
     report.failures += [f"reference engine: {p}" for p in check_engine_idle(ref)]
     return report
+
+
+def _max_diff(a: list[float], b: list[float]) -> float:
+    return max((abs(x - y) for x, y in zip(a, b)), default=0.0) if len(a) == len(b) else math.inf
 
 
 def check_engine_idle(llm: LLM) -> list[str]:
