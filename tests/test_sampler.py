@@ -455,6 +455,25 @@ def test_logprobs_list_the_sampled_token_first() -> None:
     assert not_argmax > 32, "most draws at temperature 2 are not the argmax"
 
 
+def test_tied_top_logprobs_do_not_depend_on_the_batch() -> None:
+    """Tokens tied in log-probability (common with bfloat16 logits) are listed in token order,
+    whatever else is in the batch: torch.topk orders ties by its k, and a row's k is the
+    largest any row of the step asks for (found by the soak: a row asking logprobs=1 listed
+    token 435 beside a row asking 5 and token 8 alone, both at -6.0274)."""
+    logits = torch.zeros(2, 64)
+    logits[0, [8, 35, 50]] = 3.0  # a three-way tie for the top of row 0
+    logits[1] = torch.arange(64) / 64
+    greedy_8 = {8: 100.0}  # the sampled token is 8 in both runs: only the alternatives differ
+    alone = sample(Sampler(), logits[:1], [make_row(temperature=0.0, logprobs=2,
+                                                    logit_bias=greedy_8)])
+    batch = sample(Sampler(), logits, [make_row(temperature=0.0, logprobs=2, logit_bias=greedy_8),
+                                       make_row(temperature=0.0, logprobs=5)])
+    assert list(alone.logprobs[0]) == list(batch.logprobs[0]) == [8, 35]
+    ranks = [lp.rank for lp in batch.logprobs[0].values()]
+    assert ranks == [1, 2]
+    assert list(batch.logprobs[1])[:3] == [63, 62, 61]
+
+
 # ---------------------------------------------------------------------------------------------
 # Input checks
 # ---------------------------------------------------------------------------------------------

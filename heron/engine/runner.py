@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from heron.engine.lora import LoRAManager
 from heron.engine.request import Logprob, LogprobsDict, Request
-from heron.engine.sampler import Sampler, load_sampler_kernels
+from heron.engine.sampler import Sampler, load_sampler_kernels, top_tokens
 from heron.engine.sampling_batch import (
     GrammarMask,
     RequestTensors,
@@ -330,7 +330,7 @@ def _logprobs_dicts(logprobs: torch.Tensor, targets: torch.Tensor, k: int) -> li
     the top-k)."""
     target_lp = logprobs.gather(1, targets[:, None]).squeeze(1)  # [m]
     ranks = (logprobs > target_lp[:, None]).sum(dim=1) + 1  # [m]
-    top_lp, top_ids = logprobs.topk(k, dim=-1)  # [m, k] each
+    top_lp, top_ids = top_tokens(logprobs, k)  # [m, k] each, ties in token order
     out: list[LogprobsDict] = []
     for i in range(logprobs.shape[0]):
         entry = {int(targets[i]): Logprob(float(target_lp[i]), int(ranks[i]))}

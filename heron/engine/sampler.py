@@ -370,6 +370,35 @@ def _logprobs_of(logits: torch.Tensor, asked: LogprobRows | None) -> torch.Tenso
     return torch.log_softmax(logits, dim=-1)  # [n, V]
 
 
+def top_tokens(lp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest entries of each row of ``lp`` [n, V] -> (values, token ids) [n, k],
+    ties in token order. torch.topk orders ties by its own algorithm, which changes with k (and
+    a step's k is the largest any of its rows asks for): a row's listed alternatives would
+    depend on the batch. The selection is put in (value, token) order; a row whose (k+1)-th
+    value ties its k-th (tokens left out at that value) is chosen again from all of them."""
+    extra = min(k + 1, lp.shape[-1])
+    values, ids = lp.topk(extra, dim=-1)  # [n, k + 1] each
+    cut: list[int] = []
+    if 0 < k < extra:
+        cut = (values[:, k - 1] == values[:, k]).nonzero().flatten().tolist()
+    values, ids = _in_token_order(values[:, :k], ids[:, :k])
+    for row in cut:  # rare: a tie across the k-th place
+        bound = lp[row, ids[row, -1]]
+        above = (lp[row] > bound).nonzero().flatten()
+        at = (lp[row] == bound).nonzero().flatten()[:k - above.numel()]
+        chosen = torch.cat([above, at])
+        values[row], ids[row] = _in_token_order(lp[row, chosen][None], chosen[None])
+    return values, ids
+
+
+def _in_token_order(values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, k] values and their token ids, sorted by value (descending), then token id."""
+    by_id = ids.sort(dim=-1).indices
+    values, ids = values.gather(1, by_id), ids.gather(1, by_id)
+    order = values.sort(dim=-1, descending=True, stable=True).indices
+    return values.gather(1, order), ids.gather(1, order)
+
+
 def _build_logprobs(lp: torch.Tensor | None, asked: LogprobRows | None, token_ids: torch.Tensor,
                     sampled: list[int]) -> list[LogprobsDict | None]:
     """Per row that asked: {token: Logprob}, the sampled token first (with its rank in the raw
@@ -382,7 +411,7 @@ def _build_logprobs(lp: torch.Tensor | None, asked: LogprobRows | None, token_id
     chosen_lp = lp.gather(1, chosen)  # [n, 1]
     # A float sum of the mask: exact below 2**24 tokens, and far faster than a bool sum on CPU.
     chosen_rank = (lp > chosen_lp).float().sum(dim=-1).long() + 1  # [n]
-    top_lp, top_ids = lp.topk(max(asked.num_top), dim=-1)  # [n, k_max] each
+    top_lp, top_ids = top_tokens(lp, max(asked.num_top))  # [n, k_max] each
     chosen_lp_l, chosen_rank_l = chosen_lp.squeeze(1).tolist(), chosen_rank.tolist()
     top_lp_l, top_ids_l = top_lp.tolist(), top_ids.tolist()
     for j, row in enumerate(asked.rows):
