@@ -340,6 +340,35 @@ def _run_steps(
     return tokens
 
 
+def _only(tokens: list[int], vocab: int) -> torch.Tensor:
+    """A [1, ceil(V/32)] int32 grammar bitmask allowing ``tokens``."""
+    bits = torch.zeros(-(-vocab // 32) * 32, dtype=torch.int64)
+    bits[tokens] = 1
+    words = (bits.view(-1, 32) << torch.arange(32)).sum(dim=1)  # [W] as unsigned 32-bit
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)[None]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_grammar_that_allows_only_stop_ids_wins_over_min_tokens(temperature: float) -> None:
+    """min_tokens bans the stop ids; where a row's grammar allows nothing but stop ids (JSON's
+    '{' listed in stop_token_ids), the grammar wins and one of them is sampled, not a token
+    both forbid (token 0, then a grammar error: found by the soak). Where the grammar allows
+    another token, the ban holds."""
+    from heron.engine.sampling_batch import GrammarMask
+
+    vocab = 40
+    logits = torch.zeros(2, vocab)
+    logits[:, 0] = 5.0  # the best token is one no grammar allows
+    logits[:, 9] = 3.0
+    rows = [make_row(temperature=temperature, seed=1, stop_token_ids=[9, 11], min_tokens=3),
+            make_row(temperature=temperature, seed=2, stop_token_ids=[9], min_tokens=3)]
+    grammar = GrammarMask(torch.cat([_only([9, 11], vocab), _only([9, 33], vocab)]), [0, 1])
+    batch = SamplingBatch.build(rows, vocab, CPU, grammar)
+    for _ in range(20):
+        first, second = Sampler()(logits, batch).sampled_token_ids
+        assert first in (9, 11) and second == 33
+
+
 def test_seeded_rows_reproducible_across_batches_and_orders() -> None:
     gen = torch.Generator().manual_seed(4)
     steps, vocab = 6, 64

@@ -150,7 +150,7 @@ class SamplingBatch:
             num_rows=len(rows),
             draw=_draw_params(rows, vocab_size, device),
             logprobs=LogprobRows(asked, num_top) if asked else None,
-            penalties=_penalties(rows, vocab_size, device) if _any_penalty(rows) else None,
+            penalties=_penalties(rows, vocab_size, device, grammar) if _any_penalty(rows) else None,
             grammar=grammar,
         )
 
@@ -191,13 +191,12 @@ def _any_penalty(rows: Sequence[SamplingRow]) -> bool:
     return False
 
 
-def _penalties(rows: Sequence[SamplingRow], vocab: int, device: torch.device) -> Penalties:
+def _penalties(rows: Sequence[SamplingRow], vocab: int, device: torch.device,
+               grammar: GrammarMask | None = None) -> Penalties:
     params = [r.params for r in rows]
     fixed = [r.fixed or RequestTensors.of(r.params, r.token_ids[:r.num_prompt_tokens], vocab, device)
              for r in rows]
-    banned = [i * vocab + t for i, r in enumerate(rows)
-              if r.num_output_tokens < r.params.min_tokens
-              for t in r.params.all_stop_token_ids if 0 <= t < vocab]
+    banned = _min_tokens_bans(rows, vocab, grammar)
     seen: list[torch.Tensor] = []  # repetition_penalty: prompt and output ids
     output: list[torch.Tensor] = []  # presence / frequency: output ids
     for i, (r, f) in enumerate(zip(rows, fixed, strict=True)):
@@ -220,6 +219,26 @@ def _penalties(rows: Sequence[SamplingRow], vocab: int, device: torch.device) ->
         presence=_floats([p.presence_penalty for p in params], device),
         output_index=_cat(output, torch.int64, device),
     )
+
+
+def _min_tokens_bans(rows: Sequence[SamplingRow], vocab: int,
+                     grammar: GrammarMask | None) -> list[int]:
+    """Flat indices of the stop ids that min_tokens bans: those of each row still short of its
+    min_tokens, except in a constrained row whose grammar allows no other token (JSON's '{'
+    listed in stop_token_ids). There the grammar wins: the output must match it, and a stop id
+    sampled before min_tokens does not end the output; banned, nothing would be left."""
+    constrained = {} if grammar is None else {row: j for j, row in enumerate(grammar.rows)}
+    banned = []
+    for i, r in enumerate(rows):
+        if r.num_output_tokens >= r.params.min_tokens:
+            continue
+        stops = [t for t in r.params.all_stop_token_ids if 0 <= t < vocab]
+        if grammar is not None and i in constrained and stops:
+            allowed = unpack_bitmask(grammar.bitmask[constrained[i]][None], vocab)[0]  # [V]
+            if int(allowed.sum()) == int(allowed[stops].sum()):
+                continue
+        banned += [i * vocab + t for t in stops]
+    return banned
 
 
 def _cat(parts: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
