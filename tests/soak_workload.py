@@ -87,7 +87,8 @@ class SoakModel:
 
 def build_models(root: Path, gguf: bool = True) -> dict[str, SoakModel]:
     """Tiny random Llama / Qwen2 / Gemma 3 checkpoints in ``root`` (reused when there), each as
-    an HF directory run in float32 and re-quantized to int8 (``quantization="int8"``, the
+    an HF directory run in float32, in the default dtype (bfloat16 where the CPU has it), and
+    re-quantized to int8 (``quantization="int8"``, the
     default dtype: heron's int8 kernels), and (``gguf``) as a GGUF file of Q8_0 blocks (every 2-D
     weight, as in the default model) run in the
     engine's default dtype through heron's GGUF kernels; all with the character tokenizer."""
@@ -112,6 +113,7 @@ def build_models(root: Path, gguf: bool = True) -> dict[str, SoakModel]:
                 write_gguf(gguf_path, hf, synthetic_vocab(VOCAB), block_format="Q8_0",
                            layers_only=False)
         models[f"{name}-f32"] = SoakModel(f"{name}-f32", str(directory), str(directory), "float32")
+        models[f"{name}-bf16"] = SoakModel(f"{name}-bf16", str(directory), str(directory), "auto")
         models[f"{name}-int8"] = SoakModel(f"{name}-int8", str(directory), str(directory), "auto",
                                            "int8")
         if gguf:
