@@ -83,10 +83,16 @@ def request_body(spec: Spec, stream: bool) -> dict[str, Any]:
 
 
 async def _whole(client: httpx.AsyncClient, body: dict, timeout: float | None) -> dict:
+    """A non-streamed answer, its choices in the form ``_streamed`` folds a stream into."""
     r = await client.post("/v1/completions", json=body, timeout=timeout)
     if r.status_code != 200:
         return {"error": f"status {r.status_code}: {r.text[:300]}"}
-    return r.json()
+    answer = r.json()
+    answer["choices"] = [{"index": c["index"], "text": c["text"],
+                          "finish_reason": c["finish_reason"],
+                          "lp": _entries(c["logprobs"]) if c.get("logprobs") else []}
+                         for c in answer["choices"]]
+    return answer
 
 
 async def _streamed(client: httpx.AsyncClient, body: dict, hang_up_after: int | None) -> dict:
@@ -135,19 +141,13 @@ async def _client(base: str, spec: Spec, rng: random.Random) -> tuple[Spec, dict
                 return spec, await _streamed(client, body, spec.abort_after)
             body["stream"] = False
             body.pop("stream_options", None)
-            try:  # a whole answer given up on
+            try:  # a whole answer given up on (or in time)
                 return spec, await _whole(client, body, timeout=STEP_S * spec.abort_after)
             except httpx.TimeoutException:
                 return spec, {"hung_up": True}
         if stream:
             return spec, await _streamed(client, body, None)
-        answer = await _whole(client, body, None)
-        if "choices" in answer:
-            answer["choices"] = [{"index": c["index"], "text": c["text"],
-                                  "finish_reason": c["finish_reason"],
-                                  "lp": _entries(c["logprobs"]) if c.get("logprobs") else []}
-                                 for c in answer["choices"]]
-        return spec, answer
+        return spec, await _whole(client, body, None)
 
 
 async def _send_all(base: str, specs: list[Spec], seed: int) -> list[tuple[Spec, dict]]:
