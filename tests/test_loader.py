@@ -39,7 +39,10 @@ from heron.tokenizer.gguf_vocab import build_gguf_tokenizer, derive_merges
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN = 64, 2, 4, 2, 128
 CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|im_end|>{% endfor %}"
-SKIP_CONFIG_KEYS = {"transformers_version", "_name_or_path", "name_or_path", "architectures"}
+# gguf_pooling_type: heron's record of llama.cpp's pooling type (a reranker's RANK), which
+# transformers' config does not carry
+SKIP_CONFIG_KEYS = {"transformers_version", "_name_or_path", "name_or_path", "architectures",
+                    "gguf_pooling_type"}
 
 
 def _tiny_llama_config(vocab_size: int, **extra: object) -> transformers.LlamaConfig:
