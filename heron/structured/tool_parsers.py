@@ -244,6 +244,18 @@ class HermesParser:
         return call_of(body, members, self.args_keys)
 
 
+def _opening(text: str, tag: str, opener: str, final: bool) -> int | ParsedOutput:
+    """Where calls start: after blanks and an optional ``tag``, at ``opener``. Otherwise the
+    output as content (nothing yet while it may still become the tag or the opener)."""
+    start = _skip_ws(text, 0)
+    if text.startswith(tag, start):
+        start = _skip_ws(text, start + len(tag))
+    if start < len(text) and text[start] == opener:
+        return start
+    undecided = not final and (start >= len(text) or tag.startswith(text[start:]))
+    return ParsedOutput("" if undecided else (text if final else text.rstrip()))
+
+
 class Llama3JsonParser:
     """Llama 3.x JSON calls: the output is ``{"name": ..., "parameters": ...}`` objects joined by
     ``;`` (an optional ``<|python_tag|>`` first). Output not opening with ``{`` is content."""
@@ -252,12 +264,9 @@ class Llama3JsonParser:
     new_call_id = staticmethod(new_call_id)
 
     def parse(self, text: str, final: bool) -> ParsedOutput:
-        start = _skip_ws(text, 0)
-        if text.startswith(_PYTHON_TAG, start):
-            start = _skip_ws(text, start + len(_PYTHON_TAG))
-        if start >= len(text) or text[start] != "{":
-            undecided = not final and (start >= len(text) or _PYTHON_TAG.startswith(text[start:]))
-            return ParsedOutput("" if undecided else (text if final else text.rstrip()))
+        start = _opening(text, _PYTHON_TAG, "{", final)
+        if isinstance(start, ParsedOutput):
+            return start
         calls = []
         pos: int | None = start
         while pos is not None:
@@ -433,12 +442,9 @@ class PythonicParser:
     new_call_id = staticmethod(new_call_id)
 
     def parse(self, text: str, final: bool) -> ParsedOutput:
-        start = _skip_ws(text, 0)
-        if text.startswith(_PYTHON_START, start):
-            start = _skip_ws(text, start + len(_PYTHON_START))
-        if start >= len(text) or text[start] != "[":
-            undecided = not final and (start >= len(text) or _PYTHON_START.startswith(text[start:]))
-            return ParsedOutput("" if undecided else (text if final else text.rstrip()))
+        start = _opening(text, _PYTHON_START, "[", final)
+        if isinstance(start, ParsedOutput):
+            return start
         calls, rest, broken = self._calls(text, start + 1)
         if not calls:
             return ParsedOutput(text if final or broken else "")
