@@ -228,8 +228,10 @@ def run_server_case(case: Case) -> Report:
         report.preemptions = int(_counter(server, "num_preemptions"))
         report.prefix_hits = int(_counter(server, "prefix_cache_hits"))
         # still serving, and right: one more request after the storm
-        last = Spec(-1, case.specs[0].prompt, case.specs[0].params.clone(
-            temperature=0.0, n=1, prompt_logprobs=None, structured_outputs=None), "greedy", 0)
+        first = specs[0] if specs else case.specs[0]
+        last = Spec(-1, first.prompt, first.params.clone(  # an embedding's params: 1 token
+            temperature=0.0, n=1, prompt_logprobs=None, structured_outputs=None,
+            max_tokens=first.params.max_tokens if specs else 1), "greedy", 0)
         answers.append(asyncio.run(_send_all(server.base_url, [last], 0))[0])
     tol = LOGPROB_TOL_F32 if case.settings.model.dtype == "float32" else LOGPROB_TOL
     for spec, answer in answers:
